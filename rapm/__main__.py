@@ -1,0 +1,3 @@
+from rapm.cli import main
+
+main()

@@ -1,0 +1,180 @@
+"""The diffusion math, as small pure functions over tensors.
+
+Positions are named by integer timesteps of the teacher's training schedule
+(0 .. T-1). The *final position* (where a DDIM sampler ends, after the last
+step) is timestep ``-1``; its alpha-bar is the scheduler's ``final_alpha_cumprod``
+(``alphas_cumprod[0]`` for SD's ``set_alpha_to_one=False``, 1.0 otherwise).
+That one convention lets coarse slots, fine DDIM grids and the final step share
+the same code, batched over per-sample timesteps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from rapm.errors import RapmError
+
+FINAL = -1  # timestep index of the final position
+
+SUPPORTED_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+class ScheduleError(RapmError):
+    """A scheduler config this project cannot reproduce exactly."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """alpha-bar over the teacher's timesteps, with the final position prepended."""
+
+    alphas_cumprod: torch.Tensor  # [T] float64
+    final_alpha_cumprod: float
+    prediction_type: str
+    num_train_timesteps: int
+
+    @property
+    def table(self) -> torch.Tensor:
+        """alpha-bar indexed by ``t + 1`` (index 0 is the final position)."""
+        return torch.cat([self.alphas_cumprod.new_tensor([self.final_alpha_cumprod]), self.alphas_cumprod])
+
+
+def _betas(config: dict) -> torch.Tensor:
+    t = int(config.get("num_train_timesteps", 1000))
+    kind = config.get("beta_schedule", "linear")
+    start, end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
+    if config.get("trained_betas") is not None:
+        return torch.tensor(config["trained_betas"], dtype=torch.float64)
+    if kind == "linear":
+        return torch.linspace(start, end, t, dtype=torch.float32).double()
+    if kind == "scaled_linear":
+        return (torch.linspace(start**0.5, end**0.5, t, dtype=torch.float32) ** 2).double()
+    if kind == "squaredcos_cap_v2":
+        def abar(x: float) -> float:
+            return math.cos((x + 0.008) / 1.008 * math.pi / 2) ** 2
+        return torch.tensor([min(1 - abar((i + 1) / t) / abar(i / t), 0.999) for i in range(t)], dtype=torch.float32).double()
+    raise ScheduleError(
+        f"scheduler config: beta_schedule {kind!r} is not supported; use one of {', '.join(SUPPORTED_BETA_SCHEDULES)}"
+    )
+
+
+def schedule_from_config(config: dict, source: str = "scheduler config") -> Schedule:
+    """Build the schedule a diffusers DDIM/DDPM/PNDM/Euler scheduler config describes.
+
+    alpha-bar is computed as diffusers does (float32 betas, cumulative product in
+    float32), then kept in float64 for the step arithmetic.
+    """
+    prediction_type = config.get("prediction_type", "epsilon")
+    if prediction_type not in SUPPORTED_PREDICTION_TYPES:
+        raise ScheduleError(
+            f"{source}: prediction_type {prediction_type!r} is not supported; "
+            f"rapm distills teachers that predict {' or '.join(SUPPORTED_PREDICTION_TYPES)}"
+        )
+    if config.get("rescale_betas_zero_snr", False):
+        raise ScheduleError(f"{source}: rescale_betas_zero_snr=true is not supported; use a teacher without it")
+    betas = _betas(config).float()
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    # set_alpha_to_one is DDIM's field; SD's configs (PNDM) carry it too.
+    final = 1.0 if config.get("set_alpha_to_one", False) else float(alphas_cumprod[0])
+    return Schedule(
+        alphas_cumprod=alphas_cumprod.double(),
+        final_alpha_cumprod=final,
+        prediction_type=prediction_type,
+        num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
+    )
+
+
+def coarse_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
+    """The N+1 positions t_N > ... > t_1 > t_0 of an N-step sampler, "trailing" spacing.
+
+    t_N..t_1 are diffusers' trailing timesteps (N=4, T=1000: 999, 749, 499, 249);
+    t_0 is the final position (``FINAL``).
+    """
+    if not 1 <= steps <= num_train_timesteps:
+        raise ValueError(f"steps must be in 1..{num_train_timesteps}, got {steps}")
+    ratio = num_train_timesteps / steps
+    ts = [int(round(num_train_timesteps - i * ratio)) - 1 for i in range(steps)]
+    return ts + [FINAL]
+
+
+def slot_grid(t: int, s: int, k: int) -> list[int]:
+    """k+1 evenly spaced timesteps from t down to s (both included), rounded as diffusers' trailing grid."""
+    return [int(round(t + (s - t) * i / k)) for i in range(k + 1)]
+
+
+def alpha_sigma(schedule: Schedule, t: torch.Tensor | int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """alpha_t = sqrt(abar_t) and sigma_t = sqrt(1 - abar_t), shaped to broadcast against ``like``."""
+    t = torch.as_tensor(t, device=schedule.alphas_cumprod.device).long().reshape(-1)
+    abar = schedule.table.to(t.device)[t + 1]
+    abar = abar.reshape(-1, *([1] * (like.ndim - 1))).to(like.device)
+    return abar.sqrt(), (1.0 - abar).sqrt()
+
+
+def predict_x0_eps(
+    schedule: Schedule, z: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor | int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean sample x0 and the noise eps implied by the model's output at (z, t)."""
+    a, s = alpha_sigma(schedule, t, z)
+    z64, out = z.double(), model_output.double()
+    if schedule.prediction_type == "epsilon":
+        eps = out
+        x0 = (z64 - s * eps) / a
+    else:  # v = alpha * eps - sigma * x0
+        x0 = a * z64 - s * out
+        eps = s * z64 + a * out
+    return x0, eps
+
+
+def ddim_step(
+    schedule: Schedule, z: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor | int, s: torch.Tensor | int
+) -> torch.Tensor:
+    """One deterministic DDIM step (eta = 0) from t to s, given the model's output at (z, t)."""
+    x0, eps = predict_x0_eps(schedule, z, model_output, t)
+    a_s, s_s = alpha_sigma(schedule, s, z)
+    return (a_s * x0 + s_s * eps).to(z.dtype)
+
+
+def ddim(
+    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    schedule: Schedule,
+    z: torch.Tensor,
+    t: int,
+    s: int,
+    k: int,
+    callback: Callable[[int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """k deterministic DDIM steps from t to s; ``model(z, t_tensor)`` returns the teacher's raw output."""
+    grid = slot_grid(t, s, k)
+    for i in range(k):
+        tt = torch.full((z.shape[0],), grid[i], device=z.device, dtype=torch.long)
+        z = ddim_step(schedule, z, model(z, tt), grid[i], grid[i + 1])
+        if callback is not None:
+            callback(grid[i + 1], z)
+    return z
+
+
+def sample_positions(
+    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    schedule: Schedule,
+    z: torch.Tensor,
+    timesteps: Sequence[int],
+    substeps: int = 1,
+) -> list[torch.Tensor]:
+    """Run DDIM through the coarse ``timesteps`` with ``substeps`` steps per slot; return every coarse position."""
+    positions = [z]
+    for t, s in zip(timesteps[:-1], timesteps[1:]):
+        z = ddim(model, schedule, z, t, s, substeps)
+        positions.append(z)
+    return positions
+
+
+def add_noise(schedule: Schedule, x: torch.Tensor, t_from: torch.Tensor | int, t_to: torch.Tensor | int, noise: torch.Tensor) -> torch.Tensor:
+    """Move a sample at position t_from to the noisier t_to with fresh noise (forward process q(z_to | z_from))."""
+    a_f, _ = alpha_sigma(schedule, t_from, x)
+    a_t, _ = alpha_sigma(schedule, t_to, x)
+    ratio = (a_t / a_f) ** 2  # abar_to / abar_from
+    return (ratio.sqrt() * x.double() + (1 - ratio).clamp_min(0).sqrt() * noise.double()).to(x.dtype)

@@ -1,0 +1,107 @@
+"""Tiny random SD and SDXL pipelines, saved as diffusers folders, for tests and CPU benchmarks.
+
+They have the real architectures' structure (cross-attention UNet, CLIP text
+encoders, a VAE, SDXL's pooled embeddings and time ids) at a size a CPU runs
+in milliseconds. Nothing is downloaded: the tokenizer is built from an
+in-memory vocabulary.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+SD_SCHEDULER = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+)
+
+
+def build_clip_tokenizer(words: Iterable[str] = (), model_max_length: int = 77):
+    """A CLIP BPE tokenizer whose vocabulary is single characters plus the given whole words."""
+    from transformers import CLIPTokenizer
+
+    vocab: dict[str, int] = {}
+
+    def add(token: str) -> None:
+        vocab.setdefault(token, len(vocab))
+
+    add("<|startoftext|>")
+    add("<|endoftext|>")
+    for ch in string.ascii_lowercase + string.digits + string.punctuation:
+        add(ch)
+        add(ch + "</w>")
+    merges: list[tuple[str, str]] = []
+    for word in sorted({w.lower() for w in words if len(w) > 1}):
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        left = pieces[0]
+        for right in pieces[1:]:
+            merged = left + right
+            if (left, right) not in merges:
+                merges.append((left, right))
+            add(merged)
+            left = merged
+    tok = CLIPTokenizer(vocab=vocab, merges=merges)
+    tok.model_max_length = model_max_length
+    return tok
+
+
+def _text_encoder(vocab_size: int, hidden: int, projection: int | None, max_positions: int, eos: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4,
+        num_hidden_layers=2, max_position_embeddings=max_positions, projection_dim=projection or hidden,
+        bos_token_id=0, eos_token_id=eos, pad_token_id=eos,
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def build_tiny_pipeline(
+    folder: str | Path, family: str = "sd", prediction_type: str = "epsilon", seed: int = 0, sample_size: int = 8
+) -> Path:
+    """Save a tiny random SD (``family="sd"``) or SDXL (``"sdxl"``) pipeline to ``folder``."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    tokenizer = build_clip_tokenizer(["a", "photo", "of", "cat", "dog", "red", "blue", "car"], model_max_length=16)
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[8, 16], layers_per_block=1,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+        norm_num_groups=4, sample_size=sample_size * 2,
+    )
+    scheduler = DDIMScheduler(**SD_SCHEDULER, prediction_type=prediction_type)
+    if family == "sd":
+        unet = UNet2DConditionModel(
+            sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+        )
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=_text_encoder(len(tokenizer), 32, None, 16, eos), tokenizer=tokenizer, unet=unet,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    elif family == "sdxl":
+        unet = UNet2DConditionModel(
+            sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+            cross_attention_dim=64, norm_num_groups=8,
+        )
+        tokenizer_2 = build_clip_tokenizer(["a", "photo", "of", "cat", "dog", "red", "blue", "car"], model_max_length=16)
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=_text_encoder(len(tokenizer), 32, None, 16, eos),
+            text_encoder_2=_text_encoder(len(tokenizer_2), 32, 32, 16, eos), tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+        )
+    else:
+        raise ValueError(f"family must be 'sd' or 'sdxl', got {family!r}")
+    pipe.save_pretrained(folder)
+    return folder

@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny random SD and SDXL pipelines saved to disk and loaded back as a user would."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    from rapm.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd", family="sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_v(tmp_path_factory):
+    from rapm.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd_v", family="sd", prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    from rapm.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sdxl", family="sdxl")

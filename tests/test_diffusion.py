@@ -1,0 +1,97 @@
+"""rapm.diffusion agrees with diffusers' own DDIMScheduler."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from rapm.diffusion import (FINAL, ScheduleError, add_noise, alpha_sigma, coarse_timesteps, ddim, ddim_step,
+                            sample_positions, schedule_from_config, slot_grid)
+from rapm.tiny import SD_SCHEDULER
+
+
+def test_trailing_coarse_timesteps_match_the_paper():
+    assert coarse_timesteps(1000, 4) == [999, 749, 499, 249, FINAL]
+    assert coarse_timesteps(1000, 1) == [999, FINAL]
+    # The fine grid of M=25 steps per slot has the coarse positions as its phase edges.
+    fine = coarse_timesteps(1000, 100)
+    assert fine[::25] == [999, 749, 499, 249, FINAL]
+    assert slot_grid(249, FINAL, 25) == fine[75:]
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+def test_timesteps_equal_diffusers_trailing(steps):
+    sched = DDIMScheduler(**SD_SCHEDULER, timestep_spacing="trailing")
+    sched.set_timesteps(steps)
+    assert coarse_timesteps(1000, steps)[:-1] == sched.timesteps.tolist()
+
+
+def test_final_position_alpha_is_the_schedulers():
+    s = schedule_from_config(SD_SCHEDULER)
+    sched = DDIMScheduler(**SD_SCHEDULER)
+    a, _ = alpha_sigma(s, FINAL, torch.zeros(1))
+    assert a.item() ** 2 == pytest.approx(float(sched.final_alpha_cumprod), rel=1e-6)
+    s1 = schedule_from_config({**SD_SCHEDULER, "set_alpha_to_one": True})
+    assert alpha_sigma(s1, FINAL, torch.zeros(1))[0].item() == 1.0
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+@pytest.mark.parametrize("beta_schedule", ["scaled_linear", "linear"])
+def test_ddim_sampling_equals_diffusers(prediction_type, steps, beta_schedule):
+    config = {**SD_SCHEDULER, "prediction_type": prediction_type, "beta_schedule": beta_schedule}
+    sched = DDIMScheduler(**config, timestep_spacing="trailing")
+    sched.set_timesteps(steps)
+    schedule = schedule_from_config(config)
+    # A fixed random "model": a smooth function of z and t, so errors would compound over steps.
+    g = torch.Generator().manual_seed(steps)
+    w = torch.randn(4, 4, generator=g) * 0.3
+
+    def model(z, t):
+        return torch.einsum("bchw,cd->bdhw", z, w) + torch.tanh(z) * (t.float().view(-1, 1, 1, 1) / 1000)
+
+    z0 = torch.randn(3, 4, 8, 8, generator=g)
+    ref = z0.clone()
+    for t in sched.timesteps:
+        ref = sched.step(model(ref, t.expand(3)), t, ref).prev_sample
+    ours = sample_positions(model, schedule, z0, coarse_timesteps(1000, steps))
+    assert len(ours) == steps + 1
+    torch.testing.assert_close(ours[-1], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_k_step_ddim_inside_a_slot_equals_a_fine_diffusers_grid():
+    sched = DDIMScheduler(**SD_SCHEDULER, timestep_spacing="trailing")
+    sched.set_timesteps(100)
+    schedule = schedule_from_config(SD_SCHEDULER)
+    model = lambda z, t: torch.sin(z) * 0.5  # noqa: E731
+    z = torch.randn(2, 4, 4, 4)
+    ref = z.clone()
+    for t in sched.timesteps[:25]:  # the first slot, 999 -> 749
+        ref = sched.step(model(ref, t), t, ref).prev_sample
+    torch.testing.assert_close(ddim(model, schedule, z, 999, 749, 25), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_batched_per_sample_timesteps_equal_one_at_a_time():
+    schedule = schedule_from_config(SD_SCHEDULER)
+    z, out = torch.randn(3, 4, 4, 4), torch.randn(3, 4, 4, 4)
+    t, s = torch.tensor([999, 749, 249]), torch.tensor([749, 499, FINAL])
+    batched = ddim_step(schedule, z, out, t, s)
+    for i in range(3):
+        torch.testing.assert_close(batched[i : i + 1], ddim_step(schedule, z[i : i + 1], out[i : i + 1], int(t[i]), int(s[i])))
+
+
+def test_add_noise_matches_the_forward_process_marginal():
+    schedule = schedule_from_config(SD_SCHEDULER)
+    x0 = torch.randn(20000, 1, 1, 1)
+    z = add_noise(schedule, x0, 499, 999, torch.randn_like(x0))  # x0 is a sample at t=499 here
+    a_f, s_f = alpha_sigma(schedule, 499, x0)
+    a_t, s_t = alpha_sigma(schedule, 999, x0)
+    # Var(z) = (abar_999/abar_499) * Var(x) + 1 - abar_999/abar_499
+    ratio = (a_t / a_f).item() ** 2
+    assert z.var().item() == pytest.approx(ratio + 1 - ratio, rel=0.05)
+    assert torch.corrcoef(torch.stack([z.flatten(), x0.flatten()]))[0, 1].item() == pytest.approx(ratio**0.5 / 1.0, abs=0.03)
+
+
+@pytest.mark.parametrize("field,value", [("prediction_type", "sample"), ("beta_schedule", "exp")])
+def test_unsupported_scheduler_is_a_clear_error(field, value):
+    with pytest.raises(ScheduleError, match=field):
+        schedule_from_config({**SD_SCHEDULER, field: value}, source="teacher/scheduler/scheduler_config.json")
