@@ -16,51 +16,41 @@ app = typer.Typer(
 )
 
 
-def _not_yet(verb: str) -> None:
-    typer.echo(f"rapm {verb}: not implemented yet in this version of rapm; see the README for what works today.", err=True)
-    raise typer.Exit(2)
+def _not_yet(verb: str):
+    def command() -> None:
+        typer.echo(f"rapm {verb}: not implemented yet in this version of rapm; see the README for what works today.", err=True)
+        raise typer.Exit(2)
+
+    return command
 
 
-@app.command()
-def trajectories() -> None:
-    """Precompute and store teacher trajectories (prompts -> store)."""
-    _not_yet("trajectories")
+# Each verb's options and body live beside the library function it wraps, as ``cli`` in that module;
+# this file only registers them, so a verb's code and its flags are read in one place.
+VERBS = {
+    "trajectories": ("rapm.trajectories", "Precompute and store teacher trajectories (prompts -> store)."),
+    "train": ("rapm.train", "Train the student LoRA on a trajectory store (store -> run)."),
+    "export": ("rapm.export", "Export the student as a diffusers (or kohya) LoRA (run -> lora.safetensors)."),
+    "sample": ("rapm.sample", "Generate images with a teacher and an optional student LoRA."),
+    "evaluate": ("rapm.evaluate", "Compute metrics for teachers and students on held-out prompts and seeds."),
+    "report": ("rapm.report", "Write the HTML/markdown report of a run."),
+    "demo": ("rapm.demo.flow", "The whole flow on the built-in digits teacher, on a CPU."),
+}
 
 
-@app.command()
-def train() -> None:
-    """Train the student LoRA on a trajectory store (store -> run)."""
-    _not_yet("train")
+def _register() -> None:
+    import importlib
+
+    for verb, (module_name, help_text) in VERBS.items():
+        try:
+            command = getattr(importlib.import_module(module_name), "cli", None) or _not_yet(verb)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:  # the module exists but one of its imports is missing: say so
+                raise
+            command = _not_yet(verb)
+        app.command(verb, help=help_text)(command)
 
 
-@app.command()
-def export() -> None:
-    """Export the student as a diffusers (or kohya) LoRA (run -> lora.safetensors)."""
-    _not_yet("export")
-
-
-@app.command()
-def sample() -> None:
-    """Generate images with a teacher and an optional student LoRA."""
-    _not_yet("sample")
-
-
-@app.command()
-def evaluate() -> None:
-    """Compute metrics for teachers and students on held-out prompts and seeds."""
-    _not_yet("evaluate")
-
-
-@app.command()
-def report() -> None:
-    """Write the HTML/markdown report of a run."""
-    _not_yet("report")
-
-
-@app.command()
-def demo() -> None:
-    """The whole flow on the built-in digits teacher, on a CPU."""
-    _not_yet("demo")
+_register()
 
 
 def main() -> None:
