@@ -79,22 +79,27 @@ def _active(unet: torch.nn.Module) -> str | list[str]:
     return unet.active_adapters() if callable(getattr(unet, "active_adapters", None)) else unet.active_adapter
 
 
-def activate(unet: torch.nn.Module, adapter: str) -> None:
-    """Make ``adapter`` the active one without disturbing which parameters train."""
+def _keeping_trainable(unet: torch.nn.Module, switch) -> None:
+    """Call ``switch()`` (a peft/diffusers adapter switch) and undo the ``requires_grad`` flips it makes."""
     trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
-    unet.set_adapter(adapter)
+    switch()
     for n, p in unet.named_parameters():
         p.requires_grad_(n in trainable)
+
+
+def activate(unet: torch.nn.Module, adapter: str) -> None:
+    """Make ``adapter`` the active one without disturbing which parameters train."""
+    _keeping_trainable(unet, lambda: unet.set_adapter(adapter))
 
 
 @contextmanager
 def teacher_role(unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """The teacher: all adapters disabled, the exact unadapted UNet."""
-    unet.disable_adapters()
+    _keeping_trainable(unet, unet.disable_adapters)
     try:
         yield unet
     finally:
-        unet.enable_adapters()
+        _keeping_trainable(unet, unet.enable_adapters)
 
 
 @contextmanager

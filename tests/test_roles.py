@@ -63,6 +63,8 @@ def test_switching_roles_keeps_which_parameters_train(teacher):
     set_trainable(teacher.unet, STUDENT)
     with discriminator_role(teacher.unet):
         pass
+    with teacher_role(teacher.unet):
+        pass
     trainable = {n for n, p in teacher.unet.named_parameters() if p.requires_grad}
     assert trainable == set(lora_parameters(teacher.unet, STUDENT))
 

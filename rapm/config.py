@@ -1,0 +1,173 @@
+"""Training configuration: one dataclass, presets per teacher family, overrides from a file and the command line.
+
+Every default's source is listed in docs/defaults.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rapm.errors import RapmError
+from rapm.roles import PCM_TARGET_MODULES
+
+
+class ConfigError(RapmError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    teacher: str = ""
+    store: str = ""
+    method: str = "rapm"
+    preset: str = ""
+    iterations: int = 1000
+    batch_size: int = 1
+    seed: int = 0
+    # The student LoRA and its optimizer
+    lora_rank: int = 64
+    lora_alpha: float = 8.0
+    lora_targets: list[str] = field(default_factory=lambda: list(PCM_TARGET_MODULES))
+    lr: float = 5e-6
+    weight_decay: float = 1e-3
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0  # 0 = off (the paper uses none); else the exported student is the EMA
+    # The losses
+    huber_c: float = 0.001
+    adv_weight: float = 0.1
+    delta: int = 0  # Δ in teacher timesteps; 0 = one step of the stored fine grid, T / (N M)
+    slot_weights: list[float] = field(default_factory=list)  # w_n; empty = all 1
+    # The discriminators
+    disc_lora: bool = True
+    disc_lora_rank: int = 64
+    disc_lora_alpha: float = 8.0
+    disc_levels: str = "full"
+    disc_heads_per_level: int = 4
+    disc_kernel_size: int = 3
+    disc_lr: float = 1e-5
+    disc_betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
+    disc_weight_decay: float = 1e-3
+    # The run
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    sample_every: int = 500
+    num_samples: int = 8
+    log_every: int = 1
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    gradient_checkpointing: bool = False
+    use_8bit_adam: bool = False
+    device: str = "auto"
+
+
+PRESETS: dict[str, dict] = {
+    # PCM's SD 1.5 adversarial LoRA script (REFERENCES.md).
+    "sd15": {},
+    # PCM's SDXL script: lower LR, no weight decay, a lighter discriminator (down + mid blocks, 1 head, 1x1 convs).
+    "sdxl": dict(lr=2e-6, weight_decay=0.0, disc_levels="down_mid", disc_heads_per_level=1, disc_kernel_size=1),
+    # The paper's SDXL run: LoRA rank 1 (RAPM README, ~7 MB).
+    "sdxl-rank1": dict(lr=2e-6, weight_decay=0.0, disc_levels="down_mid", disc_heads_per_level=1, disc_kernel_size=1,
+                       lora_rank=1, lora_alpha=1.0, disc_lora_rank=1, disc_lora_alpha=1.0),
+    # The built-in digits teacher, tuned on the digits benchmark so the demo converges on a CPU in minutes.
+    "digits": dict(lr=3e-4, weight_decay=0.0, lora_rank=16, lora_alpha=16.0, disc_lora_rank=8, disc_lora_alpha=8.0,
+                   huber_c=0.01, disc_heads_per_level=1, disc_lr=2e-4, batch_size=8, ema_decay=0.99,
+                   checkpoint_every=100, sample_every=100, iterations=600),
+}
+
+
+def default_preset(teacher: str, family: str) -> str:
+    if teacher == "digits":
+        return "digits"
+    return "sdxl" if family == "sdxl" else "sd15"
+
+
+def _coerce(name: str, typ, value, source: str):
+    origin = typing.get_origin(typ)
+    try:
+        if origin is list:
+            (inner,) = typing.get_args(typ)
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v.strip()]
+            return [inner(v) for v in value]
+        if typ is bool and isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1", "yes")
+        if typ is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return typ(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: field {name!r} must be {getattr(typ, '__name__', typ)}, got {value!r}") from None
+
+
+def apply_overrides(config: TrainConfig, values: dict, source: str) -> TrainConfig:
+    """A copy of ``config`` with ``values`` applied; unknown or ill-typed fields are errors naming the source."""
+    hints = typing.get_type_hints(TrainConfig)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    for name in values:
+        if name not in known:
+            close = [k for k in known if name.replace("-", "_") == k]
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{source}: unknown field {name!r}{hint}; see docs/defaults.md for the fields")
+    return dataclasses.replace(config, **{k: _coerce(k, hints[k], v, source) for k, v in values.items()})
+
+
+def read_config_file(path: Path) -> dict:
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(path.read_text())
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{path}: cannot be parsed ({e}); write JSON (.json) or TOML (.toml)") from None
+
+
+def parse_set(items: list[str]) -> dict:
+    """``--set key=value`` pairs."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: write it as key=value")
+        k, v = item.split("=", 1)
+        out[k.strip().replace("-", "_")] = v
+    return out
+
+
+def validate(config: TrainConfig) -> None:
+    def bad(field_name: str, why: str):
+        raise ConfigError(f"config field {field_name!r}: {why}")
+
+    if config.iterations < 1:
+        bad("iterations", f"must be at least 1, got {config.iterations}")
+    if config.batch_size < 1:
+        bad("batch_size", f"must be at least 1, got {config.batch_size}")
+    if config.lr <= 0 or config.disc_lr <= 0:
+        bad("lr" if config.lr <= 0 else "disc_lr", "must be positive")
+    if config.lora_rank < 1:
+        bad("lora_rank", f"must be at least 1, got {config.lora_rank}")
+    if not 0 <= config.ema_decay < 1:
+        bad("ema_decay", f"must be in [0, 1), got {config.ema_decay}")
+    if config.mixed_precision not in ("no", "bf16", "fp16"):
+        bad("mixed_precision", f"must be no, bf16 or fp16, got {config.mixed_precision!r}")
+    if config.disc_levels not in ("full", "down_mid"):
+        bad("disc_levels", f"must be full or down_mid, got {config.disc_levels!r}")
+    if config.checkpoint_every < 1:
+        bad("checkpoint_every", f"must be at least 1, got {config.checkpoint_every}")
+    if config.keep_checkpoints < 1:
+        bad("keep_checkpoints", f"must be at least 1, got {config.keep_checkpoints}")
+    if config.huber_c <= 0:
+        bad("huber_c", f"must be positive, got {config.huber_c}")
+
+
+def to_dict(config: TrainConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def from_dict(values: dict, source: str) -> TrainConfig:
+    return apply_overrides(TrainConfig(), values, source)

@@ -1,0 +1,136 @@
+"""The discriminators D1 (relative) and D2 (absolute): heads on the one UNet's intermediate features.
+
+As in PCM's public code, which RAPM takes its discriminator from (REFERENCES.md):
+the backbone is the teacher UNet run to return its block outputs (SD 1.5: the
+down blocks, the mid block and the up blocks, 4 heads each; SDXL: down blocks
+and mid block only, 1 head each); each head is conv, GroupNorm, LeakyReLU, a
+residual conv block, then a 1x1 conv to a patch-logit map; conditioning on the
+timestep and prompt comes only through the backbone. RAPM (paper §3.2, last
+paragraph) adds a LoRA to the backbone: here the ``discriminator`` adapter of
+the one UNet (decision 1), so D1 and D2 share one backbone pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rapm.roles import discriminator_role
+from rapm.teacher import Conditioning, unet_output
+
+
+@dataclass
+class DiscriminatorSpec:
+    levels: str = "full"  # "full": down, mid, up blocks (SD 1.5); "down_mid": down blocks and mid (SDXL)
+    heads_per_level: int = 4
+    kernel_size: int = 3  # 3x3 convs (SD 1.5), 1x1 (SDXL)
+
+
+def _groups(channels: int) -> int:
+    return math.gcd(32, channels)
+
+
+class Head(nn.Module):
+    """conv-GN-LeakyReLU, a residual conv-GN-LeakyReLU, then a 1x1 conv to patch logits."""
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        pad = kernel_size // 2
+        self.inp = nn.Sequential(
+            nn.Conv2d(channels, channels, kernel_size, padding=pad), nn.GroupNorm(_groups(channels), channels), nn.LeakyReLU(0.2)
+        )
+        self.res = nn.Sequential(
+            nn.Conv2d(channels, channels, kernel_size, padding=pad), nn.GroupNorm(_groups(channels), channels), nn.LeakyReLU(0.2)
+        )
+        self.out = nn.Conv2d(channels, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        return self.out(h + self.res(h))
+
+
+class HeadSet(nn.Module):
+    """``heads_per_level`` heads on each backbone feature map."""
+
+    def __init__(self, channels: list[int], spec: DiscriminatorSpec):
+        super().__init__()
+        self.heads = nn.ModuleList(
+            nn.ModuleList(Head(c, spec.kernel_size) for _ in range(spec.heads_per_level)) for c in channels
+        )
+
+    def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [head(f.float()) for f, heads in zip(features, self.heads) for head in heads]
+
+
+class _StopForward(Exception):
+    pass
+
+
+def feature_channels(unet: nn.Module, levels: str) -> list[int]:
+    """Channels of the block outputs the backbone returns, in order (down blocks, mid, up blocks)."""
+    outs = list(unet.config.block_out_channels)
+    channels = outs + [outs[-1]]
+    if levels == "full":
+        channels += list(reversed(outs))
+    elif levels != "down_mid":
+        raise ValueError(f"discriminator levels must be 'full' or 'down_mid', got {levels!r}")
+    return channels
+
+
+def backbone_features(unet: nn.Module, z: torch.Tensor, t: torch.Tensor, cond: Conditioning, levels: str) -> list[torch.Tensor]:
+    """The UNet's block outputs at (z, t, cond). With ``down_mid`` the forward stops after the mid block."""
+    features: list[torch.Tensor] = []
+    hooks = []
+
+    def keep(_module, _inputs, output):
+        features.append(output[0] if isinstance(output, tuple) else output)
+
+    def keep_and_stop(module, inputs, output):
+        keep(module, inputs, output)
+        raise _StopForward
+
+    blocks = list(unet.down_blocks)
+    for block in blocks:
+        hooks.append(block.register_forward_hook(keep))
+    hooks.append(unet.mid_block.register_forward_hook(keep_and_stop if levels == "down_mid" else keep))
+    if levels == "full":
+        for block in unet.up_blocks:
+            hooks.append(block.register_forward_hook(keep))
+    try:
+        unet_output(unet, z, t, cond)
+    except _StopForward:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return features
+
+
+class Discriminator(nn.Module):
+    """Two head sets, ``relative`` (D1) and ``absolute`` (D2), on one backbone pass of the UNet's discriminator role."""
+
+    def __init__(self, unet: nn.Module, spec: DiscriminatorSpec):
+        super().__init__()
+        self.spec = spec
+        channels = feature_channels(unet, spec.levels)
+        self.relative = HeadSet(channels, spec)
+        self.absolute = HeadSet(channels, spec)
+
+    def logits(self, unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> dict[str, list[torch.Tensor]]:
+        with discriminator_role(unet):
+            feats = backbone_features(unet, x, t, cond, self.spec.levels)
+        return {"relative": self.relative(feats), "absolute": self.absolute(feats)}
+
+
+def hinge_discriminator_loss(fake: list[torch.Tensor], real: list[torch.Tensor]) -> torch.Tensor:
+    """relu(1 + D(fake)) + relu(1 - D(real)), averaged over heads (PCM's hinge loss)."""
+    return sum(F.relu(1 + f).mean() + F.relu(1 - r).mean() for f, r in zip(fake, real)) / len(fake)
+
+
+def hinge_generator_loss(fake: list[torch.Tensor]) -> torch.Tensor:
+    """relu(1 - D(fake)), averaged over heads."""
+    return sum(F.relu(1 - f).mean() for f in fake) / len(fake)

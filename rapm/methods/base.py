@@ -1,0 +1,107 @@
+"""What every method's loss needs from one iteration: the context, the pieces of Alg. 2 they share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import torch
+
+from rapm.diffusion import Schedule, add_noise, ddim_step
+from rapm.discriminator import Discriminator
+from rapm.roles import student_role, teacher_role
+from rapm.teacher import Conditioning, guided_output, unet_output
+
+Losses = Iterator[tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class Context:
+    """One iteration's fixed inputs. ``generator`` draws this iteration's noise (CPU, seeded by the step)."""
+
+    unet: torch.nn.Module
+    schedule: Schedule
+    timesteps: list[int]  # t_N .. t_0, with -1 the final position
+    guidance: float  # the stored trajectories' guidance, used for the teacher's Δ-step
+    generator: torch.Generator
+    discriminator: Discriminator | None = None
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps) - 1
+
+    def randn(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.randn(like.shape, generator=self.generator, dtype=torch.float32).to(like.device, like.dtype)
+
+
+@dataclass
+class TrajectoryBatch:
+    """What a method sees of a stored trajectory batch (the store's batch has the same fields)."""
+
+    latents: torch.Tensor  # [B, N+1, C, H, W]: z~_N .. z~_0
+    cond: Conditioning
+    uncond: Conditioning | None
+
+
+class Method(Protocol):
+    """One distillation method = one loss object; the trainer is written once (STYLE.md, after EDM's loss.py)."""
+
+    uses_discriminator: bool
+
+    def generator_losses(self, ctx: Context, batch: TrajectoryBatch) -> Losses:
+        """Yield the student's loss piece by piece (one per slot); the trainer back-propagates each as it comes."""
+
+    def discriminator_losses(self, ctx: Context, batch: TrajectoryBatch) -> Losses:
+        """Yield the discriminators' loss."""
+
+
+def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
+    """mean(sqrt((a - b)^2 + c^2) - c), the pseudo-Huber loss of the paper (eq. 12) with PCM's c."""
+    d = (a.float() - b.float()).square()
+    return (d + c * c).sqrt().mean() - c
+
+
+def slot_times(ctx: Context, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Start and end timesteps of every slot for every sample, sample-major: [B*N] each."""
+    starts = torch.tensor(ctx.timesteps[:-1], device=device).repeat(batch_size)
+    ends = torch.tensor(ctx.timesteps[1:], device=device).repeat(batch_size)
+    return starts, ends
+
+
+def student_step(ctx: Context, z: torch.Tensor, t: torch.Tensor, s: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    """One DDIM step of the student (guidance 1) from t to s."""
+    with student_role(ctx.unet):
+        return ddim_step(ctx.schedule, z, unet_output(ctx.unet, z, t, cond), t, s)
+
+
+def teacher_step(
+    ctx: Context, z: torch.Tensor, t: torch.Tensor, s: torch.Tensor, cond: Conditioning, uncond: Conditioning | None
+) -> torch.Tensor:
+    """One DDIM step of the teacher with the trajectories' guidance, cond and uncond in one forward."""
+    with teacher_role(ctx.unet):
+        return ddim_step(ctx.schedule, z, guided_output(ctx.unet, z, t, cond, uncond, ctx.guidance), t, s)
+
+
+@torch.no_grad()
+def student_trajectory(ctx: Context, z: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    """The student's N positions after z_N, without gradients: [B, N, C, H, W]."""
+    positions = []
+    for t, s in zip(ctx.timesteps[:-1], ctx.timesteps[1:]):
+        tt = torch.full((z.shape[0],), t, device=z.device)
+        z = student_step(ctx, z, tt, torch.full_like(tt, s), cond)
+        positions.append(z)
+    return torch.stack(positions, dim=1)
+
+
+def discriminator_timesteps(ctx: Context, ends: torch.Tensor) -> torch.Tensor:
+    """Where the discriminator looks: t_gan ~ U[t_n, t_n + T/N) (PCM), for each slot end t_n."""
+    span = ctx.schedule.num_train_timesteps // ctx.steps
+    lo = ends.clamp_min(0)
+    hi = (ends + span).clamp_max(ctx.schedule.num_train_timesteps - 1)
+    u = torch.rand(ends.shape, generator=ctx.generator).to(ends.device)
+    return (lo + (u * (hi - lo + 1).float()).long().clamp_max(hi - lo)).long()
+
+
+def renoise(ctx: Context, x: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Move discriminator inputs from their slot end to t_gan with fresh noise."""
+    return add_noise(ctx.schedule, x, t_from, t_to, noise)

@@ -1,0 +1,126 @@
+"""RAPM: Relative and Absolute Position Matching (Zhang et al. 2025, arXiv 2503.20744, Alg. 2).
+
+Per stored trajectory z~_N..z~_0 and for each slot n = N-1..0:
+
+    rel_n = DDIM(DDIM(z~_{n+1}, t_{n+1}, t_{n+1}-Δ; teacher), t_{n+1}-Δ, t_n; frozen student)   (eq. 11, no grad)
+    z_n   = DDIM(z_{n+1}, t_{n+1}, t_n; student)                                            (eq. 13)
+    loss_r = H(z_n, rel_n) + λ G1(z_n | t_n)                                                 (eqs. 14-16)
+    loss_a = w_n [ H(z_n, z~_n) + λ G2(z_n | t_n) ]                                          (eqs. 17-18)
+    z_n   = detach(z_n)                                                                      (§3.3)
+
+Even iterations update D1 and D2, odd ones the student (Alg. 2, lines 3-4).
+``relative=False`` gives SFD-like absolute-only matching; ``absolute=False`` gives
+the relative-only ablation (eq. 16 alone).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from rapm.discriminator import hinge_discriminator_loss, hinge_generator_loss
+from rapm.methods.base import (Context, Losses, TrajectoryBatch, discriminator_timesteps, pseudo_huber, renoise,
+                               slot_times, student_step, student_trajectory, teacher_step)
+
+
+@dataclass
+class RAPM:
+    huber_c: float = 0.001
+    adv_weight: float = 0.1
+    delta: int = 10  # Δ in teacher timesteps: one step of the stored fine grid (1000 / (N M))
+    slot_weights: list[float] = field(default_factory=list)  # w_n, index n = 0..N-1 (slot ending at t_n); empty = 1
+    relative: bool = True
+    absolute: bool = True
+    discriminator: bool = True
+
+    @property
+    def uses_discriminator(self) -> bool:
+        return self.discriminator and self.adv_weight > 0
+
+    def weight(self, n: int) -> float:
+        return self.slot_weights[n] if self.slot_weights else 1.0
+
+    @torch.no_grad()
+    def relative_positions(self, ctx: Context, batch: TrajectoryBatch) -> torch.Tensor:
+        """rel_n for every slot, batched over slots (decision 2): one teacher and one frozen-student forward. [B, N, ...]"""
+        b, n = batch.latents.shape[0], ctx.steps
+        starts = batch.latents[:, :n].flatten(0, 1)  # z~_{n+1} for every slot, sample-major
+        t, s = slot_times(ctx, b, starts.device)
+        mid = t - self.delta  # Alg. 2, line 7: the teacher's Δ-step ...
+        cond = batch.cond.repeat(n)
+        uncond = batch.uncond.repeat(n) if batch.uncond is not None else None
+        z_mid = teacher_step(ctx, starts, t, mid, cond, uncond)
+        rel = student_step(ctx, z_mid, mid, s, cond)  # ... then the frozen student to t_n (line 8)
+        return rel.unflatten(0, (b, n))
+
+    def generator_losses(self, ctx: Context, batch: TrajectoryBatch) -> Losses:
+        b, n = batch.latents.shape[0], ctx.steps
+        rel = self.relative_positions(ctx, batch) if self.relative else None
+        z = batch.latents[:, 0]  # z_N = z~_N: the student starts from the trajectory's noise
+        for j in range(n):  # slot from t_{n+1} = timesteps[j] to t_n = timesteps[j+1]
+            slot = n - 1 - j  # the paper's n
+            t = torch.full((b,), ctx.timesteps[j], device=z.device)
+            s = torch.full((b,), ctx.timesteps[j + 1], device=z.device)
+            z_n = student_step(ctx, z, t, s, batch.cond)  # line 9, with gradients
+            target = batch.latents[:, j + 1]  # z~_n
+            loss = z_n.new_zeros(())
+            logs: dict[str, float] = {}
+            if self.relative:
+                h = pseudo_huber(z_n, rel[:, j], self.huber_c)  # eq. 14
+                loss = loss + h
+                logs[f"huber_rel/{slot}"] = h.item()
+            if self.absolute:
+                h = pseudo_huber(z_n, target, self.huber_c)  # eq. 17
+                loss = loss + self.weight(slot) * h
+                logs[f"huber_abs/{slot}"] = h.item()
+            if self.uses_discriminator:
+                t_gan = discriminator_timesteps(ctx, s)
+                x = renoise(ctx, z_n, s, t_gan, ctx.randn(z_n))
+                logits = ctx.discriminator.logits(ctx.unet, x, t_gan, batch.cond)
+                if self.relative:
+                    g = hinge_generator_loss(logits["relative"])  # eq. 15
+                    loss = loss + self.adv_weight * g
+                    logs[f"gen_rel/{slot}"] = g.item()
+                if self.absolute:
+                    g = hinge_generator_loss(logits["absolute"])  # eq. 18
+                    loss = loss + self.adv_weight * self.weight(slot) * g
+                    logs[f"gen_abs/{slot}"] = g.item()
+            logs[f"loss/{slot}"] = loss.item()
+            yield loss, logs
+            z = z_n.detach()  # slots are decoupled (§3.3)
+
+    def discriminator_losses(self, ctx: Context, batch: TrajectoryBatch) -> Losses:
+        b, n = batch.latents.shape[0], ctx.steps
+        fake = student_trajectory(ctx, batch.latents[:, 0], batch.cond)  # [B, N, ...], no grad
+        reals = {}
+        if self.relative:
+            reals["relative"] = self.relative_positions(ctx, batch)
+        if self.absolute:
+            reals["absolute"] = batch.latents[:, 1:]
+        kinds = list(reals)
+        _, s = slot_times(ctx, b, fake.device)
+        t_gan = discriminator_timesteps(ctx, s)
+        noise = ctx.randn(fake.flatten(0, 1))
+        # One backbone pass over fakes and all reals (decision 2); each moved to t_gan with the same noise.
+        inputs = torch.cat([fake.flatten(0, 1)] + [reals[k].flatten(0, 1) for k in kinds])
+        m = len(kinds) + 1
+        x = renoise(ctx, inputs, s.repeat(m), t_gan.repeat(m), noise.repeat(m, *[1] * (noise.ndim - 1)))
+        cond = batch.cond.repeat(n)
+        logits = ctx.discriminator.logits(ctx.unet, x, t_gan.repeat(m), type(cond).cat([cond] * m))
+        loss = x.new_zeros((), dtype=torch.float32)
+        logs: dict[str, float] = {}
+        rows = b * n
+        slot_of_row = torch.arange(rows, device=x.device) % n  # sample-major rows: row = b * N + j
+        for i, kind in enumerate(kinds):
+            heads = logits[kind]
+            fake_logits = [h[:rows] for h in heads]
+            real_logits = [h[(i + 1) * rows:(i + 2) * rows] for h in heads]
+            for j in range(n):
+                slot = n - 1 - j
+                sel = slot_of_row == j
+                d = hinge_discriminator_loss([f[sel] for f in fake_logits], [r[sel] for r in real_logits])
+                w = self.weight(slot) if kind == "absolute" else 1.0
+                loss = loss + w * d / n
+                logs[f"disc_{kind[:3]}/{slot}"] = d.item()
+        yield loss, logs
