@@ -1,0 +1,533 @@
+"""The training loop (paper Alg. 2 around the method's loss): fetch a stored trajectory, compute the loss,
+alternate the updates, log, checkpoint. A run directory resumes to the step (DESIGN.md decision 4).
+
+run/
+  config.json                 the full configuration (preset, file and flags resolved)
+  checkpoints/step-00000100/  adapters, heads, optimizers, schedulers, EMA, RNG states, data position
+  logs.jsonl                  every loss term of every iteration
+  tensorboard/                the same, for TensorBoard
+  samples/step-00000100.png   student N-step vs stored teacher end point, same noise
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import typer
+
+from rapm import config as cfg
+from rapm.config import ConfigError, TrainConfig
+from rapm.discriminator import Discriminator, DiscriminatorSpec
+from rapm.errors import RapmError
+from rapm.methods import Context, TrajectoryBatch, build_method
+from rapm.roles import DISCRIMINATOR, STUDENT, LoraSpec, add_roles, lora_parameters, set_trainable
+from rapm.teacher import load_teacher, read_model_index, resolve_teacher_path
+
+CHECKPOINT_PREFIX = "step-"
+
+
+class RunError(RapmError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------- run directory
+
+def checkpoints(run: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a temp directory is never one: it is renamed only when whole)."""
+    folder = run / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and (p / "state.pt").exists()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    found = checkpoints(run)
+    return found[-1] if found else None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run: Path, step: int, state: dict, keep: int) -> Path:
+    """Write ``state`` to a temp directory, then rename it into place; then drop all but the last ``keep``."""
+    folder = run / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"{CHECKPOINT_PREFIX}{step:08d}"
+    tmp = folder / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    with open(tmp / "state.pt", "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(folder)
+    for old in checkpoints(run)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    except Exception as e:  # a checkpoint damaged after it was written
+        raise RunError(f"{path / 'state.pt'}: cannot be read ({type(e).__name__}: {e}); "
+                       f"delete {path} to resume from the checkpoint before it") from None
+
+
+def prepare_run_dir(run: Path, resume: bool, overwrite: bool) -> None:
+    existing = (run / "config.json").exists()
+    if resume and not existing:
+        raise RunError(f"{run / 'config.json'} does not exist: there is no run to resume in {run}; drop --resume to start one")
+    if existing and not (resume or overwrite):
+        raise RunError(f"{run} already holds a run (config.json); pass --resume to continue it or --overwrite to start over")
+    if overwrite and existing:
+        for name in ("checkpoints", "samples", "tensorboard", "logs.jsonl", "config.json"):
+            target = run / name
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+    run.mkdir(parents=True, exist_ok=True)
+
+
+def truncate_log(log_file: Path, last_step: int) -> None:
+    """Keep only the log lines of iterations the checkpoint includes (a resume recomputes the rest)."""
+    if not log_file.exists():
+        return
+    kept = []
+    for line in log_file.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] < last_step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError):
+            break  # a line cut by the kill: everything after it is unsure
+    tmp = log_file.with_name(".logs.jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, log_file)
+
+
+# ---------------------------------------------------------------------------------------------- data and RNG
+
+def batch_indices(step: int, batch_size: int, count: int, seed: int) -> list[int]:
+    """The trajectories of iteration ``step``: a fresh seeded permutation each epoch, so any step's batch is known."""
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, i = divmod(pos, count)
+        perm = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        out.append(int(perm[i]))
+    return out
+
+
+def iteration_generator(seed: int, step: int) -> torch.Generator:
+    """This iteration's noise (discriminator timesteps and renoising): a function of the seed and the step alone."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def weight_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
+    if device.type == "cpu" or config.mixed_precision == "no":
+        return torch.float32
+    return torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16
+
+
+def student_spec(config: TrainConfig) -> LoraSpec:
+    return LoraSpec(config.lora_rank, config.lora_alpha, list(config.lora_targets))
+
+
+def build_models(config: TrainConfig, device: torch.device, need_vae: bool, with_discriminator: bool):
+    """The teacher's one UNet with its adapters, and the discriminator heads on it."""
+    teacher = load_teacher(config.teacher, device=device, dtype=weight_dtype(config, device), text_encoders=False, vae=need_vae)
+    disc_spec = LoraSpec(config.disc_lora_rank, config.disc_lora_alpha, list(config.lora_targets))
+    add_roles(teacher.unet, student_spec(config), disc_spec if (with_discriminator and config.disc_lora) else None)
+    for p in list(lora_parameters(teacher.unet, STUDENT).values()) + list(lora_parameters(teacher.unet, DISCRIMINATOR).values()):
+        p.data = p.data.float()  # trainable weights stay float32 under mixed precision
+    if config.gradient_checkpointing:
+        teacher.unet.enable_gradient_checkpointing()
+    disc = None
+    if with_discriminator:
+        spec = DiscriminatorSpec(config.disc_levels, config.disc_heads_per_level, config.disc_kernel_size)
+        disc = Discriminator(teacher.unet, spec).to(device)
+    return teacher, disc
+
+
+def make_optimizer(params: list[torch.nn.Parameter], lr: float, betas, weight_decay: float, use_8bit: bool):
+    if use_8bit:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("config field 'use_8bit_adam': bitsandbytes is not installed; pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+
+
+def constant_schedule(optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+@torch.no_grad()
+def update_ema(ema: dict[str, torch.Tensor], params: dict[str, torch.nn.Parameter], decay: float) -> None:
+    for name, p in params.items():
+        ema[name].mul_(decay).add_(p.detach().float(), alpha=1 - decay)
+
+
+class swap_in:
+    """Temporarily load other values (the EMA) into parameters."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor] | None):
+        self.params, self.values, self.saved = params, values, None
+
+    def __enter__(self):
+        if self.values is not None:
+            self.saved = {n: p.detach().clone() for n, p in self.params.items()}
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(self.values[n])
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(self.saved[n])
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+@dataclass
+class TrainResult:
+    run: Path
+    step: int
+    checkpoint: Path | None
+    stopped_by: str | None = None  # "SIGTERM" / "SIGINT" when preempted
+
+
+class _Preemption:
+    """SIGTERM/SIGINT ask the loop to checkpoint and stop after the current iteration; a second SIGINT stops at once."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, _frame):
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _to_device(batch, device, dtype) -> TrajectoryBatch:
+    return TrajectoryBatch(
+        latents=batch.latents.to(device, dtype),
+        cond=batch.cond.to(device, dtype),
+        uncond=batch.uncond.to(device, dtype) if batch.uncond is not None else None,
+    )
+
+
+def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool = False, progress: bool = True,
+          stop_after: int | None = None) -> TrainResult:
+    """Train the student of ``config`` into the run directory ``run``; see the module docstring.
+
+    ``stop_after`` stops (with a checkpoint) after that many iterations in this call, as a preemption would.
+    """
+    from tqdm.auto import tqdm
+
+    from rapm.trajectories import open_store
+
+    run = Path(run)
+    cfg.validate(config)
+    prepare_run_dir(run, resume, overwrite)
+    device = resolve_device(config.device)
+    store = open_store(Path(config.store))
+    delta = config.delta or store.manifest.get("delta") or max(1, 1000 // (store.steps * store.substeps))
+    method = build_method(config, delta)
+    min_slot = min(t - s for t, s in zip(store.timesteps[:-1], store.timesteps[1:]))
+    if delta >= min_slot:
+        raise ConfigError(f"config field 'delta': Δ = {delta} timesteps must be shorter than the shortest slot ({min_slot})")
+    torch.manual_seed(config.seed)  # the LoRA A matrices and the heads start from the seed
+    teacher, disc = build_models(config, device, need_vae=config.sample_every > 0, with_discriminator=method.uses_discriminator)
+    store.check_teacher(teacher, steps=None)
+    unet = teacher.unet
+    write_json_atomic(run / "config.json", cfg.to_dict(config))
+
+    student_params = lora_parameters(unet, STUDENT)
+    opt_student = make_optimizer(list(student_params.values()), config.lr, config.adam_betas, config.weight_decay,
+                                 config.use_8bit_adam)
+    sched_student = constant_schedule(opt_student)
+    disc_params: dict[str, torch.nn.Parameter] = {}
+    opt_disc = sched_disc = None
+    if disc is not None:
+        disc_params = {**lora_parameters(unet, DISCRIMINATOR), **{f"heads.{n}": p for n, p in disc.named_parameters()}}
+        opt_disc = make_optimizer(list(disc_params.values()), config.disc_lr, config.disc_betas, config.disc_weight_decay,
+                                  config.use_8bit_adam)
+        sched_disc = constant_schedule(opt_disc)
+    ema = {n: p.detach().float().clone() for n, p in student_params.items()} if config.ema_decay > 0 else None
+
+    start = 0
+    last = latest_checkpoint(run) if resume else None
+    if last is not None:
+        state = load_checkpoint(last)
+        with torch.no_grad():
+            for n, p in student_params.items():
+                p.copy_(state["student"][n])
+            for n, p in disc_params.items():
+                p.copy_(state["discriminator"][n])
+        opt_student.load_state_dict(state["opt_student"])
+        sched_student.load_state_dict(state["sched_student"])
+        if opt_disc is not None:
+            opt_disc.load_state_dict(state["opt_disc"])
+            sched_disc.load_state_dict(state["sched_disc"])
+        if ema is not None:
+            ema = {n: v.to(device) for n, v in state["ema"].items()}
+        set_rng_state(state["rng"])
+        start = state["step"]
+    truncate_log(run / "logs.jsonl", start)
+
+    def snapshot(step: int) -> dict:
+        return {
+            "step": step,
+            "student": {n: p.detach().cpu() for n, p in student_params.items()},
+            "discriminator": {n: p.detach().cpu() for n, p in disc_params.items()},
+            "ema": {n: v.cpu() for n, v in ema.items()} if ema is not None else None,
+            "opt_student": opt_student.state_dict(),
+            "sched_student": sched_student.state_dict(),
+            "opt_disc": opt_disc.state_dict() if opt_disc is not None else None,
+            "sched_disc": sched_disc.state_dict() if sched_disc is not None else None,
+            "rng": rng_state(),
+            "data": {"seed": config.seed, "batch_size": config.batch_size, "count": len(store)},
+        }
+
+    writer = _tensorboard(run, start)
+    dtype = weight_dtype(config, device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    checkpoint = last
+    bar = tqdm(total=config.iterations, initial=start, disable=not progress, desc="train", unit="it", dynamic_ncols=True)
+    log_file = open(run / "logs.jsonl", "a")
+    stopped_by = None
+    step = start
+    try:
+        with _Preemption() as preemption:
+            while step < config.iterations:
+                tick = time.perf_counter()
+                indices = batch_indices(step, config.batch_size, len(store), config.seed)
+                batch = _to_device(store.get(indices), device, dtype)
+                ctx = Context(unet, teacher.schedule, store.timesteps, store.guidance, iteration_generator(config.seed, step), disc)
+                # Alg. 2, lines 3-4: even iterations update D1 and D2, odd ones the student.
+                phase = "discriminator" if disc is not None and step % 2 == 0 else "student"
+                set_trainable(unet, DISCRIMINATOR if phase == "discriminator" else STUDENT)
+                if disc is not None:
+                    disc.requires_grad_(phase == "discriminator")
+                params = disc_params if phase == "discriminator" else student_params
+                optimizer = opt_disc if phase == "discriminator" else opt_student
+                optimizer.zero_grad(set_to_none=True)
+                losses = method.discriminator_losses if phase == "discriminator" else method.generator_losses
+                record: dict[str, float] = {}
+                total = 0.0
+                with autocast:
+                    for loss, logs in losses(ctx, batch):
+                        if not math.isfinite(loss.item()):
+                            where = f"{checkpoint}" if checkpoint else "no checkpoint yet"
+                            raise RunError(f"non-finite {phase} loss at step {step} ({logs}); the last good checkpoint is "
+                                           f"{where}; lower 'lr' or 'disc_lr' and resume with --resume")
+                        loss.backward()
+                        total += loss.item()
+                        record.update(logs)
+                grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.grad_clip)
+                optimizer.step()
+                (sched_disc if phase == "discriminator" else sched_student).step()
+                if ema is not None and phase == "student":
+                    update_ema(ema, student_params, config.ema_decay)
+                step += 1
+                entry = {"step": step - 1, "phase": phase, "loss": total, "grad_norm": float(grad_norm),
+                         "seconds": time.perf_counter() - tick, **record}
+                log_file.write(json.dumps(entry) + "\n")
+                log_file.flush()
+                if writer is not None and (step - 1) % config.log_every == 0:
+                    for k, v in entry.items():
+                        if k not in ("step", "phase"):
+                            writer.add_scalar(f"{phase}/{k}" if k in ("loss", "grad_norm") else k, v, step - 1)
+                bar.set_postfix({phase[:4]: f"{total:.4f}"}, refresh=False)
+                bar.update(1)
+                if step % config.checkpoint_every == 0 or step == config.iterations:
+                    checkpoint = save_checkpoint(run, step, snapshot(step), config.keep_checkpoints)
+                if config.sample_every > 0 and (step % config.sample_every == 0 or step == config.iterations):
+                    with swap_in(student_params, ema):
+                        sample_grid(teacher, store, run / "samples" / f"step-{step:08d}.png", config.num_samples, device, dtype)
+                if preemption.signal_name or (stop_after is not None and step - start >= stop_after):
+                    stopped_by = preemption.signal_name or "stop_after"
+                    if checkpoint is None or not checkpoint.name.endswith(f"{step:08d}"):
+                        checkpoint = save_checkpoint(run, step, snapshot(step), config.keep_checkpoints)
+                    break
+    finally:
+        bar.close()
+        log_file.close()
+        if writer is not None:
+            writer.close()
+    return TrainResult(run, step, checkpoint, stopped_by)
+
+
+def _tensorboard(run: Path, start: int):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional: logs.jsonl has everything
+        return None
+    return SummaryWriter(str(run / "tensorboard"), purge_step=start)
+
+
+@torch.no_grad()
+def sample_grid(teacher, store, path: Path, count: int, device, dtype) -> None:
+    """Top row: the student's N steps from the stored noise; bottom row: the stored teacher end point."""
+    from rapm.methods.base import student_trajectory
+    from rapm.sample import save_grid
+
+    count = min(count, len(store))
+    batch = _to_device(store.get(list(range(count))), device, dtype)
+    ctx = Context(teacher.unet, teacher.schedule, store.timesteps, store.guidance, torch.Generator().manual_seed(0))
+    student_end = student_trajectory(ctx, batch.latents[:, 0], batch.cond)[:, -1]
+    images = teacher.decode(torch.cat([student_end, batch.latents[:, -1]]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(images.float().cpu(), path, nrow=count)
+
+
+# ---------------------------------------------------------------------------------------------- after training
+
+def read_run_config(run: Path) -> TrainConfig:
+    file = Path(run) / "config.json"
+    if not file.exists():
+        raise RunError(f"{file} does not exist: {run} is not a rapm run directory (made by rapm train --out)")
+    return cfg.from_dict(json.loads(file.read_text()), str(file))
+
+
+def load_student(run: Path, device: str = "cpu"):
+    """The teacher's UNet carrying the run's latest student (its EMA where the run keeps one), for export and sampling."""
+    run = Path(run)
+    config = read_run_config(run)
+    last = latest_checkpoint(run)
+    if last is None:
+        raise RunError(f"{run / 'checkpoints'}: no complete checkpoint yet; train longer or lower --checkpoint-every")
+    state = load_checkpoint(last)
+    teacher = load_teacher(config.teacher, device=device, text_encoders=False)
+    add_roles(teacher.unet, student_spec(config))
+    params = lora_parameters(teacher.unet, STUDENT)
+    values = state["ema"] if state.get("ema") else state["student"]
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(values[n])
+    out = cfg.to_dict(config)
+    out["step"] = state["step"]
+    out["checkpoint"] = str(last)
+    return teacher, teacher.unet, out
+
+
+def resolve_config(teacher: str, store: str, preset: str | None, config_file: Path | None, flags: dict) -> TrainConfig:
+    """Preset (by teacher family unless named) < config file < command-line flags."""
+    values = read_config_file(config_file) if config_file else {}
+    teacher = flags.get("teacher") or values.get("teacher") or teacher
+    family = "sdxl" if read_model_index(resolve_teacher_path(teacher))["_class_name"].startswith("StableDiffusionXL") else "sd"
+    name = preset or values.get("preset") or cfg.default_preset(teacher, family)
+    if name not in cfg.PRESETS:
+        raise ConfigError(f"preset {name!r} is not one of {', '.join(cfg.PRESETS)}")
+    config = cfg.apply_overrides(TrainConfig(), {**cfg.PRESETS[name], "preset": name}, f"preset {name}")
+    if config_file:
+        config = cfg.apply_overrides(config, values, str(config_file))
+    return cfg.apply_overrides(config, {"teacher": teacher, "store": store, **flags}, "command line")
+
+
+def read_config_file(path: Path) -> dict:
+    return cfg.read_config_file(Path(path))
+
+
+def cli(
+    out: Path = typer.Option(..., "--out", help="Run directory (checkpoints, logs, samples)."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher: a local diffusers folder or 'digits'."),
+    store: Optional[Path] = typer.Option(None, help="Trajectory store made by `rapm trajectories`."),
+    method: Optional[str] = typer.Option(None, help="rapm (default) or rapm-relative."),
+    preset: Optional[str] = typer.Option(None, help="sd15, sdxl, sdxl-rank1 or digits (default: by teacher)."),
+    config: Optional[Path] = typer.Option(None, help="A JSON or TOML file of config fields (docs/defaults.md)."),
+    iterations: Optional[int] = typer.Option(None, help="Total iterations (each one trajectory batch)."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Write a checkpoint every K iterations."),
+    batch_size: Optional[int] = typer.Option(None, help="Trajectories per iteration (paper: 1)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the data order and the discriminator noise."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1 ..."),
+    set_: list[str] = typer.Option([], "--set", help="Any config field, as key=value (repeatable)."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its last complete checkpoint."),
+    overwrite: bool = typer.Option(False, help="Start over in an --out that already holds a run."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Train the student LoRA on a trajectory store (store -> run)."""
+    flags = {k: v for k, v in dict(method=method, iterations=iterations, checkpoint_every=checkpoint_every,
+                                   batch_size=batch_size, seed=seed, device=device).items() if v is not None}
+    flags.update(cfg.parse_set(set_))
+    if resume:
+        config_obj = cfg.apply_overrides(read_run_config(out), flags, "command line")
+    else:
+        if teacher is None or store is None:
+            raise ConfigError("rapm train needs --teacher and --store (or --resume with an existing --out)")
+        config_obj = resolve_config(teacher, str(store), preset, config, flags)
+    result = train(config_obj, out, resume=resume, overwrite=overwrite, progress=progress)
+    if result.stopped_by in ("SIGTERM", "SIGINT"):
+        typer.echo(f"stopped by {result.stopped_by} after step {result.step}; checkpoint {result.checkpoint}. "
+                   f"Resume with: rapm train --out {out} --resume", err=True)
+        raise typer.Exit(130 if result.stopped_by == "SIGINT" else 143)
+    typer.echo(f"trained {result.step} iterations; last checkpoint {result.checkpoint}. "
+               f"Export with: rapm export --run {out} --out {out}/lora")

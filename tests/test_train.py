@@ -1,0 +1,129 @@
+"""rapm train: the alternation, the run directory, checkpoints and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rapm.config import ConfigError, TrainConfig, apply_overrides
+from rapm.roles import DISCRIMINATOR, STUDENT
+from rapm.train import RunError, batch_indices, checkpoints, load_checkpoint, load_student, train
+
+SMALL = dict(lora_rank=4, lora_alpha=4, disc_lora_rank=2, disc_lora_alpha=2, disc_heads_per_level=1, lr=1e-3,
+             disc_lr=1e-3, sample_every=0, batch_size=1, keep_checkpoints=2)
+
+
+@pytest.fixture(scope="session")
+def sd_store(tiny_sd, tmp_path_factory):
+    from rapm.trajectories import write_trajectories
+
+    folder = tmp_path_factory.mktemp("store")
+    prompts = folder / "prompts.txt"
+    prompts.write_text("a photo of a cat\na red car\na blue dog\na photo of a dog\n")
+    write_trajectories(tiny_sd, prompts, folder / "store", steps=2, substeps=3, guidance=3.0, shard_size=2, progress=False)
+    return folder / "store"
+
+
+def _config(tiny_sd, sd_store, **kw) -> TrainConfig:
+    return apply_overrides(TrainConfig(), {"teacher": str(tiny_sd), "store": str(sd_store), **SMALL, **kw}, "test")
+
+
+def _log(run):
+    return [json.loads(line) for line in (run / "logs.jsonl").read_text().splitlines()]
+
+
+def _losses(run):
+    return [(e["step"], e["phase"], e["loss"]) for e in _log(run)]
+
+
+def test_alternation_updates_only_the_intended_parameters(tiny_sd, sd_store, tmp_path):
+    run = tmp_path / "run"
+    train(_config(tiny_sd, sd_store, iterations=1, checkpoint_every=1), run, progress=False)
+    after_d = load_checkpoint(checkpoints(run)[-1])
+    train(_config(tiny_sd, sd_store, iterations=2, checkpoint_every=1), run, resume=True, progress=False)
+    after_s = load_checkpoint(checkpoints(run)[-1])
+    phases = [e["phase"] for e in _log(run)]
+    assert phases == ["discriminator", "student"]  # Alg. 2: even iterations D, odd the student
+    # Step 0 (D): the student is still zero-initialised in B, its A untouched; the discriminator moved.
+    _, unet, _ = load_student(run)
+    changed_s = [n for n in after_s["student"] if not torch.equal(after_s["student"][n], after_d["student"][n])]
+    changed_d = [n for n in after_s["discriminator"] if not torch.equal(after_s["discriminator"][n], after_d["discriminator"][n])]
+    assert changed_s and not changed_d
+    assert all(torch.count_nonzero(v) == 0 for n, v in after_d["student"].items() if "lora_B" in n)
+    assert any(torch.count_nonzero(v) > 0 for n, v in after_s["student"].items() if "lora_B" in n)
+    assert unet is not None
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tiny_sd, sd_store, tmp_path):
+    config = _config(tiny_sd, sd_store, iterations=6, checkpoint_every=2, ema_decay=0.9)
+    straight = tmp_path / "straight"
+    train(config, straight, progress=False)
+    interrupted = tmp_path / "interrupted"
+    result = train(config, interrupted, progress=False, stop_after=3)  # stops as a preemption would, with a checkpoint
+    assert result.step == 3 and result.checkpoint.name == "step-00000003"
+    train(config, interrupted, resume=True, progress=False)
+    a, b = _losses(straight), _losses(interrupted)
+    assert [x[:2] for x in a] == [x[:2] for x in b] and len(a) == 6
+    for (_, _, la), (_, _, lb) in zip(a, b):
+        assert la == pytest.approx(lb, rel=1e-5, abs=1e-7)
+    end_a, end_b = load_checkpoint(checkpoints(straight)[-1]), load_checkpoint(checkpoints(interrupted)[-1])
+    for n in end_a["ema"]:
+        torch.testing.assert_close(end_a["ema"][n], end_b["ema"][n])
+    assert len(checkpoints(straight)) == 2  # rotated: keep_checkpoints=2
+
+
+def test_a_run_directory_is_not_overwritten_by_accident(tiny_sd, sd_store, tmp_path):
+    run = tmp_path / "run"
+    config = _config(tiny_sd, sd_store, iterations=1, checkpoint_every=1)
+    train(config, run, progress=False)
+    before = (run / "logs.jsonl").read_text()
+    with pytest.raises(RunError, match="already holds a run.*--resume.*--overwrite"):
+        train(config, run, progress=False)
+    assert (run / "logs.jsonl").read_text() == before
+    train(config, run, overwrite=True, progress=False)
+    assert len(_log(run)) == 1
+
+
+def test_resume_without_a_run_says_so(tiny_sd, sd_store, tmp_path):
+    with pytest.raises(RunError, match="no run to resume"):
+        train(_config(tiny_sd, sd_store), tmp_path / "empty", resume=True, progress=False)
+
+
+def test_bad_config_values_name_the_field():
+    with pytest.raises(ConfigError, match="'lora_rank' must be int"):
+        apply_overrides(TrainConfig(), {"lora_rank": "many"}, "my.toml")
+    with pytest.raises(ConfigError, match="my.toml: unknown field 'lora_rnk'"):
+        apply_overrides(TrainConfig(), {"lora_rnk": 4}, "my.toml")
+
+
+def test_data_order_is_a_function_of_the_step():
+    seen = [i for k in range(5) for i in batch_indices(k, 2, 10, seed=3)]
+    assert sorted(seen) == list(range(10))  # one epoch visits every trajectory once
+    assert batch_indices(7, 2, 10, 3) == batch_indices(7, 2, 10, 3)
+
+
+def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(tiny_sd, sd_store, tmp_path):
+    run = tmp_path / "run"
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps({**SMALL, "iterations": 100000, "checkpoint_every": 100000}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rapm", "train", "--teacher", str(tiny_sd), "--store", str(sd_store), "--out", str(run),
+         "--config", str(config_file), "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    log = run / "logs.jsonl"
+    import time
+
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "Resume with: rapm train --out" in err and "Traceback" not in err
+    (last,) = checkpoints(run)[-1:]
+    assert load_checkpoint(last)["step"] == len(_log(run))
