@@ -1,0 +1,440 @@
+"""The trajectory store: its on-disk format, checksums and the reader the trainer uses.
+
+A store is a directory::
+
+    manifest.json            format version, teacher identity, scheduler config, N, M, guidance,
+                             timesteps, latent shape, dtype, count, shard size, each shard's sha256
+    prompts.txt              the prompts, one a line; trajectory i is line i
+    negative.safetensors     the one unconditional conditioning (batch 1), stored once
+    shard-00000.safetensors  latents [B, N+1, C, H, W], prompt_embeds [B, L, D],
+                             (SDXL) pooled_embeds [B, D2], time_ids [B, 6]; seeds [B];
+                             metadata "rapm": JSON {start, count, prompts, ...}
+    done/shard-00000.json    the shard's record {file, start, count, sha256, bytes}, written after it
+
+Shard k holds trajectories [k*S, (k+1)*S) for shard size S, whatever the number of
+processes that wrote it. Files are written atomically (temp file in the same
+folder, fsync, rename), so a file that exists is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from rapm.diffusion import ScheduleError, coarse_timesteps, schedule_from_config
+from rapm.errors import RapmError
+from rapm.teacher import Conditioning
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PROMPTS = "prompts.txt"
+NEGATIVE = "negative.safetensors"
+DONE = "done"
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+REQUIRED_FIELDS = ("format_version", "complete", "teacher", "scheduler", "steps", "substeps", "guidance", "timesteps",
+                   "latent_shape", "dtype", "count", "shard_size", "shards", "prompts")
+
+
+class StoreError(RapmError):
+    """A trajectory store that cannot be used as asked: names the file, the field and the fix."""
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}.safetensors"
+
+
+def shard_span(k: int, shard_size: int, count: int) -> tuple[int, int]:
+    """Trajectory indices [start, end) of shard k: fixed by the shard size, not by the process layout."""
+    return k * shard_size, min((k + 1) * shard_size, count)
+
+
+def num_shards(count: int, shard_size: int) -> int:
+    return (count + shard_size - 1) // shard_size
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+_UNET_HASHES: dict[tuple, str] = {}
+
+
+def unet_hash(teacher_path: str | Path) -> str:
+    """sha256 over the UNet folder's config and weight files (names and contents): the teacher's identity."""
+    folder = Path(teacher_path) / "unet"
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(folder).parts))
+    if not files:
+        raise StoreError(f"{folder}: no UNet config or weights to identify the teacher by")
+    key = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    if key not in _UNET_HASHES:
+        h = hashlib.sha256()
+        for p in files:
+            h.update(p.relative_to(folder).as_posix().encode() + b"\0")
+            h.update(bytes.fromhex(sha256_file(p)))
+        _UNET_HASHES[key] = h.hexdigest()
+    return _UNET_HASHES[key]
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that ``path`` is either absent, the old file, or complete."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # some filesystems cannot fsync a directory; the rename is still atomic
+        pass
+
+
+def json_bytes(obj) -> bytes:
+    """Deterministic JSON (sorted keys), with short lists and records on one line so a manifest reads at a glance."""
+    return (_json_text(obj, 0) + "\n").encode("utf-8")
+
+
+def _json_text(obj, indent: int) -> str:
+    inline = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(", ", ": "))
+    if indent > 0 and len(inline) + indent <= 160 or not isinstance(obj, (dict, list)) or not obj:
+        return inline
+    pad = " " * (indent + 1)
+    if isinstance(obj, dict):
+        items = [f"{pad}{json.dumps(k, ensure_ascii=False)}: {_json_text(v, indent + 1)}" for k, v in sorted(obj.items())]
+        return "{\n" + ",\n".join(items) + "\n" + " " * indent + "}"
+    return "[\n" + ",\n".join(pad + _json_text(v, indent + 1) for v in obj) + "\n" + " " * indent + "]"
+
+
+def schedule_mismatch(stored: dict, current: dict) -> str | None:
+    """The first field by which two scheduler configs give different noise schedules, as 'field: a vs b'; None if equal."""
+    try:
+        a, b = schedule_from_config(stored), schedule_from_config(current)
+    except ScheduleError as e:
+        return f"scheduler ({e})"
+    if a.prediction_type != b.prediction_type:
+        return f"scheduler prediction_type {a.prediction_type!r} vs {b.prediction_type!r}"
+    if a.num_train_timesteps != b.num_train_timesteps:
+        return f"scheduler num_train_timesteps {a.num_train_timesteps} vs {b.num_train_timesteps}"
+    if not torch.equal(a.alphas_cumprod, b.alphas_cumprod):
+        fields = ("beta_schedule", "beta_start", "beta_end", "trained_betas")
+        return "scheduler noise schedule (" + ", ".join(f"{f} {stored.get(f)!r} vs {current.get(f)!r}" for f in fields) + ")"
+    if a.final_alpha_cumprod != b.final_alpha_cumprod:
+        return f"scheduler set_alpha_to_one {stored.get('set_alpha_to_one')!r} vs {current.get('set_alpha_to_one')!r}"
+    return None
+
+
+@dataclass
+class TrajectoryBatch:
+    """Stored teacher trajectories z~_N..z~_0 and what they were conditioned on, for a batch of indices."""
+
+    latents: torch.Tensor  # float32 [B, N+1, C, H, W]; latents[:, 0] is the initial noise z_N
+    cond: Conditioning  # float32, batched
+    uncond: Conditioning  # float32, the one negative conditioning repeated B times
+    prompts: list[str]
+    seeds: list[int]
+    indices: list[int]
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def to(self, *args, **kwargs) -> "TrajectoryBatch":
+        return TrajectoryBatch(self.latents.to(*args, **kwargs), self.cond.to(*args, **kwargs),
+                               self.uncond.to(*args, **kwargs), self.prompts, self.seeds, self.indices)
+
+
+class TrajectoryStore:
+    """A complete trajectory store, opened read-only. Random access by trajectory index."""
+
+    def __init__(self, path: Path, manifest: dict, cache_shards: int = 4):
+        self.path = Path(path)
+        self.manifest = manifest
+        self.cache_shards = max(1, cache_shards)
+        self._handles: OrderedDict[int, tuple] = OrderedDict()
+        self._negative: dict[str, torch.Tensor] | None = None
+        self._prompts: list[str] | None = None
+
+    # What the trainer needs to know about the store.
+    @property
+    def steps(self) -> int:
+        return int(self.manifest["steps"])
+
+    @property
+    def substeps(self) -> int:
+        return int(self.manifest["substeps"])
+
+    @property
+    def timesteps(self) -> list[int]:
+        return [int(t) for t in self.manifest["timesteps"]]
+
+    @property
+    def guidance(self) -> float:
+        return float(self.manifest["guidance"])
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.manifest["latent_shape"])
+
+    @property
+    def family(self) -> str:
+        return self.manifest["teacher"]["family"]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.manifest["dtype"]]
+
+    @property
+    def prompts(self) -> list[str]:
+        if self._prompts is None:
+            self._prompts = read_store_prompts(self.path, self.manifest)
+        return self._prompts
+
+    def __len__(self) -> int:
+        return int(self.manifest["count"])
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (f"TrajectoryStore({str(self.path)!r}, {len(self)} trajectories, {m['teacher']['family']}, N={self.steps}, "
+                f"M={self.substeps}, guidance={self.guidance}, latents {self.latent_shape} {m['dtype']})")
+
+    def __getstate__(self) -> dict:  # open shard handles stay with their process (DataLoader workers reopen)
+        return {**self.__dict__, "_handles": OrderedDict()}
+
+    def __getitem__(self, index: int) -> TrajectoryBatch:
+        return self.get([index])
+
+    def check_teacher(self, teacher, steps: int | None = None) -> None:
+        """Raise StoreError naming the field if ``teacher`` (a loaded Teacher or its path) or ``steps`` is not what the store was computed with."""
+        where = self.path / MANIFEST
+        if hasattr(teacher, "unet"):
+            family, path, shape, scheduler = teacher.family, Path(teacher.path), tuple(teacher.latent_shape), teacher.scheduler_config
+        else:
+            family, path, shape, scheduler = _teacher_identity_from_folder(teacher)
+        fix = (f"train with the teacher the store was computed with ({self.manifest['teacher'].get('path')}), "
+               f"or rebuild the store for this teacher: rapm trajectories --teacher {path} --out NEW_STORE")
+        if family != self.family:
+            raise StoreError(f"{where}: teacher family {self.family!r} does not match teacher {path} ({family!r}); {fix}")
+        if shape != self.latent_shape:
+            raise StoreError(f"{where}: latent shape {self.latent_shape} does not match teacher {path} {shape}; {fix}")
+        mismatch = schedule_mismatch(self.manifest["scheduler"], scheduler)
+        if mismatch:
+            raise StoreError(f"{where}: {mismatch} (store vs teacher {path}); {fix}")
+        stored_hash, current = self.manifest["teacher"]["unet_hash"], unet_hash(path)
+        if stored_hash != current:
+            raise StoreError(f"{where}: teacher unet_hash {stored_hash[:12]}... does not match teacher {path} "
+                             f"({current[:12]}...): the store was computed with another UNet; {fix}")
+        if steps is not None:
+            if int(steps) != self.steps:
+                raise StoreError(f"{where}: steps N={self.steps} in the store, but {steps} asked for; train with "
+                                 f"--steps {self.steps} or rebuild the store with rapm trajectories --steps {steps}")
+            expected = coarse_timesteps(schedule_from_config(scheduler).num_train_timesteps, int(steps))
+            if expected != self.timesteps:
+                raise StoreError(f"{where}: timesteps {self.timesteps} in the store, but {expected} for N={steps}; "
+                                 f"rebuild the store with this version of rapm")
+
+    def get(self, indices: Sequence[int] | int | torch.Tensor) -> TrajectoryBatch:
+        """The trajectories at ``indices`` (in that order), latents and conditioning as float32 on the CPU."""
+        if isinstance(indices, torch.Tensor):
+            indices = indices.reshape(-1).tolist()
+        elif isinstance(indices, int):
+            indices = [indices]
+        indices = [int(i) for i in indices]
+        if not indices:
+            raise IndexError("store.get needs at least one index")
+        n = len(self)
+        rows: list[dict[str, torch.Tensor]] = []
+        prompts, seeds = [], []
+        for i in indices:
+            if not -n <= i < n:
+                raise IndexError(f"trajectory index {i} out of range for a store of {n}")
+            i %= n
+            k = i // int(self.manifest["shard_size"])
+            handle, meta = self._shard(k)
+            j = i - meta["start"]
+            try:
+                row = {name: handle.get_slice(name)[j : j + 1] for name in handle.keys()}
+            except Exception as e:  # noqa: BLE001 - any read failure means a damaged file
+                raise self._damaged(k, e) from None
+            rows.append(row)
+            prompts.append(meta["prompts"][j])
+            seeds.append(int(row["seeds"][0]))
+        cat = {name: torch.cat([r[name] for r in rows]) for name in rows[0]}
+        cond = Conditioning(cat["prompt_embeds"].float(), _float(cat.get("pooled_embeds")), _float(cat.get("time_ids")))
+        negative = self._negative_tensors()
+        b = len(indices)
+        uncond = Conditioning(*(None if negative.get(f) is None else negative[f].float().expand(b, *negative[f].shape[1:]).contiguous()
+                                for f in ("prompt_embeds", "pooled_embeds", "time_ids")))
+        return TrajectoryBatch(cat["latents"].float(), cond, uncond, prompts, seeds, indices)
+
+    def verify(self) -> None:
+        """Re-hash every shard against the manifest; one StoreError lists every bad shard."""
+        bad = []
+        for entry in self.manifest["shards"]:
+            f = self.path / entry["file"]
+            digest = sha256_file(f)
+            if digest != entry["sha256"]:
+                bad.append(f"{f}: sha256 {digest[:12]}... but the manifest records {entry['sha256'][:12]}...")
+        if bad:
+            raise StoreError("; ".join(bad) + f" ({len(bad)} of {len(self.manifest['shards'])} shards corrupted); "
+                             "delete them and rerun the same rapm trajectories command to recompute them")
+
+    def _shard(self, k: int):
+        if k in self._handles:
+            self._handles.move_to_end(k)
+            return self._handles[k]
+        from safetensors import safe_open
+
+        entry = self.manifest["shards"][k]
+        f = self.path / entry["file"]
+        try:
+            handle = safe_open(str(f), framework="pt")
+            meta = json.loads(handle.metadata()["rapm"])
+            shape = handle.get_slice("latents").get_shape()
+        except Exception as e:  # noqa: BLE001 - a header that does not parse means a damaged file
+            raise self._damaged(k, e) from None
+        expected = [entry["count"], self.steps + 1, *self.latent_shape]
+        if meta.get("start") != entry["start"] or list(shape) != expected:
+            raise StoreError(f"{f}: holds trajectories from {meta.get('start')} with latents {list(shape)}, but the manifest "
+                             f"records {entry['start']} with {expected}; the file was replaced: delete it and rerun the same "
+                             "rapm trajectories command to recompute it")
+        self._handles[k] = (handle, meta)
+        while len(self._handles) > self.cache_shards:
+            self._handles.popitem(last=False)
+        return self._handles[k]
+
+    def _damaged(self, k: int, error: Exception) -> StoreError:
+        entry = self.manifest["shards"][k]
+        f = self.path / entry["file"]
+        digest = sha256_file(f)
+        state = ("its sha256 does not match the manifest" if digest != entry["sha256"]
+                 else "its sha256 matches the manifest, so the store was written by an incompatible safetensors")
+        return StoreError(f"{f}: cannot be read ({type(error).__name__}: {error}); {state}; delete it and rerun "
+                          "the same rapm trajectories command to recompute it")
+
+    def _negative_tensors(self) -> dict[str, torch.Tensor]:
+        if self._negative is None:
+            from safetensors.torch import load_file
+
+            f = self.path / NEGATIVE
+            try:
+                self._negative = load_file(str(f))
+            except Exception as e:  # noqa: BLE001
+                raise StoreError(f"{f}: cannot be read ({type(e).__name__}: {e}); rerun the same rapm trajectories "
+                                 "command to rewrite it") from None
+        return self._negative
+
+
+def _float(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.float()
+
+
+def _teacher_identity_from_folder(teacher) -> tuple[str, Path, tuple, dict]:
+    """family, path, latent shape and scheduler config of a teacher folder, without loading its weights."""
+    from rapm.teacher import SDXL_PIPELINES, read_model_index, resolve_teacher_path
+
+    path = resolve_teacher_path(teacher)
+    index = read_model_index(path)
+    unet_cfg = json.loads((path / "unet" / "config.json").read_text())
+    size = unet_cfg["sample_size"] if isinstance(unet_cfg["sample_size"], int) else unet_cfg["sample_size"][0]
+    scheduler = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    family = "sdxl" if index["_class_name"] in SDXL_PIPELINES else "sd"
+    return family, path, (int(unet_cfg["in_channels"]), int(size), int(size)), scheduler
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest of the store at ``path``, checked for the fields this version reads (complete or not)."""
+    path = Path(path)
+    create = f"create it with: rapm trajectories --teacher TEACHER --prompts PROMPTS --out {path}"
+    if not path.exists():
+        raise StoreError(f"store {path} does not exist; {create}")
+    if not path.is_dir():
+        raise StoreError(f"store {path} is a file; a trajectory store is a folder with manifest.json; {create}")
+    f = path / MANIFEST
+    if not f.exists():
+        raise StoreError(f"{f} is missing: {path} is not a trajectory store; {create}")
+    try:
+        manifest = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StoreError(f"{f}: not a readable JSON manifest ({e}); rebuild the store with rapm trajectories --overwrite") from None
+    if not isinstance(manifest, dict):
+        raise StoreError(f"{f}: not a manifest object; rebuild the store with rapm trajectories --overwrite")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise StoreError(f"{f}: format_version {version!r} is not {FORMAT_VERSION}, the version this rapm reads; "
+                         "rebuild the store with this version of rapm (rapm trajectories --overwrite)")
+    missing = [k for k in REQUIRED_FIELDS if k not in manifest]
+    if missing:
+        raise StoreError(f"{f}: field {missing[0]!r} is missing; rebuild the store with rapm trajectories --overwrite")
+    return manifest
+
+
+def read_store_prompts(path: Path, manifest: dict) -> list[str]:
+    f = Path(path) / PROMPTS
+    fix = "rerun the same rapm trajectories command to rewrite it"
+    try:
+        text = f.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise StoreError(f"{f}: cannot be read ({e}); {fix}") from None
+    if sha256_text(text) != manifest["prompts"]["sha256"]:
+        raise StoreError(f"{f}: sha256 does not match manifest.json prompts.sha256 (the file was edited); {fix}")
+    return text.split("\n")[:-1]
+
+
+def open_store(path: str | Path, verify: bool = False, cache_shards: int = 4) -> TrajectoryStore:
+    """Open a complete trajectory store.
+
+    Always checks that the manifest is present and valid and that every shard is
+    present with its recorded size; ``verify=True`` also re-hashes every shard.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    f = path / MANIFEST
+    shards = manifest["shards"]
+    expected = num_shards(int(manifest["count"]), int(manifest["shard_size"]))
+    if not manifest["complete"]:
+        raise StoreError(f"{f}: the store is incomplete (its writing run was interrupted); rerun the same "
+                         f"rapm trajectories command to finish it")
+    if len(shards) != expected:
+        raise StoreError(f"{f}: {len(shards)} shards recorded, {expected} expected for count {manifest['count']} and "
+                         f"shard_size {manifest['shard_size']}; rebuild the store with rapm trajectories --overwrite")
+    for k, entry in enumerate(shards):
+        start, end = shard_span(k, int(manifest["shard_size"]), int(manifest["count"]))
+        if entry.get("file") != shard_name(k) or entry.get("start") != start or entry.get("count") != end - start:
+            raise StoreError(f"{f}: shards[{k}] is {entry}, expected {shard_name(k)} from {start} with count "
+                             f"{end - start}; rebuild the store with rapm trajectories --overwrite")
+        shard = path / entry["file"]
+        if not shard.exists():
+            raise StoreError(f"{shard} is missing; rerun the same rapm trajectories command to recompute it")
+        size = shard.stat().st_size
+        if size != entry["bytes"]:
+            raise StoreError(f"{shard}: {size} bytes but the manifest records {entry['bytes']} (truncated or replaced); "
+                             "delete it and rerun the same rapm trajectories command to recompute it")
+    for name in (PROMPTS, NEGATIVE):
+        if not (path / name).exists():
+            raise StoreError(f"{path / name} is missing; rerun the same rapm trajectories command to rewrite it")
+    store = TrajectoryStore(path, manifest, cache_shards=cache_shards)
+    if len(store.prompts) != len(store):
+        raise StoreError(f"{path / PROMPTS}: {len(store.prompts)} prompts but the manifest count is {len(store)}; "
+                         "rerun the same rapm trajectories command to rewrite it")
+    if verify:
+        store.verify()
+    return store

@@ -1,0 +1,471 @@
+"""Precompute and store teacher trajectories: the data RAPM trains on.
+
+Per prompt i: the initial noise z_N drawn from seed ``seed + i`` exactly as a
+diffusers pipeline draws it for that seed at batch 1, and the N+1 positions
+z~_N..z~_0 at the coarse timesteps (``coarse_timesteps(T, N)``), each slot
+crossed by M deterministic DDIM steps of the teacher with classifier-free
+guidance (paper §3; Alg. 2 reads them as z~_n). The whole fine grid is
+diffusers' DDIM "trailing" grid at N*M steps, so the final position z~_0 is
+what ``pipe(prompt, num_inference_steps=N*M, generator=seed)`` with a trailing
+DDIMScheduler returns as latents.
+
+Positions and embeddings are computed in float32 (or ``teacher_dtype``) from
+the exact noise and embeddings, then stored rounded to ``dtype``. The format
+and the reader live in ``rapm.store``; this module writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import typer
+
+from rapm.diffusion import coarse_timesteps, sample_positions
+from rapm.errors import RapmError
+from rapm.store import (DONE, DTYPES, FORMAT_VERSION, MANIFEST, NEGATIVE, PROMPTS, StoreError, TrajectoryBatch,
+                        TrajectoryStore, atomic_write, json_bytes, num_shards, open_store, read_manifest,
+                        schedule_mismatch, sha256_text, shard_name, shard_span, unet_hash)
+from rapm.teacher import BUILTIN_TEACHERS, Conditioning, Teacher, guided_output, load_teacher, resolve_teacher_path
+
+__all__ = ["open_store", "TrajectoryStore", "TrajectoryBatch", "StoreError", "write_trajectories", "teacher_trajectories",
+           "initial_noise", "read_prompts", "default_guidance", "TruncatedPromptWarning", "cli"]
+
+FALLBACK_DIGITS_GUIDANCE = 2.0
+
+
+class TruncatedPromptWarning(UserWarning):
+    """Prompts longer than the tokenizer allows; they are truncated as diffusers does."""
+
+
+# --- the computation -------------------------------------------------------------------------------------------------
+
+def initial_noise(seeds: Sequence[int], latent_shape: Sequence[int]) -> torch.Tensor:
+    """z_N for each seed: what a diffusers pipeline draws with ``generator=torch.Generator("cpu").manual_seed(seed)`` at batch 1."""
+    return torch.cat([torch.randn((1, *latent_shape), generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds])
+
+
+@torch.no_grad()
+def teacher_trajectories(
+    teacher: Teacher, z: torch.Tensor, cond: Conditioning, uncond: Conditioning | None, guidance: float,
+    timesteps: Sequence[int], substeps: int,
+) -> torch.Tensor:
+    """The teacher's positions z~_N..z~_0 [B, N+1, C, H, W] (float32) from noise z: ``substeps`` guided DDIM steps per slot.
+
+    cond and uncond go through the UNet in one batched forward (``guided_output``);
+    the positions themselves are kept in float32 whatever the UNet's dtype.
+    """
+    unet, dtype = teacher.unet, teacher.dtype
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return guided_output(unet, x.to(dtype), t, cond, uncond, guidance).float()
+
+    positions = sample_positions(model, teacher.schedule, z.float(), timesteps, substeps)
+    return torch.stack(positions, dim=1)
+
+
+def default_guidance(teacher: Teacher) -> float:
+    """What diffusers' pipelines use (SD 7.5, SDXL 5.0), or the built-in digits teacher's own scale."""
+    digits = BUILTIN_TEACHERS["digits"]
+    if digits.exists() and Path(teacher.path).resolve() == digits.resolve():
+        try:
+            from rapm.demo import DIGITS_GUIDANCE
+        except ImportError:
+            return FALLBACK_DIGITS_GUIDANCE
+        return float(DIGITS_GUIDANCE)
+    return 5.0 if teacher.family == "sdxl" else 7.5
+
+
+# --- inputs ----------------------------------------------------------------------------------------------------------
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt a line, surrounding whitespace stripped; blank lines are skipped."""
+    path = Path(path)
+    fix = "give a UTF-8 text file with one prompt a line"
+    if not path.exists():
+        raise StoreError(f"prompts file {path} does not exist; {fix}")
+    if path.is_dir():
+        raise StoreError(f"prompts file {path} is a folder; {fix}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise StoreError(f"{path}: not UTF-8 text ({e}); {fix}") from None
+    except OSError as e:
+        raise StoreError(f"{path}: cannot be read ({e.strerror}); {fix}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise StoreError(f"{path}: no prompts (the file is empty or blank); {fix}")
+    return prompts
+
+
+def truncated_prompts(teacher: Teacher, prompts: Sequence[str]) -> list[int]:
+    """Indices of prompts longer than any of the teacher's tokenizers allows (diffusers truncates them)."""
+    long = set()
+    for tok in teacher.tokenizers:
+        for i, ids in enumerate(tok(list(prompts)).input_ids):
+            if len(ids) > tok.model_max_length:
+                long.add(i)
+    return sorted(long)
+
+
+def _teacher_label(name_or_path: str | Path) -> str:
+    return str(name_or_path) if str(name_or_path) in BUILTIN_TEACHERS else str(resolve_teacher_path(name_or_path).resolve())
+
+
+def _identity(manifest: dict) -> list[tuple[str, object]]:
+    """The fields that fix what a store holds: a rerun into the store must agree on all of them."""
+    return [
+        ("format_version", manifest["format_version"]),
+        ("teacher.family", manifest["teacher"]["family"]),
+        ("teacher.unet_hash", manifest["teacher"]["unet_hash"]),
+        ("teacher.dtype", manifest["teacher"].get("dtype")),
+        ("latent_shape", list(manifest["latent_shape"])),
+        ("steps", manifest["steps"]),
+        ("substeps", manifest["substeps"]),
+        ("timesteps", list(manifest["timesteps"])),
+        ("guidance", manifest["guidance"]),
+        ("negative_prompt", manifest.get("negative_prompt")),
+        ("seed", manifest.get("seed")),
+        ("count", manifest["count"]),
+        ("prompts", manifest["prompts"]["sha256"]),
+        ("dtype", manifest["dtype"]),
+        ("shard_size", manifest["shard_size"]),
+    ]
+
+
+def _check_same_settings(out: Path, stored: dict, current: dict, prompts: list[str]) -> None:
+    """Refuse, naming every field that differs, when a rerun into ``out`` would mix trajectories of other settings."""
+    differences = []
+    for (field, old), (_, new) in zip(_identity(stored), _identity(current)):
+        if old == new:
+            continue
+        if field == "prompts":
+            differences.append(f"prompts differ from the store's {out / PROMPTS} ({_first_difference(out, prompts)})")
+        elif field == "count":
+            differences.append(f"count is {old} in the store but this prompts file has {new} prompts")
+        else:
+            shown = (lambda v: f"{v[:12]}...") if field == "teacher.unet_hash" else repr
+            differences.append(f"{field} is {shown(old)} in the store but {shown(new)} in this run")
+    mismatch = schedule_mismatch(stored["scheduler"], current["scheduler"])
+    if mismatch:
+        differences.append(f"{mismatch} (store vs this run)")
+    if differences:
+        raise StoreError(f"{out / MANIFEST}: " + "; ".join(differences) + "; rerun with the store's settings to resume "
+                         "it, write to another --out, or pass --overwrite to replace it")
+
+
+def _first_difference(out: Path, prompts: list[str]) -> str:
+    try:
+        old = (out / PROMPTS).read_text(encoding="utf-8").split("\n")[:-1]
+    except (OSError, UnicodeDecodeError):
+        return "the store's copy cannot be read"
+    for i, (a, b) in enumerate(zip(old, prompts)):
+        if a != b:
+            return f"first at line {i + 1}: {a!r} in the store, {b!r} now"
+    return f"{len(old)} prompts in the store, {len(prompts)} now"
+
+
+# --- the store on disk -----------------------------------------------------------------------------------------------
+
+def _done_record(out: Path, k: int) -> Path:
+    return out / DONE / f"{Path(shard_name(k)).stem}.json"
+
+
+def _shard_complete(out: Path, k: int, start: int, count: int) -> dict | None:
+    """The done-record of shard k if it and the shard file agree (name, span, size); None means compute it."""
+    try:
+        record = json.loads(_done_record(out, k).read_text())
+        size = (out / shard_name(k)).stat().st_size
+    except (OSError, ValueError):
+        return None
+    if record.get("file") == shard_name(k) and record.get("start") == start and record.get("count") == count and record.get("bytes") == size:
+        return record
+    return None
+
+
+def _write_shard(out: Path, k: int, tensors: dict[str, torch.Tensor], metadata: dict) -> dict:
+    """Write shard k atomically, then its done-record; return the record {file, start, count, sha256, bytes}."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    # One metadata key: safetensors writes several in a random order, which would break byte-identical reruns.
+    data = save(tensors, metadata={"rapm": json.dumps(metadata, sort_keys=True, ensure_ascii=False)})
+    for stale in out.glob(f".{shard_name(k)}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    atomic_write(out / shard_name(k), data)
+    record = {"file": shard_name(k), "start": metadata["start"], "count": metadata["count"],
+              "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    atomic_write(_done_record(out, k), json_bytes(record))
+    return record
+
+
+def _clear_store(out: Path) -> None:
+    """Remove what rapm wrote into ``out`` (and nothing else)."""
+    for pattern in (MANIFEST, PROMPTS, NEGATIVE, "shard-*.safetensors", ".*.tmp"):
+        for f in out.glob(pattern):
+            f.unlink(missing_ok=True)
+    if (out / DONE).is_dir():
+        shutil.rmtree(out / DONE)
+
+
+def _to_store(x: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
+    y = x.detach().to("cpu", dtype).contiguous()
+    if not torch.isfinite(y).all():
+        source = "the teacher produced non-finite values" if not torch.isfinite(x).all() else f"values overflow {dtype}"
+        raise RapmError(f"{what}: {source}; try --teacher-dtype float32 or --dtype float32")
+    return y
+
+
+# --- the writer ------------------------------------------------------------------------------------------------------
+
+def write_trajectories(
+    teacher: str | Path,
+    prompts: str | Path,
+    out: str | Path,
+    steps: int = 4,
+    substeps: int = 25,
+    guidance: float | None = None,
+    negative_prompt: str | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    shard_size: int = 1000,
+    dtype: str = "float16",
+    teacher_dtype: str = "float32",
+    device: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> TrajectoryStore:
+    """Compute the teacher's trajectories for every prompt and write them to the store ``out``; return it opened.
+
+    Resumable: shards already complete are skipped, so rerunning the same call after
+    an interruption ends byte-identical to an uninterrupted run (at the same batch
+    size, device and thread count). Under ``accelerate launch`` shard k is written by
+    process k % world and the main process writes the manifest.
+    """
+    from accelerate import PartialState
+    from safetensors.torch import save
+    from tqdm.auto import tqdm
+
+    for name, value in (("steps", steps), ("substeps", substeps), ("batch_size", batch_size), ("shard_size", shard_size)):
+        if value < 1:
+            raise RapmError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    for name, value in (("dtype", dtype), ("teacher_dtype", teacher_dtype)):
+        if value not in DTYPES:
+            raise RapmError(f"--{name.replace('_', '-')} {value!r} is not one of {', '.join(DTYPES)}")
+    out = Path(out)
+    prompt_list = read_prompts(prompts)
+    if out.exists() and not out.is_dir():
+        raise StoreError(f"store {out} is a file; give a new or empty folder for --out")
+
+    # PartialState only starts gloo across CPU processes when told cpu=True (AcceleratorState reads the launcher's flag).
+    state = PartialState(cpu=not torch.cuda.is_available() or (device is not None and torch.device(device).type == "cpu"))
+    if device is None or (device == "cuda" and state.num_processes > 1):
+        device = state.device if state.num_processes > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
+    teacher_model = load_teacher(teacher, device=device, dtype=DTYPES[teacher_dtype])
+    if guidance is None:
+        guidance = default_guidance(teacher_model)
+    store_dtype = DTYPES[dtype]
+    count = len(prompt_list)
+    timesteps = coarse_timesteps(teacher_model.schedule.num_train_timesteps, steps)
+
+    long = truncated_prompts(teacher_model, prompt_list)
+    if long:
+        limit = min(tok.model_max_length for tok in teacher_model.tokenizers)
+        warnings.warn(f"{prompts}: {len(long)} of {count} prompts are longer than the tokenizer's {limit} tokens and are "
+                      f"truncated as diffusers does (first: line {long[0] + 1}); manifest.json lists them in "
+                      "truncated_prompts", TruncatedPromptWarning, stacklevel=2)
+
+    # The one negative conditioning, as the pipeline builds it (SD: "" when None; SDXL: zeros when None).
+    _, uncond_one = teacher_model.encode_prompts([""], negative_prompt)
+    prompts_text = "".join(p + "\n" for p in prompt_list)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "complete": False,
+        "teacher": {"path": _teacher_label(teacher), "family": teacher_model.family,
+                    "unet_hash": unet_hash(teacher_model.path), "dtype": teacher_dtype},
+        "scheduler": teacher_model.scheduler_config,
+        "steps": steps,
+        "substeps": substeps,
+        "guidance": float(guidance),
+        "negative_prompt": negative_prompt,
+        "seed": seed,
+        "timesteps": timesteps,
+        "latent_shape": list(teacher_model.latent_shape),
+        "dtype": dtype,
+        "count": count,
+        "shard_size": shard_size,
+        "prompts": {"file": PROMPTS, "sha256": sha256_text(prompts_text)},
+        "truncated_prompts": long,
+        "conditioning": {name: list(v.shape[1:]) for name, v in uncond_one.tensors().items()},
+        "shards": [],
+    }
+
+    # Every process checks (read only) before any writes, so a refusal leaves the store untouched and no process waits.
+    existing = out / MANIFEST
+    if not overwrite:
+        if existing.exists():
+            _check_same_settings(out, read_manifest(out), manifest, prompt_list)
+        elif out.is_dir() and any(out.iterdir()):
+            raise StoreError(f"{out} is not empty and has no {MANIFEST}: it is not a trajectory store; "
+                             "give a new or empty folder for --out (or --overwrite to write rapm's files into it)")
+    state.wait_for_everyone()
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / DONE).mkdir(exist_ok=True)
+        if overwrite:
+            _clear_store(out)
+            (out / DONE).mkdir(exist_ok=True)
+        all_done = all(_shard_complete(out, k, *_span_count(k, shard_size, count)) is not None
+                       for k in range(num_shards(count, shard_size)))
+        if not existing.exists() or not all_done:  # readers see an incomplete store until the manifest is rewritten
+            atomic_write(existing, json_bytes(manifest))
+        atomic_write(out / PROMPTS, prompts_text.encode("utf-8"))
+        negative = {k: _to_store(v, torch.float32 if k == "time_ids" else store_dtype, "negative prompt")
+                    for k, v in uncond_one.tensors().items()}
+        atomic_write(out / NEGATIVE, save(negative, metadata={"rapm": json.dumps({"negative_prompt": negative_prompt})}))
+    state.wait_for_everyone()
+
+    rank, world = state.process_index, state.num_processes
+    mine = [k for k in range(num_shards(count, shard_size)) if k % world == rank]
+    todo = [k for k in mine if _shard_complete(out, k, *_span_count(k, shard_size, count)) is None]
+    done_count = sum(_span_count(k, shard_size, count)[1] for k in mine if k not in todo)
+    show = progress and state.is_main_process
+    if show and done_count:
+        print(f"{out}: resuming, {len(mine) - len(todo)} of {len(mine)} shards of this process already complete",
+              file=sys.stderr)
+    bar = tqdm(total=sum(_span_count(k, shard_size, count)[1] for k in mine), initial=done_count, unit="traj",
+               desc="trajectories" if world == 1 else f"trajectories (process 0 of {world})", disable=not show,
+               dynamic_ncols=True)
+    uncond_dev = uncond_one.to(teacher_model.device)
+    for k in todo:
+        start, end = shard_span(k, shard_size, count)
+        parts: dict[str, list[torch.Tensor]] = {}
+        # Batches start at the shard's start, so the batches (and bytes) of a shard do not depend on the process layout.
+        for b0 in range(start, end, batch_size):
+            b1 = min(b0 + batch_size, end)
+            seeds = list(range(seed + b0, seed + b1))
+            cond, _ = teacher_model.encode_prompts(prompt_list[b0:b1], negative_prompt)
+            uncond = uncond_dev.map(lambda v: v.expand(b1 - b0, *v.shape[1:]))
+            z = initial_noise(seeds, teacher_model.latent_shape).to(teacher_model.device)
+            latents = teacher_trajectories(teacher_model, z, cond, uncond, guidance, timesteps, substeps)
+            what = f"trajectories {b0}..{b1 - 1} (prompt {prompt_list[b0]!r})"
+            batch = {"latents": _to_store(latents, store_dtype, what)}
+            for name, v in cond.tensors().items():
+                batch[name] = _to_store(v, torch.float32 if name == "time_ids" else store_dtype, what)
+            batch["seeds"] = torch.tensor(seeds, dtype=torch.int64)
+            for name, v in batch.items():
+                parts.setdefault(name, []).append(v)
+            bar.update(b1 - b0)
+        tensors = {name: torch.cat(vs).contiguous() for name, vs in parts.items()}
+        _write_shard(out, k, tensors, {"format_version": FORMAT_VERSION, "start": start, "count": end - start,
+                                        "prompts": prompt_list[start:end], "batch_size": batch_size})
+    bar.close()
+
+    # No collective barrier here: it would time out (30 min) while a process with less left to do waits for the
+    # others. The shards' done-records on the shared filesystem say when every process has finished;
+    # under accelerate launch / torchrun a failed process stops them all.
+    if state.is_main_process:
+        shards = _wait_for_shards(out, count, shard_size, world, show)
+        for stale in list(out.glob(".*.tmp")) + list((out / DONE).glob(".*.tmp")):
+            stale.unlink(missing_ok=True)
+        atomic_write(existing, json_bytes({**manifest, "complete": True, "shards": shards}))
+    else:
+        while not _complete(out):
+            time.sleep(POLL_SECONDS)
+    return open_store(out)
+
+
+POLL_SECONDS = 0.5
+
+
+def _wait_for_shards(out: Path, count: int, shard_size: int, world: int, show: bool) -> list[dict]:
+    """Every shard's done-record, waiting for the other processes' shards to appear."""
+    said = False
+    while True:
+        records = [_shard_complete(out, k, *_span_count(k, shard_size, count)) for k in range(num_shards(count, shard_size))]
+        missing = [k for k, r in enumerate(records) if r is None]
+        if not missing:
+            return records
+        if world == 1:  # nothing else will write them
+            raise StoreError(f"{out / shard_name(missing[0])}: missing or incomplete after this run; rerun the same command")
+        if show and not said:
+            print(f"{out}: waiting for {len(missing)} shards from the other processes", file=sys.stderr)
+            said = True
+        time.sleep(POLL_SECONDS)
+
+
+def _complete(out: Path) -> bool:
+    try:
+        return bool(json.loads((out / MANIFEST).read_text()).get("complete"))
+    except (OSError, ValueError):
+        return False
+
+
+def _span_count(k: int, shard_size: int, count: int) -> tuple[int, int]:
+    start, end = shard_span(k, shard_size, count)
+    return start, end - start
+
+
+# --- the verb --------------------------------------------------------------------------------------------------------
+
+def cli(
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher: a local diffusers SD/SDXL folder, or 'digits'."),
+    prompts: Optional[Path] = typer.Option(
+        None, "--prompts", help="Text file, one prompt a line (blank lines skipped). Prompts longer than the tokenizer's "
+        "limit (77 tokens for SD/SDXL) are truncated as diffusers does, with a warning; manifest.json lists them in "
+        "truncated_prompts."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Store folder to create, or to resume with the same settings."),
+    steps: int = typer.Option(4, "--steps", help="N: coarse steps of the student; N+1 positions are stored."),
+    substeps: int = typer.Option(25, "--substeps", help="M: teacher DDIM steps per coarse slot (N*M in all)."),
+    guidance: Optional[float] = typer.Option(
+        None, "--guidance", help="CFG scale, diffusers' form uncond + g (cond - uncond). Default: SD 7.5, SDXL 5.0, "
+        "digits its own."),
+    negative_prompt: Optional[str] = typer.Option(
+        None, "--negative-prompt", help="Default: what the pipeline does (SD: empty prompt; SDXL: zeros)."),
+    seed: int = typer.Option(0, "--seed", help="Base seed: trajectory i starts from the noise of seed+i, as "
+                             "pipe(..., generator=torch.Generator('cpu').manual_seed(seed+i)) draws it."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Trajectories per teacher pass (each pass runs cond and uncond)."),
+    shard_size: int = typer.Option(1000, "--shard-size", help="Trajectories per shard file; shard k holds [k*S, (k+1)*S)."),
+    dtype: str = typer.Option("float16", "--dtype", help="Storage dtype of latents and embeddings: float16, bfloat16, float32."),
+    teacher_dtype: str = typer.Option("float32", "--teacher-dtype", help="Dtype the teacher runs in."),
+    device: Optional[str] = typer.Option(None, "--device", help="Default: cuda if available, else cpu "
+                                         "(under accelerate launch: each process's own device)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store written with other settings."),
+    verify: Optional[Path] = typer.Option(None, "--verify", help="Only check STORE: re-hash every shard against its manifest."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Precompute teacher trajectories (prompts -> store), resumable; or --verify a store."""
+    if verify is not None:
+        store = open_store(verify, verify=True)
+        typer.echo(f"{verify}: {len(store)} trajectories in {len(store.manifest['shards'])} shards; every sha256 matches the manifest")
+        return
+    missing = [flag for flag, value in (("--teacher", teacher), ("--prompts", prompts), ("--out", out)) if value is None]
+    if missing:
+        raise RapmError(f"rapm trajectories needs {', '.join(missing)} (or --verify STORE to check a store)")
+    main_process = int(os.environ.get("RANK", "0")) == 0  # PartialState is set up inside write_trajectories
+    with warnings.catch_warnings():
+        show_other = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if not issubclass(category, TruncatedPromptWarning):
+                show_other(message, category, filename, lineno, file, line)
+            elif main_process:
+                typer.echo(f"warning: {message}", err=True)
+
+        warnings.showwarning = show
+        store = write_trajectories(teacher, prompts, out, steps=steps, substeps=substeps, guidance=guidance,
+                                   negative_prompt=negative_prompt, seed=seed, batch_size=batch_size, shard_size=shard_size,
+                                   dtype=dtype, teacher_dtype=teacher_dtype, device=device, overwrite=overwrite,
+                                   progress=progress)
+    if main_process:
+        size = sum(s["bytes"] for s in store.manifest["shards"])
+        typer.echo(f"{out}: {len(store)} trajectories, {size / len(store):,.0f} bytes each, "
+                   f"N={store.steps} M={store.substeps} guidance={store.guidance}")
