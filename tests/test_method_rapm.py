@@ -109,3 +109,16 @@ def test_one_iteration_on_sdxl_runs(tiny_sdxl):
     (d, _), = list(RAPM(delta=10).discriminator_losses(ctx, batch))
     d.backward()
     assert torch.isfinite(d)
+
+
+def test_sfd_matches_only_the_absolute_position(tiny_sd):
+    from rapm.config import TrainConfig, apply_overrides
+    from rapm.methods import build_method
+
+    _, _, ctx, batch = _setup(tiny_sd)
+    method = build_method(apply_overrides(TrainConfig(), {"method": "sfd"}, "test"), delta=10)
+    assert not method.uses_discriminator
+    logs = {}
+    for loss, entry in method.generator_losses(ctx, batch):
+        logs.update(entry)
+    assert set(k.split("/")[0] for k in logs) == {"l1_abs", "loss"}  # no relative term, no adversarial term

@@ -9,8 +9,8 @@ Per stored trajectory z~_N..z~_0 and for each slot n = N-1..0:
     z_n   = detach(z_n)                                                                      (§3.3)
 
 Even iterations update D1 and D2, odd ones the student (Alg. 2, lines 3-4).
-``relative=False`` gives SFD-like absolute-only matching; ``absolute=False`` gives
-the relative-only ablation (eq. 16 alone).
+``absolute=False`` gives the relative-only ablation (eq. 16 alone); ``relative=False,
+discriminator=False, distance="l1"`` is SFD (paper Alg. 3: the absolute position only).
 """
 
 from __future__ import annotations
@@ -33,10 +33,23 @@ class RAPM:
     relative: bool = True
     absolute: bool = True
     discriminator: bool = True
+    distance: str = "pseudo_huber"  # or "l1" (SFD's code), "l2"
 
     @property
     def uses_discriminator(self) -> bool:
         return self.discriminator and self.adv_weight > 0
+
+    def distance_fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self.distance == "pseudo_huber":
+            return pseudo_huber(a, b, self.huber_c)
+        if self.distance == "l1":
+            return (a.float() - b.float()).abs().mean()
+        return (a.float() - b.float()).square().mean()
+
+    @property
+    def term(self) -> str:
+        """The log name of the position-matching terms."""
+        return {"pseudo_huber": "huber"}.get(self.distance, self.distance)
 
     def weight(self, n: int) -> float:
         return self.slot_weights[n] if self.slot_weights else 1.0
@@ -67,13 +80,13 @@ class RAPM:
             loss = z_n.new_zeros(())
             logs: dict[str, float] = {}
             if self.relative:
-                h = pseudo_huber(z_n, rel[:, j], self.huber_c)  # eq. 14
+                h = self.distance_fn(z_n, rel[:, j])  # eq. 14
                 loss = loss + h
-                logs[f"huber_rel/{slot}"] = h.item()
+                logs[f"{self.term}_rel/{slot}"] = h.item()
             if self.absolute:
-                h = pseudo_huber(z_n, target, self.huber_c)  # eq. 17
+                h = self.distance_fn(z_n, target)  # eq. 17
                 loss = loss + self.weight(slot) * h
-                logs[f"huber_abs/{slot}"] = h.item()
+                logs[f"{self.term}_abs/{slot}"] = h.item()
             if self.uses_discriminator:
                 t_gan = discriminator_timesteps(ctx, s)
                 x = renoise(ctx, z_n, s, t_gan, ctx.randn(z_n))
