@@ -225,3 +225,11 @@ def test_export_verb_writes_the_run_students_lora(exported, tmp_path, monkeypatc
     facts = json.loads((tmp_path / "lora" / FACTS_NAME).read_text())
     assert facts["format"] == "kohya" and facts["steps"] == STEPS and facts["training"]["method"] == "rapm"
     assert (tmp_path / "lora" / KOHYA_WEIGHT_NAME).exists()
+
+
+def test_card_warns_when_n_does_not_divide_the_schedule(exported, tmp_path):
+    e = exported("sd")
+    export_lora(e.teacher.unet, e.folder, "sd", tmp_path / "lora3", 3)
+    facts = json.loads((tmp_path / "lora3" / FACTS_NAME).read_text())
+    assert facts["timesteps"] == [999, 666, 332, -1]  # diffusers' DDIMScheduler steps 666 -> 333 instead
+    assert "3 does not divide 1000" in (tmp_path / "lora3" / "README.md").read_text()
