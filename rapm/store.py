@@ -288,6 +288,9 @@ class TrajectoryStore:
     def verify(self) -> None:
         """Re-hash every shard against the manifest; one StoreError lists every bad shard."""
         bad = []
+        negative = self.manifest.get("negative")
+        if negative and sha256_file(self.path / NEGATIVE) != negative["sha256"]:
+            bad.append(f"{self.path / NEGATIVE}: sha256 does not match the manifest")
         for entry in self.manifest["shards"]:
             f = self.path / entry["file"]
             digest = sha256_file(f)
@@ -295,7 +298,7 @@ class TrajectoryStore:
                 bad.append(f"{f}: sha256 {digest[:12]}... but the manifest records {entry['sha256'][:12]}...")
         if bad:
             raise StoreError("; ".join(bad) + f" ({len(bad)} of {len(self.manifest['shards'])} shards corrupted); "
-                             "delete them and rerun the same rapm trajectories command to recompute them")
+                             "delete those files and rerun the same rapm trajectories command to rewrite them")
 
     def _shard(self, k: int):
         if k in self._handles:

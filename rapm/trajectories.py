@@ -16,6 +16,7 @@ and the reader live in ``rapm.store``; this module writes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -192,8 +193,6 @@ def _shard_complete(out: Path, k: int, start: int, count: int) -> dict | None:
 
 def _write_shard(out: Path, k: int, tensors: dict[str, torch.Tensor], metadata: dict) -> dict:
     """Write shard k atomically, then its done-record; return the record {file, start, count, sha256, bytes}."""
-    import hashlib
-
     from safetensors.torch import save
 
     # One metadata key: safetensors writes several in a random order, which would break byte-identical reruns.
@@ -285,6 +284,9 @@ def write_trajectories(
 
     # The one negative conditioning, as the pipeline builds it (SD: "" when None; SDXL: zeros when None).
     _, uncond_one = teacher_model.encode_prompts([""], negative_prompt)
+    negative = {k: _to_store(v, torch.float32 if k == "time_ids" else store_dtype, "negative prompt")
+                for k, v in uncond_one.tensors().items()}
+    negative_bytes = save(negative, metadata={"rapm": json.dumps({"negative_prompt": negative_prompt})})
     prompts_text = "".join(p + "\n" for p in prompt_list)
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -303,6 +305,7 @@ def write_trajectories(
         "count": count,
         "shard_size": shard_size,
         "prompts": {"file": PROMPTS, "sha256": sha256_text(prompts_text)},
+        "negative": {"file": NEGATIVE, "sha256": hashlib.sha256(negative_bytes).hexdigest()},
         "truncated_prompts": long,
         "conditioning": {name: list(v.shape[1:]) for name, v in uncond_one.tensors().items()},
         "shards": [],
@@ -328,9 +331,7 @@ def write_trajectories(
         if not existing.exists() or not all_done:  # readers see an incomplete store until the manifest is rewritten
             atomic_write(existing, json_bytes(manifest))
         atomic_write(out / PROMPTS, prompts_text.encode("utf-8"))
-        negative = {k: _to_store(v, torch.float32 if k == "time_ids" else store_dtype, "negative prompt")
-                    for k, v in uncond_one.tensors().items()}
-        atomic_write(out / NEGATIVE, save(negative, metadata={"rapm": json.dumps({"negative_prompt": negative_prompt})}))
+        atomic_write(out / NEGATIVE, negative_bytes)
     state.wait_for_everyone()
 
     rank, world = state.process_index, state.num_processes

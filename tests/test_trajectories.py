@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,7 @@ PROMPTS = ["a photo of a cat", "a red car", "a blue dog", "a photo of a dog", "a
 SETTINGS = dict(steps=4, substeps=5, seed=7, batch_size=2, shard_size=2, progress=False)  # N*M = 20 divides 1000
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def one_thread():
     # Results depend on the thread count; the multi-process comparison runs one thread per process.
     before = torch.get_num_threads()
@@ -64,7 +65,6 @@ def prompts_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sd_store(tiny_sd, prompts_file, tmp_path_factory):
     """5 trajectories in 3 shards (2, 2, 1), stored in float16."""
-    torch.set_num_threads(1)
     return write_trajectories(tiny_sd, prompts_file, tmp_path_factory.mktemp("stores") / "sd", **SETTINGS)
 
 
@@ -150,6 +150,7 @@ def test_get_returns_what_was_written(tiny_sd, sd_store):
         assert torch.equal(small_cache.get([i]).latents, sd_store.get(i).latents)
     with pytest.raises(IndexError):
         sd_store.get([5])
+    assert torch.equal(pickle.loads(pickle.dumps(sd_store)).get([1]).latents, sd_store.get([1]).latents)  # DataLoader workers
 
 
 # --- resume and process layout ----------------------------------------------------------------------------------------
