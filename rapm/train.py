@@ -137,19 +137,25 @@ def truncate_log(log_file: Path, last_step: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- data and RNG
 
-def batch_indices(step: int, batch_size: int, count: int, seed: int) -> list[int]:
-    """The trajectories of iteration ``step``: a fresh seeded permutation each epoch, so any step's batch is known."""
+def batch_positions(step: int, batch_size: int, rank: int = 0, world: int = 1) -> list[int]:
+    """Positions in the data stream of this process's samples at iteration ``step`` (global batch = world x batch)."""
+    first = (step * world + rank) * batch_size
+    return list(range(first, first + batch_size))
+
+
+def batch_indices(positions: list[int], count: int, seed: int) -> list[int]:
+    """The trajectories at these stream positions: a fresh seeded permutation each epoch, so any step's batch is known."""
     out = []
-    for pos in range(step * batch_size, (step + 1) * batch_size):
+    for pos in positions:
         epoch, i = divmod(pos, count)
         perm = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
         out.append(int(perm[i]))
     return out
 
 
-def iteration_generator(seed: int, step: int) -> torch.Generator:
-    """This iteration's noise (discriminator timesteps and renoising): a function of the seed and the step alone."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
+def sample_generators(seed: int, positions: list[int]) -> list[torch.Generator]:
+    """Each sample's noise (discriminator timesteps and renoising): a function of the seed and its stream position."""
+    return [torch.Generator().manual_seed((seed * 1_000_003 + pos) % (2**63)) for pos in positions]
 
 
 def rng_state() -> dict:
@@ -369,9 +375,10 @@ def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool 
         with _Preemption() as preemption:
             while step < config.iterations:
                 tick = time.perf_counter()
-                indices = batch_indices(step, config.batch_size, len(store), config.seed)
-                batch = _to_device(store.get(indices), device, dtype)
-                ctx = Context(unet, teacher.schedule, store.timesteps, store.guidance, iteration_generator(config.seed, step), disc)
+                positions = batch_positions(step, config.batch_size)
+                batch = _to_device(store.get(batch_indices(positions, len(store), config.seed)), device, dtype)
+                ctx = Context(unet, teacher.schedule, store.timesteps, store.guidance,
+                              sample_generators(config.seed, positions), disc)
                 # Alg. 2, lines 3-4: even iterations update D1 and D2, odd ones the student.
                 phase = "discriminator" if disc is not None and step % 2 == 0 else "student"
                 set_trainable(unet, DISCRIMINATOR if phase == "discriminator" else STUDENT)
@@ -442,7 +449,7 @@ def sample_grid(teacher, store, path: Path, count: int, device, dtype) -> None:
 
     count = min(count, len(store))
     batch = _to_device(store.get(list(range(count))), device, dtype)
-    ctx = Context(teacher.unet, teacher.schedule, store.timesteps, store.guidance, torch.Generator().manual_seed(0))
+    ctx = Context(teacher.unet, teacher.schedule, store.timesteps, store.guidance, sample_generators(0, list(range(count))))
     student_end = student_trajectory(ctx, batch.latents[:, 0], batch.cond)[:, -1]
     images = teacher.decode(torch.cat([student_end, batch.latents[:, -1]]))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,8 @@ def _setup(path, levels="full"):
             p.add_(torch.randn_like(p) * 0.05)
     disc = Discriminator(teacher.unet, DiscriminatorSpec(levels, 2, 3))
     batch = TrajectoryBatch(torch.randn(2, 5, 4, 8, 8), cond, uncond)
-    ctx = Context(teacher.unet, teacher.schedule, coarse_timesteps(1000, 4), 3.0, torch.Generator().manual_seed(1), disc)
+    ctx = Context(teacher.unet, teacher.schedule, coarse_timesteps(1000, 4), 3.0,
+                  [torch.Generator().manual_seed(i) for i in range(2)], disc)
     return teacher, plain, ctx, batch
 
 

@@ -11,7 +11,7 @@ import torch
 
 from rapm.config import ConfigError, TrainConfig, apply_overrides
 from rapm.roles import DISCRIMINATOR, STUDENT
-from rapm.train import RunError, batch_indices, checkpoints, load_checkpoint, load_student, train
+from rapm.train import RunError, batch_indices, batch_positions, checkpoints, load_checkpoint, load_student, train
 
 SMALL = dict(lora_rank=4, lora_alpha=4, disc_lora_rank=2, disc_lora_alpha=2, disc_heads_per_level=1, lr=1e-3,
              disc_lr=1e-3, sample_every=0, batch_size=1, keep_checkpoints=2)
@@ -101,9 +101,10 @@ def test_bad_config_values_name_the_field():
 
 
 def test_data_order_is_a_function_of_the_step():
-    seen = [i for k in range(5) for i in batch_indices(k, 2, 10, seed=3)]
+    seen = [i for k in range(5) for i in batch_indices(batch_positions(k, 2), 10, seed=3)]
     assert sorted(seen) == list(range(10))  # one epoch visits every trajectory once
-    assert batch_indices(7, 2, 10, 3) == batch_indices(7, 2, 10, 3)
+    # Two processes with batch 1 see what one process with batch 2 sees, step by step.
+    assert batch_positions(3, 1, rank=0, world=2) + batch_positions(3, 1, rank=1, world=2) == batch_positions(3, 2)
 
 
 def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(tiny_sd, sd_store, tmp_path):

@@ -17,21 +17,30 @@ Losses = Iterator[tuple[torch.Tensor, dict[str, float]]]
 
 @dataclass
 class Context:
-    """One iteration's fixed inputs. ``generator`` draws this iteration's noise (CPU, seeded by the step)."""
+    """One iteration's fixed inputs. ``generators`` draw the noise, one per sample of the batch (CPU), so a sample's
+    noise does not depend on how the batch is split across processes."""
 
     unet: torch.nn.Module
     schedule: Schedule
     timesteps: list[int]  # t_N .. t_0, with -1 the final position
     guidance: float  # the stored trajectories' guidance, used for the teacher's Δ-step
-    generator: torch.Generator
+    generators: list[torch.Generator]
     discriminator: Discriminator | None = None
 
     @property
     def steps(self) -> int:
         return len(self.timesteps) - 1
 
+    def _per_sample(self, draw, shape: tuple[int, ...]) -> torch.Tensor:
+        """Rows are sample-major (row = sample * k + slot): each sample's rows come from its own generator."""
+        rows = shape[0] // len(self.generators)
+        return torch.cat([draw((rows, *shape[1:]), generator=g) for g in self.generators])
+
     def randn(self, like: torch.Tensor) -> torch.Tensor:
-        return torch.randn(like.shape, generator=self.generator, dtype=torch.float32).to(like.device, like.dtype)
+        return self._per_sample(torch.randn, tuple(like.shape)).to(like.device, like.dtype)
+
+    def rand(self, rows: int) -> torch.Tensor:
+        return self._per_sample(torch.rand, (rows,))
 
 
 @dataclass
@@ -98,7 +107,7 @@ def discriminator_timesteps(ctx: Context, ends: torch.Tensor) -> torch.Tensor:
     span = ctx.schedule.num_train_timesteps // ctx.steps
     lo = ends.clamp_min(0)
     hi = (ends + span).clamp_max(ctx.schedule.num_train_timesteps - 1)
-    u = torch.rand(ends.shape, generator=ctx.generator).to(ends.device)
+    u = ctx.rand(ends.shape[0]).to(ends.device)
     return (lo + (u * (hi - lo + 1).float()).long().clamp_max(hi - lo)).long()
 
 
