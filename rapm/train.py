@@ -106,13 +106,18 @@ def load_checkpoint(path: Path) -> dict:
                        f"delete {path} to resume from the checkpoint before it") from None
 
 
-def prepare_run_dir(run: Path, resume: bool, overwrite: bool) -> None:
+def check_run_dir(run: Path, resume: bool, overwrite: bool) -> bool:
+    """Refuse to resume nothing or to overwrite a run by accident; return whether a run exists there."""
     existing = (run / "config.json").exists()
     if resume and not existing:
         raise RunError(f"{run / 'config.json'} does not exist: there is no run to resume in {run}; drop --resume to start one")
     if existing and not (resume or overwrite):
         raise RunError(f"{run} already holds a run (config.json); pass --resume to continue it or --overwrite to start over")
-    if overwrite and existing:
+    return existing
+
+
+def prepare_run_dir(run: Path, resume: bool, overwrite: bool) -> None:
+    if check_run_dir(run, resume, overwrite) and overwrite and not resume:
         for name in ("checkpoints", "samples", "tensorboard", "logs.jsonl", "config.json"):
             target = run / name
             shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
@@ -247,6 +252,55 @@ class swap_in:
                     p.copy_(self.saved[n])
 
 
+# ---------------------------------------------------------------------------------------------- processes
+
+class Processes:
+    """This process's place under ``accelerate launch`` (data parallel, batch per process), or a single process.
+
+    Gradients are averaged by an all-reduce after each backward pass rather than by wrapping the UNet in DDP: the
+    alternation trains different parameter sets on alternate steps, which DDP's fixed bucket plan does not allow.
+    """
+
+    def __init__(self):
+        self.rank, self.world, self.device = 0, 1, None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import PartialState
+
+            state = PartialState(cpu=not torch.cuda.is_available())
+            self.rank, self.world, self.device = state.process_index, state.num_processes, state.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def mean(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return (t / self.world).tolist()
+
+    def any(self, flag: bool) -> bool:
+        return self.mean([float(flag)])[0] > 0
+
+    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        if self.world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.flatten().float() for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
+            offset += n
+
+
 # ---------------------------------------------------------------------------------------------- the loop
 
 @dataclass
@@ -302,8 +356,13 @@ def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool 
 
     run = Path(run)
     cfg.validate(config)
-    prepare_run_dir(run, resume, overwrite)
-    device = resolve_device(config.device)
+    procs = Processes()
+    check_run_dir(run, resume, overwrite)  # every process: an error must stop all of them
+    procs.barrier()
+    if procs.main:
+        prepare_run_dir(run, resume, overwrite)
+    procs.barrier()
+    device = procs.device if (procs.world > 1 and config.device == "auto") else resolve_device(config.device)
     store = open_store(Path(config.store))
     delta = config.delta or store.manifest.get("delta") or max(1, 1000 // (store.steps * store.substeps))
     method = build_method(config, delta)
@@ -314,7 +373,8 @@ def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool 
     teacher, disc = build_models(config, device, need_vae=config.sample_every > 0, with_discriminator=method.uses_discriminator)
     store.check_teacher(teacher, steps=None)
     unet = teacher.unet
-    write_json_atomic(run / "config.json", cfg.to_dict(config))
+    if procs.main:
+        write_json_atomic(run / "config.json", cfg.to_dict(config))
 
     student_params = lora_parameters(unet, STUDENT)
     opt_student = make_optimizer(list(student_params.values()), config.lr, config.adam_betas, config.weight_decay,
@@ -347,7 +407,9 @@ def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool 
             ema = {n: v.to(device) for n, v in state["ema"].items()}
         set_rng_state(state["rng"])
         start = state["step"]
-    truncate_log(run / "logs.jsonl", start)
+    if procs.main:
+        truncate_log(run / "logs.jsonl", start)
+    procs.barrier()
 
     def snapshot(step: int) -> dict:
         return {
@@ -363,19 +425,28 @@ def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool 
             "data": {"seed": config.seed, "batch_size": config.batch_size, "count": len(store)},
         }
 
-    writer = _tensorboard(run, start)
+    def save(step: int) -> Path:
+        """The main process writes; the others wait for it, so all resume from the same checkpoint."""
+        path = run / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:08d}"
+        if procs.main:
+            path = save_checkpoint(run, step, snapshot(step), config.keep_checkpoints)
+        procs.barrier()
+        return path
+
+    writer = _tensorboard(run, start) if procs.main else None
     dtype = weight_dtype(config, device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     checkpoint = last
-    bar = tqdm(total=config.iterations, initial=start, disable=not progress, desc="train", unit="it", dynamic_ncols=True)
-    log_file = open(run / "logs.jsonl", "a")
+    bar = tqdm(total=config.iterations, initial=start, disable=not (progress and procs.main), desc="train", unit="it",
+               dynamic_ncols=True)
+    log_file = open(run / "logs.jsonl", "a") if procs.main else None
     stopped_by = None
     step = start
     try:
         with _Preemption() as preemption:
             while step < config.iterations:
                 tick = time.perf_counter()
-                positions = batch_positions(step, config.batch_size)
+                positions = batch_positions(step, config.batch_size, procs.rank, procs.world)
                 batch = _to_device(store.get(batch_indices(positions, len(store), config.seed)), device, dtype)
                 ctx = Context(unet, teacher.schedule, store.timesteps, store.guidance,
                               sample_generators(config.seed, positions), disc)
@@ -392,13 +463,17 @@ def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool 
                 total = 0.0
                 with autocast:
                     for loss, logs in losses(ctx, batch):
-                        if not math.isfinite(loss.item()):
-                            where = f"{checkpoint}" if checkpoint else "no checkpoint yet"
-                            raise RunError(f"non-finite {phase} loss at step {step} ({logs}); the last good checkpoint is "
-                                           f"{where}; lower 'lr' or 'disc_lr' and resume with --resume")
                         loss.backward()
                         total += loss.item()
                         record.update(logs)
+                keys = sorted(record)
+                total, *values = procs.mean([total] + [record[k] for k in keys])
+                record = dict(zip(keys, values))
+                if not math.isfinite(total):  # decided on the averaged loss, so every process stops together
+                    where = f"{checkpoint}" if checkpoint else "no checkpoint yet"
+                    raise RunError(f"non-finite {phase} loss at step {step} ({record}); the last good checkpoint is "
+                                   f"{where}; lower 'lr' or 'disc_lr' and resume with --resume")
+                procs.average_gradients(list(params.values()))
                 grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.grad_clip)
                 optimizer.step()
                 (sched_disc if phase == "discriminator" else sched_student).step()
@@ -407,8 +482,9 @@ def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool 
                 step += 1
                 entry = {"step": step - 1, "phase": phase, "loss": total, "grad_norm": float(grad_norm),
                          "seconds": time.perf_counter() - tick, **record}
-                log_file.write(json.dumps(entry) + "\n")
-                log_file.flush()
+                if log_file is not None:
+                    log_file.write(json.dumps(entry) + "\n")
+                    log_file.flush()
                 if writer is not None and (step - 1) % config.log_every == 0:
                     for k, v in entry.items():
                         if k not in ("step", "phase"):
@@ -416,18 +492,20 @@ def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool 
                 bar.set_postfix({phase[:4]: f"{total:.4f}"}, refresh=False)
                 bar.update(1)
                 if step % config.checkpoint_every == 0 or step == config.iterations:
-                    checkpoint = save_checkpoint(run, step, snapshot(step), config.keep_checkpoints)
-                if config.sample_every > 0 and (step % config.sample_every == 0 or step == config.iterations):
+                    checkpoint = save(step)
+                if procs.main and config.sample_every > 0 and (step % config.sample_every == 0 or step == config.iterations):
                     with swap_in(student_params, ema):
                         sample_grid(teacher, store, run / "samples" / f"step-{step:08d}.png", config.num_samples, device, dtype)
-                if preemption.signal_name or (stop_after is not None and step - start >= stop_after):
-                    stopped_by = preemption.signal_name or "stop_after"
+                stop = preemption.signal_name is not None or (stop_after is not None and step - start >= stop_after)
+                if procs.any(stop):
+                    stopped_by = preemption.signal_name or ("SIGTERM" if stop_after is None else "stop_after")
                     if checkpoint is None or not checkpoint.name.endswith(f"{step:08d}"):
-                        checkpoint = save_checkpoint(run, step, snapshot(step), config.keep_checkpoints)
+                        checkpoint = save(step)
                     break
     finally:
         bar.close()
-        log_file.close()
+        if log_file is not None:
+            log_file.close()
         if writer is not None:
             writer.close()
     return TrainResult(run, step, checkpoint, stopped_by)

@@ -31,3 +31,14 @@ def tiny_sdxl(tmp_path_factory):
     from rapm.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sdxl", family="sdxl")
+
+
+@pytest.fixture(scope="session")
+def sd_store(tiny_sd, tmp_path_factory):
+    from rapm.trajectories import write_trajectories
+
+    folder = tmp_path_factory.mktemp("store")
+    prompts = folder / "prompts.txt"
+    prompts.write_text("a photo of a cat\na red car\na blue dog\na photo of a dog\n")
+    write_trajectories(tiny_sd, prompts, folder / "store", steps=2, substeps=3, guidance=3.0, shard_size=2, progress=False)
+    return folder / "store"

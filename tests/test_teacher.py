@@ -84,6 +84,7 @@ def test_cli_prints_the_error_without_a_traceback(tmp_path):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", "import sys; sys.argv=['rapm','train']; from rapm.cli import main; main()"],
-                         capture_output=True, text=True)
-    assert out.returncode == 2 and "not implemented yet" in out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, "-m", "rapm", "train", "--teacher", str(tmp_path / "missing"), "--store",
+                          str(tmp_path / "store"), "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert out.returncode == 1 and "error: teacher path" in out.stderr and "does not exist" in out.stderr
+    assert "Traceback" not in out.stderr

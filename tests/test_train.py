@@ -17,17 +17,6 @@ SMALL = dict(lora_rank=4, lora_alpha=4, disc_lora_rank=2, disc_lora_alpha=2, dis
              disc_lr=1e-3, sample_every=0, batch_size=1, keep_checkpoints=2)
 
 
-@pytest.fixture(scope="session")
-def sd_store(tiny_sd, tmp_path_factory):
-    from rapm.trajectories import write_trajectories
-
-    folder = tmp_path_factory.mktemp("store")
-    prompts = folder / "prompts.txt"
-    prompts.write_text("a photo of a cat\na red car\na blue dog\na photo of a dog\n")
-    write_trajectories(tiny_sd, prompts, folder / "store", steps=2, substeps=3, guidance=3.0, shard_size=2, progress=False)
-    return folder / "store"
-
-
 def _config(tiny_sd, sd_store, **kw) -> TrainConfig:
     return apply_overrides(TrainConfig(), {"teacher": str(tiny_sd), "store": str(sd_store), **SMALL, **kw}, "test")
 
