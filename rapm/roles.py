@@ -59,6 +59,7 @@ def add_roles(unet: torch.nn.Module, student: LoraSpec, discriminator: LoraSpec 
             unet.add_adapter(discriminator.peft_config(), adapter_name=DISCRIMINATOR)
         unet.add_adapter(student.peft_config(), adapter_name=STUDENT)
     unet.set_adapter(STUDENT)
+    unet._rapm_lora_layers = None
     set_trainable(unet, None)
 
 
@@ -75,45 +76,70 @@ def set_trainable(unet: torch.nn.Module, adapter: str | None) -> None:
             p.requires_grad_(adapter is not None and f".{adapter}." in name)
 
 
-def _active(unet: torch.nn.Module) -> str | list[str]:
-    return unet.active_adapters() if callable(getattr(unet, "active_adapters", None)) else unet.active_adapter
+def _lora_layers(unet: torch.nn.Module) -> list[torch.nn.Module]:
+    """peft's tuner layers in the UNet, cached until the set of adapters changes."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    key = tuple(sorted(getattr(unet, "peft_config", {}) or {}))
+    cached = getattr(unet, "_rapm_lora_layers", None)
+    if cached is None or cached[0] != key:
+        cached = (key, [m for m in unet.modules() if isinstance(m, BaseTunerLayer)])
+        unet._rapm_lora_layers = cached
+    return cached[1]
 
 
-def _keeping_trainable(unet: torch.nn.Module, switch) -> None:
-    """Call ``switch()`` (a peft/diffusers adapter switch) and undo the ``requires_grad`` flips it makes."""
-    trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
-    switch()
-    for n, p in unet.named_parameters():
-        p.requires_grad_(n in trainable)
+# Roles switch by setting each tuner layer's active adapter and disabled flag directly: the same state that
+# peft's set_adapter / enable_adapters set, without their requires_grad flips and without a pass over every
+# parameter, so a switch costs microseconds per layer (it happens several times an iteration).
+def _get_state(unet: torch.nn.Module) -> tuple[bool, list[str]] | None:
+    layers = _lora_layers(unet)
+    if not layers:
+        return None
+    first = layers[0]
+    active = first._active_adapter
+    return bool(first._disable_adapters), [active] if isinstance(active, str) else list(active)
+
+
+def _set_state(unet: torch.nn.Module, state: tuple[bool, list[str]] | None) -> None:
+    if state is None:
+        return
+    disabled, active = state
+    for layer in _lora_layers(unet):
+        layer._disable_adapters = disabled
+        layer._active_adapter = list(active)
 
 
 def activate(unet: torch.nn.Module, adapter: str) -> None:
-    """Make ``adapter`` the active one without disturbing which parameters train."""
-    _keeping_trainable(unet, lambda: unet.set_adapter(adapter))
+    """Make ``adapter`` the active one (adapters enabled) without touching which parameters train."""
+    _set_state(unet, (False, [adapter]))
+
+
+@contextmanager
+def _role(unet: torch.nn.Module, state: tuple[bool, list[str]]) -> Iterator[torch.nn.Module]:
+    previous = _get_state(unet)
+    if previous is None:
+        raise ValueError("the UNet carries no LoRA adapters: add them with rapm.roles.add_roles")
+    _set_state(unet, state)
+    try:
+        yield unet
+    finally:
+        _set_state(unet, previous)
 
 
 @contextmanager
 def teacher_role(unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """The teacher: all adapters disabled, the exact unadapted UNet."""
-    _keeping_trainable(unet, unet.disable_adapters)
-    try:
+    """The teacher: all adapters disabled, the exact unadapted UNet (a UNet without adapters is the teacher)."""
+    state = _get_state(unet)
+    if state is None:
         yield unet
-    finally:
-        _keeping_trainable(unet, unet.enable_adapters)
+        return
+    with _role(unet, (True, state[1])):
+        yield unet
 
 
-@contextmanager
-def adapter_role(unet: torch.nn.Module, adapter: str) -> Iterator[torch.nn.Module]:
-    """Run the UNet with one adapter active (student or discriminator backbone); restores the previous one."""
-    previous = _active(unet)
-    previous = previous[0] if isinstance(previous, list) else previous
-    if previous != adapter:
-        activate(unet, adapter)
-    try:
-        yield unet
-    finally:
-        if previous != adapter:
-            activate(unet, previous)
+def adapter_role(unet: torch.nn.Module, adapter: str):
+    """Run the UNet with one adapter active (student or discriminator backbone); restores the previous state."""
+    return _role(unet, (False, [adapter]))
 
 
 def student_role(unet: torch.nn.Module):
