@@ -10,6 +10,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 # Tiny test models run fastest on one thread, and other work on the machine does not make threads spin.
 torch.set_num_threads(1)
+# oneDNN builds a kernel for each new conv shape (seconds per tiny model on this CPU); the plain kernels are fast here.
+torch.backends.mkldnn.enabled = False
 
 
 @pytest.fixture(scope="session")
