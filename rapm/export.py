@@ -331,11 +331,7 @@ def cli(
     if format not in FORMATS:
         raise ExportError(f"--format {format!r} is not supported; use one of {', '.join(FORMATS)}")
     teacher, unet, config = load_student(run)
-    steps = config.get("steps")
-    if steps is None:  # N is the store's: the run's config names the store it trained on
-        from rapm.store import read_manifest
-
-        steps = read_manifest(Path(config["store"]))["steps"]
+    steps = config["steps"]  # N, from the store the run trained on
     extra = {"run": str(run)}
     extra.update({k: v for k, v in config.items() if k not in ("teacher", "steps") and isinstance(v, (str, int, float, bool))})
     weights = export_lora(unet, config["teacher"], teacher.family, out, int(steps), fmt=format, extra_card=extra)

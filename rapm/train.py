@@ -543,7 +543,7 @@ def read_run_config(run: Path) -> TrainConfig:
     return cfg.from_dict(json.loads(file.read_text()), str(file))
 
 
-def load_student(run: Path, device: str = "cpu"):
+def load_student(run: Path, device: str = "cpu", text_encoders: bool = False):
     """The teacher's UNet carrying the run's latest student (its EMA where the run keeps one), for export and sampling."""
     run = Path(run)
     config = read_run_config(run)
@@ -551,14 +551,17 @@ def load_student(run: Path, device: str = "cpu"):
     if last is None:
         raise RunError(f"{run / 'checkpoints'}: no complete checkpoint yet; train longer or lower --checkpoint-every")
     state = load_checkpoint(last)
-    teacher = load_teacher(config.teacher, device=device, text_encoders=False)
+    teacher = load_teacher(config.teacher, device=device, text_encoders=text_encoders)
     add_roles(teacher.unet, student_spec(config))
     params = lora_parameters(teacher.unet, STUDENT)
     values = state["ema"] if state.get("ema") else state["student"]
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(values[n])
+    from rapm.store import read_manifest
+
     out = cfg.to_dict(config)
+    out["steps"] = int(read_manifest(Path(config.store))["steps"])  # N, for export and sampling
     out["step"] = state["step"]
     out["checkpoint"] = str(last)
     return teacher, teacher.unet, out

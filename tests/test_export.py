@@ -213,12 +213,11 @@ def test_export_verb_writes_the_run_students_lora(exported, tmp_path, monkeypatc
     e = exported("sd")
     calls = []
 
-    def load_student(run):  # rapm.train's contract: the run's config names the teacher and the store, N is the store's
+    def load_student(run):  # rapm.train's contract: the run's config with the teacher and N (the store's)
         calls.append(run)
-        return e.teacher, e.teacher.unet, {"teacher": str(e.folder), "store": str(tmp_path / "store"), "method": "rapm"}
+        return e.teacher, e.teacher.unet, {"teacher": str(e.folder), "steps": STEPS, "method": "rapm"}
 
     monkeypatch.setitem(sys.modules, "rapm.train", types.SimpleNamespace(load_student=load_student))
-    monkeypatch.setattr("rapm.store.read_manifest", lambda path: {"steps": STEPS} if path == tmp_path / "store" else {})
     result = CliRunner().invoke(app, ["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "lora"), "--format", "kohya"])
     assert result.exit_code == 0, result.output
     assert calls == [tmp_path / "run"]

@@ -117,3 +117,24 @@ def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(tiny_sd, sd_store, t
     assert "Resume with: rapm train --out" in err and "Traceback" not in err
     (last,) = checkpoints(run)[-1:]
     assert load_checkpoint(last)["step"] == len(_log(run))
+
+
+def test_export_of_a_trained_run_loads_in_diffusers(tiny_sd, sd_store, tmp_path):
+    """rapm train, then rapm export: the LoRA gives the trained student's samples in a diffusers pipeline."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from rapm.export import export_lora
+    from rapm.sample import generate
+
+    run = tmp_path / "run"
+    train(_config(tiny_sd, sd_store, iterations=2, checkpoint_every=2), run, progress=False)
+    teacher, unet, facts = load_student(run, text_encoders=True)
+    assert facts["steps"] == 2 and facts["step"] == 2
+    export_lora(unet, str(tiny_sd), teacher.family, tmp_path / "lora", facts["steps"])
+    ours = generate(teacher, ["a red car"], [5], steps=2)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    pipe.load_lora_weights(tmp_path / "lora")
+    theirs = pipe("a red car", num_inference_steps=2, guidance_scale=1.0, output_type="latent",
+                  generator=torch.Generator("cpu").manual_seed(5)).images
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4 * ours.abs().max().item())
