@@ -1,0 +1,209 @@
+"""Metrics for teachers and students on the same prompts and seeds.
+
+Every model generates from the same noise (seed S is the noise a diffusers
+pipeline draws for S). Rows report:
+
+* ``trajectory_error``: mean over samples of the RMS distance, in image space, between the
+  model's image and the teacher's many-step DDIM image from the same noise;
+* for the built-in digits teacher, ``fd`` (Fréchet distance in the digits classifier's
+  feature space against the held-out real digits) and ``prompt_accuracy`` (the share of
+  images the classifier reads as the prompt's digit), with the real-vs-real floor at the
+  same sample size.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import typer
+
+from rapm.errors import RapmError
+from rapm.teacher import BUILTIN_TEACHERS, Teacher, load_teacher
+
+
+class EvaluateError(RapmError):
+    pass
+
+
+@dataclass
+class ModelSpec:
+    """One row: the teacher with a sampler, or a student LoRA (DDIM trailing, guidance 1)."""
+
+    method: str  # row name: teacher-ddim, teacher-dpmsolver, or the student's method (rapm, ...)
+    steps: int
+    scheduler: str = "ddim"
+    lora: Optional[str] = None
+    guidance: Optional[float] = None  # None: the trajectories' guidance for the teacher, 1.0 for a student
+
+    @staticmethod
+    def parse(text: str) -> "ModelSpec":
+        """``teacher:ddim:100``, ``teacher:dpmsolver:4``, or ``NAME=PATH:4`` for a LoRA (file or folder) at 4 steps."""
+        try:
+            if text.startswith("teacher:"):
+                _, scheduler, steps = text.split(":")
+                return ModelSpec(f"teacher-{scheduler}", int(steps), scheduler)
+            name, rest = text.split("=", 1) if "=" in text else ("student", text)
+            path, steps = rest.rsplit(":", 1)
+            return ModelSpec(name, int(steps), "ddim", lora=path)
+        except ValueError:
+            raise EvaluateError(
+                f"--model {text!r}: write teacher:ddim:STEPS, teacher:dpmsolver:STEPS or NAME=LORA_PATH:STEPS"
+            ) from None
+
+
+def _decode(teacher: Teacher, latents: torch.Tensor, batch: int = 32) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([teacher.decode(latents[i:i + batch]).float().cpu() for i in range(0, len(latents), batch)])
+
+
+def _use_lora(teacher: Teacher, lora: str) -> None:
+    from rapm.roles import STUDENT
+    from rapm.sample import load_lora
+
+    if STUDENT in getattr(teacher.unet, "peft_config", {}):
+        teacher.unet.delete_adapters(STUDENT)
+    load_lora(teacher, lora)
+
+
+def trajectory_error(images: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean over samples of the per-sample RMS distance to the reference images."""
+    return float((images - reference).flatten(1).square().mean(1).sqrt().mean())
+
+
+def evaluate(
+    teacher_path: str,
+    models: Sequence[ModelSpec],
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    reference_steps: int = 100,
+    guidance: float | None = None,
+    device: str = "cpu",
+    batch_size: int = 64,
+    out: Path | None = None,
+    progress: bool = True,
+    keep_images: bool = False,
+) -> dict:
+    """Generate with each model from the same (prompt, seed) pairs and measure it; write ``out`` (JSON) if given."""
+    from tqdm.auto import tqdm
+
+    from rapm.sample import generate
+    from rapm.trajectories import default_guidance
+
+    if len(prompts) != len(seeds):
+        raise EvaluateError(f"one seed per prompt: got {len(prompts)} prompts and {len(seeds)} seeds")
+    teacher = load_teacher(teacher_path, device=device, vae=True)
+    teacher_guidance = default_guidance(teacher) if guidance is None else guidance
+    digits = teacher.path.resolve() == BUILTIN_TEACHERS["digits"].resolve()
+    metrics = None
+    if digits:
+        from rapm.demo.metrics import DigitsMetrics
+        from rapm.demo.prompts import digit_of
+
+        metrics = DigitsMetrics()
+        labels = [digit_of(p) for p in prompts]
+
+    def run(spec: ModelSpec) -> tuple[torch.Tensor, float]:
+        tick = time.perf_counter()
+        if spec.lora:
+            _use_lora(teacher, spec.lora)
+        g = spec.guidance if spec.guidance is not None else (1.0 if spec.lora else teacher_guidance)
+        latents = generate(teacher, prompts, seeds, spec.steps, guidance=g, role="student" if spec.lora else "teacher",
+                           scheduler=spec.scheduler, batch_size=batch_size)
+        return _decode(teacher, latents), time.perf_counter() - tick
+
+    rows, images = [], {}
+    reference_spec = ModelSpec("teacher-ddim", reference_steps)
+    todo = [reference_spec] + [m for m in models if asdict(m) != asdict(reference_spec)]
+    for spec in tqdm(todo, desc="evaluate", unit="model", disable=not progress):
+        imgs, seconds = run(spec)
+        key = f"{spec.method}-{spec.steps}"
+        images[key] = imgs
+        row = {
+            "method": spec.method, "steps": spec.steps, "scheduler": spec.scheduler, "lora": spec.lora,
+            "guidance": spec.guidance if spec.guidance is not None else (1.0 if spec.lora else teacher_guidance),
+            "trajectory_error": trajectory_error(imgs, images[f"teacher-ddim-{reference_steps}"]),
+            "seconds": seconds, "samples": len(prompts),
+        }
+        if metrics is not None:
+            row["fd"] = metrics.fd(imgs)
+            row["prompt_accuracy"] = metrics.prompt_accuracy(imgs, labels)
+        rows.append(row)
+    result = {
+        "teacher": str(teacher_path), "reference_steps": reference_steps, "teacher_guidance": teacher_guidance,
+        "samples": len(prompts), "rows": rows, "date": time.strftime("%Y-%m-%d"),
+    }
+    if metrics is not None:
+        result["real_floor_fd"] = metrics.real_floor(len(prompts))
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(out)
+        save_comparison_grid(images, out.with_suffix(".png"), columns=min(10, len(prompts)))
+    if keep_images:
+        result["images"] = images
+    return result
+
+
+def save_comparison_grid(images: dict[str, torch.Tensor], path: Path, columns: int = 10) -> None:
+    """One row per model (in row order), the same prompts and noise in each column."""
+    from rapm.sample import save_grid
+
+    save_grid(torch.cat([imgs[:columns] for imgs in images.values()]), path, nrow=columns)
+
+
+def markdown_table(result: dict) -> str:
+    """The rows as a markdown table."""
+    digits = "fd" in (result["rows"][0] if result["rows"] else {})
+    head = "| method | steps | guidance | " + ("FD ↓ | prompt acc. ↑ | " if digits else "") + "trajectory error ↓ |"
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for r in result["rows"]:
+        cells = [r["method"], str(r["steps"]), f"{r['guidance']:g}"]
+        if digits:
+            cells += [f"{r['fd']:.2f}", f"{100 * r['prompt_accuracy']:.1f}%"]
+        cells.append(f"{r['trajectory_error']:.4f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    if "real_floor_fd" in result:
+        lines.append(f"\nReal-vs-real FD floor at {result['samples']} samples: {result['real_floor_fd']:.2f}.")
+    return "\n".join(lines)
+
+
+def default_digits_prompts(n: int) -> list[str]:
+    from rapm.demo.prompts import evaluation_prompts
+
+    return [p for p, _ in evaluation_prompts(n)]
+
+
+def cli(
+    teacher: str = typer.Option("digits", help="Teacher: a local diffusers folder or 'digits'."),
+    model: list[str] = typer.Option([], "--model", help="teacher:ddim:N, teacher:dpmsolver:N, or NAME=LORA:N (repeatable)."),
+    prompts: Optional[Path] = typer.Option(None, help="Prompts file, one a line (digits: held-out prompts by default)."),
+    num: int = typer.Option(500, help="Samples (prompts are cycled; seeds are seed..seed+num-1)."),
+    seed: int = typer.Option(1000, help="First seed."),
+    reference_steps: int = typer.Option(100, help="Steps of the teacher's reference DDIM."),
+    guidance: Optional[float] = typer.Option(None, help="Teacher guidance (default: the trajectories' default)."),
+    device: str = typer.Option("cpu", help="cpu, cuda ..."),
+    out: Path = typer.Option(Path("evaluation.json"), help="Results JSON (a markdown table is written beside it)."),
+) -> None:
+    """Compute metrics for teachers and students on held-out prompts and seeds."""
+    if prompts is not None:
+        from rapm.trajectories import read_prompts
+
+        base = read_prompts(prompts)
+        prompt_list = [base[i % len(base)] for i in range(num)]
+    elif teacher == "digits":
+        prompt_list = default_digits_prompts(num)
+    else:
+        raise EvaluateError("--prompts is needed for a teacher other than 'digits'")
+    specs = [ModelSpec.parse(m) for m in model] or [ModelSpec("teacher-ddim", 4)]
+    result = evaluate(teacher, specs, prompt_list, list(range(seed, seed + len(prompt_list))), reference_steps, guidance,
+                      device, out=out)
+    table = markdown_table(result)
+    out.with_suffix(".md").write_text(table + "\n")
+    typer.echo(table)

@@ -1,0 +1,159 @@
+"""The report of a run: one self-contained HTML page (images inlined) and a markdown twin.
+
+It shows the metrics table (``RUN/evaluation.json`` from ``rapm evaluate --out``), the
+sample grids side by side (one row per model, the same prompts and noise in every
+column), the training loss curves and the run's configuration.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from rapm.errors import RapmError
+from rapm.evaluate import markdown_table
+
+
+class ReportError(RapmError):
+    pass
+
+
+def loss_curves(log_file: Path, out_png: Path) -> bool:
+    """Plot the student's loss terms (summed over slots) and the discriminators' loss against the step."""
+    if not log_file.exists():
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for line in log_file.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        sums: dict[str, float] = defaultdict(float)
+        for key, value in entry.items():
+            if "/" in key:  # per-slot terms: huber_rel/3 ...
+                sums[key.split("/")[0]] += value
+        sums[f"{entry['phase']} loss"] = entry["loss"]
+        for key, value in sums.items():
+            if key != "loss":
+                series[key].append((entry["step"], value))
+    if not series:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for key, points in sorted(series.items()):
+        ax = axes[1] if key.startswith(("disc", "gen", "discriminator")) else axes[0]
+        steps, values = zip(*points)
+        ax.plot(steps, _smooth(values), label=key, linewidth=1.2)
+    axes[0].set_title("student: position-matching terms (sum over slots)")
+    axes[1].set_title("adversarial terms")
+    for ax in axes:
+        ax.set_xlabel("iteration")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _smooth(values, window: int = 10) -> list[float]:
+    out, acc = [], []
+    for v in values:
+        acc.append(v)
+        acc = acc[-window:]
+        out.append(sum(acc) / len(acc))
+    return out
+
+
+def _img_tag(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}" style="image-rendering: pixelated; max-width: 100%;">'
+
+
+def report(run: Path, evaluation: Path | None = None, out: Path | None = None) -> Path:
+    """Write ``RUN/report.html`` and ``RUN/report.md``; return the HTML path."""
+    run = Path(run)
+    if not (run / "config.json").exists():
+        raise ReportError(f"{run / 'config.json'} does not exist: {run} is not a rapm run directory (rapm train --out)")
+    config = json.loads((run / "config.json").read_text())
+    evaluation = Path(evaluation) if evaluation else run / "evaluation.json"
+    result = json.loads(evaluation.read_text()) if evaluation.exists() else None
+    out = Path(out) if out else run / "report.html"
+    assets = out.parent / "report_files"
+    assets.mkdir(parents=True, exist_ok=True)
+    curves = assets / "losses.png"
+    has_curves = loss_curves(run / "logs.jsonl", curves)
+    grid = evaluation.with_suffix(".png")
+    samples = sorted((run / "samples").glob("*.png")) if (run / "samples").is_dir() else []
+
+    md = [f"# rapm report: {run.name}", ""]
+    body = [f"<h1>rapm report: {html.escape(run.name)}</h1>"]
+    if result:
+        table = markdown_table(result)
+        rows = [r["method"] + f"-{r['steps']}" for r in result["rows"]]
+        md += ["## Metrics", "", f"{result['samples']} samples, the same prompts and seeds for every model; "
+               f"trajectory error against the teacher's {result['reference_steps']}-step DDIM ({result['date']}).", "",
+               table, ""]
+        body += ["<h2>Metrics</h2>", f"<p>{result['samples']} samples, the same prompts and seeds for every model; "
+                 f"trajectory error against the teacher's {result['reference_steps']}-step DDIM ({result['date']}).</p>",
+                 _html_table(result)]
+        if grid.exists():
+            md += ["## Samples", "", "Rows, top to bottom: " + ", ".join(rows) + ".", "",
+                   f"![samples]({os.path.relpath(grid, out.parent)})", ""]
+            body += ["<h2>Samples</h2>", f"<p>Rows, top to bottom: {html.escape(', '.join(rows))}. "
+                     "Each column: one prompt and one noise.</p>", _img_tag(grid, "samples")]
+    else:
+        md += [f"No evaluation yet ({evaluation} is missing): run `rapm evaluate --out {evaluation}`.", ""]
+        body += [f"<p>No evaluation yet ({html.escape(str(evaluation))} is missing).</p>"]
+    if has_curves:
+        md += ["## Training losses", "", f"![losses]({os.path.relpath(curves, out.parent)})", ""]
+        body += ["<h2>Training losses</h2>", _img_tag(curves, "losses")]
+    if samples:
+        md += ["## During training", "", f"Top row: student, {len(samples)} grids; bottom row: the stored teacher end point.",
+               "", f"![last training grid]({os.path.relpath(samples[-1], out.parent)})", ""]
+        body += ["<h2>During training</h2>", "<p>Top row: the student's N steps from the stored noise; bottom row: "
+                 f"the stored teacher end point ({html.escape(samples[-1].name)}).</p>", _img_tag(samples[-1], "training grid")]
+    md += ["## Configuration", "", "```json", json.dumps(config, indent=2), "```", ""]
+    body += ["<h2>Configuration</h2>", f"<pre>{html.escape(json.dumps(config, indent=2))}</pre>"]
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>rapm report</title><style>"
+            "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
+            "pre{background:#f6f6f6;padding:1em;overflow:auto}</style></head><body>" + "\n".join(body) + "</body></html>")
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(page)
+    tmp.replace(out)
+    out.with_suffix(".md").write_text("\n".join(md))
+    return out
+
+
+def _html_table(result: dict) -> str:
+    lines = markdown_table(result).splitlines()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("|")]
+    head, body = rows[0], rows[2:]
+    out = ["<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"]
+    out += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body]
+    notes = [line for line in lines if not line.startswith("|") and line.strip()]
+    return "\n".join(out) + "</table>" + "".join(f"<p>{html.escape(n)}</p>" for n in notes)
+
+
+def cli(
+    run: Path = typer.Argument(..., help="The run directory (rapm train --out)."),
+    evaluation: Optional[Path] = typer.Option(None, help="Results of rapm evaluate (default RUN/evaluation.json)."),
+    out: Optional[Path] = typer.Option(None, help="HTML file (default RUN/report.html; a .md twin beside it)."),
+) -> None:
+    """Write the HTML/markdown report of a run."""
+    path = report(run, evaluation, out)
+    typer.echo(f"report: {path} (and {path.with_suffix('.md')})")
