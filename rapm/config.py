@@ -75,8 +75,8 @@ PRESETS: dict[str, dict] = {
                        lora_rank=1, lora_alpha=1.0, disc_lora_rank=1, disc_lora_alpha=1.0),
     # The built-in digits teacher, tuned on the digits benchmark so the demo converges on a CPU in minutes.
     "digits": dict(lr=3e-4, weight_decay=0.0, lora_rank=16, lora_alpha=16.0, disc_lora_rank=8, disc_lora_alpha=8.0,
-                   huber_c=0.01, disc_heads_per_level=1, disc_lr=2e-4, batch_size=8, ema_decay=0.99,
-                   checkpoint_every=100, sample_every=100, iterations=600),
+                   huber_c=0.01, disc_heads_per_level=1, disc_lr=2e-4, batch_size=4, ema_decay=0.99,
+                   checkpoint_every=100, sample_every=100, iterations=300),
 }
 
 
