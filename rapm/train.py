@@ -613,6 +613,8 @@ def cli(
             raise ConfigError("rapm train needs --teacher and --store (or --resume with an existing --out)")
         config_obj = resolve_config(teacher, str(store), preset, config, flags)
     result = train(config_obj, out, resume=resume, overwrite=overwrite, progress=progress)
+    if os.environ.get("RANK", "0") != "0":  # under a multi-process launch the main process speaks for all
+        raise typer.Exit(0 if result.stopped_by is None else 143)
     if result.stopped_by in ("SIGTERM", "SIGINT"):
         typer.echo(f"stopped by {result.stopped_by} after step {result.step}; checkpoint {result.checkpoint}. "
                    f"Resume with: rapm train --out {out} --resume", err=True)
