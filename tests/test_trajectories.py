@@ -185,12 +185,18 @@ def test_resume_after_an_interrupted_run_is_byte_identical(tiny_sd, prompts_file
 def test_two_processes_write_the_same_shards_as_one(tiny_sd, prompts_file, sd_store, tmp_path):
     """torchrun --nproc_per_node 2 (gloo on CPU): shard k is written by process k % 2; every byte equals the 1-process run."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "rapm", "trajectories",
-           "--teacher", str(tiny_sd), "--prompts", str(prompts_file), "--out", str(tmp_path / "store"), "--no-progress"]
-    cmd += [f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items() if k != "progress"]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert files_digest(tmp_path / "store") == files_digest(sd_store.path)
+    def args(out):
+        return (["-m", "rapm", "trajectories", "--teacher", str(tiny_sd), "--prompts", str(prompts_file), "--out", str(out),
+                 "--no-progress"] + [f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items() if k != "progress"])
+
+    # Both runs in fresh processes, so both use the same CPU kernels (the test process turns oneDNN off).
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *args(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, *args(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert files_digest(tmp_path / "two") == files_digest(tmp_path / "one")
+    assert set(files_digest(tmp_path / "one")) == set(files_digest(sd_store.path))
 
 
 # --- refusals: each names the field, and nothing already written changes ------------------------------------------------
