@@ -23,6 +23,7 @@ import torch
 import typer
 
 from rapm.errors import RapmError
+from rapm.store import atomic_write
 from rapm.teacher import BUILTIN_TEACHERS, Teacher, load_teacher
 
 
@@ -142,9 +143,7 @@ def evaluate(
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(out)
+        atomic_write(out, json.dumps(result, indent=2).encode())
         save_comparison_grid(images, out.with_suffix(".png"), columns=min(10, len(prompts)))
     if keep_images:
         result["images"] = images

@@ -19,6 +19,7 @@ import typer
 
 from rapm.errors import RapmError
 from rapm.evaluate import markdown_table
+from rapm.store import atomic_write
 
 
 class ReportError(RapmError):
@@ -132,9 +133,7 @@ def report(run: Path, evaluation: Path | None = None, out: Path | None = None) -
             "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
             "pre{background:#f6f6f6;padding:1em;overflow:auto}</style></head><body>" + "\n".join(body) + "</body></html>")
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page)
-    tmp.replace(out)
+    atomic_write(out, page.encode())
     out.with_suffix(".md").write_text("\n".join(md))
     return out
 

@@ -32,6 +32,7 @@ from rapm.discriminator import Discriminator, DiscriminatorSpec
 from rapm.errors import RapmError
 from rapm.methods import Context, TrajectoryBatch, build_method
 from rapm.roles import DISCRIMINATOR, STUDENT, LoraSpec, add_roles, lora_parameters, set_trainable
+from rapm.store import atomic_write
 from rapm.teacher import load_teacher, read_model_index, resolve_teacher_path
 
 CHECKPOINT_PREFIX = "step-"
@@ -66,15 +67,6 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
     except OSError:
         pass
-
-
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(run: Path, step: int, state: dict, keep: int) -> Path:
@@ -374,7 +366,7 @@ def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool 
     store.check_teacher(teacher, steps=None)
     unet = teacher.unet
     if procs.main:
-        write_json_atomic(run / "config.json", cfg.to_dict(config))
+        atomic_write(run / "config.json", json.dumps(cfg.to_dict(config), indent=2).encode())
 
     student_params = lora_parameters(unet, STUDENT)
     opt_student = make_optimizer(list(student_params.values()), config.lr, config.adam_betas, config.weight_decay,
@@ -569,7 +561,7 @@ def load_student(run: Path, device: str = "cpu", text_encoders: bool = False):
 
 def resolve_config(teacher: str, store: str, preset: str | None, config_file: Path | None, flags: dict) -> TrainConfig:
     """Preset (by teacher family unless named) < config file < command-line flags."""
-    values = read_config_file(config_file) if config_file else {}
+    values = cfg.read_config_file(Path(config_file)) if config_file else {}
     teacher = flags.get("teacher") or values.get("teacher") or teacher
     family = "sdxl" if read_model_index(resolve_teacher_path(teacher))["_class_name"].startswith("StableDiffusionXL") else "sd"
     name = preset or values.get("preset") or cfg.default_preset(teacher, family)
@@ -579,10 +571,6 @@ def resolve_config(teacher: str, store: str, preset: str | None, config_file: Pa
     if config_file:
         config = cfg.apply_overrides(config, values, str(config_file))
     return cfg.apply_overrides(config, {"teacher": teacher, "store": store, **flags}, "command line")
-
-
-def read_config_file(path: Path) -> dict:
-    return cfg.read_config_file(Path(path))
 
 
 def cli(

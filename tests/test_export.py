@@ -18,15 +18,6 @@ from rapm.sample import generate
 from rapm.teacher import BUILTIN_TEACHERS, load_teacher
 
 
-@pytest.fixture(autouse=True, scope="module")
-def no_onednn():
-    """oneDNN builds a kernel for every new conv shape (seconds per tiny model on a CPU); the tests don't need it."""
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    yield
-    torch.backends.mkldnn.enabled = enabled
-
-
 PROMPT, SEED, STEPS = "a photo of a red car", 7, 4
 RANK, ALPHA = 4, 2.0  # alpha != rank: a loader that drops alpha gives another student
 

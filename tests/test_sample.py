@@ -19,15 +19,6 @@ from rapm.teacher import load_teacher
 PROMPTS = ["a photo of a cat", "a blue car"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def no_onednn():
-    """oneDNN builds a kernel for every new conv shape (seconds per tiny model on a CPU); the tests don't need it."""
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    yield
-    torch.backends.mkldnn.enabled = enabled
-
-
 def _student(folder, seed=0):
     teacher = load_teacher(folder, vae=True)
     add_roles(teacher.unet, LoraSpec(rank=4, alpha=2.0), LoraSpec(rank=2, alpha=2.0))
