@@ -279,16 +279,6 @@ def save_grid(images, path: str | Path, nrow: int = 8, padding: int = 2):
 # ---------------------------------------------------------------------------------------------- from disk
 
 
-def read_prompts(path: Path) -> list[str]:
-    """Prompts from a text file, one a line; blank lines are skipped."""
-    if not path.is_file():
-        raise RapmError(f"prompts file {path} does not exist; give a text file with one prompt a line")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise RapmError(f"prompts file {path} holds no prompts; write one prompt a line")
-    return prompts
-
-
 def sample_to_folder(
     teacher: Teacher,
     prompts: Sequence[str],
@@ -357,6 +347,8 @@ def cli(
         raise RapmError(f"--scheduler {scheduler!r} is not supported; use one of {', '.join(SCHEDULERS)}")
     if num_per_prompt < 1:
         raise RapmError(f"--num-per-prompt must be at least 1, got {num_per_prompt}")
+    from rapm.trajectories import read_prompts
+
     prompt_list = [prompt] if prompt is not None else read_prompts(prompts)
     facts = read_export_facts(resolve_lora_file(lora)) if lora is not None else None
     if steps is None:
