@@ -43,6 +43,12 @@ class TrainConfig:
     adv_weight: float = 0.1
     delta: int = 0  # Δ in teacher timesteps; 0 = one step of the stored fine grid, T / (N M)
     slot_weights: list[float] = field(default_factory=list)  # w_n; empty = all 1
+    distance: str = ""  # position-matching distance: "" = the method's own (rapm: pseudo_huber, sfd: l1); or l2
+    # The peers (rapm/methods/): PCM's real data; progressive distillation's rounds and RDD's relational loss
+    real_data: str = ""  # pcm: "digits" (the digits train split) or a folder of images with .txt captions
+    progressive_start_steps: int = 16  # the first round's teacher steps: N 2^R for R rounds
+    rdd_weight: float = 1.0  # progressive-rdd: weight of RDD's relational loss beside the x-target loss
+    rdd_queue_size: int = 4096  # progressive-rdd: teacher pixel features in MP2P's memory queue
     # The discriminators
     disc_lora: bool = True
     disc_lora_rank: int = 64
@@ -163,6 +169,12 @@ def validate(config: TrainConfig) -> None:
         bad("keep_checkpoints", f"must be at least 1, got {config.keep_checkpoints}")
     if config.huber_c <= 0:
         bad("huber_c", f"must be positive, got {config.huber_c}")
+    if config.distance not in ("", "pseudo_huber", "l1", "l2"):
+        bad("distance", f"must be pseudo_huber, l1 or l2 (or empty for the method's own), got {config.distance!r}")
+    if config.rdd_weight < 0:
+        bad("rdd_weight", f"must be at least 0, got {config.rdd_weight}")
+    if config.rdd_queue_size < 1:
+        bad("rdd_queue_size", f"must be at least 1, got {config.rdd_queue_size}")
 
 
 def to_dict(config: TrainConfig) -> dict:

@@ -30,7 +30,7 @@ from rapm import config as cfg
 from rapm.config import ConfigError, TrainConfig
 from rapm.discriminator import Discriminator, DiscriminatorSpec
 from rapm.errors import RapmError
-from rapm.methods import Context, TrajectoryBatch, build_method
+from rapm.methods import Context, Setup, TrajectoryBatch, build_method
 from rapm.roles import DISCRIMINATOR, STUDENT, LoraSpec, add_roles, lora_parameters, set_trainable
 from rapm.store import atomic_write
 from rapm.teacher import load_teacher, read_model_index, resolve_teacher_path
@@ -365,11 +365,13 @@ def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool 
     teacher, disc = build_models(config, device, need_vae=config.sample_every > 0, with_discriminator=method.uses_discriminator)
     store.check_teacher(teacher, steps=None)
     unet = teacher.unet
+    method.prepare(Setup(unet, teacher.schedule, store, config, device, weight_dtype(config, device)))
     if procs.main:
         atomic_write(run / "config.json", json.dumps(cfg.to_dict(config), indent=2).encode())
 
-    student_params = lora_parameters(unet, STUDENT)
-    opt_student = make_optimizer(list(student_params.values()), config.lr, config.adam_betas, config.weight_decay,
+    student_params = lora_parameters(unet, STUDENT)  # what is exported (and averaged into the EMA)
+    student_trainable = {**student_params, **method.extra_parameters()}  # plus a method's own (RDD's projection head)
+    opt_student = make_optimizer(list(student_trainable.values()), config.lr, config.adam_betas, config.weight_decay,
                                  config.use_8bit_adam)
     sched_student = constant_schedule(opt_student)
     disc_params: dict[str, torch.nn.Parameter] = {}
@@ -397,6 +399,7 @@ def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool 
             sched_disc.load_state_dict(state["sched_disc"])
         if ema is not None:
             ema = {n: v.to(device) for n, v in state["ema"].items()}
+        method.load_state_dict(state.get("method") or {})
         set_rng_state(state["rng"])
         start = state["step"]
     if procs.main:
@@ -407,6 +410,7 @@ def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool 
         return {
             "step": step,
             "student": {n: p.detach().cpu() for n, p in student_params.items()},
+            "method": method.state_dict(),
             "discriminator": {n: p.detach().cpu() for n, p in disc_params.items()},
             "ema": {n: v.cpu() for n, v in ema.items()} if ema is not None else None,
             "opt_student": opt_student.state_dict(),
@@ -442,12 +446,13 @@ def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool 
                 batch = _to_device(store.get(batch_indices(positions, len(store), config.seed)), device, dtype)
                 ctx = Context(unet, teacher.schedule, store.timesteps, store.guidance,
                               sample_generators(config.seed, positions), disc)
+                method.begin_step(step, unet)
                 # Alg. 2, lines 3-4: even iterations update D1 and D2, odd ones the student.
                 phase = "discriminator" if disc is not None and step % 2 == 0 else "student"
                 set_trainable(unet, DISCRIMINATOR if phase == "discriminator" else STUDENT)
                 if disc is not None:
                     disc.requires_grad_(phase == "discriminator")
-                params = disc_params if phase == "discriminator" else student_params
+                params = disc_params if phase == "discriminator" else student_trainable
                 optimizer = opt_disc if phase == "discriminator" else opt_student
                 optimizer.zero_grad(set_to_none=True)
                 losses = method.discriminator_losses if phase == "discriminator" else method.generator_losses
@@ -577,7 +582,7 @@ def cli(
     out: Path = typer.Option(..., "--out", help="Run directory (checkpoints, logs, samples)."),
     teacher: Optional[str] = typer.Option(None, help="Teacher: a local diffusers folder or 'digits'."),
     store: Optional[Path] = typer.Option(None, help="Trajectory store made by `rapm trajectories`."),
-    method: Optional[str] = typer.Option(None, help="rapm (default) or rapm-relative."),
+    method: Optional[str] = typer.Option(None, help="rapm (default), rapm-relative, sfd, pcm, progressive or progressive-rdd."),
     preset: Optional[str] = typer.Option(None, help="sd15, sdxl, sdxl-rank1 or digits (default: by teacher)."),
     config: Optional[Path] = typer.Option(None, help="A JSON or TOML file of config fields (docs/defaults.md)."),
     iterations: Optional[int] = typer.Option(None, help="Total iterations (each one trajectory batch)."),

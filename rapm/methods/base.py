@@ -52,6 +52,18 @@ class TrajectoryBatch:
     uncond: Conditioning | None
 
 
+@dataclass
+class Setup:
+    """What a method may need once, before the first iteration (``Method.prepare``)."""
+
+    unet: torch.nn.Module
+    schedule: Schedule
+    store: object  # rapm.store.TrajectoryStore
+    config: object  # rapm.config.TrainConfig
+    device: torch.device
+    dtype: torch.dtype
+
+
 class Method(Protocol):
     """One distillation method = one loss object; the trainer is written once (STYLE.md, after EDM's loss.py)."""
 
@@ -62,6 +74,44 @@ class Method(Protocol):
 
     def discriminator_losses(self, ctx: Context, batch: TrajectoryBatch) -> Losses:
         """Yield the discriminators' loss."""
+
+    def prepare(self, setup: Setup) -> None:
+        """Load what the method needs beyond the store (real data, a feature network, extra adapters)."""
+
+    def begin_step(self, step: int, unet: torch.nn.Module) -> None:
+        """Called before every iteration (progressive distillation changes rounds here)."""
+
+    def extra_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """Trainable parameters besides the student LoRA, stepped by the student's optimizer (not exported)."""
+
+    def state_dict(self) -> dict:
+        """The method's own state, saved in every checkpoint so a resume continues exactly."""
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class MethodBase:
+    """Defaults for the optional parts of ``Method``: nothing to prepare, no state, no extra parameters."""
+
+    uses_discriminator = False
+
+    def discriminator_losses(self, ctx: Context, batch: TrajectoryBatch) -> Losses:
+        raise NotImplementedError(f"{type(self).__name__} trains no discriminator")
+
+    def prepare(self, setup: Setup) -> None:
+        pass
+
+    def begin_step(self, step: int, unet: torch.nn.Module) -> None:
+        pass
+
+    def extra_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
