@@ -118,11 +118,11 @@ def evaluate(
         from rapm.demo.metrics import DigitsMetrics
         from rapm.demo.prompts import digit_of
 
-        metrics = DigitsMetrics()
-        labels = [digit_of(p) for p in prompts]
         if fid_features is not None or clip is not None:
             raise EvaluateError("--fid-features, --reference-images and --clip are for SD/SDXL teachers; the digits "
                                 "teacher is measured with its own classifier (fd, prompt_accuracy): drop them")
+        metrics = DigitsMetrics()
+        labels = [digit_of(p) for p in prompts]
         sd_metrics = None
     else:
         sd_metrics = SdMetrics(fid_features, reference_images, clip, device=device, batch_size=batch_size)
