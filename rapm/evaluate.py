@@ -8,7 +8,10 @@ pipeline draws for S). Rows report:
 * for the built-in digits teacher, ``fd`` (Fréchet distance in the digits classifier's
   feature space against the held-out real digits) and ``prompt_accuracy`` (the share of
   images the classifier reads as the prompt's digit), with the real-vs-real floor at the
-  same sample size.
+  same sample size;
+* for SD/SDXL teachers, ``fid`` (against a folder of real images, in the feature space of a
+  local Inception network) and ``clip_score`` (against the prompts, with a local CLIP model),
+  each when its files are given (``rapm.metrics_sd``); None otherwise, with a note saying why.
 """
 
 from __future__ import annotations
@@ -88,8 +91,15 @@ def evaluate(
     out: Path | None = None,
     progress: bool = True,
     keep_images: bool = False,
+    fid_features: str | Path | None = None,
+    reference_images: str | Path | None = None,
+    clip: str | Path | None = None,
 ) -> dict:
-    """Generate with each model from the same (prompt, seed) pairs and measure it; write ``out`` (JSON) if given."""
+    """Generate with each model from the same (prompt, seed) pairs and measure it; write ``out`` (JSON) if given.
+
+    ``fid_features``, ``reference_images`` and ``clip`` are the local files of FID and CLIP score
+    (``rapm.metrics_sd``), for SD/SDXL teachers; they are checked and loaded before any generation.
+    """
     from tqdm.auto import tqdm
 
     from rapm.sample import generate
@@ -97,6 +107,9 @@ def evaluate(
 
     if len(prompts) != len(seeds):
         raise EvaluateError(f"one seed per prompt: got {len(prompts)} prompts and {len(seeds)} seeds")
+    from rapm.metrics_sd import SdMetrics, check_metric_files
+
+    check_metric_files(fid_features, reference_images, clip)
     teacher = load_teacher(teacher_path, device=device, vae=True)
     teacher_guidance = default_guidance(teacher) if guidance is None else guidance
     digits = teacher.path.resolve() == BUILTIN_TEACHERS["digits"].resolve()
@@ -105,8 +118,14 @@ def evaluate(
         from rapm.demo.metrics import DigitsMetrics
         from rapm.demo.prompts import digit_of
 
+        if fid_features is not None or clip is not None:
+            raise EvaluateError("--fid-features, --reference-images and --clip are for SD/SDXL teachers; the digits "
+                                "teacher is measured with its own classifier (fd, prompt_accuracy): drop them")
         metrics = DigitsMetrics()
         labels = [digit_of(p) for p in prompts]
+        sd_metrics = None
+    else:
+        sd_metrics = SdMetrics(fid_features, reference_images, clip, device=device, batch_size=batch_size)
 
     def run(spec: ModelSpec) -> tuple[torch.Tensor, float]:
         tick = time.perf_counter()
@@ -133,6 +152,9 @@ def evaluate(
         if metrics is not None:
             row["fd"] = metrics.fd(imgs)
             row["prompt_accuracy"] = metrics.prompt_accuracy(imgs, labels)
+        if sd_metrics is not None:
+            row["fid"] = sd_metrics.fid(imgs)
+            row["clip_score"] = sd_metrics.clip_score(imgs, prompts)
         rows.append(row)
     result = {
         "teacher": str(teacher_path), "reference_steps": reference_steps, "teacher_guidance": teacher_guidance,
@@ -140,6 +162,11 @@ def evaluate(
     }
     if metrics is not None:
         result["real_floor_fd"] = metrics.real_floor(len(prompts))
+    if sd_metrics is not None:
+        result["fid_features"] = None if fid_features is None else str(fid_features)
+        result["fid_reference_images"] = sd_metrics.reference_count
+        result["clip"] = None if clip is None else str(clip)
+        result["notes"] = sd_metrics.notes
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -159,17 +186,25 @@ def save_comparison_grid(images: dict[str, torch.Tensor], path: Path, columns: i
 
 def markdown_table(result: dict) -> str:
     """The rows as a markdown table."""
-    digits = "fd" in (result["rows"][0] if result["rows"] else {})
-    head = "| method | steps | guidance | " + ("FD ↓ | prompt acc. ↑ | " if digits else "") + "trajectory error ↓ |"
+    first = result["rows"][0] if result["rows"] else {}
+    digits, sd = "fd" in first, "fid" in first or "clip_score" in first
+    head = ("| method | steps | guidance | " + ("FD ↓ | prompt acc. ↑ | " if digits else "")
+            + ("FID ↓ | CLIP score ↑ | " if sd else "") + "trajectory error ↓ |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in result["rows"]:
         cells = [r["method"], str(r["steps"]), f"{r['guidance']:g}"]
         if digits:
             cells += [f"{r['fd']:.2f}", f"{100 * r['prompt_accuracy']:.1f}%"]
+        if sd:
+            cells += ["—" if r.get(k) is None else f"{r[k]:.2f}" for k in ("fid", "clip_score")]
         cells.append(f"{r['trajectory_error']:.4f}")
         lines.append("| " + " | ".join(cells) + " |")
     if "real_floor_fd" in result:
         lines.append(f"\nReal-vs-real FD floor at {result['samples']} samples: {result['real_floor_fd']:.2f}.")
+    if result.get("fid_reference_images"):
+        lines.append(f"\nFID: {result['samples']} generated vs {result['fid_reference_images']} reference images; "
+                     "compare FIDs only at the same counts.")
+    lines += ["\n" + note for note in result.get("notes", [])]
     return "\n".join(lines)
 
 
@@ -189,6 +224,13 @@ def cli(
     guidance: Optional[float] = typer.Option(None, help="Teacher guidance (default: the trajectories' default)."),
     device: str = typer.Option("cpu", help="cpu, cuda ..."),
     out: Path = typer.Option(Path("evaluation.json"), help="Results JSON (a markdown table is written beside it)."),
+    fid_features: Optional[Path] = typer.Option(
+        None, help="FID feature network, a TorchScript file: the StyleGAN2-ADA / clean-fid Inception "
+                   "inception-2015-12-05.pt (SD/SDXL; needs --reference-images)."),
+    reference_images: Optional[Path] = typer.Option(
+        None, help="Folder of real .png/.jpg images that FID compares the generated images with."),
+    clip: Optional[Path] = typer.Option(
+        None, help="Local CLIP folder (CLIPModel + CLIPProcessor save_pretrained) for the CLIP score (SD/SDXL)."),
 ) -> None:
     """Compute metrics for teachers and students on held-out prompts and seeds."""
     if prompts is not None:
@@ -202,7 +244,7 @@ def cli(
         raise EvaluateError("--prompts is needed for a teacher other than 'digits'")
     specs = [ModelSpec.parse(m) for m in model] or [ModelSpec("teacher-ddim", 4)]
     result = evaluate(teacher, specs, prompt_list, list(range(seed, seed + len(prompt_list))), reference_steps, guidance,
-                      device, out=out)
+                      device, out=out, fid_features=fid_features, reference_images=reference_images, clip=clip)
     table = markdown_table(result)
     out.with_suffix(".md").write_text(table + "\n")
     typer.echo(table)
