@@ -30,6 +30,16 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+# `rapm` run in a child that records its own peak RSS (VmHWM) at exit: the fork's ru_maxrss would count this
+# process's memory too, since Linux keeps the pre-exec high-water mark.
+LAUNCH = ("import atexit, os, runpy, sys\n"
+          "def peak():\n"
+          "    for line in open('/proc/self/status'):\n"
+          "        if line.startswith('VmHWM'):\n"
+          "            open(os.environ['RAPM_PEAK_FILE'], 'w').write(line.split()[1])\n"
+          "atexit.register(peak)\n"
+          "sys.argv = ['rapm'] + sys.argv[1:]\n"
+          "runpy.run_module('rapm', run_name='__main__')\n")
 # (row name, --method, batch size or None for the preset's)
 METHODS = [
     ("rapm", "rapm", None),
@@ -56,27 +66,29 @@ def make_store(work: Path, steps: int, trajectories: int, fine_steps: int, threa
 
 def train_one(work: Path, store: Path, steps: int, row: str, method: str, batch: int | None, iterations: int,
               seed: int, threads: int) -> dict:
-    """`rapm train` in a fresh process; its wall time and peak RSS (from wait4), kept in run/bench.json."""
+    """`rapm train` in a fresh process; its wall time and peak RSS (VmHWM), kept in run/bench.json."""
     run = work / f"n{steps}-{row}-s{seed}"
     record_file = run / "bench.json"
     if record_file.exists():
         return json.loads(record_file.read_text())
-    cmd = [sys.executable, "-m", "rapm", "train", "--teacher", "digits", "--store", str(store), "--out", str(run),
+    cmd = [sys.executable, "-c", LAUNCH, "train", "--teacher", "digits", "--store", str(store), "--out", str(run),
            "--method", method, "--iterations", str(iterations), "--seed", str(seed), "--no-progress",
            "--set", "sample_every=0", "--set", f"checkpoint_every={iterations}"]
     if batch is not None:
         cmd += ["--batch-size", str(batch)]
     cmd += ["--overwrite"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    peak_file = work / f".peak-{run.name}"
+    peak_file.unlink(missing_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "RAPM_PEAK_FILE": str(peak_file)}
     tick = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
+    code = subprocess.run(cmd, env=env).returncode
     seconds = time.perf_counter() - tick
-    if os.waitstatus_to_exitcode(status) != 0:
+    if code != 0:
         raise SystemExit(f"training {row} (N={steps}) failed: {shlex.join(cmd)}")
+    peak_kb = int(peak_file.read_text()) if peak_file.exists() else None  # /proc: Linux only
     logs = [json.loads(line) for line in (run / "logs.jsonl").read_text().splitlines()]
     per_it = sorted(e["seconds"] for e in logs)
-    record = {"run": str(run), "train_seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024,
+    record = {"run": str(run), "train_seconds": seconds, "peak_rss_mb": peak_kb / 1024 if peak_kb else None,
               "seconds_per_iteration": per_it[len(per_it) // 2], "iterations": len(logs),
               "batch_size": json.loads((run / "config.json").read_text())["batch_size"]}
     record_file.write_text(json.dumps(record, indent=2))
@@ -105,9 +117,25 @@ def table(rows: list[dict], floor: float, samples: int) -> str:
         cells = [r.get("label", r["method"]), str(r["steps"]), str(r.get("batch_size", "")), f"{r['fd']:.1f}",
                  f"{100 * r['prompt_accuracy']:.1f}%", f"{r['trajectory_error']:.4f}",
                  f"{train / 60:.1f} min" if train else "", f"{r['seconds_per_iteration']:.2f}" if train else "",
-                 f"{r['peak_rss_mb']:.0f} MB" if train else ""]
+                 f"{r['peak_rss_mb']:.0f} MB" if train and r.get("peak_rss_mb") else ""]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(f"\nReal-vs-real FD floor at {samples} samples: {floor:.1f}.")
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict]) -> str:
+    """Trained methods over their seeds: mean, and min..max in brackets."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        if "seed" in r:
+            groups.setdefault((r["label"].rsplit("-s", 1)[0], r["steps"]), []).append(r)
+    lines = ["| method | N | seeds | FD ↓ | prompt acc. ↑ | trajectory error ↓ |", "|" + " --- |" * 6]
+    for (name, n), rs in groups.items():
+        def cell(key, fmt, scale=1.0):
+            v = [scale * r[key] for r in rs]
+            return fmt.format(sum(v) / len(v)) + (f" [{fmt.format(min(v))}..{fmt.format(max(v))}]" if len(v) > 1 else "")
+        lines.append(f"| {name} | {n} | {len(rs)} | {cell('fd', '{:.1f}')} | {cell('prompt_accuracy', '{:.1f}', 100)}% | "
+                     f"{cell('trajectory_error', '{:.4f}')} |")
     return "\n".join(lines)
 
 
@@ -146,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"== N = {n}: train {row} (seed {seed})", file=sys.stderr, flush=True)
                 record = train_one(args.work, store, n, row, method, batch, args.iterations, seed, args.threads)
                 lora = export(Path(record["run"]), n)
-                name = row if len(args.seeds) == 1 else f"{row}-s{seed}"
+                name = f"{row}-s{seed}"
                 trained[(n, name)] = {**record, "method": method, "seed": seed}
                 specs.append(ModelSpec(name, n, lora=str(lora)))
     print("== evaluate", file=sys.stderr, flush=True)
@@ -177,7 +205,10 @@ def main(argv: list[str] | None = None) -> None:
     md = (f"# Quality on the digits teacher\n\nCommand: `{out['command']}` ({out['date']}, {out['machine']}). "
           f"{args.trajectories} trajectories per N ({args.fine_steps} DDIM steps each, guidance "
           f"{out['teacher_guidance']:g}), {args.iterations} iterations per method, {len(prompts)} held-out prompts and "
-          f"seeds; wall time {out['wall_seconds'] / 60:.0f} min.\n\n" + table(rows, out["real_floor_fd"], len(prompts)) + "\n")
+          f"seeds; wall time {out['wall_seconds'] / 60:.0f} min. Student rows are named METHOD-sSEED (the training "
+          f"seed); s/iteration is the median, peak RSS the training process's high-water mark.\n\n"
+          + table(rows, out["real_floor_fd"], len(prompts)) + "\n\nOver the training seeds (mean [min..max]):\n\n"
+          + summary(rows) + "\n")
     (args.results / f"{stem}.md").write_text(md)
     grid = (args.work / "evaluation.png")
     if grid.exists():
