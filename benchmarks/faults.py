@@ -16,7 +16,7 @@ work is done. Then it compares against an uninterrupted process with the same se
 It also feeds `rapm` bad inputs from the command line (one error line naming the file or field,
 no traceback, files already written unchanged).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/faults.py [--train-kills 40] [--trajectory-kills 40] [--seed 0]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/faults.py [--train-kills 50] [--trajectory-kills 50] [--seed 0]
 
 Writes benchmarks/results/faults.{json,md}. tests/test_faults.py runs the same harness with 3 kills each.
 """
@@ -206,7 +206,7 @@ def trajectories_job(teacher: Path, prompts: Path, out: Path, settings: dict, un
 
 
 def trajectories_faults(teacher: Path, prompts: Path, folder: Path, settings: dict, kills: int, rng: random.Random,
-                        unit_seconds: float = 0.2, max_units: int = 3, startup_seconds=(0.5, 6.0)) -> dict:
+                        unit_seconds: float = 0.05, max_units: int = 3, startup_seconds=(0.5, 6.0)) -> dict:
     """An uninterrupted store, and one killed ``kills`` times and rerun; returns the figures and any problems."""
     straight = folder / "straight"
     plain = start(trajectories_argv(teacher, prompts, straight, settings))
@@ -494,8 +494,8 @@ def bad_inputs(teacher: Path, store: Path, folder: Path) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--train-kills", type=int, default=40)
-    parser.add_argument("--trajectory-kills", type=int, default=40)
+    parser.add_argument("--train-kills", type=int, default=50)
+    parser.add_argument("--trajectory-kills", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
@@ -510,7 +510,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="rapm-faults-") as tmp:
         tmp = Path(tmp)
         teacher = build_tiny_pipeline(tmp / "tiny-sd", family="sd")
-        prompts = write_prompts(tmp / "prompts.txt", 4 * args.trajectory_kills)
+        prompts = write_prompts(tmp / "prompts.txt", 12 * args.trajectory_kills)  # enough that every kill lands in work
         (tmp / "traj").mkdir()
         print(f"rapm trajectories: {args.trajectory_kills} kills", flush=True)
         traj = trajectories_faults(teacher, prompts, tmp / "traj", TRAJECTORY_SETTINGS, args.trajectory_kills, rng)

@@ -1,7 +1,7 @@
 """Faults and bad input: a killed run resumes to what an uninterrupted one gives; a bad input is one clear error that
 leaves what was written intact. The long kill campaign is benchmarks/faults.py; this file runs its harness briefly.
 
-Bad inputs tested elsewhere (counted in benchmarks/results/faults.md): test_train.py (ill-typed or unknown config
+Bad inputs tested elsewhere (the README's Faults section lists them all): test_train.py (ill-typed or unknown config
 field, a folder that already holds a run, --resume without a run), test_trajectories.py (a rerun with other settings,
 a folder that is not a store, bad prompts files, a missing store, a truncated shard, a corrupted shard, a teacher
 that does not match the store), test_sample.py (a LoRA from another base model, a file that is not a LoRA, a LoRA
@@ -97,7 +97,7 @@ def test_training_killed_at_random_moments_resumes_to_the_uninterrupted_losses(t
 
 def test_trajectories_killed_at_random_moments_end_byte_identical(tiny_sd, tmp_path):
     """3 SIGKILLs of `rapm trajectories`; after each every shard with a done-record matches its sha256; same bytes."""
-    prompts = faults.write_prompts(tmp_path / "prompts.txt", 12)
+    prompts = faults.write_prompts(tmp_path / "prompts.txt", 30)  # more than 3 kills can get through
     result = faults.trajectories_faults(tiny_sd, prompts, tmp_path, faults.TRAJECTORY_SETTINGS, kills=3,
                                         rng=random.Random(2), max_units=2, startup_seconds=(0.5, 4.0))
     assert result["problems"] == [] and result["kills"] == 3 and result["byte_identical"]
