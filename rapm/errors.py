@@ -3,3 +3,7 @@
 
 class RapmError(ValueError):
     """Base of every error rapm reports to a user."""
+
+
+class WriteError(RapmError):
+    """A file could not be written (a full disk, no permission); what was written before it is intact."""

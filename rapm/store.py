@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 
 from rapm.diffusion import ScheduleError, coarse_timesteps, schedule_from_config
-from rapm.errors import RapmError
+from rapm.errors import RapmError, WriteError
 from rapm.teacher import Conditioning
 
 FORMAT_VERSION = 1
@@ -96,6 +96,10 @@ def atomic_write(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk: say which file, keep what was there
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"{path}: cannot be written ({e.strerror or e}); the files written before it are intact; "
+                         f"free space in {path.parent} and rerun the same command") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

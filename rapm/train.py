@@ -18,6 +18,7 @@ import random
 import shutil
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -32,14 +33,19 @@ from rapm.discriminator import Discriminator, DiscriminatorSpec
 from rapm.errors import RapmError
 from rapm.methods import Context, Setup, TrajectoryBatch, build_method
 from rapm.roles import DISCRIMINATOR, STUDENT, LoraSpec, add_roles, lora_parameters, set_trainable
-from rapm.store import atomic_write
+from rapm.store import atomic_write, sha256_file
 from rapm.teacher import load_teacher, read_model_index, resolve_teacher_path
 
 CHECKPOINT_PREFIX = "step-"
+TMP_PREFIX = ".tmp-"
 
 
 class RunError(RapmError):
     pass
+
+
+class ResumeWarning(UserWarning):
+    """A damaged checkpoint was skipped on resume."""
 
 
 # ---------------------------------------------------------------------------------------------- run directory
@@ -70,17 +76,27 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(run: Path, step: int, state: dict, keep: int) -> Path:
-    """Write ``state`` to a temp directory, then rename it into place; then drop all but the last ``keep``."""
+    """Write ``state`` and its sha256 to a temp directory, then rename it into place; then drop all but the last ``keep``.
+
+    A write that fails (a full disk) removes the temp directory and raises RunError; the checkpoints before stay.
+    """
     folder = run / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{CHECKPOINT_PREFIX}{step:08d}"
-    tmp = folder / f".tmp-{final.name}"
+    tmp = folder / f"{TMP_PREFIX}{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    with open(tmp / "state.pt", "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        tmp.mkdir()
+        with open(tmp / "state.pt", "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        (tmp / "state.sha256").write_text(sha256_file(tmp / "state.pt") + "\n")
+    except (OSError, RuntimeError) as e:  # a full disk: torch.save reports a failed write as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+        raise RunError(f"{final / 'state.pt'}: cannot be written ({reason}); the last complete checkpoint is "
+                       f"{latest_checkpoint(run) or 'none yet'}; free space in {folder} and resume with --resume") from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -91,11 +107,44 @@ def save_checkpoint(run: Path, step: int, state: dict, keep: int) -> Path:
 
 
 def load_checkpoint(path: Path) -> dict:
+    """The state of the checkpoint folder ``path``, checked against its sha256 where it has one."""
+    fix = f"delete {path} to resume from the checkpoint before it"
+    recorded = path / "state.sha256"
+    if recorded.exists() and sha256_file(path / "state.pt") != recorded.read_text().strip():
+        raise RunError(f"{path / 'state.pt'}: sha256 does not match {recorded.name} (damaged after it was written); {fix}")
     try:
         return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     except Exception as e:  # a checkpoint damaged after it was written
-        raise RunError(f"{path / 'state.pt'}: cannot be read ({type(e).__name__}: {e}); "
-                       f"delete {path} to resume from the checkpoint before it") from None
+        raise RunError(f"{path / 'state.pt'}: cannot be read ({type(e).__name__}: {e}); {fix}") from None
+
+
+def load_resume_checkpoint(run: Path) -> tuple[Path | None, dict | None]:
+    """The newest checkpoint that loads; a damaged one is skipped with a warning (resume is exact from any of them)."""
+    damaged = []
+    for path in reversed(checkpoints(run)):
+        try:
+            state = load_checkpoint(path)
+        except RunError as e:
+            damaged.append(str(e))
+            warnings.warn(f"{e}; resuming from the checkpoint before it", ResumeWarning, stacklevel=2)
+            continue
+        return path, state
+    if damaged:
+        raise RunError(f"{run / 'checkpoints'}: no checkpoint can be read ({'; '.join(damaged)}); "
+                       f"start over with --overwrite")
+    return None, None
+
+
+def clean_stale_files(run: Path) -> None:
+    """Remove what a killed run leaves behind: temp checkpoint folders, half-rotated ones, temp files."""
+    folder = run / "checkpoints"
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.is_dir() and (p.name.startswith(TMP_PREFIX) or
+                               (p.name.startswith(CHECKPOINT_PREFIX) and not (p / "state.pt").exists())):
+                shutil.rmtree(p, ignore_errors=True)
+    for p in run.glob(".*.tmp"):
+        p.unlink(missing_ok=True)
 
 
 def check_run_dir(run: Path, resume: bool, overwrite: bool) -> bool:
@@ -353,6 +402,7 @@ def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool 
     procs.barrier()
     if procs.main:
         prepare_run_dir(run, resume, overwrite)
+        clean_stale_files(run)
     procs.barrier()
     device = procs.device if (procs.world > 1 and config.device == "auto") else resolve_device(config.device)
     store = open_store(Path(config.store))
@@ -366,8 +416,6 @@ def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool 
     store.check_teacher(teacher, steps=None)
     unet = teacher.unet
     method.prepare(Setup(unet, teacher.schedule, store, config, device, weight_dtype(config, device)))
-    if procs.main:
-        atomic_write(run / "config.json", json.dumps(cfg.to_dict(config), indent=2).encode())
 
     student_params = lora_parameters(unet, STUDENT)  # what is exported (and averaged into the EMA)
     student_trainable = {**student_params, **method.extra_parameters()}  # plus a method's own (RDD's projection head)
@@ -384,9 +432,9 @@ def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool 
     ema = {n: p.detach().float().clone() for n, p in student_params.items()} if config.ema_decay > 0 else None
 
     start = 0
-    last = latest_checkpoint(run) if resume else None
+    last, state = load_resume_checkpoint(run) if resume else (None, None)
     if last is not None:
-        state = load_checkpoint(last)
+        check_data_position(last, state.get("data", {}), data_position(config, store), config.store)
         with torch.no_grad():
             for n, p in student_params.items():
                 p.copy_(state["student"][n])
@@ -402,7 +450,8 @@ def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool 
         method.load_state_dict(state.get("method") or {})
         set_rng_state(state["rng"])
         start = state["step"]
-    if procs.main:
+    if procs.main:  # only once the store and the checkpoint are known to fit: a refused resume changes nothing
+        atomic_write(run / "config.json", json.dumps(cfg.to_dict(config), indent=2).encode())
         truncate_log(run / "logs.jsonl", start)
     procs.barrier()
 
@@ -418,7 +467,7 @@ def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool 
             "opt_disc": opt_disc.state_dict() if opt_disc is not None else None,
             "sched_disc": sched_disc.state_dict() if sched_disc is not None else None,
             "rng": rng_state(),
-            "data": {"seed": config.seed, "batch_size": config.batch_size, "count": len(store)},
+            "data": data_position(config, store),
         }
 
     def save(step: int) -> Path:
@@ -506,6 +555,21 @@ def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool 
         if writer is not None:
             writer.close()
     return TrainResult(run, step, checkpoint, stopped_by)
+
+
+def data_position(config: TrainConfig, store) -> dict:
+    """What fixes the data stream a checkpoint's step counts in: a resume must see the same."""
+    return {"seed": config.seed, "batch_size": config.batch_size, "count": len(store), "steps": store.steps}
+
+
+def check_data_position(checkpoint: Path, saved: dict, current: dict, store: str) -> None:
+    """Refuse a resume whose data stream differs from the checkpoint's (its step would count other samples)."""
+    for field, value in saved.items():
+        if field in current and current[field] != value:
+            what = {"count": f"the store's trajectory count ({store})",
+                    "steps": f"the store's N, manifest field 'steps' ({store})"}.get(field, f"config field {field!r}")
+            raise RunError(f"{checkpoint / 'state.pt'}: {what} was {value} when it was written but is {current[field]} "
+                           f"now; resume with the run's own store and settings, or start a new run in another --out")
 
 
 def _tensorboard(run: Path, start: int):

@@ -1,0 +1,577 @@
+"""Faults: kill `rapm train` and `rapm trajectories` at random moments, resume, and check nothing is lost.
+
+Each verb runs as a real process (`python -m rapm ...`, one torch thread) on the tiny random SD
+pipeline. The harness SIGKILLs it at a random moment (during start-up, or a random time after
+its k-th new iteration or shard, so some kills land inside a checkpoint or shard write), checks
+what a reader would see on disk, and reruns the same command (`--resume` for train) until the
+work is done. Then it compares against an uninterrupted process with the same settings:
+
+- trajectories: every file of the store byte-identical;
+- train: the same (step, phase) sequence in logs.jsonl and the same losses (float tolerance),
+  the same final student weights;
+- after every kill: each checkpoint that `rapm.train.checkpoints()` lists loads (sha256 checked),
+  each shard with a done-record matches its sha256, the run's checkpoints/ folder holds at most
+  keep_checkpoints + 1 entries; after the final run no temp file or folder is left.
+
+It also feeds `rapm` bad inputs from the command line (one error line naming the file or field,
+no traceback, files already written unchanged).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/faults.py [--train-kills 50] [--trajectory-kills 50] [--seed 0]
+
+Writes benchmarks/results/faults.{json,md}. tests/test_faults.py runs the same harness with 3 kills each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["a photo of a cat", "a red car", "a blue dog", "a photo of a dog", "a cat", "a red cat", "a blue car", "a dog"]
+# Tiny student and discriminator, as in tests/test_train.py; EMA on, so the EMA state is resumed too.
+TRAIN_CONFIG = dict(lora_rank=4, lora_alpha=4, disc_lora_rank=2, disc_lora_alpha=2, disc_heads_per_level=1, lr=1e-3,
+                    disc_lr=1e-3, sample_every=0, batch_size=1, keep_checkpoints=2, checkpoint_every=2, ema_decay=0.9)
+# One trajectory a shard, so kills land between, inside and just after shard writes.
+TRAJECTORY_SETTINGS = dict(steps=2, substeps=5, guidance=3.0, seed=0, batch_size=1, shard_size=1, dtype="float16")
+
+
+def write_prompts(path: Path, count: int) -> Path:
+    path.write_text("".join(f"{PROMPTS[i % len(PROMPTS)]} {i}\n" for i in range(count)))
+    return path
+
+
+def environment() -> dict:
+    """One torch thread (stores are byte-identical only at the same thread count); this checkout's rapm first."""
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else "")}
+
+
+def rapm_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "rapm", *args]
+
+
+def files_digest(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not any(part in skip for part in p.relative_to(folder).parts)}
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
+
+
+# --- one verb, killed and resumed ---------------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    """How to run one verb, see its progress and check its files; the harness does the rest."""
+
+    name: str
+    out: Path
+    command: callable  # () -> argv for the next run (fresh or resume)
+    launched: callable  # () -> units of work the next run starts from (called just before it starts)
+    progress: callable  # () -> units of work complete on disk (iterations logged, shards done)
+    check: callable  # () -> list of problems a reader would meet now
+    unit_seconds: float  # about how long one unit takes, to spread kills over it
+
+
+@dataclass
+class KillReport:
+    kills: list[dict] = field(default_factory=list)
+    runs: int = 0
+    problems: list[str] = field(default_factory=list)
+    max_bytes: int = 0
+    seconds: float = 0.0
+    redone: int = 0  # units of work done before a kill and done again after it
+
+
+def run_to_end(argv: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, env=environment(), capture_output=True, text=True, timeout=timeout)
+
+
+def start(argv: list[str]) -> subprocess.Popen:
+    """The uninterrupted run, in the background while the killed one runs (both one thread; the result is the same)."""
+    return subprocess.Popen(argv, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, what: str, timeout: float = 600) -> None:
+    _, err = proc.communicate(timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the uninterrupted {what} failed: {err[-3000:]}")
+
+
+def kill_and_resume(job: Job, kills: int, rng: random.Random, startup_kills: float = 0.2, max_units: int = 4,
+                    startup_seconds: tuple[float, float] = (0.5, 6.0), timeout: float = 600) -> KillReport:
+    """SIGKILL ``job`` ``kills`` times at random moments, checking its files after each, then let it finish."""
+    report = KillReport()
+    start = time.perf_counter()
+    while len(report.kills) < kills:
+        base = job.launched()
+        if report.kills:
+            report.kills[-1]["units_resumed_from"] = base
+        err = tempfile.TemporaryFile("w+")  # a file, not a pipe: a full pipe would stall the process
+        proc = subprocess.Popen(job.command(), env=environment(), stdout=subprocess.DEVNULL, stderr=err, text=True,
+                                start_new_session=True)
+        report.runs += 1
+        launched = time.perf_counter()
+        if rng.random() < startup_kills:  # somewhere in start-up: imports, loading, the first files
+            mode, wait_units = "start-up", 0
+            deadline = launched + rng.uniform(*startup_seconds)
+            while time.perf_counter() < deadline and proc.poll() is None:
+                time.sleep(0.02)
+        else:  # a random moment after the k-th new unit of work: inside work, or inside a write
+            mode, wait_units = "work", rng.randint(1, max_units)
+            while proc.poll() is None and job.progress() < base + wait_units:
+                if time.perf_counter() - launched > timeout:
+                    break
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0, job.unit_seconds))
+        if proc.poll() is not None:  # it finished (or failed) before the kill: nothing left to kill
+            if proc.returncode != 0:
+                err.seek(0)
+                report.problems.append(f"{job.name}: run {report.runs} exited {proc.returncode} before its kill: "
+                                       f"{err.read()[-2000:]}")
+            err.close()
+            break
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        err.close()
+        problems = job.check()
+        report.max_bytes = max(report.max_bytes, folder_bytes(job.out))
+        report.kills.append({"mode": mode, "seconds_after_start": round(time.perf_counter() - launched, 3),
+                             "units_before": base, "units_at_kill": job.progress(), "problems": problems})
+        report.problems += [f"{job.name}: after kill {len(report.kills)}: {p}" for p in problems]
+    if report.kills:
+        report.kills[-1]["units_resumed_from"] = job.launched()
+    done = run_to_end(job.command(), timeout)
+    report.runs += 1
+    if done.returncode != 0:
+        report.problems.append(f"{job.name}: the final run exited {done.returncode}: {done.stderr[-2000:]}")
+    report.max_bytes = max(report.max_bytes, folder_bytes(job.out))
+    report.seconds = time.perf_counter() - start
+    report.redone = sum(k["units_at_kill"] - k.get("units_resumed_from", k["units_at_kill"]) for k in report.kills)
+    return report
+
+
+# --- rapm trajectories --------------------------------------------------------------------------------------------------
+
+def trajectories_argv(teacher: Path, prompts: Path, out: Path, settings: dict) -> list[str]:
+    return rapm_command("trajectories", "--teacher", str(teacher), "--prompts", str(prompts), "--out", str(out),
+                        "--no-progress", *[f"--{k.replace('_', '-')}={v}" for k, v in settings.items()])
+
+
+def store_problems(out: Path) -> list[str]:
+    """What a reader or a resuming writer would take as complete, checked: done-records against their shards' bytes."""
+    from rapm.store import MANIFEST, open_store, sha256_file
+    from rapm.trajectories import _done_record, _shard_complete
+
+    problems = []
+    manifest = out / MANIFEST
+    if not manifest.exists():
+        return problems
+    m = json.loads(manifest.read_text())  # atomic: it parses or it is absent
+    for k in range((m["count"] + m["shard_size"] - 1) // m["shard_size"]):
+        start = k * m["shard_size"]
+        record = _shard_complete(out, k, start, min(m["shard_size"], m["count"] - start))
+        if record is not None and sha256_file(out / record["file"]) != record["sha256"]:
+            problems.append(f"{out / record['file']}: taken as complete by {_done_record(out, k)} but its sha256 differs")
+    if m.get("complete"):
+        try:
+            open_store(out, verify=True)
+        except Exception as e:  # noqa: BLE001 - any failure is a problem to report
+            problems.append(f"{out}: marked complete but does not open: {e}")
+    return problems
+
+
+def trajectories_job(teacher: Path, prompts: Path, out: Path, settings: dict, unit_seconds: float) -> Job:
+    from rapm.store import DONE
+
+    def done() -> int:
+        return len(list((out / DONE).glob("*.json"))) if (out / DONE).is_dir() else 0
+
+    return Job("trajectories", out, lambda: trajectories_argv(teacher, prompts, out, settings), done, done,
+               lambda: store_problems(out), unit_seconds)
+
+
+def trajectories_faults(teacher: Path, prompts: Path, folder: Path, settings: dict, kills: int, rng: random.Random,
+                        unit_seconds: float = 0.05, max_units: int = 3, startup_seconds=(0.5, 6.0)) -> dict:
+    """An uninterrupted store, and one killed ``kills`` times and rerun; returns the figures and any problems."""
+    straight = folder / "straight"
+    plain = start(trajectories_argv(teacher, prompts, straight, settings))
+    killed = folder / "killed"
+    report = kill_and_resume(trajectories_job(teacher, prompts, killed, settings, unit_seconds), kills, rng,
+                             max_units=max_units, startup_seconds=startup_seconds)
+    finish(plain, "rapm trajectories")
+    problems = list(report.problems)
+    a, b = files_digest(straight), files_digest(killed)
+    if a != b:
+        differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        problems.append(f"the resumed store differs from the uninterrupted one in {differ}")
+    count = json.loads((straight / "manifest.json").read_text())["count"]
+    lost = count if a != b else 0
+    survived = sum(not k["problems"] for k in report.kills) if not problems else 0
+    return {"kills": len(report.kills), "survived": survived, "runs": report.runs, "trajectories": count, "trajectories_lost": lost,
+            "byte_identical": a == b, "store_bytes": folder_bytes(straight), "max_bytes_while_killed": report.max_bytes,
+            "shards_redone": report.redone, "seconds": round(report.seconds, 1), "kill_log": report.kills,
+            "problems": problems}
+
+
+# --- rapm train ---------------------------------------------------------------------------------------------------------
+
+def train_argv(teacher: Path, store: Path, run: Path, config_file: Path) -> list[str]:
+    if (run / "config.json").exists():
+        return rapm_command("train", "--out", str(run), "--resume", "--no-progress")
+    return rapm_command("train", "--teacher", str(teacher), "--store", str(store), "--out", str(run),
+                        "--config", str(config_file), "--no-progress")
+
+
+def logged_lines(run: Path) -> int:
+    """Complete lines of logs.jsonl (a kill can cut the last one)."""
+    try:
+        return (run / "logs.jsonl").read_text().count("\n")
+    except OSError:
+        return 0
+
+
+class TrainProgress:
+    """Iterations done by the current process: the resume point, then the lines of the logs.jsonl it rewrote.
+
+    A resume first cuts logs.jsonl back to its checkpoint (a new file, by rename); until then the lines of the killed
+    process are still there and do not count.
+    """
+
+    def __init__(self, run: Path):
+        self.log, self.run, self.base, self.inode = run / "logs.jsonl", run, 0, None
+
+    def launched(self) -> int:
+        from rapm.train import CHECKPOINT_PREFIX, latest_checkpoint
+
+        last = latest_checkpoint(self.run)
+        self.base = int(last.name[len(CHECKPOINT_PREFIX):]) if last else 0
+        self.inode = self.log.stat().st_ino if self.log.exists() else None
+        return self.base
+
+    def __call__(self) -> int:
+        try:
+            if self.inode is not None and self.log.stat().st_ino == self.inode:
+                return self.base
+        except OSError:
+            return self.base
+        return logged_lines(self.run)
+
+
+def run_problems(run: Path, keep: int) -> list[str]:
+    """Every checkpoint that checkpoints() lists loads and is the step it names; checkpoints/ stays bounded."""
+    import torch
+
+    from rapm.train import CHECKPOINT_PREFIX, checkpoints, load_checkpoint
+
+    problems = []
+    for path in checkpoints(run):
+        try:
+            state = load_checkpoint(path)
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"{path}: listed as complete but does not load: {e}")
+            continue
+        if state["step"] != int(path.name[len(CHECKPOINT_PREFIX):]):
+            problems.append(f"{path}: holds step {state['step']}")
+        if not all(torch.isfinite(v).all() for v in state["student"].values()):
+            problems.append(f"{path}: non-finite student weights")
+    folder = run / "checkpoints"
+    entries = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if len(entries) > keep + 1:  # keep complete ones, plus one being written or not yet rotated out
+        problems.append(f"{folder} holds {len(entries)} entries ({entries}), more than keep_checkpoints + 1 = {keep + 1}")
+    return problems
+
+
+def leftovers(run: Path) -> list[str]:
+    """Temp files or folders, and checkpoints beyond keep, after a run that finished."""
+    return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp"))
+
+
+def train_losses(run: Path) -> list[tuple[int, str, float]]:
+    return [(e["step"], e["phase"], e["loss"]) for e in map(json.loads, (run / "logs.jsonl").read_text().splitlines())]
+
+
+def compare_losses(a: list, b: list, rel: float = 1e-5, abs_: float = 1e-7) -> list[str]:
+    if [x[:2] for x in a] != [x[:2] for x in b]:
+        return [f"logs.jsonl steps differ: {len(a)} entries uninterrupted, {len(b)} resumed"]
+    return [f"step {sa} ({pa}): loss {la!r} uninterrupted, {lb!r} resumed" for (sa, pa, la), (_, _, lb) in zip(a, b)
+            if abs(la - lb) > abs_ + rel * abs(la)]
+
+
+def train_faults(teacher: Path, store: Path, folder: Path, iterations: int, kills: int, rng: random.Random,
+                 unit_seconds: float = 0.1, max_units: int = 4, startup_seconds=(0.5, 6.0)) -> dict:
+    """An uninterrupted run, then one killed ``kills`` times and resumed; returns the figures and any problems."""
+    import torch
+
+    from rapm.train import checkpoints, load_checkpoint
+
+    config = {**TRAIN_CONFIG, "iterations": iterations}
+    config_file = folder / "train.json"
+    config_file.write_text(json.dumps(config))
+    straight = folder / "run-straight"
+    plain = start(train_argv(teacher, store, straight, config_file))
+    killed = folder / "run-killed"
+    keep = config["keep_checkpoints"]
+    progress = TrainProgress(killed)
+    job = Job("train", killed, lambda: train_argv(teacher, store, killed, config_file), progress.launched, progress,
+              lambda: run_problems(killed, keep), unit_seconds)
+    report = kill_and_resume(job, kills, rng, max_units=max_units, startup_seconds=startup_seconds)
+    finish(plain, "rapm train")
+    problems = list(report.problems)
+    problems += compare_losses(train_losses(straight), train_losses(killed)) if (killed / "logs.jsonl").exists() else ["no logs.jsonl"]
+    problems += [f"{killed}: left behind {x}" for x in leftovers(killed)]
+    ends = [checkpoints(r) for r in (straight, killed)]
+    if [p.name for p in ends[0]] != [p.name for p in ends[1]]:
+        problems.append(f"final checkpoints differ: {[p.name for p in ends[0]]} vs {[p.name for p in ends[1]]}")
+    elif ends[0]:
+        a, b = load_checkpoint(ends[0][-1]), load_checkpoint(ends[1][-1])
+        for part in ("student", "ema"):
+            if any(not torch.allclose(a[part][n], b[part][n], rtol=1e-5, atol=1e-7) for n in a[part]):
+                problems.append(f"final {part} weights differ from the uninterrupted run's")
+    lost = 0 if not problems else 1
+    survived = sum(not k["problems"] for k in report.kills) if not problems else 0
+    ckpt_bytes = folder_bytes(straight / "checkpoints")
+    return {"kills": len(report.kills), "survived": survived, "runs": report.runs, "iterations": iterations, "runs_lost": lost,
+            "losses_equal": not any("loss" in p or "steps differ" in p for p in problems),
+            "run_bytes": folder_bytes(straight), "checkpoint_bytes": ckpt_bytes,
+            "max_bytes_while_killed": report.max_bytes, "iterations_redone": report.redone,
+            "seconds": round(report.seconds, 1),
+            "kill_log": report.kills, "problems": problems}
+
+
+# --- bad inputs from the command line -----------------------------------------------------------------------------------
+
+def bad_inputs(teacher: Path, store: Path, folder: Path) -> list[dict]:
+    """Each bad input once, as a user types it: exit 1, one `error:` line with the expected words, no traceback, the
+    files already written (the run, the store) unchanged."""
+    folder.mkdir(parents=True, exist_ok=True)
+    prompts = write_prompts(folder / "prompts.txt", 4)
+    other_teacher = folder / "other-teacher"
+    shutil.copytree(teacher, other_teacher)
+    from safetensors.torch import load_file, save_file
+
+    weights = next((other_teacher / "unet").glob("*.safetensors"))
+    tensors = load_file(weights)
+    tensors[sorted(tensors)[0]] += 1e-3
+    save_file(tensors, weights)
+    small = dict(steps=2, substeps=2, shard_size=2, batch_size=2)
+    stores = {}
+    for name, t, settings in [("other-teacher", other_teacher, small), ("n1", teacher, {**small, "steps": 1}),
+                              ("mine", teacher, small)]:
+        stores[name] = folder / f"store-{name}"
+        made = run_to_end(trajectories_argv(t, prompts, stores[name], settings))
+        if made.returncode != 0:
+            raise RuntimeError(f"rapm trajectories failed: {made.stderr[-3000:]}")
+
+    config_file = folder / "train.json"
+    config_file.write_text(json.dumps({**TRAIN_CONFIG, "iterations": 4}))
+    run = folder / "run"
+    made = run_to_end(train_argv(teacher, stores["mine"], run, config_file))
+    if made.returncode != 0:
+        raise RuntimeError(f"rapm train failed: {made.stderr[-3000:]}")
+    lora = folder / "lora"
+    made = run_to_end(rapm_command("export", "--run", str(run), "--out", str(lora)))
+    if made.returncode != 0:
+        raise RuntimeError(f"rapm export failed: {made.stderr[-3000:]}")
+
+    def copy(src: Path, name: str) -> Path:
+        dst = folder / name
+        shutil.copytree(src, dst)
+        return dst
+
+    def damage(path: Path, how: str) -> Path:
+        data = bytearray(path.read_bytes())
+        if how == "truncate":
+            data = data[: len(data) // 2]
+        else:
+            data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+        return path
+
+    def checkpoints_damaged() -> Path:
+        r = copy(run, "run-damaged")
+        for state in r.glob("checkpoints/step-*/state.pt"):
+            damage(state, "flip")
+        return r
+
+    def latest_damaged() -> Path:
+        r = copy(run, "run-latest-damaged")
+        damage(sorted(r.glob("checkpoints/step-*/state.pt"))[-1], "truncate")
+        return r
+
+    def shard_damaged(how: str) -> Path:
+        s = copy(stores["mine"], f"store-{how}")
+        damage(s / "shard-00001.safetensors", how)
+        return s
+
+    not_a_store = folder / "not-a-store"
+    not_a_store.mkdir()
+    (not_a_store / "notes.txt").write_text("mine")
+    empty_prompts = folder / "empty.txt"
+    empty_prompts.write_text("\n\n")
+    bad_toml = folder / "bad.toml"
+    bad_toml.write_text("lr = 1e-4\nlora_rank = \n")
+    not_a_lora = folder / "weights.safetensors"
+    save_file({"conv.weight": load_file(weights)[sorted(tensors)[0]][:2].contiguous()}, str(not_a_lora))
+    t, s = str(teacher), str(store)
+    train_fresh = ["train", "--teacher", t, "--store", s, "--no-progress"]
+    truncated_store, flipped_store = shard_damaged("truncate"), shard_damaged("flip")
+
+    # (what, argv after `rapm`, folder that must not change, words the error must hold)
+    cases = [
+        ("config file that does not parse", [*train_fresh, "--out", str(folder / "r1"), "--config", str(bad_toml)], None,
+         [str(bad_toml), "cannot be parsed"]),
+        ("unknown config field", [*train_fresh, "--out", str(folder / "r2"), "--set", "lora_rnk=4"], None,
+         ["unknown field 'lora_rnk'"]),
+        ("ill-typed config value", [*train_fresh, "--out", str(folder / "r3"), "--set", "lora_rank=many"], None,
+         ["'lora_rank' must be int"]),
+        ("config value out of range", [*train_fresh, "--out", str(folder / "r4"), "--iterations", "0"], None,
+         ["'iterations'", "at least 1"]),
+        ("missing --store", ["train", "--teacher", t, "--out", str(folder / "r5")], None, ["needs --teacher and --store"]),
+        ("--out already holds another run", [*train_fresh, "--out", str(run)], run, ["already holds a run", "--overwrite"]),
+        ("--resume without a run", ["train", "--out", str(folder / "r6"), "--resume"], None,
+         ["config.json does not exist", "not a rapm run directory"]),
+        ("resume on a store from another teacher", ["train", "--out", str(run), "--resume", "--set",
+                                                    f"store={stores['other-teacher']}"], run, ["unet_hash", "another UNet"]),
+        ("resume on a store with another N", ["train", "--out", str(run), "--resume", "--set", f"store={stores['n1']}"],
+         run, ["state.pt", "'steps'"]),
+        ("resume with another batch size", ["train", "--out", str(run), "--resume", "--batch-size", "2"], run,
+         ["state.pt", "'batch_size'"]),
+        ("resume with every checkpoint damaged", ["train", "--out", str(checkpoints_damaged()), "--resume"], None,
+         ["no checkpoint can be read", "--overwrite"]),
+        ("export of a run whose latest checkpoint is truncated", ["export", "--run", str(latest_damaged()), "--out",
+                                                                   str(folder / "lora2")], None, ["state.pt", "sha256 does not match", "delete"]),
+        ("train on a store with a truncated shard", [*train_fresh[:4], str(truncated_store), "--out", str(folder / "r7")],
+         truncated_store, ["shard-00001.safetensors", "bytes but the manifest records"]),
+        ("verify a store with a corrupted shard", ["trajectories", "--verify", str(flipped_store)], flipped_store,
+         ["shard-00001.safetensors: sha256"]),
+        ("rerun trajectories with other settings", ["trajectories", "--teacher", t, "--prompts", str(prompts), "--out",
+                                                    str(stores["mine"]), "--steps", "2", "--substeps", "3",
+                                                    "--shard-size", "2", "--batch-size", "2", "--no-progress"],
+         stores["mine"], ["substeps is 2 in the store but 3", "--overwrite"]),
+        ("trajectories into a folder that is not a store", ["trajectories", "--teacher", t, "--prompts", str(prompts),
+                                                            "--out", str(not_a_store)], not_a_store, ["not empty"]),
+        ("empty prompts file", ["trajectories", "--teacher", t, "--prompts", str(empty_prompts), "--out",
+                                str(folder / "s1")], None, ["no prompts"]),
+        ("LoRA from another base model", ["sample", "--teacher", "digits", "--lora", str(lora), "--prompt", "digit 3",
+                                          "--out", str(folder / "x1")], lora, ["does not fit the teacher"]),
+        ("file that is not a LoRA", ["sample", "--teacher", t, "--lora", str(not_a_lora), "--prompt", "a cat", "--out",
+                                     str(folder / "x2")], None, [str(not_a_lora)]),
+    ]
+    results = []
+    for what, argv, keep, words in cases:
+        before = files_digest(keep) if keep else None
+        done = run_to_end(rapm_command(*argv), timeout=300)
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        last = lines[-1] if lines else ""
+        problems = []
+        if done.returncode != 1:
+            problems.append(f"exit {done.returncode}")
+        if "Traceback" in done.stderr or not last.startswith("error: "):
+            problems.append(f"not one error line: {done.stderr[-1500:]}")
+        problems += [f"the error does not say {w!r}" for w in words if w not in last]
+        if keep and files_digest(keep) != before:
+            problems.append(f"{keep} changed")
+        results.append({"input": what, "command": "rapm " + " ".join(argv), "error": last, "problems": problems})
+    return results
+
+
+# --- the benchmark ------------------------------------------------------------------------------------------------------
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--train-kills", type=int, default=50)
+    parser.add_argument("--trajectory-kills", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    os.environ.update({k: v for k, v in environment().items() if k in ("OMP_NUM_THREADS", "HF_HUB_OFFLINE", "PYTHONPATH")})
+    import torch
+
+    torch.set_num_threads(1)
+    from rapm.tiny import build_tiny_pipeline
+
+    rng = random.Random(args.seed)
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="rapm-faults-") as tmp:
+        tmp = Path(tmp)
+        teacher = build_tiny_pipeline(tmp / "tiny-sd", family="sd")
+        prompts = write_prompts(tmp / "prompts.txt", 12 * args.trajectory_kills)  # enough that every kill lands in work
+        (tmp / "traj").mkdir()
+        print(f"rapm trajectories: {args.trajectory_kills} kills", flush=True)
+        traj = trajectories_faults(teacher, prompts, tmp / "traj", TRAJECTORY_SETTINGS, args.trajectory_kills, rng)
+        store = tmp / "traj" / "straight"
+        (tmp / "train").mkdir()
+        print(f"rapm train: {args.train_kills} kills", flush=True)
+        trained = train_faults(teacher, store, tmp / "train", iterations=6 * args.train_kills, kills=args.train_kills,
+                               rng=rng)
+        print("bad inputs", flush=True)
+        bad = bad_inputs(teacher, store, tmp / "bad")
+    seconds = time.perf_counter() - began
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "command": f"OMP_NUM_THREADS=1 .venv/bin/python benchmarks/faults.py --train-kills {args.train_kills} "
+                   f"--trajectory-kills {args.trajectory_kills} --seed {args.seed}",
+        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, 1 torch thread per process, load average "
+                   f"{os.getloadavg()[0]:.1f} at the end",
+        "seconds": round(seconds),
+        "trajectories": traj, "train": trained,
+        "bad_inputs": {"tried": len(bad), "clear": sum(not b["problems"] for b in bad), "cases": bad},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "faults.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "faults.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def markdown(r: dict) -> str:
+    t, tr, b = r["trajectories"], r["train"], r["bad_inputs"]
+
+    def modes(kills):
+        return ", ".join(f"{sum(k['mode'] == m for k in kills)} {m}" for m in ("start-up", "work"))
+
+    lines = [
+        "# Faults: kills and bad inputs", "",
+        f"`{r['command']}` ({r['date']}; {r['machine']}; {r['seconds']} s). Tiny random SD pipeline; each verb a real "
+        "process killed with SIGKILL at a random moment (during start-up, or a random time after its k-th new "
+        "iteration or shard), checked, and rerun until done; compared with an uninterrupted process.", "",
+        "| verb | kills survived | runs | work | lost | checked after every kill | end result |",
+        "| --- | ---: | ---: | --- | ---: | --- | --- |",
+        f"| `rapm trajectories` | {t['survived']} of {t['kills']} ({modes(t['kill_log'])}) | {t['runs']} | {t['trajectories']} "
+        f"trajectories, 1 a shard; {t['shards_redone']} shards recomputed after kills | {t['trajectories_lost']} trajectories | "
+        f"every shard with a done-record matches its sha256 | store {'byte-identical' if t['byte_identical'] else 'DIFFERS'} "
+        f"({t['store_bytes']:,} bytes; at most {t['max_bytes_while_killed']:,} on disk while killed) |",
+        f"| `rapm train` | {tr['survived']} of {tr['kills']} ({modes(tr['kill_log'])}) | {tr['runs']} | {tr['iterations']} "
+        f"iterations, checkpoint every 2, keep 2; {tr['iterations_redone']} iterations redone after kills | "
+        f"{tr['runs_lost']} runs | every listed checkpoint loads (sha256) and is finite; checkpoints/ holds at most "
+        f"keep + 1 entries | losses {'equal' if tr['losses_equal'] else 'DIFFER'}, final weights "
+        f"{'equal' if not tr['problems'] else 'see problems'}; run {tr['run_bytes']:,} bytes (at most "
+        f"{tr['max_bytes_while_killed']:,} while killed); no temp file left |", "",
+        f"Bad inputs: {b['clear']} of {b['tried']} gave one `error:` line naming the file or field and the fix, exit 1, "
+        "no traceback, and left the run or store they touched unchanged.", "",
+        "| bad input | error (first 150 characters) | ok |", "| --- | --- | --- |",
+    ]
+    for c in b["cases"]:
+        text = c["error"][:150].replace("|", "\\|")
+        lines.append(f"| {c['input']} | {text} | {'yes' if not c['problems'] else '; '.join(c['problems'])[:200]} |")
+    problems = t["problems"] + tr["problems"]
+    lines += ["", f"Problems: {len(problems)}" + ("" if not problems else ": " + "; ".join(problems)[:2000]), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
