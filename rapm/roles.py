@@ -148,3 +148,32 @@ def student_role(unet: torch.nn.Module):
 
 def discriminator_role(unet: torch.nn.Module):
     return adapter_role(unet, DISCRIMINATOR)
+
+
+def enable_gradient_checkpointing(unet: torch.nn.Module) -> None:
+    """diffusers' gradient checkpointing, made role-aware.
+
+    The recompute of a checkpointed block runs during ``backward()``, after the role's context manager has exited
+    (one backward covers the student step and the discriminator pass of a slot). Plain checkpointing would recompute
+    every block under whatever adapter is active then: wrong gradients, or a shape error when the ranks differ. Here
+    each checkpoint records the adapter state of its forward and restores it for its recompute.
+    """
+    from contextlib import nullcontext
+
+    from torch.utils.checkpoint import checkpoint
+
+    def checkpoint_in_role(function, *args):
+        state = _get_state(unet)  # the role of this forward
+
+        @contextmanager
+        def same_role():
+            previous = _get_state(unet)
+            _set_state(unet, state)
+            try:
+                yield
+            finally:
+                _set_state(unet, previous)
+
+        return checkpoint(function, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), same_role()))
+
+    unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_in_role)

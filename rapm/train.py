@@ -32,7 +32,8 @@ from rapm.config import ConfigError, TrainConfig
 from rapm.discriminator import Discriminator, DiscriminatorSpec
 from rapm.errors import RapmError
 from rapm.methods import Context, Setup, TrajectoryBatch, build_method
-from rapm.roles import DISCRIMINATOR, STUDENT, LoraSpec, add_roles, lora_parameters, set_trainable
+from rapm.roles import (DISCRIMINATOR, STUDENT, LoraSpec, add_roles, enable_gradient_checkpointing, lora_parameters,
+                        set_trainable)
 from rapm.store import atomic_write, sha256_file
 from rapm.teacher import load_teacher, read_model_index, resolve_teacher_path
 
@@ -245,7 +246,7 @@ def build_models(config: TrainConfig, device: torch.device, need_vae: bool, with
     for p in list(lora_parameters(teacher.unet, STUDENT).values()) + list(lora_parameters(teacher.unet, DISCRIMINATOR).values()):
         p.data = p.data.float()  # trainable weights stay float32 under mixed precision
     if config.gradient_checkpointing:
-        teacher.unet.enable_gradient_checkpointing()
+        enable_gradient_checkpointing(teacher.unet)  # role-aware: the recompute uses the forward's adapter
     disc = None
     if with_discriminator:
         spec = DiscriminatorSpec(config.disc_levels, config.disc_heads_per_level, config.disc_kernel_size)

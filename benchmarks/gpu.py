@@ -1,0 +1,185 @@
+"""GPU: seconds per RAPM iteration and peak GPU memory on SD 1.5 and SDXL UNet architectures.
+
+The UNets are built from SD 1.5's and SDXL base's public configs (benchmarks/harness.py) with random weights, in
+bf16 (trainable LoRA and heads in float32 under bf16 autocast, as ``rapm train --set mixed_precision=bf16``),
+batch 1, N = 4, the sd15 / sdxl presets (LoRA rank 64, discriminator heads as PCM). Nothing is downloaded and no
+store is needed: the iteration is benchmarks/harness.py ``Loop``, the trainer's loop body (the method's losses,
+per-slot backward, clipping, AdamW, EMA) on random stored-trajectory tensors. Each model runs with and without
+gradient checkpointing.
+
+Aims on one H100: SDXL under 24 GB peak (with gradient checkpointing), SD 1.5 under 0.5 s per iteration.
+
+    .venv/bin/python benchmarks/gpu.py                               # a CUDA machine: SD 1.5 and SDXL, full size
+    .venv/bin/python benchmarks/gpu.py --tiny --device cpu           # the same code path at a tiny size (tests)
+
+Writes benchmarks/results/gpu.{json,md} (``--out`` elsewhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import SD15_UNET, SDXL_UNET, Loop, median, reduced  # noqa: E402
+
+AIMS = {"sd15": ("seconds per iteration", 0.5), "sdxl": ("peak GiB", 24.0)}
+GiB = 2**30
+
+
+def unet_config(model: str, tiny: bool) -> dict:
+    config = SD15_UNET if model == "sd15" else SDXL_UNET
+    if not tiny:
+        return dict(config)
+    small = reduced(config, width=20, sample_size=8, transformer_layers=1)
+    if model == "sdxl":  # SDXL's attention_head_dim counts heads of 64 channels; keep whole heads at 1/20 width
+        small["attention_head_dim"] = [max(1, c // 64) for c in small["block_out_channels"]]
+    return small
+
+
+def build(model: str, tiny: bool, device: torch.device, checkpointing: bool, rank: int | None):
+    """The one UNet with its adapters and the discriminator heads, as rapm.train.build_models makes them."""
+    from diffusers import UNet2DConditionModel
+
+    from rapm import config as cfg
+    from rapm.diffusion import coarse_timesteps, schedule_from_config
+    from rapm.discriminator import Discriminator, DiscriminatorSpec
+    from rapm.roles import DISCRIMINATOR, STUDENT, LoraSpec, add_roles, enable_gradient_checkpointing, lora_parameters
+    from rapm.teacher import Conditioning
+    from rapm.tiny import SD_SCHEDULER
+    from rapm.train import student_spec, weight_dtype
+
+    overrides = dict(cfg.PRESETS[model], mixed_precision="bf16", gradient_checkpointing=checkpointing, batch_size=1)
+    if rank is not None:
+        overrides.update(lora_rank=rank, disc_lora_rank=rank)
+    config = cfg.apply_overrides(cfg.TrainConfig(), overrides, f"preset {model}")
+    dtype = weight_dtype(config, device)
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**unet_config(model, tiny))
+    unet.to(dtype).requires_grad_(False)
+    disc_spec = LoraSpec(config.disc_lora_rank, config.disc_lora_alpha, list(config.lora_targets))
+    add_roles(unet, student_spec(config), disc_spec)
+    for p in list(lora_parameters(unet, STUDENT).values()) + list(lora_parameters(unet, DISCRIMINATOR).values()):
+        p.data = p.data.float()
+    if checkpointing:
+        enable_gradient_checkpointing(unet)
+    disc = Discriminator(unet, DiscriminatorSpec(config.disc_levels, config.disc_heads_per_level,
+                                                 config.disc_kernel_size)).to(device)
+    c = unet.config
+    n = 4
+    latents = torch.randn(1, n + 1, c.in_channels, c.sample_size, c.sample_size, device=device, dtype=dtype)
+    embeds = torch.randn(1, 77, c.cross_attention_dim, device=device, dtype=dtype)
+    if c.addition_embed_type == "text_time":
+        pooled = torch.randn(1, c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim, device=device,
+                             dtype=dtype)
+        size = 8 * c.sample_size
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=device, dtype=dtype)
+        cond = Conditioning(embeds, pooled, time_ids)
+        uncond = cond.map(torch.zeros_like)
+        uncond.time_ids = time_ids
+        guidance = 5.0
+    else:
+        cond, uncond, guidance = Conditioning(embeds), Conditioning(torch.randn_like(embeds)), 7.5
+    from rapm.methods import TrajectoryBatch
+
+    schedule = schedule_from_config(SD_SCHEDULER, source="benchmarks/gpu.py")
+    loop = Loop(unet, disc, schedule, config, coarse_timesteps(1000, n), guidance, delta=10)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    return loop, TrajectoryBatch(latents, cond, uncond), autocast, config, sum(p.numel() for p in unet.parameters())
+
+
+def measure(model: str, tiny: bool, device: torch.device, checkpointing: bool, warmup: int, iterations: int,
+            rank: int | None) -> dict:
+    cuda = device.type == "cuda"
+    loop, batch, autocast, config, params = build(model, tiny, device, checkpointing, rank)
+    for i in range(warmup):
+        loop.iteration(batch, "discriminator" if i % 2 == 0 else "student", autocast=autocast)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    seconds = {"discriminator": [], "student": []}
+    for i in range(2 * iterations):
+        phase = "discriminator" if i % 2 == 0 else "student"
+        start = time.perf_counter()
+        loop.iteration(batch, phase, autocast=autocast)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds[phase].append(time.perf_counter() - start)
+    d, s = median(seconds["discriminator"]), median(seconds["student"])
+    row = {"model": model, "tiny": tiny, "gradient_checkpointing": checkpointing, "unet_parameters": params,
+           "latent_shape": [batch.latents.shape[2], batch.latents.shape[3], batch.latents.shape[4]],
+           "lora_rank": config.lora_rank, "dtype": str(next(loop.unet.parameters()).dtype).replace("torch.", ""),
+           "seconds": {"discriminator": round(d, 4), "student": round(s, 4), "mean": round((d + s) / 2, 4)},
+           "iterations_timed": {k: len(v) for k, v in seconds.items()}}
+    if cuda:
+        row["peak_gib"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
+    what, limit = AIMS[model]
+    value = row["seconds"]["mean"] if what.startswith("seconds") else row.get("peak_gib")
+    row["aim"] = f"{what} < {limit}"
+    row["aim_met"] = (value < limit) if (cuda and not tiny and value is not None) else None
+    del loop, batch
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return row
+
+
+def markdown(result: dict) -> str:
+    lines = ["# GPU: RAPM iteration on SD 1.5 and SDXL architectures (random weights)", "",
+             f"`{result['command']}` on {result['machine']['date']}, {result['machine']['device']}, torch "
+             f"{result['machine']['torch']}. Batch 1, N = 4, medians.", "",
+             "| model | UNet parameters | latents | gradient checkpointing | D iteration s | student iteration s | mean s | "
+             "peak GiB | aim | met |", "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | --- | --- |"]
+    for r in result["rows"]:
+        met = {True: "yes", False: "no", None: "n/a"}[r["aim_met"]]
+        peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "n/a (CPU)"
+        lines.append(f"| {r['model']}{' (tiny)' if r['tiny'] else ''} | {r['unet_parameters'] / 1e6:,.1f}M | "
+                     f"{'x'.join(map(str, r['latent_shape']))} | {'yes' if r['gradient_checkpointing'] else 'no'} | "
+                     f"{r['seconds']['discriminator']:.3f} | {r['seconds']['student']:.3f} | {r['seconds']['mean']:.3f} | "
+                     f"{peak} | {r['aim']} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="sd15,sdxl")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="1/20 width, 8x8 latents: the code path, not the numbers")
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--iterations", type=int, default=10, help="timed iterations of each phase")
+    parser.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the preset's)")
+    parser.add_argument("--checkpointing", default="no,yes", help="gradient checkpointing settings to run")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device here; run with --tiny --device cpu to check the code path")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    rows = []
+    for model in args.models.split(","):
+        for ckpt in args.checkpointing.split(","):
+            rows.append(measure(model, args.tiny, device, ckpt == "yes", args.warmup, args.iterations, args.rank))
+            print(json.dumps(rows[-1]), flush=True)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    command = "benchmarks/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    result = {"benchmark": "gpu", "command": command.strip(), "rows": rows,
+              "machine": {"date": time.strftime("%Y-%m-%d"), "device": name, "torch": torch.__version__,
+                          "platform": platform.platform()}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / "gpu.md").write_text(markdown(result))
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

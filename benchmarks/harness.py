@@ -1,0 +1,329 @@
+"""What the speed, memory and GPU benchmarks share: the public UNet configs, random teachers built from them,
+and the UNet passes of one RAPM iteration, each runnable alone (the floor) or as a per-slot loop.
+
+The configs are SD 1.5's and SDXL base's ``unet/config.json`` as published (the fields that differ from
+diffusers' defaults); weights are random, nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# runwayml/stable-diffusion-v1-5, unet/config.json
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[320, 640, 1280, 1280],
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, act_fn="silu", center_input_sample=False,
+    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1, norm_eps=1e-5,
+)
+
+# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[320, 640, 1280],
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    transformer_layers_per_block=[1, 2, 10], attention_head_dim=[5, 10, 20], use_linear_projection=True,
+    cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
+    upcast_attention=False,
+)
+
+
+def reduced(config: dict, width: int, sample_size: int, transformer_layers: int | None = None) -> dict:
+    """The same architecture with block widths divided by ``width`` (heads kept), at ``sample_size`` latents."""
+    import math
+
+    channels = [c // width for c in config["block_out_channels"]]
+    out = dict(config, block_out_channels=channels, sample_size=sample_size,
+               norm_num_groups=math.gcd(config.get("norm_num_groups", 32), *channels))
+    if isinstance(config.get("attention_head_dim"), list):  # SDXL gives head dims per block: keep 64-wide heads' count
+        out["attention_head_dim"] = [max(1, h // width) for h in config["attention_head_dim"]]
+    if transformer_layers is not None and "transformer_layers_per_block" in config:
+        out["transformer_layers_per_block"] = [min(transformer_layers, n) for n in config["transformer_layers_per_block"]]
+    if config.get("addition_embed_type") == "text_time":
+        pooled = 1280 // width
+        out["projection_class_embeddings_input_dim"] = pooled + 6 * config["addition_time_embed_dim"]
+        out["cross_attention_dim"] = config["cross_attention_dim"] // width
+    return out
+
+
+def unet_parameters(config: dict) -> int:
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in UNet2DConditionModel(**config).parameters())
+
+
+def build_sd_teacher(folder: Path, unet_config: dict, seed: int = 0) -> Path:
+    """A StableDiffusionPipeline folder: the UNet of ``unet_config`` (random), a one-layer CLIP text encoder of the
+    UNet's cross-attention width, a tiny VAE. Enough for ``rapm trajectories`` and ``rapm train``."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from rapm.tiny import SD_SCHEDULER, build_clip_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(["a", "photo", "of", "cat", "dog", "red", "blue", "car"], model_max_length=77)
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    hidden = unet_config["cross_attention_dim"]
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden, num_attention_heads=8,
+        num_hidden_layers=1, max_position_embeddings=77, bos_token_id=0, eos_token_id=eos, pad_token_id=eos))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[8, 8, 8, 8],
+                        layers_per_block=1, down_block_types=["DownEncoderBlock2D"] * 4,
+                        up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=4)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=UNet2DConditionModel(**unet_config),
+        scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+def timed(fn, repeat: int, setup=None) -> list[float]:
+    out = []
+    for _ in range(repeat):
+        if setup is not None:
+            setup()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------- the passes
+
+@dataclass
+class Passes:
+    """The UNet passes of one RAPM iteration (Alg. 2 with the batching of DESIGN.md decision 2), each callable alone.
+
+    B trajectories, N slots. Student iteration: teacher Δ-step (2BN rows: cond and uncond), frozen student (BN),
+    then per slot a student step with backward (B) and a discriminator pass with backward to its input (B).
+    Discriminator iteration: N student steps without grad (B), teacher Δ-step (2BN), frozen student (BN), one
+    discriminator pass with backward over fakes and both reals (3BN).
+    """
+
+    unet: torch.nn.Module
+    disc: torch.nn.Module  # rapm.discriminator.Discriminator
+    latents: torch.Tensor  # [B, N+1, C, H, W]
+    cond: object  # Conditioning [B]
+    uncond: object | None
+
+    def __post_init__(self):
+        self.b, self.n = self.latents.shape[0], self.latents.shape[1] - 1
+        self.guided = self.uncond is not None
+
+    def _t(self, rows: int) -> torch.Tensor:
+        return torch.full((rows,), 500, device=self.latents.device)
+
+    def _x(self, rows: int) -> torch.Tensor:
+        return self.latents.flatten(0, 1)[:1].expand(rows, *self.latents.shape[2:]).contiguous()
+
+    def _cond(self, rows: int):
+        return self.cond.repeat(rows // self.b)
+
+    # Each pass is (setup, run): the setup (role, which parameters train) is not timed, the run is the pass alone.
+    def forward(self, role: str, rows: int, guided: bool = False):
+        """A no-grad UNet forward of ``role`` (teacher, student) at ``rows`` rows (twice that with cond+uncond)."""
+        from rapm.roles import STUDENT, _set_state, activate
+        from rapm.teacher import Conditioning, unet_output
+
+        cond = self._cond(rows)
+        if guided and self.guided:
+            cond = Conditioning.cat([cond, self.uncond.repeat(rows // self.b)])
+        total = len(cond)
+        x, t = self._x(total), self._t(total)
+
+        def setup():
+            activate(self.unet, STUDENT)
+            if role == "teacher":
+                _set_state(self.unet, (True, [STUDENT]))  # adapters disabled, as rapm.roles.teacher_role
+
+        def run():
+            with torch.no_grad():
+                unet_output(self.unet, x, t, cond)
+
+        return setup, run
+
+    def student_backward(self, rows: int):
+        """A student forward at ``rows`` rows and its backward into the student LoRA."""
+        from rapm.roles import STUDENT, activate, set_trainable
+        from rapm.teacher import unet_output
+
+        x, t, cond = self._x(rows), self._t(rows), self._cond(rows)
+
+        def setup():
+            set_trainable(self.unet, STUDENT)
+            self.disc.requires_grad_(False)
+            activate(self.unet, STUDENT)
+            self.unet.zero_grad(set_to_none=True)
+
+        def run():
+            unet_output(self.unet, x, t, cond).float().square().mean().backward()
+
+        return setup, run
+
+    def discriminator_backward(self, rows: int, train_discriminator: bool):
+        """A discriminator pass (backbone with its adapter, both head sets) and its backward: into the adapter and the
+        heads (discriminator iteration) or into the input only (student iteration)."""
+        from rapm.discriminator import backbone_features
+        from rapm.roles import DISCRIMINATOR, activate, set_trainable
+
+        x, t, cond = self._x(rows), self._t(rows), self._cond(rows)
+
+        def setup():
+            set_trainable(self.unet, DISCRIMINATOR if train_discriminator else None)
+            self.disc.requires_grad_(train_discriminator)
+            activate(self.unet, DISCRIMINATOR)
+            self.unet.zero_grad(set_to_none=True)
+            self.disc.zero_grad(set_to_none=True)
+
+        def run():
+            xi = x.detach().requires_grad_(not train_discriminator)
+            feats = backbone_features(self.unet, xi, t, cond, self.disc.spec.levels)
+            logits = self.disc.relative(feats) + self.disc.absolute(feats)
+            sum(h.float().mean() for h in logits).backward()
+
+        return setup, run
+
+    def plan(self) -> dict[str, dict[str, tuple[int, object]]]:
+        """For each phase: pass name -> (how many an iteration makes, (setup, run))."""
+        b, n = self.b, self.n
+        shared = {f"teacher Δ-step ({2 * b * n if self.guided else b * n} rows, no grad)": (1, self.forward("teacher", b * n, guided=True)),
+                  f"frozen student ({b * n} rows, no grad)": (1, self.forward("student", b * n))}
+        return {
+            "student": {**shared,
+                        f"student step + backward ({b} rows)": (n, self.student_backward(b)),
+                        f"discriminator pass + backward to input ({b} rows)": (n, self.discriminator_backward(b, False))},
+            "discriminator": {f"student step ({b} rows, no grad)": (n, self.forward("student", b)), **shared,
+                              f"discriminator pass + backward ({3 * b * n} rows)": (1, self.discriminator_backward(3 * b * n, True))},
+        }
+
+
+# ---------------------------------------------------------------------------------------------- the loops
+
+class Loop:
+    """One training iteration outside ``rapm.train.train``: the same models, optimizers, clipping and EMA, with the
+    loss either from the method (``batched``, what the trainer runs) or from a straightforward per-slot loop.
+
+    ``rapm.train.train`` is what the speed benchmark times as "the iteration"; this class gives the per-slot loop
+    to compare with, and the iteration on machines where no store or pipeline folder is wanted (benchmarks/gpu.py).
+    """
+
+    def __init__(self, unet, disc, schedule, config, timesteps: list[int], guidance: float, delta: int):
+        from rapm.methods import build_method
+        from rapm.roles import DISCRIMINATOR, STUDENT, lora_parameters
+        from rapm.train import constant_schedule, make_optimizer
+
+        self.unet, self.disc, self.schedule, self.config = unet, disc, schedule, config
+        self.timesteps, self.guidance, self.delta = timesteps, guidance, delta
+        self.method = build_method(config, delta)
+        self.student_params = lora_parameters(unet, STUDENT)
+        self.disc_params = {**lora_parameters(unet, DISCRIMINATOR), **{f"heads.{k}": p for k, p in disc.named_parameters()}}
+        self.opt_student = make_optimizer(list(self.student_params.values()), config.lr, config.adam_betas,
+                                          config.weight_decay, config.use_8bit_adam)
+        self.opt_disc = make_optimizer(list(self.disc_params.values()), config.disc_lr, config.disc_betas,
+                                       config.disc_weight_decay, config.use_8bit_adam)
+        self.sched = {"student": constant_schedule(self.opt_student), "discriminator": constant_schedule(self.opt_disc)}
+        self.ema = ({k: p.detach().float().clone() for k, p in self.student_params.items()}
+                    if config.ema_decay > 0 else None)
+        self.step = 0
+
+    def context(self, batch, positions: list[int]):
+        from rapm.methods import Context
+        from rapm.train import sample_generators
+
+        return Context(self.unet, self.schedule, self.timesteps, self.guidance,
+                       sample_generators(self.config.seed, positions), self.disc)
+
+    def iteration(self, batch, phase: str, per_slot: bool = False, autocast=None) -> float:
+        """One update of ``phase``, as rapm.train's loop body makes it; returns the loss."""
+        from contextlib import nullcontext
+
+        from rapm.roles import DISCRIMINATOR, STUDENT, set_trainable
+        from rapm.train import update_ema
+
+        positions = list(range(self.step * batch.latents.shape[0], (self.step + 1) * batch.latents.shape[0]))
+        set_trainable(self.unet, DISCRIMINATOR if phase == "discriminator" else STUDENT)
+        self.disc.requires_grad_(phase == "discriminator")
+        params = self.disc_params if phase == "discriminator" else self.student_params
+        optimizer = self.opt_disc if phase == "discriminator" else self.opt_student
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        with autocast or nullcontext():
+            if per_slot:
+                losses = per_slot_losses(self, batch, phase, positions)
+            else:
+                losses = (self.method.discriminator_losses if phase == "discriminator" else self.method.generator_losses)(
+                    self.context(batch, positions), batch)
+            for loss, _ in losses:
+                loss.backward()
+                total += loss.item()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), self.config.grad_clip)
+        optimizer.step()
+        self.sched[phase].step()
+        if self.ema is not None and phase == "student":
+            update_ema(self.ema, self.student_params, self.config.ema_decay)
+        self.step += 1
+        return total
+
+
+def per_slot_losses(loop: Loop, batch, phase: str, positions: list[int]):
+    """The same losses as ``RAPM`` without batching across slots: one trajectory, one slot, one UNet pass at a time
+    (cond and uncond of the teacher's guided step, and a slot's fake and reals for the discriminator, still share a
+    pass). The straightforward loop to compare the batched iteration with."""
+    from rapm.discriminator import hinge_discriminator_loss, hinge_generator_loss
+    from rapm.methods import TrajectoryBatch
+    from rapm.methods.base import discriminator_timesteps, renoise, student_step, teacher_step
+    from rapm.teacher import Conditioning
+
+    m = loop.method
+    b, n = batch.latents.shape[0], len(loop.timesteps) - 1
+    for i in range(b):
+        one = TrajectoryBatch(batch.latents[i:i + 1], batch.cond[i:i + 1],
+                              batch.uncond[i:i + 1] if batch.uncond is not None else None)
+        ctx = loop.context(one, positions[i:i + 1])
+        z = one.latents[:, 0]
+        for j in range(n):
+            slot = n - 1 - j
+            t = torch.full((1,), loop.timesteps[j])
+            s = torch.full((1,), loop.timesteps[j + 1])
+            with torch.no_grad():
+                mid = teacher_step(ctx, one.latents[:, j], t, t - m.delta, one.cond, one.uncond)
+                rel = student_step(ctx, mid, t - m.delta, s, one.cond)
+            target = one.latents[:, j + 1]
+            t_gan = discriminator_timesteps(ctx, s)
+            if phase == "student":
+                z_n = student_step(ctx, z, t, s, one.cond)
+                loss = m.distance_fn(z_n, rel) + m.weight(slot) * m.distance_fn(z_n, target)
+                if m.uses_discriminator:
+                    x = renoise(ctx, z_n, s, t_gan, ctx.randn(z_n))
+                    logits = ctx.discriminator.logits(ctx.unet, x, t_gan, one.cond)
+                    loss = loss + m.adv_weight * (hinge_generator_loss(logits["relative"])
+                                                  + m.weight(slot) * hinge_generator_loss(logits["absolute"]))
+                yield loss / b, {}
+                z = z_n.detach()
+            else:
+                with torch.no_grad():
+                    z = student_step(ctx, z, t, s, one.cond)
+                noise = ctx.randn(z)
+                x = renoise(ctx, torch.cat([z, rel, target]), s.repeat(3), t_gan.repeat(3), noise.repeat(3, 1, 1, 1))
+                logits = ctx.discriminator.logits(ctx.unet, x, t_gan.repeat(3), Conditioning.cat([one.cond] * 3))
+                d = (hinge_discriminator_loss([h[:1] for h in logits["relative"]], [h[1:2] for h in logits["relative"]])
+                     + m.weight(slot) * hinge_discriminator_loss([h[:1] for h in logits["absolute"]],
+                                                                 [h[2:3] for h in logits["absolute"]]))
+                yield d / (n * b), {}
