@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
-import typer
+# transformers warns, at import, that its image processors fall back to PIL without torchvision: rapm never uses
+# them, and the line would sit in the middle of every verb's output. Its errors still show. Set the variable to
+# override.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from rapm.errors import RapmError
+import typer  # noqa: E402
+
+from rapm.errors import RapmError  # noqa: E402
 
 app = typer.Typer(
     add_completion=False,
