@@ -44,3 +44,20 @@ def sd_store(tiny_sd, tmp_path_factory):
     prompts.write_text("a photo of a cat\na red car\na blue dog\na photo of a dog\n")
     write_trajectories(tiny_sd, prompts, folder / "store", steps=2, substeps=3, guidance=3.0, shard_size=2, progress=False)
     return folder / "store"
+
+
+@pytest.fixture(scope="session")
+def other_sd(tiny_sd, tmp_path_factory):
+    """The tiny SD teacher with slightly different UNet weights: another teacher of the same shape."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path_factory.mktemp("other") / "sd"
+    shutil.copytree(tiny_sd, folder)
+    weights = next((folder / "unet").glob("*.safetensors"))
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, weights)
+    return folder

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import rapm.trajectories as trajectories
 from rapm.teacher import BUILTIN_TEACHERS, load_teacher
@@ -72,19 +72,6 @@ def sd_store(tiny_sd, prompts_file, tmp_path_factory):
 def store_copy(sd_store, tmp_path):
     folder = tmp_path / "store"
     shutil.copytree(sd_store.path, folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def other_sd(tiny_sd, tmp_path_factory):
-    """The tiny SD teacher with slightly different UNet weights: another teacher of the same shape."""
-    folder = tmp_path_factory.mktemp("other") / "sd"
-    shutil.copytree(tiny_sd, folder)
-    weights = next((folder / "unet").glob("*.safetensors"))
-    tensors = load_file(weights)
-    name = sorted(tensors)[0]
-    tensors[name] = tensors[name] + 1e-3
-    save_file(tensors, weights)
     return folder
 
 
