@@ -80,9 +80,13 @@ def _folder_items(folder: Path, size: int) -> tuple[torch.Tensor, list[str]]:
 
 
 @torch.no_grad()
-def load_real_data(spec: str, teacher_path: str, device: torch.device | str = "cpu", batch_size: int = 16) -> RealData:
-    """Real data ``spec`` ("digits" or a folder) encoded for the teacher at ``teacher_path``; see the module docstring."""
-    teacher = load_teacher(teacher_path, device=device, text_encoders=True, vae=True)
+def load_real_data(spec: str, teacher_path: str, device: torch.device | str = "cpu", batch_size: int = 16,
+                   dtype: torch.dtype = torch.float32, unet: torch.nn.Module | None = None) -> RealData:
+    """Real data ``spec`` ("digits" or a folder) encoded for the teacher at ``teacher_path``; see the module docstring.
+
+    ``unet``: training's UNet, so that only the text encoders and the VAE are loaded (never a second UNet).
+    """
+    teacher = load_teacher(teacher_path, device=device, dtype=dtype, text_encoders=True, vae=True, unet=unet)
     images, texts = _digits_items() if spec == "digits" else _folder_items(Path(spec), teacher.image_size)
     if teacher.vae is None:  # a pixel-space teacher (digits): the images are the latents
         channels = teacher.latent_shape[0]

@@ -187,11 +187,13 @@ def load_teacher(
     dtype: torch.dtype = torch.float32,
     text_encoders: bool = True,
     vae: bool = False,
+    unet: torch.nn.Module | None = None,
 ) -> Teacher:
     """Load a teacher from a local diffusers folder (or the built-in 'digits').
 
     Training never needs the text encoders (embeddings come from the store) and
     only sampling needs the VAE, so both are optional to keep memory to one UNet.
+    ``unet``: the teacher's UNet already in memory (training's one UNet), used instead of loading a second.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -208,8 +210,9 @@ def load_teacher(
     except ScheduleError as e:
         raise TeacherError(str(e)) from None
 
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype).to(device)
-    unet.requires_grad_(False)
+    if unet is None:
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype).to(device)
+        unet.requires_grad_(False)
     if family == "sdxl" and unet.config.addition_embed_type != "text_time":
         raise TeacherError(f"{path / 'unet' / 'config.json'}: addition_embed_type must be 'text_time' for an SDXL teacher")
 

@@ -210,7 +210,21 @@ def test_pcm_reads_a_folder_of_captioned_images(tiny_sd, sd_store, tmp_path):
     assert data.texts == ["a blue dog", "a cat", "a red car"] and len(data.captions) == 3
     config = apply_overrides(TrainConfig(), {**SMALL, "teacher": str(tiny_sd), "store": str(sd_store), "method": "pcm",
                                              "real_data": str(folder), "iterations": 2, "batch_size": 1}, "t")
-    assert train(config, tmp_path / "run", progress=False).step == 2
+    from diffusers import UNet2DConditionModel
+
+    loads = []
+    original = UNet2DConditionModel.from_pretrained.__func__
+
+    def counting(cls, *args, **kwargs):
+        loads.append(kwargs.get("subfolder"))
+        return original(cls, *args, **kwargs)
+
+    UNet2DConditionModel.from_pretrained = classmethod(counting)
+    try:
+        assert train(config, tmp_path / "run", progress=False).step == 2
+    finally:
+        UNet2DConditionModel.from_pretrained = classmethod(original)
+    assert loads == ["unet"]  # encoding the real data loaded text encoders and VAE around the one UNet, no second
     (folder / "1.txt").unlink()
     with pytest.raises(ConfigError, match=r"1\.txt is missing"):
         load_real_data(str(folder), str(tiny_sd))

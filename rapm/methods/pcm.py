@@ -49,7 +49,8 @@ class PCM(MethodBase):
 
         self.substeps = self.substeps or setup.store.substeps
         if self.data is None:
-            self.data = load_real_data(self.real_data, setup.config.teacher, device=setup.device)
+            self.data = load_real_data(self.real_data, setup.config.teacher, device=setup.device, dtype=setup.dtype,
+                                       unet=setup.unet)  # text encoders and VAE only: no second UNet
 
     def draw(self, ctx: Context, batch_size: int, device, dtype: torch.dtype) -> dict:
         """Each sample's real image, caption, phase, point in the phase and noise, from its own generator."""
