@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 # transformers warns, at import, that its image processors fall back to PIL without torchvision: rapm never uses
 # them, and the line would sit in the middle of every verb's output. Its errors still show. Set the variable to
@@ -59,8 +60,19 @@ def _register() -> None:
 _register()
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """rapm's own warnings (a skipped damaged checkpoint, truncated prompts) as one line, like its errors."""
+    if category.__module__.startswith("rapm"):
+        return f"warning: {message}\n"
+    return _default_format(message, category, filename, lineno, line)
+
+
+_default_format = warnings.formatwarning
+
+
 def main() -> None:
-    """Entry point: user errors print as one line, without a traceback."""
+    """Entry point: user errors print as one line, without a traceback; rapm's warnings as one line too."""
+    warnings.formatwarning = _warning_line
     try:
         app()
     except RapmError as e:
