@@ -53,14 +53,35 @@ def add_roles(unet: torch.nn.Module, student: LoraSpec, discriminator: LoraSpec 
     The student adapter starts at zero (LoRA B = 0), so the student begins as the teacher.
     """
     unet.requires_grad_(False)
-    with warnings.catch_warnings():  # peft warns that a second adapter is added: that is the design
-        warnings.filterwarnings("ignore", message=".*multiple adapters.*")
-        if discriminator is not None:
-            unet.add_adapter(discriminator.peft_config(), adapter_name=DISCRIMINATOR)
-        unet.add_adapter(student.peft_config(), adapter_name=STUDENT)
+    if discriminator is not None:
+        _inject(unet, discriminator, DISCRIMINATOR)
+    _inject(unet, student, STUDENT)
     unet.set_adapter(STUDENT)
     unet._rapm_lora_layers = None
     set_trainable(unet, None)
+
+
+def add_frozen_adapter(unet: torch.nn.Module, name: str, spec: LoraSpec) -> None:
+    """One more adapter beside the roles (float32, never trained; once): progressive distillation's last-round student.
+
+    Which adapter is active and which parameters train stay as they were (diffusers' add_adapter changes both).
+    """
+    if name in getattr(unet, "peft_config", {}):
+        return
+    state = _get_state(unet)
+    trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
+    _inject(unet, spec, name)
+    for p in lora_parameters(unet, name).values():
+        p.data = p.data.float()
+    for n, p in unet.named_parameters():
+        p.requires_grad_(n in trainable)
+    _set_state(unet, state)
+
+
+def _inject(unet: torch.nn.Module, spec: LoraSpec, name: str) -> None:
+    with warnings.catch_warnings():  # peft warns that a second adapter is added: that is the design
+        warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+        unet.add_adapter(spec.peft_config(), adapter_name=name)
 
 
 def lora_parameters(unet: torch.nn.Module, adapter: str) -> dict[str, torch.nn.Parameter]:
@@ -163,17 +184,7 @@ def enable_gradient_checkpointing(unet: torch.nn.Module) -> None:
     from torch.utils.checkpoint import checkpoint
 
     def checkpoint_in_role(function, *args):
-        state = _get_state(unet)  # the role of this forward
-
-        @contextmanager
-        def same_role():
-            previous = _get_state(unet)
-            _set_state(unet, state)
-            try:
-                yield
-            finally:
-                _set_state(unet, previous)
-
-        return checkpoint(function, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), same_role()))
+        state = _get_state(unet)  # the role of this forward, restored around its recompute
+        return checkpoint(function, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), _role(unet, state)))
 
     unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_in_role)

@@ -28,7 +28,7 @@ import torch
 from rapm.config import ConfigError
 from rapm.diffusion import alpha_sigma, coarse_timesteps, ddim_step, predict_x0_eps
 from rapm.methods.base import Context, Losses, MethodBase, Setup, TrajectoryBatch
-from rapm.roles import STUDENT, LoraSpec, adapter_role, lora_parameters, student_role, teacher_role
+from rapm.roles import STUDENT, LoraSpec, adapter_role, add_frozen_adapter, lora_parameters, student_role, teacher_role
 from rapm.teacher import guided_output, unet_output
 
 PREVIOUS = "previous"  # the adapter holding the last round's student: the teacher of rounds 2..R
@@ -84,7 +84,7 @@ class Progressive(MethodBase):
         if r == self.round:
             return
         if r > 1:
-            _ensure_adapter(unet, self.lora)
+            add_frozen_adapter(unet, PREVIOUS, self.lora)
             src = lora_parameters(unet, STUDENT)
             dst = lora_parameters(unet, PREVIOUS)
             with torch.no_grad():
@@ -107,7 +107,7 @@ class Progressive(MethodBase):
     def load_state_dict(self, state: dict) -> None:
         self.round = int(state.get("round", 0))
         if state.get("previous"):
-            _ensure_adapter(self.unet, self.lora)
+            add_frozen_adapter(self.unet, PREVIOUS, self.lora)
             with torch.no_grad():
                 for name, p in lora_parameters(self.unet, PREVIOUS).items():
                     p.copy_(state["previous"][name])
@@ -153,23 +153,3 @@ class Progressive(MethodBase):
         logs["loss/progressive"] = loss.item()
         yield loss, logs
 
-
-def _ensure_adapter(unet: torch.nn.Module, spec: LoraSpec) -> None:
-    """Add the ``previous`` adapter (frozen, float32) once; its weights are set by the caller."""
-    import warnings
-
-    if PREVIOUS in getattr(unet, "peft_config", {}):
-        return
-    from rapm.roles import _get_state, _set_state
-
-    state = _get_state(unet)
-    trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*multiple adapters.*")
-        unet.add_adapter(spec.peft_config(), adapter_name=PREVIOUS)
-    for p in lora_parameters(unet, PREVIOUS).values():
-        p.requires_grad_(False)
-        p.data = p.data.float()
-    for n, p in unet.named_parameters():  # diffusers' add_adapter flips requires_grad: put it back
-        p.requires_grad_(n in trainable)
-    _set_state(unet, state)  # adding an adapter must not change which one is active
