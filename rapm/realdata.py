@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 
 from rapm.config import ConfigError
+from rapm.metrics_sd import IMAGE_SUFFIXES  # the image files rapm reads from a user's folder
 from rapm.teacher import Conditioning, load_teacher
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 @dataclass
