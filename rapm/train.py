@@ -11,6 +11,7 @@ run/
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -76,6 +77,20 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
+class _HashingWriter:
+    """A binary file that also hashes what is written to it."""
+
+    def __init__(self, file):
+        self.file, self.sha256 = file, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def save_checkpoint(run: Path, step: int, state: dict, keep: int) -> Path:
     """Write ``state`` and its sha256 to a temp directory, then rename it into place; then drop all but the last ``keep``.
 
@@ -89,10 +104,11 @@ def save_checkpoint(run: Path, step: int, state: dict, keep: int) -> Path:
     try:
         tmp.mkdir()
         with open(tmp / "state.pt", "wb") as f:
-            torch.save(state, f)
+            hashed = _HashingWriter(f)  # the sha256 of the bytes as they are written: no second read of the file
+            torch.save(state, hashed)
             f.flush()
             os.fsync(f.fileno())
-        (tmp / "state.sha256").write_text(sha256_file(tmp / "state.pt") + "\n")
+        (tmp / "state.sha256").write_text(hashed.sha256.hexdigest() + "\n")
     except (OSError, RuntimeError) as e:  # a full disk: torch.save reports a failed write as RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
