@@ -21,7 +21,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import SD15_UNET, SDXL_UNET, Loop, median, reduced  # noqa: E402
+from harness import SD15_UNET, SDXL_UNET, Loop, machine, median, reduced, write_results  # noqa: E402
 
 AIMS = {"sd15": ("seconds per iteration", 0.5), "sdxl": ("peak GiB", 24.0)}
 GiB = 2**30
@@ -171,13 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(json.dumps(rows[-1]), flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     command = "benchmarks/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    result = {"benchmark": "gpu", "command": command.strip(), "rows": rows,
-              "machine": {"date": time.strftime("%Y-%m-%d"), "device": name, "torch": torch.__version__,
-                          "platform": platform.platform()}}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "gpu.md").write_text(markdown(result))
-    print(markdown(result))
+    result = {"benchmark": "gpu", "command": command.strip(), "rows": rows, "machine": machine(device=name)}
+    write_results(args.out, "gpu", result, markdown(result))
     return result
 
 

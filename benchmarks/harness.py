@@ -7,6 +7,9 @@ diffusers' defaults); weights are random, nothing is downloaded.
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -33,6 +36,20 @@ SDXL_UNET = dict(
     projection_class_embeddings_input_dim=2816, norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
     upcast_attention=False,
 )
+
+
+def machine(**extra) -> dict:
+    """What every result records of the machine it ran on, plus the benchmark's own facts."""
+    return {"date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "platform": platform.platform(), **extra}
+
+
+def write_results(out: Path, name: str, result: dict, text: str) -> None:
+    """``out/NAME.json`` and its markdown table ``out/NAME.md``; the table is printed too."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{name}.md").write_text(text)
+    print(text)
 
 
 def reduced(config: dict, width: int, sample_size: int, transformer_layers: int | None = None) -> dict:

@@ -25,7 +25,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -232,6 +231,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from speed import MODELS
 
+    from harness import machine, write_results
+
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
@@ -243,15 +244,10 @@ def main() -> None:
         "benchmark": "memory", "device": args.device,
         "command": f"OMP_NUM_THREADS={args.threads} benchmarks/memory.py --models {args.models} --device {args.device} "
                    f"--threads {args.threads}",
-        "machine": {"date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count(), "torch_threads": args.threads,
-                    "torch": torch.__version__, "platform": platform.platform(), "load_average": list(os.getloadavg())},
+        "machine": machine(torch_threads=args.threads, load_average=list(os.getloadavg())),
         "models": results,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "memory.json").write_text(json.dumps(result, indent=1) + "\n")
-    text = markdown(result)
-    (args.out / "memory.md").write_text(text)
-    print(text)
+    write_results(args.out, "memory", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ METHODS = [
 ]
 
 
-def make_store(work: Path, steps: int, trajectories: int, fine_steps: int, threads: int) -> Path:
+def make_store(work: Path, steps: int, trajectories: int, fine_steps: int) -> Path:
     from rapm.demo.prompts import training_prompts
     from rapm.trajectories import write_trajectories
 
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     for n in args.steps:
         print(f"== N = {n}: trajectories", file=sys.stderr, flush=True)
         tick = time.perf_counter()
-        store = make_store(args.work, n, args.trajectories, args.fine_steps, args.threads)
+        store = make_store(args.work, n, args.trajectories, args.fine_steps)
         print(f"   store {store} ({time.perf_counter() - tick:.0f} s)", file=sys.stderr, flush=True)
         specs += [ModelSpec("teacher-ddim", n), ModelSpec("teacher-dpmsolver", n, "dpmsolver")]
         for row, method, batch in METHODS:

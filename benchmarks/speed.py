@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -36,7 +35,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import SD15_UNET, Loop, Passes, build_sd_teacher, median, reduced, timed  # noqa: E402
+from harness import (SD15_UNET, Loop, Passes, build_sd_teacher, machine, median, reduced, timed,  # noqa: E402
+                     write_results)
 
 MODELS = {
     # name: (teacher, preset, overrides, trajectories to store, write batch size, prompts)
@@ -246,16 +246,11 @@ def main() -> None:
         "benchmark": "speed",
         "command": f"OMP_NUM_THREADS={args.threads} benchmarks/speed.py --models {args.models} --rounds {args.rounds} "
                    f"--per-round {args.per_round} --trajectory-repeats {args.trajectory_repeats} --threads {args.threads}",
-        "machine": {"date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count(), "torch_threads": args.threads,
-                    "torch": torch.__version__, "platform": platform.platform(), "load_average_start": load_start,
-                    "load_average_end": list(os.getloadavg()), "device": "cpu"},
+        "machine": machine(torch_threads=args.threads, load_average_start=load_start,
+                           load_average_end=list(os.getloadavg()), device="cpu"),
         "models": results,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "speed.json").write_text(json.dumps(result, indent=1) + "\n")
-    text = markdown(result)
-    (args.out / "speed.md").write_text(text)
-    print(text)
+    write_results(args.out, "speed", result, markdown(result))
 
 
 if __name__ == "__main__":
