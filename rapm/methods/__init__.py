@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rapm.config import ConfigError, TrainConfig
-from rapm.methods.base import Context, Method, MethodBase, Setup, TrajectoryBatch, pseudo_huber
+from rapm.methods.base import Context, Method, Setup, TrajectoryBatch, pseudo_huber
 from rapm.methods.pcm import PCM
 from rapm.methods.progressive import Progressive
 from rapm.methods.rapm import RAPM
@@ -34,4 +34,4 @@ def build_method(config: TrainConfig, delta: int) -> Method:
     raise ConfigError(f"config field 'method': {config.method!r} is not one of {', '.join(METHODS)}")
 
 
-__all__ = ["Context", "Method", "MethodBase", "Setup", "TrajectoryBatch", "RAPM", "PCM", "Progressive", "build_method", "pseudo_huber", "METHODS"]
+__all__ = ["Context", "Method", "Setup", "TrajectoryBatch", "RAPM", "PCM", "Progressive", "build_method", "pseudo_huber", "METHODS"]

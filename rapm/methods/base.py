@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Iterator
 
 import torch
 
@@ -64,16 +64,21 @@ class Setup:
     dtype: torch.dtype
 
 
-class Method(Protocol):
-    """One distillation method = one loss object; the trainer is written once (STYLE.md, after EDM's loss.py)."""
+class Method:
+    """One distillation method = one loss object; the trainer is written once (STYLE.md, after EDM's loss.py).
 
-    uses_discriminator: bool
+    A method yields its losses; the rest has defaults here: nothing to prepare, no state, no extra parameters.
+    """
+
+    uses_discriminator = False
 
     def generator_losses(self, ctx: Context, batch: TrajectoryBatch) -> Losses:
         """Yield the student's loss piece by piece (one per slot); the trainer back-propagates each as it comes."""
+        raise NotImplementedError
 
     def discriminator_losses(self, ctx: Context, batch: TrajectoryBatch) -> Losses:
         """Yield the discriminators' loss."""
+        raise NotImplementedError(f"{type(self).__name__} trains no discriminator")
 
     def prepare(self, setup: Setup) -> None:
         """Load what the method needs beyond the store (real data, a feature network, extra adapters)."""
@@ -83,31 +88,10 @@ class Method(Protocol):
 
     def extra_parameters(self) -> dict[str, torch.nn.Parameter]:
         """Trainable parameters besides the student LoRA, stepped by the student's optimizer (not exported)."""
-
-    def state_dict(self) -> dict:
-        """The method's own state, saved in every checkpoint so a resume continues exactly."""
-
-    def load_state_dict(self, state: dict) -> None: ...
-
-
-class MethodBase:
-    """Defaults for the optional parts of ``Method``: nothing to prepare, no state, no extra parameters."""
-
-    uses_discriminator = False
-
-    def discriminator_losses(self, ctx: Context, batch: TrajectoryBatch) -> Losses:
-        raise NotImplementedError(f"{type(self).__name__} trains no discriminator")
-
-    def prepare(self, setup: Setup) -> None:
-        pass
-
-    def begin_step(self, step: int, unet: torch.nn.Module) -> None:
-        pass
-
-    def extra_parameters(self) -> dict[str, torch.nn.Parameter]:
         return {}
 
     def state_dict(self) -> dict:
+        """The method's own state, saved in every checkpoint so a resume continues exactly."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:

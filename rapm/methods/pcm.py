@@ -27,13 +27,13 @@ import torch
 
 from rapm.diffusion import alpha_sigma, slot_grid
 from rapm.discriminator import hinge_discriminator_loss, hinge_generator_loss
-from rapm.methods.base import (Context, Losses, MethodBase, Setup, TrajectoryBatch, discriminator_timesteps,
+from rapm.methods.base import (Context, Losses, Method, Setup, TrajectoryBatch, discriminator_timesteps,
                                pseudo_huber, renoise, student_step, teacher_step)
 from rapm.teacher import Conditioning
 
 
 @dataclass
-class PCM(MethodBase):
+class PCM(Method):
     real_data: str = "digits"
     huber_c: float = 0.001
     adv_weight: float = 0.1

@@ -27,7 +27,7 @@ import torch
 
 from rapm.config import ConfigError
 from rapm.diffusion import alpha_sigma, coarse_timesteps, ddim_step, predict_x0_eps
-from rapm.methods.base import Context, Losses, MethodBase, Setup, TrajectoryBatch
+from rapm.methods.base import Context, Losses, Method, Setup, TrajectoryBatch
 from rapm.roles import STUDENT, LoraSpec, adapter_role, add_frozen_adapter, lora_parameters, student_role, teacher_role
 from rapm.teacher import guided_output, unet_output
 
@@ -47,7 +47,7 @@ def rounds_for(start_steps: int, steps: int) -> int:
 
 
 @dataclass
-class Progressive(MethodBase):
+class Progressive(Method):
     start_steps: int = 16  # the first round's teacher steps (2 K_1)
     rdd_weight: float = 0.0
     rdd_queue_size: int = 4096

@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 import torch
 
 from rapm.discriminator import hinge_discriminator_loss, hinge_generator_loss
-from rapm.methods.base import (Context, Losses, MethodBase, TrajectoryBatch, discriminator_timesteps, pseudo_huber, renoise,
+from rapm.methods.base import (Context, Losses, Method, TrajectoryBatch, discriminator_timesteps, pseudo_huber, renoise,
                                slot_times, student_step, student_trajectory, teacher_step)
 
 
 @dataclass
-class RAPM(MethodBase):
+class RAPM(Method):
     huber_c: float = 0.001
     adv_weight: float = 0.1
     delta: int = 10  # Δ in teacher timesteps: one step of the stored fine grid (1000 / (N M))
