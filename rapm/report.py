@@ -41,11 +41,16 @@ def loss_curves(log_file: Path, out_png: Path) -> bool:
             entry = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if "loss" not in entry:  # validation lines: their own curves
+            continue
         sums: dict[str, float] = defaultdict(float)
         for key, value in entry.items():
-            if "/" in key:  # per-slot terms: huber_rel/3 ...
+            if "/" in key and not key.startswith("disc_acc"):  # per-slot terms: huber_rel/3 ...
                 sums[key.split("/")[0]] += value
-        sums[f"{entry['phase']} loss"] = entry["loss"]
+        phase = entry["phase"]
+        sums[f"{'student' if 'student' in phase else phase} loss"] = entry["loss"]
+        if "disc_loss" in entry:
+            sums["discriminator loss"] = entry["disc_loss"]
         for key, value in sums.items():
             if key != "loss":
                 series[key].append((entry["step"], value))
@@ -63,6 +68,47 @@ def loss_curves(log_file: Path, out_png: Path) -> bool:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def validation_curves(log_file: Path, out_png: Path) -> bool:
+    """Plot the validation metrics (``rapm train``'s held-out trajectories) against the iteration: the paper's Fig. 5."""
+    if not log_file.exists():
+        return False
+    points: dict[int, dict] = {}
+    for line in log_file.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if entry.get("phase") == "validation":
+            points[entry["step"]] = entry  # a resumed run may repeat one: the last counts
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted(points)
+    panels = [("trajectory error (held out)", [k for k in ("val_trajectory_error", "val_raw_trajectory_error",
+                                                         "val_reference_error") if k in points[steps[0]]]),
+              ("per slot: distance to the stored z~_n", sorted(k for k in points[steps[0]] if k.startswith("val_slot_error/"))),
+              ("Fréchet distance (digits)", [k for k in ("val_fd_teacher", "val_fd_real") if k in points[steps[0]]])]
+    panels = [p for p in panels if p[1]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels):
+        for key in keys:
+            xs = [s for s in steps if key in points[s]]
+            ax.plot(xs, [points[s][key] for s in xs], marker="o", markersize=3, label=key[4:])
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=110)
@@ -97,6 +143,8 @@ def report(run: Path, evaluation: Path | None = None, out: Path | None = None) -
     assets.mkdir(parents=True, exist_ok=True)
     curves = assets / "losses.png"
     has_curves = loss_curves(run / "logs.jsonl", curves)
+    val_png = assets / "validation.png"
+    has_validation = validation_curves(run / "logs.jsonl", val_png)
     grid = evaluation.with_suffix(".png")
     samples = sorted((run / "samples").glob("*.png")) if (run / "samples").is_dir() else []
 
@@ -119,6 +167,13 @@ def report(run: Path, evaluation: Path | None = None, out: Path | None = None) -
     else:
         md += [f"No evaluation yet ({evaluation} is missing): run `rapm evaluate --out {evaluation}`.", ""]
         body += [f"<p>No evaluation yet ({html.escape(str(evaluation))} is missing).</p>"]
+    if has_validation:
+        text = ("The student's N steps from the noise of held-out trajectories (never trained on), every "
+                f"eval_every = {config.get('eval_every')} iterations: image RMS to the stored teacher end point, per slot "
+                "the distance to the stored position, and for the digits teacher the FD to the teacher's images and to "
+                "real digits. A flat curve has converged; a rising one diverges.")
+        md += ["## Validation during training", "", text, "", f"![validation]({os.path.relpath(val_png, out.parent)})", ""]
+        body += ["<h2>Validation during training</h2>", f"<p>{html.escape(text)}</p>", _img_tag(val_png, "validation")]
     if has_curves:
         md += ["## Training losses", "", f"![losses]({os.path.relpath(curves, out.parent)})", ""]
         body += ["<h2>Training losses</h2>", _img_tag(curves, "losses")]

@@ -32,11 +32,12 @@ from rapm import config as cfg
 from rapm.config import ConfigError, TrainConfig
 from rapm.discriminator import Discriminator, DiscriminatorSpec
 from rapm.errors import RapmError
-from rapm.methods import Context, Setup, TrajectoryBatch, build_method
+from rapm.methods import Context, Setup, TrajectoryBatch, build_method, updates_of
 from rapm.roles import (DISCRIMINATOR, STUDENT, LoraSpec, add_roles, enable_gradient_checkpointing, lora_parameters,
                         set_trainable)
 from rapm.store import atomic_write, sha256_file
 from rapm.teacher import load_teacher, read_model_index, resolve_teacher_path
+from rapm.validation import split_indices
 
 CHECKPOINT_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
@@ -361,6 +362,24 @@ class Processes:
 
 # ---------------------------------------------------------------------------------------------- the loop
 
+def iteration_phases(updates: str, disc_every: int, with_discriminator: bool, step: int) -> tuple[str, ...]:
+    """The updates iteration ``step`` makes, in order.
+
+    ``alternate`` is Alg. 2, lines 3-4: even iterations update D1 and D2, odd ones the student. ``both`` makes every
+    iteration a student update, preceded on every ``disc_every``-th one by a discriminator update on the same
+    trajectory, so the student is not starved of half its updates.
+    """
+    if not with_discriminator:
+        return ("student",)
+    if updates == "alternate":
+        return ("discriminator",) if step % 2 == 0 else ("student",)
+    return ("discriminator", "student") if step % disc_every == 0 else ("student",)
+
+
+def ema_decay_at(decay: float, warmup: bool, updates_done: int) -> float:
+    """The EMA's decay after ``updates_done`` student updates; with warm-up min(decay, (1 + k) / (10 + k))."""
+    return min(decay, (1 + updates_done) / (10 + updates_done)) if warmup else decay
+
 @dataclass
 class TrainResult:
     run: Path
@@ -423,6 +442,7 @@ def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool 
     procs.barrier()
     device = procs.device if (procs.world > 1 and config.device == "auto") else resolve_device(config.device)
     store = open_store(Path(config.store))
+    train_ids, val_ids = split_indices(len(store), config.val_fraction, config.seed)
     delta = config.delta or store.manifest.get("delta") or max(1, 1000 // (store.steps * store.substeps))
     method = build_method(config, delta)
     min_slot = min(t - s for t, s in zip(store.timesteps[:-1], store.timesteps[1:]))
@@ -502,57 +522,92 @@ def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool 
     bar = tqdm(total=config.iterations, initial=start, disable=not (progress and procs.main), desc="train", unit="it",
                dynamic_ncols=True)
     log_file = open(run / "logs.jsonl", "a") if procs.main else None
+    updates = updates_of(config)
+    phases_at = lambda k: iteration_phases(updates, config.disc_every, disc is not None, k)  # noqa: E731
+    student_updates = sum("student" in phases_at(k) for k in range(start))  # for the EMA's warm-up
+    validation = None
+    if procs.main and config.eval_every > 0 and val_ids:
+        from rapm.validation import Validation
+
+        validation = Validation(teacher, store, val_ids, device, dtype, config.val_reference_steps)
+
+    def validate(step: int) -> None:
+        if validation is None or log_file is None:
+            return
+        tick = time.perf_counter()
+        with swap_in(student_params, ema):
+            values = validation(unet)
+        if ema is not None:
+            values["val_raw_trajectory_error"] = validation(unet)["val_trajectory_error"]
+        entry = {"step": step, "phase": "validation", "trajectories": len(validation),
+                 "seconds": time.perf_counter() - tick, **values}
+        log_file.write(json.dumps(entry) + "\n")
+        log_file.flush()
+        if writer is not None:
+            for k, v in values.items():
+                writer.add_scalar(k if "/" in k else f"validation/{k[4:]}", v, step)
+        bar.write(f"step {step}: " + ", ".join(f"{k[4:]} {v:.4g}" for k, v in values.items() if "/" not in k))
+
     stopped_by = None
     step = start
     try:
         with _Preemption() as preemption:
             while step < config.iterations:
+                if config.eval_every > 0 and step % config.eval_every == 0:
+                    validate(step)
                 tick = time.perf_counter()
                 positions = batch_positions(step, config.batch_size, procs.rank, procs.world)
-                batch = _to_device(store.get(batch_indices(positions, len(store), config.seed)), device, dtype)
+                batch = _to_device(store.get([train_ids[i] for i in batch_indices(positions, len(train_ids), config.seed)]),
+                                   device, dtype)
                 ctx = Context(unet, teacher.schedule, store.timesteps, store.guidance,
                               sample_generators(config.seed, positions), disc)
                 method.begin_step(step, unet)
-                # Alg. 2, lines 3-4: even iterations update D1 and D2, odd ones the student.
-                phase = "discriminator" if disc is not None and step % 2 == 0 else "student"
-                set_trainable(unet, DISCRIMINATOR if phase == "discriminator" else STUDENT)
-                if disc is not None:
-                    disc.requires_grad_(phase == "discriminator")
-                params = disc_params if phase == "discriminator" else student_trainable
-                optimizer = opt_disc if phase == "discriminator" else opt_student
-                optimizer.zero_grad(set_to_none=True)
-                losses = method.discriminator_losses if phase == "discriminator" else method.generator_losses
-                record: dict[str, float] = {}
-                total = 0.0
-                with autocast:
-                    for loss, logs in losses(ctx, batch):
-                        loss.backward()
-                        total += loss.item()
-                        record.update(logs)
-                keys = sorted(record)
-                total, *values = procs.mean([total] + [record[k] for k in keys])
-                record = dict(zip(keys, values))
-                if not math.isfinite(total):  # decided on the averaged loss, so every process stops together
-                    where = f"{checkpoint}" if checkpoint else "no checkpoint yet"
-                    raise RunError(f"non-finite {phase} loss at step {step} ({record}); the last good checkpoint is "
-                                   f"{where}; lower 'lr' or 'disc_lr' and resume with --resume")
-                procs.average_gradients(list(params.values()))
-                grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.grad_clip)
-                optimizer.step()
-                (sched_disc if phase == "discriminator" else sched_student).step()
-                if ema is not None and phase == "student":
-                    update_ema(ema, student_params, config.ema_decay)
+                entry = {"step": step, "phase": "+".join(phases_at(step))}
+                for phase in phases_at(step):
+                    set_trainable(unet, DISCRIMINATOR if phase == "discriminator" else STUDENT)
+                    if disc is not None:
+                        disc.requires_grad_(phase == "discriminator")
+                    params = disc_params if phase == "discriminator" else student_trainable
+                    optimizer = opt_disc if phase == "discriminator" else opt_student
+                    optimizer.zero_grad(set_to_none=True)
+                    losses = method.discriminator_losses if phase == "discriminator" else method.generator_losses
+                    record: dict[str, float] = {}
+                    total = 0.0
+                    with autocast:
+                        for loss, logs in losses(ctx, batch):
+                            loss.backward()
+                            total += loss.item()
+                            record.update(logs)
+                    keys = sorted(record)
+                    total, *values = procs.mean([total] + [record[k] for k in keys])
+                    record = dict(zip(keys, values))
+                    if not math.isfinite(total):  # decided on the averaged loss, so every process stops together
+                        where = f"{checkpoint}" if checkpoint else "no checkpoint yet"
+                        raise RunError(f"non-finite {phase} loss at step {step} ({record}); the last good checkpoint is "
+                                       f"{where}; lower 'lr' or 'disc_lr' and resume with --resume")
+                    procs.average_gradients(list(params.values()))
+                    grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.grad_clip)
+                    optimizer.step()
+                    (sched_disc if phase == "discriminator" else sched_student).step()
+                    if ema is not None and phase == "student":
+                        update_ema(ema, student_params, ema_decay_at(config.ema_decay, config.ema_warmup, student_updates))
+                    student_updates += phase == "student"
+                    # One line per iteration: the student's loss is "loss"; a discriminator update beside it "disc_loss".
+                    prefix = "disc_" if phase == "discriminator" and entry["phase"] != phase else ""
+                    entry.update({f"{prefix}loss": total, f"{prefix}grad_norm": float(grad_norm), **record})
                 step += 1
-                entry = {"step": step - 1, "phase": phase, "loss": total, "grad_norm": float(grad_norm),
-                         "seconds": time.perf_counter() - tick, **record}
+                entry["seconds"] = time.perf_counter() - tick
                 if log_file is not None:
                     log_file.write(json.dumps(entry) + "\n")
                     log_file.flush()
                 if writer is not None and (step - 1) % config.log_every == 0:
                     for k, v in entry.items():
                         if k not in ("step", "phase"):
-                            writer.add_scalar(f"{phase}/{k}" if k in ("loss", "grad_norm") else k, v, step - 1)
-                bar.set_postfix({phase[:4]: f"{total:.4f}"}, refresh=False)
+                            name = {"loss": "loss", "grad_norm": "grad_norm", "disc_loss": "loss",
+                                    "disc_grad_norm": "grad_norm"}.get(k)
+                            group = "discriminator" if k.startswith("disc_") or entry["phase"] == "discriminator" else "student"
+                            writer.add_scalar(f"{group}/{name}" if name else k, v, step - 1)
+                bar.set_postfix({entry["phase"][:4]: f"{entry['loss']:.4f}"}, refresh=False)
                 bar.update(1)
                 if step % config.checkpoint_every == 0 or step == config.iterations:
                     checkpoint = save(step)
@@ -565,6 +620,8 @@ def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool 
                     if checkpoint is None or not checkpoint.name.endswith(f"{step:08d}"):
                         checkpoint = save(step)
                     break
+            if step == config.iterations and config.eval_every > 0:
+                validate(step)
     finally:
         bar.close()
         if log_file is not None:
@@ -576,11 +633,13 @@ def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool 
 
 def data_position(config: TrainConfig, store) -> dict:
     """What fixes the data stream a checkpoint's step counts in: a resume must see the same."""
-    return {"seed": config.seed, "batch_size": config.batch_size, "count": len(store), "steps": store.steps}
+    return {"seed": config.seed, "batch_size": config.batch_size, "count": len(store), "steps": store.steps,
+            "val_fraction": config.val_fraction}
 
 
 def check_data_position(checkpoint: Path, saved: dict, current: dict, store: str) -> None:
     """Refuse a resume whose data stream differs from the checkpoint's (its step would count other samples)."""
+    saved = {"val_fraction": 0.0, **saved}  # checkpoints from before the validation split held nothing out
     for field, value in saved.items():
         if field in current and current[field] != value:
             what = {"count": f"the store's trajectory count ({store})",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -26,6 +26,7 @@ class Context:
     guidance: float  # the stored trajectories' guidance, used for the teacher's Δ-step
     generators: list[torch.Generator]
     discriminator: Discriminator | None = None
+    cache: dict = field(default_factory=dict)  # what the iteration's phases share (the relative positions)
 
     @property
     def steps(self) -> int:
