@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -218,10 +217,11 @@ def _pipeline_class(family: str):
 
 
 def base_model_version(family: str, unet_config) -> tuple[str, bool]:
-    """sd-scripts' ``ss_base_model_version`` (``sd_v1``, ``sd_v2``, ``sd_v2_v``, ``sdxl_base_v1-0``) and ``ss_v2``.
+    """sd-scripts' ``ss_base_model_version`` (``sd_v1``, ``sd_v2``, ``sdxl_base_v1-0``) and ``ss_v2``.
 
     SD 2.x is told from SD 1.x by its text encoder width: OpenCLIP ViT-H, so cross-attention 1024 (SD 1.x: 768).
-    A1111 shows a LoRA only beside checkpoints of this version.
+    A1111 reads ``ss_base_model_version`` (SDXL) and ``ss_v2`` to show a LoRA only beside checkpoints of its
+    version. (sd-scripts appends ``_v`` for a v-prediction run of its own; ``ss_v_parameterization`` says it here.)
     """
     if family == "sdxl":
         return "sdxl_base_v1-0", False
@@ -300,7 +300,7 @@ def kohya_metadata(kohya: dict[str, torch.Tensor], facts: dict, output_name: str
         "modelspec.sai_model_spec": SAI_MODEL_SPEC_VERSION,
         "modelspec.architecture": sai_architecture(facts["teacher_family"], v2, facts["prediction_type"]),
         "modelspec.implementation": IMPL_STABILITY_AI if facts["teacher_family"] == "sdxl" else IMPL_DIFFUSERS,
-        "modelspec.title": f"{output_name}: {facts['steps']}-step rapm student of {Path(facts['teacher']).name}",
+        "modelspec.title": f"{facts['steps']}-step rapm student of {Path(facts['teacher']).name}",
         "modelspec.description": (f"A {facts['steps']}-step LoRA distilled with rapm (arXiv 2503.20744) from "
                                    f"{facts['teacher']}; guidance is distilled in, sample at CFG 1."),
         "modelspec.date": datetime.datetime.fromtimestamp(int(finished_at)).isoformat(),
@@ -384,9 +384,17 @@ def _model_card(facts: dict, out_dir: Path, has_vae: bool) -> str:
         a1111 = (f"Copy `{files['kohya']}` into `stable-diffusion-webui/models/Lora/` and add `<lora:NAME:1>` to the "
                  f"prompt (NAME: the file name without `.safetensors`). A1111 lists it with {facts['base_model_version']} "
                  "checkpoints")
+        which = ("The kohya file carries kohya-ss/sd-scripts' metadata (base model "
+                 f"{facts['base_model_version']}, rank, alpha) and the SAI model spec (`modelspec.*`: architecture, "
+                 "resolution, prediction type, a usage hint with these settings). Every file carries rapm's `rapm.*` "
+                 "keys (N, the scheduler, guidance 1), so the settings go with a file copied alone.")
+        if "diffusers" in files:
+            which = "Both hold the same weights. " + which
     else:
-        comfy = a1111 = ("This export has no kohya file: ComfyUI loads the diffusers file only in part and without alpha. "
-                         "Export again with `rapm export --format kohya` (or the default, both)")
+        which = "The file carries rapm's `rapm.*` metadata keys (N, the scheduler, guidance 1)."
+        again = "export again with `rapm export --format both` (the default) or `--format kohya`"
+        comfy = f"This export has no kohya file: ComfyUI loads the diffusers file only in part and without alpha; {again}"
+        a1111 = f"This export has no kohya file, which A1111 needs; {again}"
     caveat = ""
     if facts["num_train_timesteps"] % n:
         caveat = (f"\nNote: {n} does not divide {facts['num_train_timesteps']}. diffusers' DDIMScheduler steps from t to "
@@ -437,9 +445,7 @@ pipe.fuse_lora()  # optional: fold the LoRA into the UNet's weights
 | diffusers (`load_lora_weights`), rapm | {f"`{files['diffusers']}`" if 'diffusers' in files else f"`{facts['weights']}`"} |
 | ComfyUI, A1111 / Forge | {f"`{files['kohya']}`" if 'kohya' in files else "none: export with --format kohya"} |
 
-Both hold the same weights; the kohya file also carries kohya-ss/sd-scripts' metadata (base model
-{facts['base_model_version']}, rank, alpha) and the SAI model spec (`modelspec.*`: architecture, resolution,
-prediction type, a usage hint with these settings), so the settings go with the file when it is copied alone.
+{which}
 
 ## ComfyUI
 

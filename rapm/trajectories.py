@@ -447,7 +447,7 @@ def cli(
         "truncated_prompts."),
     out: Optional[Path] = typer.Option(None, "--out", help="Store folder to create, or to resume with the same settings."),
     steps: int = typer.Option(4, "--steps", help="N: coarse steps of the student; N+1 positions are stored."),
-    substeps: int = typer.Option(25, "--substeps", help="M: teacher DDIM steps per coarse slot (N*M in all)."),
+    substeps: int = typer.Option(25, "--substeps", help="M: teacher DDIM steps per coarse slot (N*M in all); at least 2."),
     guidance: Optional[float] = typer.Option(
         None, "--guidance", help="CFG scale, diffusers' form uncond + g (cond - uncond). Default: SD 7.5, SDXL 5.0, "
         "digits its own."),
