@@ -583,8 +583,8 @@ def read_export_facts(lora: str | Path) -> dict | None:
 
 
 def cli(
-    run: Path = typer.Option(..., "--run", help="The training run directory (rapm train --out). Required."),
-    out: Path = typer.Option(..., "--out", help="Folder to write the LoRA files, README.md and rapm_lora.json to. Required."),
+    run: Path = typer.Option(..., "--run", help="The training run directory (rapm train --out)."),
+    out: Path = typer.Option(..., "--out", help="Folder to write the LoRA files, README.md and rapm_lora.json to."),
     format: str = typer.Option(
         "both", "--format", help="both (default): pytorch_lora_weights.safetensors for diffusers and "
         "kohya_lora.safetensors for ComfyUI / A1111; or only one: diffusers, kohya."),

@@ -446,7 +446,8 @@ def cli(
         "limit (77 tokens for SD/SDXL) are truncated as diffusers does, with a warning; manifest.json lists them in "
         "truncated_prompts."),
     out: Optional[Path] = typer.Option(None, "--out", help="Store folder to create, or to resume with the same settings."),
-    steps: int = typer.Option(4, "--steps", help="N: coarse steps of the student; N+1 positions are stored."),
+    steps: int = typer.Option(4, "--steps", help="N: coarse steps of the student; N+1 positions are stored. "
+                       "An N dividing 1000 (1, 2, 4, 5, 8, 10) samples the same in diffusers."),
     substeps: int = typer.Option(25, "--substeps", help="M: teacher DDIM steps per coarse slot (N*M in all); at least 2."),
     guidance: Optional[float] = typer.Option(
         None, "--guidance", help="CFG scale, diffusers' form uncond + g (cond - uncond). Default: SD 7.5, SDXL 5.0, "
