@@ -447,7 +447,11 @@ def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool 
     method = build_method(config, delta)
     min_slot = min(t - s for t, s in zip(store.timesteps[:-1], store.timesteps[1:]))
     if delta >= min_slot:
-        raise ConfigError(f"config field 'delta': Δ = {delta} timesteps must be shorter than the shortest slot ({min_slot})")
+        source = ("config field 'delta'" if config.delta else "the store's delta" if store.manifest.get("delta") else
+                  f"the default, one fine step, 1000 // (N M) with the store's N = {store.steps}, M = {store.substeps}")
+        raise ConfigError(f"{Path(config.store) / 'manifest.json'}: Δ = {delta} timesteps ({source}) must be shorter than "
+                          f"the store's shortest slot ({min_slot} timesteps; substeps M = {store.substeps}); rebuild the "
+                          f"store with rapm trajectories --substeps 2 or more, or pass a smaller Δ such as --set delta={max(1, min_slot // 2)}")
     torch.manual_seed(config.seed)  # the LoRA A matrices and the heads start from the seed
     teacher, disc = build_models(config, device, need_vae=config.sample_every > 0, with_discriminator=method.uses_discriminator)
     store.check_teacher(teacher, steps=None)

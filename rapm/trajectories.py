@@ -37,13 +37,17 @@ from rapm.store import (DONE, DTYPES, FORMAT_VERSION, MANIFEST, NEGATIVE, PROMPT
 from rapm.teacher import BUILTIN_TEACHERS, Conditioning, Teacher, guided_output, load_teacher, resolve_teacher_path
 
 __all__ = ["open_store", "TrajectoryStore", "TrajectoryBatch", "StoreError", "write_trajectories", "teacher_trajectories",
-           "initial_noise", "read_prompts", "default_guidance", "TruncatedPromptWarning", "cli"]
+           "initial_noise", "read_prompts", "default_guidance", "TruncatedPromptWarning", "StepsWarning", "cli"]
 
 FALLBACK_DIGITS_GUIDANCE = 2.0
 
 
 class TruncatedPromptWarning(UserWarning):
     """Prompts longer than the tokenizer allows; they are truncated as diffusers does."""
+
+
+class StepsWarning(UserWarning):
+    """N does not divide the teacher's training timesteps: diffusers' DDIM then steps off the student's grid."""
 
 
 # --- the computation -------------------------------------------------------------------------------------------------
@@ -87,7 +91,12 @@ def default_guidance(teacher: Teacher) -> float:
 # --- inputs ----------------------------------------------------------------------------------------------------------
 
 def read_prompts(path: str | Path) -> list[str]:
-    """One prompt a line, surrounding whitespace stripped; blank lines are skipped."""
+    """One prompt a line, surrounding whitespace stripped; blank lines are skipped.
+
+    A UTF-8 byte-order mark (Windows editors write one) is not part of the first prompt. Lines end at ``\n``
+    (or ``\r\n``) only: ``str.splitlines`` would also split at ``\x0b``, ``\x0c``, ``\x1c``..``\x1e``, ``\x85``,
+    ``\u2028`` and ``\u2029``, which can sit inside a prompt copied from a web page or a caption file.
+    """
     path = Path(path)
     fix = "give a UTF-8 text file with one prompt a line"
     if not path.exists():
@@ -95,12 +104,12 @@ def read_prompts(path: str | Path) -> list[str]:
     if path.is_dir():
         raise StoreError(f"prompts file {path} is a folder; {fix}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # read_text would also turn a lone \r into a line end
     except UnicodeDecodeError as e:
         raise StoreError(f"{path}: not UTF-8 text ({e}); {fix}") from None
     except OSError as e:
         raise StoreError(f"{path}: cannot be read ({e.strerror}); {fix}") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    prompts = [line.strip() for line in text.split("\n") if line.strip()]  # strip() takes a \r\n's \r
     if not prompts:
         raise StoreError(f"{path}: no prompts (the file is empty or blank); {fix}")
     return prompts
@@ -256,6 +265,10 @@ def write_trajectories(
     for name, value in (("steps", steps), ("substeps", substeps), ("batch_size", batch_size), ("shard_size", shard_size)):
         if value < 1:
             raise RapmError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if substeps == 1:  # rapm.train's default Δ is one fine step, T // (N M): with M = 1 that is the whole slot
+        raise RapmError(f"--substeps 1 leaves no teacher step inside a slot: rapm train's default Δ (one step of the "
+                        f"fine grid, 1000 // (N M) = {1000 // steps} timesteps at N = {steps}) would be a whole slot, "
+                        "and train refuses such a store; use --substeps 2 or more (default 25)")
     for name, value in (("dtype", dtype), ("teacher_dtype", teacher_dtype)):
         if value not in DTYPES:
             raise RapmError(f"--{name.replace('_', '-')} {value!r} is not one of {', '.join(DTYPES)}")
@@ -274,6 +287,15 @@ def write_trajectories(
     store_dtype = DTYPES[dtype]
     count = len(prompt_list)
     timesteps = coarse_timesteps(teacher_model.schedule.num_train_timesteps, steps)
+    num_train_timesteps = teacher_model.schedule.num_train_timesteps
+    if num_train_timesteps % steps:
+        warnings.warn(
+            f"--steps {steps} does not divide the teacher's {num_train_timesteps} training timesteps: the student is "
+            f"trained on the trailing grid {timesteps[:-1]}, but diffusers' DDIMScheduler steps from t to "
+            f"t - {num_train_timesteps // steps}, one timestep off that grid at some steps, so a diffusers pipeline with "
+            "the exported LoRA gives slightly other images than rapm sample; for the same images in both, use a --steps "
+            f"that divides {num_train_timesteps} ({', '.join(str(d) for d in range(1, 11) if num_train_timesteps % d == 0)})",
+            StepsWarning, stacklevel=2)
 
     long = truncated_prompts(teacher_model, prompt_list)
     if long:
@@ -424,8 +446,9 @@ def cli(
         "limit (77 tokens for SD/SDXL) are truncated as diffusers does, with a warning; manifest.json lists them in "
         "truncated_prompts."),
     out: Optional[Path] = typer.Option(None, "--out", help="Store folder to create, or to resume with the same settings."),
-    steps: int = typer.Option(4, "--steps", help="N: coarse steps of the student; N+1 positions are stored."),
-    substeps: int = typer.Option(25, "--substeps", help="M: teacher DDIM steps per coarse slot (N*M in all)."),
+    steps: int = typer.Option(4, "--steps", help="N: coarse steps of the student; N+1 positions are stored. "
+                       "An N dividing 1000 (1, 2, 4, 5, 8, 10) samples the same in diffusers."),
+    substeps: int = typer.Option(25, "--substeps", help="M: teacher DDIM steps per coarse slot (N*M in all); at least 2."),
     guidance: Optional[float] = typer.Option(
         None, "--guidance", help="CFG scale, diffusers' form uncond + g (cond - uncond). Default: SD 7.5, SDXL 5.0, "
         "digits its own."),
@@ -456,7 +479,7 @@ def cli(
         show_other = warnings.showwarning
 
         def show(message, category, filename, lineno, file=None, line=None):
-            if not issubclass(category, TruncatedPromptWarning):
+            if not issubclass(category, (TruncatedPromptWarning, StepsWarning)):
                 show_other(message, category, filename, lineno, file, line)
             elif main_process:
                 typer.echo(f"warning: {message}", err=True)
