@@ -520,6 +520,8 @@ def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool 
         return path
 
     writer = _tensorboard(run, start) if procs.main else None
+    if writer is not None and start == 0:  # the hyperparameters, as TensorBoard's text and hparams views show them
+        writer.add_text("config", "```\n" + json.dumps(cfg.to_dict(config), indent=2) + "\n```", 0)
     dtype = weight_dtype(config, device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     checkpoint = last
@@ -611,13 +613,18 @@ def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool 
                                     "disc_grad_norm": "grad_norm"}.get(k)
                             group = "discriminator" if k.startswith("disc_") or entry["phase"] == "discriminator" else "student"
                             writer.add_scalar(f"{group}/{name}" if name else k, v, step - 1)
+                    writer.add_scalar("student/lr", sched_student.get_last_lr()[0], step - 1)
+                    if sched_disc is not None:
+                        writer.add_scalar("discriminator/lr", sched_disc.get_last_lr()[0], step - 1)
                 bar.set_postfix({entry["phase"][:4]: f"{entry['loss']:.4f}"}, refresh=False)
                 bar.update(1)
                 if step % config.checkpoint_every == 0 or step == config.iterations:
                     checkpoint = save(step)
                 if procs.main and config.sample_every > 0 and (step % config.sample_every == 0 or step == config.iterations):
                     with swap_in(student_params, ema):
-                        sample_grid(teacher, store, run / "samples" / f"step-{step:08d}.png", config.num_samples, device, dtype)
+                        grid = sample_grid(teacher, store, run / "samples" / f"step-{step:08d}.png", config.num_samples,
+                                           device, dtype)
+                    _tensorboard_image(writer, "samples/student_top_teacher_bottom", grid, step)
                 stop = preemption.signal_name is not None or (stop_after is not None and step - start >= stop_after)
                 if procs.any(stop):
                     stopped_by = preemption.signal_name or ("SIGTERM" if stop_after is None else "stop_after")
@@ -661,7 +668,7 @@ def _tensorboard(run: Path, start: int):
 
 
 @torch.no_grad()
-def sample_grid(teacher, store, path: Path, count: int, device, dtype) -> None:
+def sample_grid(teacher, store, path: Path, count: int, device, dtype) -> Path:
     """Top row: the student's N steps from the stored noise; bottom row: the stored teacher end point."""
     from rapm.methods.base import student_trajectory
     from rapm.sample import save_grid
@@ -672,7 +679,20 @@ def sample_grid(teacher, store, path: Path, count: int, device, dtype) -> None:
     student_end = student_trajectory(ctx, batch.latents[:, 0], batch.cond)[:, -1]
     images = teacher.decode(torch.cat([student_end, batch.latents[:, -1]]))
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_grid(images.float().cpu(), path, nrow=count)
+    return save_grid(images.float().cpu(), path, nrow=count)
+
+
+def _tensorboard_image(writer, tag: str, png: Path, step: int) -> None:
+    """A saved grid into TensorBoard's images tab (shown at 4x: a 16x16 digit is unreadable at 1x)."""
+    if writer is None:
+        return
+    from PIL import Image
+
+    with Image.open(png) as im:
+        im = im.convert("RGB")
+        scale = max(1, min(4, 512 // max(im.width, 1)))
+        arr = np.asarray(im.resize((im.width * scale, im.height * scale), Image.NEAREST))
+    writer.add_image(tag, arr, step, dataformats="HWC")
 
 
 # ---------------------------------------------------------------------------------------------- after training

@@ -159,3 +159,20 @@ def test_paired_discriminator_learns_on_the_digits_teacher(tmp_path):
     print("paired:", paired["curve"], "\nhinge:", hinge["curve"])
     assert end["acc_relative"] >= 0.8 and end["acc_absolute"] >= 0.8
     assert end["acc_relative"] + end["acc_absolute"] > start["acc_relative"] + start["acc_absolute"] + 0.3
+
+
+def test_tensorboard_shows_losses_learning_rates_samples_validation_and_config(tiny_sd, sd_store, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    train(_config(tiny_sd, sd_store, iterations=2, checkpoint_every=2, sample_every=2, num_samples=2,
+                  val_fraction=0.25, eval_every=2), run, progress=False)
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"student/loss", "discriminator/loss", "student/lr", "discriminator/lr", "validation/trajectory_error",
+            "val_slot_error/0", "disc_acc_rel/0"} <= scalars
+    assert events.Tags()["images"] == ["samples/student_top_teacher_bottom"]
+    image = events.Images("samples/student_top_teacher_bottom")[0]
+    assert image.step == 2 and image.width >= 4 * 2 * 8  # two samples of 8 px, shown at 4x
+    assert any(t.startswith("config") for t in events.Tags()["tensors"])
