@@ -2,6 +2,7 @@
 the losses of the computed step; older stores and other Δs still train, computing it and saying so once."""
 
 import json
+import re
 import warnings
 
 import pytest
@@ -205,3 +206,25 @@ def test_positions_and_targets_stay_float32_with_bfloat16_weights(tiny_sd, delta
     t = torch.full((3,), ctx.timesteps[0])
     z_n = rapm.methods.base.student_step(ctx, z, t, torch.full((3,), ctx.timesteps[1]), batch.cond)
     assert z_n.dtype == torch.float32 and not torch.equal(z_n, z_n.bfloat16().float())
+
+
+def test_the_cli_passes_solver_and_delta_and_refuses_bad_ones_naming_the_flag(tiny_sd, tmp_path):
+    from typer.testing import CliRunner
+
+    from rapm.cli import app
+    from rapm.errors import RapmError
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\n")
+    common = ["trajectories", "--teacher", str(tiny_sd), "--prompts", str(prompts), "--steps", "4", "--substeps", "2",
+              "--no-progress"]
+    ok = CliRunner().invoke(app, common + ["--out", str(tmp_path / "s"), "--solver", "dpmsolver++", "--delta", "20"])
+    assert ok.exit_code == 0, ok.output
+    assert "dpmsolver++ Δ=20" in ok.output
+    store = open_store(tmp_path / "s")
+    assert (store.manifest["solver"], store.delta) == ("dpmsolver++", 20)
+    for flags, message in ((["--solver", "heun"], r"--solver 'heun' is not one of ddim, dpmsolver\+\+"),
+                           (["--delta", "300"], r"--delta 300: .* at most the shortest slot \(250 timesteps")):
+        bad = CliRunner().invoke(app, common + ["--out", str(tmp_path / "bad")] + flags)
+        assert isinstance(bad.exception, RapmError) and re.search(message, str(bad.exception)), bad.exception
+    assert not (tmp_path / "bad").exists()
