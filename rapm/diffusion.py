@@ -218,9 +218,10 @@ def logsnr_grid(schedule: Schedule, t: int, s: int, k: int) -> list[int]:
     """About k+1 timesteps from t down to s, evenly spaced in log-SNR lambda (DPM-Solver's spacing), each the nearest
     integer timestep; repeats (and points at s's own lambda: t = 0 before the final position) are dropped."""
     lam = [log_snr(schedule, u) for u in range(s, t + 1)]  # lam[u - s]
+    end = lam[0] if math.isfinite(lam[0]) else lam[1]  # sigma = 0 at the end (set_alpha_to_one): space to t = 0
     grid = [t]
     for i in range(1, k):
-        target = lam[t - s] + (lam[0] - lam[t - s]) * i / k
+        target = lam[t - s] + (end - lam[t - s]) * i / k
         u = min(range(s, t + 1), key=lambda v: abs(lam[v - s] - target))
         if u < grid[-1] and lam[u - s] != lam[0]:
             grid.append(u)

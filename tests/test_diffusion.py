@@ -161,3 +161,17 @@ def test_ddim_solve_positions_is_sample_positions_and_the_delta_step_its_first_s
     assert all(torch.equal(a, b) for a, b in zip(positions, plain))
     for j, t in enumerate(timesteps[:-1]):
         assert torch.equal(delta_positions[j], ddim(model, schedule, positions[j], t, t - 50, 1))
+
+
+@pytest.mark.parametrize("set_alpha_to_one", [False, True])
+def test_logsnr_grid_runs_from_the_slot_start_to_its_end_without_repeats(set_alpha_to_one):
+    from rapm.diffusion import logsnr_grid, solve_positions
+
+    schedule = schedule_from_config({**SD_SCHEDULER, "set_alpha_to_one": set_alpha_to_one})
+    for t, s, k in ((999, 749, 4), (249, FINAL, 8), (249, FINAL, 25), (499, 249, 25)):
+        grid = logsnr_grid(schedule, t, s, k)
+        assert grid[0] == t and grid[-1] == s and all(a > b for a, b in zip(grid, grid[1:]))
+        assert k - 3 <= len(grid) - 1 <= k  # near t = 0 a few nearest integer timesteps coincide and are dropped
+    model, _ = _gaussian_data(schedule, 0.1, "epsilon")
+    positions, _ = solve_positions(model, schedule, torch.randn(1, 4, 8, 8), coarse_timesteps(1000, 4), 8, "dpmsolver++")
+    assert all(torch.isfinite(p).all() for p in positions)
