@@ -2,7 +2,7 @@
 
 A store is a directory::
 
-    manifest.json            format version, teacher identity, scheduler config, N, M, guidance,
+    manifest.json            format version, teacher identity, scheduler config, N, M, solver, Δ, guidance,
                              timesteps, latent shape, dtype, count, shard size, each shard's sha256
     prompts.txt              the prompts, one a line; trajectory i is line i
     negative.safetensors     the one unconditional conditioning (batch 1), stored once
