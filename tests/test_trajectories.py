@@ -104,7 +104,7 @@ def test_sdxl_store_holds_pooled_embeddings_and_time_ids(tiny_sdxl, tmp_path):
     assert torch.equal(batch.uncond.prompt_embeds, neg) and torch.equal(batch.uncond.pooled_embeds, neg_pooled)  # zeros
     assert torch.equal(batch.uncond.time_ids, batch.cond.time_ids)
     shard = load_file(store.path / "shard-00000.safetensors")
-    assert set(shard) == {"latents", "prompt_embeds", "pooled_embeds", "time_ids", "seeds"}
+    assert set(shard) == {"latents", "delta_latents", "prompt_embeds", "pooled_embeds", "time_ids", "seeds"}
     assert shard["pooled_embeds"].dtype == torch.float16 and shard["time_ids"].dtype == torch.float32
     ref = pipeline_positions(pipe, "a photo of a dog", seed=3, total_steps=4, guidance=5.0, every=2)
     torch.testing.assert_close(batch.latents[0], torch.cat(ref), rtol=2e-3, atol=2e-3)

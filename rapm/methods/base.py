@@ -51,6 +51,8 @@ class TrajectoryBatch:
     latents: torch.Tensor  # [B, N+1, C, H, W]: z~_N .. z~_0
     cond: Conditioning
     uncond: Conditioning | None
+    delta_latents: torch.Tensor | None = None  # [B, N, C, H, W]: the teacher's Δ-step z^Δ_{n+1} of each slot, if stored
+    delta: int | None = None  # the Δ those were computed with
 
 
 @dataclass

@@ -22,6 +22,7 @@ discriminator=False, distance="l1"`` is SFD (paper Alg. 3: the absolute position
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,10 @@ from rapm.discriminator import (hinge_discriminator_loss, hinge_generator_loss, 
                                 relativistic_discriminator_loss, relativistic_generator_loss)
 from rapm.methods.base import (Context, Losses, Method, TrajectoryBatch, discriminator_timesteps, pseudo_huber, renoise,
                                slot_times, student_step, student_trajectory, teacher_step)
+
+
+class DeltaStepWarning(UserWarning):
+    """The teacher's Δ-step is computed in training (the store holds none for this Δ)."""
 
 
 @dataclass
@@ -46,6 +51,7 @@ class RAPM(Method):
     relative_weight: float = 1.0  # weight of the relative terms (eqs. 14-15) against the absolute ones
     d1: bool = True  # the relative discriminator D1 (eq. 15); off: its head set is not trained or used
     d2: bool = True  # the absolute discriminator D2 (eq. 18)
+    _warned: bool = field(default=False, init=False, repr=False, compare=False)  # DeltaStepWarning is said once
 
     @property
     def uses_discriminator(self) -> bool:
@@ -72,7 +78,8 @@ class RAPM(Method):
         return self.slot_weights[n] if self.slot_weights else 1.0
 
     def relative_positions(self, ctx: Context, batch: TrajectoryBatch) -> torch.Tensor:
-        """rel_n for every slot, batched over slots (decision 2): one teacher and one frozen-student forward. [B, N, ...]
+        """rel_n for every slot, batched over slots (decision 2): the stored (or one computed) teacher Δ-step, then one
+        frozen-student forward. [B, N, ...]
 
         Computed once per iteration: a discriminator update changes neither the teacher nor the student, so the
         student update after it on the same trajectory reuses them.
@@ -84,14 +91,20 @@ class RAPM(Method):
 
     @torch.no_grad()
     def _relative_positions(self, ctx: Context, batch: TrajectoryBatch) -> torch.Tensor:
+        """The teacher's Δ-step from the store when it holds this Δ (decision 8: no teacher pass), else one teacher
+        forward; then one frozen-student forward."""
         b, n = batch.latents.shape[0], ctx.steps
         starts = batch.latents[:, :n].flatten(0, 1)  # z~_{n+1} for every slot, sample-major
         t, s = slot_times(ctx, b, starts.device)
-        mid = t - self.delta  # Alg. 2, line 7: the teacher's Δ-step ...
+        mid = t - self.delta  # Alg. 2, line 8: the teacher's Δ-step ...
         cond = batch.cond.repeat(n)
-        uncond = batch.uncond.repeat(n) if batch.uncond is not None else None
-        z_mid = teacher_step(ctx, starts, t, mid, cond, uncond)
-        rel = student_step(ctx, z_mid, mid, s, cond)  # ... then the frozen student to t_n (line 8)
+        if batch.delta_latents is not None and batch.delta == self.delta:
+            z_mid = batch.delta_latents.flatten(0, 1)
+        else:
+            self._say_delta_step_is_computed(batch)
+            uncond = batch.uncond.repeat(n) if batch.uncond is not None else None
+            z_mid = teacher_step(ctx, starts, t, mid, cond, uncond)
+        rel = student_step(ctx, z_mid, mid, s, cond)  # ... then the frozen student to t_n (line 9)
         return rel.unflatten(0, (b, n))
 
     @torch.no_grad()
@@ -107,6 +120,18 @@ class RAPM(Method):
         logits = ctx.discriminator.logits(ctx.unet, x, t_gan.repeat(m), type(batch.cond).cat([batch.cond] * m))
         rows = len(s)
         return {k: [h[i * rows:(i + 1) * rows] for h in logits[k]] for i, k in enumerate(kinds)}
+    def _say_delta_step_is_computed(self, batch: TrajectoryBatch) -> None:
+        if self._warned:
+            return
+        self._warned = True
+        if batch.delta_latents is None:
+            why = ("the trajectory store holds no Δ-step positions (format_version 1 in its manifest.json); rebuild it "
+                   "with this rapm's `rapm trajectories` to keep the teacher out of training")
+        else:
+            why = (f"Δ = {self.delta} is not the store's Δ = {batch.delta} (manifest.json field 'delta'); leave config "
+                   f"field 'delta' at 0 to train with the stored Δ-steps")
+        warnings.warn(f"{why}. Until then every iteration computes the teacher's Δ-step (Alg. 2, line 8): "
+                      "one guided teacher forward over all slots", DeltaStepWarning, stacklevel=3)
 
     def generator_losses(self, ctx: Context, batch: TrajectoryBatch) -> Losses:
         b, n = batch.latents.shape[0], ctx.steps
