@@ -125,6 +125,33 @@ def train_row(work: Path, store: Path, steps: int, row: str, method: str, batch:
     return f"{run.name}: trained to {iterations} in {time.perf_counter() - tick:.0f} s"
 
 
+def calibrate(work: Path, store: Path, steps: int, row: str, method: str, batch: int, sets: list[str],
+              iterations: int = 30) -> float:
+    """Seconds per iteration of a row on this machine, alone: the median of the last 2/3 of a short fresh run (no
+    validation). The runs' own wall clocks are kept too, but on a shared machine they measure the neighbours."""
+    cal = work / "calibration.json"
+    table = json.loads(cal.read_text()) if cal.exists() else {}
+    key = f"n{steps}-{row}"
+    if key in table:
+        return table[key]
+    run = work / f".calibrate-{key}"
+    cmd = [sys.executable, "-m", "rapm", "train", "--teacher", "digits", "--store", str(store), "--out", str(run),
+           "--method", method, "--batch-size", str(batch), "--seed", "0", "--iterations", str(iterations),
+           "--no-progress", "--checkpoint-every", str(iterations), "--overwrite", "--set", "sample_every=0",
+           "--set", "ema_decay=0", "--set", "eval_every=0"]
+    for x in sets:
+        cmd += ["--set", x]
+    subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, check=True)
+    seconds = sorted(json.loads(line)["seconds"] for line in (run / "logs.jsonl").read_text().splitlines()
+                     [iterations // 3:])
+    table[key] = seconds[len(seconds) // 2]
+    cal.write_text(json.dumps(table, indent=1) + "\n")
+    import shutil
+
+    shutil.rmtree(run, ignore_errors=True)
+    return table[key]
+
+
 def read_curve(run: Path, row: str, steps: int, batch: int) -> list[dict]:
     """One row per validation: the training wall time before it (sum of the iterations' seconds) and its metrics."""
     out, wall = [], 0.0
@@ -138,14 +165,20 @@ def read_curve(run: Path, row: str, steps: int, batch: int) -> list[dict]:
         if e.get("phase") != "validation":
             wall += e.get("seconds", 0.0)
             continue
-        out.append({"method": row, "steps": steps, "batch": batch, "iteration": e["step"], "wall_s": round(wall, 2),
+        out.append({"method": row, "steps": steps, "batch": batch, "iteration": e["step"], "run_wall_s": round(wall, 2),
                     "trajectory_error": e["val_trajectory_error"], "reference_error": e.get("val_reference_error"),
                     "fd_teacher": e.get("val_fd_teacher"), "fd_real": e.get("val_fd_real"),
                     "prompt_accuracy": e.get("val_prompt_accuracy"),
                     **{k[4:]: v for k, v in e.items() if k.startswith("val_slot_error/")}})
     # A resumed run may log a validation twice (before and after a kill): keep the last of each iteration.
     last = {r["iteration"]: r for r in out}
-    return [last[k] for k in sorted(last)]
+    curve = [last[k] for k in sorted(last)]
+    cal = run.parent / "calibration.json"
+    per_it = json.loads(cal.read_text()).get(run.name) if cal.exists() else None
+    for r in curve:  # wall_s: the training time on this machine alone (calibrated), else the run's own clock
+        r["seconds_per_iteration"] = per_it
+        r["wall_s"] = round(r["iteration"] * per_it, 1) if per_it else r["run_wall_s"]
+    return curve
 
 
 def teacher_rows(store: Path, steps: int, val_fraction: float) -> list[dict]:
@@ -248,7 +281,9 @@ def report(work: Path, steps_list: list[int], rows_by_n: dict[int, list], result
     all_rows: list[dict] = []
     md = ["# Convergence on the digits teacher", "",
           f"Command: `{command}` ({datetime.date.today().isoformat()}, {platform.machine()}, {os.cpu_count()} CPUs, one "
-          f"torch thread per run; the machine was shared with other work, so wall-clock seconds are noisy). "
+          f"torch thread per run). Wall-clock seconds are iterations x each row's seconds per iteration timed alone on "
+          f"this machine (`--calibrate`: the runs themselves shared it with other work, so their own clocks measure the "
+          f"neighbours; both are in the JSON). "
           f"{TRAJECTORIES} trajectories per N ({FINE_STEPS} DDIM steps each, guidance 1.5), {HELD_OUT} held out "
           f"(never trained on) and measured every 250 iterations. Trajectory error: image RMS to the stored teacher end "
           f"point; FD to the teacher: to the teacher's 100-step images of the same prompts and noise; FD to real: to the "
@@ -312,6 +347,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-ablations", action="store_true")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     ap.add_argument("--report-only", action="store_true", help="tables and plots from the runs as they are")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="time each row that has a run alone on this machine (30 iterations; run it on an idle machine)")
     ap.add_argument("--quick", action="store_true", help="toy sizes, for a smoke run")
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -328,7 +365,13 @@ def main(argv: list[str] | None = None) -> None:
                      if not args.rows or r[0] in args.rows] for n in args.steps}
     command = "python benchmarks/convergence.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     started = time.perf_counter()
-    if not args.report_only:
+    if args.calibrate:
+        for n in args.steps:
+            for row, method, batch, sets in rows_by_n[n]:
+                if (run_dir(args.work, n, row) / "logs.jsonl").exists():
+                    per_it = calibrate(args.work, args.work / f"store-n{n}", n, row, method, batch, sets)
+                    print(f"n{n}-{row}: {per_it:.3f} s/iteration", file=sys.stderr, flush=True)
+    elif not args.report_only:
         stores = {n: make_store(args.work, n, TRAJECTORIES, FINE_STEPS if not args.quick else 8) for n in args.steps}
         # The first N's main rows, then its ablations, then the other N's rows: what finishes first is what matters most.
         first = args.steps[0]

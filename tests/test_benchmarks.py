@@ -31,3 +31,21 @@ def test_gpu_benchmark_configs_are_the_public_architectures():
     # Parameter counts of the published UNets: SD 1.5 859.5M, SDXL base 2,567.5M.
     assert round(harness.unet_parameters(harness.SD15_UNET) / 1e6, 1) == 859.5
     assert round(harness.unet_parameters(harness.SDXL_UNET) / 1e6, 1) == 2567.5
+
+
+def test_convergence_reads_the_validation_curve_and_charges_calibrated_seconds(tmp_path):
+    conv = _load("convergence")
+    run = tmp_path / "n4-rapm"
+    run.mkdir()
+    lines = [{"step": 0, "phase": "validation", "val_trajectory_error": 0.09, "val_fd_teacher": 100.0},
+             {"step": 0, "phase": "student", "loss": 1.0, "seconds": 5.0},
+             {"step": 1, "phase": "student", "loss": 0.9, "seconds": 7.0},
+             {"step": 2, "phase": "validation", "val_trajectory_error": 0.08, "val_fd_teacher": 50.0},
+             {"step": 2, "phase": "validation", "val_trajectory_error": 0.07, "val_fd_teacher": 40.0}]  # a resume's repeat
+    (run / "logs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    curve = conv.read_curve(run, "rapm", 4, 1)
+    assert [(r["iteration"], r["trajectory_error"], r["wall_s"]) for r in curve] == [(0, 0.09, 0.0), (2, 0.07, 12.0)]
+    (tmp_path / "calibration.json").write_text(json.dumps({"n4-rapm": 0.5}))
+    curve = conv.read_curve(run, "rapm", 4, 1)
+    assert [r["wall_s"] for r in curve] == [0.0, 1.0] and curve[-1]["run_wall_s"] == 12.0
+    assert conv.at_budget(curve, 0.9)["iteration"] == 0 and conv.at_budget(curve, 1.0)["iteration"] == 2
