@@ -297,8 +297,11 @@ def run_problems(run: Path, keep: int) -> list[str]:
 
 
 def leftovers(run: Path) -> list[str]:
-    """Temp files or folders, and checkpoints beyond keep, after a run that finished."""
-    return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp"))
+    """Temp files or folders (and a lock), after a run that finished; the marker that says rapm made the folder stays."""
+    from rapm.folders import MARKERS
+
+    return sorted(str(p.relative_to(run)) for p in run.rglob("*")
+                  if (p.name.startswith(".") or p.name.endswith(".tmp")) and p.name not in MARKERS.values())
 
 
 def train_losses(run: Path) -> list[tuple[int, str, float]]:
@@ -404,13 +407,13 @@ def bad_inputs(teacher: Path, store: Path, folder: Path) -> list[dict]:
 
     def checkpoints_damaged() -> Path:
         r = copy(run, "run-damaged")
-        for state in r.glob("checkpoints/step-*/state.pt"):
+        for state in r.glob("checkpoints/step-*/state.safetensors"):
             damage(state, "flip")
         return r
 
     def latest_damaged() -> Path:
         r = copy(run, "run-latest-damaged")
-        damage(sorted(r.glob("checkpoints/step-*/state.pt"))[-1], "truncate")
+        damage(sorted(r.glob("checkpoints/step-*/state.safetensors"))[-1], "truncate")
         return r
 
     def shard_damaged(how: str) -> Path:
@@ -448,13 +451,13 @@ def bad_inputs(teacher: Path, store: Path, folder: Path) -> list[dict]:
         ("resume on a store from another teacher", ["train", "--out", str(run), "--resume", "--set",
                                                     f"store={stores['other-teacher']}"], run, ["unet_hash", "another UNet"]),
         ("resume on a store with another N", ["train", "--out", str(run), "--resume", "--set", f"store={stores['n1']}"],
-         run, ["state.pt", "'steps'"]),
+         run, ["state.json", "'steps'"]),
         ("resume with another batch size", ["train", "--out", str(run), "--resume", "--batch-size", "2"], run,
-         ["state.pt", "'batch_size'"]),
+         ["state.json", "'batch_size'"]),
         ("resume with every checkpoint damaged", ["train", "--out", str(checkpoints_damaged()), "--resume"], None,
          ["no checkpoint can be read", "--overwrite"]),
         ("export of a run whose latest checkpoint is truncated", ["export", "--run", str(latest_damaged()), "--out",
-                                                                   str(folder / "lora2")], None, ["state.pt", "sha256 does not match", "delete"]),
+                                                                   str(folder / "lora2")], None, ["state.safetensors", "sha256 does not match", "delete"]),
         ("train on a store with a truncated shard", [*train_fresh[:4], str(truncated_store), "--out", str(folder / "r7")],
          truncated_store, ["shard-00001.safetensors", "bytes but the manifest records"]),
         ("verify a store with a corrupted shard", ["trajectories", "--verify", str(flipped_store)], flipped_store,
