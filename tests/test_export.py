@@ -204,11 +204,13 @@ def test_export_verb_writes_the_run_students_lora(exported, tmp_path, monkeypatc
     e = exported("sd")
     calls = []
 
-    def load_student(run):  # rapm.train's contract: the run's config with the teacher and N (the store's)
+    def load_student(run, trust_checkpoint=False):  # rapm.run's contract: the run's config with the teacher and N (the store's)
         calls.append(run)
         return e.teacher, e.teacher.unet, {"teacher": str(e.folder), "steps": STEPS, "method": "rapm"}
 
-    monkeypatch.setitem(sys.modules, "rapm.train", types.SimpleNamespace(load_student=load_student))
+    import rapm.run
+
+    monkeypatch.setattr(rapm.run, "load_student", load_student)
     result = CliRunner().invoke(app, ["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "lora"), "--format", "kohya"])
     assert result.exit_code == 0, result.output
     assert calls == [tmp_path / "run"]

@@ -212,7 +212,7 @@ def test_overwrite_replaces_a_store_with_other_settings(tiny_sd, prompts_file, s
 
 def test_a_folder_that_is_not_a_store_is_refused(tiny_sd, prompts_file, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(StoreError, match="not empty and has no manifest.json"):
+    with pytest.raises(StoreError, match="not empty and is not a rapm trajectory store"):
         write_trajectories(tiny_sd, prompts_file, tmp_path, **SETTINGS)
 
 
