@@ -170,3 +170,58 @@ class FolderLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+# ---------------------------------------------------------------------------------------------- sets of files
+
+class Staged:
+    """One file of a set, written whole beside its final name and not yet renamed into place."""
+
+    def __init__(self, final: Path, tmp: Path, sha256: str):
+        self.final, self.tmp, self.sha256 = final, tmp, sha256
+
+
+def stage(final: Path, content) -> Staged:
+    """Write ``content`` (bytes, or a function that writes the file at the path it is given) beside ``final``."""
+    import hashlib
+
+    from rapm.errors import WriteError
+
+    final = Path(final)
+    tmp = final.with_name(f".{final.stem}.{os.getpid()}.tmp{final.suffix}")  # the suffix stays: image writers read it
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if callable(content):
+            content(tmp)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(content)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"{final}: cannot be written ({e.strerror or e}); the files there before are unchanged; free "
+                         f"space in {final.parent} or give a writable folder") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return Staged(final, tmp, digest)
+
+
+def discard(staged: list[Staged]) -> None:
+    for s in staged:
+        s.tmp.unlink(missing_ok=True)
+
+
+def commit(staged: list[Staged]) -> None:
+    """Rename a staged set into place in order: the last file is the set's commit point (a reader trusts the others
+    only where the last one records their sha256)."""
+    from rapm.errors import WriteError
+
+    try:
+        for s in staged:
+            os.replace(s.tmp, s.final)
+    except OSError as e:
+        discard(staged)
+        raise WriteError(f"{staged[-1].final}: cannot be written ({e.strerror or e}); give a writable folder") from None

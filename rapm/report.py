@@ -19,7 +19,8 @@ import typer
 
 from rapm.errors import RapmError
 from rapm.evaluate import markdown_table
-from rapm.store import atomic_write
+from rapm.folders import commit, discard, stage
+from rapm.store import sha256_file
 
 
 class ReportError(RapmError):
@@ -89,15 +90,50 @@ def report(run: Path, evaluation: Path | None = None, out: Path | None = None) -
     run = Path(run)
     if not (run / "config.json").exists():
         raise ReportError(f"{run / 'config.json'} does not exist: {run} is not a rapm run directory (rapm train --out)")
-    config = json.loads((run / "config.json").read_text())
+    config = _read_json(run / "config.json", "restore it from the run's checkpoint folder or rerun rapm train")
     evaluation = Path(evaluation) if evaluation else run / "evaluation.json"
-    result = json.loads(evaluation.read_text()) if evaluation.exists() else None
+    result = _read_json(evaluation, "rerun rapm evaluate") if evaluation.exists() else None
+    if result is not None and not (isinstance(result, dict) and isinstance(result.get("rows"), list)):
+        raise ReportError(f"{evaluation}: field 'rows' is missing: not a rapm evaluate result; rerun rapm evaluate")
     out = Path(out) if out else run / "report.html"
     assets = out.parent / "report_files"
-    assets.mkdir(parents=True, exist_ok=True)
     curves = assets / "losses.png"
-    has_curves = loss_curves(run / "logs.jsonl", curves)
+    staged = []  # the set: losses.png, report.md, then report.html (the commit point) renamed into place together
+    try:
+        # loss_curves writes nothing when there is nothing to plot: an empty file then, left out of the set
+        plot = stage(curves, lambda tmp: loss_curves(run / "logs.jsonl", tmp) or tmp.write_bytes(b""))
+        has_curves = plot.tmp.stat().st_size > 0
+        if has_curves:
+            staged.append(plot)
+        else:
+            discard([plot])
+        page, md = _pages(run, config, evaluation, result, out, curves if has_curves else None, plot.tmp)
+        staged.append(stage(out.with_suffix(".md"), "\n".join(md).encode()))
+        staged.append(stage(out, page.encode()))
+    except BaseException:
+        discard(staged)
+        raise
+    commit(staged)
+    return out
+
+
+def _read_json(path: Path, fix: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ReportError(f"{path}: cannot be read as JSON ({e}); {fix}") from None
+
+
+def _pages(run: Path, config: dict, evaluation: Path, result: dict | None, out: Path, curves: Path | None,
+           curves_file: Path) -> tuple[str, list[str]]:
+    """The HTML page and the markdown lines; every value from a file is escaped in the HTML."""
+    esc = lambda v: html.escape(str(v))  # noqa: E731
+    has_curves = curves is not None
     grid = evaluation.with_suffix(".png")
+    if result is not None and grid.exists():
+        recorded = (result.get("files") or {}).get(grid.name)
+        if recorded is not None and recorded != sha256_file(grid):
+            grid = None  # the grid of another evaluation (a kill between its files): leave it out
     samples = sorted((run / "samples").glob("*.png")) if (run / "samples").is_dir() else []
 
     md = [f"# rapm report: {run.name}", ""]
@@ -105,13 +141,13 @@ def report(run: Path, evaluation: Path | None = None, out: Path | None = None) -
     if result:
         table = markdown_table(result)
         rows = [r["method"] + f"-{r['steps']}" for r in result["rows"]]
-        md += ["## Metrics", "", f"{result['samples']} samples, the same prompts and seeds for every model; "
-               f"trajectory error against the teacher's {result['reference_steps']}-step DDIM ({result['date']}).", "",
+        md += ["## Metrics", "", f"{result.get('samples')} samples, the same prompts and seeds for every model; "
+               f"trajectory error against the teacher's {result.get('reference_steps')}-step DDIM ({result.get('date')}).", "",
                table, ""]
-        body += ["<h2>Metrics</h2>", f"<p>{result['samples']} samples, the same prompts and seeds for every model; "
-                 f"trajectory error against the teacher's {result['reference_steps']}-step DDIM ({result['date']}).</p>",
-                 _html_table(result)]
-        if grid.exists():
+        body += ["<h2>Metrics</h2>", f"<p>{esc(result.get('samples'))} samples, the same prompts and seeds for every "
+                 f"model; trajectory error against the teacher's {esc(result.get('reference_steps'))}-step DDIM "
+                 f"({esc(result.get('date'))}).</p>", _html_table(result)]
+        if grid is not None and grid.exists():
             md += ["## Samples", "", "Rows, top to bottom: " + ", ".join(rows) + ".", "",
                    f"![samples]({os.path.relpath(grid, out.parent)})", ""]
             body += ["<h2>Samples</h2>", f"<p>Rows, top to bottom: {html.escape(', '.join(rows))}. "
@@ -121,7 +157,7 @@ def report(run: Path, evaluation: Path | None = None, out: Path | None = None) -
         body += [f"<p>No evaluation yet ({html.escape(str(evaluation))} is missing).</p>"]
     if has_curves:
         md += ["## Training losses", "", f"![losses]({os.path.relpath(curves, out.parent)})", ""]
-        body += ["<h2>Training losses</h2>", _img_tag(curves, "losses")]
+        body += ["<h2>Training losses</h2>", _img_tag(curves_file, "losses")]
     if samples:
         md += ["## During training", "", f"Top row: student, {len(samples)} grids; bottom row: the stored teacher end point.",
                "", f"![last training grid]({os.path.relpath(samples[-1], out.parent)})", ""]
@@ -133,9 +169,7 @@ def report(run: Path, evaluation: Path | None = None, out: Path | None = None) -
             "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
             "pre{background:#f6f6f6;padding:1em;overflow:auto}</style></head><body>" + "\n".join(body) + "</body></html>")
-    atomic_write(out, page.encode())
-    out.with_suffix(".md").write_text("\n".join(md))
-    return out
+    return page, md
 
 
 def _html_table(result: dict) -> str:

@@ -398,3 +398,58 @@ def test_a_nan_in_a_shard_is_blamed_on_the_shard(tiny_sd, store_copy, tmp_path):
     f = _rewrite_shard(store_copy, 0, poison)
     with pytest.raises(StoreError, match=rf"{f}: tensor 'latents' of trajectory 1 holds NaN .*not the training"):
         open_store(store_copy).get([0, 1])
+
+
+# --- 5. atomic sets; HTML escaped ---------------------------------------------------------------------------------------
+
+def _evaluation(folder: Path, **fields) -> Path:
+    result = {"samples": 3, "reference_steps": 50, "date": "2026-12-01", "rows": [
+        {"method": "rapm", "steps": 2, "guidance": 1.0, "trajectory_error": 0.1}], **fields}
+    (folder / "evaluation.json").write_text(json.dumps(result))
+    return folder / "evaluation.json"
+
+
+def test_report_escapes_every_value_it_puts_into_html(run_copy):
+    from rapm.report import report
+
+    _evaluation(run_copy, date="<script>alert(1)</script>", samples="<img src=x onerror=alert(2)>",
+                reference_steps="<b>50</b>", rows=[{"method": "<script>m</script>", "steps": 2, "guidance": 1.0,
+                                                    "trajectory_error": 0.1}])
+    page = report(run_copy).read_text()
+    assert "<script" not in page and "<img src=x" not in page and "<b>50" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_a_report_killed_while_writing_leaves_the_previous_set(run_copy, monkeypatch):
+    import rapm.folders
+    from rapm.report import report
+
+    _evaluation(run_copy)
+    report(run_copy)
+    before = faults.files_digest(run_copy)
+    real_stage = rapm.folders.stage
+
+    def killed_at_html(final, content):
+        if Path(final).suffix == ".html":
+            raise KeyboardInterrupt  # a kill while the page is written
+        return real_stage(final, content)
+
+    monkeypatch.setattr("rapm.report.stage", killed_at_html)
+    (run_copy / "logs.jsonl").write_text((run_copy / "logs.jsonl").read_text().splitlines()[0] + "\n")  # other curves
+    after_kill = faults.files_digest(run_copy)
+    with pytest.raises(KeyboardInterrupt):
+        report(run_copy)
+    assert faults.files_digest(run_copy) == after_kill  # report.md, report.html, losses.png: all the previous set's
+    assert {k: v for k, v in before.items() if k.startswith("report")} == {k: v for k, v in after_kill.items() if k.startswith("report")}
+
+
+def test_a_grid_that_is_not_the_evaluations_own_is_left_out_of_the_report(run_copy):
+    from PIL import Image
+
+    from rapm.report import report
+
+    Image.new("L", (8, 8), 255).save(run_copy / "evaluation.png")
+    _evaluation(run_copy, files={"evaluation.png": "0" * 64})  # the JSON of a later evaluate, killed before its grid
+    assert "<h2>Samples</h2>" not in report(run_copy).read_text()
+    _evaluation(run_copy, files={"evaluation.png": hashlib.sha256((run_copy / "evaluation.png").read_bytes()).hexdigest()})
+    assert "<h2>Samples</h2>" in report(run_copy).read_text()
