@@ -416,6 +416,67 @@ def run_lock(run: Path, main: bool, agree: Callable[[bool], bool], check: Callab
                 pass
 
 
+class LogFile:
+    """``logs.jsonl`` opened for appending: each line is one write, and a write that fails (a full disk) takes back
+    what it wrote and raises RunError, so the file holds whole lines only."""
+
+    def __init__(self, path: Path, checkpoint: Callable[[], Path | None] = lambda: None):
+        self.path, self.checkpoint = Path(path), checkpoint
+        try:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise self._error(e) from None
+
+    def _error(self, e: OSError) -> RunError:
+        return RunError(f"{self.path}: cannot be written ({e.strerror or e}); the last complete checkpoint is "
+                        f"{self.checkpoint() or 'none yet'}; free space in {self.path.parent} and resume with --resume")
+
+    def write(self, text: str) -> None:
+        data = text.encode("utf-8")
+        size = os.fstat(self.fd).st_size
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+        except OSError as e:
+            try:
+                os.ftruncate(self.fd, size)  # no half line
+            except OSError:
+                pass
+            raise self._error(e) from None
+
+    def flush(self) -> None:  # every write is already the file's
+        pass
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class GuardedWriter:
+    """A TensorBoard SummaryWriter whose failed writes (a full disk; they surface on a later call) raise RunError."""
+
+    def __init__(self, writer, folder: Path, checkpoint: Callable[[], Path | None] = lambda: None):
+        self.writer, self.folder, self.checkpoint = writer, Path(folder), checkpoint
+
+    def _call(self, name: str, *args, **kwargs):
+        try:
+            return getattr(self.writer, name)(*args, **kwargs)
+        except OSError as e:
+            raise RunError(f"{self.folder}: TensorBoard events cannot be written ({e.strerror or e}); the last complete "
+                           f"checkpoint is {self.checkpoint() or 'none yet'}; free space and resume with --resume "
+                           "(logs.jsonl has every value)") from None
+
+    def add_scalar(self, *args, **kwargs):
+        return self._call("add_scalar", *args, **kwargs)
+
+    def close(self):
+        try:  # in the loop's finally: a failure is reported by the add_scalar that met it, not masked here
+            self.writer.close()
+        except OSError:
+            pass
+
+
 # ---------------------------------------------------------------------------------------------- after training
 
 def read_run_config(run: Path) -> TrainConfig:
@@ -466,4 +527,4 @@ def load_student(run: Path, device: str = "cpu", text_encoders: bool = False, tr
 
 __all__ = ["CHECKPOINT_PREFIX", "TMP_PREFIX", "RunError", "ResumeWarning", "TrustWarning", "FolderError", "checkpoints",
            "latest_checkpoint", "save_checkpoint", "load_checkpoint", "load_resume_checkpoint", "check_run_dir",
-           "prepare_run_dir", "run_lock", "clean_stale_files", "truncate_log", "read_run_config", "load_student", "state_file"]
+           "prepare_run_dir", "run_lock", "LogFile", "GuardedWriter", "clean_stale_files", "truncate_log", "read_run_config", "load_student", "state_file"]

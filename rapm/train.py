@@ -26,10 +26,10 @@ from rapm.errors import RapmError
 from rapm.methods import Context, Setup, TrajectoryBatch, build_method
 from rapm.roles import (DISCRIMINATOR, STUDENT, LoraSpec, add_roles, enable_gradient_checkpointing, lora_parameters,
                         set_trainable)
-from rapm.run import (CHECKPOINT_PREFIX, TMP_PREFIX, ResumeWarning, RunError, TrustWarning, check_run_dir,  # noqa: F401
-                      checkpoints, clean_stale_files, latest_checkpoint, load_checkpoint, load_resume_checkpoint,
-                      load_student, prepare_run_dir, read_run_config, run_lock, save_checkpoint, state_file,
-                      truncate_log)
+from rapm.run import (CHECKPOINT_PREFIX, TMP_PREFIX, GuardedWriter, LogFile, ResumeWarning, RunError,  # noqa: F401
+                      TrustWarning, check_run_dir, checkpoints, clean_stale_files, latest_checkpoint, load_checkpoint,
+                      load_resume_checkpoint, load_student, prepare_run_dir, read_run_config, run_lock, save_checkpoint,
+                      state_file, truncate_log)
 from rapm.store import atomic_write
 from rapm.teacher import load_teacher, read_model_index, resolve_teacher_path
 
@@ -344,7 +344,7 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
     checkpoint = last
     bar = tqdm(total=config.iterations, initial=start, disable=not (progress and procs.main), desc="train", unit="it",
                dynamic_ncols=True)
-    log_file = open(run / "logs.jsonl", "a") if procs.main else None
+    log_file = LogFile(run / "logs.jsonl", lambda: latest_checkpoint(run)) if procs.main else None
     stopped_by = None
     step = start
     try:
@@ -437,7 +437,11 @@ def _tensorboard(run: Path, start: int):
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional: logs.jsonl has everything
         return None
-    return SummaryWriter(str(run / "tensorboard"), purge_step=start)
+    try:
+        writer = SummaryWriter(str(run / "tensorboard"), purge_step=start)
+    except OSError as e:
+        raise RunError(f"{run / 'tensorboard'}: cannot be written ({e.strerror or e}); free space and resume with --resume") from None
+    return GuardedWriter(writer, run / "tensorboard", lambda: latest_checkpoint(run))
 
 
 @torch.no_grad()

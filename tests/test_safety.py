@@ -453,3 +453,96 @@ def test_a_grid_that_is_not_the_evaluations_own_is_left_out_of_the_report(run_co
     assert "<h2>Samples</h2>" not in report(run_copy).read_text()
     _evaluation(run_copy, files={"evaluation.png": hashlib.sha256((run_copy / "evaluation.png").read_bytes()).hexdigest()})
     assert "<h2>Samples</h2>" in report(run_copy).read_text()
+
+
+# --- 6. one `error:` line, nothing half-written ------------------------------------------------------------------------
+
+def test_a_full_disk_while_writing_logs_jsonl_is_one_error_and_no_half_line(tiny_sd, sd_store, tmp_path, monkeypatch):
+    real_write, calls = os.write, []
+
+    def write(fd, data):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("logs.jsonl"):
+            calls.append(len(data))
+            if len(calls) == 3:  # the third line: half of it, then the disk is full
+                real_write(fd, data[: len(data) // 2])
+                raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(rapm.run.os, "write", write)
+    run = tmp_path / "run"
+    with pytest.raises(RunError, match=rf"{run / 'logs.jsonl'}: cannot be written \(No space left on device\); the last "
+                                       r"complete checkpoint is .*step-00000002; free space .* --resume"):
+        train(_config(tiny_sd, sd_store, iterations=6), run, progress=False)
+    assert [e[0] for e in faults.train_losses(run)] == [0, 1]  # whole lines only
+    monkeypatch.undo()
+    train(_config(tiny_sd, sd_store, iterations=6), run, resume=True, progress=False)
+    assert [e[0] for e in faults.train_losses(run)] == list(range(6))
+
+
+def test_a_full_disk_while_writing_tensorboard_is_one_error(tiny_sd, sd_store, tmp_path, monkeypatch):
+    from torch.utils.tensorboard import SummaryWriter
+
+    def full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(SummaryWriter, "add_scalar", full)
+    run = tmp_path / "run"
+    with pytest.raises(RunError, match=rf"{run / 'tensorboard'}: TensorBoard events cannot be written \(No space left"):
+        train(_config(tiny_sd, sd_store, iterations=2), run, progress=False)
+    assert not (run / LOCK).exists()
+
+
+@pytest.mark.parametrize("verb", ["trajectories", "train", "export", "report"])
+def test_an_out_that_cannot_be_written_is_one_error(verb, tiny_sd, sd_store, run, tmp_path):
+    from rapm.errors import RapmError
+
+    readonly = Path("/sys/rapm-test")  # even root cannot create a folder in sysfs
+    if not Path("/sys/kernel").is_dir():
+        pytest.skip("needs a sysfs /sys")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    args = {"trajectories": ["trajectories", "--teacher", tiny_sd, "--prompts", prompts, "--out", readonly / "store",
+                             *"--steps 2 --substeps 3 --no-progress".split()],
+            "train": ["train", "--teacher", tiny_sd, "--store", sd_store, "--out", readonly / "run", "--iterations", "2"],
+            "export": ["export", "--run", run, "--out", readonly / "lora"],
+            "report": ["report", run, "--out", readonly / "report.html"]}[verb]
+    result = _cli(*args)
+    assert isinstance(result.exception, RapmError), result.output
+    assert str(readonly) in str(result.exception) and "cannot be" in str(result.exception)
+
+
+def test_a_teacher_too_large_for_memory_leaves_no_store(tiny_sd, tmp_path):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_sd, teacher)
+    config = json.loads((teacher / "unet" / "config.json").read_text())
+    (teacher / "unet" / "config.json").write_text(json.dumps({**config, "sample_size": 60000}))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    with pytest.raises(StoreError, match=rf"{teacher / 'unet' / 'config.json'}: sample_size gives latents \[4, 60000, "
+                                         r"60000\], .* GiB for one batch"):
+        write_trajectories(teacher, prompts, tmp_path / "store", **SETTINGS)
+    assert not (tmp_path / "store").exists()
+
+
+def test_prompts_from_a_device_are_refused(tiny_sd, tmp_path):
+    with pytest.raises(StoreError, match="prompts file /dev/zero is a device"):
+        write_trajectories(tiny_sd, "/dev/zero", tmp_path / "store", **SETTINGS)
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_line_separator_inside_a_prompt_does_not_split_it(tmp_path):
+    from rapm.trajectories import read_prompts
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\u2028on a mat\x0cand more\r\na dog\n", encoding="utf-8")
+    assert read_prompts(prompts) == ["a cat\u2028on a mat\x0cand more", "a dog"]
+
+
+def test_bad_inputs_from_the_command_line_are_one_error_line(tiny_sd, store_copy, tmp_path):
+    """The CLI path for a few of the cases above: exit 1, one `error:` line, no traceback."""
+    f = _edit_manifest(store_copy, lambda m: m.update(shards=None))
+    code, err = _rapm("train", "--teacher", tiny_sd, "--store", store_copy, "--out", tmp_path / "run", "--no-progress")
+    _one_error_line(code, err, str(f), "field 'shards'")
+    code, err = _rapm("trajectories", "--teacher", tiny_sd, "--prompts", "/dev/zero", "--out", tmp_path / "s")
+    _one_error_line(code, err, "/dev/zero")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "s").exists()
