@@ -346,19 +346,20 @@ class TrajectoryStore:
         spec = shard_tensors(self.manifest)
         names = set(handle.keys())
         fix = "the file is not this store's: delete it and rerun the same rapm trajectories command to recompute it"
-        if names != set(spec):
-            extra, missing = sorted(names - set(spec)), sorted(set(spec) - names)
+        # a manifest without 'conditioning' (older stores) does not say which embeddings there are: check those it names
+        extra = sorted(names - set(spec)) if "conditioning" in self.manifest else []
+        missing = sorted(set(spec) - names)
+        if extra or missing:
             raise StoreError(f"{f}: tensor {(missing or extra)[0]!r} is {'missing' if missing else 'not in the manifest'} "
                              f"(the manifest lists {', '.join(sorted(spec))}); {fix}")
         for name, (dtype, shape) in spec.items():
-            if shape is None:
-                continue
             got = handle.get_slice(name)
             got_dtype, got_shape = got.get_dtype(), list(got.get_shape())
             want_dtype = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64"}[dtype]
-            if got_dtype != want_dtype or got_shape != [batch, *shape]:
+            want_shape = [batch, *(shape if shape is not None else got_shape[1:])]  # older stores: the batch only
+            if got_dtype != want_dtype or got_shape != want_shape:
                 raise StoreError(f"{f}: tensor {name!r} is {got_dtype} {got_shape}, the manifest gives {want_dtype} "
-                                 f"{[batch, *shape]}; {fix}")
+                                 f"{want_shape}; {fix}")
 
     def _damaged(self, k: int, error: Exception) -> StoreError:
         entry = self.manifest["shards"][k]
