@@ -484,7 +484,7 @@ def bad_inputs(teacher: Path, store: Path, folder: Path) -> list[dict]:
         if hold is not None:  # another writer holds the folder (this process, through the same flock)
             from rapm.folders import FolderLock
 
-            lock = FolderLock(hold, "rapm train").acquire()
+            lock = FolderLock(hold, "rapm trajectories" if (hold / "manifest.json").exists() else "rapm train").acquire()
         try:
             done = run_to_end(rapm_command(*argv), timeout=300)
         finally:
