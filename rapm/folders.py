@@ -8,6 +8,9 @@ files it names.
 The lock is ``.rapm-lock``: a file holding the writer's pid, host and start time, held with ``flock`` for as long as the
 writer runs. The kernel drops the flock when the process dies, however it dies, so a lock left by a killed process is
 stale by construction: the next writer takes it over and says whose it was.
+
+A set of files that belong together (evaluate's JSON, grid and table; report's page, twin and curves) is staged:
+each written whole beside its final name, then all renamed into place, the commit point last.
 """
 
 from __future__ import annotations

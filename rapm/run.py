@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import warnings
 from contextlib import contextmanager
@@ -48,6 +49,10 @@ CHECKPOINT_VERSION = 1
 
 class RunError(RapmError):
     pass
+
+
+class UnsafeCheckpointError(RunError):
+    """An old pickle checkpoint that weights_only loading refuses: loading it could run code."""
 
 
 class ResumeWarning(UserWarning):
@@ -247,14 +252,16 @@ def _load_legacy(path: Path, trust: bool) -> dict:
         with torch.serialization.safe_globals(_numpy_globals()):
             return torch.load(pt, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        refused = isinstance(e, __import__("pickle").UnpicklingError) and "Weights only load failed" in str(e)
+        # refused (an object weights_only does not allow), as opposed to damaged
+        refused = isinstance(e, pickle.UnpicklingError) and "WeightsUnpickler error" in str(e)
         if not refused:
             raise RunError(f"{pt}: cannot be read ({type(e).__name__}: {str(e)[:200]}); {fix}") from None
         if not trust:
             first = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line or "GLOBAL" in line), "")
-            raise RunError(f"{pt}: an old-format checkpoint holding objects other than tensors and data ({first or 'refused'}); "
-                           "loading it could run code, so rapm does not; if you wrote this run yourself, pass "
-                           "--trust-checkpoint once (then its next checkpoint is safetensors + JSON)") from None
+            raise UnsafeCheckpointError(
+                f"{pt}: an old-format checkpoint holding objects other than tensors and data ({first or 'refused'}); "
+                "loading it could run code, so rapm does not; if you wrote this run yourself, pass --trust-checkpoint "
+                "once (then its next checkpoint is safetensors + JSON)") from None
     warnings.warn(f"{pt}: loading an old pickle checkpoint with the full unpickler because of --trust-checkpoint; "
                   "this runs any code the file holds", TrustWarning, stacklevel=3)
     try:
@@ -269,9 +276,9 @@ def load_resume_checkpoint(run: Path, trust: bool = False) -> tuple[Path | None,
     for path in reversed(checkpoints(run)):
         try:
             state = load_checkpoint(path, trust)
+        except UnsafeCheckpointError:  # refused, not damaged: say so rather than resume quietly from an older one
+            raise
         except RunError as e:
-            if "could run code" in str(e):  # not damaged: refused; an older one would be the same
-                raise
             damaged.append(str(e))
             warnings.warn(f"{e}; resuming from the checkpoint before it", ResumeWarning, stacklevel=2)
             continue
@@ -525,6 +532,6 @@ def load_student(run: Path, device: str = "cpu", text_encoders: bool = False, tr
     return teacher, teacher.unet, out
 
 
-__all__ = ["CHECKPOINT_PREFIX", "TMP_PREFIX", "RunError", "ResumeWarning", "TrustWarning", "FolderError", "checkpoints",
+__all__ = ["CHECKPOINT_PREFIX", "TMP_PREFIX", "RunError", "UnsafeCheckpointError", "ResumeWarning", "TrustWarning", "FolderError", "checkpoints",
            "latest_checkpoint", "save_checkpoint", "load_checkpoint", "load_resume_checkpoint", "check_run_dir",
            "prepare_run_dir", "run_lock", "LogFile", "GuardedWriter", "clean_stale_files", "truncate_log", "read_run_config", "load_student", "state_file"]
