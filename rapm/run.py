@@ -173,7 +173,11 @@ def save_checkpoint(run: Path, step: int, state: dict, keep: int) -> Path:
     tmp = folder / f"{TMP_PREFIX}{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tensors: dict[str, torch.Tensor] = {}
-    tree = _encode(state, "", tensors)
+    try:
+        tree = _encode(state, "", tensors)
+    except TypeError as e:  # an optimizer or method whose state is not tensors and data: say which field
+        raise RunError(f"{final}: cannot be written: {e}; the last complete checkpoint is "
+                       f"{latest_checkpoint(run) or 'none yet'}") from None
     tensor_bytes = save(tensors)
     state_bytes = (json.dumps({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step, "state": tree},
                               indent=1) + "\n").encode()

@@ -546,3 +546,28 @@ def test_bad_inputs_from_the_command_line_are_one_error_line(tiny_sd, store_copy
     code, err = _rapm("trajectories", "--teacher", tiny_sd, "--prompts", "/dev/zero", "--out", tmp_path / "s")
     _one_error_line(code, err, "/dev/zero")
     assert not (tmp_path / "run").exists() and not (tmp_path / "s").exists()
+
+
+def test_evaluate_writes_its_json_last_recording_its_grid_and_table(tmp_path, monkeypatch):
+    import rapm.folders
+    from rapm.evaluate import write_evaluation
+
+    out = tmp_path / "evaluation.json"
+    result = {"samples": 1, "reference_steps": 5, "date": "d", "rows": [
+        {"method": "rapm", "steps": 2, "guidance": 1.0, "trajectory_error": 0.1}]}
+    write_evaluation(out, dict(result), {"rapm": torch.zeros(1, 1, 4, 4)}, columns=1)
+    files = json.loads(out.read_text())["files"]
+    assert files == {name: hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+                     for name in ("evaluation.png", "evaluation.md")}
+    before = faults.files_digest(tmp_path)
+    real_stage = rapm.folders.stage
+
+    def killed_at_json(final, content):
+        if Path(final).suffix == ".json":
+            raise KeyboardInterrupt
+        return real_stage(final, content)
+
+    monkeypatch.setattr(rapm.folders, "stage", killed_at_json)
+    with pytest.raises(KeyboardInterrupt):
+        write_evaluation(out, dict(result), {"rapm": torch.ones(1, 1, 4, 4)}, columns=1)
+    assert faults.files_digest(tmp_path) == before  # the previous set, whole; no temp file left
