@@ -7,7 +7,8 @@ store is needed: the iteration is benchmarks/harness.py ``Loop``, the trainer's 
 per-slot backward, clipping, AdamW, EMA) on random stored-trajectory tensors. Each model runs with and without
 gradient checkpointing.
 
-Aims on one H100: SDXL under 24 GB peak (with gradient checkpointing), SD 1.5 under 0.5 s per iteration.
+Aims on one H100-class card (issue 16): SDXL at most 16 GB peak, SD 1.5 at most 0.3 s per iteration; the iteration
+runs no teacher pass (the Δ-steps come from the store, format 2).
 
     .venv/bin/python benchmarks/gpu.py                               # a CUDA machine: SD 1.5 and SDXL, full size
     .venv/bin/python benchmarks/gpu.py --tiny --device cpu           # the same code path at a tiny size (tests)
@@ -30,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import SD15_UNET, SDXL_UNET, Loop, machine, median, reduced, write_results  # noqa: E402
 
-AIMS = {"sd15": ("seconds per iteration", 0.5), "sdxl": ("peak GiB", 24.0)}
+AIMS = {"sd15": ("seconds per iteration", 0.3), "sdxl": ("peak GiB", 16.0)}  # issue 16, on an H100-class card
 GiB = 2**30
 
 
@@ -75,7 +76,10 @@ def build(model: str, tiny: bool, device: torch.device, checkpointing: bool, ran
                                                  config.disc_kernel_size)).to(device)
     c = unet.config
     n = 4
-    latents = torch.randn(1, n + 1, c.in_channels, c.sample_size, c.sample_size, device=device, dtype=dtype)
+    # Positions stay float32 under mixed precision (only the UNet's inputs take its dtype); the Δ-steps come from the
+    # store (format 2), so the iteration runs no teacher pass, as rapm train's does.
+    latents = torch.randn(1, n + 1, c.in_channels, c.sample_size, c.sample_size, device=device)
+    delta_latents = torch.randn(1, n, c.in_channels, c.sample_size, c.sample_size, device=device)
     embeds = torch.randn(1, 77, c.cross_attention_dim, device=device, dtype=dtype)
     if c.addition_embed_type == "text_time":
         pooled = torch.randn(1, c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim, device=device,
@@ -93,7 +97,7 @@ def build(model: str, tiny: bool, device: torch.device, checkpointing: bool, ran
     schedule = schedule_from_config(SD_SCHEDULER, source="benchmarks/gpu.py")
     loop = Loop(unet, disc, schedule, config, coarse_timesteps(1000, n), guidance, delta=10)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    return loop, TrajectoryBatch(latents, cond, uncond), autocast, config, sum(p.numel() for p in unet.parameters())
+    return loop, TrajectoryBatch(latents, cond, uncond, delta_latents, 10), autocast, config, sum(p.numel() for p in unet.parameters())
 
 
 def measure(model: str, tiny: bool, device: torch.device, checkpointing: bool, warmup: int, iterations: int,
@@ -123,8 +127,8 @@ def measure(model: str, tiny: bool, device: torch.device, checkpointing: bool, w
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
     what, limit = AIMS[model]
     value = row["seconds"]["mean"] if what.startswith("seconds") else row.get("peak_gib")
-    row["aim"] = f"{what} < {limit}"
-    row["aim_met"] = (value < limit) if (cuda and not tiny and value is not None) else None
+    row["aim"] = f"{what} <= {limit}"
+    row["aim_met"] = (value <= limit) if (cuda and not tiny and value is not None) else None
     del loop, batch
     gc.collect()
     if cuda:

@@ -217,11 +217,14 @@ class Passes:
 
         return setup, run
 
-    def plan(self) -> dict[str, dict[str, tuple[int, object]]]:
-        """For each phase: pass name -> (how many an iteration makes, (setup, run))."""
+    def plan(self, teacher: bool = True) -> dict[str, dict[str, tuple[int, object]]]:
+        """For each phase: pass name -> (how many an iteration makes, (setup, run)). ``teacher=False``: the Δ-steps
+        come from the store (format 2), so the iteration makes no teacher pass."""
         b, n = self.b, self.n
         shared = {f"teacher Δ-step ({2 * b * n if self.guided else b * n} rows, no grad)": (1, self.forward("teacher", b * n, guided=True)),
                   f"frozen student ({b * n} rows, no grad)": (1, self.forward("student", b * n))}
+        if not teacher:
+            shared.pop(next(iter(shared)))
         return {
             "student": {**shared,
                         f"student step + backward ({b} rows)": (n, self.student_backward(b)),
@@ -229,6 +232,30 @@ class Passes:
             "discriminator": {f"student step ({b} rows, no grad)": (n, self.forward("student", b)), **shared,
                               f"discriminator pass + backward ({3 * b * n} rows)": (1, self.discriminator_backward(3 * b * n, True))},
         }
+
+
+def without_delta_steps(store: Path, out: Path) -> Path:
+    """A copy of a format 2 store as format 1 wrote it (no delta_latents, no 'delta' and 'solver'): training on it
+    computes the teacher's Δ-step every iteration, as before the store kept it."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save
+
+    from rapm.store import atomic_write, json_bytes, sha256_file
+
+    shutil.copytree(store, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        f = out / entry["file"]
+        with safe_open(str(f), framework="pt") as handle:
+            metadata = handle.metadata()
+        f.write_bytes(save({k: v for k, v in load_file(f).items() if k != "delta_latents"}, metadata=metadata))
+        entry.update(sha256=sha256_file(f), bytes=f.stat().st_size)
+    for key in ("delta", "solver"):
+        manifest.pop(key, None)
+    atomic_write(out / "manifest.json", json_bytes({**manifest, "format_version": 1}))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- the loops

@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     result = evaluate("digits", specs, prompts, seeds, reference_steps=100, out=args.work / "evaluation.json")
     rows = []
     for r in result["rows"]:
-        row = {k: r[k] for k in ("method", "steps", "scheduler", "guidance", "fd", "prompt_accuracy", "trajectory_error")}
+        row = {k: r.get(k) for k in ("method", "steps", "scheduler", "guidance", "fd", "fd_teacher", "prompt_accuracy",
+                                     "trajectory_error")}
         record = trained.get((r["steps"], r["method"]))
         if record is not None:
             row["label"] = r["method"]

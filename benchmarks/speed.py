@@ -7,9 +7,11 @@ block widths / 10, 4 blocks, cross-attention 768, 4x32x32 latents, random weight
 * iteration: the real training loop, ``rapm.train.train`` on a trajectory store, its own per-iteration timer
   (``seconds`` in logs.jsonl: data fetch, losses, per-slot backward, clipping, optimizer step, EMA). Medians of
   many, the first two iterations of each chunk dropped as warm-up. Discriminator and student iterations apart,
-  and their mean.
-* floor: the UNet passes one iteration must make (teacher Δ-steps, frozen-student steps, student steps with their
-  backward, discriminator passes with theirs), each timed alone at the batch size the implementation uses.
+  and their mean. Twice, interleaved chunk by chunk: on the store with its Δ-steps (format 2, no teacher pass)
+  and on the same store without them (format 1: the teacher's Δ-step computed every iteration, as before).
+* floor: the UNet passes one iteration must make (frozen-student steps, student steps with their backward,
+  discriminator passes with theirs; and the teacher Δ-steps for the iteration computing them), each timed alone at
+  the batch size the implementation uses.
 * per-slot loop: the same iteration without batching across slots (one trajectory, one slot, one pass at a time).
 * trajectories: ``write_trajectories`` (N=4, M=25) end to end, against 100 guided teacher passes per batch.
 
@@ -30,13 +32,14 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import (SD15_UNET, Loop, Passes, build_sd_teacher, machine, median, reduced, timed,  # noqa: E402
-                     write_results)
+                     without_delta_steps, write_results)
 
 MODELS = {
     # name: (teacher, preset, overrides, trajectories to store, write batch size, prompts)
@@ -106,9 +109,9 @@ def measure(name: str, spec: dict, rounds: int, per_round: int, traj_repeats: in
                                                    repeats=traj_repeats)
     print(f"[{name}] trajectories: {trajectories}", flush=True)
 
-    def config(iterations: int):
+    def config(iterations: int, store: Path | None = None):
         flags = dict(spec["overrides"], iterations=iterations, sample_every=0, checkpoint_every=10**6, device="cpu")
-        return resolve_config(teacher, str(store_dir), spec["preset"], None, flags)
+        return resolve_config(teacher, str(store or store_dir), spec["preset"], None, flags)
 
     base = config(1)
     cfg.validate(base)
@@ -116,25 +119,32 @@ def measure(name: str, spec: dict, rounds: int, per_round: int, traj_repeats: in
 
     store = open_store(store_dir)
     delta = base.delta or store.manifest.get("delta") or max(1, 1000 // (store.steps * store.substeps))
+    computed_dir = without_delta_steps(store_dir, folder / "store-format1")
     torch.manual_seed(base.seed)
     t, disc = build_models(base, torch.device("cpu"), need_vae=False, with_discriminator=True)
     batch = _to_device(store.get(list(range(base.batch_size))), torch.device("cpu"), torch.float32)
     loop = Loop(t.unet, disc, t.schedule, base, store.timesteps, store.guidance, delta)
     passes = Passes(t.unet, disc, batch.latents, batch.cond, batch.uncond)
-    plan = passes.plan()
+    plan = passes.plan()  # with the teacher's Δ-step pass; the stored iteration's floor leaves it out
+    teacher_pass = next(k for k in plan["student"] if k.startswith("teacher"))
 
     iteration = {"discriminator": [], "student": []}
+    computed = {"discriminator": [], "student": []}
     per_slot = {"discriminator": [], "student": []}
     batched = {"discriminator": [], "student": []}
     floor_samples = {phase: {k: [] for k in p} for phase, p in plan.items()}
-    run = folder / "run"
     chunk = 2 * per_round
     for r in range(rounds):
-        # 1. The real loop: a chunk of iterations (resumed), its own timer per iteration.
-        train(config((r + 1) * (chunk + 2)), run, resume=r > 0, overwrite=r == 0, progress=False)
-        log = [json.loads(line) for line in (run / "logs.jsonl").read_text().splitlines()]
-        for entry in log[r * (chunk + 2) + 2:]:  # the first two of each chunk are warm-up
-            iteration[entry["phase"]].append(entry["seconds"])
+        # 1. The real loop: a chunk of iterations (resumed), its own timer per iteration; with the stored Δ-steps,
+        # then computing them.
+        for run, samples, store_path in ((folder / "run", iteration, store_dir), (folder / "run-format1", computed, computed_dir)):
+            c = config((r + 1) * (chunk + 2), store_path)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the format 1 store's DeltaStepWarning: computing it is the point
+                train(c, run, resume=r > 0, overwrite=r == 0, progress=False)
+            log = [json.loads(line) for line in (run / "logs.jsonl").read_text().splitlines()]
+            for entry in log[r * (chunk + 2) + 2:]:  # the first two of each chunk are warm-up
+                samples[entry["phase"]].append(entry["seconds"])
         # 2. The floor: each pass alone.
         for phase, p in plan.items():
             for key, (_, (setup, fn)) in p.items():
@@ -150,7 +160,8 @@ def measure(name: str, spec: dict, rounds: int, per_round: int, traj_repeats: in
                 if r > 0 or i >= 2:
                     out[phase].append(time.perf_counter() - start)
         print(f"[{name}] round {r + 1}/{rounds}: iteration D {median(iteration['discriminator']):.3f} s, "
-              f"S {median(iteration['student']):.3f} s; per-slot D {median(per_slot['discriminator']):.3f}, "
+              f"S {median(iteration['student']):.3f} s; computing the Δ-step D {median(computed['discriminator']):.3f}, "
+              f"S {median(computed['student']):.3f}; per-slot D {median(per_slot['discriminator']):.3f}, "
               f"S {median(per_slot['student']):.3f}", flush=True)
 
     def phases(samples: dict[str, list[float]]) -> dict:
@@ -160,9 +171,12 @@ def measure(name: str, spec: dict, rounds: int, per_round: int, traj_repeats: in
 
     floor_passes = {phase: {k: {"count": plan[phase][k][0], "median_s": round(median(v), 5), "samples": len(v)}
                             for k, v in fp.items()} for phase, fp in floor_samples.items()}
-    floor = {phase: sum(v["count"] * v["median_s"] for v in fp.values()) for phase, fp in floor_passes.items()}
-    floor["mean"] = (floor["discriminator"] + floor["student"]) / 2
-    it, ps, hb = phases(iteration), phases(per_slot), phases(batched)
+    floor_computed = {phase: sum(v["count"] * v["median_s"] for v in fp.values()) for phase, fp in floor_passes.items()}
+    floor = {phase: sum(v["count"] * v["median_s"] for k, v in fp.items() if k != teacher_pass)
+             for phase, fp in floor_passes.items()}
+    for f in (floor, floor_computed):
+        f["mean"] = (f["discriminator"] + f["student"]) / 2
+    it, ps, hb, itc = phases(iteration), phases(per_slot), phases(batched), phases(computed)
     c, h, w = t.latent_shape
     return {
         "model": name,
@@ -173,8 +187,13 @@ def measure(name: str, spec: dict, rounds: int, per_round: int, traj_repeats: in
         "iteration_s": it,
         "floor_s": {k: round(v, 5) for k, v in floor.items()},
         "floor_passes": floor_passes,
+        "floor_teacher_pass": teacher_pass,
         "iteration_over_floor": round(it["mean"] / floor["mean"], 3),
         "iteration_over_floor_by_phase": {p: round(it[p] / floor[p], 3) for p in ("discriminator", "student")},
+        "iteration_computing_delta_step_s": itc,
+        "floor_computing_delta_step_s": {k: round(v, 5) for k, v in floor_computed.items()},
+        "stored_over_computing": {p: round(it[p] / itc[p], 3) for p in ("discriminator", "student", "mean")},
+        "computing_over_its_floor": {p: round(itc[p] / floor_computed[p], 3) for p in ("discriminator", "student", "mean")},
         "per_slot_loop_s": ps,
         "iteration_over_per_slot_loop": round(it["mean"] / ps["mean"], 3),
         "iteration_over_per_slot_loop_by_phase": {p: round(it[p] / ps[p], 3) for p in ("discriminator", "student")},
@@ -189,18 +208,22 @@ def markdown(result: dict) -> str:
         "# Speed: RAPM iteration against its floor and a per-slot loop", "",
         f"`{result['command']}` on {m['date']}: CPU, {m['torch_threads']} torch thread of {m['cpu_count']} cores shared "
         f"with other jobs (load average {m['load_average_start'][0]:.1f} at the start, {m['load_average_end'][0]:.1f} at "
-        f"the end), torch {m['torch']}. Medians; iteration = `rapm.train.train`'s own per-iteration timer; "
-        "floor = the UNet passes of one iteration, each timed alone; per-slot loop = the same iteration without "
-        "batching across slots.", "",
-        "| model | B | N | phase | iteration s | floor s | iteration / floor | per-slot loop s | iteration / per-slot |",
-        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        f"the end), torch {m['torch']}. Medians; iteration = `rapm.train.train`'s own per-iteration timer, on the "
+        "store with its Δ-steps (no teacher pass) and, interleaved, on the same store without them (computing the "
+        "teacher's Δ-step, as before); floor = the UNet passes of one iteration, each timed alone (no teacher pass "
+        "for the stored Δ-step); per-slot loop = the iteration without batching across slots (computing the Δ-step).", "",
+        "| model | B | N | phase | iteration s | computing the Δ-step s | stored / computing | floor s | iteration / floor "
+        "| computing / its floor | per-slot loop s | iteration / per-slot |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in result["models"]:
         for phase in ("discriminator", "student", "mean"):
             ratio = r["iteration_over_floor"] if phase == "mean" else r["iteration_over_floor_by_phase"][phase]
             slot = r["iteration_over_per_slot_loop"] if phase == "mean" else r["iteration_over_per_slot_loop_by_phase"][phase]
             lines.append(f"| {r['model']} | {r['batch_size']} | {r['steps']} | {phase} | {r['iteration_s'][phase]:.3f} | "
-                         f"{r['floor_s'][phase]:.3f} | **{ratio:.2f}** | {r['per_slot_loop_s'][phase]:.3f} | **{slot:.2f}** |")
+                         f"{r['iteration_computing_delta_step_s'][phase]:.3f} | **{r['stored_over_computing'][phase]:.2f}** | "
+                         f"{r['floor_s'][phase]:.3f} | **{ratio:.2f}** | {r['computing_over_its_floor'][phase]:.2f} | "
+                         f"{r['per_slot_loop_s'][phase]:.3f} | **{slot:.2f}** |")
     lines += ["", "The floor's passes (median seconds each, times per iteration):", "",
               "| model | phase | pass | per iteration | median s |", "| --- | --- | --- | ---: | ---: |"]
     for r in result["models"]:

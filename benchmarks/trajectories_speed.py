@@ -31,10 +31,15 @@ TYPICAL_PROMPT = "a photograph of an astronaut riding a horse on mars, highly de
 REAL = [("SD 1.5 (512 px)", (4, 64, 64), (77, 768), None), ("SDXL (1024 px)", (4, 128, 128), (77, 2048), 1280)]
 
 
-def bytes_per_trajectory(latent_shape, embeds, pooled, steps: int = 4, itemsize: int = 2, prompt: str = TYPICAL_PROMPT) -> dict:
-    """Bytes one trajectory adds to a shard: latents [N+1, C, H, W], embeddings, (SDXL) pooled and float32 time ids, int64 seed, its prompt."""
+def bytes_per_trajectory(latent_shape, embeds, pooled, steps: int = 4, itemsize: int = 2, prompt: str = TYPICAL_PROMPT,
+                         delta_steps: bool = True) -> dict:
+    """Bytes one trajectory adds to a shard: latents [N+1, C, H, W], (format 2) its Δ-steps delta_latents [N, C, H, W],
+    embeddings, (SDXL) pooled and float32 time ids, int64 seed, its prompt."""
     c, h, w = latent_shape
-    parts = {"latents": (steps + 1) * c * h * w * itemsize, "prompt_embeds": embeds[0] * embeds[1] * itemsize}
+    parts = {"latents": (steps + 1) * c * h * w * itemsize}
+    if delta_steps:
+        parts["delta_latents"] = steps * c * h * w * itemsize
+    parts["prompt_embeds"] = embeds[0] * embeds[1] * itemsize
     if pooled:
         parts["pooled_embeds"] = pooled * itemsize
         parts["time_ids"] = 6 * 4
@@ -111,12 +116,14 @@ def main() -> None:
               f"{r['shard_bytes_per_trajectory']:,} | {r['store_bytes_per_trajectory']:,} |" for r in rows]
     lines += ["", "Bytes per trajectory of real teachers (N=4, float16; computed from the tensor shapes, prompt of "
               f"{len(TYPICAL_PROMPT)} characters; a shard's header adds well under 1 KB per shard):", "",
-              "| teacher | latents | prompt_embeds | pooled + time ids | seed + prompt | total | per 1M prompts |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+              "| teacher | latents | Δ-steps (format 2) | prompt_embeds | pooled + time ids | seed + prompt | total | "
+              "per 1M prompts | format 1 total |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, p in real.items():
         extra = p.get("pooled_embeds", 0) + p.get("time_ids", 0)
-        lines.append(f"| {name} | {p['latents']:,} | {p['prompt_embeds']:,} | {extra:,} | "
-                     f"{p['seeds'] + p['prompt (metadata)']:,} | {p['total']:,} | {p['total'] * 1e6 / 2**30:,.0f} GiB |")
+        lines.append(f"| {name} | {p['latents']:,} | {p['delta_latents']:,} | {p['prompt_embeds']:,} | {extra:,} | "
+                     f"{p['seeds'] + p['prompt (metadata)']:,} | {p['total']:,} | {p['total'] * 1e6 / 2**30:,.0f} GiB | "
+                     f"{p['total'] - p['delta_latents']:,} |")
     (args.out / "trajectories_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -36,7 +36,7 @@ def _not_yet(verb: str):
 VERBS = {
     "trajectories": ("rapm.trajectories", "Precompute and store teacher trajectories (prompts -> store)."),
     "train": ("rapm.train", "Train the student LoRA on a trajectory store (store -> run)."),
-    "export": ("rapm.export", "Export the student as a diffusers (or kohya) LoRA (run -> lora.safetensors)."),
+    "export": ("rapm.export", "Export the student as LoRA files for diffusers and for ComfyUI / A1111 (run -> lora/)."),
     "sample": ("rapm.sample", "Generate images with a teacher and an optional student LoRA."),
     "evaluate": ("rapm.evaluate", "Compute metrics for teachers and students on held-out prompts and seeds."),
     "report": ("rapm.report", "Write the HTML/markdown report of a run."),

@@ -38,18 +38,25 @@ class TrainConfig:
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
     ema_decay: float = 0.0  # 0 = off (the paper uses none); else the exported student is the EMA
+    ema_warmup: bool = False  # decay min(ema_decay, (1 + k) / (10 + k)) after k student updates, so early weights fade
     # The losses
     huber_c: float = 0.001
     adv_weight: float = 0.1
     delta: int = 0  # Δ in teacher timesteps; 0 = one step of the stored fine grid, T / (N M)
     slot_weights: list[float] = field(default_factory=list)  # w_n; empty = all 1
     distance: str = ""  # position-matching distance: "" = the method's own (rapm: pseudo_huber, sfd: l1); or l2
+    relative_weight: float = 1.0  # rapm: weight of the relative terms (eqs. 14-15) beside the absolute ones
     # The peers (rapm/methods/): PCM's real data; progressive distillation's rounds and RDD's relational loss
     real_data: str = ""  # pcm: "digits" (the digits train split) or a folder of images with .txt captions
     progressive_start_steps: int = 16  # the first round's teacher steps: N 2^R for R rounds
     rdd_weight: float = 1.0  # progressive-rdd: weight of RDD's relational loss beside the x-target loss
     rdd_queue_size: int = 4096  # progressive-rdd: teacher pixel features in MP2P's memory queue
     # The discriminators
+    gan_loss: str = ""  # "" = the method's own (rapm: relativistic; rapm-paper: hinge); hinge | relativistic
+    disc_relative: bool = True  # D1, the relative position's discriminator (eq. 15)
+    disc_absolute: bool = True  # D2, the absolute position's discriminator (eq. 18)
+    updates: str = ""  # "" = the method's own (rapm: both; rapm-paper: alternate); alternate | both
+    disc_every: int = 1  # with updates=both: a discriminator step on every k-th iteration, before the student's
     disc_lora: bool = True
     disc_lora_rank: int = 64
     disc_lora_alpha: float = 8.0
@@ -65,6 +72,9 @@ class TrainConfig:
     sample_every: int = 500
     num_samples: int = 8
     log_every: int = 1
+    val_fraction: float = 0.05  # trajectories of the store held out (never trained on) for validation
+    eval_every: int = 250  # validation every K iterations (and at the start and the end); 0 = off
+    val_reference_steps: int = 0  # also measure against the teacher's K-step DDIM from the same noise; 0 = off
     mixed_precision: str = "no"  # no | bf16 | fp16
     gradient_checkpointing: bool = False
     use_8bit_adam: bool = False
@@ -171,6 +181,18 @@ def validate(config: TrainConfig) -> None:
         bad("huber_c", f"must be positive, got {config.huber_c}")
     if config.distance not in ("", "pseudo_huber", "l1", "l2"):
         bad("distance", f"must be pseudo_huber, l1 or l2 (or empty for the method's own), got {config.distance!r}")
+    if config.gan_loss not in ("", "hinge", "relativistic"):
+        bad("gan_loss", f"must be hinge or relativistic (or empty for the method's own), got {config.gan_loss!r}")
+    if config.updates not in ("", "alternate", "both"):
+        bad("updates", f"must be alternate or both (or empty for the method's own), got {config.updates!r}")
+    if config.disc_every < 1:
+        bad("disc_every", f"must be at least 1, got {config.disc_every}")
+    if config.relative_weight < 0:
+        bad("relative_weight", f"must be at least 0, got {config.relative_weight}")
+    if not 0 <= config.val_fraction < 0.5:
+        bad("val_fraction", f"must be in [0, 0.5), got {config.val_fraction}")
+    if config.eval_every < 0 or config.val_reference_steps < 0:
+        bad("eval_every" if config.eval_every < 0 else "val_reference_steps", "must be at least 0")
     if config.rdd_weight < 0:
         bad("rdd_weight", f"must be at least 0, got {config.rdd_weight}")
     if config.rdd_queue_size < 1:

@@ -178,3 +178,94 @@ def add_noise(schedule: Schedule, x: torch.Tensor, t_from: torch.Tensor | int, t
     a_t, _ = alpha_sigma(schedule, t_to, x)
     ratio = (a_t / a_f) ** 2  # abar_to / abar_from
     return (ratio.sqrt() * x.double() + (1 - ratio).clamp_min(0).sqrt() * noise.double()).to(x.dtype)
+
+
+# --- the teacher's ODE through the coarse timesteps (the trajectory store) ------------------------------------------
+
+SOLVERS = ("ddim", "dpmsolver++")
+
+
+def log_snr(schedule: Schedule, t: int) -> float:
+    """lambda_t = log(alpha_t / sigma_t) at an integer timestep (+inf where sigma is 0)."""
+    abar = float(schedule.table[t + 1])
+    return math.inf if abar >= 1.0 else 0.5 * (math.log(abar) - math.log1p(-abar))
+
+
+def dpmsolver_step(
+    schedule: Schedule, z: torch.Tensor, x0: torch.Tensor, t: int, s: int,
+    previous: tuple[torch.Tensor, int] | None = None,
+) -> torch.Tensor:
+    """One DPM-Solver++(2M) step from t to s in data prediction (Lu et al. 2022, arXiv 2211.01095, Alg. 2; the
+    midpoint form diffusers uses), given x0 predicted at (z, t) and ``previous`` = (x0, timestep) of the step before.
+
+    Without ``previous``, or towards sigma_s = 0, it is the first-order step, which is DDIM exactly.
+    """
+    a_t, s_t = alpha_sigma(schedule, t, z)
+    a_s, s_s = alpha_sigma(schedule, s, z)
+    lam_t, lam_s = log_snr(schedule, t), log_snr(schedule, s)
+    if math.isinf(lam_s):
+        return (a_s * x0).to(z.dtype)
+    h = lam_s - lam_t
+    d = x0
+    if previous is not None:
+        x0_prev, t_prev = previous
+        r = (lam_t - log_snr(schedule, t_prev)) / h
+        d = x0 + (x0 - x0_prev) / (2 * r)
+    return ((s_s / s_t) * z.double() - a_s * math.expm1(-h) * d).to(z.dtype)
+
+
+def logsnr_grid(schedule: Schedule, t: int, s: int, k: int) -> list[int]:
+    """About k+1 timesteps from t down to s, evenly spaced in log-SNR lambda (DPM-Solver's spacing), each the nearest
+    integer timestep; repeats (and points at s's own lambda: t = 0 before the final position) are dropped."""
+    lam = [log_snr(schedule, u) for u in range(s, t + 1)]  # lam[u - s]
+    end = lam[0] if math.isfinite(lam[0]) else lam[1]  # sigma = 0 at the end (set_alpha_to_one): space to t = 0
+    grid = [t]
+    for i in range(1, k):
+        target = lam[t - s] + (end - lam[t - s]) * i / k
+        u = min(range(s, t + 1), key=lambda v: abs(lam[v - s] - target))
+        if u < grid[-1] and lam[u - s] != lam[0]:
+            grid.append(u)
+    return grid + [s]
+
+
+def solve_positions(
+    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    schedule: Schedule,
+    z: torch.Tensor,
+    timesteps: Sequence[int],
+    substeps: int,
+    solver: str = "ddim",
+    delta: int | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The teacher's coarse positions z~_N..z~_0 (``substeps`` solver steps per slot) and, with ``delta``, each
+    slot's Δ-step z^Δ_{n+1} = DDIM(z~_{n+1}, t_{n+1}, t_{n+1} - Δ) (paper Alg. 2, line 8).
+
+    ``model(z, t)`` is called once per substep (at most ``substeps`` N calls in all, whatever ``delta``): the Δ-step
+    reuses the model output at (z~_{n+1}, t_{n+1}) that the slot's first substep evaluates anyway, so it is exact
+    DDIM for any Δ at no extra teacher pass.
+
+    ``ddim`` steps on the trailing grid (``slot_grid``) and gives exactly ``sample_positions``. ``dpmsolver++`` is
+    DPM-Solver++(2M) on a log-SNR-uniform grid in each slot (``logsnr_grid``): on the trailing grid the last step
+    into t_0 spans a large lambda interval that dominates the error at any order. Its multistep history carries
+    across slot boundaries (each coarse timestep is a grid point, not a restart), so it is first order only on the
+    very first step, and towards sigma = 0.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+    positions, delta_positions = [z], []
+    previous: tuple[torch.Tensor, int] | None = None
+    for t, s in zip(timesteps[:-1], timesteps[1:]):
+        grid = slot_grid(t, s, substeps) if solver == "ddim" else logsnr_grid(schedule, t, s, substeps)
+        for i in range(len(grid) - 1):
+            tt = torch.full((z.shape[0],), grid[i], device=z.device, dtype=torch.long)
+            out = model(z, tt)
+            if i == 0 and delta is not None:
+                delta_positions.append(ddim_step(schedule, z, out, t, t - delta))
+            if solver == "ddim":
+                z = ddim_step(schedule, z, out, grid[i], grid[i + 1])
+            else:
+                x0, _ = predict_x0_eps(schedule, z, out, grid[i])
+                z = dpmsolver_step(schedule, z, x0, grid[i], grid[i + 1], previous)
+                previous = (x0, grid[i])
+        positions.append(z)
+    return positions, delta_positions

@@ -134,3 +134,26 @@ def hinge_discriminator_loss(fake: list[torch.Tensor], real: list[torch.Tensor])
 def hinge_generator_loss(fake: list[torch.Tensor]) -> torch.Tensor:
     """relu(1 - D(fake)), averaged over heads."""
     return sum(F.relu(1 - f).mean() for f in fake) / len(fake)
+
+
+def relativistic_discriminator_loss(fake: list[torch.Tensor], real: list[torch.Tensor]) -> torch.Tensor:
+    """softplus(D(fake) - D(real)) over paired patches, averaged over heads (RpGAN's loss for D).
+
+    ``fake[h][i]`` and ``real[h][i]`` are the logit maps of a fake and its own real, renoised with the same noise; the
+    chance value (D cannot tell them apart) is log 2.
+    """
+    return sum(F.softplus(f - r).mean() for f, r in zip(fake, real)) / len(fake)
+
+
+def relativistic_generator_loss(fake: list[torch.Tensor], real: list[torch.Tensor]) -> torch.Tensor:
+    """softplus(D(real) - D(fake)) over paired patches, averaged over heads; the reals carry no gradient."""
+    return sum(F.softplus(r.detach() - f).mean() for f, r in zip(fake, real)) / len(fake)
+
+
+@torch.no_grad()
+def pair_accuracy(fake: list[torch.Tensor], real: list[torch.Tensor]) -> float:
+    """The share of pairs whose real scores above its fake (score: the mean logit over heads and patches); 0.5 is
+    chance. Ties count half."""
+    f = torch.stack([h.flatten(1).float().mean(1) for h in fake]).mean(0)
+    r = torch.stack([h.flatten(1).float().mean(1) for h in real]).mean(0)
+    return float(((r > f).float() + 0.5 * (r == f).float()).mean())

@@ -4,11 +4,16 @@ Every model generates from the same noise (seed S is the noise a diffusers
 pipeline draws for S). Rows report:
 
 * ``trajectory_error``: mean over samples of the RMS distance, in image space, between the
-  model's image and the teacher's many-step DDIM image from the same noise;
+  model's image and the teacher's many-step DDIM image from the same noise; with ``train_steps``
+  also ``trajectory_error_train``, against the teacher's DDIM with the training trajectories'
+  N M steps (what the student was trained to reach);
 * for the built-in digits teacher, ``fd`` (Fréchet distance in the digits classifier's
-  feature space against the held-out real digits) and ``prompt_accuracy`` (the share of
-  images the classifier reads as the prompt's digit), with the real-vs-real floor at the
-  same sample size;
+  feature space against the held-out real digits), ``fd_teacher`` (the same against the
+  teacher's many-step images of the same prompts and noise: fidelity to the teacher, which
+  distillation aims at; FD to real digits ranks data-free students above their own teacher)
+  and ``prompt_accuracy`` (the share of images the classifier reads as the prompt's digit),
+  with a floor for each FD at the same sample size (real vs real; the teacher from other
+  noise vs the teacher);
 * for SD/SDXL teachers, ``fid`` (against a folder of real images, in the feature space of a
   local Inception network) and ``clip_score`` (against the prompts, with a local CLIP model),
   each when its files are given (``rapm.metrics_sd``); None otherwise, with a note saying why.
@@ -93,6 +98,7 @@ def evaluate(
     fid_features: str | Path | None = None,
     reference_images: str | Path | None = None,
     clip: str | Path | None = None,
+    train_steps: int | None = None,
 ) -> dict:
     """Generate with each model from the same (prompt, seed) pairs and measure it; write ``out`` (JSON) if given.
 
@@ -138,6 +144,10 @@ def evaluate(
     rows, images = [], {}
     reference_spec = ModelSpec("teacher-ddim", reference_steps)
     todo = [reference_spec] + [m for m in models if asdict(m) != asdict(reference_spec)]
+    train_reference = None
+    if train_steps:  # the teacher as the training trajectories ran it (DDIM, N M steps), from the same noise
+        train_reference, _ = run(ModelSpec("teacher-ddim", train_steps))
+    teacher_features = None
     for spec in tqdm(todo, desc="evaluate", unit="model", disable=not progress):
         imgs, seconds = run(spec)
         key = f"{spec.method}-{spec.steps}"
@@ -148,8 +158,16 @@ def evaluate(
             "trajectory_error": trajectory_error(imgs, images[f"teacher-ddim-{reference_steps}"]),
             "seconds": seconds, "samples": len(prompts),
         }
+        if train_reference is not None:
+            row["trajectory_error_train"] = trajectory_error(imgs, train_reference)
         if metrics is not None:
-            row["fd"] = metrics.fd(imgs)
+            from rapm.demo.metrics import frechet_distance
+
+            feats = metrics.features(imgs)
+            if teacher_features is None:  # the reference comes first
+                teacher_features = feats
+            row["fd"] = frechet_distance(feats, metrics.reference_features)
+            row["fd_teacher"] = frechet_distance(feats, teacher_features)
             row["prompt_accuracy"] = metrics.prompt_accuracy(imgs, labels)
         if sd_metrics is not None:
             row["fid"] = sd_metrics.fid(imgs)
@@ -159,8 +177,17 @@ def evaluate(
         "teacher": str(teacher_path), "reference_steps": reference_steps, "teacher_guidance": teacher_guidance,
         "samples": len(prompts), "rows": rows, "date": time.strftime("%Y-%m-%d"),
     }
+    if train_steps:
+        result["train_steps"] = train_steps
     if metrics is not None:
+        from rapm.demo.metrics import frechet_distance
+
         result["real_floor_fd"] = metrics.real_floor(len(prompts))
+        # The teacher from other noise against the teacher: what an independent perfect sampler scores at this n.
+        other = [s + 1_000_000 for s in seeds]
+        latents = generate(teacher, prompts, other, reference_steps, guidance=teacher_guidance, role="teacher",
+                           scheduler="ddim", batch_size=batch_size)
+        result["teacher_floor_fd"] = frechet_distance(metrics.features(_decode(teacher, latents)), teacher_features)
     if sd_metrics is not None:
         result["fid_features"] = None if fid_features is None else str(fid_features)
         result["fid_reference_images"] = sd_metrics.reference_count
@@ -201,19 +228,27 @@ def markdown_table(result: dict) -> str:
     """The rows as a markdown table."""
     first = result["rows"][0] if result["rows"] else {}
     digits, sd = "fd" in first, "fid" in first or "clip_score" in first
-    head = ("| method | steps | guidance | " + ("FD ↓ | prompt acc. ↑ | " if digits else "")
-            + ("FID ↓ | CLIP score ↑ | " if sd else "") + "trajectory error ↓ |")
+    fd_teacher, train = "fd_teacher" in first, "trajectory_error_train" in first
+    head = ("| method | steps | guidance | " + ("FD ↓ | " if digits else "") + ("FD to teacher ↓ | " if fd_teacher else "")
+            + ("prompt acc. ↑ | " if digits else "") + ("FID ↓ | CLIP score ↑ | " if sd else "") + "trajectory error ↓ |"
+            + (f" trajectory error to DDIM-{result.get('train_steps')} ↓ |" if train else ""))
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in result["rows"]:
         cells = [r["method"], str(r["steps"]), f"{r['guidance']:g}"]
         if digits:
-            cells += [f"{r['fd']:.2f}", f"{100 * r['prompt_accuracy']:.1f}%"]
+            cells += [f"{r['fd']:.2f}"] + ([f"{r['fd_teacher']:.2f}"] if fd_teacher else []) + [
+                f"{100 * r['prompt_accuracy']:.1f}%"]
         if sd:
             cells += ["—" if r.get(k) is None else f"{r[k]:.2f}" for k in ("fid", "clip_score")]
         cells.append(f"{r['trajectory_error']:.4f}")
+        if train:
+            cells.append(f"{r['trajectory_error_train']:.4f}")
         lines.append("| " + " | ".join(cells) + " |")
     if "real_floor_fd" in result:
         lines.append(f"\nReal-vs-real FD floor at {result['samples']} samples: {result['real_floor_fd']:.2f}.")
+    if "teacher_floor_fd" in result:
+        lines.append(f"FD-to-teacher floor at {result['samples']} samples (the teacher's DDIM-{result['reference_steps']} "
+                     f"from other noise): {result['teacher_floor_fd']:.2f}.")
     if result.get("fid_reference_images"):
         lines.append(f"\nFID: {result['samples']} generated vs {result['fid_reference_images']} reference images; "
                      "compare FIDs only at the same counts.")
@@ -234,6 +269,8 @@ def cli(
     num: int = typer.Option(500, help="Samples (prompts are cycled; seeds are seed..seed+num-1)."),
     seed: int = typer.Option(1000, help="First seed."),
     reference_steps: int = typer.Option(100, help="Steps of the teacher's reference DDIM."),
+    train_steps: Optional[int] = typer.Option(
+        None, help="N M, the DDIM steps of the training trajectories: also report the trajectory error against them."),
     guidance: Optional[float] = typer.Option(None, help="Teacher guidance (default: the trajectories' default)."),
     device: str = typer.Option("cpu", help="cpu, cuda ..."),
     out: Path = typer.Option(Path("evaluation.json"), help="Results JSON (a markdown table is written beside it)."),
@@ -257,5 +294,6 @@ def cli(
         raise EvaluateError("--prompts is needed for a teacher other than 'digits'")
     specs = [ModelSpec.parse(m) for m in model] or [ModelSpec("teacher-ddim", 4)]
     result = evaluate(teacher, specs, prompt_list, list(range(seed, seed + len(prompt_list))), reference_steps, guidance,
-                      device, out=out, fid_features=fid_features, reference_images=reference_images, clip=clip)
+                      device, out=out, fid_features=fid_features, reference_images=reference_images, clip=clip,
+                      train_steps=train_steps)
     typer.echo(markdown_table(result))  # also in OUT's .md, written with it

@@ -1,29 +1,34 @@
 """Export the student adapter as a LoRA the ecosystem loads (DESIGN.md, decision 6).
 
-Two layouts of the same weights:
+Two layouts of the same weights, both written by default (``fmt="both"``) into one folder:
 
-* ``diffusers`` (default): ``pytorch_lora_weights.safetensors`` as diffusers'
-  ``save_lora_weights`` writes it: peft keys under ``unet.``, and the adapter's
-  LoraConfig in the safetensors metadata so that ``lora_alpha`` survives. A LoRA
-  loaded without its alpha is scaled by 1 instead of alpha / rank: a different
-  student.
-* ``kohya``: ``lora_unet_<module path with '_'>.{lora_down,lora_up}.weight`` and
-  ``.alpha``, the SD 1.x kohya-ss naming that ComfyUI and A1111 read and that
-  diffusers' ``load_lora_weights`` converts.
+* ``diffusers``: ``pytorch_lora_weights.safetensors`` as diffusers' ``save_lora_weights`` writes it: peft keys
+  under ``unet.``, and the adapter's LoraConfig in the safetensors metadata so that ``lora_alpha`` survives. A
+  LoRA loaded without its alpha is scaled by 1 instead of alpha / rank: a different student. diffusers'
+  ``load_lora_weights(folder)`` picks this file by its name.
+* ``kohya``: ``kohya_lora.safetensors``, keys ``lora_unet_<module path with '_'>.{lora_down,lora_up}.weight`` and
+  ``.alpha`` as kohya-ss/sd-scripts writes them: diffusers' module names for SD 1.x / 2.x, the LDM (sgm) names
+  ``input_blocks`` / ``middle_block`` / ``output_blocks`` for SDXL. ComfyUI and A1111 read this one (ComfyUI
+  loads the diffusers file only in part and without alpha); diffusers converts it too. Its metadata is
+  sd-scripts' (``ss_*``, ``sshs_*``) and the SAI model spec's (``modelspec.*``), so A1111 lists it with the right
+  base model and the sampling settings travel with the file.
 
-Beside the weights: ``README.md`` (a model card with the exact sampling
-settings and a diffusers snippet) and ``rapm_lora.json`` (the same facts,
-machine-readable). The folder is written whole or not at all.
+Both files carry rapm's own keys (``rapm.*``: N, the scheduler settings, guidance 1, the teacher). Beside the
+weights: ``README.md`` (a model card with the exact sampling settings for diffusers, ComfyUI and A1111) and
+``rapm_lora.json`` (the same facts, machine-readable). The folder is written whole or not at all.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
+
 import torch
 import typer
 
@@ -36,8 +41,14 @@ DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WE
 KOHYA_WEIGHT_NAME = "kohya_lora.safetensors"
 FACTS_NAME = "rapm_lora.json"
 CARD_NAME = "README.md"
-FORMATS = ("diffusers", "kohya")
-FACTS_VERSION = 1
+FORMATS = ("both", "diffusers", "kohya")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+FACTS_VERSION = 2
+
+# sd-scripts' library/sai_model_spec.py: the spec version it writes and its architecture / implementation ids.
+SAI_MODEL_SPEC_VERSION = "1.0.1"
+IMPL_STABILITY_AI = "https://github.com/Stability-AI/generative-models"
+IMPL_DIFFUSERS = "diffusers"
 
 # The LoraConfig fields that change what the adapter computes; the rest (dropout, bookkeeping) stay out of
 # the metadata so that an older peft can still build the config and inference never sees training dropout.
@@ -78,17 +89,88 @@ def adapter_metadata(unet: torch.nn.Module, adapter: str = STUDENT) -> dict:
     return meta
 
 
-def to_kohya(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    """peft keys to kohya's: ``lora_unet_<module with '_'>.lora_down.weight`` (A), ``.lora_up.weight`` (B), ``.alpha``."""
+def to_kohya(state: dict[str, torch.Tensor], alpha: float, module_name=None) -> dict[str, torch.Tensor]:
+    """peft keys to kohya's: ``lora_unet_<module with '_'>.lora_down.weight`` (A), ``.lora_up.weight`` (B), ``.alpha``.
+
+    ``module_name`` maps a diffusers module path to the one the file names (``ldm_module_name`` for SDXL);
+    without it the diffusers path is kept, as sd-scripts does for SD 1.x and 2.x.
+    """
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         module, _, kind = key.rpartition(".lora_")
         if kind not in ("A.weight", "B.weight"):
             raise ExportError(f"LoRA key {key!r} has no kohya equivalent (only plain lora_A / lora_B weights do)")
-        name = "lora_unet_" + module.replace(".", "_")
+        name = "lora_unet_" + (module_name(module) if module_name else module).replace(".", "_")
         out[f"{name}.{'lora_down' if kind == 'A.weight' else 'lora_up'}.weight"] = value
         out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
     return out
+
+
+# The LDM ResBlock's submodules (sgm's openaimodel.py, sd-scripts' sdxl_original_unet.py) by diffusers' names.
+_LDM_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_LDM_TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+            "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+            "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+
+
+def ldm_block_map(unet_config) -> dict[str, tuple[str, bool]]:
+    """diffusers block paths of a UNet2DConditionModel to the LDM ones: {path: (ldm path, is a ResBlock)}.
+
+    The LDM UNet numbers its blocks in one sequence: ``input_blocks.0`` is conv_in, then per down block
+    ``layers_per_block`` entries [ResBlock, SpatialTransformer] and a Downsample (``.0.op``) except after the
+    last; ``middle_block`` is [ResBlock, SpatialTransformer, ResBlock]; per up block ``layers_per_block + 1``
+    entries [ResBlock, SpatialTransformer], the last one also an Upsample (``.2.conv``, or ``.1.conv`` in a block
+    without attention) except in the last block.
+    """
+    get = unet_config.get if isinstance(unet_config, dict) else lambda k, d=None: getattr(unet_config, k, d)
+    per_block = get("layers_per_block")
+    down, up, mid = tuple(get("down_block_types")), tuple(get("up_block_types")), get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    known = {"DownBlock2D", "CrossAttnDownBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"}
+    if not isinstance(per_block, int) or not set(down + up) <= known or mid not in (None, "UNetMidBlock2DCrossAttn"):
+        raise ExportError(f"the teacher's UNet (layers_per_block {per_block!r}, blocks {down} / {mid} / {up}) has no LDM "
+                          "layout rapm knows; export it with format 'diffusers'")
+    blocks: dict[str, tuple[str, bool]] = {}
+    k = 1
+    for i, kind in enumerate(down):
+        for j in range(per_block):
+            blocks[f"down_blocks.{i}.resnets.{j}"] = (f"input_blocks.{k}.0", True)
+            if kind.startswith("CrossAttn"):
+                blocks[f"down_blocks.{i}.attentions.{j}"] = (f"input_blocks.{k}.1", False)
+            k += 1
+        if i < len(down) - 1:
+            blocks[f"down_blocks.{i}.downsamplers.0.conv"] = (f"input_blocks.{k}.0.op", False)
+            k += 1
+    if mid is not None:
+        blocks.update({"mid_block.resnets.0": ("middle_block.0", True), "mid_block.attentions.0": ("middle_block.1", False),
+                       "mid_block.resnets.1": ("middle_block.2", True)})
+    k = 0
+    for i, kind in enumerate(up):
+        attention = kind.startswith("CrossAttn")
+        for j in range(per_block + 1):
+            blocks[f"up_blocks.{i}.resnets.{j}"] = (f"output_blocks.{k}.0", True)
+            if attention:
+                blocks[f"up_blocks.{i}.attentions.{j}"] = (f"output_blocks.{k}.1", False)
+            if j == per_block and i < len(up) - 1:
+                blocks[f"up_blocks.{i}.upsamplers.0.conv"] = (f"output_blocks.{k}.{2 if attention else 1}.conv", False)
+            k += 1
+    blocks.update({name: (ldm, False) for name, ldm in _LDM_TOP.items()})
+    return blocks
+
+
+def ldm_module_name(module: str, blocks: dict[str, tuple[str, bool]]) -> str:
+    """A diffusers UNet module path (``down_blocks.1.attentions.0.proj_in``) as the LDM names it
+    (``input_blocks.4.1.proj_in``); ``blocks`` is ``ldm_block_map(unet.config)``."""
+    parts = module.split(".")
+    for n in range(min(len(parts), 5), 0, -1):
+        prefix = ".".join(parts[:n])
+        if prefix in blocks:
+            ldm, resnet = blocks[prefix]
+            rest = parts[n:]
+            if resnet and rest:
+                rest = _LDM_RESNET.get(rest[0], rest[0]).split(".") + rest[1:]
+            return ".".join([ldm, *rest])
+    raise ExportError(f"UNet module {module!r} has no LDM name; export this LoRA with format 'diffusers'")
 
 
 def base_unet_fingerprint(unet: torch.nn.Module) -> str:
@@ -134,35 +216,151 @@ def _pipeline_class(family: str):
     return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
 
 
-def _write_weights(folder: Path, unet: torch.nn.Module, family: str, fmt: str, adapter: str) -> tuple[str, dict, int]:
-    state = adapter_state_dict(unet, adapter)
-    meta = adapter_metadata(unet, adapter)
-    if fmt == "diffusers":
-        _pipeline_class(family).save_lora_weights(
-            str(folder), unet_lora_layers=state, unet_lora_adapter_metadata=meta, weight_name=DIFFUSERS_WEIGHT_NAME,
-        )
-        return DIFFUSERS_WEIGHT_NAME, meta, len(state)
+def base_model_version(family: str, unet_config) -> tuple[str, bool]:
+    """sd-scripts' ``ss_base_model_version`` (``sd_v1``, ``sd_v2``, ``sdxl_base_v1-0``) and ``ss_v2``.
+
+    SD 2.x is told from SD 1.x by its text encoder width: OpenCLIP ViT-H, so cross-attention 1024 (SD 1.x: 768).
+    A1111 reads ``ss_base_model_version`` (SDXL) and ``ss_v2`` to show a LoRA only beside checkpoints of its
+    version. (sd-scripts appends ``_v`` for a v-prediction run of its own; ``ss_v_parameterization`` says it here.)
+    """
+    if family == "sdxl":
+        return "sdxl_base_v1-0", False
+    get = unet_config.get if isinstance(unet_config, dict) else lambda k, d=None: getattr(unet_config, k, d)
+    v2 = get("cross_attention_dim") == 1024
+    return "sd_v2" if v2 else "sd_v1", v2
+
+
+def sai_architecture(family: str, v2: bool, prediction_type: str) -> str:
+    """The SAI model spec's architecture id for a LoRA of this teacher (sd-scripts' ``determine_architecture``)."""
+    if family == "sdxl":
+        return "stable-diffusion-xl-v1-base/lora"
+    if v2:
+        return f"stable-diffusion-v2-{'768-v' if prediction_type == 'v_prediction' else '512'}/lora"
+    return "stable-diffusion-v1/lora"
+
+
+def additional_network_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """``sshs_model_hash`` and ``sshs_legacy_hash`` as sd-scripts' ``precalculate_safetensors_hashes`` computes them.
+
+    The file is serialized with only its ``ss_*`` metadata (the keys meant never to change); the model hash is the
+    sha256 of the tensor bytes after the header, the legacy hash the first 8 hex digits of the sha256 of the 64 KiB
+    at offset 1 MiB (of nothing, for a smaller file). sd-webui-additional-networks reads them instead of hashing.
+    """
+    from safetensors.torch import save
+
+    data = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header = 8 + int.from_bytes(data[:8], "little")
+    return hashlib.sha256(data[header:]).hexdigest(), hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+
+
+def usage_hint(steps: int, scheduler: dict) -> str:
+    """One line a user reads in a client's model info: the sampling settings the student needs."""
+    return (f"{steps} steps, guidance (CFG) 1.0, no negative prompt. diffusers: DDIMScheduler with "
+            f"timestep_spacing='trailing', clip_sample=False, set_alpha_to_one={scheduler['set_alpha_to_one']}. ComfyUI: "
+            "sampler ddim (or euler), scheduler sgm_uniform. A1111: sampler Euler, schedule type SGM Uniform.")
+
+
+def rapm_metadata(facts: dict) -> dict[str, str]:
+    """rapm's own keys, in both files, so the settings survive when the file is copied alone."""
+    return {
+        "rapm.version": rapm.__version__,
+        "rapm.steps": str(facts["steps"]),
+        "rapm.timesteps": json.dumps(facts["timesteps"]),
+        "rapm.guidance_scale": "1.0",
+        "rapm.scheduler": json.dumps(facts["scheduler"], sort_keys=True),
+        "rapm.teacher": facts["teacher"],
+        "rapm.teacher_family": facts["teacher_family"],
+        "rapm.prediction_type": facts["prediction_type"],
+        "rapm.base_unet_fingerprint": facts["base_unet_fingerprint"],
+        "rapm.usage": usage_hint(facts["steps"], facts["scheduler"]),
+    }
+
+
+def kohya_metadata(kohya: dict[str, torch.Tensor], facts: dict, output_name: str, finished_at: float) -> dict[str, str]:
+    """sd-scripts' ``ss_*`` keys, the SAI model spec's ``modelspec.*`` keys and rapm's, with the two hashes."""
+    lora = facts["lora"]
+    conv3x3 = any(v.ndim == 4 and tuple(v.shape[2:]) != (1, 1) for k, v in kohya.items() if k.endswith("lora_down.weight"))
+    version, v2 = facts["base_model_version"], facts["v2"]
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(lora["rank"]),
+        "ss_network_alpha": str(lora["alpha"]),
+        "ss_base_model_version": version,
+        "ss_v2": str(v2),
+        "ss_v_parameterization": str(facts["prediction_type"] == "v_prediction"),
+        "ss_output_name": output_name,
+        "ss_training_finished_at": str(finished_at),
+    }
+    if conv3x3:  # sd-scripts' LoCon: 3x3 convs get their own dim / alpha, passed as network args (strings)
+        meta["ss_network_args"] = json.dumps({"conv_dim": str(lora["rank"]), "conv_alpha": str(lora["alpha"])})
+    if facts.get("training_steps") is not None:
+        meta["ss_steps"] = str(facts["training_steps"])
+    width, height = facts["resolution"]
+    meta.update({
+        "modelspec.sai_model_spec": SAI_MODEL_SPEC_VERSION,
+        "modelspec.architecture": sai_architecture(facts["teacher_family"], v2, facts["prediction_type"]),
+        "modelspec.implementation": IMPL_STABILITY_AI if facts["teacher_family"] == "sdxl" else IMPL_DIFFUSERS,
+        "modelspec.title": f"{facts['steps']}-step rapm student of {Path(facts['teacher']).name}",
+        "modelspec.description": (f"A {facts['steps']}-step LoRA distilled with rapm (arXiv 2503.20744) from "
+                                   f"{facts['teacher']}; guidance is distilled in, sample at CFG 1."),
+        "modelspec.date": datetime.datetime.fromtimestamp(int(finished_at)).isoformat(),
+        "modelspec.resolution": f"{width}x{height}",
+        "modelspec.prediction_type": "v" if facts["prediction_type"] == "v_prediction" else "epsilon",
+        "modelspec.usage_hint": usage_hint(facts["steps"], facts["scheduler"]),
+        "modelspec.implementation_version": f"rapm/{rapm.__version__}",
+    })
+    meta.update(rapm_metadata(facts))
+    model_hash, legacy_hash = additional_network_hashes(kohya, meta)
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = model_hash, legacy_hash
+    return meta
+
+
+def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v if v.ndim == 0 else v.to(dtype).contiguous() for k, v in state.items()}  # kohya's .alpha stays float32
+
+
+def _write_diffusers(folder: Path, state: dict, meta: dict, family: str, facts: dict) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _pipeline_class(family).save_lora_weights(
+        str(folder), unet_lora_layers=state, unet_lora_adapter_metadata=meta, weight_name=DIFFUSERS_WEIGHT_NAME,
+    )
+    # diffusers' writer takes no metadata of ours: add rapm's keys beside its own (format, lora_adapter_metadata).
+    path = folder / DIFFUSERS_WEIGHT_NAME
+    with safe_open(str(path), "pt") as f:
+        header = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(path), metadata={**header, **rapm_metadata(facts)})
+
+
+def _write_kohya(folder: Path, state: dict, meta: dict, family: str, unet: torch.nn.Module, facts: dict) -> None:
     from safetensors.torch import save_file
 
     special = [k for k in ("rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "fan_in_fan_out", "lora_bias") if meta.get(k)]
     if special:
         raise ExportError(f"the kohya layout holds plain LoRA with one rank and alpha; this adapter sets {', '.join(special)}: "
                           "export it with format 'diffusers'")
-    kohya = to_kohya(state, float(meta["lora_alpha"]))
-    header = {"ss_network_module": "networks.lora", "ss_network_dim": str(meta["r"]),
-              "ss_network_alpha": str(meta["lora_alpha"]), "rapm_version": rapm.__version__}
+    module_name = None
+    if family == "sdxl":  # sd-scripts trains SDXL on its LDM UNet, so its files (and A1111's SDXL loader) use LDM names
+        blocks = ldm_block_map(unet.config)
+        module_name = lambda module: ldm_module_name(module, blocks)  # noqa: E731
+    kohya = to_kohya(state, float(meta["lora_alpha"]), module_name)
+    header = kohya_metadata(kohya, facts, Path(KOHYA_WEIGHT_NAME).stem, time.time())
     save_file(kohya, str(folder / KOHYA_WEIGHT_NAME), metadata=header)
-    return KOHYA_WEIGHT_NAME, meta, len(state)
 
 
-def _teacher_facts(teacher_path: str | Path) -> tuple[Path, dict, bool]:
+def _teacher_facts(teacher_path: str | Path) -> tuple[Path, dict, bool, int]:
     from rapm.teacher import read_model_index, resolve_teacher_path
 
     path = resolve_teacher_path(teacher_path)
     index = read_model_index(path)
     config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     has_vae = bool(index.get("vae")) and index["vae"][0] is not None
-    return path, config, has_vae
+    vae_scale = 1
+    if has_vae and (path / "vae" / "config.json").exists():
+        vae_scale = 2 ** (len(json.loads((path / "vae" / "config.json").read_text()).get("block_out_channels", [0])) - 1)
+    return path, config, has_vae, vae_scale
 
 
 def _model_card(facts: dict, out_dir: Path, has_vae: bool) -> str:
@@ -178,7 +376,25 @@ def _model_card(facts: dict, out_dir: Path, has_vae: bool) -> str:
         call = (f'# This teacher has no VAE (hence vae=None above): it works in pixel space, its latents are the images.\n'
                 f'images = pipe("a photo of a cat", num_inference_steps={n}, guidance_scale=1.0, output_type="latent",\n'
                 f'              generator=torch.Generator("cpu").manual_seed(0)).images')
-    weights_kw = "" if facts["format"] == "diffusers" else f', weight_name="{facts["weights"]}"'
+    weights_kw = "" if facts["weights"] == DIFFUSERS_WEIGHT_NAME else f', weight_name="{facts["weights"]}"'
+    files = facts["files"]
+    if "kohya" in files:
+        comfy = (f"Copy `{files['kohya']}` into `ComfyUI/models/loras/` (rename it as you like) and load it with a "
+                 "LoraLoaderModelOnly node (strength 1.0)")
+        a1111 = (f"Copy `{files['kohya']}` into `stable-diffusion-webui/models/Lora/` and add `<lora:NAME:1>` to the "
+                 f"prompt (NAME: the file name without `.safetensors`). A1111 lists it with {facts['base_model_version']} "
+                 "checkpoints")
+        which = ("The kohya file carries kohya-ss/sd-scripts' metadata (base model "
+                 f"{facts['base_model_version']}, rank, alpha) and the SAI model spec (`modelspec.*`: architecture, "
+                 "resolution, prediction type, a usage hint with these settings). Every file carries rapm's `rapm.*` "
+                 "keys (N, the scheduler, guidance 1), so the settings go with a file copied alone.")
+        if "diffusers" in files:
+            which = "Both hold the same weights. " + which
+    else:
+        which = "The file carries rapm's `rapm.*` metadata keys (N, the scheduler, guidance 1)."
+        again = "export again with `rapm export --format both` (the default) or `--format kohya`"
+        comfy = f"This export has no kohya file: ComfyUI loads the diffusers file only in part and without alpha; {again}"
+        a1111 = f"This export has no kohya file, which A1111 needs; {again}"
     caveat = ""
     if facts["num_train_timesteps"] % n:
         caveat = (f"\nNote: {n} does not divide {facts['num_train_timesteps']}. diffusers' DDIMScheduler steps from t to "
@@ -198,7 +414,7 @@ A LoRA distilled with rapm (Relative and Absolute Position Matching, arXiv 2503.
 | teacher | `{teacher}` ({facts['teacher_family']}, {cls}) |
 | steps (N) | {n}, timesteps {facts['timesteps'][:-1]} then the final position |
 | LoRA | rank {lora['rank']}, alpha {lora['alpha']}, {lora['modules']} modules, {lora['parameters']:,} parameters |
-| format | {facts['format']} (`{facts['weights']}`) |
+| files | {', '.join(f"`{name}` ({fmt})" for fmt, name in files.items())} |
 | base UNet | `{facts['base_unet_fingerprint']}` |
 
 ## Sampling settings
@@ -222,6 +438,25 @@ pipe.fuse_lora()  # optional: fold the LoRA into the UNet's weights
 {call}
 ```
 
+## Which file
+
+| client | file |
+| --- | --- |
+| diffusers (`load_lora_weights`), rapm | {f"`{files['diffusers']}`" if 'diffusers' in files else f"`{facts['weights']}`"} |
+| ComfyUI, A1111 / Forge | {f"`{files['kohya']}`" if 'kohya' in files else "none: export with --format kohya"} |
+
+{which}
+
+## ComfyUI
+
+{comfy}. KSampler: steps {n}, cfg 1.0, sampler `ddim` (or `euler`, the same step), scheduler `sgm_uniform`:
+its timesteps, 999 down in steps of 999 / {n}, lie within one timestep of the trailing grid {facts['timesteps'][:-1]}
+the student was trained on (close to diffusers' images, not bit-identical).
+
+## A1111 / Forge
+
+{a1111}. Sampling method Euler, schedule type SGM Uniform, {n} steps, CFG scale 1, no negative prompt.
+
 ## rapm
 
 ```
@@ -238,11 +473,18 @@ def export_lora(
     family: str,
     out_dir: str | Path,
     steps: int,
-    fmt: str = "diffusers",
+    fmt: str = "both",
     adapter: str = STUDENT,
     extra_card: dict | None = None,
+    dtype: str = "float32",
+    training_steps: int | None = None,
 ) -> Path:
     """Write the ``adapter`` LoRA of ``unet`` (never the discriminator's) to ``out_dir``; return the weights file.
+
+    ``fmt`` "both" (the default) writes the diffusers file and the kohya file beside it and returns the diffusers
+    one (what ``load_lora_weights(out_dir)`` picks); "diffusers" or "kohya" writes only that one. ``dtype`` is the
+    weights' storage dtype (float16 halves the files; kohya's ``.alpha`` stays float32). ``training_steps`` is
+    written as sd-scripts' ``ss_steps``.
 
     ``out_dir`` gets the weights, ``README.md`` and ``rapm_lora.json``, written in a temporary folder beside it and
     renamed into place, so it is never half-written. An ``out_dir`` that holds an earlier export is replaced; any
@@ -250,13 +492,21 @@ def export_lora(
     """
     if fmt not in FORMATS:
         raise ExportError(f"export format {fmt!r} is not supported; use one of {', '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise ExportError(f"export dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     _pipeline_class(family)
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / FACTS_NAME).exists())):
         raise ExportError(f"{out_dir} exists and is not an earlier rapm export; give a new or empty folder")
-    teacher_dir, scheduler_config, has_vae = _teacher_facts(teacher_path)
+    teacher_dir, scheduler_config, has_vae, vae_scale = _teacher_facts(teacher_path)
     num_train_timesteps = int(scheduler_config.get("num_train_timesteps", 1000))
     timesteps = coarse_timesteps(num_train_timesteps, steps)
+    prediction_type = scheduler_config.get("prediction_type", "epsilon")
+    version, v2 = base_model_version(family, unet.config)
+    size = unet.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    files = {f: DIFFUSERS_WEIGHT_NAME if f == "diffusers" else KOHYA_WEIGHT_NAME
+             for f in (("diffusers", "kohya") if fmt == "both" else (fmt,))}
 
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -265,17 +515,23 @@ def export_lora(
     except OSError as e:  # a read-only parent
         raise ExportError(f"--out {out_dir}: cannot be written ({e.strerror or e}); give a writable folder") from None
     try:
-        weights, meta, n_tensors = _write_weights(staging, unet, family, fmt, adapter)
+        state = _cast(adapter_state_dict(unet, adapter), DTYPES[dtype])
+        meta = adapter_metadata(unet, adapter)
         n_params = sum(p.numel() for n, p in unet.named_parameters() if f".{adapter}." in n and "lora_" in n)
         facts = {
             "format_version": FACTS_VERSION,
             "rapm_version": rapm.__version__,
             "format": fmt,
-            "weights": weights,
+            "weights": next(iter(files.values())),
+            "files": files,
+            "dtype": dtype,
             "teacher": str(teacher_path),
             "teacher_path": str(teacher_dir.resolve()),
             "teacher_family": family,
-            "prediction_type": scheduler_config.get("prediction_type", "epsilon"),
+            "base_model_version": version,
+            "v2": v2,
+            "prediction_type": prediction_type,
+            "resolution": [width * vae_scale, height * vae_scale],
             "num_train_timesteps": num_train_timesteps,
             "steps": int(steps),
             "timesteps": timesteps,
@@ -284,13 +540,19 @@ def export_lora(
                 "rank": meta["r"],
                 "alpha": meta["lora_alpha"],
                 "target_modules": meta["target_modules"],
-                "modules": n_tensors // 2,
+                "modules": len(state) // 2,
                 "parameters": n_params,
             },
             "base_unet_fingerprint": base_unet_fingerprint(unet),
         }
+        if training_steps is not None:
+            facts["training_steps"] = int(training_steps)
         if extra_card:
             facts["training"] = dict(extra_card)
+        if "diffusers" in files:
+            _write_diffusers(staging, state, meta, family, facts)
+        if "kohya" in files:
+            _write_kohya(staging, state, meta, family, unet, facts)
         (staging / FACTS_NAME).write_text(json.dumps(facts, indent=2, default=str) + "\n")
         (staging / CARD_NAME).write_text(_model_card(facts, out_dir, has_vae))
         os.chmod(staging, 0o755)  # mkdtemp makes it 0700
@@ -302,7 +564,7 @@ def export_lora(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return out_dir / weights
+    return out_dir / facts["weights"]
 
 
 EXPORT_FILES = (DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, CARD_NAME, FACTS_NAME)  # all an export writes
@@ -351,8 +613,12 @@ def read_export_facts(lora: str | Path) -> dict | None:
 
 def cli(
     run: Path = typer.Option(..., "--run", help="The training run directory (rapm train --out)."),
-    out: Path = typer.Option(..., "--out", help="Folder to write the LoRA, README.md and rapm_lora.json to."),
-    format: str = typer.Option("diffusers", "--format", help="diffusers (pytorch_lora_weights.safetensors) or kohya (ComfyUI / A1111)."),
+    out: Path = typer.Option(..., "--out", help="Folder to write the LoRA files, README.md and rapm_lora.json to."),
+    format: str = typer.Option(
+        "both", "--format", help="both (default): pytorch_lora_weights.safetensors for diffusers and "
+        "kohya_lora.safetensors for ComfyUI / A1111; or only one: diffusers, kohya."),
+    dtype: str = typer.Option("float32", "--dtype", help="Storage dtype of the weights: float32, float16 (half the "
+                              "size), bfloat16."),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Read an old pickle state.pt that "
                                           "weights_only loading refuses; it can run code: only for a run you made."),
 ) -> None:
@@ -361,9 +627,17 @@ def cli(
 
     if format not in FORMATS:
         raise ExportError(f"--format {format!r} is not supported; use one of {', '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     teacher, unet, config = load_student(run, trust_checkpoint=trust_checkpoint)
     steps = config["steps"]  # N, from the store the run trained on
     extra = {"run": str(run)}
     extra.update({k: v for k, v in config.items() if k not in ("teacher", "steps") and isinstance(v, (str, int, float, bool))})
-    weights = export_lora(unet, config["teacher"], teacher.family, out, int(steps), fmt=format, extra_card=extra)
-    typer.echo(f"wrote {weights} ({format}); sample with: rapm sample --teacher {config['teacher']} --lora {out} --prompt '...'")
+    export_lora(unet, config["teacher"], teacher.family, out, int(steps), fmt=format, extra_card=extra, dtype=dtype,
+                training_steps=config.get("step"))
+    facts = read_export_facts(out) or {}
+    for fmt, name in facts.get("files", {}).items():
+        use = "diffusers' load_lora_weights, rapm sample" if fmt == "diffusers" else "ComfyUI (models/loras), A1111 (models/Lora)"
+        typer.echo(f"wrote {out / name} ({fmt}: {use})")
+    typer.echo(f"sample with {steps} steps, guidance 1, DDIM trailing (README.md there): "
+               f"rapm sample --teacher {config['teacher']} --lora {out} --prompt '...'")

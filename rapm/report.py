@@ -19,7 +19,7 @@ import typer
 
 from rapm.errors import RapmError
 from rapm.evaluate import markdown_table
-from rapm.folders import commit, discard, stage
+from rapm.folders import Staged, commit, discard, stage
 from rapm.store import sha256_file
 
 
@@ -42,11 +42,16 @@ def loss_curves(log_file: Path, out_png: Path) -> bool:
             entry = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if "loss" not in entry:  # validation lines: their own curves
+            continue
         sums: dict[str, float] = defaultdict(float)
         for key, value in entry.items():
-            if "/" in key:  # per-slot terms: huber_rel/3 ...
+            if "/" in key and not key.startswith("disc_acc"):  # per-slot terms: huber_rel/3 ...
                 sums[key.split("/")[0]] += value
-        sums[f"{entry['phase']} loss"] = entry["loss"]
+        phase = entry["phase"]
+        sums[f"{'student' if 'student' in phase else phase} loss"] = entry["loss"]
+        if "disc_loss" in entry:
+            sums["discriminator loss"] = entry["disc_loss"]
         for key, value in sums.items():
             if key != "loss":
                 series[key].append((entry["step"], value))
@@ -64,6 +69,47 @@ def loss_curves(log_file: Path, out_png: Path) -> bool:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def validation_curves(log_file: Path, out_png: Path) -> bool:
+    """Plot the validation metrics (``rapm train``'s held-out trajectories) against the iteration: the paper's Fig. 5."""
+    if not log_file.exists():
+        return False
+    points: dict[int, dict] = {}
+    for line in log_file.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if entry.get("phase") == "validation":
+            points[entry["step"]] = entry  # a resumed run may repeat one: the last counts
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted(points)
+    panels = [("trajectory error (held out)", [k for k in ("val_trajectory_error", "val_raw_trajectory_error",
+                                                         "val_reference_error") if k in points[steps[0]]]),
+              ("per slot: distance to the stored z~_n", sorted(k for k in points[steps[0]] if k.startswith("val_slot_error/"))),
+              ("Fréchet distance (digits)", [k for k in ("val_fd_teacher", "val_fd_real") if k in points[steps[0]]])]
+    panels = [p for p in panels if p[1]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels):
+        for key in keys:
+            xs = [s for s in steps if key in points[s]]
+            ax.plot(xs, [points[s][key] for s in xs], marker="o", markersize=3, label=key[4:])
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=110)
@@ -98,16 +144,13 @@ def report(run: Path, evaluation: Path | None = None, out: Path | None = None) -
     out = Path(out) if out else run / "report.html"
     assets = out.parent / "report_files"
     curves = assets / "losses.png"
-    staged = []  # the set: losses.png, report.md, then report.html (the commit point) renamed into place together
+    # the set: the plots, report.md, then report.html (the commit point), each staged whole, renamed into place together
+    staged = []
     try:
-        # loss_curves writes nothing when there is nothing to plot: an empty file then, left out of the set
-        plot = stage(curves, lambda tmp: loss_curves(run / "logs.jsonl", tmp) or tmp.write_bytes(b""))
-        has_curves = plot.tmp.stat().st_size > 0
-        if has_curves:
-            staged.append(plot)
-        else:
-            discard([plot])
-        page, md = _pages(run, config, evaluation, result, out, curves if has_curves else None, plot.tmp)
+        plots = {"losses": _plot(curves, lambda tmp: loss_curves(run / "logs.jsonl", tmp)),
+                 "validation": _plot(assets / "validation.png", lambda tmp: validation_curves(run / "logs.jsonl", tmp))}
+        staged += [p for p in plots.values() if p is not None]
+        page, md = _pages(run, config, evaluation, result, out, plots)
         staged.append(stage(out.with_suffix(".md"), "\n".join(md).encode()))
         staged.append(stage(out, page.encode()))
     except BaseException:
@@ -117,6 +160,22 @@ def report(run: Path, evaluation: Path | None = None, out: Path | None = None) -
     return out
 
 
+def _plot(final: Path, draw) -> Staged | None:
+    """``draw(path)`` staged for ``final``; None (nothing left behind) when it has nothing to plot."""
+    drawn = [False]
+
+    def write(tmp: Path) -> None:
+        drawn[0] = draw(tmp)
+        if not drawn[0]:
+            tmp.write_bytes(b"")  # stage hashes the file it is given: an empty one, discarded below
+
+    staged = stage(final, write)
+    if drawn[0]:
+        return staged
+    discard([staged])
+    return None
+
+
 def _read_json(path: Path, fix: str):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -124,11 +183,12 @@ def _read_json(path: Path, fix: str):
         raise ReportError(f"{path}: cannot be read as JSON ({e}); {fix}") from None
 
 
-def _pages(run: Path, config: dict, evaluation: Path, result: dict | None, out: Path, curves: Path | None,
-           curves_file: Path) -> tuple[str, list[str]]:
+def _pages(run: Path, config: dict, evaluation: Path, result: dict | None, out: Path,
+           plots: dict[str, Staged | None]) -> tuple[str, list[str]]:
     """The HTML page and the markdown lines; every value from a file is escaped in the HTML."""
     esc = lambda v: html.escape(str(v))  # noqa: E731
-    has_curves = curves is not None
+    curves, has_curves = plots["losses"] and plots["losses"].final, plots["losses"] is not None
+    val_png, has_validation = plots["validation"] and plots["validation"].final, plots["validation"] is not None
     grid = evaluation.with_suffix(".png")
     if result is not None and grid.exists():
         recorded = (result.get("files") or {}).get(grid.name)
@@ -155,9 +215,17 @@ def _pages(run: Path, config: dict, evaluation: Path, result: dict | None, out: 
     else:
         md += [f"No evaluation yet ({evaluation} is missing): run `rapm evaluate --out {evaluation}`.", ""]
         body += [f"<p>No evaluation yet ({html.escape(str(evaluation))} is missing).</p>"]
+    if has_validation:
+        text = ("The student's N steps from the noise of held-out trajectories (never trained on), every "
+                f"eval_every = {config.get('eval_every')} iterations: image RMS to the stored teacher end point, per slot "
+                "the distance to the stored position, and for the digits teacher the FD to the teacher's images and to "
+                "real digits. A flat curve has converged; a rising one diverges.")
+        md += ["## Validation during training", "", text, "", f"![validation]({os.path.relpath(val_png, out.parent)})", ""]
+        body += ["<h2>Validation during training</h2>", f"<p>{html.escape(text)}</p>",
+                 _img_tag(plots["validation"].tmp, "validation")]
     if has_curves:
         md += ["## Training losses", "", f"![losses]({os.path.relpath(curves, out.parent)})", ""]
-        body += ["<h2>Training losses</h2>", _img_tag(curves_file, "losses")]
+        body += ["<h2>Training losses</h2>", _img_tag(plots["losses"].tmp, "losses")]
     if samples:
         md += ["## During training", "", f"Top row: student, {len(samples)} grids; bottom row: the stored teacher end point.",
                "", f"![last training grid]({os.path.relpath(samples[-1], out.parent)})", ""]

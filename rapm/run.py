@@ -478,8 +478,11 @@ class GuardedWriter:
                            f"checkpoint is {self.checkpoint() or 'none yet'}; free space and resume with --resume "
                            "(logs.jsonl has every value)") from None
 
-    def add_scalar(self, *args, **kwargs):
-        return self._call("add_scalar", *args, **kwargs)
+    def __getattr__(self, name: str):  # add_scalar, add_image, add_text ...: each write guarded
+        method = getattr(self.writer, name)
+        if not callable(method):
+            return method
+        return lambda *args, **kwargs: self._call(name, *args, **kwargs)
 
     def close(self):
         try:  # in the loop's finally: a failure is reported by the add_scalar that met it, not masked here

@@ -2,11 +2,12 @@
 
 A store is a directory::
 
-    manifest.json            format version, teacher identity, scheduler config, N, M, guidance,
+    manifest.json            format version, teacher identity, scheduler config, N, M, solver, Δ, guidance,
                              timesteps, latent shape, dtype, count, shard size, each shard's sha256
     prompts.txt              the prompts, one a line; trajectory i is line i
     negative.safetensors     the one unconditional conditioning (batch 1), stored once
-    shard-00000.safetensors  latents [B, N+1, C, H, W], prompt_embeds [B, L, D],
+    shard-00000.safetensors  latents [B, N+1, C, H, W], delta_latents [B, N, C, H, W] (format 2),
+                             prompt_embeds [B, L, D],
                              (SDXL) pooled_embeds [B, D2], time_ids [B, 6]; seeds [B];
                              metadata "rapm": JSON {start, count, prompts, ...}
     done/shard-00000.json    the shard's record {file, start, count, sha256, bytes}, written after it
@@ -14,6 +15,11 @@ A store is a directory::
 Shard k holds trajectories [k*S, (k+1)*S) for shard size S, whatever the number of
 processes that wrote it. Files are written atomically (temp file in the same
 folder, fsync, rename), so a file that exists is complete.
+
+Format 2 adds each slot's Δ-step position z^Δ_{n+1} (``delta_latents[:, j]`` is the
+teacher's DDIM step from ``latents[:, j]`` to t_{n+1} - Δ, Alg. 2 line 8) and the
+manifest fields ``delta`` (that Δ) and ``solver``. Format 1 stores (without them)
+still load: their batches have ``delta_latents`` None and the trainer computes the step.
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ from rapm.diffusion import ScheduleError, coarse_timesteps, schedule_from_config
 from rapm.errors import RapmError, WriteError
 from rapm.teacher import Conditioning
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: no Δ-step positions (delta_latents), no 'delta' and 'solver' in the manifest
 MANIFEST = "manifest.json"
 PROMPTS = "prompts.txt"
 NEGATIVE = "negative.safetensors"
@@ -158,13 +165,17 @@ class TrajectoryBatch:
     prompts: list[str]
     seeds: list[int]
     indices: list[int]
+    delta_latents: torch.Tensor | None = None  # float32 [B, N, C, H, W]: z^Δ_{n+1} of each slot (format 2), else None
+    delta: int | None = None  # the Δ of delta_latents, in teacher timesteps
 
     def __len__(self) -> int:
         return self.latents.shape[0]
 
     def to(self, *args, **kwargs) -> "TrajectoryBatch":
+        delta_latents = None if self.delta_latents is None else self.delta_latents.to(*args, **kwargs)
         return TrajectoryBatch(self.latents.to(*args, **kwargs), self.cond.to(*args, **kwargs),
-                               self.uncond.to(*args, **kwargs), self.prompts, self.seeds, self.indices)
+                               self.uncond.to(*args, **kwargs), self.prompts, self.seeds, self.indices, delta_latents,
+                               self.delta)
 
 
 class TrajectoryStore:
@@ -194,6 +205,11 @@ class TrajectoryStore:
     @property
     def guidance(self) -> float:
         return float(self.manifest["guidance"])
+
+    @property
+    def delta(self) -> int | None:
+        """Δ of the stored Δ-step positions; None for a format 1 store, which has none."""
+        return int(self.manifest["delta"]) if self.manifest["format_version"] >= 2 else None
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -299,7 +315,8 @@ class TrajectoryStore:
         b = len(indices)
         uncond = Conditioning(*(None if negative.get(f) is None else negative[f].float().expand(b, *negative[f].shape[1:]).contiguous()
                                 for f in ("prompt_embeds", "pooled_embeds", "time_ids")))
-        return TrajectoryBatch(cat["latents"].float(), cond, uncond, prompts, seeds, indices)
+        return TrajectoryBatch(cat["latents"].float(), cond, uncond, prompts, seeds, indices, _float(cat.get("delta_latents")),
+                               self.delta)
 
     def verify(self) -> None:
         """Re-hash every shard against the manifest; one StoreError lists every bad shard."""
@@ -328,13 +345,19 @@ class TrajectoryStore:
             handle = safe_open(str(f), framework="pt")
             meta = json.loads(handle.metadata()["rapm"])
             shape = handle.get_slice("latents").get_shape()
+            delta_shape = handle.get_slice("delta_latents").get_shape() if "delta_latents" in handle.keys() else None
         except Exception as e:  # noqa: BLE001 - a header that does not parse means a damaged file
             raise self._damaged(k, e) from None
         expected = [entry["count"], self.steps + 1, *self.latent_shape]
+        expected_delta = [entry["count"], self.steps, *self.latent_shape] if self.delta is not None else None
+        replaced = "the file was replaced: delete it and rerun the same rapm trajectories command to recompute it"
         if meta.get("start") != entry["start"] or list(shape) != expected:
             raise StoreError(f"{f}: holds trajectories from {meta.get('start')} with latents {list(shape)}, but the manifest "
-                             f"records {entry['start']} with {expected}; the file was replaced: delete it and rerun the same "
-                             "rapm trajectories command to recompute it")
+                             f"records {entry['start']} with {expected}; {replaced}")
+        if (None if delta_shape is None else list(delta_shape)) != expected_delta:
+            raise StoreError(f"{f}: delta_latents {delta_shape if delta_shape is None else list(delta_shape)}, but "
+                             f"format_version {self.manifest['format_version']} in {MANIFEST} records "
+                             f"{expected_delta}; {replaced}")
         self._check_tensors(f, handle, entry["count"])
         self._handles[k] = (handle, meta)
         while len(self._handles) > self.cache_shards:
@@ -380,7 +403,8 @@ class TrajectoryStore:
             except Exception as e:  # noqa: BLE001
                 raise StoreError(f"{f}: cannot be read ({type(e).__name__}: {e}); rerun the same rapm trajectories "
                                  "command to rewrite it") from None
-            spec = {k: v for k, v in shard_tensors(self.manifest).items() if k not in ("latents", "seeds")}
+            conditioning = self.manifest.get("conditioning") or {"prompt_embeds": None}
+            spec = {k: v for k, v in shard_tensors(self.manifest).items() if k in conditioning}
             for name, (_, shape) in spec.items():
                 if name not in negative or (shape is not None and list(negative[name].shape) != [1, *shape]):
                     got = list(negative[name].shape) if name in negative else "missing"
@@ -446,6 +470,8 @@ _FIELD_TYPES = {
         isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("sha256"), str)
         and all(_is_int(e.get(k)) for k in ("start", "count", "bytes")) for e in v),
         "a list of {file, start, count, sha256, bytes} records"),
+    "delta": (lambda v: _is_int(v) and v >= 1, "an integer number of teacher timesteps, at least 1"),
+    "solver": (lambda v: isinstance(v, str), "a solver name"),
     "prompts": (lambda v: isinstance(v, dict) and isinstance(v.get("sha256"), str), "an object with a 'sha256' string"),
     "negative": (lambda v: v is None or (isinstance(v, dict) and isinstance(v.get("sha256"), str)),
                  "an object with a 'sha256' string"),
@@ -468,6 +494,8 @@ def shard_tensors(manifest: dict) -> dict[str, tuple[torch.dtype, list[int]]]:
     """What each shard holds: tensor name -> (dtype, shape without the batch), from the manifest."""
     store_dtype = DTYPES[manifest["dtype"]]
     spec = {"latents": (store_dtype, [manifest["steps"] + 1, *manifest["latent_shape"]]), "seeds": (torch.int64, [])}
+    if manifest["format_version"] >= 2:  # each slot's Δ-step position
+        spec["delta_latents"] = (store_dtype, [manifest["steps"], *manifest["latent_shape"]])
     for name, shape in (manifest.get("conditioning") or {"prompt_embeds": None}).items():
         spec[name] = (torch.float32 if name == "time_ids" else store_dtype, shape)
     return spec
@@ -491,10 +519,10 @@ def read_manifest(path: Path) -> dict:
     if not isinstance(manifest, dict):
         raise StoreError(f"{f}: not a manifest object; rebuild the store with rapm trajectories --overwrite")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise StoreError(f"{f}: format_version {version!r} is not {FORMAT_VERSION}, the version this rapm reads; "
+    if version not in READABLE_VERSIONS:
+        raise StoreError(f"{f}: format_version {version!r} is not one this rapm reads ({', '.join(map(str, READABLE_VERSIONS))}); "
                          "rebuild the store with this version of rapm (rapm trajectories --overwrite)")
-    missing = [k for k in REQUIRED_FIELDS if k not in manifest]
+    missing = [k for k in REQUIRED_FIELDS + (("delta", "solver") if version >= 2 else ()) if k not in manifest]
     if missing:
         raise StoreError(f"{f}: field {missing[0]!r} is missing; rebuild the store with rapm trajectories --overwrite")
     recorded = manifest.get(MANIFEST_SHA256)  # absent in a store written before checksums: still read

@@ -23,7 +23,7 @@ from rapm import config as cfg
 from rapm.config import ConfigError, TrainConfig
 from rapm.discriminator import Discriminator, DiscriminatorSpec
 from rapm.errors import RapmError
-from rapm.methods import Context, Setup, TrajectoryBatch, build_method
+from rapm.methods import Context, Setup, TrajectoryBatch, build_method, updates_of
 from rapm.roles import (DISCRIMINATOR, STUDENT, LoraSpec, add_roles, enable_gradient_checkpointing, lora_parameters,
                         set_trainable)
 from rapm.run import (CHECKPOINT_PREFIX, TMP_PREFIX, GuardedWriter, LogFile, ResumeWarning, RunError,  # noqa: F401
@@ -32,6 +32,7 @@ from rapm.run import (CHECKPOINT_PREFIX, TMP_PREFIX, GuardedWriter, LogFile, Res
                       state_file, truncate_log)
 from rapm.store import atomic_write
 from rapm.teacher import load_teacher, read_model_index, resolve_teacher_path
+from rapm.validation import split_indices
 
 
 # ---------------------------------------------------------------------------------------------- data and RNG
@@ -197,6 +198,24 @@ class Processes:
 
 # ---------------------------------------------------------------------------------------------- the loop
 
+def iteration_phases(updates: str, disc_every: int, with_discriminator: bool, step: int) -> tuple[str, ...]:
+    """The updates iteration ``step`` makes, in order.
+
+    ``alternate`` is Alg. 2, lines 3-4: even iterations update D1 and D2, odd ones the student. ``both`` makes every
+    iteration a student update, preceded on every ``disc_every``-th one by a discriminator update on the same
+    trajectory, so the student is not starved of half its updates.
+    """
+    if not with_discriminator:
+        return ("student",)
+    if updates == "alternate":
+        return ("discriminator",) if step % 2 == 0 else ("student",)
+    return ("discriminator", "student") if step % disc_every == 0 else ("student",)
+
+
+def ema_decay_at(decay: float, warmup: bool, updates_done: int) -> float:
+    """The EMA's decay after ``updates_done`` student updates; with warm-up min(decay, (1 + k) / (10 + k))."""
+    return min(decay, (1 + updates_done) / (10 + updates_done)) if warmup else decay
+
 @dataclass
 class TrainResult:
     run: Path
@@ -231,10 +250,14 @@ class _Preemption:
 
 
 def _to_device(batch, device, dtype) -> TrajectoryBatch:
+    """The store's batch on ``device``, in float32 whatever the weights' ``dtype``: positions and targets keep float32
+    under mixed precision, and only the UNet's inputs take its dtype (``rapm.teacher.unet_output``)."""
     return TrajectoryBatch(
-        latents=batch.latents.to(device, dtype),
-        cond=batch.cond.to(device, dtype),
-        uncond=batch.uncond.to(device, dtype) if batch.uncond is not None else None,
+        latents=batch.latents.to(device, torch.float32),
+        cond=batch.cond.to(device, torch.float32),
+        uncond=batch.uncond.to(device, torch.float32) if batch.uncond is not None else None,
+        delta_latents=batch.delta_latents.to(device, torch.float32) if batch.delta_latents is not None else None,
+        delta=batch.delta,
     )
 
 
@@ -262,11 +285,16 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
 
     device = procs.device if (procs.world > 1 and config.device == "auto") else resolve_device(config.device)
     store = open_store(Path(config.store))
+    train_ids, val_ids = split_indices(len(store), config.val_fraction, config.seed)
     delta = config.delta or store.manifest.get("delta") or max(1, 1000 // (store.steps * store.substeps))
     method = build_method(config, delta)
     min_slot = min(t - s for t, s in zip(store.timesteps[:-1], store.timesteps[1:]))
     if delta >= min_slot:
-        raise ConfigError(f"config field 'delta': Δ = {delta} timesteps must be shorter than the shortest slot ({min_slot})")
+        source = ("config field 'delta'" if config.delta else "the store's delta" if store.manifest.get("delta") else
+                  f"the default, one fine step, 1000 // (N M) with the store's N = {store.steps}, M = {store.substeps}")
+        raise ConfigError(f"{Path(config.store) / 'manifest.json'}: Δ = {delta} timesteps ({source}) must be shorter than "
+                          f"the store's shortest slot ({min_slot} timesteps; substeps M = {store.substeps}); rebuild the "
+                          f"store with rapm trajectories --substeps 2 or more, or pass a smaller Δ such as --set delta={max(1, min_slot // 2)}")
     torch.manual_seed(config.seed)  # the LoRA A matrices and the heads start from the seed
     teacher, disc = build_models(config, device, need_vae=config.sample_every > 0, with_discriminator=method.uses_discriminator)
     store.check_teacher(teacher, steps=store.steps)  # the teacher, and the store's timesteps for its N
@@ -339,75 +367,119 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
         return path
 
     writer = _tensorboard(run, start) if procs.main else None
+    if writer is not None and start == 0:  # the hyperparameters, as TensorBoard's text and hparams views show them
+        writer.add_text("config", "```\n" + json.dumps(cfg.to_dict(config), indent=2) + "\n```", 0)
     dtype = weight_dtype(config, device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     checkpoint = last
     bar = tqdm(total=config.iterations, initial=start, disable=not (progress and procs.main), desc="train", unit="it",
                dynamic_ncols=True)
     log_file = LogFile(run / "logs.jsonl", lambda: latest_checkpoint(run)) if procs.main else None
+    updates = updates_of(config)
+    phases_at = lambda k: iteration_phases(updates, config.disc_every, disc is not None, k)  # noqa: E731
+    student_updates = sum("student" in phases_at(k) for k in range(start))  # for the EMA's warm-up
+    validation = None
+    if procs.main and config.eval_every > 0 and val_ids:
+        from rapm.validation import Validation
+
+        validation = Validation(teacher, store, val_ids, device, dtype, config.val_reference_steps)
+
+    def validate(step: int) -> None:
+        if validation is None or log_file is None:
+            return
+        tick = time.perf_counter()
+        with swap_in(student_params, ema):
+            values = validation(unet)
+        if ema is not None:
+            values["val_raw_trajectory_error"] = validation(unet)["val_trajectory_error"]
+        entry = {"step": step, "phase": "validation", "trajectories": len(validation),
+                 "seconds": time.perf_counter() - tick, **values}
+        log_file.write(json.dumps(entry) + "\n")
+        log_file.flush()
+        if writer is not None:
+            for k, v in values.items():
+                writer.add_scalar(k if "/" in k else f"validation/{k[4:]}", v, step)
+        bar.write(f"step {step}: " + ", ".join(f"{k[4:]} {v:.4g}" for k, v in values.items() if "/" not in k))
+
     stopped_by = None
     step = start
     try:
         with _Preemption() as preemption:
             while step < config.iterations:
+                if config.eval_every > 0 and step % config.eval_every == 0:
+                    validate(step)
                 tick = time.perf_counter()
                 positions = batch_positions(step, config.batch_size, procs.rank, procs.world)
-                batch = _to_device(store.get(batch_indices(positions, len(store), config.seed)), device, dtype)
+                batch = _to_device(store.get([train_ids[i] for i in batch_indices(positions, len(train_ids), config.seed)]),
+                                   device, dtype)
                 ctx = Context(unet, teacher.schedule, store.timesteps, store.guidance,
                               sample_generators(config.seed, positions), disc)
                 method.begin_step(step, unet)
-                # Alg. 2, lines 3-4: even iterations update D1 and D2, odd ones the student.
-                phase = "discriminator" if disc is not None and step % 2 == 0 else "student"
-                set_trainable(unet, DISCRIMINATOR if phase == "discriminator" else STUDENT)
-                if disc is not None:
-                    disc.requires_grad_(phase == "discriminator")
-                params = disc_params if phase == "discriminator" else student_trainable
-                optimizer = opt_disc if phase == "discriminator" else opt_student
-                optimizer.zero_grad(set_to_none=True)
-                losses = method.discriminator_losses if phase == "discriminator" else method.generator_losses
-                record: dict[str, float] = {}
-                total = 0.0
-                with autocast:
-                    for loss, logs in losses(ctx, batch):
-                        loss.backward()
-                        total += loss.item()
-                        record.update(logs)
-                keys = sorted(record)
-                total, *values = procs.mean([total] + [record[k] for k in keys])
-                record = dict(zip(keys, values))
-                if not math.isfinite(total):  # decided on the averaged loss, so every process stops together
-                    where = f"{checkpoint}" if checkpoint else "no checkpoint yet"
-                    raise RunError(f"non-finite {phase} loss at step {step} ({record}); the last good checkpoint is "
-                                   f"{where}; lower 'lr' or 'disc_lr' and resume with --resume")
-                procs.average_gradients(list(params.values()))
-                grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.grad_clip)
-                optimizer.step()
-                (sched_disc if phase == "discriminator" else sched_student).step()
-                if ema is not None and phase == "student":
-                    update_ema(ema, student_params, config.ema_decay)
+                entry = {"step": step, "phase": "+".join(phases_at(step))}
+                for phase in phases_at(step):
+                    set_trainable(unet, DISCRIMINATOR if phase == "discriminator" else STUDENT)
+                    if disc is not None:
+                        disc.requires_grad_(phase == "discriminator")
+                    params = disc_params if phase == "discriminator" else student_trainable
+                    optimizer = opt_disc if phase == "discriminator" else opt_student
+                    optimizer.zero_grad(set_to_none=True)
+                    losses = method.discriminator_losses if phase == "discriminator" else method.generator_losses
+                    record: dict[str, float] = {}
+                    total = 0.0
+                    with autocast:
+                        for loss, logs in losses(ctx, batch):
+                            loss.backward()
+                            total += loss.item()
+                            record.update(logs)
+                    keys = sorted(record)
+                    total, *values = procs.mean([total] + [record[k] for k in keys])
+                    record = dict(zip(keys, values))
+                    if not math.isfinite(total):  # decided on the averaged loss, so every process stops together
+                        where = f"{checkpoint}" if checkpoint else "no checkpoint yet"
+                        raise RunError(f"non-finite {phase} loss at step {step} ({record}); the last good checkpoint is "
+                                       f"{where}; lower 'lr' or 'disc_lr' and resume with --resume")
+                    procs.average_gradients(list(params.values()))
+                    grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.grad_clip)
+                    optimizer.step()
+                    (sched_disc if phase == "discriminator" else sched_student).step()
+                    if ema is not None and phase == "student":
+                        update_ema(ema, student_params, ema_decay_at(config.ema_decay, config.ema_warmup, student_updates))
+                    student_updates += phase == "student"
+                    # One line per iteration: the student's loss is "loss"; a discriminator update beside it "disc_loss".
+                    prefix = "disc_" if phase == "discriminator" and entry["phase"] != phase else ""
+                    entry.update({f"{prefix}loss": total, f"{prefix}grad_norm": float(grad_norm), **record})
                 step += 1
-                entry = {"step": step - 1, "phase": phase, "loss": total, "grad_norm": float(grad_norm),
-                         "seconds": time.perf_counter() - tick, **record}
+                entry["seconds"] = time.perf_counter() - tick
                 if log_file is not None:
                     log_file.write(json.dumps(entry) + "\n")
                     log_file.flush()
                 if writer is not None and (step - 1) % config.log_every == 0:
                     for k, v in entry.items():
                         if k not in ("step", "phase"):
-                            writer.add_scalar(f"{phase}/{k}" if k in ("loss", "grad_norm") else k, v, step - 1)
-                bar.set_postfix({phase[:4]: f"{total:.4f}"}, refresh=False)
+                            name = {"loss": "loss", "grad_norm": "grad_norm", "disc_loss": "loss",
+                                    "disc_grad_norm": "grad_norm"}.get(k)
+                            group = "discriminator" if k.startswith("disc_") or entry["phase"] == "discriminator" else "student"
+                            writer.add_scalar(f"{group}/{name}" if name else k, v, step - 1)
+                    writer.add_scalar("student/lr", sched_student.get_last_lr()[0], step - 1)
+                    if sched_disc is not None:
+                        writer.add_scalar("discriminator/lr", sched_disc.get_last_lr()[0], step - 1)
+                bar.set_postfix({entry["phase"][:4]: f"{entry['loss']:.4f}"}, refresh=False)
                 bar.update(1)
                 if step % config.checkpoint_every == 0 or step == config.iterations:
                     checkpoint = save(step)
                 if procs.main and config.sample_every > 0 and (step % config.sample_every == 0 or step == config.iterations):
                     with swap_in(student_params, ema):
-                        sample_grid(teacher, store, run / "samples" / f"step-{step:08d}.png", config.num_samples, device, dtype)
+                        grid = sample_grid(teacher, store, run / "samples" / f"step-{step:08d}.png", config.num_samples,
+                                           device, dtype)
+                    _tensorboard_image(writer, "samples/student_top_teacher_bottom", grid, step)
                 stop = preemption.signal_name is not None or (stop_after is not None and step - start >= stop_after)
                 if procs.any(stop):
                     stopped_by = preemption.signal_name or ("SIGTERM" if stop_after is None else "stop_after")
                     if checkpoint is None or not checkpoint.name.endswith(f"{step:08d}"):
                         checkpoint = save(step)
                     break
+            if step == config.iterations and config.eval_every > 0:
+                validate(step)
     finally:
         bar.close()
         if log_file is not None:
@@ -419,11 +491,13 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
 
 def data_position(config: TrainConfig, store) -> dict:
     """What fixes the data stream a checkpoint's step counts in: a resume must see the same."""
-    return {"seed": config.seed, "batch_size": config.batch_size, "count": len(store), "steps": store.steps}
+    return {"seed": config.seed, "batch_size": config.batch_size, "count": len(store), "steps": store.steps,
+            "val_fraction": config.val_fraction}
 
 
 def check_data_position(checkpoint: Path, saved: dict, current: dict, store: str) -> None:
     """Refuse a resume whose data stream differs from the checkpoint's (its step would count other samples)."""
+    saved = {"val_fraction": 0.0, **saved}  # checkpoints from before the validation split held nothing out
     for field, value in saved.items():
         if field in current and current[field] != value:
             what = {"count": f"the store's trajectory count ({store})",
@@ -445,7 +519,7 @@ def _tensorboard(run: Path, start: int):
 
 
 @torch.no_grad()
-def sample_grid(teacher, store, path: Path, count: int, device, dtype) -> None:
+def sample_grid(teacher, store, path: Path, count: int, device, dtype) -> Path:
     """Top row: the student's N steps from the stored noise; bottom row: the stored teacher end point."""
     from rapm.methods.base import student_trajectory
     from rapm.sample import save_grid
@@ -456,7 +530,20 @@ def sample_grid(teacher, store, path: Path, count: int, device, dtype) -> None:
     student_end = student_trajectory(ctx, batch.latents[:, 0], batch.cond)[:, -1]
     images = teacher.decode(torch.cat([student_end, batch.latents[:, -1]]))
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_grid(images.float().cpu(), path, nrow=count)
+    return save_grid(images.float().cpu(), path, nrow=count)
+
+
+def _tensorboard_image(writer, tag: str, png: Path, step: int) -> None:
+    """A saved grid into TensorBoard's images tab (shown at 4x: a 16x16 digit is unreadable at 1x)."""
+    if writer is None:
+        return
+    from PIL import Image
+
+    with Image.open(png) as im:
+        im = im.convert("RGB")
+        scale = max(1, min(4, 512 // max(im.width, 1)))
+        arr = np.asarray(im.resize((im.width * scale, im.height * scale), Image.NEAREST))
+    writer.add_image(tag, arr, step, dataformats="HWC")
 
 
 # ---------------------------------------------------------------------------------------------- after training

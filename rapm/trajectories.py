@@ -7,7 +7,14 @@ crossed by M deterministic DDIM steps of the teacher with classifier-free
 guidance (paper §3; Alg. 2 reads them as z~_n). The whole fine grid is
 diffusers' DDIM "trailing" grid at N*M steps, so the final position z~_0 is
 what ``pipe(prompt, num_inference_steps=N*M, generator=seed)`` with a trailing
-DDIMScheduler returns as latents.
+DDIMScheduler returns as latents. ``--solver dpmsolver++`` crosses the same grid
+with DPM-Solver++(2M) instead: as accurate with far fewer substeps (README).
+
+Beside them, each slot's Δ-step z^Δ_{n+1} = DDIM(z~_{n+1}, t_{n+1}, t_{n+1} - Δ)
+of the teacher with the same guidance (Alg. 2, line 8), which depends only on the
+trajectory: stored, it keeps the teacher out of training (DESIGN.md decision 8).
+It costs no teacher pass: the slot's first substep evaluates the teacher at
+(z~_{n+1}, t_{n+1}) anyway.
 
 Positions and embeddings are computed in float32 (or ``teacher_dtype``) from
 the exact noise and embeddings, then stored rounded to ``dtype``. The format
@@ -30,7 +37,7 @@ from typing import Optional, Sequence
 import torch
 import typer
 
-from rapm.diffusion import coarse_timesteps, sample_positions
+from rapm.diffusion import SOLVERS, coarse_timesteps, solve_positions
 from rapm.errors import RapmError
 from rapm.folders import STORE_MARKER, FolderError, FolderLock, is_empty, other_kind, read_marker, write_marker
 from rapm.store import (DONE, DTYPES, FORMAT_VERSION, MANIFEST, NEGATIVE, PROMPTS, REQUIRED_FIELDS, StoreError,
@@ -39,13 +46,19 @@ from rapm.store import (DONE, DTYPES, FORMAT_VERSION, MANIFEST, NEGATIVE, PROMPT
 from rapm.teacher import BUILTIN_TEACHERS, Conditioning, Teacher, guided_output, load_teacher, resolve_teacher_path
 
 __all__ = ["open_store", "TrajectoryStore", "TrajectoryBatch", "StoreError", "write_trajectories", "teacher_trajectories",
-           "initial_noise", "read_prompts", "default_guidance", "TruncatedPromptWarning", "cli"]
+           "initial_noise", "read_prompts", "default_guidance", "default_delta", "TruncatedPromptWarning", "StepsWarning",
+           "cli"]
 
 FALLBACK_DIGITS_GUIDANCE = 2.0
+PAPER_SUBSTEPS = 25  # M of the paper (§4): the fine grid its Δ is one step of
 
 
 class TruncatedPromptWarning(UserWarning):
     """Prompts longer than the tokenizer allows; they are truncated as diffusers does."""
+
+
+class StepsWarning(UserWarning):
+    """N does not divide the teacher's training timesteps: diffusers' DDIM then steps off the student's grid."""
 
 
 # --- the computation -------------------------------------------------------------------------------------------------
@@ -58,20 +71,27 @@ def initial_noise(seeds: Sequence[int], latent_shape: Sequence[int]) -> torch.Te
 @torch.no_grad()
 def teacher_trajectories(
     teacher: Teacher, z: torch.Tensor, cond: Conditioning, uncond: Conditioning | None, guidance: float,
-    timesteps: Sequence[int], substeps: int,
-) -> torch.Tensor:
-    """The teacher's positions z~_N..z~_0 [B, N+1, C, H, W] (float32) from noise z: ``substeps`` guided DDIM steps per slot.
+    timesteps: Sequence[int], substeps: int, solver: str = "ddim", delta: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The teacher's positions z~_N..z~_0 [B, N+1, C, H, W] and, with ``delta``, its Δ-steps z^Δ_{N}..z^Δ_{1}
+    [B, N, C, H, W] (both float32) from noise z: ``substeps`` guided ``solver`` steps per slot (``solve_positions``).
 
     cond and uncond go through the UNet in one batched forward (``guided_output``);
     the positions themselves are kept in float32 whatever the UNet's dtype.
     """
-    unet, dtype = teacher.unet, teacher.dtype
+    unet = teacher.unet
 
     def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return guided_output(unet, x.to(dtype), t, cond, uncond, guidance).float()
+        return guided_output(unet, x, t, cond, uncond, guidance)
 
-    positions = sample_positions(model, teacher.schedule, z.float(), timesteps, substeps)
-    return torch.stack(positions, dim=1)
+    positions, delta_positions = solve_positions(model, teacher.schedule, z.float(), timesteps, substeps, solver, delta)
+    return torch.stack(positions, dim=1), torch.stack(delta_positions, dim=1) if delta_positions else None
+
+
+def default_delta(num_train_timesteps: int, steps: int, substeps: int, solver: str) -> int:
+    """Δ of the stored Δ-steps unless given: one step of the DDIM fine grid, T // (N M) (what ``rapm train`` has
+    always defaulted to); for DPM-Solver++, whose few steps are no fine grid, the paper's, T // (N 25)."""
+    return max(1, num_train_timesteps // (steps * (substeps if solver == "ddim" else PAPER_SUBSTEPS)))
 
 
 def default_guidance(teacher: Teacher) -> float:
@@ -89,7 +109,12 @@ def default_guidance(teacher: Teacher) -> float:
 # --- inputs ----------------------------------------------------------------------------------------------------------
 
 def read_prompts(path: str | Path) -> list[str]:
-    """One prompt a line, surrounding whitespace stripped; blank lines are skipped."""
+    """One prompt a line, surrounding whitespace stripped; blank lines are skipped.
+
+    A UTF-8 byte-order mark (Windows editors write one) is not part of the first prompt. Lines end at ``\n``
+    (or ``\r\n``) only: ``str.splitlines`` would also split at ``\x0b``, ``\x0c``, ``\x1c``..``\x1e``, ``\x85``,
+    ``\u2028`` and ``\u2029``, which can sit inside a prompt copied from a web page or a caption file.
+    """
     path = Path(path)
     fix = "give a UTF-8 text file with one prompt a line"
     if not path.exists():
@@ -99,7 +124,7 @@ def read_prompts(path: str | Path) -> list[str]:
     if path.is_char_device() or path.is_block_device():  # /dev/zero would be read for ever
         raise StoreError(f"prompts file {path} is a device, not a text file; {fix}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # read_text would also turn a lone \r into a line end
     except UnicodeDecodeError as e:
         raise StoreError(f"{path}: not UTF-8 text ({e}); {fix}") from None
     except OSError as e:
@@ -135,6 +160,8 @@ def _identity(manifest: dict) -> list[tuple[str, object]]:
         ("latent_shape", list(manifest["latent_shape"])),
         ("steps", manifest["steps"]),
         ("substeps", manifest["substeps"]),
+        ("solver", manifest.get("solver", "ddim")),
+        ("delta", manifest.get("delta")),
         ("timesteps", list(manifest["timesteps"])),
         ("guidance", manifest["guidance"]),
         ("negative_prompt", manifest.get("negative_prompt")),
@@ -301,6 +328,8 @@ def write_trajectories(
     out: str | Path,
     steps: int = 4,
     substeps: int = 25,
+    solver: str = "ddim",
+    delta: int | None = None,
     guidance: float | None = None,
     negative_prompt: str | None = None,
     seed: int = 0,
@@ -318,6 +347,11 @@ def write_trajectories(
     an interruption ends byte-identical to an uninterrupted run (at the same batch
     size, device and thread count). Under ``accelerate launch`` shard k is written by
     process k % world and the main process writes the manifest.
+
+    ``solver`` crosses each slot in ``substeps`` steps: ``ddim`` (the paper's, M = 25) or ``dpmsolver++``
+    (DPM-Solver++(2M), its multistep history carried across the slots; see ``rapm.diffusion.solve_positions``).
+    Either way each slot also stores its Δ-step, exact DDIM from z~_{n+1} with Δ = ``delta`` (default
+    ``default_delta``), at no extra teacher pass: the trainer then needs no teacher (DESIGN.md decision 8).
     """
     from accelerate import PartialState
     from safetensors.torch import save
@@ -326,6 +360,12 @@ def write_trajectories(
     for name, value in (("steps", steps), ("substeps", substeps), ("batch_size", batch_size), ("shard_size", shard_size)):
         if value < 1:
             raise RapmError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if solver not in SOLVERS:
+        raise RapmError(f"--solver {solver!r} is not one of {', '.join(SOLVERS)}")
+    if substeps == 1 and solver == "ddim":  # rapm.train's default Δ is one fine step, T // (N M): with M = 1 that is the whole slot
+        raise RapmError(f"--substeps 1 leaves no teacher step inside a slot: rapm train's default Δ (one step of the "
+                        f"fine grid, 1000 // (N M) = {1000 // steps} timesteps at N = {steps}) would be a whole slot, "
+                        "and train refuses such a store; use --substeps 2 or more (default 25)")
     for name, value in (("dtype", dtype), ("teacher_dtype", teacher_dtype)):
         if value not in DTYPES:
             raise RapmError(f"--{name.replace('_', '-')} {value!r} is not one of {', '.join(DTYPES)}")
@@ -344,6 +384,21 @@ def write_trajectories(
     store_dtype = DTYPES[dtype]
     count = len(prompt_list)
     timesteps = coarse_timesteps(teacher_model.schedule.num_train_timesteps, steps)
+    num_train_timesteps = teacher_model.schedule.num_train_timesteps
+    if num_train_timesteps % steps:
+        warnings.warn(
+            f"--steps {steps} does not divide the teacher's {num_train_timesteps} training timesteps: the student is "
+            f"trained on the trailing grid {timesteps[:-1]}, but diffusers' DDIMScheduler steps from t to "
+            f"t - {num_train_timesteps // steps}, one timestep off that grid at some steps, so a diffusers pipeline with "
+            "the exported LoRA gives slightly other images than rapm sample; for the same images in both, use a --steps "
+            f"that divides {num_train_timesteps} ({', '.join(str(d) for d in range(1, 11) if num_train_timesteps % d == 0)})",
+            StepsWarning, stacklevel=2)
+    fallback = default_delta(teacher_model.schedule.num_train_timesteps, steps, substeps, solver)
+    shortest = min(t - s for t, s in zip(timesteps[:-1], timesteps[1:]))
+    delta = min(fallback, shortest) if delta is None else int(delta)
+    if not 1 <= delta <= shortest:  # (rapm train needs it shorter: at Δ = the slot the Δ-step is the next position)
+        raise RapmError(f"--delta {delta}: Δ must be at least 1 and at most the shortest slot ({shortest} timesteps "
+                        f"at --steps {steps}); leave it out for the default, {min(fallback, shortest)}")
 
     long = truncated_prompts(teacher_model, prompt_list)
     if long:
@@ -366,6 +421,8 @@ def write_trajectories(
         "scheduler": teacher_model.scheduler_config,
         "steps": steps,
         "substeps": substeps,
+        "solver": solver,
+        "delta": int(delta),
         "guidance": float(guidance),
         "negative_prompt": negative_prompt,
         "seed": seed,
@@ -433,9 +490,11 @@ def write_trajectories(
             cond, _ = teacher_model.encode_prompts(prompt_list[b0:b1], negative_prompt)
             uncond = uncond_dev.map(lambda v: v.expand(b1 - b0, *v.shape[1:]))
             z = initial_noise(seeds, teacher_model.latent_shape).to(teacher_model.device)
-            latents = teacher_trajectories(teacher_model, z, cond, uncond, guidance, timesteps, substeps)
+            latents, delta_latents = teacher_trajectories(teacher_model, z, cond, uncond, guidance, timesteps, substeps,
+                                                          solver, delta)
             what = f"trajectories {b0}..{b1 - 1} (prompt {prompt_list[b0]!r})"
-            batch = {"latents": _to_store(latents, store_dtype, what)}
+            batch = {"latents": _to_store(latents, store_dtype, what),
+                     "delta_latents": _to_store(delta_latents, store_dtype, what)}
             for name, v in cond.tensors().items():
                 batch[name] = _to_store(v, torch.float32 if name == "time_ids" else store_dtype, what)
             batch["seeds"] = torch.tensor(seeds, dtype=torch.int64)
@@ -508,8 +567,14 @@ def cli(
         "limit (77 tokens for SD/SDXL) are truncated as diffusers does, with a warning; manifest.json lists them in "
         "truncated_prompts."),
     out: Optional[Path] = typer.Option(None, "--out", help="Store folder to create, or to resume with the same settings."),
-    steps: int = typer.Option(4, "--steps", help="N: coarse steps of the student; N+1 positions are stored."),
-    substeps: int = typer.Option(25, "--substeps", help="M: teacher DDIM steps per coarse slot (N*M in all)."),
+    steps: int = typer.Option(4, "--steps", help="N: coarse steps of the student; N+1 positions are stored. "
+                       "An N dividing 1000 (1, 2, 4, 5, 8, 10) samples the same in diffusers."),
+    substeps: int = typer.Option(25, "--substeps", help="M: teacher solver steps per coarse slot (N*M teacher passes in "
+                                 "all); at least 2 with ddim."),
+    solver: str = typer.Option("ddim", "--solver", help="ddim (the paper's, with M = 25) or dpmsolver++ (DPM-Solver++(2M) "
+                               "across the slots: the same accuracy with fewer --substeps, see the README)."),
+    delta: Optional[int] = typer.Option(None, "--delta", help="Δ of the stored Δ-step positions, in teacher timesteps. "
+                                        "Default: 1000/(N*M) for ddim, 1000/(N*25) for dpmsolver++."),
     guidance: Optional[float] = typer.Option(
         None, "--guidance", help="CFG scale, diffusers' form uncond + g (cond - uncond). Default: SD 7.5, SDXL 5.0, "
         "digits its own."),
@@ -540,17 +605,19 @@ def cli(
         show_other = warnings.showwarning
 
         def show(message, category, filename, lineno, file=None, line=None):
-            if not issubclass(category, TruncatedPromptWarning):
+            if not issubclass(category, (TruncatedPromptWarning, StepsWarning)):
                 show_other(message, category, filename, lineno, file, line)
             elif main_process:
                 typer.echo(f"warning: {message}", err=True)
 
         warnings.showwarning = show
-        store = write_trajectories(teacher, prompts, out, steps=steps, substeps=substeps, guidance=guidance,
+        store = write_trajectories(teacher, prompts, out, steps=steps, substeps=substeps, solver=solver, delta=delta,
+                                   guidance=guidance,
                                    negative_prompt=negative_prompt, seed=seed, batch_size=batch_size, shard_size=shard_size,
                                    dtype=dtype, teacher_dtype=teacher_dtype, device=device, overwrite=overwrite,
                                    progress=progress)
     if main_process:
         size = sum(s["bytes"] for s in store.manifest["shards"])
         typer.echo(f"{out}: {len(store)} trajectories, {size / len(store):,.0f} bytes each, "
-                   f"N={store.steps} M={store.substeps} guidance={store.guidance}")
+                   f"N={store.steps} M={store.substeps} {store.manifest['solver']} Δ={store.manifest['delta']} "
+                   f"guidance={store.guidance}")

@@ -34,6 +34,15 @@ def test_markdown_table_lists_every_row():
     assert "| rapm | 4 | 1 | 2.50 | 95.0% | 0.1000 |" in table and "floor at 3 samples: 0.50" in table
 
 
+def test_markdown_table_shows_fd_to_the_teacher_and_the_training_trajectories():
+    result = {"samples": 3, "reference_steps": 100, "train_steps": 40, "teacher_floor_fd": 0.25, "rows": [
+        {"method": "rapm", "steps": 4, "guidance": 1.0, "fd": 2.5, "fd_teacher": 1.5, "prompt_accuracy": 0.95,
+         "trajectory_error": 0.1, "trajectory_error_train": 0.05}]}
+    table = markdown_table(result)
+    assert "FD to teacher" in table and "to DDIM-40" in table and "| rapm | 4 | 1 | 2.50 | 1.50 | 95.0% | 0.1000 | 0.0500 |" in table
+    assert "FD-to-teacher floor at 3 samples (the teacher's DDIM-100 from other noise): 0.25" in table
+
+
 def test_quick_demo_runs_the_whole_flow(tmp_path):
     from rapm.demo.flow import run_demo
 
@@ -43,6 +52,8 @@ def test_quick_demo_runs_the_whole_flow(tmp_path):
     for row in result["rows"]:
         assert all(math.isfinite(row[k]) for k in ("fd", "prompt_accuracy", "trajectory_error"))
     assert result["rows"][0]["trajectory_error"] == 0.0  # the reference against itself
+    assert result["rows"][0]["fd_teacher"] == pytest.approx(0.0, abs=1e-6)  # the teacher's images against themselves
+    assert all(r["fd_teacher"] > 0 for r in result["rows"][1:]) and result["teacher_floor_fd"] > 0
     run = tmp_path / "demo" / "run"
     saved = json.loads((run / "evaluation.json").read_text())
     assert saved["rows"] == result["rows"]

@@ -95,3 +95,83 @@ def test_add_noise_matches_the_forward_process_marginal():
 def test_unsupported_scheduler_is_a_clear_error(field, value):
     with pytest.raises(ScheduleError, match=field):
         schedule_from_config({**SD_SCHEDULER, field: value}, source="teacher/scheduler/scheduler_config.json")
+
+
+# --- the trajectory solvers --------------------------------------------------------------------------------------------
+
+def _gaussian_data(schedule, variance: float, prediction_type: str):
+    """The exact model of data x0 ~ N(0, v I), and the exact probability-flow ODE solution it defines."""
+    def abar(t):
+        return schedule.table[t.long() + 1].view(-1, 1, 1, 1).float()
+
+    def model(z, t):
+        a2 = abar(t)
+        eps = (1 - a2).sqrt() * z / (a2 * variance + 1 - a2)
+        if prediction_type == "epsilon":
+            return eps
+        x0 = a2.sqrt() * variance * z / (a2 * variance + 1 - a2)
+        return a2.sqrt() * eps - (1 - a2).sqrt() * x0
+
+    def exact(z, t, s):
+        a_t, a_s = float(schedule.table[t + 1]), float(schedule.table[s + 1])
+        return z * ((a_s * variance + 1 - a_s) / (a_t * variance + 1 - a_t)) ** 0.5
+
+    return model, exact
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_dpmsolver_is_second_order_and_ddim_first_at_the_coarse_positions(prediction_type):
+    from rapm.diffusion import solve_positions
+
+    schedule = schedule_from_config({**SD_SCHEDULER, "prediction_type": prediction_type})
+    model, exact = _gaussian_data(schedule, 0.1, prediction_type)
+    timesteps = coarse_timesteps(1000, 4)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    truth = [z] + [exact(z, timesteps[0], s) for s in timesteps[1:]]
+
+    def error(solver, m, final=False):
+        positions, _ = solve_positions(model, schedule, z, timesteps, m, solver)
+        pairs = list(zip(positions[1:], truth[1:]))
+        return max(float((p - q).abs().max()) for p, q in (pairs if final else pairs[:-1]))
+
+    ddim_ratio = error("ddim", 4) / error("ddim", 8)
+    dpm_ratio = error("dpmsolver++", 4) / error("dpmsolver++", 8)
+    assert 1.6 < ddim_ratio < 2.6  # halving the step halves DDIM's error ...
+    assert dpm_ratio > 3.2  # ... and quarters DPM-Solver++(2M)'s
+    # The final position too (where the trailing grid's last step is long in log-SNR): 8 steps a slot beat DDIM's 25.
+    assert error("dpmsolver++", 8, final=True) < error("ddim", 25, final=True) / 2
+
+
+def test_ddim_solve_positions_is_sample_positions_and_the_delta_step_its_first_substep():
+    from rapm.diffusion import solve_positions
+
+    schedule = schedule_from_config(SD_SCHEDULER)
+    w = torch.randn(4, 4, generator=torch.Generator().manual_seed(1)) * 0.3
+    calls = []
+
+    def model(z, t):
+        calls.append(int(t[0]))
+        return torch.einsum("bchw,cd->bdhw", z, w) + torch.tanh(z) * (t.float().view(-1, 1, 1, 1) / 1000)
+
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    timesteps = coarse_timesteps(1000, 4)
+    positions, delta_positions = solve_positions(model, schedule, z, timesteps, 5, "ddim", delta=50)
+    assert len(calls) == 20  # the Δ-steps cost no model call
+    plain = sample_positions(model, schedule, z, timesteps, 5)
+    assert all(torch.equal(a, b) for a, b in zip(positions, plain))
+    for j, t in enumerate(timesteps[:-1]):
+        assert torch.equal(delta_positions[j], ddim(model, schedule, positions[j], t, t - 50, 1))
+
+
+@pytest.mark.parametrize("set_alpha_to_one", [False, True])
+def test_logsnr_grid_runs_from_the_slot_start_to_its_end_without_repeats(set_alpha_to_one):
+    from rapm.diffusion import logsnr_grid, solve_positions
+
+    schedule = schedule_from_config({**SD_SCHEDULER, "set_alpha_to_one": set_alpha_to_one})
+    for t, s, k in ((999, 749, 4), (249, FINAL, 8), (249, FINAL, 25), (499, 249, 25)):
+        grid = logsnr_grid(schedule, t, s, k)
+        assert grid[0] == t and grid[-1] == s and all(a > b for a, b in zip(grid, grid[1:]))
+        assert k - 3 <= len(grid) - 1 <= k  # near t = 0 a few nearest integer timesteps coincide and are dropped
+    model, _ = _gaussian_data(schedule, 0.1, "epsilon")
+    positions, _ = solve_positions(model, schedule, torch.randn(1, 4, 8, 8), coarse_timesteps(1000, 4), 8, "dpmsolver++")
+    assert all(torch.isfinite(p).all() for p in positions)

@@ -1,7 +1,9 @@
 """The exported LoRA is the student: a fresh diffusers pipeline with it (loaded or fused) gives rapm's samples."""
 
+import hashlib
 import json
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -133,11 +135,18 @@ def test_kohya_export_loads_every_module_and_gives_the_same_latents(exported, na
     with safe_open(str(e.kohya), "pt") as f:
         keys = set(f.keys())
     modules = {k.rsplit(".lora_", 1)[0] for k in student}
-    assert {k.split(".")[0] for k in keys} == {"lora_unet_" + m.replace(".", "_") for m in modules}
-    assert any("time_emb_proj" in k for k in keys) and any("conv1" in k for k in keys)
+    names = {k.split(".")[0] for k in keys}
+    if e.family == "sdxl":  # sd-scripts' LDM names (checked module by module in test_sdxl_kohya_keys_are_...)
+        assert all(n.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")) for n in names)
+        assert any("emb_layers_1" in n for n in names) and any("in_layers_2" in n for n in names)
+    else:  # SD 1.x / 2.x: sd-scripts keeps diffusers' module names
+        assert names == {"lora_unet_" + m.replace(".", "_") for m in modules}
+        assert any("time_emb_proj" in k for k in keys) and any("conv1" in k for k in keys)
     assert len(keys) == 3 * len(modules)  # lora_down, lora_up, alpha for each module
 
     out = pipeline_latents(e.folder, e.family, e.kohya.parent, weight_name=KOHYA_WEIGHT_NAME)
+    teacher_only = pipeline_latents(e.folder, e.family)["loaded"]
+    assert (out["loaded"] - teacher_only).abs().max() > 1e-2  # the LoRA's B matrices are nonzero: the check has teeth
     unet = out["pipe"].unet
     loaded = adapter_state_dict(unet, next(iter(unet.peft_config)))
     assert set(loaded) == set(student)  # diffusers' converter placed every key, conv and time_emb_proj included
@@ -225,3 +234,172 @@ def test_card_warns_when_n_does_not_divide_the_schedule(exported, tmp_path):
     facts = json.loads((tmp_path / "lora3" / FACTS_NAME).read_text())
     assert facts["timesteps"] == [999, 666, 332, -1]  # diffusers' DDIMScheduler steps 666 -> 333 instead
     assert "3 does not divide 1000" in (tmp_path / "lora3" / "README.md").read_text()
+
+
+# --- what ComfyUI and A1111 users get: sd-scripts' names and metadata -------------------------------------------------
+
+SDXL_BASE_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0's unet/config.json, the fields that fix its layout
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
+
+
+def ldm_to_diffusers_modules(unet) -> dict[str, str]:
+    """{LDM module: diffusers module} for every module with weights, checked through diffusers' own LDM converter.
+
+    rapm names every parameter of the UNet in the LDM layout; diffusers' ``convert_ldm_unet_checkpoint`` (which
+    reads original SD/SDXL checkpoints) must turn that checkpoint back into exactly the UNet's own state dict.
+    """
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    from rapm.export import ldm_block_map, ldm_module_name
+
+    blocks = ldm_block_map(unet.config)
+    keys = [k for k in unet.state_dict() if "lora_" not in k]
+    ldm = {}
+    for i, key in enumerate(keys):
+        module, _, param = key.rpartition(".")
+        ldm[f"model.diffusion_model.{ldm_module_name(module.replace('.base_layer', ''), blocks)}.{param}"] = torch.tensor(i)
+    assert len(ldm) == len(keys)  # no two diffusers names share an LDM name
+    back = convert_ldm_unet_checkpoint(ldm, dict(unet.config))
+    assert {k.replace(".base_layer", ""): int(v) for k, v in back.items()} == {
+        k.replace(".base_layer", ""): i for i, k in enumerate(keys)}
+    return {k[len("model.diffusion_model."):].rpartition(".")[0]: keys[int(v)].rpartition(".")[0].replace(".base_layer", "")
+            for k, v in ldm.items()}
+
+
+def test_sdxl_kohya_keys_are_sd_scripts_ldm_names_of_real_modules(exported):
+    """Every kohya key of the SDXL export is `lora_unet_` + a module of the LDM UNet (ComfyUI's and A1111's lookup),
+    and that module, by diffusers' LDM converter, is the one the student's weights belong to."""
+    e = exported("sdxl")
+    modules = ldm_to_diffusers_modules(e.teacher.unet)
+    lookup = {"lora_unet_" + ldm.replace(".", "_"): diffusers for ldm, diffusers in modules.items()}
+    student = adapter_state_dict(e.teacher.unet, STUDENT)
+    with safe_open(str(e.kohya), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    names = {k.split(".")[0] for k in tensors}
+    assert names <= set(lookup), sorted(names - set(lookup))[:3]
+    assert {lookup[n] for n in names} == {k.rsplit(".lora_", 1)[0] for k in student}  # one module each, none left out
+    for n in names:
+        torch.testing.assert_close(tensors[f"{n}.lora_down.weight"], student[f"{lookup[n]}.lora_A.weight"], atol=0, rtol=0)
+        torch.testing.assert_close(tensors[f"{n}.lora_up.weight"], student[f"{lookup[n]}.lora_B.weight"], atol=0, rtol=0)
+        assert tensors[f"{n}.alpha"].item() == ALPHA
+
+
+def test_the_ldm_names_of_the_real_sdxl_unet_are_sd_scripts_names():
+    """On SDXL base's own layout (built without weights): all 788 LoRA modules get LDM names diffusers maps back."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from rapm.roles import PCM_TARGET_MODULES
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**SDXL_BASE_UNET)
+    modules = ldm_to_diffusers_modules(unet)
+    targets = {d for d in modules.values() if any(d == t or d.endswith("." + t) for t in PCM_TARGET_MODULES)}
+    assert len(targets) == 788
+    names = {"lora_unet_" + ldm.replace(".", "_") for ldm, d in modules.items() if d in targets}
+    for known in ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", "lora_unet_input_blocks_3_0_op",
+                  "lora_unet_input_blocks_4_0_skip_connection", "lora_unet_input_blocks_1_0_emb_layers_1",
+                  "lora_unet_middle_block_1_transformer_blocks_9_ff_net_2", "lora_unet_middle_block_2_in_layers_2",
+                  "lora_unet_output_blocks_2_2_conv", "lora_unet_output_blocks_5_2_conv",  # the upsamplers A1111's
+                  "lora_unet_output_blocks_8_0_out_layers_3"):                             # diffusers-name map misplaces
+        assert known in names, known
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl"])
+def test_kohya_file_describes_itself_as_sd_scripts_and_the_sai_model_spec_do(exported, name):
+    e = exported(name)
+    raw = e.kohya.read_bytes()
+    with safe_open(str(e.kohya), "pt") as f:
+        meta = f.metadata()
+    sdxl = name == "sdxl"
+    expected = {
+        "ss_network_module": "networks.lora", "ss_network_dim": str(RANK), "ss_network_alpha": str(ALPHA),
+        "ss_network_args": json.dumps({"conv_dim": str(RANK), "conv_alpha": str(ALPHA)}),  # 3x3 convs are trained
+        "ss_base_model_version": "sdxl_base_v1-0" if sdxl else "sd_v1", "ss_v2": "False",
+        "ss_output_name": KOHYA_WEIGHT_NAME.removesuffix(".safetensors"),
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora" if sdxl else "stable-diffusion-v1/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if sdxl else "diffusers",
+        "modelspec.resolution": "16x16",  # the tiny teachers: 8x8 latents, VAE factor 2
+        "modelspec.prediction_type": "epsilon",
+        "rapm.steps": str(STEPS), "rapm.guidance_scale": "1.0", "rapm.teacher_family": e.family,
+    }
+    assert {k: meta.get(k) for k in expected} == expected
+    assert abs(float(meta["ss_training_finished_at"]) - time.time()) < 3600 and meta["modelspec.title"]
+    assert json.loads(meta["rapm.scheduler"])["timestep_spacing"] == "trailing"
+    for hint in (meta["modelspec.usage_hint"], meta["rapm.usage"]):
+        assert f"{STEPS} steps, guidance (CFG) 1.0" in hint and "trailing" in hint and "sgm_uniform" in hint
+    # sd-webui-additional-networks' hashes: sha256 of the tensor bytes after the header; the legacy one of the 64 KiB
+    # at 1 MiB of the file written with only its ss_* keys (nothing there in a file this small)
+    header = 8 + int.from_bytes(raw[:8], "little")
+    assert meta["sshs_model_hash"] == hashlib.sha256(raw[header:]).hexdigest()
+    assert meta["sshs_legacy_hash"] == hashlib.sha256(b"").hexdigest()[:8]
+
+
+def test_the_legacy_hash_reads_the_file_at_one_mebibyte(tmp_path):
+    from safetensors.torch import save_file
+
+    from rapm.export import additional_network_hashes
+
+    tensors = {"a.weight": torch.randn(512, 1024, generator=torch.Generator().manual_seed(0))}  # 2 MiB
+    meta = {"ss_network_dim": "4", "modelspec.title": "not hashed"}
+    save_file(tensors, str(tmp_path / "f.safetensors"), metadata={"ss_network_dim": "4"})
+    raw = (tmp_path / "f.safetensors").read_bytes()
+    assert additional_network_hashes(tensors, meta) == (
+        hashlib.sha256(raw[8 + int.from_bytes(raw[:8], "little"):]).hexdigest(), hashlib.sha256(raw[0x100000:0x110000]).hexdigest()[:8])
+
+
+def test_sd2_and_v_prediction_teachers_get_their_own_base_model_version():
+    from rapm.export import base_model_version, sai_architecture
+
+    assert base_model_version("sd", {"cross_attention_dim": 768}) == ("sd_v1", False)
+    assert base_model_version("sd", {"cross_attention_dim": 1024}) == ("sd_v2", True)
+    assert sai_architecture("sd", True, "v_prediction") == "stable-diffusion-v2-768-v/lora"
+    assert sai_architecture("sd", True, "epsilon") == "stable-diffusion-v2-512/lora"
+
+
+def test_diffusers_file_carries_the_sampling_settings_too(exported):
+    e = exported("sd")
+    with safe_open(str(e.diffusers), "pt") as f:
+        meta = f.metadata()
+    facts = json.loads((e.diffusers.parent / FACTS_NAME).read_text())
+    assert meta["rapm.steps"] == str(STEPS) and json.loads(meta["rapm.timesteps"]) == facts["timesteps"]
+    assert json.loads(meta["rapm.scheduler"]) == facts["scheduler"]
+    assert meta["rapm.base_unet_fingerprint"] == facts["base_unet_fingerprint"]
+    assert json.loads(meta["lora_adapter_metadata"])["unet.lora_alpha"] == ALPHA  # diffusers' own key kept
+
+
+def test_default_export_writes_both_files_and_says_which_client_loads_which(exported, tmp_path, monkeypatch):
+    from rapm.cli import app
+
+    e = exported("sd")
+    monkeypatch.setitem(sys.modules, "rapm.train", types.SimpleNamespace(
+        load_student=lambda run: (e.teacher, e.teacher.unet, {"teacher": str(e.folder), "steps": STEPS, "step": 7})))
+    result = CliRunner().invoke(app, ["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "lora")])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "lora"
+    assert sorted(p.name for p in out.iterdir()) == sorted(["README.md", FACTS_NAME, DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME])
+    assert f"{KOHYA_WEIGHT_NAME} (kohya: ComfyUI" in result.output and f"{DIFFUSERS_WEIGHT_NAME} (diffusers" in result.output
+    card = (out / "README.md").read_text()
+    assert "ComfyUI/models/loras/" in card and "sgm_uniform" in card and "SGM Uniform" in card
+    with safe_open(str(out / KOHYA_WEIGHT_NAME), "pt") as f:
+        assert f.metadata()["ss_steps"] == "7"  # the run's training iterations
+
+
+def test_float16_export_is_half_the_size_and_the_same_student(exported, tmp_path):
+    e = exported("sd")
+    half = export_lora(e.teacher.unet, e.folder, "sd", tmp_path / "half", STEPS, dtype="float16")
+    with safe_open(str(half.parent / KOHYA_WEIGHT_NAME), "pt") as f:
+        dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}
+    assert {d for k, d in dtypes.items() if not k.endswith(".alpha")} == {torch.float16}
+    assert {d for k, d in dtypes.items() if k.endswith(".alpha")} == {torch.float32}
+    assert half.stat().st_size < 0.6 * e.diffusers.stat().st_size
+    out = pipeline_latents(e.folder, e.family, half.parent)["loaded"]
+    torch.testing.assert_close(out, e.latents, atol=2e-3 * e.latents.abs().max(), rtol=0)
+    with pytest.raises(ExportError, match="dtype 'float8' is not supported"):
+        export_lora(e.teacher.unet, e.folder, "sd", tmp_path / "bad", STEPS, dtype="float8")

@@ -86,7 +86,8 @@ def test_discriminator_step_trains_only_the_discriminator(tiny_sd):
     ctx.discriminator.requires_grad_(True)
     (loss, logs), = list(RAPM(delta=10).discriminator_losses(ctx, batch))
     loss.backward()
-    assert set(logs) == {f"disc_{k}/{n}" for k in ("rel", "abs") for n in range(4)}
+    # The loss and the pair accuracy (real above its own fake) of each discriminator and slot.
+    assert set(logs) == {f"disc_{a}{k}/{n}" for a in ("", "acc_") for k in ("rel", "abs") for n in range(4)}
     assert all(p.grad is None for p in lora_parameters(teacher.unet, STUDENT).values())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_parameters(teacher.unet, DISCRIMINATOR).values())
     assert all(p.grad is not None for p in ctx.discriminator.parameters())

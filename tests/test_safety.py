@@ -263,7 +263,7 @@ def test_reexport_replaces_only_the_files_it_writes(tiny_sd, tmp_path):
     (stale / "README.md").write_text("a killed export's")
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("not rapm's")
-    export_lora(teacher.unet, tiny_sd, "sd", out, 2)
+    export_lora(teacher.unet, tiny_sd, "sd", out, 2, fmt="diffusers")
     assert sorted(p.name for p in out.iterdir()) == sorted(["NOTES.txt", "my_samples", "README.md", "rapm_lora.json",
                                                             DIFFUSERS_WEIGHT_NAME])
     assert (out / "my_samples" / "a.png").read_bytes() == b"png" and not (out / KOHYA_WEIGHT_NAME).exists()

@@ -151,6 +151,16 @@ def test_kohya_export_loads_as_the_same_student(sd_student, tiny_sd, tmp_path):
     torch.testing.assert_close(generate(fresh, PROMPTS, [1, 2], 4), expected, atol=1e-5 * expected.abs().max(), rtol=0)
 
 
+def test_sdxl_kohya_export_with_ldm_names_loads_in_rapm_sample_as_the_same_student(tiny_sdxl, tmp_path):
+    teacher = _student(tiny_sdxl)
+    kohya = export_lora(teacher.unet, tiny_sdxl, "sdxl", tmp_path / "kohya", 4, fmt="kohya")
+    fresh = load_teacher(tiny_sdxl)
+    assert load_lora(fresh, kohya) == kohya
+    expected = generate(teacher, PROMPTS, [1, 2], 4)
+    assert (generate(fresh, PROMPTS, [1, 2], 4, role="teacher") - expected).abs().max() > 1e-2  # the LoRA matters
+    torch.testing.assert_close(generate(fresh, PROMPTS, [1, 2], 4), expected, atol=1e-5 * expected.abs().max(), rtol=0)
+
+
 def test_lora_with_other_shapes_names_the_module(sd_student, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -31,9 +31,10 @@ def _losses(run):
 
 def test_alternation_updates_only_the_intended_parameters(tiny_sd, sd_store, tmp_path):
     run = tmp_path / "run"
-    train(_config(tiny_sd, sd_store, iterations=1, checkpoint_every=1), run, progress=False)
+    train(_config(tiny_sd, sd_store, iterations=1, checkpoint_every=1, method="rapm-paper"), run, progress=False)
     after_d = load_checkpoint(checkpoints(run)[-1])
-    train(_config(tiny_sd, sd_store, iterations=2, checkpoint_every=1), run, resume=True, progress=False)
+    train(_config(tiny_sd, sd_store, iterations=2, checkpoint_every=1, method="rapm-paper"), run, resume=True,
+          progress=False)
     after_s = load_checkpoint(checkpoints(run)[-1])
     phases = [e["phase"] for e in _log(run)]
     assert phases == ["discriminator", "student"]  # Alg. 2: even iterations D, odd the student

@@ -7,6 +7,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -103,7 +104,7 @@ def test_sdxl_store_holds_pooled_embeddings_and_time_ids(tiny_sdxl, tmp_path):
     assert torch.equal(batch.uncond.prompt_embeds, neg) and torch.equal(batch.uncond.pooled_embeds, neg_pooled)  # zeros
     assert torch.equal(batch.uncond.time_ids, batch.cond.time_ids)
     shard = load_file(store.path / "shard-00000.safetensors")
-    assert set(shard) == {"latents", "prompt_embeds", "pooled_embeds", "time_ids", "seeds"}
+    assert set(shard) == {"latents", "delta_latents", "prompt_embeds", "pooled_embeds", "time_ids", "seeds"}
     assert shard["pooled_embeds"].dtype == torch.float16 and shard["time_ids"].dtype == torch.float32
     ref = pipeline_positions(pipe, "a photo of a dog", seed=3, total_steps=4, guidance=5.0, every=2)
     torch.testing.assert_close(batch.latents[0], torch.cat(ref), rtol=2e-3, atol=2e-3)
@@ -206,8 +207,8 @@ def test_a_rerun_with_other_settings_refuses_and_leaves_the_store_untouched(
 
 
 def test_overwrite_replaces_a_store_with_other_settings(tiny_sd, prompts_file, store_copy):
-    store = write_trajectories(tiny_sd, prompts_file, store_copy, overwrite=True, **{**SETTINGS, "guidance": 1.0, "substeps": 1})
-    assert store.guidance == 1.0 and store.substeps == 1 and len(store) == 5
+    store = write_trajectories(tiny_sd, prompts_file, store_copy, overwrite=True, **{**SETTINGS, "guidance": 1.0, "substeps": 2})
+    assert store.guidance == 1.0 and store.substeps == 2 and len(store) == 5
 
 
 def test_a_folder_that_is_not_a_store_is_refused(tiny_sd, prompts_file, tmp_path):
@@ -231,11 +232,49 @@ def test_bad_prompts_files_are_refused_before_anything_is_written(content, messa
     assert files_digest(store_copy) == before
 
 
+def test_a_bom_is_not_part_of_the_first_prompt_and_lines_end_only_at_newlines(tmp_path):
+    from rapm.trajectories import read_prompts
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("\ufeffa photo of a cat\r\na red\u2028car\x85\n\n  a blue dog \x0c\x1c b\n".encode("utf-8"))
+    assert read_prompts(prompts) == ["a photo of a cat", "a red\u2028car", "a blue dog \x0c\x1c b"]
+
+
+def test_steps_that_do_not_divide_the_schedule_warn_and_substeps_1_is_refused(tiny_sd, prompts_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from rapm.cli import app
+    from rapm.trajectories import StepsWarning
+
+    with pytest.warns(StepsWarning, match=r"--steps 3 does not divide the teacher's 1000 .*\[999, 666, 332\].*t - 333"):
+        write_trajectories(tiny_sd, prompts_file, tmp_path / "n3", steps=3, substeps=2, shard_size=5, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StepsWarning)  # N = 4 divides 1000: no warning
+        write_trajectories(tiny_sd, prompts_file, tmp_path / "n4", steps=4, substeps=2, shard_size=5, progress=False)
+    result = CliRunner().invoke(app, ["trajectories", "--teacher", str(tiny_sd), "--prompts", str(prompts_file),
+                                      "--out", str(tmp_path / "m1"), "--substeps", "1", "--no-progress"])
+    assert "--substeps 1" in str(result.exception) and "--substeps 2 or more" in str(result.exception)
+    assert not (tmp_path / "m1").exists()
+
+
+def test_train_names_the_stores_substeps_and_the_fix_when_delta_fills_a_slot(tiny_sd, prompts_file, tmp_path):
+    from rapm.config import ConfigError, TrainConfig, apply_overrides
+    from rapm.train import train
+
+    store = write_trajectories(tiny_sd, prompts_file, tmp_path / "store", steps=4, substeps=2, shard_size=5, progress=False)
+    manifest = json.loads((store.path / "manifest.json").read_text())
+    (store.path / "manifest.json").write_text(json.dumps({**manifest, "substeps": 1}))  # as an older rapm wrote it
+    config = apply_overrides(TrainConfig(), {"teacher": str(tiny_sd), "store": str(store.path), "iterations": 1}, "test")
+    with pytest.raises(ConfigError, match=r"manifest.json: Δ = 250 timesteps \(the default.*M = 1\).*shortest slot \(250 "
+                                          r"timesteps; substeps M = 1\).*--substeps 2 or more.*--set delta=125"):
+        train(config, tmp_path / "run", progress=False)
+
+
 def test_long_prompts_are_truncated_as_diffusers_does_with_a_warning(tiny_sd, tmp_path):
     long = "a photo of a red cat and a blue dog and a car"  # more than the tiny tokenizer's 16 tokens
     with pytest.warns(TruncatedPromptWarning, match="1 of 2 prompts are longer than the tokenizer's 16 tokens"):
         store = write_trajectories(tiny_sd, write_prompts(tmp_path / "p.txt", ["a cat", long]), tmp_path / "s",
-                                   steps=1, substeps=1, progress=False)
+                                   steps=1, substeps=2, progress=False)
     assert store.manifest["truncated_prompts"] == [1] and store.prompts[1] == long
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
     embeds, _ = pipe.encode_prompt(long, "cpu", 1, False)

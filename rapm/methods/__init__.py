@@ -8,13 +8,28 @@ from rapm.methods.pcm import PCM
 from rapm.methods.progressive import Progressive
 from rapm.methods.rapm import RAPM
 
-METHODS = ("rapm", "rapm-relative", "sfd", "pcm", "progressive", "progressive-rdd")
+METHODS = ("rapm", "rapm-paper", "rapm-relative", "sfd", "pcm", "progressive", "progressive-rdd")
+
+# The default RAPM recipe, chosen on the digits convergence benchmark (README, benchmarks/results/convergence.md),
+# and the paper's setting (Alg. 2: PCM's unpaired hinge loss, discriminator and student updates alternating).
+RAPM_RECIPE = dict(gan_loss="relativistic", updates="both")
+PAPER_RECIPE = dict(gan_loss="hinge", updates="alternate")
+
+
+def updates_of(config: TrainConfig) -> str:
+    """How discriminator and student updates share the iterations: the config's, else the method's own."""
+    if config.updates:
+        return config.updates
+    return (PAPER_RECIPE if config.method == "rapm-paper" else RAPM_RECIPE)["updates"]
 
 
 def build_method(config: TrainConfig, delta: int) -> Method:
     """The loss object for ``config.method``; ``delta`` is Δ in teacher timesteps."""
-    common = dict(huber_c=config.huber_c, adv_weight=config.adv_weight, delta=delta, slot_weights=config.slot_weights)
-    if config.method == "rapm":
+    recipe = PAPER_RECIPE if config.method == "rapm-paper" else RAPM_RECIPE
+    common = dict(huber_c=config.huber_c, adv_weight=config.adv_weight, delta=delta, slot_weights=config.slot_weights,
+                  gan_loss=config.gan_loss or recipe["gan_loss"], relative_weight=config.relative_weight,
+                  d1=config.disc_relative, d2=config.disc_absolute)
+    if config.method in ("rapm", "rapm-paper"):
         return RAPM(**common, distance=config.distance or "pseudo_huber")
     if config.method == "rapm-relative":  # eq. 16 alone: the ablation of paper Fig. 3
         return RAPM(**common, absolute=False, distance=config.distance or "pseudo_huber")
@@ -34,4 +49,5 @@ def build_method(config: TrainConfig, delta: int) -> Method:
     raise ConfigError(f"config field 'method': {config.method!r} is not one of {', '.join(METHODS)}")
 
 
-__all__ = ["Context", "Method", "Setup", "TrajectoryBatch", "RAPM", "PCM", "Progressive", "build_method", "pseudo_huber", "METHODS"]
+__all__ = ["Context", "Method", "Setup", "TrajectoryBatch", "RAPM", "PCM", "Progressive", "build_method", "pseudo_huber", "METHODS",
+           "updates_of"]

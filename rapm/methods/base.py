@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -26,6 +26,7 @@ class Context:
     guidance: float  # the stored trajectories' guidance, used for the teacher's Δ-step
     generators: list[torch.Generator]
     discriminator: Discriminator | None = None
+    cache: dict = field(default_factory=dict)  # what the iteration's phases share (the relative positions)
 
     @property
     def steps(self) -> int:
@@ -50,6 +51,8 @@ class TrajectoryBatch:
     latents: torch.Tensor  # [B, N+1, C, H, W]: z~_N .. z~_0
     cond: Conditioning
     uncond: Conditioning | None
+    delta_latents: torch.Tensor | None = None  # [B, N, C, H, W]: the teacher's Δ-step z^Δ_{n+1} of each slot, if stored
+    delta: int | None = None  # the Δ those were computed with
 
 
 @dataclass

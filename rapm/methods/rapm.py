@@ -8,20 +8,33 @@ Per stored trajectory z~_N..z~_0 and for each slot n = N-1..0:
     loss_a = w_n [ H(z_n, z~_n) + λ G2(z_n | t_n) ]                                          (eqs. 17-18)
     z_n   = detach(z_n)                                                                      (§3.3)
 
-Even iterations update D1 and D2, odd ones the student (Alg. 2, lines 3-4).
+Even iterations update D1 and D2, odd ones the student (Alg. 2, lines 3-4); the trainer's ``updates`` field can
+instead make every iteration a discriminator step and then a student step on the same trajectory.
+
+The GAN loss is ``gan_loss``: "hinge" is PCM's unpaired hinge loss (the paper's setting); "relativistic" is a paired
+relativistic loss (RpGAN, Jolicoeur-Martineau 2018; R3GAN, Huang et al. 2025 without its penalties): every fake z_n
+has its own reals (the relative position and the stored point), renoised to the same t_gan with the same noise, and
+the discriminator scores the difference D(real) - D(fake) patch by patch, so it has to tell the pair apart rather
+than find a 2-12% feature difference across samples that differ by 40-95%.
 ``absolute=False`` gives the relative-only ablation (eq. 16 alone); ``relative=False,
 discriminator=False, distance="l1"`` is SFD (paper Alg. 3: the absolute position only).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
-from rapm.discriminator import hinge_discriminator_loss, hinge_generator_loss
+from rapm.discriminator import (hinge_discriminator_loss, hinge_generator_loss, pair_accuracy,
+                                relativistic_discriminator_loss, relativistic_generator_loss)
 from rapm.methods.base import (Context, Losses, Method, TrajectoryBatch, discriminator_timesteps, pseudo_huber, renoise,
                                slot_times, student_step, student_trajectory, teacher_step)
+
+
+class DeltaStepWarning(UserWarning):
+    """The teacher's Δ-step is computed in training (the store holds none for this Δ)."""
 
 
 @dataclass
@@ -34,10 +47,20 @@ class RAPM(Method):
     absolute: bool = True
     discriminator: bool = True
     distance: str = "pseudo_huber"  # or "l1" (SFD's code), "l2"
+    gan_loss: str = "hinge"  # "hinge" (PCM, the paper) or "relativistic" (paired, RpGAN)
+    relative_weight: float = 1.0  # weight of the relative terms (eqs. 14-15) against the absolute ones
+    d1: bool = True  # the relative discriminator D1 (eq. 15); off: its head set is not trained or used
+    d2: bool = True  # the absolute discriminator D2 (eq. 18)
+    _warned: bool = field(default=False, init=False, repr=False, compare=False)  # DeltaStepWarning is said once
 
     @property
     def uses_discriminator(self) -> bool:
-        return self.discriminator and self.adv_weight > 0
+        return self.discriminator and self.adv_weight > 0 and bool(self.gan_kinds)
+
+    @property
+    def gan_kinds(self) -> list[str]:
+        """The discriminators in use: "relative" (D1) and/or "absolute" (D2)."""
+        return [k for k, on in (("relative", self.relative and self.d1), ("absolute", self.absolute and self.d2)) if on]
 
     def distance_fn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.distance == "pseudo_huber":
@@ -54,18 +77,61 @@ class RAPM(Method):
     def weight(self, n: int) -> float:
         return self.slot_weights[n] if self.slot_weights else 1.0
 
-    @torch.no_grad()
     def relative_positions(self, ctx: Context, batch: TrajectoryBatch) -> torch.Tensor:
-        """rel_n for every slot, batched over slots (decision 2): one teacher and one frozen-student forward. [B, N, ...]"""
+        """rel_n for every slot, batched over slots (decision 2): the stored (or one computed) teacher Δ-step, then one
+        frozen-student forward. [B, N, ...]
+
+        Computed once per iteration: a discriminator update changes neither the teacher nor the student, so the
+        student update after it on the same trajectory reuses them.
+        """
+        key = ("relative_positions", id(batch))
+        if key not in ctx.cache:
+            ctx.cache[key] = self._relative_positions(ctx, batch)
+        return ctx.cache[key]
+
+    @torch.no_grad()
+    def _relative_positions(self, ctx: Context, batch: TrajectoryBatch) -> torch.Tensor:
+        """The teacher's Δ-step from the store when it holds this Δ (decision 8: no teacher pass), else one teacher
+        forward; then one frozen-student forward."""
         b, n = batch.latents.shape[0], ctx.steps
         starts = batch.latents[:, :n].flatten(0, 1)  # z~_{n+1} for every slot, sample-major
         t, s = slot_times(ctx, b, starts.device)
-        mid = t - self.delta  # Alg. 2, line 7: the teacher's Δ-step ...
+        mid = t - self.delta  # Alg. 2, line 8: the teacher's Δ-step ...
         cond = batch.cond.repeat(n)
-        uncond = batch.uncond.repeat(n) if batch.uncond is not None else None
-        z_mid = teacher_step(ctx, starts, t, mid, cond, uncond)
-        rel = student_step(ctx, z_mid, mid, s, cond)  # ... then the frozen student to t_n (line 8)
+        if batch.delta_latents is not None and batch.delta == self.delta:
+            z_mid = batch.delta_latents.flatten(0, 1)
+        else:
+            self._say_delta_step_is_computed(batch)
+            uncond = batch.uncond.repeat(n) if batch.uncond is not None else None
+            z_mid = teacher_step(ctx, starts, t, mid, cond, uncond)
+        rel = student_step(ctx, z_mid, mid, s, cond)  # ... then the frozen student to t_n (line 9)
         return rel.unflatten(0, (b, n))
+
+    @torch.no_grad()
+    def _real_logits(self, ctx: Context, batch: TrajectoryBatch, reals: dict, s: torch.Tensor, t_gan: torch.Tensor,
+                     noise: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        """The paired reals' logits for the relativistic generator loss (no gradient; one batched backbone pass)."""
+        if self.gan_loss != "relativistic":
+            return {}
+        kinds = self.gan_kinds
+        m = len(kinds)
+        x = renoise(ctx, torch.cat([reals[k] for k in kinds]), s.repeat(m), t_gan.repeat(m),
+                    noise.repeat(m, *[1] * (noise.ndim - 1)))
+        logits = ctx.discriminator.logits(ctx.unet, x, t_gan.repeat(m), type(batch.cond).cat([batch.cond] * m))
+        rows = len(s)
+        return {k: [h[i * rows:(i + 1) * rows] for h in logits[k]] for i, k in enumerate(kinds)}
+    def _say_delta_step_is_computed(self, batch: TrajectoryBatch) -> None:
+        if self._warned:
+            return
+        self._warned = True
+        if batch.delta_latents is None:
+            why = ("the trajectory store holds no Δ-step positions (format_version 1 in its manifest.json); rebuild it "
+                   "with this rapm's `rapm trajectories` to keep the teacher out of training")
+        else:
+            why = (f"Δ = {self.delta} is not the store's Δ = {batch.delta} (manifest.json field 'delta'); leave config "
+                   f"field 'delta' at 0 to train with the stored Δ-steps")
+        warnings.warn(f"{why}. Until then every iteration computes the teacher's Δ-step (Alg. 2, line 8): "
+                      "one guided teacher forward over all slots", DeltaStepWarning, stacklevel=3)
 
     def generator_losses(self, ctx: Context, batch: TrajectoryBatch) -> Losses:
         b, n = batch.latents.shape[0], ctx.steps
@@ -81,7 +147,7 @@ class RAPM(Method):
             logs: dict[str, float] = {}
             if self.relative:
                 h = self.distance_fn(z_n, rel[:, j])  # eq. 14
-                loss = loss + h
+                loss = loss + self.relative_weight * h
                 logs[f"{self.term}_rel/{slot}"] = h.item()
             if self.absolute:
                 h = self.distance_fn(z_n, target)  # eq. 17
@@ -89,16 +155,18 @@ class RAPM(Method):
                 logs[f"{self.term}_abs/{slot}"] = h.item()
             if self.uses_discriminator:
                 t_gan = discriminator_timesteps(ctx, s)
-                x = renoise(ctx, z_n, s, t_gan, ctx.randn(z_n))
-                logits = ctx.discriminator.logits(ctx.unet, x, t_gan, batch.cond)
-                if self.relative:
-                    g = hinge_generator_loss(logits["relative"])  # eq. 15
-                    loss = loss + self.adv_weight * g
-                    logs[f"gen_rel/{slot}"] = g.item()
-                if self.absolute:
-                    g = hinge_generator_loss(logits["absolute"])  # eq. 18
-                    loss = loss + self.adv_weight * self.weight(slot) * g
-                    logs[f"gen_abs/{slot}"] = g.item()
+                noise = ctx.randn(z_n)
+                logits = ctx.discriminator.logits(ctx.unet, renoise(ctx, z_n, s, t_gan, noise), t_gan, batch.cond)
+                real_logits = self._real_logits(ctx, batch, {"relative": rel[:, j] if self.relative else None,
+                                                             "absolute": target}, s, t_gan, noise)
+                for kind in self.gan_kinds:
+                    if self.gan_loss == "relativistic":
+                        g = relativistic_generator_loss(logits[kind], real_logits[kind])
+                    else:
+                        g = hinge_generator_loss(logits[kind])  # eqs. 15, 18
+                    w = self.relative_weight if kind == "relative" else self.weight(slot)
+                    loss = loss + self.adv_weight * w * g
+                    logs[f"gen_{kind[:3]}/{slot}"] = g.item()
             logs[f"loss/{slot}"] = loss.item()
             yield loss, logs
             z = z_n.detach()  # slots are decoupled (§3.3)
@@ -107,9 +175,9 @@ class RAPM(Method):
         b, n = batch.latents.shape[0], ctx.steps
         fake = student_trajectory(ctx, batch.latents[:, 0], batch.cond)  # [B, N, ...], no grad
         reals = {}
-        if self.relative:
+        if "relative" in self.gan_kinds:
             reals["relative"] = self.relative_positions(ctx, batch)
-        if self.absolute:
+        if "absolute" in self.gan_kinds:
             reals["absolute"] = batch.latents[:, 1:]
         kinds = list(reals)
         _, s = slot_times(ctx, b, fake.device)
@@ -132,8 +200,13 @@ class RAPM(Method):
             for j in range(n):
                 slot = n - 1 - j
                 sel = slot_of_row == j
-                d = hinge_discriminator_loss([f[sel] for f in fake_logits], [r[sel] for r in real_logits])
-                w = self.weight(slot) if kind == "absolute" else 1.0
+                f, r = [h[sel] for h in fake_logits], [h[sel] for h in real_logits]
+                if self.gan_loss == "relativistic":
+                    d = relativistic_discriminator_loss(f, r)
+                else:
+                    d = hinge_discriminator_loss(f, r)
+                w = self.weight(slot) if kind == "absolute" else self.relative_weight
                 loss = loss + w * d / n
                 logs[f"disc_{kind[:3]}/{slot}"] = d.item()
+                logs[f"disc_acc_{kind[:3]}/{slot}"] = pair_accuracy(f, r)
         yield loss, logs

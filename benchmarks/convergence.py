@@ -1,0 +1,352 @@
+"""Convergence: every method on the digits teacher at batch 1, with the validation metrics every 250 iterations.
+
+The paper's Fig. 5 is a curve over iterations; this benchmark draws it for every method, against iterations and
+against wall-clock seconds, from the validation that `rapm train` itself runs (``eval_every``, ``val_fraction``:
+rapm.validation). One store per N (600 trajectories of the digits teacher, N M = 40 DDIM steps, guidance 1.5), 100
+of them held out by every run (the same split: same seed), so every row is measured on the same 100 prompts and
+noises:
+
+* trajectory error: image-space RMS to the stored teacher end point (the N M-step DDIM the student was trained on),
+  and to the teacher's 100-step DDIM from the same noise (``reference``);
+* FD to the teacher: Fréchet distance, in the digits classifier's features, to the teacher's 100-step images of the
+  same prompts and noises (fidelity to the teacher: what distillation aims at);
+* FD to real digits (against the 300 held-out real digits), and prompt accuracy.
+
+Each (row, N) is one rapm run directory under --work; a rerun continues unfinished runs (``--resume``, also to a
+larger --iterations) and skips finished ones, so it can be stopped and restarted at any time. Runs go --jobs at a
+time, each a fresh process with one torch thread.
+
+    OMP_NUM_THREADS=1 python benchmarks/convergence.py --jobs 2            # hours on 2 cores
+    OMP_NUM_THREADS=1 python benchmarks/convergence.py --report-only       # tables and plots from what has run
+    python benchmarks/convergence.py --quick                               # the flow at toy size
+
+writes benchmarks/results/convergence.{json,md} and convergence-n{4,2}.png.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import datetime
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+TRAJECTORIES = 600
+HELD_OUT = 100
+FINE_STEPS = 40
+
+# (row name, --method, batch, --set fields). Base: the digits preset at batch 1 (the paper's setting), no EMA.
+MAIN_ROWS = [  # in the order they run: the rows that answer "does RAPM's default beat SFD and the paper's RAPM" first
+    ("rapm", "rapm", 1, []),  # the default recipe (rapm.methods.RAPM_RECIPE)
+    ("sfd", "sfd", 1, []),
+    ("rapm-paper", "rapm-paper", 1, []),  # Alg. 2 as written: unpaired hinge, alternating updates
+    ("rapm-nogan", "rapm", 1, ["adv_weight=0"]),  # the two Huber terms only
+    ("pcm-b1", "pcm", 1, []),
+    ("progressive-rdd", "progressive-rdd", 1, []),
+    ("rapm-relative", "rapm-relative", 1, []),
+    ("pcm-b4", "pcm", 4, []),
+]
+ABLATION_ROWS = [  # N = 4 only, in the order they run
+    ("abl-disc4", "rapm", 1, ["disc_every=4"]),  # a discriminator update every 4th iteration
+    ("abl-l1", "rapm", 1, ["distance=l1"]),
+    ("abl-alternate", "rapm", 1, ["updates=alternate"]),  # the paired loss with the paper's alternation
+    ("abl-d1", "rapm", 1, ["disc_absolute=false"]),  # Huber terms + D1
+    ("abl-d2", "rapm", 1, ["disc_relative=false"]),  # Huber terms + D2
+    ("abl-hinge-both", "rapm", 1, ["gan_loss=hinge"]),  # the paper's loss with updates in every iteration
+    ("abl-ema", "rapm", 1, ["ema_decay=0.99"]),
+    ("abl-ema-warmup", "rapm", 1, ["ema_decay=0.99", "ema_warmup=true"]),
+    ("abl-rel0.5", "rapm", 1, ["relative_weight=0.5"]),
+    ("abl-wn", "rapm", 1, ["slot_weights=2,1,1,1"]),  # w_0 = 2: the last slot's absolute terms count double
+    ("abl-delta2", "rapm", 1, ["delta=50"]),  # Δ = two fine steps (1000 / (N M) = 25 at N = 4)
+]
+COLUMNS = ("method", "steps", "batch", "iteration", "wall_s", "trajectory_error", "reference_error", "fd_teacher",
+           "fd_real", "prompt_accuracy")
+
+
+def make_store(work: Path, steps: int, trajectories: int, fine_steps: int) -> Path:
+    from rapm.demo.prompts import training_prompts
+    from rapm.trajectories import write_trajectories
+
+    store = work / f"store-n{steps}"
+    if (store / "manifest.json").exists() and json.loads((store / "manifest.json").read_text()).get("complete"):
+        return store
+    prompts = work / "prompts.txt"
+    base = training_prompts()
+    prompts.write_text("".join(base[i % len(base)] + "\n" for i in range(trajectories)))
+    write_trajectories("digits", prompts, store, steps=steps, substeps=fine_steps // steps, seed=0, batch_size=200,
+                       shard_size=200, progress=False, overwrite=True)
+    return store
+
+
+def run_dir(work: Path, steps: int, row: str) -> Path:
+    return work / f"n{steps}-{row}"
+
+
+def finished_iterations(run: Path) -> int:
+    from rapm.train import latest_checkpoint
+
+    last = latest_checkpoint(run) if (run / "config.json").exists() else None
+    return int(last.name.split("-")[-1]) if last is not None else 0
+
+
+def train_row(work: Path, store: Path, steps: int, row: str, method: str, batch: int, sets: list[str],
+              iterations: int, eval_every: int, val_fraction: float) -> str:
+    run = run_dir(work, steps, row)
+    done = finished_iterations(run)
+    if done >= iterations:
+        return f"{run.name}: finished ({done} iterations)"
+    common = ["--iterations", str(iterations), "--no-progress", "--checkpoint-every", str(eval_every)]
+    if done > 0:
+        cmd = ["train", "--out", str(run), "--resume", *common]
+    else:
+        cmd = ["train", "--teacher", "digits", "--store", str(store), "--out", str(run), "--method", method,
+               "--batch-size", str(batch), "--seed", "0", *common, "--overwrite",
+               "--set", "sample_every=0", "--set", "ema_decay=0", "--set", f"eval_every={eval_every}",
+               "--set", f"val_fraction={val_fraction}", "--set", "val_reference_steps=100", "--set", "keep_checkpoints=1"]
+        for s in sets:
+            cmd += ["--set", s]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log = run.parent / f"{run.name}.log"
+    tick = time.perf_counter()
+    with open(log, "a") as f:
+        code = subprocess.run([sys.executable, "-m", "rapm", *cmd], env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        return f"{run.name}: FAILED (exit {code}; see {log})"
+    return f"{run.name}: trained to {iterations} in {time.perf_counter() - tick:.0f} s"
+
+
+def read_curve(run: Path, row: str, steps: int, batch: int) -> list[dict]:
+    """One row per validation: the training wall time before it (sum of the iterations' seconds) and its metrics."""
+    out, wall = [], 0.0
+    if not (run / "logs.jsonl").exists():
+        return out
+    for line in (run / "logs.jsonl").read_text().splitlines():
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if e.get("phase") != "validation":
+            wall += e.get("seconds", 0.0)
+            continue
+        out.append({"method": row, "steps": steps, "batch": batch, "iteration": e["step"], "wall_s": round(wall, 2),
+                    "trajectory_error": e["val_trajectory_error"], "reference_error": e.get("val_reference_error"),
+                    "fd_teacher": e.get("val_fd_teacher"), "fd_real": e.get("val_fd_real"),
+                    "prompt_accuracy": e.get("val_prompt_accuracy"),
+                    **{k[4:]: v for k, v in e.items() if k.startswith("val_slot_error/")}})
+    # A resumed run may log a validation twice (before and after a kill): keep the last of each iteration.
+    last = {r["iteration"]: r for r in out}
+    return [last[k] for k in sorted(last)]
+
+
+def teacher_rows(store: Path, steps: int, val_fraction: float) -> list[dict]:
+    """The teacher's DDIM at N steps and at 100 steps (the reference) on the same held-out split, same metrics."""
+    import torch
+
+    from rapm.diffusion import ddim
+    from rapm.roles import teacher_role
+    from rapm.teacher import guided_output, load_teacher
+    from rapm.trajectories import open_store
+    from rapm.validation import Validation, split_indices
+
+    teacher = load_teacher("digits")
+    st = open_store(store)
+    _, val_ids = split_indices(len(st), val_fraction, 0)
+    validation = Validation(teacher, st, val_ids, torch.device("cpu"), torch.float32, reference_steps=100)
+    rows = []
+    for k in (steps, 100):
+        finals = []
+        for b in validation.batches:
+            def model(z, t, b=b):
+                return guided_output(teacher.unet, z, t, b.cond, b.uncond, st.guidance)
+            with torch.no_grad(), teacher_role(teacher.unet):
+                finals.append(ddim(model, teacher.schedule, b.latents[:, 0], st.timesteps[0], st.timesteps[-1], k))
+        m = validation.measure(validation._decode(finals))
+        rows.append({"method": f"teacher-ddim{k}", "steps": k, "batch": None, "iteration": None, "wall_s": None,
+                     "trajectory_error": m["val_trajectory_error"], "reference_error": m.get("val_reference_error"),
+                     "fd_teacher": m.get("val_fd_teacher"), "fd_real": m.get("val_fd_real"),
+                     "prompt_accuracy": m.get("val_prompt_accuracy"), "for_steps": steps})
+    # Floors at the same sample size: real digits vs the held-out reals; the teacher's 40-step images from other noise
+    # vs its images of the same prompts (what a perfect student drawing independent noise would score).
+    floors = {"fd_real_floor": validation.digits.real_floor(len(val_ids))}
+    gen = torch.Generator().manual_seed(123)
+    finals = []
+    for b in validation.batches:
+        z = torch.randn(b.latents[:, 0].shape, generator=gen)
+        def model(x, t, b=b):
+            return guided_output(teacher.unet, x, t, b.cond, b.uncond, st.guidance)
+        with torch.no_grad(), teacher_role(teacher.unet):
+            finals.append(ddim(model, teacher.schedule, z, st.timesteps[0], st.timesteps[-1], 100))
+    from rapm.demo.metrics import frechet_distance
+
+    floors["fd_teacher_floor"] = frechet_distance(validation.digits.features(validation._decode(finals)),
+                                                  validation.teacher_features)
+    return rows, floors
+
+
+def at_budget(curve: list[dict], seconds: float) -> dict | None:
+    """The last validation whose training wall time is within ``seconds``."""
+    within = [r for r in curve if r["wall_s"] <= seconds]
+    return within[-1] if within else None
+
+
+def plot(curves: dict[str, list[dict]], teacher: list[dict], steps: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [("trajectory_error", "trajectory error (to stored z~_0)"), ("fd_teacher", "FD to the teacher"),
+               ("fd_real", "FD to real digits")]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for row, curve in curves.items():
+        if not curve:
+            continue
+        style = dict(linewidth=2.2 if row == "rapm" else 1.1, linestyle="--" if row.startswith("abl-") else "-")
+        for col, (key, title) in enumerate(metrics):
+            pts = [(r["iteration"], r["wall_s"], r[key]) for r in curve if r[key] is not None]
+            if not pts:
+                continue
+            it, wall, v = zip(*pts)
+            axes[0, col].plot(it, v, label=row, **style)
+            axes[1, col].plot(wall, v, label=row, **style)
+            axes[0, col].set_title(title)
+    for col, (key, _) in enumerate(metrics):
+        for t in teacher:
+            if t["steps"] == steps and t[key] is not None:
+                for ax in axes[:, col]:
+                    ax.axhline(t[key], color="gray", linestyle=":", linewidth=1)
+                    ax.text(ax.get_xlim()[0], t[key], f" teacher DDIM-{steps}", fontsize=7, color="gray", va="bottom")
+        axes[0, col].set_xlabel("iteration")
+        axes[1, col].set_xlabel("training wall-clock seconds")
+        for ax in axes[:, col]:
+            ax.grid(alpha=0.3)
+            ax.set_yscale("log")
+    axes[0, 0].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"digits teacher, N = {steps}, batch 1 unless named: validation on {HELD_OUT} held-out trajectories")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def fmt(v, spec: str) -> str:
+    return "" if v is None else format(v, spec)
+
+
+def report(work: Path, steps_list: list[int], rows_by_n: dict[int, list], results: Path, command: str, val_fraction: float,
+           extra: dict) -> None:
+    all_rows: list[dict] = []
+    md = ["# Convergence on the digits teacher", "",
+          f"Command: `{command}` ({datetime.date.today().isoformat()}, {platform.machine()}, {os.cpu_count()} CPUs, one "
+          f"torch thread per run; the machine was shared with other work, so wall-clock seconds are noisy). "
+          f"{TRAJECTORIES} trajectories per N ({FINE_STEPS} DDIM steps each, guidance 1.5), {HELD_OUT} held out "
+          f"(never trained on) and measured every 250 iterations. Trajectory error: image RMS to the stored teacher end "
+          f"point; FD to the teacher: to the teacher's 100-step images of the same prompts and noise; FD to real: to the "
+          f"held-out real digits. Base settings: the digits preset at batch 1, no EMA.", ""]
+    for steps in steps_list:
+        store = work / f"store-n{steps}"
+        curves = {row: read_curve(run_dir(work, steps, row), row, steps, batch) for row, _, batch, _ in rows_by_n[steps]}
+        teacher, floors = teacher_rows(store, steps, val_fraction) if (store / "manifest.json").exists() else ([], {})
+        all_rows += teacher + [r for c in curves.values() for r in c]
+        plot(curves, teacher, steps, results / f"convergence-n{steps}.png")
+        done = {row: c for row, c in curves.items() if c}
+        if not done:
+            continue
+        md += [f"## N = {steps}", "", f"![curves](convergence-n{steps}.png)", ""]
+        md += [f"FD floors at {HELD_OUT} samples: real digits vs held-out real {fmt(floors.get('fd_real_floor'), '.1f')}; "
+               f"the teacher's images from independent noise vs the same prompts {fmt(floors.get('fd_teacher_floor'), '.1f')}.", ""]
+        md += ["At the last validation of each run:", "",
+               "| method | batch | iterations | wall s | trajectory error ↓ | to 100-step ↓ | FD to teacher ↓ | FD to real ↓ | prompt acc. ↑ |",
+               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for t in teacher:
+            md.append(f"| {t['method']} |  |  |  | {fmt(t['trajectory_error'], '.4f')} | {fmt(t['reference_error'], '.4f')} | "
+                      f"{fmt(t['fd_teacher'], '.1f')} | {fmt(t['fd_real'], '.1f')} | {fmt(100 * t['prompt_accuracy'], '.1f')}% |")
+        for row, c in done.items():
+            r = c[-1]
+            md.append(f"| {row} | {r['batch']} | {r['iteration']} | {r['wall_s']:.0f} | {r['trajectory_error']:.4f} | "
+                      f"{fmt(r['reference_error'], '.4f')} | {fmt(r['fd_teacher'], '.1f')} | {fmt(r['fd_real'], '.1f')} | "
+                      f"{fmt(100 * r['prompt_accuracy'], '.1f')}% |")
+        main = [c for row, c in done.items() if not row.startswith("abl-")]
+        ends = sorted(c[-1]["wall_s"] for c in main if c[-1]["iteration"] > 0)
+        if ends:
+            top = ends[len(ends) // 2]  # the median run's wall time: most rows reach it
+            budgets = [round(top / 4), round(top / 2), round(top)]
+            md += ["", f"At equal training wall-clock budgets ({', '.join(f'{b} s' for b in budgets)}): the last validation "
+                   "within each budget, trajectory error / FD to teacher (* = the run had ended before the budget; "
+                   "its last value):", "",
+                   "| method | " + " | ".join(f"{b} s" for b in budgets) + " |", "| --- |" + " ---: |" * len(budgets)]
+            for row, c in done.items():
+                cells = []
+                for b in budgets:
+                    r = at_budget(c, b)
+                    mark = "*" if r is c[-1] and c[-1]["wall_s"] < b else ""
+                    cells.append(f"{r['trajectory_error']:.4f} / {fmt(r['fd_teacher'], '.1f')}{mark}" if r else "")
+                md.append(f"| {row} | " + " | ".join(cells) + " |")
+        md.append("")
+    results.mkdir(parents=True, exist_ok=True)
+    out = {"date": datetime.date.today().isoformat(), "command": command, "trajectories": TRAJECTORIES,
+           "held_out": HELD_OUT, "fine_steps": FINE_STEPS, **extra, "rows": all_rows}
+    (results / "convergence.json").write_text(json.dumps(out, indent=1) + "\n")
+    (results / "convergence.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", type=Path, default=Path("runs/convergence"))
+    ap.add_argument("--steps", type=int, nargs="+", default=[4, 2])
+    ap.add_argument("--iterations", type=int, default=3000, help="the main rows' iterations")
+    ap.add_argument("--ablation-iterations", type=int, default=1000)
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--rows", nargs="*", help="only these rows (names as in the tables)")
+    ap.add_argument("--no-ablations", action="store_true")
+    ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    ap.add_argument("--report-only", action="store_true", help="tables and plots from the runs as they are")
+    ap.add_argument("--quick", action="store_true", help="toy sizes, for a smoke run")
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    global TRAJECTORIES, HELD_OUT
+    if args.quick:
+        TRAJECTORIES, HELD_OUT = 24, 8
+        args.iterations, args.ablation_iterations, args.eval_every = 4, 2, 2
+    val_fraction = HELD_OUT / TRAJECTORIES
+    import torch
+
+    torch.set_num_threads(1)
+    args.work.mkdir(parents=True, exist_ok=True)
+    rows_by_n = {n: [r for r in MAIN_ROWS + ([] if args.no_ablations or n != 4 else ABLATION_ROWS)
+                     if not args.rows or r[0] in args.rows] for n in args.steps}
+    command = "python benchmarks/convergence.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    started = time.perf_counter()
+    if not args.report_only:
+        stores = {n: make_store(args.work, n, TRAJECTORIES, FINE_STEPS if not args.quick else 8) for n in args.steps}
+        # The first N's main rows, then its ablations, then the other N's rows: what finishes first is what matters most.
+        first = args.steps[0]
+        main_rows = [r for r in rows_by_n[first] if not r[0].startswith("abl-")]
+        ablations = [r for r in rows_by_n[first] if r[0].startswith("abl-")]
+        jobs = [(first, r) for r in main_rows[:4]] + [(first, r) for r in ablations[:3]]
+        jobs += [(first, r) for r in main_rows[4:]] + [(first, r) for r in ablations[3:]]
+        jobs += [(n, r) for n in args.steps[1:] for r in rows_by_n[n]]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            futures = [pool.submit(train_row, args.work, stores[n], n, row, method, batch, sets,
+                                   args.ablation_iterations if row.startswith("abl-") else args.iterations,
+                                   args.eval_every, val_fraction) for n, (row, method, batch, sets) in jobs]
+            for f in futures:
+                print(f.result(), file=sys.stderr, flush=True)
+    report(args.work, args.steps, rows_by_n, args.results if not args.quick else args.work / "results", command,
+           val_fraction, {"iterations": args.iterations, "ablation_iterations": args.ablation_iterations,
+                          "wall_seconds_this_call": round(time.perf_counter() - started)})
+
+
+if __name__ == "__main__":
+    main()

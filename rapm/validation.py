@@ -1,0 +1,125 @@
+"""Validation during training (DESIGN.md decision 11): the student's trajectory error on held-out trajectories.
+
+A seeded share of the store (``val_fraction``) is held out and never trained on. Every ``eval_every`` iterations the
+student runs its N steps from each held-out trajectory's noise z~_N, and the run logs
+
+* ``val_trajectory_error``: the mean over samples of the RMS distance, in image space, between the student's image
+  and the stored teacher end point z~_0 (the N·M-step DDIM the student was trained on);
+* ``val_slot_error/<n>``: the RMS distance, in latent space, of the student's position z_n to the stored z~_n;
+* ``val_reference_error`` (``val_reference_steps`` > 0): the same against the teacher's K-step DDIM from the same noise;
+* for the digits teacher, ``val_fd_teacher`` (Fréchet distance in the digits classifier's features to the teacher's
+  images of the same prompts and noise: fidelity to the teacher), ``val_fd_real`` (to the held-out real digits) and
+  ``val_prompt_accuracy``. On a few dozen samples the FDs are biased upward: compare runs at the same split only.
+
+This is the curve of the paper's Fig. 5: the user sees when a run has converged or diverged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rapm.diffusion import ddim
+from rapm.methods.base import Context, student_trajectory
+from rapm.roles import teacher_role
+from rapm.teacher import guided_output
+
+
+def split_indices(count: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, validation) trajectory indices: a seeded ``fraction`` of ``count`` held out (none if it rounds to 0)."""
+    held = int(count * fraction)
+    if held == 0:
+        return list(range(count)), []
+    perm = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 104_729 + 17)).tolist()
+    val = sorted(perm[:held])
+    chosen = set(val)
+    return [i for i in range(count) if i not in chosen], val
+
+
+def rms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The per-sample RMS distance [B]."""
+    return (a.float() - b.float()).flatten(1).square().mean(1).sqrt()
+
+
+class Validation:
+    """The held-out trajectories of one run, and the metrics of a student on them."""
+
+    def __init__(self, teacher, store, indices: list[int], device, dtype, reference_steps: int = 0, batch: int = 64):
+        from rapm.train import _to_device
+
+        self.teacher, self.store, self.indices, self.device, self.dtype, self.chunk = \
+            teacher, store, indices, device, dtype, batch
+        self.batches = [_to_device(store.get(indices[i:i + batch]), device, dtype) for i in range(0, len(indices), batch)]
+        self.teacher_images = self._decode([b.latents[:, -1] for b in self.batches])
+        self.reference_images = None
+        if reference_steps > 0:
+            self.reference_images = self._decode([self._teacher_ddim(b, reference_steps) for b in self.batches])
+        self.digits = None
+        if teacher.family == "sd" and _is_digits(teacher):
+            from rapm.demo.metrics import DigitsMetrics
+            from rapm.demo.prompts import digit_of
+
+            prompts = store.prompts
+            self.digits = DigitsMetrics()
+            self.prompt_digits = [digit_of(prompts[i]) for i in indices]
+            self.teacher_features = self.digits.features(self.reference_images if self.reference_images is not None
+                                                         else self.teacher_images)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @torch.no_grad()
+    def _decode(self, latents: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([self.teacher.decode(z).float().cpu() for z in latents])
+
+    @torch.no_grad()
+    def _teacher_ddim(self, batch, steps: int) -> torch.Tensor:
+        """The teacher's ``steps``-step DDIM from the stored noise, with the store's guidance."""
+        unet = self.teacher.unet
+
+        def model(z, t):
+            return guided_output(unet, z, t, batch.cond, batch.uncond, self.store.guidance)
+
+        with teacher_role(unet):
+            return ddim(model, self.teacher.schedule, batch.latents[:, 0], self.store.timesteps[0],
+                        self.store.timesteps[-1], steps)
+
+    @torch.no_grad()
+    def __call__(self, unet) -> dict[str, float]:
+        """The metrics of the student now in ``unet`` (its student adapter)."""
+        n = self.store.steps
+        slot_sq = torch.zeros(n)
+        student = []
+        for b in self.batches:
+            ctx = Context(unet, self.teacher.schedule, self.store.timesteps, self.store.guidance, [])
+            positions = student_trajectory(ctx, b.latents[:, 0], b.cond)  # [B, N, ...]
+            for j in range(n):
+                slot_sq[j] += rms(positions[:, j], b.latents[:, j + 1]).square().sum().cpu()
+            student.append(positions[:, -1])
+        out = self.measure(self._decode(student))
+        for j in range(n):
+            out[f"val_slot_error/{n - 1 - j}"] = float((slot_sq[j] / len(self)).sqrt())
+        return out
+
+    def measure(self, images: torch.Tensor) -> dict[str, float]:
+        """The metrics of final images [len(self), ...] (decoded), whoever made them."""
+        out = {"val_trajectory_error": float(rms(images, self.teacher_images).mean())}
+        if self.reference_images is not None:
+            out["val_reference_error"] = float(rms(images, self.reference_images).mean())
+        if self.digits is not None:
+            from rapm.demo.metrics import frechet_distance
+
+            feats = self.digits.features(images)
+            if len(self) >= 2:
+                out["val_fd_teacher"] = frechet_distance(feats, self.teacher_features)
+                out["val_fd_real"] = frechet_distance(feats, self.digits.reference_features)
+            out["val_prompt_accuracy"] = self.digits.prompt_accuracy(images, self.prompt_digits)
+        return out
+
+
+def _is_digits(teacher) -> bool:
+    from rapm.teacher import BUILTIN_TEACHERS
+
+    try:
+        return teacher.path.resolve() == BUILTIN_TEACHERS["digits"].resolve()
+    except (AttributeError, OSError):
+        return False

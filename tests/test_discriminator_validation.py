@@ -1,0 +1,178 @@
+"""The paired discriminator, the update schedule, the EMA warm-up and validation during training (issue 14)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from rapm.config import ConfigError, TrainConfig, apply_overrides, validate
+from rapm.discriminator import (hinge_discriminator_loss, pair_accuracy, relativistic_discriminator_loss,
+                                relativistic_generator_loss)
+from rapm.methods import build_method, updates_of
+from rapm.train import ema_decay_at, iteration_phases, train
+from rapm.validation import split_indices
+
+SMALL = dict(lora_rank=4, lora_alpha=4, disc_lora_rank=2, disc_lora_alpha=2, disc_heads_per_level=1, lr=1e-3,
+             disc_lr=1e-3, sample_every=0, batch_size=1, keep_checkpoints=2)
+
+
+def _config(tiny_sd, sd_store, **kw) -> TrainConfig:
+    return apply_overrides(TrainConfig(), {"teacher": str(tiny_sd), "store": str(sd_store), **SMALL, **kw}, "test")
+
+
+def _log(run):
+    return [json.loads(line) for line in (run / "logs.jsonl").read_text().splitlines()]
+
+
+def test_relativistic_loss_is_log2_at_chance_and_scores_the_pair():
+    real = [torch.randn(3, 1, 4, 4)]
+    assert relativistic_discriminator_loss(real, real).item() == pytest.approx(math.log(2))
+    assert relativistic_generator_loss(real, real).item() == pytest.approx(math.log(2))
+    # A D that scores each real above its own fake: the loss falls below chance, the accuracy is 1.
+    fake = [real[0] - 2.0]
+    assert relativistic_discriminator_loss(fake, real).item() < 0.2 < math.log(2)
+    assert pair_accuracy(fake, real) == 1.0 and pair_accuracy(real, fake) == 0.0 and pair_accuracy(real, real) == 0.5
+    # The pairing: shifting every logit of a pair by the same amount changes nothing (unlike the hinge loss).
+    shift = torch.randn(3, 1, 1, 1) * 5
+    assert relativistic_discriminator_loss([fake[0] + shift], [real[0] + shift]).item() == pytest.approx(
+        relativistic_discriminator_loss(fake, real).item(), rel=1e-5)
+    assert hinge_discriminator_loss([fake[0] + shift], [real[0] + shift]).item() != pytest.approx(
+        hinge_discriminator_loss(fake, real).item(), rel=1e-3)
+
+
+def test_generator_loss_gives_no_gradient_to_the_reals():
+    fake = torch.randn(2, 1, 4, 4, requires_grad=True)
+    real = torch.randn(2, 1, 4, 4, requires_grad=True)
+    relativistic_generator_loss([fake], [real]).backward()
+    assert fake.grad is not None and fake.grad.abs().sum() > 0 and real.grad is None
+
+
+def test_update_schedules():
+    assert [iteration_phases("alternate", 1, True, k) for k in range(3)] == [("discriminator",), ("student",),
+                                                                            ("discriminator",)]
+    assert [iteration_phases("both", 1, True, k) for k in range(2)] == [("discriminator", "student")] * 2
+    assert [iteration_phases("both", 3, True, k) for k in range(4)] == [
+        ("discriminator", "student"), ("student",), ("student",), ("discriminator", "student")]
+    assert iteration_phases("alternate", 1, False, 0) == ("student",)  # no discriminator: every iteration trains
+
+
+def test_the_paper_setting_is_one_flag():
+    paper = apply_overrides(TrainConfig(), {"method": "rapm-paper"}, "test")
+    default = TrainConfig()
+    assert updates_of(paper) == "alternate" and build_method(paper, 10).gan_loss == "hinge"
+    assert updates_of(default) == "both" and build_method(default, 10).gan_loss == "relativistic"
+    assert updates_of(apply_overrides(default, {"updates": "alternate"}, "test")) == "alternate"
+    with pytest.raises(ConfigError, match="'gan_loss'"):
+        validate(apply_overrides(TrainConfig(), {"gan_loss": "wasserstein"}, "test"))
+
+
+def test_ema_warmup_fades_the_initial_adapter():
+    assert ema_decay_at(0.99, False, 0) == 0.99
+    assert ema_decay_at(0.99, True, 0) == pytest.approx(0.1) and ema_decay_at(0.99, True, 10_000) == 0.99
+    # The initial weights' share after k updates: a product of decays. Without warm-up 0.99^150 = 22%.
+    share = math.prod(ema_decay_at(0.99, True, k) for k in range(150))
+    assert share < 1e-3 < 0.99 ** 150
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    train_ids, val_ids = split_indices(100, 0.1, seed=0)
+    assert len(val_ids) == 10 and sorted(train_ids + val_ids) == list(range(100))
+    assert split_indices(100, 0.1, seed=0) == (train_ids, val_ids) and split_indices(100, 0.1, seed=1)[1] != val_ids
+    assert split_indices(4, 0.05, seed=0) == ([0, 1, 2, 3], [])
+
+
+def test_training_never_sees_the_validation_split_and_logs_its_curve(tiny_sd, sd_store, tmp_path, monkeypatch):
+    from rapm.store import TrajectoryStore
+
+    _, val_ids = split_indices(4, 0.25, seed=0)
+    fetched = []
+    original = TrajectoryStore.get
+
+    def get(self, indices):
+        fetched.append(list(indices) if not isinstance(indices, int) else [indices])
+        return original(self, indices)
+
+    monkeypatch.setattr(TrajectoryStore, "get", get)
+    run = tmp_path / "run"
+    train(_config(tiny_sd, sd_store, iterations=6, checkpoint_every=3, val_fraction=0.25, eval_every=4), run,
+          progress=False)
+    log = _log(run)
+    validations = [e for e in log if e["phase"] == "validation"]
+    assert [e["step"] for e in validations] == [0, 4, 6]  # at the start, every eval_every, at the end
+    assert all(e["trajectories"] == 1 and e["val_trajectory_error"] > 0 for e in validations)
+    assert all(f"val_slot_error/{n}" in validations[0] for n in range(2))
+    trained = {i for e, ids in zip(range(len(fetched)), fetched) for i in ids}
+    # The validation batch is fetched once (at the start); no training iteration fetches a held-out trajectory.
+    training_fetches = [ids for ids in fetched if ids != val_ids]
+    assert len(training_fetches) == 6 and not any(i in val_ids for ids in training_fetches for i in ids)
+    assert trained >= set(val_ids)
+    # The discriminator's pair accuracy per head and slot on every iteration that updates it.
+    iterations = [e for e in log if e["phase"] != "validation"]
+    assert all(e["phase"] == "discriminator+student" for e in iterations)
+    assert all({"disc_acc_rel/0", "disc_acc_abs/1", "disc_loss", "loss"} <= set(e) for e in iterations)
+    # The report draws the curve.
+    from rapm.report import report
+
+    page = report(run).read_text()
+    assert "Validation during training" in page and (run / "report_files" / "validation.png").exists()
+
+
+def test_resume_with_both_updates_and_validation_gives_the_same_log(tiny_sd, sd_store, tmp_path):
+    config = _config(tiny_sd, sd_store, iterations=5, checkpoint_every=2, val_fraction=0.25, eval_every=2,
+                     ema_decay=0.9, ema_warmup=True, disc_every=2)
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    train(config, straight, progress=False)
+    train(config, interrupted, progress=False, stop_after=3)
+    train(config, interrupted, resume=True, progress=False)
+    a = [(e["step"], e["phase"], e.get("loss", e.get("val_trajectory_error"))) for e in _log(straight)]
+    b = [(e["step"], e["phase"], e.get("loss", e.get("val_trajectory_error"))) for e in _log(interrupted)]
+    assert [x[:2] for x in a] == [x[:2] for x in b]
+    assert [x[1] for x in a if x[1] != "validation"] == ["discriminator+student", "student"] * 2 + ["discriminator+student"]
+    for x, y in zip(a, b):
+        assert x[2] == pytest.approx(y[2], rel=1e-4, abs=1e-6)
+
+
+def test_paired_discriminator_learns_on_the_digits_teacher(tmp_path):
+    """Against a fixed (undistilled) student, the paired discriminator's held-out accuracy rises well above chance
+    within a few dozen batch-1 updates; the paper's hinge discriminator is measured beside it and reported."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from rapm.trajectories import write_trajectories
+    from rapm.demo.prompts import training_prompts
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(p + "\n" for p in training_prompts()[:24]))
+    store = tmp_path / "store"
+    write_trajectories("digits", prompts, store, steps=2, substeps=2, seed=0, batch_size=24, shard_size=24,
+                       progress=False)
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "discriminator_probe.py"
+    spec = importlib.util.spec_from_file_location("benchmarks_discriminator_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = probe
+    spec.loader.exec_module(probe)
+    paired = probe.probe(store, None, "relativistic", True, updates=16, held_out=8, points=1)
+    hinge = probe.probe(store, None, "hinge", True, updates=16, held_out=8, points=1)
+    start, end = paired["curve"][0], paired["curve"][-1]
+    print("paired:", paired["curve"], "\nhinge:", hinge["curve"])
+    assert end["acc_relative"] >= 0.8 and end["acc_absolute"] >= 0.8
+    assert end["acc_relative"] + end["acc_absolute"] > start["acc_relative"] + start["acc_absolute"] + 0.3
+
+
+def test_tensorboard_shows_losses_learning_rates_samples_validation_and_config(tiny_sd, sd_store, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    train(_config(tiny_sd, sd_store, iterations=2, checkpoint_every=2, sample_every=2, num_samples=2,
+                  val_fraction=0.25, eval_every=2), run, progress=False)
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"student/loss", "discriminator/loss", "student/lr", "discriminator/lr", "validation/trajectory_error",
+            "val_slot_error/0", "disc_acc_rel/0"} <= scalars
+    assert events.Tags()["images"] == ["samples/student_top_teacher_bottom"]
+    image = events.Images("samples/student_top_teacher_bottom")[0]
+    assert image.step == 2 and image.width >= 4 * 2 * 8  # two samples of 8 px, shown at 4x
+    assert any(t.startswith("config") for t in events.Tags()["tensors"])
