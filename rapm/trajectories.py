@@ -362,10 +362,10 @@ def write_trajectories(
             raise RapmError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if solver not in SOLVERS:
         raise RapmError(f"--solver {solver!r} is not one of {', '.join(SOLVERS)}")
-    if substeps == 1 and solver == "ddim":  # rapm.train's default Δ is one fine step, T // (N M): with M = 1 that is the whole slot
+    if substeps == 1 and solver == "ddim" and delta is None:  # the default Δ, one fine step T // (N M), is the whole slot
         raise RapmError(f"--substeps 1 leaves no teacher step inside a slot: rapm train's default Δ (one step of the "
                         f"fine grid, 1000 // (N M) = {1000 // steps} timesteps at N = {steps}) would be a whole slot, "
-                        "and train refuses such a store; use --substeps 2 or more (default 25)")
+                        "and train refuses such a store; use --substeps 2 or more (default 25), or give a shorter --delta")
     for name, value in (("dtype", dtype), ("teacher_dtype", teacher_dtype)):
         if value not in DTYPES:
             raise RapmError(f"--{name.replace('_', '-')} {value!r} is not one of {', '.join(DTYPES)}")

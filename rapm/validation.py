@@ -3,8 +3,9 @@
 A seeded share of the store (``val_fraction``) is held out and never trained on. Every ``eval_every`` iterations the
 student runs its N steps from each held-out trajectory's noise z~_N, and the run logs
 
-* ``val_trajectory_error``: the mean over samples of the RMS distance, in image space, between the student's image
-  and the stored teacher end point z~_0 (the N·M-step DDIM the student was trained on);
+* ``val_trajectory_error``: the mean over samples of the RMS distance between the student's end point and the stored
+  teacher end point z~_0 (the N·M-step DDIM the student was trained on): in image space for a pixel-space teacher
+  (digits), in latent space for a teacher with a VAE (so training needs no VAE in memory);
 * ``val_slot_error/<n>``: the RMS distance, in latent space, of the student's position z_n to the stored z~_n;
 * ``val_reference_error`` (``val_reference_steps`` > 0): the same against the teacher's K-step DDIM from the same noise;
 * for the digits teacher, ``val_fd_teacher`` (Fréchet distance in the digits classifier's features to the teacher's
@@ -69,6 +70,9 @@ class Validation:
 
     @torch.no_grad()
     def _decode(self, latents: list[torch.Tensor]) -> torch.Tensor:
+        """Images for a pixel-space teacher (clamped to [-1, 1]); the latents themselves for a teacher with a VAE."""
+        if getattr(self.teacher, "vae", None) is not None:
+            return torch.cat([z.float().cpu() for z in latents])
         return torch.cat([self.teacher.decode(z).float().cpu() for z in latents])
 
     @torch.no_grad()

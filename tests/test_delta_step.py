@@ -117,7 +117,7 @@ def test_default_delta_is_one_step_of_the_fine_grid_for_ddim_and_the_papers_for_
     # With the default Δ and DDIM, the stored Δ-step is the first of the slot's substeps (M = 2 halves the slot).
     half = _write(tiny_sd, tmp_path / "half", steps=2, substeps=2, dtype="float32")
     assert half.delta == 250
-    full = _write(tiny_sd, tmp_path / "full", steps=4, substeps=1, dtype="float32")
+    full = _write(tiny_sd, tmp_path / "full", steps=4, substeps=1, dtype="float32", delta=125)  # one DDIM step a slot
     torch.testing.assert_close(half.get([0]).delta_latents[:, 0], full.get([0]).latents[:, 1], rtol=1e-5, atol=1e-5)
 
 
