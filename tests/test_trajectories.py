@@ -263,7 +263,7 @@ def test_train_names_the_stores_substeps_and_the_fix_when_delta_fills_a_slot(tin
 
     store = write_trajectories(tiny_sd, prompts_file, tmp_path / "store", steps=4, substeps=2, shard_size=5, progress=False)
     manifest = json.loads((store.path / "manifest.json").read_text())
-    for key in ("delta", "solver"):  # as an older rapm wrote it (format 1): no stored Δ, so train takes T / (N M)
+    for key in ("delta", "solver", "manifest_sha256"):  # as an older rapm wrote it (format 1): no stored Δ, so train takes T / (N M)
         manifest.pop(key, None)
     (store.path / "manifest.json").write_text(json.dumps({**manifest, "substeps": 1, "format_version": 1}))
     config = apply_overrides(TrainConfig(), {"teacher": str(tiny_sd), "store": str(store.path), "iterations": 1}, "test")
