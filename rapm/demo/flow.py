@@ -71,7 +71,7 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True, steps: int =
     models = [ModelSpec("teacher-ddim", steps), ModelSpec("teacher-dpmsolver", steps, "dpmsolver"),
               ModelSpec(config.method, steps, lora=str(lora))]
     result = evaluate("digits", models, prompts, list(range(10_000, 10_000 + len(prompts))), size.reference_steps,
-                      out=run / "evaluation.json", progress=progress)
+                      out=run / "evaluation.json", progress=progress, train_steps=steps * size.substeps)
 
     stage("report")
     page = report(run)
