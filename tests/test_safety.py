@@ -571,3 +571,26 @@ def test_evaluate_writes_its_json_last_recording_its_grid_and_table(tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         write_evaluation(out, dict(result), {"rapm": torch.ones(1, 1, 4, 4)}, columns=1)
     assert faults.files_digest(tmp_path) == before  # the previous set, whole; no temp file left
+
+
+def test_tensorboards_writer_thread_adds_no_traceback_to_the_error_line(monkeypatch):
+    import threading
+
+    import rapm.cli
+
+    class _AsyncWriterThread(threading.Thread):  # TensorBoard's writer thread, as named there
+        def run(self):
+            raise OSError(28, "No space left on device")
+
+    class OtherThread(threading.Thread):
+        def run(self):
+            raise OSError(28, "No space left on device")
+
+    printed = []
+    monkeypatch.setattr(rapm.cli, "_default_thread_hook", lambda args: printed.append(type(args.thread).__name__))
+    monkeypatch.setattr(threading, "excepthook", rapm.cli._thread_exception)
+    for cls in (_AsyncWriterThread, OtherThread):
+        t = cls()
+        t.start()
+        t.join()
+    assert printed == ["OtherThread"]  # the traceback of any other thread still shows
