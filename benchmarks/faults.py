@@ -305,7 +305,8 @@ def leftovers(run: Path) -> list[str]:
 
 
 def train_losses(run: Path) -> list[tuple[int, str, float]]:
-    return [(e["step"], e["phase"], e["loss"]) for e in map(json.loads, (run / "logs.jsonl").read_text().splitlines())]
+    return [(e["step"], e["phase"], e["loss"]) for e in map(json.loads, (run / "logs.jsonl").read_text().splitlines())
+            if e["phase"] != "validation"]  # validation lines (eval_every) carry no training loss
 
 
 def compare_losses(a: list, b: list, rel: float = 1e-5, abs_: float = 1e-7) -> list[str]:
