@@ -1,13 +1,15 @@
 """Trajectory precompute: accuracy of the stored positions against teacher passes, for each solver.
 
 For the built-in digits teacher and the SD-1.5-shaped teacher of ``harness.py`` (SD 1.5's UNet config with block
-widths / 10, 4x32x32 latents, random weights), from the same noise and prompts: the stored positions z~_3..z~_0
+widths / 10, random weights; 4x16x16 latents by default, ``--sd-size 32`` for speed.py's 4x32x32), from the same noise and prompts: the stored positions z~_3..z~_0
 (N = 4) of ``rapm.trajectories.teacher_trajectories`` for ``--solver ddim`` and ``--solver dpmsolver++`` at several
 ``--substeps`` M, against a 1,000-step DDIM reference (M = 250). The error of a position is the RMS over its latents;
 a teacher pass is one guided UNet forward (cond and uncond together), counted at the UNet. The table gives, for each
 solver, the fewest passes whose error at every position is at most that of DDIM with M = 25 (the paper's setting).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/trajectory_accuracy.py [--models digits,sd15-reduced]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/trajectory_accuracy.py [--models digits,sd15-reduced] [--sd-size 16]
+
+About 1 + 3 minutes on one quiet CPU thread (the 1,000-step references dominate).
 
 Writes benchmarks/results/trajectory_accuracy.{json,md}.
 """
@@ -87,9 +89,10 @@ def measure(name: str, teacher_path: str, prompts: list[str]) -> dict:
             "position_rms": scale, "float16_rounding_rms": rounding, "rows": rows, "match_ddim_25": matches}
 
 
-def table(results: list[dict], command: str) -> str:
+def table(results: list[dict], command: str, seconds: float) -> str:
     lines = ["# Trajectory precompute: accuracy against teacher passes", "",
-             f"`{command}` ({time.strftime('%Y-%m-%d')}, CPU, 1 thread). N = 4; error = RMS over the latents of each "
+             f"`{command}` ({time.strftime('%Y-%m-%d')}, CPU, 1 thread, {seconds:.0f} s at a load average of "
+             f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores). N = 4; error = RMS over the latents of each "
              "stored position z~_3 .. z~_0 against a 1,000-step DDIM reference from the same noise and prompts "
              "(guided, the teacher's default guidance); a teacher pass is one guided UNet forward (cond + uncond). "
              "`dpmsolver++` is DPM-Solver++(2M) on a log-SNR-uniform grid in each slot, its history carried across "
@@ -118,20 +121,24 @@ def table(results: list[dict], command: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="digits,sd15-reduced")
+    parser.add_argument("--sd-size", type=int, default=16, help="latent size of the SD-shaped teacher")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
-    command = f"OMP_NUM_THREADS=1 .venv/bin/python benchmarks/trajectory_accuracy.py --models {args.models}"
+    command = f"OMP_NUM_THREADS=1 .venv/bin/python benchmarks/trajectory_accuracy.py --models {args.models} --sd-size {args.sd_size}"
     results = []
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             teacher = "digits" if name == "digits" else str(
-                build_sd_teacher(Path(tmp) / name, reduced(SD15_UNET, width=10, sample_size=32)))
+                build_sd_teacher(Path(tmp) / name, reduced(SD15_UNET, width=10, sample_size=args.sd_size)))
             results.append(measure(name, teacher, MODELS[name]["prompts"]))
-    result = {"benchmark": "trajectory_accuracy", "command": command, "machine": machine(torch_threads=1),
+    result = {"benchmark": "trajectory_accuracy", "command": command,
+              "machine": machine(torch_threads=1, load_average_end=list(os.getloadavg()),
+                                 seconds=round(time.perf_counter() - start, 1)),
               "results": results}
-    write_results(args.out, "trajectory_accuracy", result, table(results, command))
+    write_results(args.out, "trajectory_accuracy", result, table(results, command, result["machine"]["seconds"]))
 
 
 if __name__ == "__main__":

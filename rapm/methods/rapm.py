@@ -131,7 +131,7 @@ class RAPM(Method):
             why = (f"Δ = {self.delta} is not the store's Δ = {batch.delta} (manifest.json field 'delta'); leave config "
                    f"field 'delta' at 0 to train with the stored Δ-steps")
         warnings.warn(f"{why}. Until then every iteration computes the teacher's Δ-step (Alg. 2, line 8): "
-                      "one guided teacher forward over all slots", DeltaStepWarning, stacklevel=3)
+                      "one guided teacher forward over all slots", DeltaStepWarning, stacklevel=4)
 
     def generator_losses(self, ctx: Context, batch: TrajectoryBatch) -> Losses:
         b, n = batch.latents.shape[0], ctx.steps
