@@ -22,7 +22,6 @@ import typer
 from rapm import config as cfg
 from rapm.config import ConfigError, TrainConfig
 from rapm.discriminator import Discriminator, DiscriminatorSpec
-from rapm.errors import RapmError
 from rapm.methods import Context, Setup, TrajectoryBatch, build_method, updates_of
 from rapm.roles import (DISCRIMINATOR, STUDENT, LoraSpec, add_roles, enable_gradient_checkpointing, lora_parameters,
                         set_trainable)

@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,6 @@ from rapm.config import TrainConfig, apply_overrides
 from rapm.folders import LOCK, RUN_MARKER, STORE_MARKER, FolderLock, LockError, StaleLockWarning
 from rapm.run import RunError, TrustWarning, checkpoints, load_checkpoint
 from rapm.store import MANIFEST_SHA256, StoreError, manifest_bytes, open_store
-from rapm.teacher import TeacherError
 from rapm.train import train
 from rapm.trajectories import write_trajectories
 
