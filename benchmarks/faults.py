@@ -297,12 +297,16 @@ def run_problems(run: Path, keep: int) -> list[str]:
 
 
 def leftovers(run: Path) -> list[str]:
-    """Temp files or folders, and checkpoints beyond keep, after a run that finished."""
-    return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp"))
+    """Temp files or folders (and a lock), after a run that finished; the marker that says rapm made the folder stays."""
+    from rapm.folders import MARKERS
+
+    return sorted(str(p.relative_to(run)) for p in run.rglob("*")
+                  if (p.name.startswith(".") or p.name.endswith(".tmp")) and p.name not in MARKERS.values())
 
 
 def train_losses(run: Path) -> list[tuple[int, str, float]]:
-    return [(e["step"], e["phase"], e["loss"]) for e in map(json.loads, (run / "logs.jsonl").read_text().splitlines())]
+    return [(e["step"], e["phase"], e["loss"]) for e in map(json.loads, (run / "logs.jsonl").read_text().splitlines())
+            if e["phase"] != "validation"]  # validation lines (eval_every) carry no training loss
 
 
 def compare_losses(a: list, b: list, rel: float = 1e-5, abs_: float = 1e-7) -> list[str]:
@@ -404,13 +408,13 @@ def bad_inputs(teacher: Path, store: Path, folder: Path) -> list[dict]:
 
     def checkpoints_damaged() -> Path:
         r = copy(run, "run-damaged")
-        for state in r.glob("checkpoints/step-*/state.pt"):
+        for state in r.glob("checkpoints/step-*/state.safetensors"):
             damage(state, "flip")
         return r
 
     def latest_damaged() -> Path:
         r = copy(run, "run-latest-damaged")
-        damage(sorted(r.glob("checkpoints/step-*/state.pt"))[-1], "truncate")
+        damage(sorted(r.glob("checkpoints/step-*/state.safetensors"))[-1], "truncate")
         return r
 
     def shard_damaged(how: str) -> Path:
@@ -430,6 +434,8 @@ def bad_inputs(teacher: Path, store: Path, folder: Path) -> list[dict]:
     t, s = str(teacher), str(store)
     train_fresh = ["train", "--teacher", t, "--store", s, "--no-progress"]
     truncated_store, flipped_store = shard_damaged("truncate"), shard_damaged("flip")
+    pwned = folder / "PWNED"  # what a planted pickle would write: it must never exist
+    unsafe = issue15_inputs(folder, teacher, run, stores["mine"], prompts, pwned, copy)
 
     # (what, argv after `rapm`, folder that must not change, words the error must hold)
     cases = [
@@ -448,13 +454,13 @@ def bad_inputs(teacher: Path, store: Path, folder: Path) -> list[dict]:
         ("resume on a store from another teacher", ["train", "--out", str(run), "--resume", "--set",
                                                     f"store={stores['other-teacher']}"], run, ["unet_hash", "another UNet"]),
         ("resume on a store with another N", ["train", "--out", str(run), "--resume", "--set", f"store={stores['n1']}"],
-         run, ["state.pt", "'steps'"]),
+         run, ["state.json", "'steps'"]),
         ("resume with another batch size", ["train", "--out", str(run), "--resume", "--batch-size", "2"], run,
-         ["state.pt", "'batch_size'"]),
+         ["state.json", "'batch_size'"]),
         ("resume with every checkpoint damaged", ["train", "--out", str(checkpoints_damaged()), "--resume"], None,
          ["no checkpoint can be read", "--overwrite"]),
         ("export of a run whose latest checkpoint is truncated", ["export", "--run", str(latest_damaged()), "--out",
-                                                                   str(folder / "lora2")], None, ["state.pt", "sha256 does not match", "delete"]),
+                                                                   str(folder / "lora2")], None, ["state.safetensors", "sha256 does not match", "delete"]),
         ("train on a store with a truncated shard", [*train_fresh[:4], str(truncated_store), "--out", str(folder / "r7")],
          truncated_store, ["shard-00001.safetensors", "bytes but the manifest records"]),
         ("verify a store with a corrupted shard", ["trajectories", "--verify", str(flipped_store)], flipped_store,
@@ -472,10 +478,19 @@ def bad_inputs(teacher: Path, store: Path, folder: Path) -> list[dict]:
         ("file that is not a LoRA", ["sample", "--teacher", t, "--lora", str(not_a_lora), "--prompt", "a cat", "--out",
                                      str(folder / "x2")], None, [str(not_a_lora)]),
     ]
+    cases = [(*case, None) for case in cases] + unsafe
     results = []
-    for what, argv, keep, words in cases:
-        before = files_digest(keep) if keep else None
-        done = run_to_end(rapm_command(*argv), timeout=300)
+    for what, argv, keep, words, hold in cases:
+        before = files_digest(keep, skip=(".rapm-lock",)) if keep else None
+        if hold is not None:  # another writer holds the folder (this process, through the same flock)
+            from rapm.folders import FolderLock
+
+            lock = FolderLock(hold, "rapm trajectories" if (hold / "manifest.json").exists() else "rapm train").acquire()
+        try:
+            done = run_to_end(rapm_command(*argv), timeout=300)
+        finally:
+            if hold is not None:
+                lock.release()
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         last = lines[-1] if lines else ""
         problems = []
@@ -486,8 +501,149 @@ def bad_inputs(teacher: Path, store: Path, folder: Path) -> list[dict]:
         problems += [f"the error does not say {w!r}" for w in words if w not in last]
         if keep and files_digest(keep) != before:
             problems.append(f"{keep} changed")
+        if pwned.exists():
+            problems.append("a planted pickle ran")
         results.append({"input": what, "command": "rapm " + " ".join(argv), "error": last, "problems": problems})
     return results
+
+
+class Planted:
+    """What an attacker puts into a pickle: unpickling it runs code (here: it writes a file)."""
+
+    def __init__(self, target: Path):
+        self.target = str(target)
+
+    def __reduce__(self):
+        import builtins
+
+        return builtins.exec, (f"open({self.target!r}, 'w').write('pwned')",)
+
+
+def issue15_inputs(folder: Path, teacher: Path, run: Path, store: Path, prompts: Path, pwned: Path, copy) -> list:
+    """Issue 15's reproductions: files that would run code, folders that are not rapm's, a second writer, tampered
+    stores, inputs that used to end in a traceback. (what, argv, folder that must not change, words, folder held)."""
+    import torch
+
+    from rapm.run import load_checkpoint
+    from rapm.store import manifest_bytes
+
+    t = str(teacher)
+
+    def planted_run(name: str) -> Path:
+        r = copy(run, name)
+        last = sorted((r / "checkpoints").glob("step-*"))[-1]
+        state = {**load_checkpoint(last), "note": Planted(pwned)}
+        for f in last.iterdir():
+            f.unlink()
+        torch.save(state, last / "state.pt")
+        (last / "state.sha256").write_text(hashlib.sha256((last / "state.pt").read_bytes()).hexdigest() + "\n")
+        return r
+
+    def pickle_teacher() -> Path:
+        d = folder / "pickle-teacher"
+        shutil.copytree(teacher, d)
+        for f in (d / "unet").glob("*.safetensors"):
+            f.unlink()
+        torch.save({"note": Planted(pwned)}, d / "unet" / "diffusion_pytorch_model.bin")
+        return d
+
+    def users_folder(name: str, manifest: bool = False) -> Path:
+        d = folder / name
+        (d / "checkpoints" / "step-500").mkdir(parents=True)
+        (d / "checkpoints" / "step-500" / "model.safetensors").write_text("w")
+        (d / ".notes.tmp").write_text("n")
+        (d / "logs.jsonl").write_text('{"my":"log"}\n')
+        if manifest:
+            (d / "manifest.json").write_text('{"name": "my web app"}')
+        return d
+
+    def edited_store(name: str, edit, checksum: bool = True) -> Path:
+        d = copy(store, name)
+        manifest = json.loads((d / "manifest.json").read_text())
+        edit(manifest)
+        (d / "manifest.json").write_bytes(manifest_bytes(manifest) if checksum else json.dumps(manifest).encode())
+        return d
+
+    def shard_store(name: str, edit) -> Path:
+        from safetensors import safe_open
+        from safetensors.torch import load_file, save
+
+        d = copy(store, name)
+        f = d / "shard-00000.safetensors"
+        with safe_open(str(f), "pt") as h:
+            metadata = h.metadata()
+        tensors = load_file(str(f))
+        edit(tensors)
+        data = save(tensors, metadata=metadata)
+        f.write_bytes(data)
+        manifest = json.loads((d / "manifest.json").read_text())
+        manifest["shards"][0].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+        (d / "manifest.json").write_bytes(manifest_bytes(manifest))
+        return d
+
+    def huge_teacher() -> Path:
+        d = folder / "huge-teacher"
+        shutil.copytree(teacher, d)
+        config = json.loads((d / "unet" / "config.json").read_text())
+        (d / "unet" / "config.json").write_text(json.dumps({**config, "sample_size": 60000}))
+        return d
+
+    def nan(tensors):
+        tensors["latents"][0, 0, 0, 0, 0] = float("nan")
+
+    def train_on(s: Path, out: str) -> list[str]:
+        return ["train", "--teacher", t, "--store", str(s), "--out", str(folder / out), "--no-progress"]
+
+    held = copy(run, "run-held")
+    mine = users_folder("users-folder")
+    mine_manifest = users_folder("users-folder-manifest", manifest=True)
+    resumed, exported = planted_run("run-planted-resume"), planted_run("run-planted-export")
+    readonly = Path("/sys/rapm-faults")  # even root cannot create a folder there
+    return [
+        ("planted pickle in an old state.pt, on resume", ["train", "--out", str(resumed), "--resume"], resumed,
+         ["state.pt", "could run code", "--trust-checkpoint"], None),
+        ("planted pickle in an old state.pt, on export", ["export", "--run", str(exported), "--out", str(folder / "l3")],
+         exported, ["state.pt", "could run code"], None),
+        ("teacher whose UNet is a pickle .bin, on sample", ["sample", "--teacher", str(pickle_teacher()), "--prompt", "a cat",
+                                                            "--out", str(folder / "x3")], None, ["pickle"], None),
+        ("train --out a folder that is not a run", [*train_on(store, "users-folder")[:-3], "--out", str(mine)], mine,
+         ["not a rapm run directory"], None),
+        ("train --overwrite a folder that is not a run", [*train_on(store, "x")[:-3], "--out", str(mine), "--overwrite"],
+         mine, ["not a rapm run directory", "deletes nothing"], None),
+        ("train --overwrite a run with a mistyped --store", ["train", "--teacher", t, "--store", str(folder / "stroe"),
+                                                             "--out", str(run), "--overwrite"], run, ["does not exist"], None),
+        ("trajectories --overwrite a folder with a foreign manifest.json", [
+            "trajectories", "--teacher", t, "--prompts", str(prompts), "--out", str(mine_manifest), "--overwrite"],
+         mine_manifest, ["not a rapm trajectory store"], None),
+        ("a second trainer on a run in use", ["train", "--out", str(held), "--resume"], held, ["is in use by", "pid"], held),
+        ("a second trajectories writer on a store in use", [
+            "trajectories", "--teacher", t, "--prompts", str(prompts), "--out", str(store), "--steps", "2", "--substeps",
+            "2", "--shard-size", "2", "--batch-size", "2"], store, ["is in use by"], store),
+        ("manifest edited without its checksum", train_on(edited_store("store-edited", lambda m: m.update(guidance=9.0),
+                                                                       checksum=False), "r8"), None,
+         ["manifest_sha256"], None),
+        ("manifest timesteps ending in 0, checksum updated", train_on(
+            edited_store("store-timesteps", lambda m: m.update(timesteps=[999, 499, 0])), "r9"), None, ["timesteps"], None),
+        ("manifest count \"5\"", train_on(edited_store("store-count", lambda m: m.update(count="5")), "r10"), None,
+         ["field 'count'"], None),
+        ("manifest shards null", train_on(edited_store("store-shards", lambda m: m.update(shards=None)), "r11"), None,
+         ["field 'shards'"], None),
+        ("shard latents int16, sha256 updated", train_on(shard_store(
+            "store-int16", lambda x: x.update(latents=x["latents"].to(torch.int16))), "r12"), None,
+         ["tensor 'latents' is I16"], None),
+        ("shard prompt embeddings of the wrong width", train_on(shard_store(
+            "store-width", lambda x: x.update(prompt_embeds=x["prompt_embeds"][..., :-1].contiguous())), "r13"), None,
+         ["tensor 'prompt_embeds'"], None),
+        ("shard holding a NaN", train_on(shard_store("store-nan", nan), "r14"), None, ["NaN", "not the training"], None),
+        ("--prompts /dev/zero", ["trajectories", "--teacher", t, "--prompts", "/dev/zero", "--out", str(folder / "s2")],
+         None, ["is a device"], None),
+        ("teacher sample_size 60000", ["trajectories", "--teacher", str(huge_teacher()), "--prompts", str(prompts),
+                                       "--out", str(folder / "s3")], None, ["sample_size"], None),
+        ("train --out in a read-only place", train_on(store, "x")[:-3] + ["--out", str(readonly / "run")], None,
+         ["cannot be created"], None),
+        ("export --out in a read-only place", ["export", "--run", str(run), "--out", str(readonly / "lora")], None,
+         ["cannot be written"], None),
+    ]
 
 
 # --- the benchmark ------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import warnings
 
 # transformers warns, at import, that its image processors fall back to PIL without torchvision: rapm never uses
@@ -70,9 +71,21 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
 _default_format = warnings.formatwarning
 
 
+def _thread_exception(args) -> None:
+    """TensorBoard's writer thread re-raises a failed write (a full disk) after storing it for the next add_scalar,
+    which rapm.run.GuardedWriter turns into the run's one error line: the thread's own traceback would be a second."""
+    if isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread":
+        return
+    _default_thread_hook(args)
+
+
+_default_thread_hook = threading.excepthook
+
+
 def main() -> None:
     """Entry point: user errors print as one line, without a traceback; rapm's warnings as one line too."""
     warnings.formatwarning = _warning_line
+    threading.excepthook = _thread_exception
     try:
         app()
     except RapmError as e:

@@ -31,7 +31,6 @@ import torch
 import typer
 
 from rapm.errors import RapmError
-from rapm.store import atomic_write
 from rapm.teacher import BUILTIN_TEACHERS, Teacher, load_teacher
 
 
@@ -195,13 +194,27 @@ def evaluate(
         result["clip"] = None if clip is None else str(clip)
         result["notes"] = sd_metrics.notes
     if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(out, json.dumps(result, indent=2).encode())
-        save_comparison_grid(images, out.with_suffix(".png"), columns=min(10, len(prompts)))
+        write_evaluation(Path(out), result, images, columns=min(10, len(prompts)))
     if keep_images:
         result["images"] = images
     return result
+
+
+def write_evaluation(out: Path, result: dict, images: dict[str, torch.Tensor], columns: int) -> None:
+    """``out`` (JSON), its grid (.png) and table (.md) as one set: the JSON is written last and records the sha256 of
+    the other two, so a kill between leaves a set whose JSON says which of its files are its own."""
+    from rapm.folders import commit, discard, stage
+
+    staged = []
+    try:
+        staged.append(stage(out.with_suffix(".png"), lambda tmp: save_comparison_grid(images, tmp, columns=columns)))
+        staged.append(stage(out.with_suffix(".md"), (markdown_table(result) + "\n").encode()))
+        result["files"] = {s.final.name: s.sha256 for s in staged}
+        staged.append(stage(out, json.dumps(result, indent=2).encode()))
+    except BaseException:
+        discard(staged)
+        raise
+    commit(staged)
 
 
 def save_comparison_grid(images: dict[str, torch.Tensor], path: Path, columns: int = 10) -> None:
@@ -283,6 +296,4 @@ def cli(
     result = evaluate(teacher, specs, prompt_list, list(range(seed, seed + len(prompt_list))), reference_steps, guidance,
                       device, out=out, fid_features=fid_features, reference_images=reference_images, clip=clip,
                       train_steps=train_steps)
-    table = markdown_table(result)
-    out.with_suffix(".md").write_text(table + "\n")
-    typer.echo(table)
+    typer.echo(markdown_table(result))  # also in OUT's .md, written with it

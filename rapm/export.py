@@ -508,8 +508,12 @@ def export_lora(
     files = {f: DIFFUSERS_WEIGHT_NAME if f == "diffusers" else KOHYA_WEIGHT_NAME
              for f in (("diffusers", "kohya") if fmt == "both" else (fmt,))}
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_staging(out_dir)
+        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(out_dir), dir=out_dir.parent))
+    except OSError as e:  # a read-only parent
+        raise ExportError(f"--out {out_dir}: cannot be written ({e.strerror or e}); give a writable folder") from None
     try:
         state = _cast(adapter_state_dict(unet, adapter), DTYPES[dtype])
         meta = adapter_metadata(unet, adapter)
@@ -553,21 +557,46 @@ def export_lora(
         (staging / CARD_NAME).write_text(_model_card(facts, out_dir, has_vae))
         os.chmod(staging, 0o755)  # mkdtemp makes it 0700
         _replace_dir(staging, out_dir)
+    except OSError as e:  # a full disk, a read-only folder
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ExportError(f"--out {out_dir}: cannot be written ({e.strerror or e}); the earlier export there (if any) is "
+                          "unchanged; free space or give a writable folder") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir / facts["weights"]
 
 
+EXPORT_FILES = (DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, CARD_NAME, FACTS_NAME)  # all an export writes
+
+
+def _staging_prefix(out_dir: Path) -> str:
+    return f".{out_dir.name}.partial-"
+
+
+def _remove_stale_staging(out_dir: Path) -> None:
+    """Remove what a killed export left beside ``out_dir``: its staging folders, holding only files an export writes."""
+    for p in out_dir.parent.glob(_staging_prefix(out_dir) + "*"):
+        if p.is_dir() and not p.is_symlink() and all(f.is_file() and f.name in EXPORT_FILES for f in p.iterdir()):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def _replace_dir(staging: Path, out_dir: Path) -> None:
-    """Put the finished folder in place. An earlier export moves aside first, so the folder is never partial."""
+    """Put the finished export in place: a new folder by one rename; into an earlier export, file by file.
+
+    An earlier export keeps whatever the user put beside it: only the files an export writes are replaced (the
+    weights of the other format removed), and ``rapm_lora.json`` is replaced last, the commit point of the set.
+    """
     if not out_dir.exists():
         staging.rename(out_dir)
         return
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    out_dir.rename(old)
-    staging.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    written = {p.name for p in staging.iterdir()}
+    for name in sorted(written - {FACTS_NAME}):
+        os.replace(staging / name, out_dir / name)
+    for name in set(EXPORT_FILES) - written:
+        (out_dir / name).unlink(missing_ok=True)
+    os.replace(staging / FACTS_NAME, out_dir / FACTS_NAME)
+    staging.rmdir()
 
 
 def read_export_facts(lora: str | Path) -> dict | None:
@@ -590,15 +619,17 @@ def cli(
         "kohya_lora.safetensors for ComfyUI / A1111; or only one: diffusers, kohya."),
     dtype: str = typer.Option("float32", "--dtype", help="Storage dtype of the weights: float32, float16 (half the "
                               "size), bfloat16."),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Read an old pickle state.pt that "
+                                          "weights_only loading refuses; it can run code: only for a run you made."),
 ) -> None:
     """Export the trained student of RUN as a LoRA."""
-    from rapm.train import load_student
+    from rapm.run import load_student
 
     if format not in FORMATS:
         raise ExportError(f"--format {format!r} is not supported; use one of {', '.join(FORMATS)}")
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-    teacher, unet, config = load_student(run)
+    teacher, unet, config = load_student(run, trust_checkpoint=trust_checkpoint)
     steps = config["steps"]  # N, from the store the run trained on
     extra = {"run": str(run)}
     extra.update({k: v for k, v in config.items() if k not in ("teacher", "steps") and isinstance(v, (str, int, float, bool))})

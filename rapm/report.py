@@ -19,7 +19,8 @@ import typer
 
 from rapm.errors import RapmError
 from rapm.evaluate import markdown_table
-from rapm.store import atomic_write
+from rapm.folders import Staged, commit, discard, stage
+from rapm.store import sha256_file
 
 
 class ReportError(RapmError):
@@ -135,17 +136,64 @@ def report(run: Path, evaluation: Path | None = None, out: Path | None = None) -
     run = Path(run)
     if not (run / "config.json").exists():
         raise ReportError(f"{run / 'config.json'} does not exist: {run} is not a rapm run directory (rapm train --out)")
-    config = json.loads((run / "config.json").read_text())
+    config = _read_json(run / "config.json", "restore it from the run's checkpoint folder or rerun rapm train")
     evaluation = Path(evaluation) if evaluation else run / "evaluation.json"
-    result = json.loads(evaluation.read_text()) if evaluation.exists() else None
+    result = _read_json(evaluation, "rerun rapm evaluate") if evaluation.exists() else None
+    if result is not None and not (isinstance(result, dict) and isinstance(result.get("rows"), list)):
+        raise ReportError(f"{evaluation}: field 'rows' is missing: not a rapm evaluate result; rerun rapm evaluate")
     out = Path(out) if out else run / "report.html"
     assets = out.parent / "report_files"
-    assets.mkdir(parents=True, exist_ok=True)
     curves = assets / "losses.png"
-    has_curves = loss_curves(run / "logs.jsonl", curves)
-    val_png = assets / "validation.png"
-    has_validation = validation_curves(run / "logs.jsonl", val_png)
+    # the set: the plots, report.md, then report.html (the commit point), each staged whole, renamed into place together
+    staged = []
+    try:
+        plots = {"losses": _plot(curves, lambda tmp: loss_curves(run / "logs.jsonl", tmp)),
+                 "validation": _plot(assets / "validation.png", lambda tmp: validation_curves(run / "logs.jsonl", tmp))}
+        staged += [p for p in plots.values() if p is not None]
+        page, md = _pages(run, config, evaluation, result, out, plots)
+        staged.append(stage(out.with_suffix(".md"), "\n".join(md).encode()))
+        staged.append(stage(out, page.encode()))
+    except BaseException:
+        discard(staged)
+        raise
+    commit(staged)
+    return out
+
+
+def _plot(final: Path, draw) -> Staged | None:
+    """``draw(path)`` staged for ``final``; None (nothing left behind) when it has nothing to plot."""
+    drawn = [False]
+
+    def write(tmp: Path) -> None:
+        drawn[0] = draw(tmp)
+        if not drawn[0]:
+            tmp.write_bytes(b"")  # stage hashes the file it is given: an empty one, discarded below
+
+    staged = stage(final, write)
+    if drawn[0]:
+        return staged
+    discard([staged])
+    return None
+
+
+def _read_json(path: Path, fix: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ReportError(f"{path}: cannot be read as JSON ({e}); {fix}") from None
+
+
+def _pages(run: Path, config: dict, evaluation: Path, result: dict | None, out: Path,
+           plots: dict[str, Staged | None]) -> tuple[str, list[str]]:
+    """The HTML page and the markdown lines; every value from a file is escaped in the HTML."""
+    esc = lambda v: html.escape(str(v))  # noqa: E731
+    curves, has_curves = plots["losses"] and plots["losses"].final, plots["losses"] is not None
+    val_png, has_validation = plots["validation"] and plots["validation"].final, plots["validation"] is not None
     grid = evaluation.with_suffix(".png")
+    if result is not None and grid.exists():
+        recorded = (result.get("files") or {}).get(grid.name)
+        if recorded is not None and recorded != sha256_file(grid):
+            grid = None  # the grid of another evaluation (a kill between its files): leave it out
     samples = sorted((run / "samples").glob("*.png")) if (run / "samples").is_dir() else []
 
     md = [f"# rapm report: {run.name}", ""]
@@ -153,13 +201,13 @@ def report(run: Path, evaluation: Path | None = None, out: Path | None = None) -
     if result:
         table = markdown_table(result)
         rows = [r["method"] + f"-{r['steps']}" for r in result["rows"]]
-        md += ["## Metrics", "", f"{result['samples']} samples, the same prompts and seeds for every model; "
-               f"trajectory error against the teacher's {result['reference_steps']}-step DDIM ({result['date']}).", "",
+        md += ["## Metrics", "", f"{result.get('samples')} samples, the same prompts and seeds for every model; "
+               f"trajectory error against the teacher's {result.get('reference_steps')}-step DDIM ({result.get('date')}).", "",
                table, ""]
-        body += ["<h2>Metrics</h2>", f"<p>{result['samples']} samples, the same prompts and seeds for every model; "
-                 f"trajectory error against the teacher's {result['reference_steps']}-step DDIM ({result['date']}).</p>",
-                 _html_table(result)]
-        if grid.exists():
+        body += ["<h2>Metrics</h2>", f"<p>{esc(result.get('samples'))} samples, the same prompts and seeds for every "
+                 f"model; trajectory error against the teacher's {esc(result.get('reference_steps'))}-step DDIM "
+                 f"({esc(result.get('date'))}).</p>", _html_table(result)]
+        if grid is not None and grid.exists():
             md += ["## Samples", "", "Rows, top to bottom: " + ", ".join(rows) + ".", "",
                    f"![samples]({os.path.relpath(grid, out.parent)})", ""]
             body += ["<h2>Samples</h2>", f"<p>Rows, top to bottom: {html.escape(', '.join(rows))}. "
@@ -173,10 +221,11 @@ def report(run: Path, evaluation: Path | None = None, out: Path | None = None) -
                 "the distance to the stored position, and for the digits teacher the FD to the teacher's images and to "
                 "real digits. A flat curve has converged; a rising one diverges.")
         md += ["## Validation during training", "", text, "", f"![validation]({os.path.relpath(val_png, out.parent)})", ""]
-        body += ["<h2>Validation during training</h2>", f"<p>{html.escape(text)}</p>", _img_tag(val_png, "validation")]
+        body += ["<h2>Validation during training</h2>", f"<p>{html.escape(text)}</p>",
+                 _img_tag(plots["validation"].tmp, "validation")]
     if has_curves:
         md += ["## Training losses", "", f"![losses]({os.path.relpath(curves, out.parent)})", ""]
-        body += ["<h2>Training losses</h2>", _img_tag(curves, "losses")]
+        body += ["<h2>Training losses</h2>", _img_tag(plots["losses"].tmp, "losses")]
     if samples:
         md += ["## During training", "", f"Top row: student, {len(samples)} grids; bottom row: the stored teacher end point.",
                "", f"![last training grid]({os.path.relpath(samples[-1], out.parent)})", ""]
@@ -188,9 +237,7 @@ def report(run: Path, evaluation: Path | None = None, out: Path | None = None) -
             "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
             "pre{background:#f6f6f6;padding:1em;overflow:auto}</style></head><body>" + "\n".join(body) + "</body></html>")
-    atomic_write(out, page.encode())
-    out.with_suffix(".md").write_text("\n".join(md))
-    return out
+    return page, md
 
 
 def _html_table(result: dict) -> str:

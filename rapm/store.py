@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -262,6 +263,11 @@ class TrajectoryStore:
         if stored_hash != current:
             raise StoreError(f"{where}: teacher unet_hash {stored_hash[:12]}... does not match teacher {path} "
                              f"({current[:12]}...): the store was computed with another UNet; {fix}")
+        width = getattr(getattr(getattr(teacher, "unet", None), "config", None), "cross_attention_dim", None)
+        stored = (self.manifest.get("conditioning") or {}).get("prompt_embeds")
+        if isinstance(width, int) and stored and stored[-1] != width:
+            raise StoreError(f"{where}: field 'conditioning' gives prompt embeddings of width {stored[-1]}, teacher {path} "
+                             f"takes {width} (cross_attention_dim); {fix}")
         if steps is not None:
             if int(steps) != self.steps:
                 raise StoreError(f"{where}: steps N={self.steps} in the store, but {steps} asked for; train with "
@@ -298,6 +304,12 @@ class TrajectoryStore:
             prompts.append(meta["prompts"][j])
             seeds.append(int(row["seeds"][0]))
         cat = {name: torch.cat([r[name] for r in rows]) for name in rows[0]}
+        for name, v in cat.items():
+            if v.is_floating_point() and not torch.isfinite(v).all():
+                row = next(i for i, r in zip(indices, rows) if not torch.isfinite(r[name]).all()) % n
+                raise StoreError(f"{self.path / self.manifest['shards'][row // int(self.manifest['shard_size'])]['file']}: "
+                                 f"tensor {name!r} of trajectory {row} holds NaN or infinite values (the shard, not the "
+                                 "training, is at fault); delete the shard and rerun the same rapm trajectories command")
         cond = Conditioning(cat["prompt_embeds"].float(), _float(cat.get("pooled_embeds")), _float(cat.get("time_ids")))
         negative = self._negative_tensors()
         b = len(indices)
@@ -346,10 +358,31 @@ class TrajectoryStore:
             raise StoreError(f"{f}: delta_latents {delta_shape if delta_shape is None else list(delta_shape)}, but "
                              f"format_version {self.manifest['format_version']} in {MANIFEST} records "
                              f"{expected_delta}; {replaced}")
+        self._check_tensors(f, handle, entry["count"])
         self._handles[k] = (handle, meta)
         while len(self._handles) > self.cache_shards:
             self._handles.popitem(last=False)
         return self._handles[k]
+
+    def _check_tensors(self, f: Path, handle, batch: int) -> None:
+        """Refuse a file whose tensors (names, dtypes, shapes) are not the ones the manifest describes."""
+        spec = shard_tensors(self.manifest)
+        names = set(handle.keys())
+        fix = "the file is not this store's: delete it and rerun the same rapm trajectories command to recompute it"
+        # a manifest without 'conditioning' (older stores) does not say which embeddings there are: check those it names
+        extra = sorted(names - set(spec)) if "conditioning" in self.manifest else []
+        missing = sorted(set(spec) - names)
+        if extra or missing:
+            raise StoreError(f"{f}: tensor {(missing or extra)[0]!r} is {'missing' if missing else 'not in the manifest'} "
+                             f"(the manifest lists {', '.join(sorted(spec))}); {fix}")
+        for name, (dtype, shape) in spec.items():
+            got = handle.get_slice(name)
+            got_dtype, got_shape = got.get_dtype(), list(got.get_shape())
+            want_dtype = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64"}[dtype]
+            want_shape = [batch, *(shape if shape is not None else got_shape[1:])]  # older stores: the batch only
+            if got_dtype != want_dtype or got_shape != want_shape:
+                raise StoreError(f"{f}: tensor {name!r} is {got_dtype} {got_shape}, the manifest gives {want_dtype} "
+                                 f"{want_shape}; {fix}")
 
     def _damaged(self, k: int, error: Exception) -> StoreError:
         entry = self.manifest["shards"][k]
@@ -366,10 +399,18 @@ class TrajectoryStore:
 
             f = self.path / NEGATIVE
             try:
-                self._negative = load_file(str(f))
+                negative = load_file(str(f))
             except Exception as e:  # noqa: BLE001
                 raise StoreError(f"{f}: cannot be read ({type(e).__name__}: {e}); rerun the same rapm trajectories "
                                  "command to rewrite it") from None
+            conditioning = self.manifest.get("conditioning") or {"prompt_embeds": None}
+            spec = {k: v for k, v in shard_tensors(self.manifest).items() if k in conditioning}
+            for name, (_, shape) in spec.items():
+                if name not in negative or (shape is not None and list(negative[name].shape) != [1, *shape]):
+                    got = list(negative[name].shape) if name in negative else "missing"
+                    raise StoreError(f"{f}: tensor {name!r} is {got}, the manifest gives {[1, *(shape or [])]}; delete it "
+                                     "and rerun the same rapm trajectories command to rewrite it")
+            self._negative = negative
         return self._negative
 
 
@@ -388,6 +429,76 @@ def _teacher_identity_from_folder(teacher) -> tuple[str, Path, tuple, dict]:
     scheduler = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     family = "sdxl" if index["_class_name"] in SDXL_PIPELINES else "sd"
     return family, path, (int(unet_cfg["in_channels"]), int(size), int(size)), scheduler
+
+
+MANIFEST_SHA256 = "manifest_sha256"  # the manifest's own checksum: sha256 of its JSON without this field
+
+
+def manifest_sha256(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_SHA256}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def manifest_bytes(manifest: dict) -> bytes:
+    """The manifest file, carrying its own checksum (read_manifest refuses a manifest edited after it was written)."""
+    return json_bytes({**manifest, MANIFEST_SHA256: manifest_sha256(manifest)})
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _ints(v, length: int | None = None) -> bool:
+    return isinstance(v, list) and all(_is_int(x) for x in v) and (length is None or len(v) == length)
+
+
+# field: (check, what it must be); a manifest whose field fails its check is refused naming the field
+_FIELD_TYPES = {
+    "complete": (lambda v: isinstance(v, bool), "true or false"),
+    "teacher": (lambda v: isinstance(v, dict) and isinstance(v.get("family"), str) and isinstance(v.get("unet_hash"), str),
+                "an object with 'family' and 'unet_hash' strings"),
+    "scheduler": (lambda v: isinstance(v, dict), "the teacher's scheduler config (an object)"),
+    "steps": (lambda v: _is_int(v) and v >= 1, "an integer, at least 1"),
+    "substeps": (lambda v: _is_int(v) and v >= 1, "an integer, at least 1"),
+    "guidance": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), "a number"),
+    "timesteps": (lambda v: _ints(v) and len(v) >= 2, "a list of integer timesteps"),
+    "latent_shape": (lambda v: _ints(v, 3) and all(x >= 1 for x in v), "a list of 3 positive integers [C, H, W]"),
+    "dtype": (lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
+    "count": (lambda v: _is_int(v) and v >= 1, "an integer, at least 1"),
+    "shard_size": (lambda v: _is_int(v) and v >= 1, "an integer, at least 1"),
+    "shards": (lambda v: isinstance(v, list) and all(
+        isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("sha256"), str)
+        and all(_is_int(e.get(k)) for k in ("start", "count", "bytes")) for e in v),
+        "a list of {file, start, count, sha256, bytes} records"),
+    "delta": (lambda v: _is_int(v) and v >= 1, "an integer number of teacher timesteps, at least 1"),
+    "solver": (lambda v: isinstance(v, str), "a solver name"),
+    "prompts": (lambda v: isinstance(v, dict) and isinstance(v.get("sha256"), str), "an object with a 'sha256' string"),
+    "negative": (lambda v: v is None or (isinstance(v, dict) and isinstance(v.get("sha256"), str)),
+                 "an object with a 'sha256' string"),
+    "conditioning": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _ints(s) for k, s in v.items()),
+                     "an object of tensor name -> shape without the batch"),
+}
+
+
+def _check_fields(f: Path, manifest: dict) -> None:
+    for field, (ok, must) in _FIELD_TYPES.items():
+        if field in manifest and not ok(manifest[field]):
+            raise StoreError(f"{f}: field {field!r} is {json.dumps(manifest[field])[:60]}, it must be {must}; the manifest "
+                             "was edited or damaged: rebuild the store with rapm trajectories --overwrite")
+    if len(manifest["timesteps"]) != manifest["steps"] + 1:
+        raise StoreError(f"{f}: field 'timesteps' has {len(manifest['timesteps'])} entries, steps N={manifest['steps']} "
+                         f"needs N+1; rebuild the store with rapm trajectories --overwrite")
+
+
+def shard_tensors(manifest: dict) -> dict[str, tuple[torch.dtype, list[int]]]:
+    """What each shard holds: tensor name -> (dtype, shape without the batch), from the manifest."""
+    store_dtype = DTYPES[manifest["dtype"]]
+    spec = {"latents": (store_dtype, [manifest["steps"] + 1, *manifest["latent_shape"]]), "seeds": (torch.int64, [])}
+    if manifest["format_version"] >= 2:  # each slot's Δ-step position
+        spec["delta_latents"] = (store_dtype, [manifest["steps"], *manifest["latent_shape"]])
+    for name, shape in (manifest.get("conditioning") or {"prompt_embeds": None}).items():
+        spec[name] = (torch.float32 if name == "time_ids" else store_dtype, shape)
+    return spec
 
 
 def read_manifest(path: Path) -> dict:
@@ -414,6 +525,11 @@ def read_manifest(path: Path) -> dict:
     missing = [k for k in REQUIRED_FIELDS + (("delta", "solver") if version >= 2 else ()) if k not in manifest]
     if missing:
         raise StoreError(f"{f}: field {missing[0]!r} is missing; rebuild the store with rapm trajectories --overwrite")
+    recorded = manifest.get(MANIFEST_SHA256)  # absent in a store written before checksums: still read
+    if recorded is not None and recorded != manifest_sha256(manifest):
+        raise StoreError(f"{f}: field {MANIFEST_SHA256!r} does not match the manifest (it was edited after it was written); "
+                         "restore it, or rebuild the store with rapm trajectories --overwrite")
+    _check_fields(f, manifest)
     return manifest
 
 

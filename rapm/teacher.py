@@ -193,6 +193,20 @@ def _component_present(index: dict, path: Path, name: str) -> bool:
     return bool(entry) and entry[0] is not None and (path / name).is_dir()
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def _load_component(cls, path: Path, sub: str, **kwargs):
+    """``cls.from_pretrained`` of the subfolder ``sub``, from safetensors weights only: a pickle is never unpickled."""
+    folder = path / sub
+    if not any(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        what = f"its weights are {', '.join(pickles)}, a pickle, which can run code when loaded" if pickles else "no weights"
+        raise TeacherError(f"{folder}: {what}; rapm loads .safetensors weights only: convert the pipeline once where you "
+                           "trust it, with DiffusionPipeline.from_pretrained(folder).save_pretrained(new_folder)")
+    return cls.from_pretrained(path, subfolder=sub, use_safetensors=True, **kwargs)
+
+
 def load_teacher(
     name_or_path: str | Path,
     device: torch.device | str = "cpu",
@@ -223,7 +237,7 @@ def load_teacher(
         raise TeacherError(str(e)) from None
 
     if unet is None:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype).to(device)
+        unet = _load_component(UNet2DConditionModel, path, "unet", torch_dtype=dtype).to(device)
         unet.requires_grad_(False)
     if family == "sdxl" and unet.config.addition_embed_type != "text_time":
         raise TeacherError(f"{path / 'unet' / 'config.json'}: addition_embed_type must be 'text_time' for an SDXL teacher")
@@ -240,7 +254,7 @@ def load_teacher(
                 if not (path / sub).is_dir():
                     raise TeacherError(f"{path / sub} is missing: encoding prompts for a {index['_class_name']} needs it")
             tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder=tok_name))
-            enc = enc_cls.from_pretrained(path, subfolder=enc_name, torch_dtype=dtype).to(device)
+            enc = _load_component(enc_cls, path, enc_name, torch_dtype=dtype).to(device)
             enc.requires_grad_(False).eval()
             encoders.append(enc)
 
@@ -249,7 +263,7 @@ def load_teacher(
         vae_cfg = json.loads((path / "vae" / "config.json").read_text())
         scale = 2 ** (len(vae_cfg.get("block_out_channels", [0])) - 1)
         if vae:
-            vae_model = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype).to(device)
+            vae_model = _load_component(AutoencoderKL, path, "vae", torch_dtype=dtype).to(device)
             vae_model.requires_grad_(False).eval()
 
     return Teacher(

@@ -1,25 +1,16 @@
 """The training loop (paper Alg. 2 around the method's loss): fetch a stored trajectory, compute the loss,
-alternate the updates, log, checkpoint. A run directory resumes to the step (DESIGN.md decision 4).
-
-run/
-  config.json                 the full configuration (preset, file and flags resolved)
-  checkpoints/step-00000100/  adapters, heads, optimizers, schedulers, EMA, RNG states, data position
-  logs.jsonl                  every loss term of every iteration
-  tensorboard/                the same, for TensorBoard
-  samples/step-00000100.png   student N-step vs stored teacher end point, same noise
+alternate the updates, log, checkpoint. A run directory resumes to the step (DESIGN.md decision 4); its layout,
+checkpoints and lock are rapm.run's.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import random
-import shutil
 import signal
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -31,172 +22,16 @@ import typer
 from rapm import config as cfg
 from rapm.config import ConfigError, TrainConfig
 from rapm.discriminator import Discriminator, DiscriminatorSpec
-from rapm.errors import RapmError
 from rapm.methods import Context, Setup, TrajectoryBatch, build_method, updates_of
 from rapm.roles import (DISCRIMINATOR, STUDENT, LoraSpec, add_roles, enable_gradient_checkpointing, lora_parameters,
                         set_trainable)
-from rapm.store import atomic_write, sha256_file
+from rapm.run import (CHECKPOINT_PREFIX, TMP_PREFIX, GuardedWriter, LogFile, ResumeWarning, RunError,  # noqa: F401
+                      TrustWarning, check_run_dir, checkpoints, clean_stale_files, latest_checkpoint, load_checkpoint,
+                      load_resume_checkpoint, load_student, prepare_run_dir, read_run_config, run_lock, save_checkpoint,
+                      state_file, truncate_log)
+from rapm.store import atomic_write
 from rapm.teacher import load_teacher, read_model_index, resolve_teacher_path
 from rapm.validation import split_indices
-
-CHECKPOINT_PREFIX = "step-"
-TMP_PREFIX = ".tmp-"
-
-
-class RunError(RapmError):
-    pass
-
-
-class ResumeWarning(UserWarning):
-    """A damaged checkpoint was skipped on resume."""
-
-
-# ---------------------------------------------------------------------------------------------- run directory
-
-def checkpoints(run: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a temp directory is never one: it is renamed only when whole)."""
-    folder = run / "checkpoints"
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and (p / "state.pt").exists()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
-def latest_checkpoint(run: Path) -> Path | None:
-    found = checkpoints(run)
-    return found[-1] if found else None
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-class _HashingWriter:
-    """A binary file that also hashes what is written to it."""
-
-    def __init__(self, file):
-        self.file, self.sha256 = file, hashlib.sha256()
-
-    def write(self, data) -> int:
-        self.sha256.update(data)
-        return self.file.write(data)
-
-    def flush(self) -> None:
-        self.file.flush()
-
-
-def save_checkpoint(run: Path, step: int, state: dict, keep: int) -> Path:
-    """Write ``state`` and its sha256 to a temp directory, then rename it into place; then drop all but the last ``keep``.
-
-    A write that fails (a full disk) removes the temp directory and raises RunError; the checkpoints before stay.
-    """
-    folder = run / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"{CHECKPOINT_PREFIX}{step:08d}"
-    tmp = folder / f"{TMP_PREFIX}{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        with open(tmp / "state.pt", "wb") as f:
-            hashed = _HashingWriter(f)  # the sha256 of the bytes as they are written: no second read of the file
-            torch.save(state, hashed)
-            f.flush()
-            os.fsync(f.fileno())
-        (tmp / "state.sha256").write_text(hashed.sha256.hexdigest() + "\n")
-    except (OSError, RuntimeError) as e:  # a full disk: torch.save reports a failed write as RuntimeError
-        shutil.rmtree(tmp, ignore_errors=True)
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
-        raise RunError(f"{final / 'state.pt'}: cannot be written ({reason}); the last complete checkpoint is "
-                       f"{latest_checkpoint(run) or 'none yet'}; free space in {folder} and resume with --resume") from None
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(folder)
-    for old in checkpoints(run)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(path: Path) -> dict:
-    """The state of the checkpoint folder ``path``, checked against its sha256 where it has one."""
-    fix = f"delete {path} to resume from the checkpoint before it"
-    recorded = path / "state.sha256"
-    if recorded.exists() and sha256_file(path / "state.pt") != recorded.read_text().strip():
-        raise RunError(f"{path / 'state.pt'}: sha256 does not match {recorded.name} (damaged after it was written); {fix}")
-    try:
-        return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    except Exception as e:  # a checkpoint damaged after it was written
-        raise RunError(f"{path / 'state.pt'}: cannot be read ({type(e).__name__}: {e}); {fix}") from None
-
-
-def load_resume_checkpoint(run: Path) -> tuple[Path | None, dict | None]:
-    """The newest checkpoint that loads; a damaged one is skipped with a warning (resume is exact from any of them)."""
-    damaged = []
-    for path in reversed(checkpoints(run)):
-        try:
-            state = load_checkpoint(path)
-        except RunError as e:
-            damaged.append(str(e))
-            warnings.warn(f"{e}; resuming from the checkpoint before it", ResumeWarning, stacklevel=2)
-            continue
-        return path, state
-    if damaged:
-        raise RunError(f"{run / 'checkpoints'}: no checkpoint can be read ({'; '.join(damaged)}); "
-                       f"start over with --overwrite")
-    return None, None
-
-
-def clean_stale_files(run: Path) -> None:
-    """Remove what a killed run leaves behind: temp checkpoint folders, half-rotated ones, temp files."""
-    folder = run / "checkpoints"
-    if folder.is_dir():
-        for p in folder.iterdir():
-            if p.is_dir() and (p.name.startswith(TMP_PREFIX) or
-                               (p.name.startswith(CHECKPOINT_PREFIX) and not (p / "state.pt").exists())):
-                shutil.rmtree(p, ignore_errors=True)
-    for p in run.glob(".*.tmp"):
-        p.unlink(missing_ok=True)
-
-
-def check_run_dir(run: Path, resume: bool, overwrite: bool) -> bool:
-    """Refuse to resume nothing or to overwrite a run by accident; return whether a run exists there."""
-    existing = (run / "config.json").exists()
-    if resume and not existing:
-        raise RunError(f"{run / 'config.json'} does not exist: there is no run to resume in {run}; drop --resume to start one")
-    if existing and not (resume or overwrite):
-        raise RunError(f"{run} already holds a run (config.json); pass --resume to continue it or --overwrite to start over")
-    return existing
-
-
-def prepare_run_dir(run: Path, resume: bool, overwrite: bool) -> None:
-    if check_run_dir(run, resume, overwrite) and overwrite and not resume:
-        for name in ("checkpoints", "samples", "tensorboard", "logs.jsonl", "config.json"):
-            target = run / name
-            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
-    run.mkdir(parents=True, exist_ok=True)
-
-
-def truncate_log(log_file: Path, last_step: int) -> None:
-    """Keep only the log lines of iterations the checkpoint includes (a resume recomputes the rest)."""
-    if not log_file.exists():
-        return
-    kept = []
-    for line in log_file.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] < last_step:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError):
-            break  # a line cut by the kill: everything after it is unsure
-    tmp = log_file.with_name(".logs.jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, log_file)
 
 
 # ---------------------------------------------------------------------------------------------- data and RNG
@@ -426,24 +261,27 @@ def _to_device(batch, device, dtype) -> TrajectoryBatch:
 
 
 def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool = False, progress: bool = True,
-          stop_after: int | None = None) -> TrainResult:
-    """Train the student of ``config`` into the run directory ``run``; see the module docstring.
+          stop_after: int | None = None, trust_checkpoint: bool = False) -> TrainResult:
+    """Train the student of ``config`` into the run directory ``run``; see rapm.run for its layout.
 
-    ``stop_after`` stops (with a checkpoint) after that many iterations in this call, as a preemption would.
+    One trainer per run: a second one refuses at once, naming the first. ``stop_after`` stops (with a checkpoint)
+    after that many iterations in this call, as a preemption would. ``trust_checkpoint`` lets an old pickle
+    checkpoint load with the full unpickler (rapm.run.load_checkpoint).
     """
+    run = Path(run)
+    cfg.validate(config)
+    procs = Processes()
+    check_run_dir(run, resume, overwrite)  # every process, reading only: an error must stop all of them
+    with run_lock(run, procs.main, procs.any, lambda: check_run_dir(run, resume, overwrite)):
+        return _train(config, run, procs, resume, overwrite, progress, stop_after, trust_checkpoint)
+
+
+def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overwrite: bool, progress: bool,
+           stop_after: int | None, trust_checkpoint: bool) -> TrainResult:
     from tqdm.auto import tqdm
 
     from rapm.trajectories import open_store
 
-    run = Path(run)
-    cfg.validate(config)
-    procs = Processes()
-    check_run_dir(run, resume, overwrite)  # every process: an error must stop all of them
-    procs.barrier()
-    if procs.main:
-        prepare_run_dir(run, resume, overwrite)
-        clean_stale_files(run)
-    procs.barrier()
     device = procs.device if (procs.world > 1 and config.device == "auto") else resolve_device(config.device)
     store = open_store(Path(config.store))
     train_ids, val_ids = split_indices(len(store), config.val_fraction, config.seed)
@@ -458,7 +296,11 @@ def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool 
                           f"store with rapm trajectories --substeps 2 or more, or pass a smaller Δ such as --set delta={max(1, min_slot // 2)}")
     torch.manual_seed(config.seed)  # the LoRA A matrices and the heads start from the seed
     teacher, disc = build_models(config, device, need_vae=config.sample_every > 0, with_discriminator=method.uses_discriminator)
-    store.check_teacher(teacher, steps=None)
+    store.check_teacher(teacher, steps=store.steps)  # the teacher, and the store's timesteps for its N
+    if procs.main:  # every input is checked: only now may --overwrite delete rapm's files of the old run
+        prepare_run_dir(run, resume, overwrite)
+        clean_stale_files(run)
+    procs.barrier()
     unet = teacher.unet
     method.prepare(Setup(unet, teacher.schedule, store, config, device, weight_dtype(config, device)))
 
@@ -477,7 +319,7 @@ def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool 
     ema = {n: p.detach().float().clone() for n, p in student_params.items()} if config.ema_decay > 0 else None
 
     start = 0
-    last, state = load_resume_checkpoint(run) if resume else (None, None)
+    last, state = load_resume_checkpoint(run, trust_checkpoint) if resume else (None, None)
     if last is not None:
         check_data_position(last, state.get("data", {}), data_position(config, store), config.store)
         with torch.no_grad():
@@ -531,7 +373,7 @@ def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool 
     checkpoint = last
     bar = tqdm(total=config.iterations, initial=start, disable=not (progress and procs.main), desc="train", unit="it",
                dynamic_ncols=True)
-    log_file = open(run / "logs.jsonl", "a") if procs.main else None
+    log_file = LogFile(run / "logs.jsonl", lambda: latest_checkpoint(run)) if procs.main else None
     updates = updates_of(config)
     phases_at = lambda k: iteration_phases(updates, config.disc_every, disc is not None, k)  # noqa: E731
     student_updates = sum("student" in phases_at(k) for k in range(start))  # for the EMA's warm-up
@@ -659,7 +501,7 @@ def check_data_position(checkpoint: Path, saved: dict, current: dict, store: str
         if field in current and current[field] != value:
             what = {"count": f"the store's trajectory count ({store})",
                     "steps": f"the store's N, manifest field 'steps' ({store})"}.get(field, f"config field {field!r}")
-            raise RunError(f"{checkpoint / 'state.pt'}: {what} was {value} when it was written but is {current[field]} "
+            raise RunError(f"{state_file(checkpoint)}: {what} was {value} when it was written but is {current[field]} "
                            f"now; resume with the run's own store and settings, or start a new run in another --out")
 
 
@@ -668,7 +510,11 @@ def _tensorboard(run: Path, start: int):
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional: logs.jsonl has everything
         return None
-    return SummaryWriter(str(run / "tensorboard"), purge_step=start)
+    try:
+        writer = SummaryWriter(str(run / "tensorboard"), purge_step=start)
+    except OSError as e:
+        raise RunError(f"{run / 'tensorboard'}: cannot be written ({e.strerror or e}); free space and resume with --resume") from None
+    return GuardedWriter(writer, run / "tensorboard", lambda: latest_checkpoint(run))
 
 
 @torch.no_grad()
@@ -701,37 +547,6 @@ def _tensorboard_image(writer, tag: str, png: Path, step: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- after training
 
-def read_run_config(run: Path) -> TrainConfig:
-    file = Path(run) / "config.json"
-    if not file.exists():
-        raise RunError(f"{file} does not exist: {run} is not a rapm run directory (made by rapm train --out)")
-    return cfg.from_dict(json.loads(file.read_text()), str(file))
-
-
-def load_student(run: Path, device: str = "cpu", text_encoders: bool = False):
-    """The teacher's UNet carrying the run's latest student (its EMA where the run keeps one), for export and sampling."""
-    run = Path(run)
-    config = read_run_config(run)
-    last = latest_checkpoint(run)
-    if last is None:
-        raise RunError(f"{run / 'checkpoints'}: no complete checkpoint yet; train longer or lower --checkpoint-every")
-    state = load_checkpoint(last)
-    teacher = load_teacher(config.teacher, device=device, text_encoders=text_encoders)
-    add_roles(teacher.unet, student_spec(config))
-    params = lora_parameters(teacher.unet, STUDENT)
-    values = state["ema"] if state.get("ema") else state["student"]
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(values[n])
-    from rapm.store import read_manifest
-
-    out = cfg.to_dict(config)
-    out["steps"] = int(read_manifest(Path(config.store))["steps"])  # N, for export and sampling
-    out["step"] = state["step"]
-    out["checkpoint"] = str(last)
-    return teacher, teacher.unet, out
-
-
 def resolve_config(teacher: str, store: str, preset: str | None, config_file: Path | None, flags: dict) -> TrainConfig:
     """Preset (by teacher family unless named) < config file < command-line flags."""
     values = cfg.read_config_file(Path(config_file)) if config_file else {}
@@ -760,7 +575,9 @@ def cli(
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1 ..."),
     set_: list[str] = typer.Option([], "--set", help="Any config field, as key=value (repeatable)."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last complete checkpoint."),
-    overwrite: bool = typer.Option(False, help="Start over in an --out that already holds a run."),
+    overwrite: bool = typer.Option(False, help="Start over in an --out that already holds a run (rapm's files only)."),
+    trust_checkpoint: bool = typer.Option(False, help="Resume from an old pickle state.pt that weights_only loading "
+                                          "refuses; it can run code: only for a run you made."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Train the student LoRA on a trajectory store (store -> run)."""
@@ -773,7 +590,7 @@ def cli(
         if teacher is None or store is None:
             raise ConfigError("rapm train needs --teacher and --store (or --resume with an existing --out)")
         config_obj = resolve_config(teacher, str(store), preset, config, flags)
-    result = train(config_obj, out, resume=resume, overwrite=overwrite, progress=progress)
+    result = train(config_obj, out, resume=resume, overwrite=overwrite, progress=progress, trust_checkpoint=trust_checkpoint)
     if os.environ.get("RANK", "0") != "0":  # under a multi-process launch the main process speaks for all
         raise typer.Exit(0 if result.stopped_by is None else 143)
     if result.stopped_by in ("SIGTERM", "SIGINT"):

@@ -24,10 +24,11 @@ and the reader live in ``rapm.store``; this module writes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -39,9 +40,10 @@ import typer
 
 from rapm.diffusion import SOLVERS, coarse_timesteps, solve_positions
 from rapm.errors import RapmError
-from rapm.store import (DONE, DTYPES, FORMAT_VERSION, MANIFEST, NEGATIVE, PROMPTS, StoreError, TrajectoryBatch,
-                        TrajectoryStore, atomic_write, json_bytes, num_shards, open_store, read_manifest,
-                        schedule_mismatch, sha256_text, shard_name, shard_span, unet_hash)
+from rapm.folders import STORE_MARKER, FolderError, FolderLock, is_empty, other_kind, read_marker, write_marker
+from rapm.store import (DONE, DTYPES, FORMAT_VERSION, MANIFEST, NEGATIVE, PROMPTS, REQUIRED_FIELDS, StoreError,
+                        TrajectoryBatch, TrajectoryStore, atomic_write, json_bytes, manifest_bytes, num_shards, open_store,
+                        read_manifest, schedule_mismatch, sha256_text, shard_name, shard_span, unet_hash)
 from rapm.teacher import BUILTIN_TEACHERS, Conditioning, Teacher, guided_output, load_teacher, resolve_teacher_path
 
 __all__ = ["open_store", "TrajectoryStore", "TrajectoryBatch", "StoreError", "write_trajectories", "teacher_trajectories",
@@ -120,13 +122,16 @@ def read_prompts(path: str | Path) -> list[str]:
         raise StoreError(f"prompts file {path} does not exist; {fix}")
     if path.is_dir():
         raise StoreError(f"prompts file {path} is a folder; {fix}")
+    if path.is_char_device() or path.is_block_device():  # /dev/zero would be read for ever
+        raise StoreError(f"prompts file {path} is a device, not a text file; {fix}")
     try:
         text = path.read_bytes().decode("utf-8-sig")  # read_text would also turn a lone \r into a line end
     except UnicodeDecodeError as e:
         raise StoreError(f"{path}: not UTF-8 text ({e}); {fix}") from None
     except OSError as e:
         raise StoreError(f"{path}: cannot be read ({e.strerror}); {fix}") from None
-    prompts = [line.strip() for line in text.split("\n") if line.strip()]  # strip() takes a \r\n's \r
+    # Lines end at "\n" (and "\r\n") only: str.splitlines would also split a prompt at \u2028, \x0c, \x1c ...
+    prompts = [line.strip() for line in text.split("\n") if line.strip()]
     if not prompts:
         raise StoreError(f"{path}: no prompts (the file is empty or blank); {fix}")
     return prompts
@@ -234,13 +239,77 @@ def _write_shard(out: Path, k: int, tensors: dict[str, torch.Tensor], metadata: 
     return record
 
 
+STORE_FILES = (MANIFEST, PROMPTS, NEGATIVE, "shard-*.safetensors")  # what rapm writes at the top of a store
+
+
+def _temp_files(out: Path) -> list[Path]:
+    """atomic_write's temp files of a store's own files (named after them): a killed writer's leftovers."""
+    found = [p for name in STORE_FILES + (STORE_MARKER,) for p in out.glob(f".{name}.*.tmp")]
+    return found + list((out / DONE).glob(".shard-*.json.*.tmp"))
+
+
 def _clear_store(out: Path) -> None:
-    """Remove what rapm wrote into ``out`` (and nothing else)."""
-    for pattern in (MANIFEST, PROMPTS, NEGATIVE, "shard-*.safetensors", ".*.tmp"):
-        for f in out.glob(pattern):
-            f.unlink(missing_ok=True)
+    """Remove what rapm wrote into ``out`` (and nothing else); the marker stays."""
+    for f in _temp_files(out) + [f for pattern in STORE_FILES for f in out.glob(pattern)]:
+        f.unlink(missing_ok=True)
     if (out / DONE).is_dir():
-        shutil.rmtree(out / DONE)
+        for f in (out / DONE).glob("shard-*.json"):
+            f.unlink(missing_ok=True)
+        try:
+            (out / DONE).rmdir()
+        except OSError:  # something of the user's in it: leave it
+            pass
+
+
+def is_store(out: Path) -> bool:
+    """Whether rapm made the folder ``out``: its store marker, or (before markers) a manifest with rapm's fields."""
+    if read_marker(out, "store") is not None:
+        return True
+    try:
+        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return (isinstance(manifest, dict) and set(REQUIRED_FIELDS) <= set(manifest)
+            and isinstance(manifest.get("teacher"), dict) and "unet_hash" in manifest["teacher"])
+
+
+def _one_writer(write):
+    """Run ``write_trajectories`` holding the store's lock (the main process): a second writer refuses at once.
+
+    A folder that the call created is removed again if it fails before any shard is complete, so a refused or failed
+    first run leaves no half-made store.
+    """
+    @functools.wraps(write)
+    def locked(teacher, prompts, out, *args, **kwargs):
+        out = Path(out)
+        main = int(os.environ.get("RANK", "0")) == 0
+        kind = other_kind(out, "store") if out.is_dir() else None
+        if kind:
+            raise StoreError(f"--out {out} is a rapm {kind}, not a trajectory store; give a new or empty folder for --out")
+        if not main or (out.exists() and not out.is_dir()) or not (is_empty(out) or is_store(out)):
+            return write(teacher, prompts, out, *args, **kwargs)  # refused inside, before anything is written
+        created = not out.exists()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"--out {out}: cannot be created ({e.strerror or e}); give a writable folder") from None
+        try:
+            with FolderLock(out, "rapm trajectories"):
+                return write(teacher, prompts, out, *args, **kwargs)
+        except FolderError as e:
+            raise StoreError(str(e)) from None
+        except OSError as e:  # a read-only folder, a full disk before the first shard
+            raise StoreError(f"--out {out}: cannot be written ({e.strerror or e}); give a writable folder") from None
+        finally:
+            if created and not any((out / DONE).glob("shard-*.json")):
+                _clear_store(out)
+                (out / STORE_MARKER).unlink(missing_ok=True)
+                try:
+                    out.rmdir()
+                except OSError:
+                    pass
+
+    return locked
 
 
 def _to_store(x: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
@@ -253,6 +322,7 @@ def _to_store(x: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
 
 # --- the writer ------------------------------------------------------------------------------------------------------
 
+@_one_writer
 def write_trajectories(
     teacher: str | Path,
     prompts: str | Path,
@@ -372,15 +442,22 @@ def write_trajectories(
 
     # Every process checks (read only) before any writes, so a refusal leaves the store untouched and no process waits.
     existing = out / MANIFEST
-    if not overwrite:
-        if existing.exists():
-            _check_same_settings(out, read_manifest(out), manifest, prompt_list)
-        elif out.is_dir() and any(out.iterdir()):
-            raise StoreError(f"{out} is not empty and has no {MANIFEST}: it is not a trajectory store; "
-                             "give a new or empty folder for --out (or --overwrite to write rapm's files into it)")
+    if out.is_dir() and not is_empty(out) and not is_store(out):  # with or without --overwrite: not rapm's to touch
+        raise StoreError(f"--out {out} is not empty and is not a rapm trajectory store (no {STORE_MARKER}"
+                         f"{', and its manifest.json is not rapm' + chr(39) + 's' if existing.exists() else ''}); rapm "
+                         "writes only into a new or empty folder or its own store, and deletes nothing here: give another --out")
+    if not overwrite and existing.exists():
+        _check_same_settings(out, read_manifest(out), manifest, prompt_list)
+    need = batch_size * (steps + 2) * math.prod(teacher_model.latent_shape) * 4  # one batch of float32 positions
+    if need > _memory_bytes():
+        raise StoreError(f"{teacher_model.path / 'unet' / 'config.json'}: sample_size gives latents "
+                         f"{list(teacher_model.latent_shape)}, {need / 2**30:.1f} GiB for one batch of {batch_size} "
+                         f"trajectories, more than this machine's {_memory_bytes() / 2**30:.1f} GiB; check the teacher's "
+                         "config, or lower --batch-size")
     state.wait_for_everyone()
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        write_marker(out, "store")  # a store made before markers is adopted
         (out / DONE).mkdir(exist_ok=True)
         if overwrite:
             _clear_store(out)
@@ -388,7 +465,7 @@ def write_trajectories(
         all_done = all(_shard_complete(out, k, *_span_count(k, shard_size, count)) is not None
                        for k in range(num_shards(count, shard_size)))
         if not existing.exists() or not all_done:  # readers see an incomplete store until the manifest is rewritten
-            atomic_write(existing, json_bytes(manifest))
+            atomic_write(existing, manifest_bytes(manifest))
         atomic_write(out / PROMPTS, prompts_text.encode("utf-8"))
         atomic_write(out / NEGATIVE, negative_bytes)
     state.wait_for_everyone()
@@ -436,9 +513,9 @@ def write_trajectories(
     # under accelerate launch / torchrun a failed process stops them all.
     if state.is_main_process:
         shards = _wait_for_shards(out, count, shard_size, world, show)
-        for stale in list(out.glob(".*.tmp")) + list((out / DONE).glob(".*.tmp")):
+        for stale in _temp_files(out):
             stale.unlink(missing_ok=True)
-        atomic_write(existing, json_bytes({**manifest, "complete": True, "shards": shards}))
+        atomic_write(existing, manifest_bytes({**manifest, "complete": True, "shards": shards}))
     else:
         while not _complete(out):
             time.sleep(POLL_SECONDS)
@@ -446,6 +523,13 @@ def write_trajectories(
 
 
 POLL_SECONDS = 0.5
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 2**62
 
 
 def _wait_for_shards(out: Path, count: int, shard_size: int, world: int, show: bool) -> list[dict]:

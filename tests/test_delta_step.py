@@ -17,7 +17,7 @@ from rapm.diffusion import ddim_step
 from rapm.methods import RAPM, Context
 from rapm.methods.rapm import DeltaStepWarning
 from rapm.roles import STUDENT, LoraSpec, add_roles, lora_parameters
-from rapm.store import StoreError, atomic_write, json_bytes, open_store, sha256_file
+from rapm.store import StoreError, atomic_write, json_bytes, manifest_bytes, open_store, sha256_file
 from rapm.teacher import guided_output, load_teacher
 from rapm.train import _to_device, train
 from rapm.trajectories import write_trajectories
@@ -56,7 +56,7 @@ def old_store(delta_store, tmp_path_factory):
         tensors = {k: v for k, v in load_file(f).items() if k != "delta_latents"}
         f.write_bytes(save(tensors, metadata=metadata))
         entry.update(sha256=sha256_file(f), bytes=f.stat().st_size)
-    for key in ("delta", "solver"):
+    for key in ("delta", "solver", "manifest_sha256"):  # nor the manifest's checksum
         manifest.pop(key)
     atomic_write(folder / "manifest.json", json_bytes({**manifest, "format_version": 1}))
     return open_store(folder, verify=True)
@@ -181,7 +181,7 @@ def test_a_format_2_shard_without_delta_latents_is_named(delta_store, old_store,
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["shards"][0].update(sha256=sha256_file(folder / "shard-00000.safetensors"),
                                  bytes=(folder / "shard-00000.safetensors").stat().st_size)
-    atomic_write(folder / "manifest.json", json_bytes(manifest))
+    atomic_write(folder / "manifest.json", manifest_bytes(manifest))  # its checksum updated too
     with pytest.raises(StoreError, match=r"shard-00000.safetensors: delta_latents None, but format_version 2.*rerun"):
         open_store(folder).get([0])
 

@@ -213,11 +213,13 @@ def test_export_verb_writes_the_run_students_lora(exported, tmp_path, monkeypatc
     e = exported("sd")
     calls = []
 
-    def load_student(run):  # rapm.train's contract: the run's config with the teacher and N (the store's)
+    def load_student(run, trust_checkpoint=False):  # rapm.run's contract: the run's config with the teacher and N (the store's)
         calls.append(run)
         return e.teacher, e.teacher.unet, {"teacher": str(e.folder), "steps": STEPS, "method": "rapm"}
 
-    monkeypatch.setitem(sys.modules, "rapm.train", types.SimpleNamespace(load_student=load_student))
+    import rapm.run
+
+    monkeypatch.setattr(rapm.run, "load_student", load_student)
     result = CliRunner().invoke(app, ["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "lora"), "--format", "kohya"])
     assert result.exit_code == 0, result.output
     assert calls == [tmp_path / "run"]
@@ -376,8 +378,10 @@ def test_default_export_writes_both_files_and_says_which_client_loads_which(expo
     from rapm.cli import app
 
     e = exported("sd")
-    monkeypatch.setitem(sys.modules, "rapm.train", types.SimpleNamespace(
-        load_student=lambda run: (e.teacher, e.teacher.unet, {"teacher": str(e.folder), "steps": STEPS, "step": 7})))
+    import rapm.run
+
+    monkeypatch.setattr(rapm.run, "load_student", lambda run, trust_checkpoint=False: (
+        e.teacher, e.teacher.unet, {"teacher": str(e.folder), "steps": STEPS, "step": 7}))
     result = CliRunner().invoke(app, ["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "lora")])
     assert result.exit_code == 0, result.output
     out = tmp_path / "lora"

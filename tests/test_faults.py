@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import rapm.run
 import rapm.store
 import rapm.train
 from rapm.config import ConfigError, TrainConfig, apply_overrides
@@ -148,7 +149,7 @@ def test_resuming_on_a_store_from_another_sd_is_refused_and_the_run_kept(tiny_sd
 def test_resuming_on_a_store_with_other_n_is_refused_and_the_run_kept(tiny_sd, stopped_run, tmp_path):
     store_n1 = _store_of(tiny_sd, tmp_path / "n1", steps=1)
     before = faults.files_digest(stopped_run)
-    with pytest.raises(RunError, match=r"step-00000004/state.pt: the store's N, manifest field 'steps' .* was 2 when it "
+    with pytest.raises(RunError, match=r"step-00000004/state.json: the store's N, manifest field 'steps' .* was 2 when it "
                                        r"was written but is 1 now; resume with the run's own store"):
         train(_config(tiny_sd, store_n1, iterations=6, checkpoint_every=2), stopped_run, resume=True, progress=False)
     assert faults.files_digest(stopped_run) == before
@@ -156,7 +157,7 @@ def test_resuming_on_a_store_with_other_n_is_refused_and_the_run_kept(tiny_sd, s
 
 def test_resuming_with_another_batch_size_is_refused_and_the_run_kept(tiny_sd, sd_store, stopped_run):
     before = faults.files_digest(stopped_run)
-    with pytest.raises(RunError, match="state.pt: config field 'batch_size' was 1 when it was written but is 2 now"):
+    with pytest.raises(RunError, match="state.json: config field 'batch_size' was 1 when it was written but is 2 now"):
         train(_config(tiny_sd, sd_store, iterations=6, checkpoint_every=2, batch_size=2), stopped_run, resume=True,
               progress=False)
     assert faults.files_digest(stopped_run) == before
@@ -166,7 +167,7 @@ def test_resuming_with_another_batch_size_is_refused_and_the_run_kept(tiny_sd, s
 def test_a_damaged_checkpoint_is_skipped_with_a_warning_and_resume_stays_exact(damage, tiny_sd, sd_store, stopped_run,
                                                                                 straight_run):
     """Decision: --resume falls back to the newest checkpoint that loads (sha256 checked), warning with the file's name."""
-    state = checkpoints(stopped_run)[-1] / "state.pt"
+    state = checkpoints(stopped_run)[-1] / "state.safetensors"
     data = bytearray(state.read_bytes())
     if damage == "truncated":
         data = data[: len(data) // 2]
@@ -184,9 +185,9 @@ def test_a_damaged_checkpoint_is_skipped_with_a_warning_and_resume_stays_exact(d
 
 def test_when_no_checkpoint_loads_resume_names_each_file(tiny_sd, sd_store, stopped_run):
     for path in checkpoints(stopped_run):
-        (path / "state.pt").write_bytes(b"\0" * 100)
+        (path / "state.safetensors").write_bytes(b"\0" * 100)
     before = faults.files_digest(stopped_run)
-    with pytest.raises(RunError, match=r"no checkpoint can be read .*step-00000004/state.pt.*step-00000002/state.pt.*--overwrite"):
+    with pytest.raises(RunError, match=r"no checkpoint can be read .*step-00000004/state.safetensors.*step-00000002/state.safetensors.*--overwrite"):
         with pytest.warns(ResumeWarning):
             train(_config(tiny_sd, sd_store, iterations=6, checkpoint_every=2), stopped_run, resume=True, progress=False)
     assert faults.files_digest(stopped_run) == before
@@ -264,16 +265,16 @@ def test_disk_full_while_writing_a_checkpoint(tiny_sd, sd_store, straight_run, t
     real_open, opened = open, []
 
     def open_(path, mode="r", *args, **kwargs):
-        if Path(path).name == "state.pt" and "w" in mode:
+        if Path(path).name == "state.safetensors" and "w" in mode:
             opened.append(Path(path).parent.name)
             if path.parent.name.endswith("step-00000004"):
                 return real_open("/dev/full", mode, *args, **kwargs)
         return real_open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(rapm.train, "open", open_, raising=False)
+    monkeypatch.setattr(rapm.run, "open", open_, raising=False)
     run = tmp_path / "run"
     config = _config(tiny_sd, sd_store, iterations=6, checkpoint_every=2)
-    with pytest.raises(RunError, match=r"step-00000004/state.pt: cannot be written \(No space left on device\); the last "
+    with pytest.raises(RunError, match=r"step-00000004/state.safetensors: cannot be written \(No space left on device\); the last "
                                        r"complete checkpoint is .*step-00000002; free space .* --resume"):
         train(config, run, progress=False)
     assert opened == [".tmp-step-00000002", ".tmp-step-00000004"]

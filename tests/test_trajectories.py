@@ -213,7 +213,7 @@ def test_overwrite_replaces_a_store_with_other_settings(tiny_sd, prompts_file, s
 
 def test_a_folder_that_is_not_a_store_is_refused(tiny_sd, prompts_file, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(StoreError, match="not empty and has no manifest.json"):
+    with pytest.raises(StoreError, match="not empty and is not a rapm trajectory store"):
         write_trajectories(tiny_sd, prompts_file, tmp_path, **SETTINGS)
 
 
@@ -263,7 +263,7 @@ def test_train_names_the_stores_substeps_and_the_fix_when_delta_fills_a_slot(tin
 
     store = write_trajectories(tiny_sd, prompts_file, tmp_path / "store", steps=4, substeps=2, shard_size=5, progress=False)
     manifest = json.loads((store.path / "manifest.json").read_text())
-    for key in ("delta", "solver"):  # as an older rapm wrote it (format 1): no stored Δ, so train takes T / (N M)
+    for key in ("delta", "solver", "manifest_sha256"):  # as an older rapm wrote it (format 1): no stored Δ, so train takes T / (N M)
         manifest.pop(key, None)
     (store.path / "manifest.json").write_text(json.dumps({**manifest, "substeps": 1, "format_version": 1}))
     config = apply_overrides(TrainConfig(), {"teacher": str(tiny_sd), "store": str(store.path), "iterations": 1}, "test")

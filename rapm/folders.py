@@ -1,0 +1,230 @@
+"""The folders rapm owns (DESIGN.md decision 9): the marker that says rapm made a folder, and the lock of its one writer.
+
+A run directory carries ``.rapm-run.json`` and a store ``.rapm-store.json``: ``{"kind": ..., "version": 1}``, with no
+date, so two stores written alike stay byte-identical. rapm writes into, resumes and deletes from only a folder that
+carries its kind's marker (or that the previous version of rapm made, recognised by its files), and deletes only the
+files it names.
+
+The lock is ``.rapm-lock``: a file holding the writer's pid, host and start time, held with ``flock`` for as long as the
+writer runs. The kernel drops the flock when the process dies, however it dies, so a lock left by a killed process is
+stale by construction: the next writer takes it over and says whose it was.
+
+A set of files that belong together (evaluate's JSON, grid and table; report's page, twin and curves) is staged:
+each written whole beside its final name, then all renamed into place, the commit point last.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+import warnings
+from pathlib import Path
+
+from rapm.errors import RapmError
+
+MARKER_VERSION = 1
+RUN_MARKER = ".rapm-run.json"
+STORE_MARKER = ".rapm-store.json"
+LOCK = ".rapm-lock"
+MARKERS = {"run": RUN_MARKER, "store": STORE_MARKER}
+
+
+class FolderError(RapmError):
+    """A folder rapm may not write to or delete from: names it, why, and what to do."""
+
+
+class LockError(FolderError):
+    """Another process is writing to the folder."""
+
+
+class StaleLockWarning(UserWarning):
+    """The lock of a process that is no longer running was taken over."""
+
+
+def marker_bytes(kind: str) -> bytes:
+    return (json.dumps({"kind": f"rapm-{kind}", "version": MARKER_VERSION}, sort_keys=True) + "\n").encode()
+
+
+def read_marker(folder: Path, kind: str) -> dict | None:
+    """The marker of ``kind`` in ``folder``, None if there is none; FolderError if it is not rapm's or is newer."""
+    f = Path(folder) / MARKERS[kind]
+    if not f.exists():
+        return None
+    try:
+        marker = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FolderError(f"{f}: not a readable rapm marker ({e}); if rapm made {folder}, delete the file and rerun") from None
+    if not isinstance(marker, dict) or marker.get("kind") != f"rapm-{kind}":
+        raise FolderError(f"{f}: field 'kind' is {marker.get('kind') if isinstance(marker, dict) else marker!r}, not "
+                          f"'rapm-{kind}'; give a new or empty folder")
+    if not isinstance(marker.get("version"), int) or marker["version"] > MARKER_VERSION:
+        raise FolderError(f"{f}: field 'version' is {marker.get('version')!r}; this rapm reads version {MARKER_VERSION}: "
+                          "use the rapm that made the folder")
+    return marker
+
+
+def other_kind(folder: Path, kind: str) -> str | None:
+    """The kind of marker of another kind that ``folder`` carries (a store given as a run folder), None if none."""
+    for other, name in MARKERS.items():
+        if other != kind and (Path(folder) / name).exists():
+            return other
+    return None
+
+
+def write_marker(folder: Path, kind: str) -> None:
+    from rapm.store import atomic_write
+
+    f = Path(folder) / MARKERS[kind]
+    if not f.exists() or f.read_bytes() != marker_bytes(kind):
+        atomic_write(f, marker_bytes(kind))
+
+
+def is_empty(folder: Path) -> bool:
+    """Nothing in ``folder`` but (perhaps) a lock file: a writer may make it its own."""
+    folder = Path(folder)
+    return not folder.exists() or (folder.is_dir() and all(p.name == LOCK for p in folder.iterdir()))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_holder(path: Path) -> dict:
+    try:
+        holder = json.loads(path.read_text())
+        return holder if isinstance(holder, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _describe(holder: dict) -> str:
+    if not holder:
+        return "another process (its lock file is being written)"
+    started = holder.get("started")
+    since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)) if isinstance(started, (int, float)) else "?"
+    return f"{holder.get('command', 'rapm')} (pid {holder.get('pid')} on {holder.get('host')}, started {since})"
+
+
+class FolderLock:
+    """The exclusive lock of one writer on ``folder``: ``with FolderLock(folder, "rapm train"):``.
+
+    Refuses at once with LockError naming the holder while another process holds it; takes over, with a
+    StaleLockWarning, the lock file of a process that died without removing it.
+    """
+
+    def __init__(self, folder: Path, command: str):
+        self.folder, self.command = Path(folder), command
+        self.path = self.folder / LOCK
+        self.fd: int | None = None
+
+    def acquire(self) -> "FolderLock":
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise FolderError(f"{self.path}: the lock file cannot be created ({e.strerror or e}); "
+                                  f"make {self.folder} writable or give another folder") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise LockError(f"{self.folder} is in use by {_describe(_read_holder(self.path))} ({self.path}); "
+                                "one writer per folder: wait for it to finish, or stop it, then rerun") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # not a file that the previous holder unlinked between our open and our flock
+                break
+            os.close(fd)
+        previous = _read_holder(self.path)
+        if previous.get("pid") and previous.get("pid") != os.getpid():
+            alive = previous.get("host") == socket.gethostname() and _alive(int(previous["pid"]))
+            warnings.warn(f"{self.path}: taking over the lock of {_describe(previous)}, which "
+                          f"{'no longer holds it' if alive else 'is no longer running'}", StaleLockWarning, stacklevel=3)
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "command": self.command}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        os.fsync(fd)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # while still held: a waiting opener then retries on a new file
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# ---------------------------------------------------------------------------------------------- sets of files
+
+class Staged:
+    """One file of a set, written whole beside its final name and not yet renamed into place."""
+
+    def __init__(self, final: Path, tmp: Path, sha256: str):
+        self.final, self.tmp, self.sha256 = final, tmp, sha256
+
+
+def stage(final: Path, content) -> Staged:
+    """Write ``content`` (bytes, or a function that writes the file at the path it is given) beside ``final``."""
+    import hashlib
+
+    from rapm.errors import WriteError
+
+    final = Path(final)
+    tmp = final.with_name(f".{final.stem}.{os.getpid()}.tmp{final.suffix}")  # the suffix stays: image writers read it
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if callable(content):
+            content(tmp)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(content)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"{final}: cannot be written ({e.strerror or e}); the files there before are unchanged; free "
+                         f"space in {final.parent} or give a writable folder") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return Staged(final, tmp, digest)
+
+
+def discard(staged: list[Staged]) -> None:
+    for s in staged:
+        s.tmp.unlink(missing_ok=True)
+
+
+def commit(staged: list[Staged]) -> None:
+    """Rename a staged set into place in order: the last file is the set's commit point (a reader trusts the others
+    only where the last one records their sha256)."""
+    from rapm.errors import WriteError
+
+    try:
+        for s in staged:
+            os.replace(s.tmp, s.final)
+    except OSError as e:
+        discard(staged)
+        raise WriteError(f"{staged[-1].final}: cannot be written ({e.strerror or e}); give a writable folder") from None
