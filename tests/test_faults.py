@@ -225,16 +225,19 @@ def test_a_non_finite_loss_stops_training_naming_the_step(tiny_sd, sd_store, tmp
     run = tmp_path / "run"
     with pytest.raises(RunError, match=r"non-finite student loss at step 3 .*last good checkpoint is .*step-00000003; "
                                        r"lower 'lr'"):
-        train(_config(tiny_sd, sd_store, iterations=6, checkpoint_every=1), run, progress=False)
+        # The paper's alternation (rapm-paper): step 3 is a student iteration.
+        train(_config(tiny_sd, sd_store, iterations=6, checkpoint_every=1, method="rapm-paper"), run, progress=False)
     assert [p.name for p in checkpoints(run)] == ["step-00000002", "step-00000003"] and _all_finite(run)
     assert [e[0] for e in _losses(run)] == [0, 1, 2]
 
 
 def test_a_huge_learning_rate_stops_at_the_first_non_finite_loss(tiny_sd, sd_store, tmp_path):
-    """lr 1e30 makes the student's first update explode (step 1); the next loss (step 2) is NaN: stop, name it."""
+    """lr 1e30 makes the student's first update explode (step 1, the paper's alternation); the next loss (step 2) is
+    NaN: stop, name it."""
     run = tmp_path / "run"
     with pytest.raises(RunError, match=r"non-finite discriminator loss at step 2 .*step-00000002; lower 'lr'"):
-        train(_config(tiny_sd, sd_store, iterations=6, checkpoint_every=1, lr=1e30), run, progress=False)
+        train(_config(tiny_sd, sd_store, iterations=6, checkpoint_every=1, lr=1e30, method="rapm-paper"), run,
+              progress=False)
     assert [p.name for p in checkpoints(run)] == ["step-00000001", "step-00000002"] and _all_finite(run)
     assert [e[0] for e in _losses(run)] == [0, 1]
 
@@ -309,3 +312,13 @@ def test_disk_full_while_writing_a_shard(tiny_sd, sd_store, tmp_path, monkeypatc
     monkeypatch.undo()  # space freed
     write_trajectories(tiny_sd, prompts, out, **settings)
     assert faults.files_digest(out) == faults.files_digest(sd_store)
+
+
+def test_a_huge_learning_rate_stops_the_default_recipe_at_its_first_non_finite_loss(tiny_sd, sd_store, tmp_path):
+    """With a discriminator and a student update in every iteration, the student's update at step 0 explodes and the
+    discriminator's loss at step 1 is the first non-finite one: stop there, name it, keep the checkpoint before."""
+    run = tmp_path / "run"
+    with pytest.raises(RunError, match=r"non-finite discriminator loss at step 1 .*step-00000001; lower 'lr'"):
+        train(_config(tiny_sd, sd_store, iterations=6, checkpoint_every=1, lr=1e30), run, progress=False)
+    assert [p.name for p in checkpoints(run)] == ["step-00000001"] and _all_finite(run)
+    assert [e[0] for e in _losses(run)] == [0]
