@@ -170,8 +170,9 @@ def quality(work: Path, iterations: int, trajectories: int, samples: int, thread
     result = evaluate("digits", specs, prompts, seeds, reference_steps=100, out=work / "evaluation.json")
     rows = []
     for r in result["rows"]:
-        row = {k: r.get(k) for k in ("method", "steps", "fd", "prompt_accuracy", "trajectory_error")}
-        row.update(records.get(r["method"], {}))
+        row = {k: r.get(k) for k in ("steps", "fd", "prompt_accuracy", "trajectory_error")}
+        row.update(records.get(r["method"], {}), label=f"{r['method']} ({r['steps']} steps)" if r["method"].startswith(
+            "teacher") else r["method"])
         rows.append(row)
     return {"rows": rows, "iterations": iterations, "trajectories": trajectories, "samples": len(prompts),
             "real_floor_fd": result["real_floor_fd"], "fine_steps": 40, "steps": 4, "batch_size": 4, "seed": 0}
@@ -208,7 +209,7 @@ def markdown(results: dict) -> str:
                 "| run | FD ↓ | prompt acc. ↑ | trajectory error ↓ | s/iteration |", "| --- | ---: | ---: | ---: | ---: |"]
         for r in q["rows"]:
             spi = f"{r['seconds_per_iteration']:.2f}" if r.get("seconds_per_iteration") else ""
-            out.append(f"| {r['method']} | {r['fd']:.1f} | {100 * r['prompt_accuracy']:.1f}% | "
+            out.append(f"| {r['label']} | {r['fd']:.1f} | {100 * r['prompt_accuracy']:.1f}% | "
                        f"{r['trajectory_error']:.4f} | {spi} |")
         out += ["", f"Real-vs-real FD floor at {q['samples']} samples: {q['real_floor_fd']:.1f}.", ""]
     if results.get("notes"):
