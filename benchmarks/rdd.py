@@ -132,7 +132,8 @@ def cost(threads: int) -> dict:
             "load_average": list(os.getloadavg())}
 
 
-def quality(work: Path, iterations: int, trajectories: int, samples: int, threads: int) -> dict:
+def quality(work: Path, iterations: int, trajectories: int, samples: int, threads: int, seed: int = 0,
+            only: list[str] | None = None) -> dict:
     import torch
 
     from quality import LAUNCH, export, make_store
@@ -144,11 +145,13 @@ def quality(work: Path, iterations: int, trajectories: int, samples: int, thread
     store = make_store(work, 4, trajectories, 40)
     specs, records = [ModelSpec("teacher-ddim", 4)], {}
     for row, method, sets in RUNS:
-        run = work / row.replace(" ", "").replace(",", "-").replace("+", "-")
+        if only and row.split(",")[0].replace(" ", "") not in only:
+            continue
+        run = work / (row.replace(" ", "").replace(",", "-").replace("+", "-") + (f"-s{seed}" if seed else ""))
         record_file = run / "bench.json"
         if not record_file.exists():
             cmd = [sys.executable, "-c", LAUNCH, "train", "--teacher", "digits", "--store", str(store), "--out", str(run),
-                   "--method", method, "--iterations", str(iterations), "--seed", "0", "--no-progress", "--overwrite",
+                   "--method", method, "--iterations", str(iterations), "--seed", str(seed), "--no-progress", "--overwrite",
                    "--set", "sample_every=0", "--set", f"checkpoint_every={iterations}", "--set", "eval_every=0"]
             for k, v in sets.items():
                 cmd += ["--set", f"{k}={v}"]
@@ -167,7 +170,8 @@ def quality(work: Path, iterations: int, trajectories: int, samples: int, thread
         specs.append(ModelSpec(row, 4, lora=str(export(run, 4))))
     prompts = default_digits_prompts(samples)
     seeds = list(range(10_000, 10_000 + len(prompts)))
-    result = evaluate("digits", specs, prompts, seeds, reference_steps=100, out=work / "evaluation.json")
+    result = evaluate("digits", specs, prompts, seeds, reference_steps=100,
+                      out=work / f"evaluation{f'-s{seed}' if seed else ''}.json")
     rows = []
     for r in result["rows"]:
         row = {k: r.get(k) for k in ("steps", "fd", "prompt_accuracy", "trajectory_error")}
@@ -175,7 +179,7 @@ def quality(work: Path, iterations: int, trajectories: int, samples: int, thread
             "teacher") else r["method"])
         rows.append(row)
     return {"rows": rows, "iterations": iterations, "trajectories": trajectories, "samples": len(prompts),
-            "real_floor_fd": result["real_floor_fd"], "fine_steps": 40, "steps": 4, "batch_size": 4, "seed": 0}
+            "real_floor_fd": result["real_floor_fd"], "fine_steps": 40, "steps": 4, "batch_size": 4, "seed": seed}
 
 
 def markdown(results: dict) -> str:
@@ -200,8 +204,8 @@ def markdown(results: dict) -> str:
         for name, r in c["rows"].items():
             out.append(f"| {name} | {r['second_iteration_s']:.2f} | {r['peak_rss_mib']:.0f} |")
         out.append("")
-    if "quality" in results:
-        q = results["quality"]
+    for key in [k for k in results if k.startswith("quality")]:
+        q = results[key]
         out += ["## Quality (digits teacher, N = 4)", "", f"`{q['command']}` ({q['date']}). {q['trajectories']} "
                 f"trajectories ({q['fine_steps']} DDIM steps each), {q['iterations']} iterations per run, the digits "
                 f"preset (batch {q['batch_size']}), seed {q['seed']}; {q['samples']} held-out prompts and seeds; "
@@ -226,6 +230,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--trajectories", type=int, default=500)
     ap.add_argument("--samples", type=int, default=500)
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--seed", type=int, default=0, help="quality: the training seed (section quality_sSEED if not 0)")
+    ap.add_argument("--only", nargs="*", help="quality: these rows only (progressive, progressive-rdd, rapm, rapm+rdd, ...)")
     args = ap.parse_args(argv)
     import torch
 
@@ -236,13 +242,13 @@ def main(argv: list[str] | None = None) -> None:
         tick = time.perf_counter()
         section = {"probe": probe, "cost": lambda: cost(args.threads),
                    "quality": lambda: quality(args.work, args.iterations, args.trajectories, args.samples,
-                                              args.threads)}[args.what]()
+                                              args.threads, args.seed, args.only)}[args.what]()
         command = "OMP_NUM_THREADS=%d python benchmarks/rdd.py " % args.threads + shlex.join(
             argv if argv is not None else sys.argv[1:])
         section.update(command=command, date=datetime.date.today().isoformat(),
                        wall_seconds=round(time.perf_counter() - tick, 1), machine=f"{os.cpu_count()} CPUs, "
                        f"torch {torch.__version__}, {args.threads} threads")
-        results[args.what] = section
+        results[args.what + (f"_s{args.seed}" if args.what == "quality" and args.seed else "")] = section
     args.results.mkdir(parents=True, exist_ok=True)
     file.write_text(json.dumps(results, indent=1) + "\n")
     md = markdown(results)

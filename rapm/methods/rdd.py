@@ -37,6 +37,18 @@ Three terms, weighted as RDD's released code (REFERENCES.md):
   ``queue_size`` = 4,096 (all contrasted).
 
 RDD does not state the ISP2P temperature where we could read it; we use MP2P's 0.1 for both (our choice).
+
+Where the term applies: progressive distillation, on its x-target and the student's x^ (one per sample); rapm and
+sfd, on the student's end point z_0 against the stored teacher end point z~_0 (the last slot only: the images a
+user sees, and one feature pass per iteration rather than N).
+
+Cost: the teacher source makes passes of its own. None that the methods already make can serve: RAPM's
+discriminator pass runs in the discriminator role (its own LoRA on, trained against the student, at a random
+t_gan), SFD makes no teacher pass at all, and progressive's teacher passes see z_t, not x~. Per iteration: the down
+half of the UNet (to the mid block) on B rows without gradient (the target), and on B rows with the backward to
+the prediction (two passes, not one of 2B rows, so that the target's activations are not kept). On the
+SD-1.5-shaped UNet at batch 1 (benchmarks/rdd.py cost, results/rdd.md): about +3% seconds per RAPM iteration and
++73 MiB (+3%) peak RSS.
 """
 
 from __future__ import annotations
