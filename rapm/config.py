@@ -49,8 +49,10 @@ class TrainConfig:
     # The peers (rapm/methods/): PCM's real data; progressive distillation's rounds and RDD's relational loss
     real_data: str = ""  # pcm: "digits" (the digits train split) or a folder of images with .txt captions
     progressive_start_steps: int = 16  # the first round's teacher steps: N 2^R for R rounds
-    rdd_weight: float = 1.0  # progressive-rdd: weight of RDD's relational loss beside the x-target loss
-    rdd_queue_size: int = 4096  # progressive-rdd: teacher pixel features in MP2P's memory queue
+    # RDD's relational loss as a term (rapm/methods/rdd.py): 0 = the method's own (progressive-rdd: 1.0, others: off)
+    rdd_weight: float = 0.0  # > 0: the term at this weight on rapm, rapm-paper, rapm-relative, sfd or progressive
+    rdd_features: str = ""  # "" = the teacher's own: classifier (digits), teacher (every other); teacher | classifier
+    rdd_queue_size: int = 4096  # teacher pixel features in MP2P's memory queue
     # The discriminators
     gan_loss: str = ""  # "" = the method's own (rapm: relativistic; rapm-paper: hinge); hinge | relativistic
     disc_relative: bool = True  # D1, the relative position's discriminator (eq. 15)
@@ -195,6 +197,11 @@ def validate(config: TrainConfig) -> None:
         bad("eval_every" if config.eval_every < 0 else "val_reference_steps", "must be at least 0")
     if config.rdd_weight < 0:
         bad("rdd_weight", f"must be at least 0, got {config.rdd_weight}")
+    if config.rdd_features not in ("", "teacher", "classifier"):
+        bad("rdd_features", f"must be teacher or classifier (or empty for the teacher's own), got {config.rdd_features!r}")
+    if config.rdd_weight > 0 and config.method == "pcm":
+        bad("rdd_weight", "pcm does not take RDD's relational loss (rapm, rapm-paper, rapm-relative, sfd, progressive "
+                          "and progressive-rdd do); set rdd_weight=0")
     if config.rdd_queue_size < 1:
         bad("rdd_queue_size", f"must be at least 1, got {config.rdd_queue_size}")
 
@@ -204,4 +211,8 @@ def to_dict(config: TrainConfig) -> dict:
 
 
 def from_dict(values: dict, source: str) -> TrainConfig:
+    if "rdd_weight" in values and "rdd_features" not in values and values.get("method") != "progressive-rdd":
+        # A run written before RDD's term was open to every method: its rdd_weight (then 1.0 by default) was used by
+        # progressive-rdd alone, so for every other method the term was off; it stays off on resume.
+        values = {**values, "rdd_weight": 0.0}
     return apply_overrides(TrainConfig(), values, source)

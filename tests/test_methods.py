@@ -17,6 +17,9 @@ from rapm.train import load_checkpoint, checkpoints, sample_generators, train
 SMALL = dict(lora_rank=4, lora_alpha=4, disc_lora_rank=2, disc_lora_alpha=2, disc_heads_per_level=1, lr=1e-3,
              disc_lr=1e-3, sample_every=0, batch_size=2, keep_checkpoints=2, progressive_start_steps=8)
 NEW = ["sfd", "rapm-relative", "pcm", "progressive", "progressive-rdd"]
+# RDD's relational term (rapm/methods/rdd.py) on each method that takes it, from each feature source.
+WITH_RDD = [("progressive-rdd", dict(rdd_features="teacher")), ("rapm", dict(rdd_weight=1.0)),
+            ("sfd", dict(rdd_weight=1.0, rdd_features="teacher"))]
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +37,11 @@ def _config(store, **kw) -> TrainConfig:
     return apply_overrides(TrainConfig(), {"teacher": "digits", "store": str(store), **SMALL, **kw}, "test")
 
 
-def _setup(store, method_name):
+def _setup(store, method_name, **kw):
     """The digits teacher's UNet in its roles, the method prepared, and one iteration's context and batch."""
     from rapm.trajectories import open_store
 
-    config = _config(store, method=method_name)
+    config = _config(store, method=method_name, **kw)
     s = open_store(store)
     teacher = load_teacher("digits", text_encoders=False)
     method = build_method(config, delta=250)
@@ -68,17 +71,19 @@ def _generator_loss(method, ctx, batch):
     return total, logs
 
 
-@pytest.mark.parametrize("name", NEW)
-def test_each_method_has_a_finite_loss_whose_gradients_reach_only_what_it_trains(digits_store, name):
-    teacher, method, ctx, batch, disc = _setup(digits_store, name)
+@pytest.mark.parametrize("name,kw", [(n, {}) for n in NEW] + WITH_RDD)
+def test_each_method_has_a_finite_loss_whose_gradients_reach_only_what_it_trains(digits_store, name, kw):
+    teacher, method, ctx, batch, disc = _setup(digits_store, name, **kw)
     unet = teacher.unet
     set_trainable(unet, STUDENT)  # the student's phase, as the loop sets it
     if disc is not None:
         disc.requires_grad_(False)
     extra = method.extra_parameters()
     total, logs = _generator_loss(method, ctx, batch)
-    if name == "progressive-rdd":  # MP2P contrasts the queue from the second iteration on
+    if method.rdd is not None:  # MP2P contrasts the queue from the second iteration on
+        unet.zero_grad(set_to_none=True)
         total, logs = _generator_loss(method, ctx, batch)
+        assert logs["rdd_mp2p"] > 0 and method.rdd.kind == kw.get("rdd_features", "classifier")
     assert torch.isfinite(torch.tensor(total)) and logs
     student = lora_parameters(unet, STUDENT)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.values())
@@ -86,8 +91,10 @@ def test_each_method_has_a_finite_loss_whose_gradients_reach_only_what_it_trains
     others = [(n, p) for n, p in unet.named_parameters() if id(p) not in trained]
     others += list(disc.named_parameters()) if disc is not None else []
     assert [n for n, p in others if p.grad is not None and p.grad.abs().sum() > 0] == []
-    if name == "progressive-rdd":  # RDD's MP2P projection head trains with the student
+    if method.rdd is not None:  # RDD's MP2P projection head trains with the student
         assert extra and all(p.grad is not None for p in extra.values())
+    else:
+        assert extra == {}
     if method.uses_discriminator:  # and the discriminator's loss reaches only the discriminator
         unet.zero_grad(set_to_none=True)
         set_trainable(unet, DISCRIMINATOR)
@@ -161,16 +168,17 @@ def test_relational_loss_on_known_cases():
     kl = (p * (p / q).log()).sum()
     assert inter_sample_pixel_relations(t, s).item() == pytest.approx(kl.item(), rel=1e-5)  # both rows alike
     # MP2P: nothing to contrast until the queue holds teacher features; the queue wraps around.
-    loss = RelationalLoss(lambda x: x, channels=8, queue_size=10)
+    loss = RelationalLoss(channels=8, queue_size=10)
     assert loss.memory_relations(a, b).item() == 0
     loss.enqueue(a)  # 12 pixels into a 10-row queue
     assert int(loss.filled) == 12 and loss.memory_relations(a, a).item() == pytest.approx(0, abs=1e-5)
 
 
-@pytest.mark.parametrize("name", ["pcm", "progressive-rdd"])
-def test_resume_gives_the_same_losses_for_stateful_methods(digits_store, tmp_path, name):
+@pytest.mark.parametrize("name,kw", [("pcm", {}), ("progressive-rdd", {}), ("progressive-rdd", dict(rdd_features="teacher")),
+                                     ("rapm", dict(rdd_weight=1.0, rdd_features="teacher"))])
+def test_resume_gives_the_same_losses_for_stateful_methods(digits_store, tmp_path, name, kw):
     """PCM's real-data draws, progressive's rounds and its 'previous' adapter, RDD's queue and head all resume."""
-    config = _config(digits_store, method=name, iterations=6, checkpoint_every=2)
+    config = _config(digits_store, method=name, iterations=6, checkpoint_every=2, **kw)
     train(config, tmp_path / "straight", progress=False)
     train(config, tmp_path / "cut", progress=False, stop_after=4)  # round 2 has begun (progressive: 3 of 6)
     train(config, tmp_path / "cut", resume=True, progress=False)
@@ -180,15 +188,15 @@ def test_resume_gives_the_same_losses_for_stateful_methods(digits_store, tmp_pat
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7) and torch.isfinite(torch.tensor(a["loss"]))
     state = load_checkpoint(checkpoints(tmp_path / "cut")[-1])["method"]
     if name == "progressive-rdd":
-        assert state["round"] == 2 and state["previous"] and int(state["rdd"]["filled"]) > 0
+        assert state["round"] == 2 and state["previous"]
+    if name != "pcm":  # the queue resumed: the cut run's last step contrasted it, as the straight run's did
+        assert int(state["rdd"]["filled"]) > 0 and logs[1][-1]["rdd_mp2p"] == pytest.approx(logs[0][-1]["rdd_mp2p"], rel=1e-5)
 
 
 def test_methods_that_need_what_a_teacher_lacks_say_so(tiny_sd, sd_store, tmp_path):
     base = dict(SMALL, teacher=str(tiny_sd), store=str(sd_store), iterations=1)
     with pytest.raises(ConfigError, match="'real_data'.*folder of images"):
         train(apply_overrides(TrainConfig(), {**base, "method": "pcm"}, "t"), tmp_path / "a", progress=False)
-    with pytest.raises(ConfigError, match="'rdd_weight'.*digits"):
-        train(apply_overrides(TrainConfig(), {**base, "method": "progressive-rdd"}, "t"), tmp_path / "b", progress=False)
     with pytest.raises(ConfigError, match="'method'.*not one of"):
         build_method(apply_overrides(TrainConfig(), {"method": "dmd"}, "t"), 10)
 

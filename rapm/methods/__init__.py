@@ -44,8 +44,7 @@ def build_method(config: TrainConfig, delta: int) -> Method:
                               "images with a .txt caption beside each (or 'digits' for the digits teacher)")
         return PCM(real_data=real, huber_c=config.huber_c, adv_weight=config.adv_weight)
     if config.method in ("progressive", "progressive-rdd"):  # Salimans & Ho 2022; + RDD's relational loss
-        return Progressive(start_steps=config.progressive_start_steps, rdd_queue_size=config.rdd_queue_size,
-                           rdd_weight=config.rdd_weight if config.method == "progressive-rdd" else 0.0)
+        return Progressive(start_steps=config.progressive_start_steps)  # RDD's term: Method.prepare (methods/rdd.py)
     raise ConfigError(f"config field 'method': {config.method!r} is not one of {', '.join(METHODS)}")
 
 

@@ -70,10 +70,13 @@ class Setup:
 class Method:
     """One distillation method = one loss object; the trainer is written once (STYLE.md, after EDM's loss.py).
 
-    A method yields its losses; the rest has defaults here: nothing to prepare, no state, no extra parameters.
+    A method yields its losses; the rest has defaults here: nothing to prepare but RDD's relational term (``rdd``,
+    rapm/methods/rdd.py, None unless ``rdd_weight`` turns it on), no state or extra parameters but the term's. A
+    method that overrides a hook calls the base's for the term.
     """
 
     uses_discriminator = False
+    rdd = None  # rapm.methods.rdd.RelationalTerm: RDD's relational loss, set by prepare where rdd_weight is on
 
     def generator_losses(self, ctx: Context, batch: TrajectoryBatch) -> Losses:
         """Yield the student's loss piece by piece (one per slot); the trainer back-propagates each as it comes."""
@@ -85,20 +88,24 @@ class Method:
 
     def prepare(self, setup: Setup) -> None:
         """Load what the method needs beyond the store (real data, a feature network, extra adapters)."""
+        from rapm.methods.rdd import build_relational_term
+
+        self.rdd = build_relational_term(setup)
 
     def begin_step(self, step: int, unet: torch.nn.Module) -> None:
         """Called before every iteration (progressive distillation changes rounds here)."""
 
     def extra_parameters(self) -> dict[str, torch.nn.Parameter]:
         """Trainable parameters besides the student LoRA, stepped by the student's optimizer (not exported)."""
-        return {}
+        return self.rdd.trainable() if self.rdd is not None else {}
 
     def state_dict(self) -> dict:
         """The method's own state, saved in every checkpoint so a resume continues exactly."""
-        return {}
+        return {"rdd": self.rdd.state()} if self.rdd is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        if self.rdd is not None and state.get("rdd"):
+            self.rdd.load_state(state["rdd"])
 
 
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:

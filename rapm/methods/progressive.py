@@ -15,8 +15,9 @@ is split evenly between rounds; the optimizer state carries over (the student st
 as in the paper). Data: no real images; x is the stored teacher end point z~_0 of the trajectory batch (the store's
 other positions are unused), so the method sees the same teacher samples as RAPM.
 
-With ``rdd_weight`` > 0 (``--method progressive-rdd``), RDD's relational loss between the classifier features of
-x~ and of the student's x^ is added (rapm/methods/rdd.py; the digits teacher only, whose classifier gives them).
+With RDD's relational term on (``--method progressive-rdd``, or ``rdd_weight`` > 0), RDD's relational loss between
+the features of x~ and of the student's x^ is added (rapm/methods/rdd.py: the teacher's own mid-block features, or
+the digits classifier's).
 """
 
 from __future__ import annotations
@@ -49,12 +50,9 @@ def rounds_for(start_steps: int, steps: int) -> int:
 @dataclass
 class Progressive(Method):
     start_steps: int = 16  # the first round's teacher steps (2 K_1)
-    rdd_weight: float = 0.0
-    rdd_queue_size: int = 4096
     rounds: int = 0
     iterations: int = 0
     round: int = 0  # the round the student is in (1..R); 0 before the first step
-    relational: object = field(default=None, repr=False)  # rapm.methods.rdd.RelationalLoss
     lora: LoraSpec | None = field(default=None, repr=False)
     unet: torch.nn.Module | None = field(default=None, repr=False)
 
@@ -63,14 +61,7 @@ class Progressive(Method):
         self.rounds = rounds_for(self.start_steps, setup.store.steps)
         self.iterations = setup.config.iterations
         self.lora = LoraSpec(setup.config.lora_rank, setup.config.lora_alpha, list(setup.config.lora_targets))
-        if self.rdd_weight > 0:
-            if tuple(setup.store.latent_shape) != (1, 16, 16):
-                raise ConfigError("config field 'rdd_weight': RDD's relational loss needs the digits classifier's "
-                                  "features (the digits teacher); set rdd_weight=0 (--method progressive) for this teacher")
-            from rapm.methods.rdd import RelationalLoss, digits_feature_network
-
-            net, channels = digits_feature_network(setup.device)
-            self.relational = RelationalLoss(net, channels, self.rdd_queue_size).to(setup.device)
+        super().prepare(setup)  # RDD's relational term (progressive-rdd)
 
     def student_steps(self, round_: int) -> int:
         return self.start_steps >> round_
@@ -92,16 +83,10 @@ class Progressive(Method):
                     dst[name.replace(f".{STUDENT}.", f".{PREVIOUS}.")].copy_(p)
         self.round = r
 
-    def extra_parameters(self) -> dict[str, torch.nn.Parameter]:
-        return dict(self.relational.projection.named_parameters(prefix="rdd.projection")) if self.relational else {}
-
     def state_dict(self) -> dict:
-        state = {"round": self.round}
+        state = {"round": self.round, **super().state_dict()}
         if PREVIOUS in getattr(self.unet, "peft_config", {}):
             state["previous"] = {n: p.detach().cpu().clone() for n, p in lora_parameters(self.unet, PREVIOUS).items()}
-        if self.relational is not None:
-            state["rdd"] = {k: v.detach().cpu().clone() for k, v in self.relational.state_dict().items()
-                            if not k.startswith("features.")}
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -111,8 +96,7 @@ class Progressive(Method):
             with torch.no_grad():
                 for name, p in lora_parameters(self.unet, PREVIOUS).items():
                     p.copy_(state["previous"][name])
-        if self.relational is not None and "rdd" in state:
-            self.relational.load_state_dict(state["rdd"], strict=False)
+        super().load_state_dict(state)
 
     def teacher_output(self, ctx: Context, z, t, batch: TrajectoryBatch) -> torch.Tensor:
         if self.round <= 1:  # the diffusers teacher, guided as the store's trajectories were
@@ -146,9 +130,9 @@ class Progressive(Method):
         weight = snr.clamp_min(1.0)  # truncated SNR: max(x-MSE, eps-MSE)
         mse = (weight * (x_pred - x_target).square()).float().mean()
         loss, logs = mse, {"pd_mse": mse.item(), "round": float(self.round), "student_steps": float(k)}
-        if self.relational is not None:
-            rdd, rdd_logs = self.relational(x_target.float(), x_pred.float())
-            loss = loss + self.rdd_weight * rdd
+        if self.rdd is not None:  # RDD's relational loss between the x-target's features and the prediction's
+            rdd, rdd_logs = self.rdd(ctx, x_pred.float(), x_target.float(), batch.cond)
+            loss = loss + self.rdd.weight * rdd
             logs.update(rdd_logs)
         logs["loss/progressive"] = loss.item()
         yield loss, logs

@@ -153,6 +153,10 @@ class RAPM(Method):
                 h = self.distance_fn(z_n, target)  # eq. 17
                 loss = loss + self.weight(slot) * h
                 logs[f"{self.term}_abs/{slot}"] = h.item()
+            if self.rdd is not None and slot == 0:  # RDD's relational loss on the end point z_0 (rapm/methods/rdd.py)
+                r, r_logs = self.rdd(ctx, z_n, target, batch.cond)
+                loss = loss + self.rdd.weight * r
+                logs.update(r_logs)
             if self.uses_discriminator:
                 t_gan = discriminator_timesteps(ctx, s)
                 noise = ctx.randn(z_n)

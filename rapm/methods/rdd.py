@@ -1,7 +1,25 @@
-"""RDD's relational loss (Feng et al. 2024, Relational Diffusion Distillation, arXiv 2410.07679).
+"""RDD's relational loss (Feng et al. 2024, Relational Diffusion Distillation, arXiv 2410.07679), as a term any
+method can add (``rdd_weight``): ``progressive-rdd`` is progressive distillation with it; ``rapm``, ``rapm-paper``,
+``rapm-relative`` and ``sfd`` take it with ``--set rdd_weight=W``.
 
-Features of the teacher's target image and of the student's prediction come from a frozen classifier (RDD: a
-DenseNet-201 on CIFAR-10; here the digits classifier's last convolutional map, 64 channels x 4 x 4 pixels).
+The term compares features of a teacher target and of the student's prediction (both clean images or latents). Two
+feature sources (``rdd_features``):
+
+- ``teacher`` (the default for every teacher but digits): the frozen teacher's own UNet (teacher role, adapters
+  off), its mid-block output, with both images re-noised to t = ``FEATURE_TIMESTEP`` (100) with the same noise and
+  run under the sample's own prompt. The mid block is the UNet's deepest, lowest-resolution map, the counterpart of
+  the classifier's last convolutional map that RDD uses (SD 1.5 at 512 px: 1280 channels x 8 x 8; SDXL at 1024 px:
+  1280 x 32 x 32); the forward stops there (the down half of the UNet). Measured on the digits teacher
+  (benchmarks/rdd.py probe, results/rdd.md): of the down blocks and the mid block at t = 0 .. 750, the mid block
+  separates the digits best at every t (nearest class mean on pooled features, empty prompt), and agrees best with
+  the digits classifier's similarities, with a flat peak at t = 50 .. 150 (79% at t = 100, 73% at 250, 72% at 0,
+  54% at 500; the classifier's own map 81%). A slightly noised input keeps the UNet in its trained range rather
+  than at t ~ 0 (DIFT, Tang et al. 2023, reads SD's semantic features at t = 261, a value we did not measure on SD).
+  Gradients reach the prediction through the frozen teacher; the teacher's weights get none (its base weights are
+  frozen and the adapters are off in the teacher role).
+- ``classifier`` (the default for the digits teacher, as RDD's released code: a frozen classifier trained on the
+  same data): the digits classifier's last convolutional map, 64 channels x 4 x 4 pixels.
+
 Three terms, weighted as RDD's released code (REFERENCES.md):
 
     L = L_CFD + 1.0 L_ISP2P + 0.1 L_MP2P
@@ -10,13 +28,27 @@ Three terms, weighted as RDD's released code (REFERENCES.md):
   temperature 0.9; on both sides, the usual distillation form, so the loss is zero when the features agree).
 - L_ISP2P (inter-sample pixel-to-pixel): every pixel feature of every sample of the batch, L2-normalised; the
   cosine similarities of each pixel to all pixels of the batch form a distribution (softmax at temperature
-  ``tau``); KL between the teacher's and the student's distributions, averaged over pixels.
+  ``tau``); KL between the teacher's and the student's distributions, averaged over pixels. It needs two samples
+  or more: at batch size 1 it is left out and the term is L_CFD + 0.1 L_MP2P (the queue holds the other samples'
+  teacher features), so RAPM's batch 1 (the paper's) can take the term.
 - L_MP2P (memory pixel-to-pixel): the same against a queue of past teacher pixel features, the student's passing
   through a trainable 1x1-conv projection head first. RDD keeps 20,000 features and contrasts 4,096 of them at
   temperature 0.1; the digits benchmark's whole training sees fewer pixels than that, so the queue here holds
   ``queue_size`` = 4,096 (all contrasted).
 
 RDD does not state the ISP2P temperature where we could read it; we use MP2P's 0.1 for both (our choice).
+
+Where the term applies: progressive distillation, on its x-target and the student's x^ (one per sample); rapm and
+sfd, on the student's end point z_0 against the stored teacher end point z~_0 (the last slot only: the images a
+user sees, and one feature pass per iteration rather than N).
+
+Cost: the teacher source makes passes of its own. None that the methods already make can serve: RAPM's
+discriminator pass runs in the discriminator role (its own LoRA on, trained against the student, at a random
+t_gan), SFD makes no teacher pass at all, and progressive's teacher passes see z_t, not x~. Per iteration: the down
+half of the UNet (to the mid block) on B rows without gradient (the target), and on B rows with the backward to
+the prediction (two passes, not one of 2B rows, so that the target's activations are not kept). On the
+SD-1.5-shaped UNet at batch 1 (benchmarks/rdd.py cost, results/rdd.md): about +3% seconds per RAPM iteration and
++73 MiB (+3%) peak RSS.
 """
 
 from __future__ import annotations
@@ -25,9 +57,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rapm.config import ConfigError
+
 CFD_TEMPERATURE = 0.9  # RDD's code
 ISP2P_WEIGHT, MP2P_WEIGHT = 1.0, 0.1  # RDD's code
 TEMPERATURE = 0.1  # RDD's MP2P temperature; used for ISP2P too (our choice)
+DEFAULT_WEIGHT = 1.0  # progressive-rdd's weight of the term beside the x-target loss (our choice)
+FEATURE_TIMESTEP = 100  # where the teacher source reads its features (see the module docstring)
+FEATURE_SOURCES = ("teacher", "classifier")
+TAKES_RDD = ("rapm", "rapm-paper", "rapm-relative", "sfd", "progressive", "progressive-rdd")
 
 
 def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -53,11 +91,11 @@ def inter_sample_pixel_relations(teacher: torch.Tensor, student: torch.Tensor, t
 
 
 class RelationalLoss(nn.Module):
-    """RDD's loss around a frozen feature network ``features(images) -> [B, C, H, W]``; holds MP2P's head and queue."""
+    """RDD's loss between teacher and student feature maps [B, C, H, W]; holds MP2P's projection head and queue."""
 
-    def __init__(self, features, channels: int, queue_size: int = 4096, tau: float = TEMPERATURE):
+    def __init__(self, channels: int, queue_size: int = 4096, tau: float = TEMPERATURE):
         super().__init__()
-        self.features, self.tau = features, tau
+        self.tau = tau
         self.projection = nn.Conv2d(channels, channels, 1)
         nn.init.eye_(self.projection.weight.data.view(channels, channels))  # starts as the identity
         nn.init.zeros_(self.projection.bias)
@@ -82,22 +120,123 @@ class RelationalLoss(nn.Module):
         self.queue[rows.to(self.queue.device)] = feats.to(self.queue.dtype)
         self.filled += feats.shape[0]
 
-    def forward(self, teacher_images: torch.Tensor, student_images: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        with torch.no_grad():
-            ft = self.features(teacher_images.float())
-        fs = self.features(student_images.float())
-        cfd = channel_distillation(ft, fs)
-        isp = inter_sample_pixel_relations(ft, fs, self.tau)
-        mp = self.memory_relations(ft, fs)
-        self.enqueue(ft)
-        loss = cfd + ISP2P_WEIGHT * isp + MP2P_WEIGHT * mp
-        return loss, {"rdd_cfd": cfd.item(), "rdd_isp2p": isp.item(), "rdd_mp2p": mp.item()}
+    def forward(self, teacher: torch.Tensor, student: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of student features against teacher features (no gradient to the latter); then the queue takes
+        the teacher's pixels. ISP2P is left out at batch size 1 (see the module docstring)."""
+        teacher = teacher.detach()
+        cfd = channel_distillation(teacher, student)
+        mp = self.memory_relations(teacher, student)
+        loss, logs = cfd + MP2P_WEIGHT * mp, {"rdd_cfd": cfd.item(), "rdd_mp2p": mp.item()}
+        if teacher.shape[0] > 1:
+            isp = inter_sample_pixel_relations(teacher, student, self.tau)
+            loss = loss + ISP2P_WEIGHT * isp
+            logs["rdd_isp2p"] = isp.item()
+        self.enqueue(teacher)
+        logs["rdd"] = loss.item()
+        return loss, logs
 
 
-def digits_feature_network(device) -> tuple[callable, int]:
+class TeacherFeatures:
+    """The frozen teacher's mid-block output at t = ``timestep`` of clean images re-noised there (teacher role)."""
+
+    needs_noise = True
+
+    def __init__(self, unet: nn.Module, schedule, timestep: int = FEATURE_TIMESTEP):
+        self.unet, self.schedule, self.timestep = unet, schedule, timestep
+        self.channels = int(unet.config.block_out_channels[-1])
+
+    def __call__(self, x: torch.Tensor, noise: torch.Tensor, cond) -> torch.Tensor:
+        from rapm.diffusion import alpha_sigma
+        from rapm.discriminator import backbone_features
+        from rapm.roles import teacher_role
+
+        t = torch.full((x.shape[0],), self.timestep, device=x.device)
+        a, s = alpha_sigma(self.schedule, t, x)
+        z = (a * x.double() + s * noise.double()).to(x.dtype)
+        with teacher_role(self.unet):  # adapters off: the frozen teacher; the forward stops after the mid block
+            return backbone_features(self.unet, z, t, cond, "down_mid")[-1]
+
+
+class ClassifierFeatures:
     """The digits classifier's last convolutional map (frozen): images [B, 1, 16, 16] -> [B, 64, 4, 4]."""
-    from rapm.demo.classifier import load_classifier
 
-    classifier = load_classifier().to(device).eval().requires_grad_(False)
-    channels = classifier.conv[-3].out_channels  # the last conv before the final pool
-    return classifier.conv, channels
+    needs_noise = False
+
+    def __init__(self, device):
+        from rapm.demo.classifier import load_classifier
+
+        classifier = load_classifier().to(device).eval().requires_grad_(False)
+        self.net = classifier.conv
+        self.channels = classifier.conv[-3].out_channels  # the last conv before the final pool
+
+    def __call__(self, x: torch.Tensor, noise, cond) -> torch.Tensor:
+        return self.net(x.float())
+
+
+class RelationalTerm(nn.Module):
+    """RDD's relational loss as a term of a method's loss: ``weight * term(ctx, prediction, target, cond)``.
+
+    One implementation for every method; a method calls it on its student prediction and its teacher target (clean
+    images or latents, [B, C, H, W]) and adds ``weight`` times the result. Holds the feature source (not a submodule:
+    the teacher's UNet or the classifier are frozen and never saved) and the loss with its head and queue.
+    """
+
+    def __init__(self, source, weight: float, queue_size: int):
+        super().__init__()
+        self.weight = weight
+        self.__dict__["source"] = source  # kept out of the module tree (and out of state_dict)
+        self.loss = RelationalLoss(source.channels, queue_size)
+
+    @property
+    def kind(self) -> str:
+        return "teacher" if isinstance(self.source, TeacherFeatures) else "classifier"
+
+    def forward(self, ctx, prediction: torch.Tensor, target: torch.Tensor, cond) -> tuple[torch.Tensor, dict[str, float]]:
+        noise = ctx.randn(target) if self.source.needs_noise else None  # the same noise for both: only the images differ
+        with torch.no_grad():
+            ft = self.source(target.float(), noise, cond)
+        fs = self.source(prediction.float(), noise, cond)
+        return self.loss(ft, fs)
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        """MP2P's projection head, trained with the student (prefixed ``rdd.``)."""
+        return dict(self.loss.projection.named_parameters(prefix="rdd.projection"))
+
+    def state(self) -> dict:
+        return {k: v.detach().cpu().clone() for k, v in self.loss.state_dict().items()}
+
+    def load_state(self, state: dict) -> None:
+        self.loss.load_state_dict({k: v for k, v in state.items() if not k.startswith("features.")}, strict=True)
+
+
+def rdd_weight_of(config) -> float:
+    """The term's weight: the config's (``rdd_weight`` > 0), else the method's own: 1.0 for progressive-rdd, 0 (off)
+    for every other method."""
+    if config.rdd_weight > 0:
+        return float(config.rdd_weight)
+    return DEFAULT_WEIGHT if config.method == "progressive-rdd" else 0.0
+
+
+def rdd_features_of(config) -> str:
+    """The feature source: the config's, else the teacher's own (classifier for digits, teacher for the rest)."""
+    return config.rdd_features or ("classifier" if config.teacher == "digits" else "teacher")
+
+
+def build_relational_term(setup) -> RelationalTerm | None:
+    """The term a method adds for ``setup.config``, or None where its weight is 0."""
+    config = setup.config
+    weight = rdd_weight_of(config)
+    if weight <= 0:
+        return None
+    if config.method not in TAKES_RDD:
+        raise ConfigError(f"config field 'rdd_weight': --method {config.method} does not take RDD's relational loss "
+                          f"(these do: {', '.join(TAKES_RDD)}); set rdd_weight=0")
+    kind = rdd_features_of(config)
+    if kind == "classifier":
+        if tuple(setup.store.latent_shape) != (1, 16, 16):
+            raise ConfigError("config field 'rdd_features': 'classifier' is the digits classifier (the digits teacher "
+                              "only); set rdd_features=teacher to take the features from this teacher's own UNet")
+        source = ClassifierFeatures(setup.device)
+    else:
+        source = TeacherFeatures(setup.unet, setup.schedule)
+    return RelationalTerm(source, weight, config.rdd_queue_size).to(setup.device)
