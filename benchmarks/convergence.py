@@ -68,6 +68,7 @@ ABLATION_ROWS = [  # N = 4 only, in the order they run
     ("abl-rel0.5", "rapm", 1, ["relative_weight=0.5"]),
     ("abl-wn", "rapm", 1, ["slot_weights=2,1,1,1"]),  # w_0 = 2: the last slot's absolute terms count double
     ("abl-delta2", "rapm", 1, ["delta=50"]),  # Δ = two fine steps (1000 / (N M) = 25 at N = 4)
+    ("abl-nogan-rel0.5", "rapm", 1, ["adv_weight=0", "relative_weight=0.5"]),  # the two findings together
 ]
 COLUMNS = ("method", "steps", "batch", "iteration", "wall_s", "trajectory_error", "reference_error", "fd_teacher",
            "fd_real", "prompt_accuracy")
@@ -361,8 +362,8 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(1)
     args.work.mkdir(parents=True, exist_ok=True)
-    rows_by_n = {n: [r for r in MAIN_ROWS + ([] if args.no_ablations or n != 4 else ABLATION_ROWS)
-                     if not args.rows or r[0] in args.rows] for n in args.steps}
+    rows_by_n = {n: [r for r in MAIN_ROWS + ([] if args.no_ablations or (n != 4 and not args.rows) else ABLATION_ROWS)
+                     if not args.rows or r[0] in args.rows] for n in args.steps}  # ablations at N = 2 when named
     command = "python benchmarks/convergence.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     started = time.perf_counter()
     if args.calibrate:
