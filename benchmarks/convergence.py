@@ -46,29 +46,31 @@ HELD_OUT = 100
 FINE_STEPS = 40
 
 # (row name, --method, batch, --set fields). Base: the digits preset at batch 1 (the paper's setting), no EMA.
-MAIN_ROWS = [  # in the order they run: the rows that answer "does RAPM's default beat SFD and the paper's RAPM" first
-    ("rapm", "rapm", 1, []),  # the default recipe (rapm.methods.RAPM_RECIPE)
+PAIRED = ["adv_weight=0.1", "relative_weight=1"]  # the paired discriminators, updated every iteration (gan_loss, updates)
+MAIN_ROWS = [  # in the order they run
+    ("rapm", "rapm", 1, []),  # the default recipe (rapm.methods.RAPM_RECIPE): relative weight 0.25, no discriminator
     ("sfd", "sfd", 1, []),
-    ("rapm-paper", "rapm-paper", 1, []),  # Alg. 2 as written: unpaired hinge, alternating updates
-    ("rapm-nogan", "rapm", 1, ["adv_weight=0"]),  # the two Huber terms only
+    ("rapm-paper", "rapm-paper", 1, []),  # Alg. 2 as written: unpaired hinge, alternating updates, weights 1
+    ("rapm-paired", "rapm", 1, PAIRED),  # the paired (relativistic) discriminators, both updates every iteration
+    ("rapm-nogan", "rapm", 1, ["adv_weight=0", "relative_weight=1"]),  # the two Huber terms only, weight 1
     ("pcm-b1", "pcm", 1, []),
     ("progressive-rdd", "progressive-rdd", 1, []),
-    ("rapm-relative", "rapm-relative", 1, []),
+    ("rapm-relative", "rapm-relative", 1, ["adv_weight=0.1"]),  # eq. 16 with D1: the paper's Fig. 3 ablation
     ("pcm-b4", "pcm", 4, []),
 ]
-ABLATION_ROWS = [  # N = 4 only, in the order they run
-    ("abl-disc4", "rapm", 1, ["disc_every=4"]),  # a discriminator update every 4th iteration
-    ("abl-l1", "rapm", 1, ["distance=l1"]),
-    ("abl-alternate", "rapm", 1, ["updates=alternate"]),  # the paired loss with the paper's alternation
-    ("abl-d1", "rapm", 1, ["disc_absolute=false"]),  # Huber terms + D1
-    ("abl-d2", "rapm", 1, ["disc_relative=false"]),  # Huber terms + D2
-    ("abl-hinge-both", "rapm", 1, ["gan_loss=hinge"]),  # the paper's loss with updates in every iteration
-    ("abl-ema", "rapm", 1, ["ema_decay=0.99"]),
-    ("abl-ema-warmup", "rapm", 1, ["ema_decay=0.99", "ema_warmup=true"]),
-    ("abl-rel0.5", "rapm", 1, ["relative_weight=0.5"]),
-    ("abl-wn", "rapm", 1, ["slot_weights=2,1,1,1"]),  # w_0 = 2: the last slot's absolute terms count double
-    ("abl-delta2", "rapm", 1, ["delta=50"]),  # Δ = two fine steps (1000 / (N M) = 25 at N = 4)
-    ("abl-nogan-rel0.5", "rapm", 1, ["adv_weight=0", "relative_weight=0.5"]),  # the two findings together
+ABLATION_ROWS = [  # N = 4 only unless named; each changes one thing of rapm-paired (the last: of rapm)
+    ("abl-disc4", "rapm", 1, PAIRED + ["disc_every=4"]),  # a discriminator update every 4th iteration
+    ("abl-l1", "rapm", 1, PAIRED + ["distance=l1"]),
+    ("abl-rel0.5", "rapm", 1, ["adv_weight=0.1", "relative_weight=0.5"]),
+    ("abl-alternate", "rapm", 1, PAIRED + ["updates=alternate"]),  # the paired loss with the paper's alternation
+    ("abl-d1", "rapm", 1, PAIRED + ["disc_absolute=false"]),  # Huber terms + D1
+    ("abl-d2", "rapm", 1, PAIRED + ["disc_relative=false"]),  # Huber terms + D2
+    ("abl-hinge-both", "rapm", 1, PAIRED + ["gan_loss=hinge"]),  # the paper's loss with updates in every iteration
+    ("abl-ema", "rapm", 1, PAIRED + ["ema_decay=0.99"]),
+    ("abl-ema-warmup", "rapm", 1, PAIRED + ["ema_decay=0.99", "ema_warmup=true"]),
+    ("abl-wn", "rapm", 1, PAIRED + ["slot_weights=2,1,1,1"]),  # w_0 = 2: the last slot's absolute terms count double
+    ("abl-delta2", "rapm", 1, PAIRED + ["delta=50"]),  # Δ = two fine steps (1000 / (N M) = 25 at N = 4)
+    ("abl-nogan-rel0.5", "rapm", 1, ["relative_weight=0.5"]),  # the default recipe with the relative terms at 0.5
 ]
 COLUMNS = ("method", "steps", "batch", "iteration", "wall_s", "trajectory_error", "reference_error", "fd_teacher",
            "fd_real", "prompt_accuracy")
@@ -245,7 +247,7 @@ def plot(curves: dict[str, list[dict]], teacher: list[dict], steps: int, path: P
     for row, curve in curves.items():
         if not curve:
             continue
-        style = dict(linewidth=2.2 if row == "rapm" else 1.1, linestyle="--" if row.startswith("abl-") else "-")
+        style = dict(linewidth=2.4 if row in ("rapm", "sfd") else 1.1, linestyle="--" if row.startswith("abl-") else "-")
         for col, (key, title) in enumerate(metrics):
             pts = [(r["iteration"], r["wall_s"], r[key]) for r in curve if r[key] is not None]
             if not pts:
@@ -378,8 +380,8 @@ def main(argv: list[str] | None = None) -> None:
         first = args.steps[0]
         main_rows = [r for r in rows_by_n[first] if not r[0].startswith("abl-")]
         ablations = [r for r in rows_by_n[first] if r[0].startswith("abl-")]
-        jobs = [(first, r) for r in main_rows[:4]] + [(first, r) for r in ablations[:3]]
-        jobs += [(first, r) for r in main_rows[4:]] + [(first, r) for r in ablations[3:]]
+        jobs = [(first, r) for r in main_rows[:5]] + [(first, r) for r in ablations[:3]]
+        jobs += [(first, r) for r in main_rows[5:]] + [(first, r) for r in ablations[3:]]
         jobs += [(n, r) for n in args.steps[1:] for r in rows_by_n[n]]
         with ThreadPoolExecutor(args.jobs) as pool:
             futures = [pool.submit(train_row, args.work, stores[n], n, row, method, batch, sets,

@@ -41,7 +41,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a photo of a cat", "a red car", "a blue dog", "a photo of a dog", "a cat", "a red cat", "a blue car", "a dog"]
 # Tiny student and discriminator, as in tests/test_train.py; EMA on, so the EMA state is resumed too.
-TRAIN_CONFIG = dict(lora_rank=4, lora_alpha=4, disc_lora_rank=2, disc_lora_alpha=2, disc_heads_per_level=1, lr=1e-3,
+# The discriminators on (adv_weight): a kill must also keep their adapters, heads and optimizer exact.
+TRAIN_CONFIG = dict(adv_weight=0.1, lora_rank=4, lora_alpha=4, disc_lora_rank=2, disc_lora_alpha=2, disc_heads_per_level=1, lr=1e-3,
                     disc_lr=1e-3, sample_every=0, batch_size=1, keep_checkpoints=2, checkpoint_every=2, ema_decay=0.9)
 # One trajectory a shard, so kills land between, inside and just after shard writes.
 TRAJECTORY_SETTINGS = dict(steps=2, substeps=5, guidance=3.0, seed=0, batch_size=1, shard_size=1, dtype="float16")

@@ -57,7 +57,10 @@ def build(model: str, tiny: bool, device: torch.device, checkpointing: bool, ran
     from rapm.tiny import SD_SCHEDULER
     from rapm.train import student_spec, weight_dtype
 
-    overrides = dict(cfg.PRESETS[model], mixed_precision="bf16", gradient_checkpointing=checkpointing, batch_size=1)
+    # rapm-paper: the iteration with both discriminators (the default rapm recipe trains none; its iteration is the
+    # student phase here).
+    overrides = dict(cfg.PRESETS[model], method="rapm-paper", mixed_precision="bf16", gradient_checkpointing=checkpointing,
+                     batch_size=1)
     if rank is not None:
         overrides.update(lora_rank=rank, disc_lora_rank=rank)
     config = cfg.apply_overrides(cfg.TrainConfig(), overrides, f"preset {model}")

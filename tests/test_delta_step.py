@@ -23,7 +23,7 @@ from rapm.train import _to_device, train
 from rapm.trajectories import write_trajectories
 
 PROMPTS = ["a photo of a cat", "a red car", "a blue dog"]
-SMALL = dict(lora_rank=4, lora_alpha=4, disc_lora_rank=2, disc_lora_alpha=2, disc_heads_per_level=1, lr=1e-3,
+SMALL = dict(adv_weight=0.1, lora_rank=4, lora_alpha=4, disc_lora_rank=2, disc_lora_alpha=2, disc_heads_per_level=1, lr=1e-3,
              disc_lr=1e-3, sample_every=0, batch_size=1, keep_checkpoints=1, checkpoint_every=100)
 
 

@@ -13,7 +13,7 @@ from rapm.methods import build_method, updates_of
 from rapm.train import ema_decay_at, iteration_phases, train
 from rapm.validation import split_indices
 
-SMALL = dict(lora_rank=4, lora_alpha=4, disc_lora_rank=2, disc_lora_alpha=2, disc_heads_per_level=1, lr=1e-3,
+SMALL = dict(adv_weight=0.1, lora_rank=4, lora_alpha=4, disc_lora_rank=2, disc_lora_alpha=2, disc_heads_per_level=1, lr=1e-3,
              disc_lr=1e-3, sample_every=0, batch_size=1, keep_checkpoints=2)
 
 
@@ -60,8 +60,15 @@ def test_update_schedules():
 def test_the_paper_setting_is_one_flag():
     paper = apply_overrides(TrainConfig(), {"method": "rapm-paper"}, "test")
     default = TrainConfig()
-    assert updates_of(paper) == "alternate" and build_method(paper, 10).gan_loss == "hinge"
-    assert updates_of(default) == "both" and build_method(default, 10).gan_loss == "relativistic"
+    p, d = build_method(paper, 10), build_method(default, 10)
+    assert updates_of(paper) == "alternate" and p.gan_loss == "hinge" and p.adv_weight == 0.1 and p.relative_weight == 1
+    assert p.uses_discriminator
+    # The default recipe: relative terms at half weight, no discriminator; switched on, the paired one every iteration.
+    assert d.relative_weight == 0.5 and d.adv_weight == 0 and not d.uses_discriminator
+    paired = apply_overrides(default, {"adv_weight": 0.1}, "test")
+    assert updates_of(paired) == "both" and build_method(paired, 10).gan_loss == "relativistic"
+    assert build_method(paired, 10).uses_discriminator
+    assert build_method(apply_overrides(default, {"relative_weight": 1}, "test"), 10).relative_weight == 1
     assert updates_of(apply_overrides(default, {"updates": "alternate"}, "test")) == "alternate"
     with pytest.raises(ConfigError, match="'gan_loss'"):
         validate(apply_overrides(TrainConfig(), {"gan_loss": "wasserstein"}, "test"))
@@ -176,3 +183,13 @@ def test_tensorboard_shows_losses_learning_rates_samples_validation_and_config(t
     image = events.Images("samples/student_top_teacher_bottom")[0]
     assert image.step == 2 and image.width >= 4 * 2 * 8  # two samples of 8 px, shown at 4x
     assert any(t.startswith("config") for t in events.Tags()["tensors"])
+
+
+def test_the_default_recipe_builds_no_discriminator_and_trains_the_student_every_iteration(tiny_sd, sd_store, tmp_path):
+    from rapm.train import load_checkpoint, checkpoints
+
+    run = tmp_path / "run"
+    train(_config(tiny_sd, sd_store, iterations=2, checkpoint_every=2, adv_weight=-1), run, progress=False)
+    assert [e["phase"] for e in _log(run) if e["phase"] != "validation"] == ["student", "student"]
+    state = load_checkpoint(checkpoints(run)[-1])
+    assert not state["discriminator"] and state["opt_disc"] is None  # no discriminator adapter, heads or optimizer

@@ -14,7 +14,7 @@ from rapm.roles import DISCRIMINATOR, STUDENT, LoraSpec, add_roles, lora_paramet
 from rapm.teacher import load_teacher
 from rapm.train import load_checkpoint, checkpoints, sample_generators, train
 
-SMALL = dict(lora_rank=4, lora_alpha=4, disc_lora_rank=2, disc_lora_alpha=2, disc_heads_per_level=1, lr=1e-3,
+SMALL = dict(adv_weight=0.1, lora_rank=4, lora_alpha=4, disc_lora_rank=2, disc_lora_alpha=2, disc_heads_per_level=1, lr=1e-3,
              disc_lr=1e-3, sample_every=0, batch_size=2, keep_checkpoints=2, progressive_start_steps=8)
 NEW = ["sfd", "rapm-relative", "pcm", "progressive", "progressive-rdd"]
 # RDD's relational term (rapm/methods/rdd.py) on each method that takes it, from each feature source.
