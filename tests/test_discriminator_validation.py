@@ -63,8 +63,8 @@ def test_the_paper_setting_is_one_flag():
     p, d = build_method(paper, 10), build_method(default, 10)
     assert updates_of(paper) == "alternate" and p.gan_loss == "hinge" and p.adv_weight == 0.1 and p.relative_weight == 1
     assert p.uses_discriminator
-    # The default recipe: relative terms at half weight, no discriminator; switched on, the paired one every iteration.
-    assert d.relative_weight == 0.5 and d.adv_weight == 0 and not d.uses_discriminator
+    # The default recipe: relative terms at a quarter weight, no discriminator; switched on, the paired one every iteration.
+    assert d.relative_weight == 0.25 and d.adv_weight == 0 and not d.uses_discriminator
     paired = apply_overrides(default, {"adv_weight": 0.1}, "test")
     assert updates_of(paired) == "both" and build_method(paired, 10).gan_loss == "relativistic"
     assert build_method(paired, 10).uses_discriminator

@@ -21,7 +21,7 @@ def test_two_processes_train_the_same_student_as_one_with_the_same_global_batch(
     common = ["train", "--teacher", str(tiny_sd), "--store", str(sd_store), "--iterations", "4", "--checkpoint-every", "2",
               "--no-progress", "--set", "lora_rank=4", "--set", "disc_lora_rank=2", "--set", "disc_heads_per_level=1",
               "--set", "sample_every=0", "--set", "lr=1e-3", "--set", "disc_lr=1e-3",
-              "--set", "adv_weight=0.1"]  # the discriminators on: their gradients are averaged too
+              "--method", "rapm-paper"]  # with its discriminators (their gradients are averaged too), alternating
     two = _launch(2, common + ["--out", str(tmp_path / "two"), "--batch-size", "1"], tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     one = subprocess.run([sys.executable, "-m", "rapm", *common, "--out", str(tmp_path / "one"), "--batch-size", "2"],
