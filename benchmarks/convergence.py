@@ -188,9 +188,8 @@ def teacher_rows(store: Path, steps: int, val_fraction: float) -> list[dict]:
     """The teacher's DDIM at N steps and at 100 steps (the reference) on the same held-out split, same metrics."""
     import torch
 
-    from rapm.diffusion import ddim
-    from rapm.roles import teacher_role
-    from rapm.teacher import guided_output, load_teacher
+    from rapm.demo.metrics import frechet_distance
+    from rapm.teacher import load_teacher
     from rapm.trajectories import open_store
     from rapm.validation import Validation, split_indices
 
@@ -200,30 +199,19 @@ def teacher_rows(store: Path, steps: int, val_fraction: float) -> list[dict]:
     validation = Validation(teacher, st, val_ids, torch.device("cpu"), torch.float32, reference_steps=100)
     rows = []
     for k in (steps, 100):
-        finals = []
-        for b in validation.batches:
-            def model(z, t, b=b):
-                return guided_output(teacher.unet, z, t, b.cond, b.uncond, st.guidance)
-            with torch.no_grad(), teacher_role(teacher.unet):
-                finals.append(ddim(model, teacher.schedule, b.latents[:, 0], st.timesteps[0], st.timesteps[-1], k))
-        m = validation.measure(validation._decode(finals))
+        images = (validation.reference_images if k == 100 else  # the 100-step DDIM is the validation's reference
+                  validation._decode([validation.teacher_ddim(b, k) for b in validation.batches]))
+        m = validation.measure(images)
         rows.append({"method": f"teacher-ddim{k}", "steps": k, "batch": None, "iteration": None, "wall_s": None,
                      "trajectory_error": m["val_trajectory_error"], "reference_error": m.get("val_reference_error"),
                      "fd_teacher": m.get("val_fd_teacher"), "fd_real": m.get("val_fd_real"),
                      "prompt_accuracy": m.get("val_prompt_accuracy"), "for_steps": steps})
-    # Floors at the same sample size: real digits vs the held-out reals; the teacher's 40-step images from other noise
-    # vs its images of the same prompts (what a perfect student drawing independent noise would score).
+    # Floors at the same sample size: real digits vs the held-out reals; the teacher's 100-step images from other
+    # noise vs its images of the same prompts (what a perfect student drawing independent noise would score).
     floors = {"fd_real_floor": validation.digits.real_floor(len(val_ids))}
     gen = torch.Generator().manual_seed(123)
-    finals = []
-    for b in validation.batches:
-        z = torch.randn(b.latents[:, 0].shape, generator=gen)
-        def model(x, t, b=b):
-            return guided_output(teacher.unet, x, t, b.cond, b.uncond, st.guidance)
-        with torch.no_grad(), teacher_role(teacher.unet):
-            finals.append(ddim(model, teacher.schedule, z, st.timesteps[0], st.timesteps[-1], 100))
-    from rapm.demo.metrics import frechet_distance
-
+    finals = [validation.teacher_ddim(b, 100, torch.randn(b.latents[:, 0].shape, generator=gen))
+              for b in validation.batches]
     floors["fd_teacher_floor"] = frechet_distance(validation.digits.features(validation._decode(finals)),
                                                   validation.teacher_features)
     return rows, floors

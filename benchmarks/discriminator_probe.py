@@ -29,16 +29,18 @@ def probe(store_path: Path, run: Path | None, gan_loss: str, disc_lora: bool, up
           seed: int = 0, disc_lr: float | None = None, points: int = 4) -> dict:
     from rapm import config as cfg
     from rapm.methods import Context, build_method
-    from rapm.discriminator import pair_accuracy
     from rapm.roles import DISCRIMINATOR, STUDENT, lora_parameters, set_trainable
-    from rapm.train import _to_device, build_models, make_optimizer, read_run_config, sample_generators
+    from rapm.train import _to_device, build_models, make_optimizer, sample_generators
     from rapm.trajectories import open_store
     from rapm.validation import split_indices
 
     store = open_store(store_path)
-    config = cfg.apply_overrides(TrainConfig := cfg.TrainConfig(), {**cfg.PRESETS["digits"], "teacher": "digits",
-                                                                    "store": str(store_path)}, "probe")
+    config = cfg.apply_overrides(cfg.TrainConfig(), {**cfg.PRESETS["digits"], "teacher": "digits",
+                                                     "store": str(store_path)}, "probe")
+    # relative_weight 1: D1's and D2's losses weigh the same, as when the results were measured (the default recipe
+    # weighs the relative terms 0.25 and trains no discriminator).
     config = cfg.apply_overrides(config, {"gan_loss": gan_loss, "disc_lora": disc_lora, "batch_size": 1,
+                                          "relative_weight": 1,
                                           **({"disc_lr": disc_lr} if disc_lr else {})}, "probe")
     torch.manual_seed(seed)
     device = torch.device("cpu")

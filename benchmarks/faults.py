@@ -64,6 +64,34 @@ def rapm_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "rapm", *args]
 
 
+def edit_manifest(store: Path, edit, checksum: bool = True) -> Path:
+    """Apply ``edit`` to a store's manifest in place; with ``checksum`` its own sha256 is updated as an attacker would."""
+    from rapm.store import manifest_bytes
+
+    f = store / "manifest.json"
+    manifest = json.loads(f.read_text())
+    edit(manifest)
+    f.write_bytes(manifest_bytes(manifest) if checksum else json.dumps(manifest).encode())
+    return f
+
+
+def rewrite_shard(store: Path, k: int, edit) -> Path:
+    """Change shard k's tensors and update its sha256 and size everywhere, as an attacker would."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save
+
+    f = store / f"shard-{k:05d}.safetensors"
+    with safe_open(str(f), "pt") as h:
+        metadata = h.metadata()
+    tensors = load_file(str(f))
+    edit(tensors)
+    data = save(tensors, metadata=metadata)
+    f.write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    edit_manifest(store, lambda m: m["shards"][k].update(sha256=digest, bytes=len(data)))
+    return f
+
+
 def files_digest(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
             if p.is_file() and not any(part in skip for part in p.relative_to(folder).parts)}
@@ -526,7 +554,6 @@ def issue15_inputs(folder: Path, teacher: Path, run: Path, store: Path, prompts:
     import torch
 
     from rapm.run import load_checkpoint
-    from rapm.store import manifest_bytes
 
     t = str(teacher)
 
@@ -560,26 +587,12 @@ def issue15_inputs(folder: Path, teacher: Path, run: Path, store: Path, prompts:
 
     def edited_store(name: str, edit, checksum: bool = True) -> Path:
         d = copy(store, name)
-        manifest = json.loads((d / "manifest.json").read_text())
-        edit(manifest)
-        (d / "manifest.json").write_bytes(manifest_bytes(manifest) if checksum else json.dumps(manifest).encode())
+        edit_manifest(d, edit, checksum)
         return d
 
     def shard_store(name: str, edit) -> Path:
-        from safetensors import safe_open
-        from safetensors.torch import load_file, save
-
         d = copy(store, name)
-        f = d / "shard-00000.safetensors"
-        with safe_open(str(f), "pt") as h:
-            metadata = h.metadata()
-        tensors = load_file(str(f))
-        edit(tensors)
-        data = save(tensors, metadata=metadata)
-        f.write_bytes(data)
-        manifest = json.loads((d / "manifest.json").read_text())
-        manifest["shards"][0].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
-        (d / "manifest.json").write_bytes(manifest_bytes(manifest))
+        rewrite_shard(d, 0, edit)
         return d
 
     def huge_teacher() -> Path:

@@ -31,7 +31,8 @@ import torch
 import typer
 
 from rapm.errors import RapmError
-from rapm.teacher import BUILTIN_TEACHERS, Teacher, load_teacher
+from rapm.teacher import Teacher, is_builtin, load_teacher
+from rapm.validation import rms
 
 
 class EvaluateError(RapmError):
@@ -80,7 +81,7 @@ def _use_lora(teacher: Teacher, lora: str) -> None:
 
 def trajectory_error(images: torch.Tensor, reference: torch.Tensor) -> float:
     """Mean over samples of the per-sample RMS distance to the reference images."""
-    return float((images - reference).flatten(1).square().mean(1).sqrt().mean())
+    return float(rms(images, reference).mean())
 
 
 def evaluate(
@@ -117,7 +118,7 @@ def evaluate(
     check_metric_files(fid_features, reference_images, clip)
     teacher = load_teacher(teacher_path, device=device, vae=True)
     teacher_guidance = default_guidance(teacher) if guidance is None else guidance
-    digits = teacher.path.resolve() == BUILTIN_TEACHERS["digits"].resolve()
+    digits = is_builtin(teacher, "digits")
     metrics = None
     if digits:
         from rapm.demo.metrics import DigitsMetrics

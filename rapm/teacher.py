@@ -23,6 +23,11 @@ SDXL_PIPELINES = ("StableDiffusionXLPipeline",)
 BUILTIN_TEACHERS = {"digits": Path(__file__).parent / "demo" / "teacher"}
 
 
+def is_builtin(teacher, name: str) -> bool:
+    """Whether a loaded teacher is the built-in one of that name (the digits teacher has its own metrics)."""
+    return Path(teacher.path).resolve() == BUILTIN_TEACHERS[name].resolve()
+
+
 class TeacherError(RapmError):
     """A teacher folder that cannot be used, with what is wrong and how to fix it."""
 

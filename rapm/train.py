@@ -31,7 +31,7 @@ from rapm.run import (CHECKPOINT_PREFIX, TMP_PREFIX, GuardedWriter, LogFile, Res
                       state_file, truncate_log)
 from rapm.store import atomic_write
 from rapm.teacher import load_teacher, read_model_index, resolve_teacher_path
-from rapm.validation import split_indices
+from rapm.validation import Validation, split_indices
 
 
 # ---------------------------------------------------------------------------------------------- data and RNG
@@ -379,8 +379,6 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
     student_updates = sum("student" in phases_at(k) for k in range(start))  # for the EMA's warm-up
     validation = None
     if procs.main and config.eval_every > 0 and val_ids:
-        from rapm.validation import Validation
-
         validation = Validation(teacher, store, val_ids, device, dtype, config.val_reference_steps)
 
     def validate(step: int) -> None:
@@ -414,8 +412,9 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
                 ctx = Context(unet, teacher.schedule, store.timesteps, store.guidance,
                               sample_generators(config.seed, positions), disc)
                 method.begin_step(step, unet)
-                entry = {"step": step, "phase": "+".join(phases_at(step))}
-                for phase in phases_at(step):
+                phases = phases_at(step)
+                entry = {"step": step, "phase": "+".join(phases)}
+                for phase in phases:
                     set_trainable(unet, DISCRIMINATOR if phase == "discriminator" else STUDENT)
                     if disc is not None:
                         disc.requires_grad_(phase == "discriminator")

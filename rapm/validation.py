@@ -22,7 +22,7 @@ import torch
 from rapm.diffusion import ddim
 from rapm.methods.base import Context, student_trajectory
 from rapm.roles import teacher_role
-from rapm.teacher import guided_output
+from rapm.teacher import guided_output, is_builtin
 
 
 def split_indices(count: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -47,15 +47,14 @@ class Validation:
     def __init__(self, teacher, store, indices: list[int], device, dtype, reference_steps: int = 0, batch: int = 64):
         from rapm.train import _to_device
 
-        self.teacher, self.store, self.indices, self.device, self.dtype, self.chunk = \
-            teacher, store, indices, device, dtype, batch
+        self.teacher, self.store, self.indices = teacher, store, indices
         self.batches = [_to_device(store.get(indices[i:i + batch]), device, dtype) for i in range(0, len(indices), batch)]
         self.teacher_images = self._decode([b.latents[:, -1] for b in self.batches])
         self.reference_images = None
         if reference_steps > 0:
-            self.reference_images = self._decode([self._teacher_ddim(b, reference_steps) for b in self.batches])
+            self.reference_images = self._decode([self.teacher_ddim(b, reference_steps) for b in self.batches])
         self.digits = None
-        if teacher.family == "sd" and _is_digits(teacher):
+        if is_builtin(teacher, "digits"):
             from rapm.demo.metrics import DigitsMetrics
             from rapm.demo.prompts import digit_of
 
@@ -76,16 +75,16 @@ class Validation:
         return torch.cat([self.teacher.decode(z).float().cpu() for z in latents])
 
     @torch.no_grad()
-    def _teacher_ddim(self, batch, steps: int) -> torch.Tensor:
-        """The teacher's ``steps``-step DDIM from the stored noise, with the store's guidance."""
+    def teacher_ddim(self, batch, steps: int, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The teacher's ``steps``-step DDIM from the stored noise (or ``noise``), with the store's guidance."""
         unet = self.teacher.unet
 
         def model(z, t):
             return guided_output(unet, z, t, batch.cond, batch.uncond, self.store.guidance)
 
         with teacher_role(unet):
-            return ddim(model, self.teacher.schedule, batch.latents[:, 0], self.store.timesteps[0],
-                        self.store.timesteps[-1], steps)
+            start = batch.latents[:, 0] if noise is None else noise
+            return ddim(model, self.teacher.schedule, start, self.store.timesteps[0], self.store.timesteps[-1], steps)
 
     @torch.no_grad()
     def __call__(self, unet) -> dict[str, float]:
@@ -119,11 +118,3 @@ class Validation:
             out["val_prompt_accuracy"] = self.digits.prompt_accuracy(images, self.prompt_digits)
         return out
 
-
-def _is_digits(teacher) -> bool:
-    from rapm.teacher import BUILTIN_TEACHERS
-
-    try:
-        return teacher.path.resolve() == BUILTIN_TEACHERS["digits"].resolve()
-    except (AttributeError, OSError):
-        return False

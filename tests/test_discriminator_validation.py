@@ -1,6 +1,5 @@
 """The paired discriminator, the update schedule, the EMA warm-up and validation during training (issue 14)."""
 
-import json
 import math
 
 import pytest
@@ -12,18 +11,7 @@ from rapm.discriminator import (hinge_discriminator_loss, pair_accuracy, relativ
 from rapm.methods import build_method, updates_of
 from rapm.train import ema_decay_at, iteration_phases, train
 from rapm.validation import split_indices
-
-SMALL = dict(adv_weight=0.1, lora_rank=4, lora_alpha=4, disc_lora_rank=2, disc_lora_alpha=2, disc_heads_per_level=1, lr=1e-3,
-             disc_lr=1e-3, sample_every=0, batch_size=1, keep_checkpoints=2)
-
-
-def _config(tiny_sd, sd_store, **kw) -> TrainConfig:
-    return apply_overrides(TrainConfig(), {"teacher": str(tiny_sd), "store": str(sd_store), **SMALL, **kw}, "test")
-
-
-def _log(run):
-    return [json.loads(line) for line in (run / "logs.jsonl").read_text().splitlines()]
-
+from test_train import _config, _log  # the tiny run settings, with the discriminators on
 
 def test_relativistic_loss_is_log2_at_chance_and_scores_the_pair():
     real = [torch.randn(3, 1, 4, 4)]

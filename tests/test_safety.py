@@ -19,13 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save
 
 import rapm.run
 from rapm.config import TrainConfig, apply_overrides
 from rapm.folders import LOCK, RUN_MARKER, STORE_MARKER, FolderLock, LockError, StaleLockWarning
 from rapm.run import RunError, TrustWarning, checkpoints, load_checkpoint
-from rapm.store import MANIFEST_SHA256, StoreError, manifest_bytes, open_store
+from rapm.store import MANIFEST_SHA256, StoreError, open_store
 from rapm.train import train
 from rapm.trajectories import write_trajectories
 
@@ -319,12 +318,7 @@ def test_the_lock_of_a_dead_process_is_taken_over_with_a_message(tiny_sd, sd_sto
 
 # --- 4. a store checked, not trusted -----------------------------------------------------------------------------------
 
-def _edit_manifest(store: Path, edit, checksum: bool = True) -> Path:
-    f = store / "manifest.json"
-    manifest = json.loads(f.read_text())
-    edit(manifest)
-    f.write_bytes(manifest_bytes(manifest) if checksum else json.dumps(manifest).encode())
-    return f
+_edit_manifest = faults.edit_manifest  # shared with the fault benchmark's tampered stores
 
 
 def test_an_edited_manifest_is_refused_by_its_checksum(store_copy):
@@ -351,21 +345,7 @@ def test_ill_typed_manifest_fields_are_refused_naming_the_field(field, value, st
     assert "\n" not in str(e.value)
 
 
-def _rewrite_shard(store: Path, k: int, edit) -> Path:
-    """Change shard k's tensors and update its sha256 and size everywhere, as an attacker would."""
-    f = store / f"shard-{k:05d}.safetensors"
-    with safe_open(str(f), "pt") as h:
-        metadata = h.metadata()
-    tensors = load_file(str(f))
-    edit(tensors)
-    data = save(tensors, metadata=metadata)
-    f.write_bytes(data)
-    digest = hashlib.sha256(data).hexdigest()
-
-    def update(m):
-        m["shards"][k].update(sha256=digest, bytes=len(data))
-    _edit_manifest(store, update)
-    return f
+_rewrite_shard = faults.rewrite_shard  # changes shard k's tensors and updates its sha256 and size, as an attacker would
 
 
 @pytest.mark.parametrize("edit,message", [

@@ -107,6 +107,20 @@ class RAPM(Method):
         rel = student_step(ctx, z_mid, mid, s, cond)  # ... then the frozen student to t_n (line 9)
         return rel.unflatten(0, (b, n))
 
+    def kind_weight(self, kind: str, slot: int) -> float:
+        """The weight of a discriminator's terms: the relative one's, or w_n for the absolute one."""
+        return self.relative_weight if kind == "relative" else self.weight(slot)
+
+    @staticmethod
+    def _paired_logits(ctx: Context, groups: list[torch.Tensor], s: torch.Tensor, t_gan: torch.Tensor,
+                       noise: torch.Tensor, cond) -> list[dict[str, list[torch.Tensor]]]:
+        """Each group (rows at the slot ends ``s``) moved to ``t_gan`` with the same ``noise``, all in one backbone pass
+        (decision 2): the logits of every group, head by head, so group k's row i pairs with every other group's."""
+        m, rows = len(groups), len(s)
+        x = renoise(ctx, torch.cat(groups), s.repeat(m), t_gan.repeat(m), noise.repeat(m, *[1] * (noise.ndim - 1)))
+        logits = ctx.discriminator.logits(ctx.unet, x, t_gan.repeat(m), type(cond).cat([cond] * m))
+        return [{kind: [h[i * rows:(i + 1) * rows] for h in heads] for kind, heads in logits.items()} for i in range(m)]
+
     @torch.no_grad()
     def _real_logits(self, ctx: Context, batch: TrajectoryBatch, reals: dict, s: torch.Tensor, t_gan: torch.Tensor,
                      noise: torch.Tensor) -> dict[str, list[torch.Tensor]]:
@@ -114,12 +128,9 @@ class RAPM(Method):
         if self.gan_loss != "relativistic":
             return {}
         kinds = self.gan_kinds
-        m = len(kinds)
-        x = renoise(ctx, torch.cat([reals[k] for k in kinds]), s.repeat(m), t_gan.repeat(m),
-                    noise.repeat(m, *[1] * (noise.ndim - 1)))
-        logits = ctx.discriminator.logits(ctx.unet, x, t_gan.repeat(m), type(batch.cond).cat([batch.cond] * m))
-        rows = len(s)
-        return {k: [h[i * rows:(i + 1) * rows] for h in logits[k]] for i, k in enumerate(kinds)}
+        groups = self._paired_logits(ctx, [reals[k] for k in kinds], s, t_gan, noise, batch.cond)
+        return {k: groups[i][k] for i, k in enumerate(kinds)}
+
     def _say_delta_step_is_computed(self, batch: TrajectoryBatch) -> None:
         if self._warned:
             return
@@ -168,8 +179,7 @@ class RAPM(Method):
                         g = relativistic_generator_loss(logits[kind], real_logits[kind])
                     else:
                         g = hinge_generator_loss(logits[kind])  # eqs. 15, 18
-                    w = self.relative_weight if kind == "relative" else self.weight(slot)
-                    loss = loss + self.adv_weight * w * g
+                    loss = loss + self.adv_weight * self.kind_weight(kind, slot) * g
                     logs[f"gen_{kind[:3]}/{slot}"] = g.item()
             logs[f"loss/{slot}"] = loss.item()
             yield loss, logs
@@ -188,19 +198,13 @@ class RAPM(Method):
         t_gan = discriminator_timesteps(ctx, s)
         noise = ctx.randn(fake.flatten(0, 1))
         # One backbone pass over fakes and all reals (decision 2); each moved to t_gan with the same noise.
-        inputs = torch.cat([fake.flatten(0, 1)] + [reals[k].flatten(0, 1) for k in kinds])
-        m = len(kinds) + 1
-        x = renoise(ctx, inputs, s.repeat(m), t_gan.repeat(m), noise.repeat(m, *[1] * (noise.ndim - 1)))
-        cond = batch.cond.repeat(n)
-        logits = ctx.discriminator.logits(ctx.unet, x, t_gan.repeat(m), type(cond).cat([cond] * m))
-        loss = x.new_zeros((), dtype=torch.float32)
+        groups = self._paired_logits(ctx, [fake.flatten(0, 1)] + [reals[k].flatten(0, 1) for k in kinds], s, t_gan,
+                                     noise, batch.cond.repeat(n))
+        loss = fake.new_zeros((), dtype=torch.float32)
         logs: dict[str, float] = {}
-        rows = b * n
-        slot_of_row = torch.arange(rows, device=x.device) % n  # sample-major rows: row = b * N + j
+        slot_of_row = torch.arange(b * n, device=fake.device) % n  # sample-major rows: row = b * N + j
         for i, kind in enumerate(kinds):
-            heads = logits[kind]
-            fake_logits = [h[:rows] for h in heads]
-            real_logits = [h[(i + 1) * rows:(i + 2) * rows] for h in heads]
+            fake_logits, real_logits = groups[0][kind], groups[i + 1][kind]
             for j in range(n):
                 slot = n - 1 - j
                 sel = slot_of_row == j
@@ -209,8 +213,7 @@ class RAPM(Method):
                     d = relativistic_discriminator_loss(f, r)
                 else:
                     d = hinge_discriminator_loss(f, r)
-                w = self.weight(slot) if kind == "absolute" else self.relative_weight
-                loss = loss + w * d / n
+                loss = loss + self.kind_weight(kind, slot) * d / n
                 logs[f"disc_{kind[:3]}/{slot}"] = d.item()
                 logs[f"disc_acc_{kind[:3]}/{slot}"] = pair_accuracy(f, r)
         yield loss, logs
