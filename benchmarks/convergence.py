@@ -71,6 +71,10 @@ ABLATION_ROWS = [  # N = 4 only unless named; each changes one thing of rapm-pai
     ("abl-wn", "rapm", 1, PAIRED + ["slot_weights=2,1,1,1"]),  # w_0 = 2: the last slot's absolute terms count double
     ("abl-delta2", "rapm", 1, PAIRED + ["delta=50"]),  # Δ = two fine steps (1000 / (N M) = 25 at N = 4)
     ("abl-nogan-rel0.5", "rapm", 1, ["relative_weight=0.5"]),  # the default recipe with the relative terms at 0.5
+    ("abl-rel0.1", "rapm", 1, ["relative_weight=0.1"]),  # the default recipe with the relative terms at 0.1
+    ("abl-rel0", "rapm", 1, ["relative_weight=0"]),  # the absolute pseudo-Huber terms alone (SFD with RAPM's distance)
+    ("abl-l1-rel0.25", "rapm", 1, ["distance=l1"]),  # the default recipe with SFD's L1 distance
+    ("abl-huber0.001", "rapm", 1, ["huber_c=0.001"]),  # the default recipe with a 10x smaller pseudo-Huber c
 ]
 COLUMNS = ("method", "steps", "batch", "iteration", "wall_s", "trajectory_error", "reference_error", "fd_teacher",
            "fd_real", "prompt_accuracy")

@@ -41,7 +41,8 @@ def build_method(config: TrainConfig, delta: int) -> Method:
                   gan_loss=recipe["gan_loss"], relative_weight=recipe["relative_weight"],
                   d1=config.disc_relative, d2=config.disc_absolute)
     if config.method in ("rapm", "rapm-paper"):
-        return RAPM(**common, distance=config.distance or "pseudo_huber")
+        # relative weight 0: the relative terms (and D1, weighted by it) are not computed at all
+        return RAPM(**common, relative=recipe["relative_weight"] > 0, distance=config.distance or "pseudo_huber")
     if config.method == "rapm-relative":  # eq. 16 alone: the ablation of paper Fig. 3
         return RAPM(**common, absolute=False, distance=config.distance or "pseudo_huber")
     if config.method == "sfd":
