@@ -1,0 +1,132 @@
+"""The flow-matching schedule and step agree with diffusers' FlowMatchEulerDiscreteScheduler to float32 tolerance."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift as diffusers_calculate_shift
+
+from rapm import flowmatch as fm
+
+FLUX_SCHEDULER = dict(
+    num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+    base_image_seq_len=256, max_image_seq_len=4096,
+)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_coarse_sigmas_match_set_timesteps_static_shift(shift, n):
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(n)
+    schedule = fm.FlowSchedule.from_config(scheduler.config)
+    sigmas = schedule.coarse_sigmas(n)
+    torch.testing.assert_close(sigmas, scheduler.sigmas, rtol=0, atol=1e-6)
+    torch.testing.assert_close(schedule.model_timestep(sigmas[:-1]), scheduler.timesteps, rtol=1e-6, atol=1e-4)
+
+
+@pytest.mark.parametrize("resolution", [256, 1024])
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_coarse_sigmas_match_flux_dynamic_shift(resolution, n):
+    image_seq_len = (resolution // 16) ** 2  # 8x VAE, then 2x2 packing
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
+    mu = diffusers_calculate_shift(image_seq_len, 256, 4096, 0.5, 1.15)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n), mu=mu)
+    schedule = fm.FlowSchedule.from_config(scheduler.config)
+    assert schedule.mu(image_seq_len) == pytest.approx(mu)
+    sigmas = schedule.flux_coarse_sigmas(n, image_seq_len)
+    torch.testing.assert_close(sigmas, scheduler.sigmas, rtol=0, atol=1e-6)
+    torch.testing.assert_close(schedule.model_timestep(sigmas[:-1]), scheduler.timesteps, rtol=1e-6, atol=1e-4)
+
+
+def test_dynamic_shift_differs_by_resolution():
+    schedule = fm.FlowSchedule(**FLUX_SCHEDULER)
+    low, high = schedule.flux_coarse_sigmas(4, 256), schedule.flux_coarse_sigmas(4, 4096)
+    assert (high[1:-1] > low[1:-1]).all()  # more tokens, more time at high noise
+
+
+def test_training_sigmas_match_scheduler_table():
+    for config in (dict(shift=3.0), FLUX_SCHEDULER):
+        scheduler = FlowMatchEulerDiscreteScheduler(**config)
+        table = fm.FlowSchedule.from_config(scheduler.config).training_sigmas()
+        np.testing.assert_allclose(table, scheduler.sigmas.numpy(), rtol=0, atol=1e-6)
+
+
+def test_unsupported_scheduler_option_is_refused():
+    with pytest.raises(ValueError, match="use_karras_sigmas"):
+        fm.FlowSchedule.from_config(FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True).config)
+
+
+def _toy_velocity(x, timestep):
+    # a smooth nonlinear velocity field that depends on the timestep, as a transformer would
+    t = timestep.reshape(-1, 1, 1, 1) / 1000
+    return torch.tanh(x) * (1 + t) - 0.3 * x * t + 0.1
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+@pytest.mark.parametrize("config", [dict(shift=3.0), dict(shift=1.0), "flux"])
+def test_euler_sampling_matches_scheduler_step_loop(n, config):
+    x_init = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(n))
+    if config == "flux":
+        scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n), mu=fm.calculate_shift(1024))
+        ours = fm.FlowSchedule.from_config(scheduler.config)
+        sigmas = ours.flux_coarse_sigmas(n, 1024)
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(**config)
+        scheduler.set_timesteps(n)
+        ours = fm.FlowSchedule.from_config(scheduler.config)
+        sigmas = ours.coarse_sigmas(n)
+    x = x_init.clone()
+    for t in scheduler.timesteps:
+        x = scheduler.step(_toy_velocity(x, t.expand(x.shape[0])), t, x, return_dict=False)[0]
+    mine = fm.sample_euler(_toy_velocity, x_init.clone(), sigmas, ours)
+    torch.testing.assert_close(mine, x, rtol=1e-5, atol=1e-5)
+
+
+def test_euler_step_is_ddim_in_alpha_sigma_parameterization():
+    g = torch.Generator().manual_seed(0)
+    x_t, v = torch.randn(3, 4, 5, 5, generator=g), torch.randn(3, 4, 5, 5, generator=g)
+    sigma_t, sigma_s = torch.tensor([0.9, 0.5, 0.3]), torch.tensor([0.6, 0.2, 0.0])
+    torch.testing.assert_close(fm.euler_step(x_t, v, sigma_t, sigma_s), fm.ddim_step(x_t, v, sigma_t, sigma_s))
+
+
+def test_conversions_round_trip_and_exact_on_the_line():
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
+    sigma = torch.tensor([0.7, 0.25])
+    x_t = fm.add_noise(x0, eps, sigma)
+    v = fm.velocity_target(x0, eps)
+    torch.testing.assert_close(fm.velocity_to_x0(x_t, v, sigma), x0)
+    torch.testing.assert_close(fm.velocity_to_eps(x_t, v, sigma), eps)
+    torch.testing.assert_close(fm.x0_to_velocity(x_t, x0, sigma), v)
+    torch.testing.assert_close(fm.eps_to_velocity(x_t, eps, sigma), v)
+    torch.testing.assert_close(fm.x0_eps_to_velocity(x0, eps), v)
+    # with the true velocity one Euler step lands exactly on the line at any σ_s
+    sigma_s = torch.tensor([0.1, 0.0])
+    torch.testing.assert_close(fm.euler_step(x_t, v, sigma, sigma_s), fm.add_noise(x0, eps, sigma_s))
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    scheduler.set_timesteps(4)
+    torch.testing.assert_close(
+        fm.add_noise(x0, eps, scheduler.sigmas[1]), scheduler.scale_noise(x0, scheduler.timesteps[1:2], eps)
+    )
+
+
+@pytest.mark.parametrize("config", [dict(shift=3.0), "flux"])
+def test_fine_grid_inside_slots(config):
+    schedule = fm.FlowSchedule(**FLUX_SCHEDULER) if config == "flux" else fm.FlowSchedule(**config)
+    mu = schedule.mu(1024) if config == "flux" else None
+    coarse = schedule.flux_coarse_sigmas(4, 1024) if config == "flux" else schedule.coarse_sigmas(4)
+    grid = schedule.slot_grid(coarse, k=5, mu=mu)
+    assert len(grid) == 4 * 5 + 1
+    torch.testing.assert_close(grid[::5], coarse)  # the coarse σ are on the fine grid, exactly
+    assert (grid[1:] < grid[:-1]).all()
+    # uniform before the shift
+    unshifted = schedule.remove_shift(grid.double().numpy(), mu)
+    for i in range(4):
+        np.testing.assert_allclose(np.diff(unshifted[5 * i : 5 * i + 6]), np.diff(unshifted[5 * i : 5 * i + 6])[0], rtol=1e-4)
+    # remove_shift inverts apply_shift
+    s = np.linspace(0.05, 1.0, 7)
+    np.testing.assert_allclose(schedule.apply_shift(schedule.remove_shift(s, mu), mu), s, rtol=1e-10)
+    # one fine step is the coarse grid itself
+    torch.testing.assert_close(schedule.slot_grid(coarse, k=1, mu=mu), coarse)
