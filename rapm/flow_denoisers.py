@@ -197,6 +197,14 @@ def transformer_blocks(transformer) -> list[torch.nn.Module]:
     return blocks
 
 
+def default_feature_blocks(transformer, every: int = 1) -> list[int]:
+    """Every ``every``-th joint (two-stream) block: PCM's SD3 discriminator uses all 24 of SD3-medium's (every=1).
+
+    FLUX's 19 joint blocks are 3072 wide: a head there is ~4x an SD3 head, so ``every`` > 1 trades heads for memory.
+    """
+    return list(range(0, len(transformer.transformer_blocks), every))
+
+
 def feature_channels(transformer, blocks: Sequence[int]) -> list[int]:
     """Channels of each chosen block's image tokens (the transformer's inner width)."""
     inner = transformer.config.num_attention_heads * transformer.config.attention_head_dim

@@ -188,9 +188,31 @@ class FlowSchedule:
         out = torch.from_numpy(np.asarray(shifted)).to(torch.float32)
         return torch.cat([out, torch.zeros(1)])
 
+    def trailing_sigmas(self, num_steps: int, mu: float | None = None) -> torch.Tensor:
+        """N slots of equal width in the unshifted σ, then shifted: ``set_timesteps(sigmas=np.linspace(1, 1/N, N), mu=)``.
+
+        FLUX's pipeline always places its σ so; SD3's does when its ``sigmas=`` argument is given. It is the
+        flow-matching analogue of DDIM's "trailing" spacing (999, 749, 499, 249) and PCM's SD3 phase edges. SD3's
+        default placement (``coarse_sigmas``) instead ends at the table's σ_min, so its last slot spans σ 0.009 to 0
+        at N = 4 with shift 3: a wasted step for a few-step student.
+        """
+        return self.coarse_sigmas(num_steps, mu=mu, sigmas=np.linspace(1.0, 1 / num_steps, num_steps))
+
     def flux_coarse_sigmas(self, num_steps: int, image_seq_len: int) -> torch.Tensor:
         """The σ of diffusers' FluxPipeline for num_steps: ``sigmas=np.linspace(1, 1/N, N)`` and μ from the token count."""
-        return self.coarse_sigmas(num_steps, mu=self.mu(image_seq_len), sigmas=np.linspace(1.0, 1 / num_steps, num_steps))
+        return self.trailing_sigmas(num_steps, mu=self.mu(image_seq_len))
+
+    def pipeline_coarse_sigmas(self, family: str, num_steps: int, image_seq_len: int) -> torch.Tensor:
+        """The N-step σ of the family's diffusers pipeline: FluxPipeline's, or StableDiffusion3Pipeline's (μ if dynamic)."""
+        if family == "flux":
+            return self.flux_coarse_sigmas(num_steps, image_seq_len)
+        if family != "sd3":
+            raise ValueError(f"family must be 'sd3' or 'flux', got {family!r}")
+        return self.coarse_sigmas(num_steps, mu=self.mu(image_seq_len) if self.use_dynamic_shifting else None)
+
+    def slot_mu(self, family: str, image_seq_len: int) -> float | None:
+        """The μ a fine grid needs (``fine_sigmas``/``slot_grid``): the image's μ with dynamic shifting, else None."""
+        return self.mu(image_seq_len) if self.use_dynamic_shifting else None
 
     def fine_sigmas(self, sigma_from: float, sigma_to: float, k: int, mu: float | None = None) -> torch.Tensor:
         """k + 1 σ from ``sigma_from`` down to ``sigma_to`` (both kept exactly), uniform in the unshifted σ.

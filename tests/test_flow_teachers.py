@@ -1,5 +1,6 @@
 """Flow-matching teachers: tiny SD3 and FLUX pipelines through a folder, the denoiser call, the roles, the LoRA file."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,16 +27,16 @@ def _latents(seed=0, batch=2):
     return torch.randn(batch, 16, LATENT, LATENT, generator=torch.Generator().manual_seed(seed))
 
 
-def _schedule_and_sigmas(pipe, family, n):
+def _schedule_and_sigmas(pipe, family, n, trailing=False):
     schedule = fm.FlowSchedule.from_config(pipe.scheduler.config)
     if family == "flux":
         return schedule, schedule.flux_coarse_sigmas(n, fd.image_seq_len(family, LATENT, LATENT))
-    return schedule, schedule.coarse_sigmas(n)
+    return schedule, (schedule.trailing_sigmas(n) if trailing else schedule.coarse_sigmas(n))
 
 
-def _our_sample(pipe, family, x, n):
+def _our_sample(pipe, family, x, n, trailing=False):
     """An n-step sample with rapm's math and denoiser calls (no pipeline __call__)."""
-    schedule, sigmas = _schedule_and_sigmas(pipe, family, n)
+    schedule, sigmas = _schedule_and_sigmas(pipe, family, n, trailing)
     if family == "sd3":
         cond, uncond = fd.encode_prompt_sd3(pipe, PROMPTS, max_sequence_length=MAX_TOKENS)
 
@@ -51,12 +52,14 @@ def _our_sample(pipe, family, x, n):
         return fm.sample_euler(velocity, x, sigmas, schedule)
 
 
-def _pipeline_sample(pipe, family, x, n):
+def _pipeline_sample(pipe, family, x, n, trailing=False):
     """The diffusers pipeline's own n-step sample from the same initial latents, as [B, 16, H, W]."""
     common = dict(
         prompt=PROMPTS, num_inference_steps=n, height=IMAGE, width=IMAGE, output_type="latent",
         max_sequence_length=MAX_TOKENS,
     )
+    if family == "sd3" and trailing:  # how a user runs a student trained on trailing σ
+        common["sigmas"] = list(np.linspace(1.0, 1 / n, n))
     if family == "sd3":
         return pipe(latents=x.clone(), guidance_scale=SD3_CFG, **common).images
     packed = pipe(latents=fd.pack_latents(x), guidance_scale=FLUX_GUIDANCE, **common).images
@@ -76,12 +79,12 @@ def test_tiny_pipeline_loads_from_its_folder_and_generates_an_image(folders, fam
 
 
 @pytest.mark.parametrize("n", [1, 4])
-@pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_our_sampler_equals_the_pipeline(folders, family, n):
+@pytest.mark.parametrize("family, trailing", [("sd3", False), ("sd3", True), ("flux", False)])
+def test_our_sampler_equals_the_pipeline(folders, family, trailing, n):
     pipe = load(folders[family])
     x = _latents(n)
-    expected = _pipeline_sample(pipe, family, x, n)
-    ours = _our_sample(pipe, family, x, n)
+    expected = _pipeline_sample(pipe, family, x, n, trailing)
+    ours = _our_sample(pipe, family, x, n, trailing)
     assert not torch.allclose(ours, x)  # the sample moved
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
@@ -217,3 +220,41 @@ def test_block_features_on_the_latent_grid(folders, family):
     tokens = captured["o"]
     r, c = 1, 3
     torch.testing.assert_close(feats[0][:, :, r, c], tokens[:, r * (LATENT // 2) + c, :])
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_student_gradients_reach_only_its_adapter_also_with_role_aware_checkpointing(folders, family):
+    from rapm.roles import enable_gradient_checkpointing, set_trainable
+
+    grads = []
+    for checkpointing in (False, True):
+        pipe = load(folders[family])
+        torch.manual_seed(0)
+        add_roles(pipe.transformer, flow_lora_spec(family, rank=4), flow_lora_spec(family, rank=2))
+        with torch.no_grad():
+            for name, p in pipe.transformer.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+        set_trainable(pipe.transformer, STUDENT)
+        if checkpointing:
+            enable_gradient_checkpointing(pipe.transformer)
+            pipe.transformer.train()
+            assert pipe.transformer.gradient_checkpointing
+        call = _one_call(pipe, family)
+        with student_role(pipe.transformer):
+            student = call()
+        with discriminator_role(pipe.transformer), torch.no_grad():
+            other = call()  # another role between forward and backward: the recompute must use the student's
+        (student - other).square().mean().backward()
+        named = dict(pipe.transformer.named_parameters())
+        assert all(p.grad is None for n, p in named.items() if f".{STUDENT}." not in n)
+        grads.append({n: p.grad for n, p in lora_parameters(pipe.transformer, STUDENT).items()})
+        assert all(g is not None for g in grads[-1].values())
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
+
+
+def test_default_feature_blocks(folders):
+    pipe = load(folders["sd3"])
+    assert fd.default_feature_blocks(pipe.transformer) == [0, 1]
+    assert fd.default_feature_blocks(pipe.transformer, every=2) == [0]

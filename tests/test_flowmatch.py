@@ -130,3 +130,25 @@ def test_fine_grid_inside_slots(config):
     np.testing.assert_allclose(schedule.apply_shift(schedule.remove_shift(s, mu), mu), s, rtol=1e-10)
     # one fine step is the coarse grid itself
     torch.testing.assert_close(schedule.slot_grid(coarse, k=1, mu=mu), coarse)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_pipeline_coarse_sigmas_for_sd3_with_and_without_dynamic_shift(dynamic):
+    config = dict(FLUX_SCHEDULER, max_shift=1.16) if dynamic else dict(shift=3.0)
+    scheduler = FlowMatchEulerDiscreteScheduler(**config)
+    seq = (128 // 2) ** 2  # SD3 at 1024 px: 128x128 latent, 2x2 patches
+    # StableDiffusion3Pipeline: mu from calculate_shift with the config's values only when use_dynamic_shifting
+    scheduler.set_timesteps(4, **({"mu": diffusers_calculate_shift(seq, 256, 4096, 0.5, 1.16)} if dynamic else {}))
+    ours = fm.FlowSchedule.from_config(scheduler.config)
+    torch.testing.assert_close(ours.pipeline_coarse_sigmas("sd3", 4, seq), scheduler.sigmas, rtol=0, atol=1e-6)
+    assert (ours.slot_mu("sd3", seq) is None) == (not dynamic)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_trailing_sigmas_match_set_timesteps_with_sigmas_as_the_sd3_pipeline_passes_them(n):
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(sigmas=list(np.linspace(1.0, 1 / n, n)))  # StableDiffusion3Pipeline(..., sigmas=...)
+    ours = fm.FlowSchedule.from_config(scheduler.config).trailing_sigmas(n)
+    torch.testing.assert_close(ours, scheduler.sigmas, rtol=0, atol=1e-6)
+    if n == 4:  # equal slots before the shift: shift 3 puts them at 1, 0.9, 0.75, 0.5, 0
+        torch.testing.assert_close(ours, torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0]))
