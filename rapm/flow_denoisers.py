@@ -221,6 +221,11 @@ def block_features(
     (text, image)); the forward stops after the last chosen block, so later blocks cost nothing.
     Tokens are row-major over the patch grid for both families (SD3's PatchEmbed and FLUX's packing),
     so a reshape puts them back on the grid and the 2-D conv heads of rapm.discriminator apply.
+
+    With gradient checkpointing the transformer runs each block inside ``torch.utils.checkpoint``. A stop
+    raised there would leave that checkpoint mid-forward (never marked complete; its saved-tensor hooks
+    popped only when Python collects its generator), so it is raised after the checkpointed call returns,
+    from a wrapper around the transformer's checkpoint function (tests: gradients equal without checkpointing).
     """
     all_blocks = transformer_blocks(transformer)
     if not blocks:
@@ -233,18 +238,30 @@ def block_features(
     grid = (h // 2, w // 2)
     kept: dict[int, torch.Tensor] = {}
     handles = []
+    checkpointed = torch.is_grad_enabled() and getattr(transformer, "gradient_checkpointing", False)
 
     def hook(index):
         def keep(_module, _inputs, output):
             image = output[1] if isinstance(output, tuple) else output
             kept[index] = image.transpose(1, 2).reshape(b, image.shape[-1], *grid)
-            if index == wanted[-1]:
+            if index == wanted[-1] and not checkpointed:
                 raise _StopForward
 
         return keep
 
     for i in wanted:
         handles.append(all_blocks[i].register_forward_hook(hook(i)))
+    had_own = "_gradient_checkpointing_func" in transformer.__dict__
+    if checkpointed:
+        inner = transformer._gradient_checkpointing_func
+
+        def checkpoint_then_stop(block, *args, **kwargs):
+            out = inner(block, *args, **kwargs)
+            if wanted[-1] in kept:
+                raise _StopForward
+            return out
+
+        transformer._gradient_checkpointing_func = checkpoint_then_stop
     try:
         if family_of(transformer) == FLUX:
             flux_velocity(transformer, latents, timestep, cond, flux_guidance)
@@ -255,4 +272,9 @@ def block_features(
     finally:
         for handle in handles:
             handle.remove()
+        if checkpointed:
+            if had_own:
+                transformer._gradient_checkpointing_func = inner
+            else:
+                del transformer._gradient_checkpointing_func
     return [kept[i % len(all_blocks)] for i in blocks]

@@ -258,3 +258,25 @@ def sample_euler(velocity, latents: torch.Tensor, sigmas: torch.Tensor, schedule
         v = velocity(x, timestep)
         x = euler_step(x, v, sigmas[i], sigmas[i + 1])
     return x
+
+
+def teacher_trajectory(
+    velocity, noise: torch.Tensor, coarse: torch.Tensor, k: int, schedule: FlowSchedule, mu: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's trajectory through the N coarse σ with k Euler steps per slot (``fine_sigmas``).
+
+    Returns the positions at the coarse σ, [B, N + 1, ...] (index 0 is the noise at ``coarse[0]``), and the
+    Δ-step of each slot, [B, N, ...]: the position after the slot's first fine step (decision 8; at k = 1 it is
+    the slot's end). ``velocity(x, timestep)`` as in ``sample_euler``.
+    """
+    positions, delta_steps = [noise], []
+    x = noise
+    for i in range(len(coarse) - 1):
+        fine = schedule.fine_sigmas(float(coarse[i]), float(coarse[i + 1]), k, mu)
+        for j in range(k):
+            timestep = schedule.model_timestep(fine[j]).expand(x.shape[0]).to(x.dtype)
+            x = euler_step(x, velocity(x, timestep), fine[j], fine[j + 1])
+            if j == 0:
+                delta_steps.append(x)
+        positions.append(x)
+    return torch.stack(positions, dim=1), torch.stack(delta_steps, dim=1)

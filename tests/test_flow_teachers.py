@@ -258,3 +258,63 @@ def test_default_feature_blocks(folders):
     pipe = load(folders["sd3"])
     assert fd.default_feature_blocks(pipe.transformer) == [0, 1]
     assert fd.default_feature_blocks(pipe.transformer, every=2) == [0]
+
+
+def test_sd3_teacher_trajectory_ends_where_the_pipeline_ends_on_the_same_fine_grid(folders):
+    pipe = load(folders["sd3"])
+    schedule = fm.FlowSchedule.from_config(pipe.scheduler.config)
+    coarse, k = schedule.trailing_sigmas(2), 3
+    grid = schedule.slot_grid(coarse, k)
+    cond, uncond = fd.encode_prompt_sd3(pipe, PROMPTS, max_sequence_length=MAX_TOKENS)
+    x = _latents(11)
+    with torch.no_grad():
+        positions, _ = fm.teacher_trajectory(
+            lambda z, t: fd.sd3_guided_velocity(pipe.transformer, z, t, cond, uncond, SD3_CFG), x, coarse, k, schedule
+        )
+    # the pipeline shifts the sigmas it is given: hand it the fine grid before the shift
+    unshifted = schedule.remove_shift(grid[:-1].double().numpy()).tolist()
+    expected = pipe(
+        prompt=PROMPTS, sigmas=unshifted, height=IMAGE, width=IMAGE, output_type="latent", latents=x.clone(),
+        guidance_scale=SD3_CFG, max_sequence_length=MAX_TOKENS,
+    ).images
+    torch.testing.assert_close(positions[:, -1], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_block_features_train_the_discriminator_adapter_also_with_checkpointing(folders, family):
+    from rapm.roles import enable_gradient_checkpointing, set_trainable
+
+    grads = []
+    for checkpointing in (False, True):
+        pipe = load(folders[family])
+        torch.manual_seed(0)  # LoRA A is initialized from the global generator
+        add_roles(pipe.transformer, flow_lora_spec(family, rank=4), flow_lora_spec(family, rank=2))
+        with torch.no_grad():
+            for name, p in pipe.transformer.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+        set_trainable(pipe.transformer, DISCRIMINATOR)
+        if checkpointing:
+            enable_gradient_checkpointing(pipe.transformer)
+            pipe.transformer.train()
+        torch.manual_seed(0)
+        head = Head(32, kernel_size=1)
+        x, t = _latents(9), torch.full([2], 300.0)
+        if family == "sd3":
+            cond, _ = fd.encode_prompt_sd3(pipe, PROMPTS, max_sequence_length=MAX_TOKENS, guidance=False)
+        else:
+            cond = fd.encode_prompt_flux(pipe, PROMPTS, max_sequence_length=MAX_TOKENS)
+        guidance = FLUX_GUIDANCE if family == "flux" else None
+        with discriminator_role(pipe.transformer):
+            feats = fd.block_features(pipe.transformer, x, t, cond, [0], flux_guidance=guidance)
+        with student_role(pipe.transformer), torch.no_grad():
+            _one_call(pipe, family)()  # another role before backward
+        head(feats[0]).mean().backward()
+        grads.append({n: p.grad for n, p in lora_parameters(pipe.transformer, DISCRIMINATOR).items()})
+        assert any(g is not None and g.abs().sum() > 0 for g in grads[-1].values())
+        assert all(p.grad is None for n, p in lora_parameters(pipe.transformer, STUDENT).items())
+    for name, g in grads[0].items():
+        if g is None:  # adapters on blocks after the stop get no gradient, with or without checkpointing
+            assert grads[1][name] is None
+        else:
+            torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6)

@@ -152,3 +152,25 @@ def test_trailing_sigmas_match_set_timesteps_with_sigmas_as_the_sd3_pipeline_pas
     torch.testing.assert_close(ours, scheduler.sigmas, rtol=0, atol=1e-6)
     if n == 4:  # equal slots before the shift: shift 3 puts them at 1, 0.9, 0.75, 0.5, 0
         torch.testing.assert_close(ours, torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0]))
+
+
+@pytest.mark.parametrize("config", [dict(shift=3.0), "flux"])
+def test_teacher_trajectory_is_euler_on_the_slot_grid(config):
+    schedule = fm.FlowSchedule(**FLUX_SCHEDULER) if config == "flux" else fm.FlowSchedule(**config)
+    mu = schedule.slot_mu("flux", 1024) if config == "flux" else None
+    coarse = schedule.trailing_sigmas(4, mu)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    positions, deltas = fm.teacher_trajectory(_toy_velocity, noise, coarse, 3, schedule, mu)
+    assert positions.shape == (2, 5, 4, 8, 8) and deltas.shape == (2, 4, 4, 8, 8)
+    grid = schedule.slot_grid(coarse, 3, mu)
+    torch.testing.assert_close(positions[:, 0], noise)
+    for n in range(1, 5):  # each coarse position is Euler along the fine grid up to it
+        torch.testing.assert_close(positions[:, n], fm.sample_euler(_toy_velocity, noise, grid[: 3 * n + 1], schedule))
+    for n in range(4):  # the delta-step is the first fine step from the stored position
+        torch.testing.assert_close(
+            deltas[:, n], fm.sample_euler(_toy_velocity, positions[:, n], grid[3 * n : 3 * n + 2], schedule)
+        )
+    # one fine step per slot: the coarse sampler itself, and the delta-step is the slot's end
+    positions_1, deltas_1 = fm.teacher_trajectory(_toy_velocity, noise, coarse, 1, schedule, mu)
+    torch.testing.assert_close(positions_1[:, -1], fm.sample_euler(_toy_velocity, noise, coarse, schedule))
+    torch.testing.assert_close(deltas_1, positions_1[:, 1:])
