@@ -251,10 +251,18 @@ def _html_table(result: dict) -> str:
 
 
 def cli(
-    run: Path = typer.Argument(..., help="The run directory (rapm train --out)."),
+    run_arg: Optional[Path] = typer.Argument(None, show_default=False,
+                                             help="The run directory, as --run (either is required)."),
+    run: Optional[Path] = typer.Option(None, "--run", help="The run directory (rapm train --out); RUN or --run is "
+                                       "required, as in rapm export."),
     evaluation: Optional[Path] = typer.Option(None, help="Results of rapm evaluate (default RUN/evaluation.json)."),
     out: Optional[Path] = typer.Option(None, help="HTML file (default RUN/report.html; a .md twin beside it)."),
 ) -> None:
     """Write the HTML/markdown report of a run."""
+    if run is not None and run_arg is not None and Path(run) != Path(run_arg):
+        raise ReportError(f"two runs given: {run_arg} and --run {run}; give one")
+    run = run if run is not None else run_arg
+    if run is None:
+        raise ReportError("rapm report needs the run directory: rapm report --run RUN (or rapm report RUN)")
     path = report(run, evaluation, out)
     typer.echo(f"report: {path} (and {path.with_suffix('.md')})")

@@ -562,8 +562,8 @@ def resolve_config(teacher: str, store: str, preset: str | None, config_file: Pa
 
 def cli(
     out: Path = typer.Option(..., "--out", help="Run directory (checkpoints, logs, samples)."),
-    teacher: Optional[str] = typer.Option(None, help="Teacher: a local diffusers folder or 'digits'."),
-    store: Optional[Path] = typer.Option(None, help="Trajectory store made by `rapm trajectories`."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher: a local diffusers folder or 'digits' (required unless --resume)."),
+    store: Optional[Path] = typer.Option(None, help="Trajectory store made by `rapm trajectories` (required unless --resume)."),
     method: Optional[str] = typer.Option(None, help="rapm (default), rapm-relative, sfd, pcm, progressive or progressive-rdd."),
     preset: Optional[str] = typer.Option(None, help="sd15, sdxl, sdxl-rank1 or digits (default: by teacher)."),
     config: Optional[Path] = typer.Option(None, help="A JSON or TOML file of config fields (docs/defaults.md)."),

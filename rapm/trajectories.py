@@ -563,12 +563,12 @@ def _span_count(k: int, shard_size: int, count: int) -> tuple[int, int]:
 # --- the verb --------------------------------------------------------------------------------------------------------
 
 def cli(
-    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher: a local diffusers SD/SDXL folder, or 'digits'."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher: a local diffusers SD/SDXL folder, or 'digits' (required unless --verify)."),
     prompts: Optional[Path] = typer.Option(
-        None, "--prompts", help="Text file, one prompt a line (blank lines skipped). Prompts longer than the tokenizer's "
+        None, "--prompts", help="Text file, one prompt a line (required unless --verify; blank lines skipped). Prompts longer than the tokenizer's "
         "limit (77 tokens for SD/SDXL) are truncated as diffusers does, with a warning; manifest.json lists them in "
         "truncated_prompts."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Store folder to create, or to resume with the same settings."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Store folder to create, or to resume with the same settings (required unless --verify)."),
     steps: int = typer.Option(4, "--steps", help="N: coarse steps of the student; N+1 positions are stored. "
                        "An N dividing 1000 (1, 2, 4, 5, 8, 10) samples the same in diffusers."),
     substeps: int = typer.Option(25, "--substeps", help="M: teacher solver steps per coarse slot (N*M teacher passes in "
@@ -582,8 +582,8 @@ def cli(
         "digits its own."),
     negative_prompt: Optional[str] = typer.Option(
         None, "--negative-prompt", help="Default: what the pipeline does (SD: empty prompt; SDXL: zeros)."),
-    seed: int = typer.Option(0, "--seed", help="Base seed: trajectory i starts from the noise of seed+i, as "
-                             "pipe(..., generator=torch.Generator('cpu').manual_seed(seed+i)) draws it."),
+    seed: int = typer.Option(0, "--seed", help="Base seed: trajectory i starts from the noise that a diffusers pipeline "
+                             "draws with a CPU torch.Generator seeded with seed+i."),
     batch_size: int = typer.Option(8, "--batch-size", help="Trajectories per teacher pass (each pass runs cond and uncond)."),
     shard_size: int = typer.Option(1000, "--shard-size", help="Trajectories per shard file; shard k holds [k*S, (k+1)*S)."),
     dtype: str = typer.Option("float16", "--dtype", help="Storage dtype of latents and embeddings: float16, bfloat16, float32."),
