@@ -62,6 +62,16 @@ class StepsWarning(UserWarning):
     """N does not divide the teacher's training timesteps: diffusers' DDIM then steps off the student's grid."""
 
 
+def steps_do_not_divide(num_train_timesteps: int, steps: int) -> str:
+    """What N not dividing the schedule changes (the StepsWarning of rapm trajectories and rapm train)."""
+    timesteps = coarse_timesteps(num_train_timesteps, steps)
+    return (f"does not divide the teacher's {num_train_timesteps} training timesteps: the student is "
+            f"trained on the trailing grid {timesteps[:-1]}, but diffusers' DDIMScheduler steps from t to "
+            f"t - {num_train_timesteps // steps}, one timestep off that grid at some steps, so a diffusers pipeline with "
+            "the exported LoRA gives slightly other images than rapm sample; for the same images in both, use a --steps "
+            f"that divides {num_train_timesteps} ({', '.join(str(d) for d in range(1, 11) if num_train_timesteps % d == 0)})")
+
+
 # --- the computation -------------------------------------------------------------------------------------------------
 
 def initial_noise(seeds: Sequence[int], latent_shape: Sequence[int]) -> torch.Tensor:
@@ -388,13 +398,7 @@ def write_trajectories(
     timesteps = coarse_timesteps(teacher_model.schedule.num_train_timesteps, steps)
     num_train_timesteps = teacher_model.schedule.num_train_timesteps
     if num_train_timesteps % steps:
-        warnings.warn(
-            f"--steps {steps} does not divide the teacher's {num_train_timesteps} training timesteps: the student is "
-            f"trained on the trailing grid {timesteps[:-1]}, but diffusers' DDIMScheduler steps from t to "
-            f"t - {num_train_timesteps // steps}, one timestep off that grid at some steps, so a diffusers pipeline with "
-            "the exported LoRA gives slightly other images than rapm sample; for the same images in both, use a --steps "
-            f"that divides {num_train_timesteps} ({', '.join(str(d) for d in range(1, 11) if num_train_timesteps % d == 0)})",
-            StepsWarning, stacklevel=2)
+        warnings.warn(f"--steps {steps} " + steps_do_not_divide(num_train_timesteps, steps), StepsWarning, stacklevel=2)
     fallback = default_delta(teacher_model.schedule.num_train_timesteps, steps, substeps, solver)
     shortest = min(t - s for t, s in zip(timesteps[:-1], timesteps[1:]))
     delta = min(fallback, shortest) if delta is None else int(delta)
