@@ -81,9 +81,8 @@ def teacher_curve(result: dict, out_png: Path) -> bool:
               "fd_teacher": "FD to the teacher's images"}
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 3.8), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        ax.plot([c["steps"] for c in curve], [c[key] for c in curve], marker="o", color="0.3", label="teacher DDIM")
-        for c in curve:
-            ax.annotate(str(c["steps"]), (c["steps"], c[key]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        steps = [c["steps"] for c in curve]
+        ax.plot(steps, [c[key] for c in curve], marker="o", color="0.3", label="teacher DDIM")
         for row in result["rows"]:
             if row["method"] == "teacher-ddim" or key not in row:
                 continue
@@ -91,6 +90,8 @@ def teacher_curve(result: dict, out_png: Path) -> bool:
             ax.scatter([row["steps"]], [row[key]], marker=marker, s=90 if marker == "*" else 40, zorder=3,
                        label=f"{row['method']}-{row['steps']}")
         ax.set_xscale("log")
+        ax.set_xticks(steps, [str(x) for x in steps])
+        ax.minorticks_off()
         ax.set_xlabel("sampling steps")
         ax.set_title(titles[key], fontsize=10)
         ax.grid(alpha=0.3)
