@@ -192,7 +192,10 @@ def loss_curves(log_file: Path, out_png: Path) -> bool:
     axes[1].set_title("adversarial terms")
     for ax in axes:
         ax.set_xlabel("iteration")
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
+        else:  # the default recipe trains no discriminator
+            ax.text(0.5, 0.5, "no discriminator in this run", ha="center", va="center", transform=ax.transAxes)
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
     fig.tight_layout()
