@@ -12,14 +12,57 @@ import warnings
 # override.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import textwrap  # noqa: E402
+
 import typer  # noqa: E402
+import typer.core  # noqa: E402
 
 from rapm.errors import RapmError  # noqa: E402
 
+
+class _WholeWordsFormatter(typer.Context.formatter_class):  # typer's own (vendored) click HelpFormatter
+    """Click's help layout, wrapped at spaces only: an identifier, a path or a hyphenated default
+    (``no-overwrite``) moves to the next line whole instead of being cut in two."""
+
+    def write_dl(self, rows, col_max: int = 30, col_spacing: int = 2) -> None:
+        rows = list(rows)
+        first_col = min(max((len(r[0]) for r in rows), default=0), col_max) + col_spacing
+        for first, second in rows:
+            self.write(f"{'':>{self.current_indent}}{first}")
+            if not second:
+                self.write("\n")
+                continue
+            if len(first) <= first_col - col_spacing:
+                self.write(" " * (first_col - len(first)))
+            else:
+                self.write("\n" + " " * (first_col + self.current_indent))
+            lines = textwrap.wrap(second, max(self.width - first_col - 2, 10), break_long_words=False,
+                                  break_on_hyphens=False) or [""]
+            self.write(lines[0] + "\n")
+            for line in lines[1:]:
+                self.write(f"{'':>{first_col + self.current_indent}}{line}\n")
+
+
+class _Context(typer.Context):
+    formatter_class = _WholeWordsFormatter
+
+
+class _Command(typer.core.TyperCommand):
+    context_class = _Context
+
+
+class _Group(typer.core.TyperGroup):
+    context_class = _Context
+
+
+# Plain click help (rich_markup_mode=None): rich's table squeezes the help column and cuts long words and option
+# names with an ellipsis at 80 columns.
 app = typer.Typer(
+    cls=_Group,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     help="Distill a Stable Diffusion teacher into a 1-to-4-step LoRA student with RAPM on one GPU.",
 )
 
@@ -34,28 +77,35 @@ def _not_yet(verb: str):
 
 # Each verb's options and body live beside the library function it wraps, as ``cli`` in that module;
 # this file only registers them, so a verb's code and its flags are read in one place.
+# verb: (module, its help, the short help of `rapm --help`'s list, whole at 80 columns)
 VERBS = {
-    "trajectories": ("rapm.trajectories", "Precompute and store teacher trajectories (prompts -> store)."),
-    "train": ("rapm.train", "Train the student LoRA on a trajectory store (store -> run)."),
-    "export": ("rapm.export", "Export the student as LoRA files for diffusers and for ComfyUI / A1111 (run -> lora/)."),
-    "sample": ("rapm.sample", "Generate images with a teacher and an optional student LoRA."),
-    "evaluate": ("rapm.evaluate", "Compute metrics for teachers and students on held-out prompts and seeds."),
-    "report": ("rapm.report", "Write the HTML/markdown report of a run."),
-    "demo": ("rapm.demo.flow", "The whole flow on the built-in digits teacher, on a CPU."),
+    "trajectories": ("rapm.trajectories", "Precompute and store teacher trajectories (prompts -> store).",
+                     "Store teacher trajectories (prompts -> store)."),
+    "train": ("rapm.train", "Train the student LoRA on a trajectory store (store -> run).",
+              "Train the student LoRA on a store (store -> run)."),
+    "export": ("rapm.export", "Export the student as LoRA files for diffusers and for ComfyUI / A1111 (run -> lora/).",
+               "Export the student's LoRA files (run -> lora/)."),
+    "sample": ("rapm.sample", "Generate images with a teacher and an optional student LoRA.",
+               "Generate images with a teacher and a student LoRA."),
+    "evaluate": ("rapm.evaluate", "Compute metrics for teachers and students on held-out prompts and seeds.",
+                 "Measure teachers and students on held-out prompts."),
+    "report": ("rapm.report", "Write the HTML/markdown report of a run.", "Write the HTML/markdown report of a run."),
+    "demo": ("rapm.demo.flow", "The whole flow on the built-in digits teacher, on a CPU.",
+             "The whole flow on the built-in digits teacher, on a CPU."),
 }
 
 
 def _register() -> None:
     import importlib
 
-    for verb, (module_name, help_text) in VERBS.items():
+    for verb, (module_name, help_text, short_help) in VERBS.items():
         try:
             command = getattr(importlib.import_module(module_name), "cli", None) or _not_yet(verb)
         except ModuleNotFoundError as e:
             if e.name != module_name:  # the module exists but one of its imports is missing: say so
                 raise
             command = _not_yet(verb)
-        app.command(verb, help=help_text)(command)
+        app.command(verb, help=help_text, short_help=short_help, cls=_Command)(command)
 
 
 _register()

@@ -17,6 +17,10 @@ pipeline draws for S). Rows report:
 * for SD/SDXL teachers, ``fid`` (against a folder of real images, in the feature space of a
   local Inception network) and ``clip_score`` (against the prompts, with a local CLIP model),
   each when its files are given (``rapm.metrics_sd``); None otherwise, with a note saying why.
+
+With ``teacher_curve`` (the CLI's default: DDIM at 1, 2, 4, 8, 25, 100 steps) the result also holds
+``teacher_curve``, the teacher's quality against its step count on the same prompts and noise, which the
+report draws with the students as points on it; ``seconds`` is the evaluation's wall time.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ from rapm.validation import rms
 
 class EvaluateError(RapmError):
     pass
+
+
+TEACHER_CURVE_STEPS = (1, 2, 4, 8, 25, 100)
 
 
 @dataclass
@@ -100,6 +107,7 @@ def evaluate(
     reference_images: str | Path | None = None,
     clip: str | Path | None = None,
     train_steps: int | None = None,
+    teacher_curve: Sequence[int] = (),
 ) -> dict:
     """Generate with each model from the same (prompt, seed) pairs and measure it; write ``out`` (JSON) if given.
 
@@ -108,6 +116,7 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
+    started = time.perf_counter()
     from rapm.sample import generate
     from rapm.trajectories import default_guidance
 
@@ -174,10 +183,25 @@ def evaluate(
             row["fid"] = sd_metrics.fid(imgs)
             row["clip_score"] = sd_metrics.clip_score(imgs, prompts)
         rows.append(row)
+    curve = []
+    for steps in sorted(set(int(s) for s in teacher_curve)):  # the teacher's DDIM at each step count, rows reused
+        row = next((r for r in rows if r["method"] == "teacher-ddim" and r["steps"] == steps
+                    and r["guidance"] == teacher_guidance), None)
+        if row is None:
+            imgs, seconds = run(ModelSpec("teacher-ddim", steps))
+            row = {"steps": steps, "seconds": seconds,
+                   "trajectory_error": trajectory_error(imgs, images[f"teacher-ddim-{reference_steps}"])}
+            if metrics is not None:
+                from rapm.demo.metrics import frechet_distance
+
+                row["fd_teacher"] = frechet_distance(metrics.features(imgs), teacher_features)
+        curve.append({k: row[k] for k in ("steps", "trajectory_error", "fd_teacher", "seconds") if k in row})
     result = {
         "teacher": str(teacher_path), "reference_steps": reference_steps, "teacher_guidance": teacher_guidance,
         "samples": len(prompts), "rows": rows, "date": time.strftime("%Y-%m-%d"),
     }
+    if curve:
+        result["teacher_curve"] = curve
     if train_steps:
         result["train_steps"] = train_steps
     if metrics is not None:
@@ -194,6 +218,7 @@ def evaluate(
         result["fid_reference_images"] = sd_metrics.reference_count
         result["clip"] = None if clip is None else str(clip)
         result["notes"] = sd_metrics.notes
+    result["seconds"] = time.perf_counter() - started
     if out is not None:
         write_evaluation(Path(out), result, images, columns=min(10, len(prompts)))
     if keep_images:
@@ -282,6 +307,9 @@ def cli(
         None, help="Folder of real .png/.jpg images that FID compares the generated images with."),
     clip: Optional[Path] = typer.Option(
         None, help="Local CLIP folder (CLIPModel + CLIPProcessor save_pretrained) for the CLIP score (SD/SDXL)."),
+    teacher_curve: str = typer.Option(
+        ",".join(map(str, TEACHER_CURVE_STEPS)), help="The teacher's DDIM step counts of the quality-vs-steps curve "
+        "that rapm report draws, comma-separated; empty: none."),
 ) -> None:
     """Compute metrics for teachers and students on held-out prompts and seeds."""
     if prompts is not None:
@@ -296,5 +324,15 @@ def cli(
     specs = [ModelSpec.parse(m) for m in model] or [ModelSpec("teacher-ddim", 4)]
     result = evaluate(teacher, specs, prompt_list, list(range(seed, seed + len(prompt_list))), reference_steps, guidance,
                       device, out=out, fid_features=fid_features, reference_images=reference_images, clip=clip,
-                      train_steps=train_steps)
+                      train_steps=train_steps, teacher_curve=_step_list(teacher_curve))
     typer.echo(markdown_table(result))  # also in OUT's .md, written with it
+
+
+def _step_list(text: str) -> list[int]:
+    try:
+        steps = [int(s) for s in text.replace(" ", "").split(",") if s]
+    except ValueError:
+        steps = [0]
+    if any(s < 1 for s in steps):
+        raise EvaluateError(f"--teacher-curve {text!r}: write step counts of 1 or more, comma-separated, such as 1,2,4,8")
+    return steps

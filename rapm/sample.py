@@ -325,8 +325,8 @@ def _device(name: str) -> str:
 def cli(
     teacher: str = typer.Option(..., "--teacher", help="A diffusers SD/SDXL folder, or 'digits'."),
     lora: Optional[Path] = typer.Option(None, "--lora", help="A student LoRA (file, or the folder rapm export wrote)."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help="One prompt."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", help="A text file with one prompt a line."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="One prompt (this or --prompts is required)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="A text file with one prompt a line (this or --prompt is required)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: the LoRA's N from its rapm_lora.json, else 4)."),
     seed: int = typer.Option(0, "--seed", help="First seed; each prompt gets seeds SEED .. SEED+K-1."),
     num_per_prompt: int = typer.Option(1, "--num-per-prompt", help="Images per prompt (K)."),

@@ -11,6 +11,7 @@ import os
 import random
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -297,6 +298,12 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
     torch.manual_seed(config.seed)  # the LoRA A matrices and the heads start from the seed
     teacher, disc = build_models(config, device, need_vae=config.sample_every > 0, with_discriminator=method.uses_discriminator)
     store.check_teacher(teacher, steps=store.steps)  # the teacher, and the store's timesteps for its N
+    if procs.main and teacher.schedule.num_train_timesteps % store.steps:
+        from rapm.trajectories import StepsWarning, steps_do_not_divide
+
+        warnings.warn(f"{Path(config.store) / 'manifest.json'}: the store's N = {store.steps} (rapm trajectories "
+                      f"--steps) " + steps_do_not_divide(teacher.schedule.num_train_timesteps, store.steps),
+                      StepsWarning, stacklevel=3)
     if procs.main:  # every input is checked: only now may --overwrite delete rapm's files of the old run
         prepare_run_dir(run, resume, overwrite)
         clean_stale_files(run)
@@ -368,6 +375,7 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
     writer = _tensorboard(run, start) if procs.main else None
     if writer is not None and start == 0:  # the hyperparameters, as TensorBoard's text and hparams views show them
         writer.add_text("config", "```\n" + json.dumps(cfg.to_dict(config), indent=2) + "\n```", 0)
+        _tensorboard_hparams(writer, config)
     dtype = weight_dtype(config, device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     checkpoint = last
@@ -516,14 +524,42 @@ def _tensorboard(run: Path, start: int):
     return GuardedWriter(writer, run / "tensorboard", lambda: latest_checkpoint(run))
 
 
+def _tensorboard_hparams(writer, config: TrainConfig) -> None:
+    """The run's configuration in TensorBoard's HPARAMS tab (one session: this run), beside its text view; the
+    metrics it tabulates are the run's own scalars."""
+    from torch.utils.tensorboard.summary import hparams
+
+    values = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in cfg.to_dict(config).items()}
+    metrics = ["student/loss"] + (["validation/trajectory_error"] if config.eval_every > 0 else [])
+    file_writer = writer._get_file_writer()  # add_hparams would write them into a new run folder of its own
+    for summary in hparams(values, {m: 0.0 for m in metrics}):
+        file_writer.add_summary(summary)
+
+
+def sample_indices(prompts: list[str], count: int) -> list[int]:
+    """``count`` trajectories spread over the store's distinct prompts (in store order): a store written prompt by
+    prompt (the digits demo: every phrasing of 0, then of 1 ...) shows many classes, not the first prompt's."""
+    first: dict[str, int] = {}
+    for i, p in enumerate(prompts):
+        first.setdefault(p, i)
+    distinct = list(first.values())
+    if len(distinct) >= count:
+        return [distinct[k * len(distinct) // count] for k in range(count)]
+    chosen = set(distinct)
+    rest = [i for i in range(len(prompts)) if i not in chosen]
+    return sorted(distinct + rest[:count - len(distinct)])
+
+
 @torch.no_grad()
 def sample_grid(teacher, store, path: Path, count: int, device, dtype) -> Path:
-    """Top row: the student's N steps from the stored noise; bottom row: the stored teacher end point."""
+    """Top row: the student's N steps from the stored noise; bottom row: the stored teacher end point; the same
+    trajectories (spread over the prompts, ``sample_indices``) at every step."""
     from rapm.methods.base import student_trajectory
     from rapm.sample import save_grid
 
     count = min(count, len(store))
-    batch = _to_device(store.get(list(range(count))), device, dtype)
+    indices = sample_indices(list(store.prompts), count)
+    batch = _to_device(store.get(indices), device, dtype)
     ctx = Context(teacher.unet, teacher.schedule, store.timesteps, store.guidance, sample_generators(0, list(range(count))))
     student_end = student_trajectory(ctx, batch.latents[:, 0], batch.cond)[:, -1]
     images = teacher.decode(torch.cat([student_end, batch.latents[:, -1]]))
@@ -562,8 +598,8 @@ def resolve_config(teacher: str, store: str, preset: str | None, config_file: Pa
 
 def cli(
     out: Path = typer.Option(..., "--out", help="Run directory (checkpoints, logs, samples)."),
-    teacher: Optional[str] = typer.Option(None, help="Teacher: a local diffusers folder or 'digits'."),
-    store: Optional[Path] = typer.Option(None, help="Trajectory store made by `rapm trajectories`."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher: a local diffusers folder or 'digits' (required unless --resume)."),
+    store: Optional[Path] = typer.Option(None, help="Trajectory store made by `rapm trajectories` (required unless --resume)."),
     method: Optional[str] = typer.Option(None, help="rapm (default), rapm-relative, sfd, pcm, progressive or progressive-rdd."),
     preset: Optional[str] = typer.Option(None, help="sd15, sdxl, sdxl-rank1 or digits (default: by teacher)."),
     config: Optional[Path] = typer.Option(None, help="A JSON or TOML file of config fields (docs/defaults.md)."),

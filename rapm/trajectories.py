@@ -62,6 +62,16 @@ class StepsWarning(UserWarning):
     """N does not divide the teacher's training timesteps: diffusers' DDIM then steps off the student's grid."""
 
 
+def steps_do_not_divide(num_train_timesteps: int, steps: int) -> str:
+    """What N not dividing the schedule changes (the StepsWarning of rapm trajectories and rapm train)."""
+    timesteps = coarse_timesteps(num_train_timesteps, steps)
+    return (f"does not divide the teacher's {num_train_timesteps} training timesteps: the student is "
+            f"trained on the trailing grid {timesteps[:-1]}, but diffusers' DDIMScheduler steps from t to "
+            f"t - {num_train_timesteps // steps}, one timestep off that grid at some steps, so a diffusers pipeline with "
+            "the exported LoRA gives slightly other images than rapm sample; for the same images in both, use a --steps "
+            f"that divides {num_train_timesteps} ({', '.join(str(d) for d in range(1, 11) if num_train_timesteps % d == 0)})")
+
+
 # --- the computation -------------------------------------------------------------------------------------------------
 
 def initial_noise(seeds: Sequence[int], latent_shape: Sequence[int]) -> torch.Tensor:
@@ -388,13 +398,7 @@ def write_trajectories(
     timesteps = coarse_timesteps(teacher_model.schedule.num_train_timesteps, steps)
     num_train_timesteps = teacher_model.schedule.num_train_timesteps
     if num_train_timesteps % steps:
-        warnings.warn(
-            f"--steps {steps} does not divide the teacher's {num_train_timesteps} training timesteps: the student is "
-            f"trained on the trailing grid {timesteps[:-1]}, but diffusers' DDIMScheduler steps from t to "
-            f"t - {num_train_timesteps // steps}, one timestep off that grid at some steps, so a diffusers pipeline with "
-            "the exported LoRA gives slightly other images than rapm sample; for the same images in both, use a --steps "
-            f"that divides {num_train_timesteps} ({', '.join(str(d) for d in range(1, 11) if num_train_timesteps % d == 0)})",
-            StepsWarning, stacklevel=2)
+        warnings.warn(f"--steps {steps} " + steps_do_not_divide(num_train_timesteps, steps), StepsWarning, stacklevel=2)
     fallback = default_delta(teacher_model.schedule.num_train_timesteps, steps, substeps, solver)
     shortest = min(t - s for t, s in zip(timesteps[:-1], timesteps[1:]))
     delta = min(fallback, shortest) if delta is None else int(delta)
@@ -563,12 +567,12 @@ def _span_count(k: int, shard_size: int, count: int) -> tuple[int, int]:
 # --- the verb --------------------------------------------------------------------------------------------------------
 
 def cli(
-    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher: a local diffusers SD/SDXL folder, or 'digits'."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher: a local diffusers SD/SDXL folder, or 'digits' (required unless --verify)."),
     prompts: Optional[Path] = typer.Option(
-        None, "--prompts", help="Text file, one prompt a line (blank lines skipped). Prompts longer than the tokenizer's "
+        None, "--prompts", help="Text file, one prompt a line (required unless --verify; blank lines skipped). Prompts longer than the tokenizer's "
         "limit (77 tokens for SD/SDXL) are truncated as diffusers does, with a warning; manifest.json lists them in "
         "truncated_prompts."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Store folder to create, or to resume with the same settings."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Store folder to create, or to resume with the same settings (required unless --verify)."),
     steps: int = typer.Option(4, "--steps", help="N: coarse steps of the student; N+1 positions are stored. "
                        "An N dividing 1000 (1, 2, 4, 5, 8, 10) samples the same in diffusers."),
     substeps: int = typer.Option(25, "--substeps", help="M: teacher solver steps per coarse slot (N*M teacher passes in "
@@ -582,8 +586,8 @@ def cli(
         "digits its own."),
     negative_prompt: Optional[str] = typer.Option(
         None, "--negative-prompt", help="Default: what the pipeline does (SD: empty prompt; SDXL: zeros)."),
-    seed: int = typer.Option(0, "--seed", help="Base seed: trajectory i starts from the noise of seed+i, as "
-                             "pipe(..., generator=torch.Generator('cpu').manual_seed(seed+i)) draws it."),
+    seed: int = typer.Option(0, "--seed", help="Base seed: trajectory i starts from the noise that a diffusers pipeline "
+                             "draws with a CPU torch.Generator seeded with seed+i."),
     batch_size: int = typer.Option(8, "--batch-size", help="Trajectories per teacher pass (each pass runs cond and uncond)."),
     shard_size: int = typer.Option(1000, "--shard-size", help="Trajectories per shard file; shard k holds [k*S, (k+1)*S)."),
     dtype: str = typer.Option("float16", "--dtype", help="Storage dtype of latents and embeddings: float16, bfloat16, float32."),

@@ -1,5 +1,6 @@
 """The paired discriminator, the update schedule, the EMA warm-up and validation during training (issue 14)."""
 
+import json
 import math
 
 import pytest
@@ -171,6 +172,26 @@ def test_tensorboard_shows_losses_learning_rates_samples_validation_and_config(t
     image = events.Images("samples/student_top_teacher_bottom")[0]
     assert image.step == 2 and image.width >= 4 * 2 * 8  # two samples of 8 px, shown at 4x
     assert any(t.startswith("config") for t in events.Tags()["tensors"])
+
+
+def test_tensorboard_hparams_hold_the_runs_configuration(tiny_sd, sd_store, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    run = tmp_path / "run"
+    config = _config(tiny_sd, sd_store, iterations=2, checkpoint_every=2, val_fraction=0.25, eval_every=2)
+    train(config, run, progress=False)
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    hp = dict(start.hparams)
+    assert hp["lr"].number_value == pytest.approx(config.lr) and hp["method"].string_value == config.method
+    assert hp["iterations"].number_value == 2 and hp["store"].string_value == str(sd_store)
+    assert hp["adam_betas"].string_value == json.dumps(list(config.adam_betas))
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert {m.name.tag for m in experiment.metric_infos} == {"student/loss", "validation/trajectory_error"}
+    assert {"student/loss", "validation/trajectory_error"} <= set(events.Tags()["scalars"])  # what the table reads
 
 
 def test_the_default_recipe_builds_no_discriminator_and_trains_the_student_every_iteration(tiny_sd, sd_store, tmp_path):

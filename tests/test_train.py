@@ -139,3 +139,12 @@ def test_export_of_a_trained_run_loads_in_diffusers(tiny_sd, sd_store, tmp_path)
     theirs = pipe("a red car", num_inference_steps=2, guidance_scale=1.0, output_type="latent",
                   generator=torch.Generator("cpu").manual_seed(5)).images
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4 * ours.abs().max().item())
+
+
+def test_training_samples_spread_over_the_stores_prompts():
+    from rapm.train import sample_indices
+
+    digit_major = [f"digit {d} phrasing {k}" for d in range(10) for k in range(5)] * 2  # the demo's store order
+    picked = sample_indices(digit_major, 8)
+    assert len({digit_major[i].split()[1] for i in picked}) == 8 and len(set(picked)) == 8
+    assert sample_indices(["a", "a", "b"], 3) == [0, 1, 2]  # fewer prompts than samples: every one, then repeats

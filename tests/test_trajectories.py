@@ -248,6 +248,14 @@ def test_steps_that_do_not_divide_the_schedule_warn_and_substeps_1_is_refused(ti
 
     with pytest.warns(StepsWarning, match=r"--steps 3 does not divide the teacher's 1000 .*\[999, 666, 332\].*t - 333"):
         write_trajectories(tiny_sd, prompts_file, tmp_path / "n3", steps=3, substeps=2, shard_size=5, progress=False)
+    from rapm.config import TrainConfig, apply_overrides
+    from rapm.train import train
+
+    config = apply_overrides(TrainConfig(), {"teacher": str(tiny_sd), "store": str(tmp_path / "n3"), "iterations": 1,
+                                             "sample_every": 0, "eval_every": 0, "device": "cpu"}, "test")
+    with pytest.warns(StepsWarning, match=r"n3/manifest.json: the store's N = 3 \(rapm trajectories --steps\) does "
+                                          r"not divide the teacher's 1000 .*t - 333"):
+        train(config, tmp_path / "run3", progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error", StepsWarning)  # N = 4 divides 1000: no warning
         write_trajectories(tiny_sd, prompts_file, tmp_path / "n4", steps=4, substeps=2, shard_size=5, progress=False)

@@ -30,7 +30,7 @@ QUICK = DemoSize(trajectories=32, substeps=3, iterations=6, eval_samples=40, ref
 def run_demo(out: Path, quick: bool = False, progress: bool = True, steps: int = 4) -> dict:
     """Run the flow into ``out``; return the evaluation result (with the report's path under ``report``)."""
     from rapm.demo.prompts import training_prompts
-    from rapm.evaluate import ModelSpec, default_digits_prompts, evaluate, markdown_table
+    from rapm.evaluate import TEACHER_CURVE_STEPS, ModelSpec, default_digits_prompts, evaluate, markdown_table
     from rapm.export import export_lora
     from rapm.report import report
     from rapm.train import load_student, resolve_config, train
@@ -71,7 +71,9 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True, steps: int =
     models = [ModelSpec("teacher-ddim", steps), ModelSpec("teacher-dpmsolver", steps, "dpmsolver"),
               ModelSpec(config.method, steps, lora=str(lora))]
     result = evaluate("digits", models, prompts, list(range(10_000, 10_000 + len(prompts))), size.reference_steps,
-                      out=run / "evaluation.json", progress=progress, train_steps=steps * size.substeps)
+                      out=run / "evaluation.json", progress=progress, train_steps=steps * size.substeps,
+                      teacher_curve=sorted({s for s in TEACHER_CURVE_STEPS if s <= size.reference_steps}
+                                           | {size.reference_steps}))  # quick: the curve up to its short reference
 
     stage("report")
     page = report(run)
