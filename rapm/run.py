@@ -35,7 +35,7 @@ from rapm import config as cfg
 from rapm.config import TrainConfig
 from rapm.errors import RapmError
 from rapm.folders import RUN_MARKER, FolderError, FolderLock, is_empty, other_kind, read_marker, write_marker
-from rapm.store import atomic_write, sha256_file
+from rapm.files import atomic_write, fsync_dir, read_json_object, sha256_file, write_synced
 
 CHECKPOINT_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
@@ -142,24 +142,6 @@ def state_file(path: Path) -> Path:
     return path / LEGACY if (path / LEGACY).exists() and not (path / STATE).exists() else path / STATE
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def _write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def save_checkpoint(run: Path, step: int, state: dict, keep: int) -> Path:
     """Write ``state`` (tensors + JSON) and their sha256s to a temp directory, rename it into place, keep the last ``keep``.
 
@@ -184,9 +166,9 @@ def save_checkpoint(run: Path, step: int, state: dict, keep: int) -> Path:
     sums = "".join(f"{hashlib.sha256(data).hexdigest()}  {name}\n" for name, data in ((TENSORS, tensor_bytes), (STATE, state_bytes)))
     try:
         tmp.mkdir()
-        _write(tmp / TENSORS, tensor_bytes)
-        _write(tmp / SUMS, sums.encode())
-        _write(tmp / STATE, state_bytes)  # last: the file whose presence makes a checkpoint complete
+        write_synced(tmp / TENSORS, tensor_bytes)
+        write_synced(tmp / SUMS, sums.encode())
+        write_synced(tmp / STATE, state_bytes)  # last: the file whose presence makes a checkpoint complete
     except OSError as e:  # a full disk
         shutil.rmtree(tmp, ignore_errors=True)
         raise RunError(f"{final / TENSORS}: cannot be written ({e.strerror or e}); the last complete checkpoint is "
@@ -194,7 +176,7 @@ def save_checkpoint(run: Path, step: int, state: dict, keep: int) -> Path:
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     for old in checkpoints(run)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -497,12 +479,7 @@ def read_run_config(run: Path) -> TrainConfig:
     file = Path(run) / "config.json"
     if not file.exists():
         raise RunError(f"{file} does not exist: {run} is not a rapm run directory (made by rapm train --out)")
-    try:
-        values = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RunError(f"{file}: not readable JSON ({e}); restore it or start over with --overwrite") from None
-    if not isinstance(values, dict):
-        raise RunError(f"{file}: not a config object; restore it or start over with --overwrite")
+    values = read_json_object(file, RunError, "readable JSON", "a config object", "restore it or start over with --overwrite")
     return cfg.from_dict(values, str(file))
 
 

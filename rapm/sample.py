@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
+
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -23,6 +23,7 @@ import typer
 
 from rapm.diffusion import coarse_timesteps, sample_positions
 from rapm.errors import RapmError
+from rapm.files import atomic_write
 from rapm.roles import STUDENT, student_role, teacher_role
 from rapm.teacher import Teacher, guided_output
 from rapm.trajectories import default_guidance, initial_noise
@@ -310,9 +311,7 @@ def sample_to_folder(
             name = f"p{i:04d}_s{s}.png"
             to_pil(image).save(out / name)
             rows.append({"prompt": prompt, "seed": s, "file": name, **(record or {})})
-    tmp = out / f".{SAMPLES_NAME}.tmp-{os.getpid()}"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(out / SAMPLES_NAME)
+    atomic_write(out / SAMPLES_NAME, "".join(json.dumps(r) + "\n" for r in rows).encode())
     return rows
 
 

@@ -251,13 +251,7 @@ class _Preemption:
 def _to_device(batch, device, dtype) -> TrajectoryBatch:
     """The store's batch on ``device``, in float32 whatever the weights' ``dtype``: positions and targets keep float32
     under mixed precision, and only the UNet's inputs take its dtype (``rapm.teacher.unet_output``)."""
-    return TrajectoryBatch(
-        latents=batch.latents.to(device, torch.float32),
-        cond=batch.cond.to(device, torch.float32),
-        uncond=batch.uncond.to(device, torch.float32) if batch.uncond is not None else None,
-        delta_latents=batch.delta_latents.to(device, torch.float32) if batch.delta_latents is not None else None,
-        delta=batch.delta,
-    )
+    return batch.to(device, torch.float32)
 
 
 def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool = False, progress: bool = True,

@@ -45,10 +45,8 @@ class Validation:
     """The held-out trajectories of one run, and the metrics of a student on them."""
 
     def __init__(self, teacher, store, indices: list[int], device, dtype, reference_steps: int = 0, batch: int = 64):
-        from rapm.train import _to_device
-
         self.teacher, self.store, self.indices = teacher, store, indices
-        self.batches = [_to_device(store.get(indices[i:i + batch]), device, dtype) for i in range(0, len(indices), batch)]
+        self.batches = [store.get(indices[i:i + batch]).to(device, torch.float32) for i in range(0, len(indices), batch)]
         self.teacher_images = self._decode([b.latents[:, -1] for b in self.batches])
         self.reference_images = None
         if reference_steps > 0:

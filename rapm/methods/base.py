@@ -7,8 +7,10 @@ from typing import Iterator
 
 import torch
 
-from rapm.diffusion import Schedule, add_noise, ddim_step
+from rapm.diffusion import Schedule, ddim_step
+from rapm.diffusion import renoise as renoise_between
 from rapm.discriminator import Discriminator
+from rapm.store import TrajectoryBatch  # noqa: F401 (what a method sees of the store; rapm.methods exports it)
 from rapm.roles import student_role, teacher_role
 from rapm.teacher import Conditioning, guided_output, unet_output
 
@@ -42,17 +44,6 @@ class Context:
 
     def rand(self, rows: int) -> torch.Tensor:
         return self._per_sample(torch.rand, (rows,))
-
-
-@dataclass
-class TrajectoryBatch:
-    """What a method sees of a stored trajectory batch (the store's batch has the same fields)."""
-
-    latents: torch.Tensor  # [B, N+1, C, H, W]: z~_N .. z~_0
-    cond: Conditioning
-    uncond: Conditioning | None
-    delta_latents: torch.Tensor | None = None  # [B, N, C, H, W]: the teacher's Δ-step z^Δ_{n+1} of each slot, if stored
-    delta: int | None = None  # the Δ those were computed with
 
 
 @dataclass
@@ -157,4 +148,4 @@ def discriminator_timesteps(ctx: Context, ends: torch.Tensor) -> torch.Tensor:
 
 def renoise(ctx: Context, x: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Move discriminator inputs from their slot end to t_gan with fresh noise."""
-    return add_noise(ctx.schedule, x, t_from, t_to, noise)
+    return renoise_between(ctx.schedule, x, t_from, t_to, noise)

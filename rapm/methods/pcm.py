@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rapm.diffusion import alpha_sigma, slot_grid
+from rapm.diffusion import add_noise, slot_grid
 from rapm.discriminator import hinge_discriminator_loss, hinge_generator_loss
 from rapm.methods.base import (Context, Losses, Method, Setup, TrajectoryBatch, discriminator_timesteps,
                                pseudo_huber, renoise, student_step, teacher_step)
@@ -66,8 +66,7 @@ class PCM(Method):
         end = torch.tensor([ctx.timesteps[j + 1] for j in slot.tolist()], device=device)
         x = x.to(device, dtype)
         noise = ctx.randn(x)
-        a, s = alpha_sigma(ctx.schedule, t, x)
-        x_t = (a * x.double() + s * noise.double()).to(x.dtype)  # Alg. 1: a real image on the teacher's forward process
+        x_t = add_noise(ctx.schedule, x, t, noise)  # Alg. 1: a real image on the teacher's forward process
         return dict(x_t=x_t, t=t, mid=mid, end=end, cond=cond.to(device, x.dtype))
 
     @torch.no_grad()

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rapm.config import ConfigError
-from rapm.diffusion import alpha_sigma, coarse_timesteps, ddim_step, predict_x0_eps
+from rapm.diffusion import add_noise, alpha_sigma, coarse_timesteps, ddim_step, predict_x0_eps
 from rapm.methods.base import Context, Losses, Method, Setup, TrajectoryBatch
 from rapm.roles import STUDENT, LoraSpec, adapter_role, add_frozen_adapter, lora_parameters, student_role, teacher_role
 from rapm.teacher import guided_output, unet_output
@@ -117,7 +117,7 @@ class Progressive(Method):
         mid = torch.tensor([teacher_grid[2 * j + 1] for j in i], device=dev)
         end = torch.tensor([student_grid[j + 1] for j in i], device=dev)
         a_t, s_t = alpha_sigma(ctx.schedule, t, x)
-        z_t = (a_t * x.double() + s_t * ctx.randn(x).double()).to(x.dtype)
+        z_t = add_noise(ctx.schedule, x, t, ctx.randn(x))
         with torch.no_grad():  # two teacher DDIM steps (Alg. 2, lines 7-8)
             z_mid = ddim_step(ctx.schedule, z_t, self.teacher_output(ctx, z_t, t, batch), t, mid)
             z_end = ddim_step(ctx.schedule, z_mid, self.teacher_output(ctx, z_mid, mid, batch), mid, end)
