@@ -27,9 +27,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+from dataclasses import field as default
 from pathlib import Path
 from typing import Sequence
 
@@ -38,7 +38,7 @@ import torch
 from rapm.diffusion import ScheduleError, coarse_timesteps, schedule_from_config
 from rapm.errors import RapmError
 from rapm.files import atomic_write, read_json_object, sha256_file, sha256_text  # noqa: F401 (the store's writers import them from here)
-from rapm.teacher import Conditioning
+from rapm.conditioning import Conditioning
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: no Δ-step positions (delta_latents), no 'delta' and 'solver' in the manifest
@@ -131,9 +131,9 @@ class TrajectoryBatch:
     uncond: Conditioning | None  # float32, the one negative conditioning repeated B times
     delta_latents: torch.Tensor | None = None  # float32 [B, N, C, H, W]: z^Δ_{n+1} of each slot (format 2), else None
     delta: int | None = None  # the Δ of delta_latents, in teacher timesteps
-    prompts: list[str] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=list)
-    indices: list[int] = field(default_factory=list)
+    prompts: list[str] = default(default_factory=list)
+    seeds: list[int] = default(default_factory=list)
+    indices: list[int] = default(default_factory=list)
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -387,15 +387,10 @@ def _float(x: torch.Tensor | None) -> torch.Tensor | None:
 
 def _teacher_identity_from_folder(teacher) -> tuple[str, Path, tuple, dict]:
     """family, path, latent shape and scheduler config of a teacher folder, without loading its weights."""
-    from rapm.teacher import SDXL_PIPELINES, read_model_index, resolve_teacher_path
+    from rapm.families import read_teacher_info
 
-    path = resolve_teacher_path(teacher)
-    index = read_model_index(path)
-    unet_cfg = json.loads((path / "unet" / "config.json").read_text())
-    size = unet_cfg["sample_size"] if isinstance(unet_cfg["sample_size"], int) else unet_cfg["sample_size"][0]
-    scheduler = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-    family = "sdxl" if index["_class_name"] in SDXL_PIPELINES else "sd"
-    return family, path, (int(unet_cfg["in_channels"]), int(size), int(size)), scheduler
+    info = read_teacher_info(teacher)
+    return info.family.name, info.path, tuple(info.latent_shape), info.scheduler_config
 
 
 MANIFEST_SHA256 = "manifest_sha256"  # the manifest's own checksum: sha256 of its JSON without this field

@@ -53,7 +53,6 @@ class Setup:
     unet: torch.nn.Module
     schedule: Schedule
     store: object  # rapm.store.TrajectoryStore
-    config: object  # rapm.config.TrainConfig
     device: torch.device
     dtype: torch.dtype
 
@@ -68,6 +67,7 @@ class Method:
 
     uses_discriminator = False
     rdd = None  # rapm.methods.rdd.RelationalTerm: RDD's relational loss, set by prepare where rdd_weight is on
+    relational = None  # rapm.methods.rdd.RelationalSettings, given in the constructor (a dataclass field of each method)
 
     def generator_losses(self, ctx: Context, batch: TrajectoryBatch) -> Losses:
         """Yield the student's loss piece by piece (one per slot); the trainer back-propagates each as it comes."""
@@ -81,7 +81,7 @@ class Method:
         """Load what the method needs beyond the store (real data, a feature network, extra adapters)."""
         from rapm.methods.rdd import build_relational_term
 
-        self.rdd = build_relational_term(setup)
+        self.rdd = build_relational_term(setup, self.relational)
 
     def begin_step(self, step: int, unet: torch.nn.Module) -> None:
         """Called before every iteration (progressive distillation changes rounds here)."""

@@ -38,6 +38,8 @@ class PCM(Method):
     huber_c: float = 0.001
     adv_weight: float = 0.1
     substeps: int = 0  # M, the phase's grid (t - Δ is the next point on it); 0 = the store's
+    teacher: str = "digits"  # whose text encoders and VAE encode the real data
+    relational: object = field(default=None, repr=False)  # rapm.methods.rdd.RelationalSettings
     data: object = field(default=None, repr=False)  # rapm.realdata.RealData, loaded by prepare
 
     @property
@@ -49,7 +51,7 @@ class PCM(Method):
 
         self.substeps = self.substeps or setup.store.substeps
         if self.data is None:
-            self.data = load_real_data(self.real_data, setup.config.teacher, device=setup.device, dtype=setup.dtype,
+            self.data = load_real_data(self.real_data, self.teacher, device=setup.device, dtype=setup.dtype,
                                        unet=setup.unet)  # text encoders and VAE only: no second UNet
 
     def draw(self, ctx: Context, batch_size: int, device, dtype: torch.dtype) -> dict:

@@ -53,14 +53,13 @@ class Progressive(Method):
     rounds: int = 0
     iterations: int = 0
     round: int = 0  # the round the student is in (1..R); 0 before the first step
-    lora: LoraSpec | None = field(default=None, repr=False)
+    lora: LoraSpec | None = field(default=None, repr=False)  # the frozen previous-round student's adapter
     unet: torch.nn.Module | None = field(default=None, repr=False)
+    relational: object = field(default=None, repr=False)  # rapm.methods.rdd.RelationalSettings (progressive-rdd)
 
     def prepare(self, setup: Setup) -> None:
         self.unet = setup.unet
         self.rounds = rounds_for(self.start_steps, setup.store.steps)
-        self.iterations = setup.config.iterations
-        self.lora = LoraSpec(setup.config.lora_rank, setup.config.lora_alpha, list(setup.config.lora_targets))
         super().prepare(setup)  # RDD's relational term (progressive-rdd)
 
     def student_steps(self, round_: int) -> int:
