@@ -43,14 +43,15 @@ def fsync_dir(path: Path) -> None:
         pass
 
 
-def write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
+def write_synced(path: Path, data: bytes, opener: Callable = open) -> None:
+    with opener(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
 
 
-def write_temp(tmp: Path, content: bytes | Callable[[Path], object], failed: Callable[[OSError], str]) -> str:
+def write_temp(tmp: Path, content: bytes | Callable[[Path], object], failed: Callable[[OSError], str],
+               opener: Callable = open) -> str:
     """Write ``content`` (bytes, or a function that writes the file at the path it is given) to ``tmp``, synced;
     return its sha256. On an OSError the temp is removed and WriteError(``failed(error)``) raised."""
     try:
@@ -59,7 +60,7 @@ def write_temp(tmp: Path, content: bytes | Callable[[Path], object], failed: Cal
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         else:
-            write_synced(tmp, content)
+            write_synced(tmp, content, opener)
         with open(tmp, "rb") as f:
             return hashlib.file_digest(f, "sha256").hexdigest()
     except OSError as e:  # a full disk: say which file, keep what was there
@@ -70,17 +71,18 @@ def write_temp(tmp: Path, content: bytes | Callable[[Path], object], failed: Cal
         raise
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` is either absent, the old file, or complete."""
+def atomic_write(path: Path, data: bytes, opener: Callable = open) -> None:
+    """Write ``data`` to ``path`` so that ``path`` is either absent, the old file, or complete (``opener`` opens the
+    temp file: a module that writes through this one passes its own ``open``, where the fault tests put a full disk)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write_temp(tmp, data, lambda e: f"{path}: cannot be written ({e.strerror or e}); the files written before it are "
-                                    f"intact; free space in {path.parent} and rerun the same command")
+    failed = lambda e: (f"{path}: cannot be written ({e.strerror or e}); the files written before it are intact; "  # noqa: E731
+                        f"free space in {path.parent} and rerun the same command")
+    write_temp(tmp, data, failed, opener)
     try:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise WriteError(f"{path}: cannot be written ({e.strerror or e}); the files written before it are intact; "
-                         f"free space in {path.parent} and rerun the same command") from None
+        raise WriteError(failed(e)) from None
     fsync_dir(path.parent)
 
 

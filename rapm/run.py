@@ -144,6 +144,10 @@ def state_file(path: Path) -> Path:
     return path / LEGACY if (path / LEGACY).exists() and not (path / STATE).exists() else path / STATE
 
 
+def _write(path: Path, data: bytes) -> None:
+    write_synced(path, data, open)  # this module's ``open``: where the fault tests put a full disk
+
+
 def save_checkpoint(run: Path, step: int, state: dict, keep: int) -> Path:
     """Write ``state`` (tensors + JSON) and their sha256s to a temp directory, rename it into place, keep the last ``keep``.
 
@@ -168,9 +172,9 @@ def save_checkpoint(run: Path, step: int, state: dict, keep: int) -> Path:
     sums = "".join(f"{hashlib.sha256(data).hexdigest()}  {name}\n" for name, data in ((TENSORS, tensor_bytes), (STATE, state_bytes)))
     try:
         tmp.mkdir()
-        write_synced(tmp / TENSORS, tensor_bytes)
-        write_synced(tmp / SUMS, sums.encode())
-        write_synced(tmp / STATE, state_bytes)  # last: the file whose presence makes a checkpoint complete
+        _write(tmp / TENSORS, tensor_bytes)
+        _write(tmp / SUMS, sums.encode())
+        _write(tmp / STATE, state_bytes)  # last: the file whose presence makes a checkpoint complete
     except OSError as e:  # a full disk
         shutil.rmtree(tmp, ignore_errors=True)
         raise RunError(f"{final / TENSORS}: cannot be written ({e.strerror or e}); the last complete checkpoint is "

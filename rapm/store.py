@@ -37,7 +37,8 @@ import torch
 
 from rapm.diffusion import ScheduleError, coarse_timesteps, schedule_from_config
 from rapm.errors import RapmError
-from rapm.files import atomic_write, read_json_object, sha256_file, sha256_text  # noqa: F401 (the store's writers import them from here)
+from rapm.files import atomic_write as _atomic_write
+from rapm.files import read_json_object, sha256_file, sha256_text  # noqa: F401 (the store's writers import them from here)
 from rapm.conditioning import Conditioning
 
 FORMAT_VERSION = 2
@@ -85,6 +86,11 @@ def unet_hash(teacher_path: str | Path) -> str:
             h.update(bytes.fromhex(sha256_file(p)))
         _UNET_HASHES[key] = h.hexdigest()
     return _UNET_HASHES[key]
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """rapm.files.atomic_write through this module's ``open`` (the store's files: shards, manifest, prompts)."""
+    _atomic_write(path, data, open)
 
 
 def json_bytes(obj) -> bytes:

@@ -139,3 +139,23 @@ def test_export_of_a_trained_run_loads_in_diffusers(tiny_sd, sd_store, tmp_path)
     theirs = pipe("a red car", num_inference_steps=2, guidance_scale=1.0, output_type="latent",
                   generator=torch.Generator("cpu").manual_seed(5)).images
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4 * ours.abs().max().item())
+
+
+def test_a_run_whose_store_was_deleted_still_exports(tiny_sd, sd_store, tmp_path):
+    """load_student reads N from the checkpoint, so rapm export needs the run directory alone."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from rapm.cli import app
+
+    store = tmp_path / "store"
+    shutil.copytree(sd_store, store)
+    run = tmp_path / "run"
+    train(_config(tiny_sd, store, iterations=1, checkpoint_every=1), run, progress=False)
+    shutil.rmtree(store)
+    _, _, facts = load_student(run)
+    assert facts["steps"] == 2 and facts["step"] == 1
+    result = CliRunner().invoke(app, ["export", "--run", str(run), "--out", str(tmp_path / "lora")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").exists()

@@ -233,7 +233,8 @@ class RelationalSettings:
 
 
 def relational_settings(config) -> RelationalSettings:
-    return RelationalSettings(config.method, rdd_weight_of(config), rdd_features_of(config), config.rdd_queue_size)
+    weight = rdd_weight_of(config)
+    return RelationalSettings(config.method, weight, rdd_features_of(config) if weight > 0 else "", config.rdd_queue_size)
 
 
 def build_relational_term(setup, settings: RelationalSettings | None) -> RelationalTerm | None:
