@@ -22,6 +22,13 @@ How to add a family (SD3, FLUX, ...):
    ``feature_blocks`` (the modules whose outputs the discriminator reads), ``check_denoiser``, and the export facts
    (``export_kwargs``, ``base_model_version``, ``sai_architecture``, ``modelspec_implementation``,
    ``kohya_names``; a new naming scheme goes beside ``ldm`` in ``rapm.export``).
+   Where a family's denoiser differs from the UNet's today, the call sites to route through the family are named
+   here so nothing is missed: ``rapm.teacher.unet_output`` already dispatches on the denoiser's class
+   (``denoiser_family``) and ``rapm.discriminator`` asks ``feature_blocks`` / ``feature_channels``; but the DDIM
+   arithmetic (``rapm.diffusion.ddim_step``, ``predict_x0_eps``) is still called directly by ``rapm.methods`` and
+   ``rapm.sample`` with the schedule's prediction type: a flow family routes those through ``to_x0_eps`` (and its
+   own step) and carries its own ``Schedule`` (``FlowMatchEulerDiscreteScheduler``'s sigmas). Packed latents
+   (FLUX) are the family's business too: ``latent_shape`` gives the stored shape, ``denoise`` packs and unpacks.
 2. Append an instance to ``FAMILIES`` below (the order is the order ``read_model_index`` names them in errors).
 3. Add a preset for it to ``rapm.config.PRESETS`` if its training wants other defaults.
 4. Tests: a tiny random pipeline of the family in ``tests/tiny.py``, then the family's round trips (load,
