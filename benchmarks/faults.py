@@ -37,6 +37,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: the test fixtures in tests/tiny.py
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a photo of a cat", "a red car", "a blue dog", "a photo of a dog", "a cat", "a red cat", "a blue car", "a dog"]
@@ -673,7 +674,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from rapm.tiny import build_tiny_pipeline
+    from tests.tiny import build_tiny_pipeline
 
     rng = random.Random(args.seed)
     began = time.perf_counter()

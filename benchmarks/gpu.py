@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: the test fixtures in tests/tiny.py
 from harness import SD15_UNET, SDXL_UNET, Loop, machine, median, reduced, write_results  # noqa: E402
 
 AIMS = {"sd15": ("seconds per iteration", 0.3), "sdxl": ("peak GiB", 16.0)}  # issue 16, on an H100-class card
@@ -54,7 +55,7 @@ def build(model: str, tiny: bool, device: torch.device, checkpointing: bool, ran
     from rapm.discriminator import Discriminator, DiscriminatorSpec
     from rapm.roles import DISCRIMINATOR, STUDENT, LoraSpec, add_roles, enable_gradient_checkpointing, lora_parameters
     from rapm.teacher import Conditioning
-    from rapm.tiny import SD_SCHEDULER
+    from tests.tiny import SD_SCHEDULER
     from rapm.train import student_spec, weight_dtype
 
     # rapm-paper: the iteration with both discriminators (the default rapm recipe trains none; its iteration is the

@@ -13,9 +13,11 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
+import sys
 from pathlib import Path
 
 import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: the test fixtures in tests/tiny.py
 
 # runwayml/stable-diffusion-v1-5, unet/config.json
 SD15_UNET = dict(
@@ -83,7 +85,7 @@ def build_sd_teacher(folder: Path, unet_config: dict, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from rapm.tiny import SD_SCHEDULER, build_clip_tokenizer
+    from tests.tiny import SD_SCHEDULER, build_clip_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = build_clip_tokenizer(["a", "photo", "of", "cat", "dog", "red", "blue", "car"], model_max_length=77)

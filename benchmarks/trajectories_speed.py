@@ -19,9 +19,11 @@ import os
 import platform
 import tempfile
 import time
+import sys
 from pathlib import Path
 
 import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: the test fixtures in tests/tiny.py
 
 PROMPTS = ["a photo of a cat", "a red car", "a blue dog", "a photo of a dog", "a cat", "a red cat", "a blue car", "a dog"]
 DIGIT_PROMPTS = ["a handwritten digit 3", "the number seven", "digit 0", "a drawing of a 5"]
@@ -78,7 +80,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from rapm.teacher import BUILTIN_TEACHERS
-    from rapm.tiny import build_tiny_pipeline
+    from tests.tiny import build_tiny_pipeline
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rapm.errors import RapmError
+from rapm.plugins import builtin_presets
 from rapm.roles import PCM_TARGET_MODULES
 
 
@@ -91,18 +92,17 @@ PRESETS: dict[str, dict] = {
     # The paper's SDXL run: LoRA rank 1 (RAPM README, ~7 MB).
     "sdxl-rank1": dict(lr=2e-6, weight_decay=0.0, disc_levels="down_mid", disc_heads_per_level=1, disc_kernel_size=1,
                        lora_rank=1, lora_alpha=1.0, disc_lora_rank=1, disc_lora_alpha=1.0),
-    # The built-in digits teacher, tuned on the digits benchmark so the demo converges on a CPU in minutes. No EMA: at
-    # this budget the raw weights had the lower trajectory error in every run (issue 14's measurements).
-    "digits": dict(lr=3e-4, weight_decay=0.0, lora_rank=16, lora_alpha=16.0, disc_lora_rank=8, disc_lora_alpha=8.0,
-                   huber_c=0.01, disc_heads_per_level=1, disc_lr=2e-4, batch_size=4, ema_decay=0.0,
-                   checkpoint_every=100, sample_every=100, iterations=300),
+    # The built-in teachers' own presets come from their folders (rapm.plugins): "digits", in rapm/demo/teacher/rapm.json.
+    **builtin_presets(),
 }
 
 
 def default_preset(teacher: str, family: str) -> str:
-    if teacher == "digits":
-        return "digits"
-    return "sdxl" if family == "sdxl" else "sd15"
+    """The teacher's own preset (its rapm.json), else its family's."""
+    from rapm.families import family_named
+    from rapm.plugins import teacher_file
+
+    return teacher_file(teacher).get("preset") or family_named(family).preset
 
 
 def _coerce(name: str, typ, value, source: str):

@@ -172,7 +172,13 @@ def sample_positions(
     return positions
 
 
-def add_noise(schedule: Schedule, x: torch.Tensor, t_from: torch.Tensor | int, t_to: torch.Tensor | int, noise: torch.Tensor) -> torch.Tensor:
+def add_noise(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor | int, noise: torch.Tensor) -> torch.Tensor:
+    """diffusers' ``add_noise``: a clean sample x0 on the forward process at t, z_t = alpha_t x0 + sigma_t noise."""
+    a, s = alpha_sigma(schedule, t, x0)
+    return (a * x0.double() + s * noise.double()).to(x0.dtype)
+
+
+def renoise(schedule: Schedule, x: torch.Tensor, t_from: torch.Tensor | int, t_to: torch.Tensor | int, noise: torch.Tensor) -> torch.Tensor:
     """Move a sample at position t_from to the noisier t_to with fresh noise (forward process q(z_to | z_from))."""
     a_f, _ = alpha_sigma(schedule, t_from, x)
     a_t, _ = alpha_sigma(schedule, t_to, x)

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rapm.roles import discriminator_role
-from rapm.teacher import Conditioning, unet_output
+from rapm.teacher import Conditioning, denoiser_family, unet_output
 
 
 @dataclass
@@ -71,20 +71,13 @@ class _StopForward(Exception):
 
 
 def feature_channels(unet: nn.Module, levels: str) -> list[int]:
-    """Channels of the block outputs the backbone returns, in order (down blocks, mid, up blocks)."""
-    outs = list(unet.config.block_out_channels)
-    channels = outs + [outs[-1]]
-    if levels == "full":
-        channels += list(reversed(outs))
-    elif levels != "down_mid":
-        raise ValueError(f"discriminator levels must be 'full' or 'down_mid', got {levels!r}")
-    return channels
+    """Channels of the block outputs the backbone returns, in order (the denoiser's family's feature blocks)."""
+    return denoiser_family(unet).feature_channels(unet, levels)
 
 
 def backbone_features(unet: nn.Module, z: torch.Tensor, t: torch.Tensor, cond: Conditioning, levels: str) -> list[torch.Tensor]:
-    """The UNet's block outputs at (z, t, cond). With ``down_mid`` the forward stops after the mid block."""
+    """The outputs of the family's feature blocks at (z, t, cond); the forward stops after its stop block, if any."""
     features: list[torch.Tensor] = []
-    hooks = []
 
     def keep(_module, _inputs, output):
         features.append(output[0] if isinstance(output, tuple) else output)
@@ -93,13 +86,8 @@ def backbone_features(unet: nn.Module, z: torch.Tensor, t: torch.Tensor, cond: C
         keep(module, inputs, output)
         raise _StopForward
 
-    blocks = list(unet.down_blocks)
-    for block in blocks:
-        hooks.append(block.register_forward_hook(keep))
-    hooks.append(unet.mid_block.register_forward_hook(keep_and_stop if levels == "down_mid" else keep))
-    if levels == "full":
-        for block in unet.up_blocks:
-            hooks.append(block.register_forward_hook(keep))
+    blocks, stop = denoiser_family(unet).feature_blocks(unet, levels)
+    hooks = [block.register_forward_hook(keep_and_stop if block is stop else keep) for block in blocks]
     try:
         unet_output(unet, z, t, cond)
     except _StopForward:

@@ -35,7 +35,9 @@ import torch
 import typer
 
 from rapm.errors import RapmError
-from rapm.teacher import Teacher, is_builtin, load_teacher
+from rapm.plugins import plugin_for
+from rapm.processes import resolve_device
+from rapm.teacher import Teacher, load_teacher
 from rapm.validation import rms
 
 
@@ -79,7 +81,7 @@ def _decode(teacher: Teacher, latents: torch.Tensor, batch: int = 32) -> torch.T
 
 def _use_lora(teacher: Teacher, lora: str) -> None:
     from rapm.roles import STUDENT
-    from rapm.sample import load_lora
+    from rapm.lora import load_lora
 
     if STUDENT in getattr(teacher.unet, "peft_config", {}):
         teacher.unet.delete_adapters(STUDENT)
@@ -125,19 +127,17 @@ def evaluate(
     from rapm.metrics_sd import SdMetrics, check_metric_files
 
     check_metric_files(fid_features, reference_images, clip)
+    device = str(resolve_device(device))
     teacher = load_teacher(teacher_path, device=device, vae=True)
     teacher_guidance = default_guidance(teacher) if guidance is None else guidance
-    digits = is_builtin(teacher, "digits")
+    plugin = plugin_for(teacher)  # the teacher's own metrics (the digits teacher's classifier), if it has them
     metrics = None
-    if digits:
-        from rapm.demo.metrics import DigitsMetrics
-        from rapm.demo.prompts import digit_of
-
+    if plugin is not None:
         if fid_features is not None or clip is not None:
             raise EvaluateError("--fid-features, --reference-images and --clip are for SD/SDXL teachers; the digits "
                                 "teacher is measured with its own classifier (fd, prompt_accuracy): drop them")
-        metrics = DigitsMetrics()
-        labels = [digit_of(p) for p in prompts]
+        metrics = plugin.metrics()
+        labels = [plugin.label_of(p) for p in prompts]
         sd_metrics = None
     else:
         sd_metrics = SdMetrics(fid_features, reference_images, clip, device=device, batch_size=batch_size)
@@ -171,8 +171,7 @@ def evaluate(
         if train_reference is not None:
             row["trajectory_error_train"] = trajectory_error(imgs, train_reference)
         if metrics is not None:
-            from rapm.demo.metrics import frechet_distance
-
+            frechet_distance = plugin.frechet_distance
             feats = metrics.features(imgs)
             if teacher_features is None:  # the reference comes first
                 teacher_features = feats
@@ -192,9 +191,7 @@ def evaluate(
             row = {"steps": steps, "seconds": seconds,
                    "trajectory_error": trajectory_error(imgs, images[f"teacher-ddim-{reference_steps}"])}
             if metrics is not None:
-                from rapm.demo.metrics import frechet_distance
-
-                row["fd_teacher"] = frechet_distance(metrics.features(imgs), teacher_features)
+                row["fd_teacher"] = plugin.frechet_distance(metrics.features(imgs), teacher_features)
         curve.append({k: row[k] for k in ("steps", "trajectory_error", "fd_teacher", "seconds") if k in row})
     result = {
         "teacher": str(teacher_path), "reference_steps": reference_steps, "teacher_guidance": teacher_guidance,
@@ -205,8 +202,7 @@ def evaluate(
     if train_steps:
         result["train_steps"] = train_steps
     if metrics is not None:
-        from rapm.demo.metrics import frechet_distance
-
+        frechet_distance = plugin.frechet_distance
         result["real_floor_fd"] = metrics.real_floor(len(prompts))
         # The teacher from other noise against the teacher: what an independent perfect sampler scores at this n.
         other = [s + 1_000_000 for s in seeds]
@@ -245,7 +241,7 @@ def write_evaluation(out: Path, result: dict, images: dict[str, torch.Tensor], c
 
 def save_comparison_grid(images: dict[str, torch.Tensor], path: Path, columns: int = 10) -> None:
     """One row per model (in row order), the same prompts and noise in each column."""
-    from rapm.sample import save_grid
+    from rapm.images import save_grid
 
     save_grid(torch.cat([imgs[:columns] for imgs in images.values()]), path, nrow=columns)
 
@@ -283,9 +279,8 @@ def markdown_table(result: dict) -> str:
 
 
 def default_digits_prompts(n: int) -> list[str]:
-    from rapm.demo.prompts import evaluation_prompts
-
-    return [p for p, _ in evaluation_prompts(n)]
+    """The digits teacher's held-out prompts (its plug-in's)."""
+    return plugin_for("digits").evaluation_prompts(n)
 
 
 def cli(
@@ -298,7 +293,7 @@ def cli(
     train_steps: Optional[int] = typer.Option(
         None, help="N M, the DDIM steps of the training trajectories: also report the trajectory error against them."),
     guidance: Optional[float] = typer.Option(None, help="Teacher guidance (default: the trajectories' default)."),
-    device: str = typer.Option("cpu", help="cpu, cuda ..."),
+    device: str = typer.Option("cpu", help="cpu (default), auto (cuda if available), cuda ..."),
     out: Path = typer.Option(Path("evaluation.json"), help="Results JSON (a markdown table is written beside it)."),
     fid_features: Optional[Path] = typer.Option(
         None, help="FID feature network, a TorchScript file: the StyleGAN2-ADA / clean-fid Inception "

@@ -35,11 +35,11 @@ import typer
 import rapm
 from rapm.diffusion import coarse_timesteps
 from rapm.errors import RapmError
+from rapm.lora import FACTS_NAME, base_unet_fingerprint, read_export_facts  # noqa: F401 (exported from here too)
 from rapm.roles import STUDENT
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 KOHYA_WEIGHT_NAME = "kohya_lora.safetensors"
-FACTS_NAME = "rapm_lora.json"
 CARD_NAME = "README.md"
 FORMATS = ("both", "diffusers", "kohya")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -47,8 +47,6 @@ FACTS_VERSION = 2
 
 # sd-scripts' library/sai_model_spec.py: the spec version it writes and its architecture / implementation ids.
 SAI_MODEL_SPEC_VERSION = "1.0.1"
-IMPL_STABILITY_AI = "https://github.com/Stability-AI/generative-models"
-IMPL_DIFFUSERS = "diffusers"
 
 # The LoraConfig fields that change what the adapter computes; the rest (dropout, bookkeeping) stay out of
 # the metadata so that an older peft can still build the config and inference never sees training dropout.
@@ -173,25 +171,6 @@ def ldm_module_name(module: str, blocks: dict[str, tuple[str, bool]]) -> str:
     raise ExportError(f"UNet module {module!r} has no LDM name; export this LoRA with format 'diffusers'")
 
 
-def base_unet_fingerprint(unet: torch.nn.Module) -> str:
-    """A cheap fingerprint of the base UNet: names, shapes and the first and last 64 values of every base weight.
-
-    Adapters are left out (peft's ``base_layer`` names are read as the plain ones), so an adapted UNet and the
-    teacher it came from give the same value. Values are read in float32: a teacher loaded in another dtype
-    (fp16 from fp32 weights) gives another fingerprint.
-    """
-    digest = hashlib.sha256()
-    for name, param in sorted(unet.named_parameters(), key=lambda item: item[0]):
-        if "lora_" in name:
-            continue
-        flat = param.detach().reshape(-1)
-        sample = torch.cat([flat[:64], flat[-64:]]).to("cpu", torch.float32).contiguous()
-        digest.update(name.replace(".base_layer", "").encode())
-        digest.update(str(tuple(param.shape)).encode())
-        digest.update(sample.numpy().tobytes())
-    return "sha256:" + digest.hexdigest()
-
-
 def sampling_scheduler_settings(scheduler_config: dict, steps: int) -> dict:
     """The DDIMScheduler settings that reproduce the student's N steps in diffusers.
 
@@ -208,35 +187,27 @@ def sampling_scheduler_settings(scheduler_config: dict, steps: int) -> dict:
     }
 
 
-def _pipeline_class(family: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def _family(family: str):
+    from rapm.families import TeacherError, family_named
 
-    if family not in ("sd", "sdxl"):
-        raise ExportError(f"teacher family must be 'sd' or 'sdxl', got {family!r}")
-    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    try:
+        return family_named(family)
+    except TeacherError as e:
+        raise ExportError(str(e)) from None
 
 
 def base_model_version(family: str, unet_config) -> tuple[str, bool]:
-    """sd-scripts' ``ss_base_model_version`` (``sd_v1``, ``sd_v2``, ``sdxl_base_v1-0``) and ``ss_v2``.
+    """sd-scripts' ``ss_base_model_version`` (``sd_v1``, ``sd_v2``, ``sdxl_base_v1-0``) and ``ss_v2``, the family's.
 
-    SD 2.x is told from SD 1.x by its text encoder width: OpenCLIP ViT-H, so cross-attention 1024 (SD 1.x: 768).
     A1111 reads ``ss_base_model_version`` (SDXL) and ``ss_v2`` to show a LoRA only beside checkpoints of its
     version. (sd-scripts appends ``_v`` for a v-prediction run of its own; ``ss_v_parameterization`` says it here.)
     """
-    if family == "sdxl":
-        return "sdxl_base_v1-0", False
-    get = unet_config.get if isinstance(unet_config, dict) else lambda k, d=None: getattr(unet_config, k, d)
-    v2 = get("cross_attention_dim") == 1024
-    return "sd_v2" if v2 else "sd_v1", v2
+    return _family(family).base_model_version(unet_config)
 
 
 def sai_architecture(family: str, v2: bool, prediction_type: str) -> str:
     """The SAI model spec's architecture id for a LoRA of this teacher (sd-scripts' ``determine_architecture``)."""
-    if family == "sdxl":
-        return "stable-diffusion-xl-v1-base/lora"
-    if v2:
-        return f"stable-diffusion-v2-{'768-v' if prediction_type == 'v_prediction' else '512'}/lora"
-    return "stable-diffusion-v1/lora"
+    return _family(family).sai_architecture(v2, prediction_type)
 
 
 def additional_network_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
@@ -299,7 +270,7 @@ def kohya_metadata(kohya: dict[str, torch.Tensor], facts: dict, output_name: str
     meta.update({
         "modelspec.sai_model_spec": SAI_MODEL_SPEC_VERSION,
         "modelspec.architecture": sai_architecture(facts["teacher_family"], v2, facts["prediction_type"]),
-        "modelspec.implementation": IMPL_STABILITY_AI if facts["teacher_family"] == "sdxl" else IMPL_DIFFUSERS,
+        "modelspec.implementation": _family(facts["teacher_family"]).modelspec_implementation,
         "modelspec.title": f"{facts['steps']}-step rapm student of {Path(facts['teacher']).name}",
         "modelspec.description": (f"A {facts['steps']}-step LoRA distilled with rapm (arXiv 2503.20744) from "
                                    f"{facts['teacher']}; guidance is distilled in, sample at CFG 1."),
@@ -323,9 +294,8 @@ def _write_diffusers(folder: Path, state: dict, meta: dict, family: str, facts: 
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    _pipeline_class(family).save_lora_weights(
-        str(folder), unet_lora_layers=state, unet_lora_adapter_metadata=meta, weight_name=DIFFUSERS_WEIGHT_NAME,
-    )
+    fam = _family(family)
+    fam.pipeline_class().save_lora_weights(str(folder), **fam.export_kwargs(state, meta), weight_name=DIFFUSERS_WEIGHT_NAME)
     # diffusers' writer takes no metadata of ours: add rapm's keys beside its own (format, lora_adapter_metadata).
     path = folder / DIFFUSERS_WEIGHT_NAME
     with safe_open(str(path), "pt") as f:
@@ -342,7 +312,7 @@ def _write_kohya(folder: Path, state: dict, meta: dict, family: str, unet: torch
         raise ExportError(f"the kohya layout holds plain LoRA with one rank and alpha; this adapter sets {', '.join(special)}: "
                           "export it with format 'diffusers'")
     module_name = None
-    if family == "sdxl":  # sd-scripts trains SDXL on its LDM UNet, so its files (and A1111's SDXL loader) use LDM names
+    if _family(family).kohya_names == "ldm":  # sd-scripts trains SDXL on its LDM UNet: its files (and A1111's loader) use LDM names
         blocks = ldm_block_map(unet.config)
         module_name = lambda module: ldm_module_name(module, blocks)  # noqa: E731
     kohya = to_kohya(state, float(meta["lora_alpha"]), module_name)
@@ -350,22 +320,9 @@ def _write_kohya(folder: Path, state: dict, meta: dict, family: str, unet: torch
     save_file(kohya, str(folder / KOHYA_WEIGHT_NAME), metadata=header)
 
 
-def _teacher_facts(teacher_path: str | Path) -> tuple[Path, dict, bool, int]:
-    from rapm.teacher import read_model_index, resolve_teacher_path
-
-    path = resolve_teacher_path(teacher_path)
-    index = read_model_index(path)
-    config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-    has_vae = bool(index.get("vae")) and index["vae"][0] is not None
-    vae_scale = 1
-    if has_vae and (path / "vae" / "config.json").exists():
-        vae_scale = 2 ** (len(json.loads((path / "vae" / "config.json").read_text()).get("block_out_channels", [0])) - 1)
-    return path, config, has_vae, vae_scale
-
-
 def _model_card(facts: dict, out_dir: Path, has_vae: bool) -> str:
     sched = facts["scheduler"]
-    cls = "StableDiffusionXLPipeline" if facts["teacher_family"] == "sdxl" else "StableDiffusionPipeline"
+    cls = _family(facts["teacher_family"]).pipeline_class_names[0]
     n = facts["steps"]
     lora = facts["lora"]
     teacher = facts["teacher_path"]
@@ -494,11 +451,14 @@ def export_lora(
         raise ExportError(f"export format {fmt!r} is not supported; use one of {', '.join(FORMATS)}")
     if dtype not in DTYPES:
         raise ExportError(f"export dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-    _pipeline_class(family)
+    _family(family)
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / FACTS_NAME).exists())):
         raise ExportError(f"{out_dir} exists and is not an earlier rapm export; give a new or empty folder")
-    teacher_dir, scheduler_config, has_vae, vae_scale = _teacher_facts(teacher_path)
+    from rapm.families import read_teacher_info
+
+    info = read_teacher_info(teacher_path)
+    teacher_dir, scheduler_config, has_vae, vae_scale = info.path, info.scheduler_config, info.has_vae, info.vae_scale_factor
     num_train_timesteps = int(scheduler_config.get("num_train_timesteps", 1000))
     timesteps = coarse_timesteps(num_train_timesteps, steps)
     prediction_type = scheduler_config.get("prediction_type", "epsilon")
@@ -597,18 +557,6 @@ def _replace_dir(staging: Path, out_dir: Path) -> None:
         (out_dir / name).unlink(missing_ok=True)
     os.replace(staging / FACTS_NAME, out_dir / FACTS_NAME)
     staging.rmdir()
-
-
-def read_export_facts(lora: str | Path) -> dict | None:
-    """``rapm_lora.json`` beside a LoRA file or in a LoRA folder, or None when it was not exported by rapm."""
-    path = Path(lora)
-    facts = (path if path.is_dir() else path.parent) / FACTS_NAME
-    if not facts.exists():
-        return None
-    try:
-        return json.loads(facts.read_text())
-    except json.JSONDecodeError:
-        return None
 
 
 def cli(

@@ -23,7 +23,8 @@ import time
 import warnings
 from pathlib import Path
 
-from rapm.errors import RapmError
+from rapm.errors import RapmError, WriteError
+from rapm.files import atomic_write, write_temp
 
 MARKER_VERSION = 1
 RUN_MARKER = ".rapm-run.json"
@@ -75,8 +76,6 @@ def other_kind(folder: Path, kind: str) -> str | None:
 
 
 def write_marker(folder: Path, kind: str) -> None:
-    from rapm.store import atomic_write
-
     f = Path(folder) / MARKERS[kind]
     if not f.exists() or f.read_bytes() != marker_bytes(kind):
         atomic_write(f, marker_bytes(kind))
@@ -186,30 +185,15 @@ class Staged:
 
 def stage(final: Path, content) -> Staged:
     """Write ``content`` (bytes, or a function that writes the file at the path it is given) beside ``final``."""
-    import hashlib
-
-    from rapm.errors import WriteError
-
     final = Path(final)
     tmp = final.with_name(f".{final.stem}.{os.getpid()}.tmp{final.suffix}")  # the suffix stays: image writers read it
+    failed = lambda e: (f"{final}: cannot be written ({e.strerror or e}); the files there before are unchanged; free "  # noqa: E731
+                        f"space in {final.parent} or give a writable folder")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        if callable(content):
-            content(tmp)
-        else:
-            with open(tmp, "wb") as f:
-                f.write(content)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise WriteError(f"{final}: cannot be written ({e.strerror or e}); the files there before are unchanged; free "
-                         f"space in {final.parent} or give a writable folder") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return Staged(final, tmp, digest)
+        raise WriteError(failed(e)) from None
+    return Staged(final, tmp, write_temp(tmp, content, failed))
 
 
 def discard(staged: list[Staged]) -> None:
@@ -220,8 +204,6 @@ def discard(staged: list[Staged]) -> None:
 def commit(staged: list[Staged]) -> None:
     """Rename a staged set into place in order: the last file is the set's commit point (a reader trusts the others
     only where the last one records their sha256)."""
-    from rapm.errors import WriteError
-
     try:
         for s in staged:
             os.replace(s.tmp, s.final)

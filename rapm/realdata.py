@@ -37,15 +37,10 @@ class RealData:
 
 
 def _digits_items() -> tuple[torch.Tensor, list[str]]:
-    from rapm.demo.data import load_split
-    from rapm.demo.prompts import prompts_for
+    """The digits teacher's train split, each image with one of its digit's phrasings (its plug-in's real data)."""
+    from rapm.plugins import plugin_for
 
-    train = load_split("train")
-    texts = []
-    for i, d in enumerate(train.digits.tolist()):
-        phrasings = prompts_for(d)
-        texts.append(phrasings[i % len(phrasings)])
-    return train.images, texts
+    return plugin_for("digits").real_items()
 
 
 def _folder_items(folder: Path, size: int) -> tuple[torch.Tensor, list[str]]:

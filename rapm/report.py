@@ -25,7 +25,7 @@ import typer
 from rapm.errors import RapmError
 from rapm.evaluate import markdown_table
 from rapm.folders import Staged, commit, discard, stage
-from rapm.store import sha256_file
+from rapm.files import sha256_file
 
 
 class ReportError(RapmError):

@@ -1,4 +1,5 @@
-"""The run directory (DESIGN.md decisions 4 and 9): config, checkpoints, marker, lock, resume, ``load_student``.
+"""The run directory (DESIGN.md decisions 4 and 9): config, checkpoints and their schema (``TrainState``), marker,
+lock, resume, and ``load_student`` (N from the checkpoint, so a run whose store is gone still exports).
 
 run/
   .rapm-run.json              the marker: rapm made this folder (rapm.folders)
@@ -22,6 +23,7 @@ import hashlib
 import json
 import os
 import pickle
+import random
 import shutil
 import warnings
 from contextlib import contextmanager
@@ -35,7 +37,7 @@ from rapm import config as cfg
 from rapm.config import TrainConfig
 from rapm.errors import RapmError
 from rapm.folders import RUN_MARKER, FolderError, FolderLock, is_empty, other_kind, read_marker, write_marker
-from rapm.store import atomic_write, sha256_file
+from rapm.files import atomic_write, fsync_dir, read_json_object, sha256_file, write_synced
 
 CHECKPOINT_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
@@ -142,22 +144,8 @@ def state_file(path: Path) -> Path:
     return path / LEGACY if (path / LEGACY).exists() and not (path / STATE).exists() else path / STATE
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
 def _write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    write_synced(path, data, open)  # this module's ``open``: where the fault tests put a full disk
 
 
 def save_checkpoint(run: Path, step: int, state: dict, keep: int) -> Path:
@@ -194,7 +182,7 @@ def save_checkpoint(run: Path, step: int, state: dict, keep: int) -> Path:
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     for old in checkpoints(run)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -491,18 +479,93 @@ class GuardedWriter:
             pass
 
 
+# ---------------------------------------------------------------------------------------------- the checkpoint schema
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def data_position(config: TrainConfig, store) -> dict:
+    """What fixes the data stream a checkpoint's step counts in: a resume must see the same."""
+    return {"seed": config.seed, "batch_size": config.batch_size, "count": len(store), "steps": store.steps,
+            "val_fraction": config.val_fraction}
+
+
+def check_data_position(checkpoint: Path, saved: dict, current: dict, store: str) -> None:
+    """Refuse a resume whose data stream differs from the checkpoint's (its step would count other samples)."""
+    saved = {"val_fraction": 0.0, **saved}  # checkpoints from before the validation split held nothing out
+    for field, value in saved.items():
+        if field in current and current[field] != value:
+            what = {"count": f"the store's trajectory count ({store})",
+                    "steps": f"the store's N, manifest field 'steps' ({store})"}.get(field, f"config field {field!r}")
+            raise RunError(f"{state_file(checkpoint)}: {what} was {value} when it was written but is {current[field]} "
+                           f"now; resume with the run's own store and settings, or start a new run in another --out")
+
+
+
+class TrainState:
+    """Everything a checkpoint holds, and the one place its schema is written and read: the student's weights (and
+    a method's own, RDD's head), the discriminator's, the EMA, the optimizers and their schedules, the method's
+    state, the RNG and the data position (which also records N, the store's steps, for ``load_student``)."""
+
+    def __init__(self, student: dict, discriminator: dict, ema: dict | None, opt_student, sched_student, opt_disc,
+                 sched_disc, method):
+        self.student, self.discriminator, self.ema = student, discriminator, ema
+        self.opt_student, self.sched_student, self.opt_disc, self.sched_disc = opt_student, sched_student, opt_disc, sched_disc
+        self.method = method
+
+    def snapshot(self, step: int, data: dict) -> dict:
+        return {
+            "step": step,
+            "student": {n: p.detach().cpu() for n, p in self.student.items()},
+            "method": self.method.state_dict(),
+            "discriminator": {n: p.detach().cpu() for n, p in self.discriminator.items()},
+            "ema": {n: v.cpu() for n, v in self.ema.items()} if self.ema is not None else None,
+            "opt_student": self.opt_student.state_dict(),
+            "sched_student": self.sched_student.state_dict(),
+            "opt_disc": self.opt_disc.state_dict() if self.opt_disc is not None else None,
+            "sched_disc": self.sched_disc.state_dict() if self.sched_disc is not None else None,
+            "rng": rng_state(),
+            "data": data,
+        }
+
+    def restore(self, state: dict, device) -> int:
+        """Load a checkpoint's ``state`` (its data position already checked); return its step."""
+        with torch.no_grad():
+            for n, p in self.student.items():
+                p.copy_(state["student"][n])
+            for n, p in self.discriminator.items():
+                p.copy_(state["discriminator"][n])
+        self.opt_student.load_state_dict(state["opt_student"])
+        self.sched_student.load_state_dict(state["sched_student"])
+        if self.opt_disc is not None:
+            self.opt_disc.load_state_dict(state["opt_disc"])
+            self.sched_disc.load_state_dict(state["sched_disc"])
+        if self.ema is not None:
+            self.ema = {n: v.to(device) for n, v in state["ema"].items()}
+        self.method.load_state_dict(state.get("method") or {})
+        set_rng_state(state["rng"])
+        return state["step"]
+
+
 # ---------------------------------------------------------------------------------------------- after training
 
 def read_run_config(run: Path) -> TrainConfig:
     file = Path(run) / "config.json"
     if not file.exists():
         raise RunError(f"{file} does not exist: {run} is not a rapm run directory (made by rapm train --out)")
-    try:
-        values = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RunError(f"{file}: not readable JSON ({e}); restore it or start over with --overwrite") from None
-    if not isinstance(values, dict):
-        raise RunError(f"{file}: not a config object; restore it or start over with --overwrite")
+    values = read_json_object(file, RunError, "readable JSON", "a config object", "restore it or start over with --overwrite")
     return cfg.from_dict(values, str(file))
 
 
@@ -533,7 +596,8 @@ def load_student(run: Path, device: str = "cpu", text_encoders: bool = False, tr
                                f"config gives {tuple(p.shape)}; the checkpoint is not from this run's config")
             p.copy_(values[n])
     out = cfg.to_dict(config)
-    out["steps"] = int(read_manifest(Path(config.store))["steps"])  # N, for export and sampling
+    steps = state.get("data", {}).get("steps")  # N, for export and sampling: the checkpoint's, so no store is needed
+    out["steps"] = int(steps) if steps is not None else int(read_manifest(Path(config.store))["steps"])
     out["step"] = state["step"]
     out["checkpoint"] = str(last)
     return teacher, teacher.unet, out
@@ -541,4 +605,5 @@ def load_student(run: Path, device: str = "cpu", text_encoders: bool = False, tr
 
 __all__ = ["CHECKPOINT_PREFIX", "TMP_PREFIX", "RunError", "UnsafeCheckpointError", "ResumeWarning", "TrustWarning", "FolderError", "checkpoints",
            "latest_checkpoint", "save_checkpoint", "load_checkpoint", "load_resume_checkpoint", "check_run_dir",
-           "prepare_run_dir", "run_lock", "LogFile", "GuardedWriter", "clean_stale_files", "truncate_log", "read_run_config", "load_student", "state_file"]
+           "prepare_run_dir", "run_lock", "LogFile", "GuardedWriter", "clean_stale_files", "truncate_log", "read_run_config", "load_student", "state_file",
+           "TrainState", "rng_state", "set_rng_state", "data_position", "check_data_position"]

@@ -27,17 +27,19 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from dataclasses import field as default
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from rapm.diffusion import ScheduleError, coarse_timesteps, schedule_from_config
-from rapm.errors import RapmError, WriteError
-from rapm.teacher import Conditioning
+from rapm.errors import RapmError
+from rapm.files import atomic_write as _atomic_write
+from rapm.files import read_json_object, sha256_file, sha256_text  # noqa: F401 (the store's writers import them from here)
+from rapm.conditioning import Conditioning
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: no Δ-step positions (delta_latents), no 'delta' and 'solver' in the manifest
@@ -67,15 +69,6 @@ def num_shards(count: int, shard_size: int) -> int:
     return (count + shard_size - 1) // shard_size
 
 
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 _UNET_HASHES: dict[tuple, str] = {}
 
 
@@ -96,29 +89,8 @@ def unet_hash(teacher_path: str | Path) -> str:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` is either absent, the old file, or complete."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:  # a full disk: say which file, keep what was there
-        tmp.unlink(missing_ok=True)
-        raise WriteError(f"{path}: cannot be written ({e.strerror or e}); the files written before it are intact; "
-                         f"free space in {path.parent} and rerun the same command") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # some filesystems cannot fsync a directory; the rename is still atomic
-        pass
+    """rapm.files.atomic_write through this module's ``open`` (the store's files: shards, manifest, prompts)."""
+    _atomic_write(path, data, open)
 
 
 def json_bytes(obj) -> bytes:
@@ -157,25 +129,26 @@ def schedule_mismatch(stored: dict, current: dict) -> str | None:
 
 @dataclass
 class TrajectoryBatch:
-    """Stored teacher trajectories z~_N..z~_0 and what they were conditioned on, for a batch of indices."""
+    """Stored teacher trajectories z~_N..z~_0 and what they were conditioned on, for a batch of indices; what a
+    method sees of them (a method's own batch, in tests, may leave out what the store knows of its source)."""
 
     latents: torch.Tensor  # float32 [B, N+1, C, H, W]; latents[:, 0] is the initial noise z_N
     cond: Conditioning  # float32, batched
-    uncond: Conditioning  # float32, the one negative conditioning repeated B times
-    prompts: list[str]
-    seeds: list[int]
-    indices: list[int]
+    uncond: Conditioning | None  # float32, the one negative conditioning repeated B times
     delta_latents: torch.Tensor | None = None  # float32 [B, N, C, H, W]: z^Δ_{n+1} of each slot (format 2), else None
     delta: int | None = None  # the Δ of delta_latents, in teacher timesteps
+    prompts: list[str] = default(default_factory=list)
+    seeds: list[int] = default(default_factory=list)
+    indices: list[int] = default(default_factory=list)
 
     def __len__(self) -> int:
         return self.latents.shape[0]
 
     def to(self, *args, **kwargs) -> "TrajectoryBatch":
-        delta_latents = None if self.delta_latents is None else self.delta_latents.to(*args, **kwargs)
-        return TrajectoryBatch(self.latents.to(*args, **kwargs), self.cond.to(*args, **kwargs),
-                               self.uncond.to(*args, **kwargs), self.prompts, self.seeds, self.indices, delta_latents,
-                               self.delta)
+        """On another device or dtype (uncond and the Δ-steps where there are any)."""
+        move = lambda v: None if v is None else v.to(*args, **kwargs)  # noqa: E731
+        return replace(self, latents=move(self.latents), cond=move(self.cond), uncond=move(self.uncond),
+                       delta_latents=move(self.delta_latents))
 
 
 class TrajectoryStore:
@@ -315,8 +288,8 @@ class TrajectoryStore:
         b = len(indices)
         uncond = Conditioning(*(None if negative.get(f) is None else negative[f].float().expand(b, *negative[f].shape[1:]).contiguous()
                                 for f in ("prompt_embeds", "pooled_embeds", "time_ids")))
-        return TrajectoryBatch(cat["latents"].float(), cond, uncond, prompts, seeds, indices, _float(cat.get("delta_latents")),
-                               self.delta)
+        return TrajectoryBatch(cat["latents"].float(), cond, uncond, _float(cat.get("delta_latents")), self.delta,
+                               prompts, seeds, indices)
 
     def verify(self) -> None:
         """Re-hash every shard against the manifest; one StoreError lists every bad shard."""
@@ -420,15 +393,10 @@ def _float(x: torch.Tensor | None) -> torch.Tensor | None:
 
 def _teacher_identity_from_folder(teacher) -> tuple[str, Path, tuple, dict]:
     """family, path, latent shape and scheduler config of a teacher folder, without loading its weights."""
-    from rapm.teacher import SDXL_PIPELINES, read_model_index, resolve_teacher_path
+    from rapm.families import read_teacher_info
 
-    path = resolve_teacher_path(teacher)
-    index = read_model_index(path)
-    unet_cfg = json.loads((path / "unet" / "config.json").read_text())
-    size = unet_cfg["sample_size"] if isinstance(unet_cfg["sample_size"], int) else unet_cfg["sample_size"][0]
-    scheduler = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-    family = "sdxl" if index["_class_name"] in SDXL_PIPELINES else "sd"
-    return family, path, (int(unet_cfg["in_channels"]), int(size), int(size)), scheduler
+    info = read_teacher_info(teacher)
+    return info.family.name, info.path, tuple(info.latent_shape), info.scheduler_config
 
 
 MANIFEST_SHA256 = "manifest_sha256"  # the manifest's own checksum: sha256 of its JSON without this field
@@ -512,12 +480,8 @@ def read_manifest(path: Path) -> dict:
     f = path / MANIFEST
     if not f.exists():
         raise StoreError(f"{f} is missing: {path} is not a trajectory store; {create}")
-    try:
-        manifest = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StoreError(f"{f}: not a readable JSON manifest ({e}); rebuild the store with rapm trajectories --overwrite") from None
-    if not isinstance(manifest, dict):
-        raise StoreError(f"{f}: not a manifest object; rebuild the store with rapm trajectories --overwrite")
+    manifest = read_json_object(f, StoreError, "a readable JSON manifest", "a manifest object",
+                                "rebuild the store with rapm trajectories --overwrite")
     version = manifest.get("format_version")
     if version not in READABLE_VERSIONS:
         raise StoreError(f"{f}: format_version {version!r} is not one this rapm reads ({', '.join(map(str, READABLE_VERSIONS))}); "

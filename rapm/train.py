@@ -1,6 +1,7 @@
 """The training loop (paper Alg. 2 around the method's loss): fetch a stored trajectory, compute the loss,
 alternate the updates, log, checkpoint. A run directory resumes to the step (DESIGN.md decision 4); its layout,
-checkpoints and lock are rapm.run's.
+checkpoints and lock are rapm.run's, the models rapm.models', the data stream rapm.stream's, the reports
+rapm.monitor's.
 """
 
 from __future__ import annotations
@@ -8,195 +9,35 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import signal
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-import numpy as np
 import torch
 import typer
 
 from rapm import config as cfg
 from rapm.config import ConfigError, TrainConfig
-from rapm.discriminator import Discriminator, DiscriminatorSpec
 from rapm.methods import Context, Setup, TrajectoryBatch, build_method, updates_of
-from rapm.roles import (DISCRIMINATOR, STUDENT, LoraSpec, add_roles, enable_gradient_checkpointing, lora_parameters,
-                        set_trainable)
-from rapm.run import (CHECKPOINT_PREFIX, TMP_PREFIX, GuardedWriter, LogFile, ResumeWarning, RunError,  # noqa: F401
-                      TrustWarning, check_run_dir, checkpoints, clean_stale_files, latest_checkpoint, load_checkpoint,
-                      load_resume_checkpoint, load_student, prepare_run_dir, read_run_config, run_lock, save_checkpoint,
-                      state_file, truncate_log)
-from rapm.store import atomic_write
-from rapm.teacher import load_teacher, read_model_index, resolve_teacher_path
+from rapm.models import (build_models, constant_schedule, ema_decay_at, make_optimizer, student_spec,  # noqa: F401
+                         update_ema, weight_dtype)
+from rapm.monitor import Monitor
+from rapm.processes import Processes, resolve_device
+from rapm.roles import DISCRIMINATOR, STUDENT, lora_parameters, set_trainable
+from rapm.run import (CHECKPOINT_PREFIX, ResumeWarning, RunError, TrainState, check_data_position,  # noqa: F401
+                      check_run_dir, checkpoints, clean_stale_files, data_position, latest_checkpoint, load_checkpoint,
+                      load_resume_checkpoint, load_student, prepare_run_dir, read_run_config, run_lock,
+                      save_checkpoint, truncate_log)
+from rapm.files import atomic_write
+from rapm.stream import batch_indices, batch_positions, sample_generators  # noqa: F401
+from rapm.teacher import read_teacher_info
 from rapm.validation import Validation, split_indices
 
 
-# ---------------------------------------------------------------------------------------------- data and RNG
-
-def batch_positions(step: int, batch_size: int, rank: int = 0, world: int = 1) -> list[int]:
-    """Positions in the data stream of this process's samples at iteration ``step`` (global batch = world x batch)."""
-    first = (step * world + rank) * batch_size
-    return list(range(first, first + batch_size))
-
-
-def batch_indices(positions: list[int], count: int, seed: int) -> list[int]:
-    """The trajectories at these stream positions: a fresh seeded permutation each epoch, so any step's batch is known."""
-    out = []
-    for pos in positions:
-        epoch, i = divmod(pos, count)
-        perm = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-        out.append(int(perm[i]))
-    return out
-
-
-def sample_generators(seed: int, positions: list[int]) -> list[torch.Generator]:
-    """Each sample's noise (discriminator timesteps and renoising): a function of the seed and its stream position."""
-    return [torch.Generator().manual_seed((seed * 1_000_003 + pos) % (2**63)) for pos in positions]
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ---------------------------------------------------------------------------------------------- the model
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def weight_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
-    if device.type == "cpu" or config.mixed_precision == "no":
-        return torch.float32
-    return torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16
-
-
-def student_spec(config: TrainConfig) -> LoraSpec:
-    return LoraSpec(config.lora_rank, config.lora_alpha, list(config.lora_targets))
-
-
-def build_models(config: TrainConfig, device: torch.device, need_vae: bool, with_discriminator: bool):
-    """The teacher's one UNet with its adapters, and the discriminator heads on it."""
-    teacher = load_teacher(config.teacher, device=device, dtype=weight_dtype(config, device), text_encoders=False, vae=need_vae)
-    disc_spec = LoraSpec(config.disc_lora_rank, config.disc_lora_alpha, list(config.lora_targets))
-    add_roles(teacher.unet, student_spec(config), disc_spec if (with_discriminator and config.disc_lora) else None)
-    for p in list(lora_parameters(teacher.unet, STUDENT).values()) + list(lora_parameters(teacher.unet, DISCRIMINATOR).values()):
-        p.data = p.data.float()  # trainable weights stay float32 under mixed precision
-    if config.gradient_checkpointing:
-        enable_gradient_checkpointing(teacher.unet)  # role-aware: the recompute uses the forward's adapter
-    disc = None
-    if with_discriminator:
-        spec = DiscriminatorSpec(config.disc_levels, config.disc_heads_per_level, config.disc_kernel_size)
-        disc = Discriminator(teacher.unet, spec).to(device)
-    return teacher, disc
-
-
-def make_optimizer(params: list[torch.nn.Parameter], lr: float, betas, weight_decay: float, use_8bit: bool):
-    if use_8bit:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ConfigError("config field 'use_8bit_adam': bitsandbytes is not installed; pip install bitsandbytes") from None
-        return bnb.optim.AdamW8bit(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
-
-
-def constant_schedule(optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-
-
-@torch.no_grad()
-def update_ema(ema: dict[str, torch.Tensor], params: dict[str, torch.nn.Parameter], decay: float) -> None:
-    for name, p in params.items():
-        ema[name].mul_(decay).add_(p.detach().float(), alpha=1 - decay)
-
-
-class swap_in:
-    """Temporarily load other values (the EMA) into parameters."""
-
-    def __init__(self, params: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor] | None):
-        self.params, self.values, self.saved = params, values, None
-
-    def __enter__(self):
-        if self.values is not None:
-            self.saved = {n: p.detach().clone() for n, p in self.params.items()}
-            with torch.no_grad():
-                for n, p in self.params.items():
-                    p.copy_(self.values[n])
-
-    def __exit__(self, *exc):
-        if self.saved is not None:
-            with torch.no_grad():
-                for n, p in self.params.items():
-                    p.copy_(self.saved[n])
-
-
-# ---------------------------------------------------------------------------------------------- processes
-
-class Processes:
-    """This process's place under ``accelerate launch`` (data parallel, batch per process), or a single process.
-
-    Gradients are averaged by an all-reduce after each backward pass rather than by wrapping the UNet in DDP: the
-    alternation trains different parameter sets on alternate steps, which DDP's fixed bucket plan does not allow.
-    """
-
-    def __init__(self):
-        self.rank, self.world, self.device = 0, 1, None
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from accelerate import PartialState
-
-            state = PartialState(cpu=not torch.cuda.is_available())
-            self.rank, self.world, self.device = state.process_index, state.num_processes, state.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def mean(self, values: list[float]) -> list[float]:
-        if self.world == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64)
-        torch.distributed.all_reduce(t)
-        return (t / self.world).tolist()
-
-    def any(self, flag: bool) -> bool:
-        return self.mean([float(flag)])[0] > 0
-
-    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        if self.world == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.flatten().float() for g in grads])
-        torch.distributed.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
-            offset += n
-
-
-# ---------------------------------------------------------------------------------------------- the loop
+# ---------------------------------------------------------------------------------------------- the phases
 
 def iteration_phases(updates: str, disc_every: int, with_discriminator: bool, step: int) -> tuple[str, ...]:
     """The updates iteration ``step`` makes, in order.
@@ -212,9 +53,25 @@ def iteration_phases(updates: str, disc_every: int, with_discriminator: bool, st
     return ("discriminator", "student") if step % disc_every == 0 else ("student",)
 
 
-def ema_decay_at(decay: float, warmup: bool, updates_done: int) -> float:
-    """The EMA's decay after ``updates_done`` student updates; with warm-up min(decay, (1 + k) / (10 + k))."""
-    return min(decay, (1 + updates_done) / (10 + updates_done)) if warmup else decay
+@dataclass
+class Phase:
+    """One update of Alg. 2: which adapter trains, its parameters, optimizer and schedule, and the method's losses."""
+
+    name: str  # "student" or "discriminator"
+    adapter: str  # the UNet adapter that trains (rapm.roles)
+    params: dict[str, torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    losses: Callable  # (ctx, batch) -> yields (loss, logs)
+
+
+def phase_cycle(phases: dict[str, Phase], updates: str, disc_every: int) -> list[tuple[Phase, ...]]:
+    """The updates of iterations 0, 1, ..., one period of ``iteration_phases``: iteration k makes
+    ``cycle[k % len(cycle)]``."""
+    with_disc = "discriminator" in phases
+    period = 1 if not with_disc else 2 if updates == "alternate" else disc_every
+    return [tuple(phases[n] for n in iteration_phases(updates, disc_every, with_disc, k)) for k in range(period)]
+
 
 @dataclass
 class TrainResult:
@@ -252,13 +109,7 @@ class _Preemption:
 def _to_device(batch, device, dtype) -> TrajectoryBatch:
     """The store's batch on ``device``, in float32 whatever the weights' ``dtype``: positions and targets keep float32
     under mixed precision, and only the UNet's inputs take its dtype (``rapm.teacher.unet_output``)."""
-    return TrajectoryBatch(
-        latents=batch.latents.to(device, torch.float32),
-        cond=batch.cond.to(device, torch.float32),
-        uncond=batch.uncond.to(device, torch.float32) if batch.uncond is not None else None,
-        delta_latents=batch.delta_latents.to(device, torch.float32) if batch.delta_latents is not None else None,
-        delta=batch.delta,
-    )
+    return batch.to(device, torch.float32)
 
 
 def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool = False, progress: bool = True,
@@ -277,17 +128,9 @@ def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool 
         return _train(config, run, procs, resume, overwrite, progress, stop_after, trust_checkpoint)
 
 
-def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overwrite: bool, progress: bool,
-           stop_after: int | None, trust_checkpoint: bool) -> TrainResult:
-    from tqdm.auto import tqdm
-
-    from rapm.trajectories import open_store
-
-    device = procs.device if (procs.world > 1 and config.device == "auto") else resolve_device(config.device)
-    store = open_store(Path(config.store))
-    train_ids, val_ids = split_indices(len(store), config.val_fraction, config.seed)
+def _delta(config: TrainConfig, store) -> int:
+    """Δ of the teacher's Δ-step: the config's, else the store's, else one fine step; shorter than every slot."""
     delta = config.delta or store.manifest.get("delta") or max(1, 1000 // (store.steps * store.substeps))
-    method = build_method(config, delta)
     min_slot = min(t - s for t, s in zip(store.timesteps[:-1], store.timesteps[1:]))
     if delta >= min_slot:
         source = ("config field 'delta'" if config.delta else "the store's delta" if store.manifest.get("delta") else
@@ -295,6 +138,62 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
         raise ConfigError(f"{Path(config.store) / 'manifest.json'}: Δ = {delta} timesteps ({source}) must be shorter than "
                           f"the store's shortest slot ({min_slot} timesteps; substeps M = {store.substeps}); rebuild the "
                           f"store with rapm trajectories --substeps 2 or more, or pass a smaller Δ such as --set delta={max(1, min_slot // 2)}")
+    return delta
+
+
+def build_phases(config: TrainConfig, unet, disc, method) -> dict[str, Phase]:
+    """The student's phase and, with a discriminator, the discriminator's: built once, before the loop."""
+    student = {**lora_parameters(unet, STUDENT), **method.extra_parameters()}  # plus a method's own (RDD's head)
+    opt = make_optimizer(list(student.values()), config.lr, config.adam_betas, config.weight_decay, config.use_8bit_adam)
+    phases = {"student": Phase("student", STUDENT, student, opt, constant_schedule(opt), method.generator_losses)}
+    if disc is not None:
+        params = {**lora_parameters(unet, DISCRIMINATOR), **{f"heads.{n}": p for n, p in disc.named_parameters()}}
+        opt = make_optimizer(list(params.values()), config.disc_lr, config.disc_betas, config.disc_weight_decay,
+                             config.use_8bit_adam)
+        phases["discriminator"] = Phase("discriminator", DISCRIMINATOR, params, opt, constant_schedule(opt),
+                                        method.discriminator_losses)
+    return phases
+
+
+def run_phase(phase: Phase, ctx: Context, batch, unet, disc, procs: Processes, autocast, grad_clip: float,
+              step: int, checkpoint) -> tuple[float, float, dict[str, float]]:
+    """One update (Alg. 2, lines 5-13 or 14-19): back-propagate each loss piece, average across processes, clip,
+    step; returns the averaged loss, the gradient norm and the method's logs."""
+    set_trainable(unet, phase.adapter)
+    if disc is not None:
+        disc.requires_grad_(phase.name == "discriminator")
+    phase.optimizer.zero_grad(set_to_none=True)
+    record: dict[str, float] = {}
+    total = 0.0
+    with autocast:
+        for loss, logs in phase.losses(ctx, batch):
+            loss.backward()
+            total += loss.item()
+            record.update(logs)
+    keys = sorted(record)
+    total, *values = procs.mean([total] + [record[k] for k in keys])
+    record = dict(zip(keys, values))
+    if not math.isfinite(total):  # decided on the averaged loss, so every process stops together
+        where = f"{checkpoint}" if checkpoint else "no checkpoint yet"
+        raise RunError(f"non-finite {phase.name} loss at step {step} ({record}); the last good checkpoint is "
+                       f"{where}; lower 'lr' or 'disc_lr' and resume with --resume")
+    params = list(phase.params.values())
+    procs.average_gradients(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    phase.optimizer.step()
+    phase.scheduler.step()
+    return total, float(grad_norm), record
+
+
+def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overwrite: bool, progress: bool,
+           stop_after: int | None, trust_checkpoint: bool) -> TrainResult:
+    from rapm.trajectories import open_store
+
+    device = procs.device if (procs.world > 1 and config.device == "auto") else resolve_device(config.device)
+    dtype = weight_dtype(config, device)
+    store = open_store(Path(config.store))
+    train_ids, val_ids = split_indices(len(store), config.val_fraction, config.seed)
+    method = build_method(config, _delta(config, store))
     torch.manual_seed(config.seed)  # the LoRA A matrices and the heads start from the seed
     teacher, disc = build_models(config, device, need_vae=config.sample_every > 0, with_discriminator=method.uses_discriminator)
     store.check_teacher(teacher, steps=store.steps)  # the teacher, and the store's timesteps for its N
@@ -309,110 +208,47 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
         clean_stale_files(run)
     procs.barrier()
     unet = teacher.unet
-    method.prepare(Setup(unet, teacher.schedule, store, config, device, weight_dtype(config, device)))
-
+    method.prepare(Setup(unet, teacher.schedule, store, device, dtype))
+    phases = build_phases(config, unet, disc, method)
     student_params = lora_parameters(unet, STUDENT)  # what is exported (and averaged into the EMA)
-    student_trainable = {**student_params, **method.extra_parameters()}  # plus a method's own (RDD's projection head)
-    opt_student = make_optimizer(list(student_trainable.values()), config.lr, config.adam_betas, config.weight_decay,
-                                 config.use_8bit_adam)
-    sched_student = constant_schedule(opt_student)
-    disc_params: dict[str, torch.nn.Parameter] = {}
-    opt_disc = sched_disc = None
-    if disc is not None:
-        disc_params = {**lora_parameters(unet, DISCRIMINATOR), **{f"heads.{n}": p for n, p in disc.named_parameters()}}
-        opt_disc = make_optimizer(list(disc_params.values()), config.disc_lr, config.disc_betas, config.disc_weight_decay,
-                                  config.use_8bit_adam)
-        sched_disc = constant_schedule(opt_disc)
     ema = {n: p.detach().float().clone() for n, p in student_params.items()} if config.ema_decay > 0 else None
+    disc_phase = phases.get("discriminator")
+    state = TrainState(student_params, disc_phase.params if disc_phase else {}, ema, phases["student"].optimizer,
+                       phases["student"].scheduler, disc_phase and disc_phase.optimizer, disc_phase and disc_phase.scheduler,
+                       method)
 
     start = 0
-    last, state = load_resume_checkpoint(run, trust_checkpoint) if resume else (None, None)
+    last, saved = load_resume_checkpoint(run, trust_checkpoint) if resume else (None, None)
     if last is not None:
-        check_data_position(last, state.get("data", {}), data_position(config, store), config.store)
-        with torch.no_grad():
-            for n, p in student_params.items():
-                p.copy_(state["student"][n])
-            for n, p in disc_params.items():
-                p.copy_(state["discriminator"][n])
-        opt_student.load_state_dict(state["opt_student"])
-        sched_student.load_state_dict(state["sched_student"])
-        if opt_disc is not None:
-            opt_disc.load_state_dict(state["opt_disc"])
-            sched_disc.load_state_dict(state["sched_disc"])
-        if ema is not None:
-            ema = {n: v.to(device) for n, v in state["ema"].items()}
-        method.load_state_dict(state.get("method") or {})
-        set_rng_state(state["rng"])
-        start = state["step"]
+        check_data_position(last, saved.get("data", {}), data_position(config, store), config.store)
+        start = state.restore(saved, device)
     if procs.main:  # only once the store and the checkpoint are known to fit: a refused resume changes nothing
         atomic_write(run / "config.json", json.dumps(cfg.to_dict(config), indent=2).encode())
         truncate_log(run / "logs.jsonl", start)
     procs.barrier()
 
-    def snapshot(step: int) -> dict:
-        return {
-            "step": step,
-            "student": {n: p.detach().cpu() for n, p in student_params.items()},
-            "method": method.state_dict(),
-            "discriminator": {n: p.detach().cpu() for n, p in disc_params.items()},
-            "ema": {n: v.cpu() for n, v in ema.items()} if ema is not None else None,
-            "opt_student": opt_student.state_dict(),
-            "sched_student": sched_student.state_dict(),
-            "opt_disc": opt_disc.state_dict() if opt_disc is not None else None,
-            "sched_disc": sched_disc.state_dict() if sched_disc is not None else None,
-            "rng": rng_state(),
-            "data": data_position(config, store),
-        }
-
     def save(step: int) -> Path:
         """The main process writes; the others wait for it, so all resume from the same checkpoint."""
         path = run / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:08d}"
         if procs.main:
-            path = save_checkpoint(run, step, snapshot(step), config.keep_checkpoints)
+            path = save_checkpoint(run, step, state.snapshot(step, data_position(config, store)), config.keep_checkpoints)
         procs.barrier()
         return path
 
-    writer = _tensorboard(run, start) if procs.main else None
-    if writer is not None and start == 0:  # the hyperparameters, as TensorBoard's text and hparams views show them
-        writer.add_text("config", "```\n" + json.dumps(cfg.to_dict(config), indent=2) + "\n```", 0)
-        _tensorboard_hparams(writer, config)
-    dtype = weight_dtype(config, device)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    checkpoint = last
-    bar = tqdm(total=config.iterations, initial=start, disable=not (progress and procs.main), desc="train", unit="it",
-               dynamic_ncols=True)
-    log_file = LogFile(run / "logs.jsonl", lambda: latest_checkpoint(run)) if procs.main else None
-    updates = updates_of(config)
-    phases_at = lambda k: iteration_phases(updates, config.disc_every, disc is not None, k)  # noqa: E731
-    student_updates = sum("student" in phases_at(k) for k in range(start))  # for the EMA's warm-up
     validation = None
     if procs.main and config.eval_every > 0 and val_ids:
         validation = Validation(teacher, store, val_ids, device, dtype, config.val_reference_steps)
-
-    def validate(step: int) -> None:
-        if validation is None or log_file is None:
-            return
-        tick = time.perf_counter()
-        with swap_in(student_params, ema):
-            values = validation(unet)
-        if ema is not None:
-            values["val_raw_trajectory_error"] = validation(unet)["val_trajectory_error"]
-        entry = {"step": step, "phase": "validation", "trajectories": len(validation),
-                 "seconds": time.perf_counter() - tick, **values}
-        log_file.write(json.dumps(entry) + "\n")
-        log_file.flush()
-        if writer is not None:
-            for k, v in values.items():
-                writer.add_scalar(k if "/" in k else f"validation/{k[4:]}", v, step)
-        bar.write(f"step {step}: " + ", ".join(f"{k[4:]} {v:.4g}" for k, v in values.items() if "/" not in k))
-
-    stopped_by = None
-    step = start
+    monitor = Monitor(run, config, procs.main, start, progress, validation, student_params, lambda: state.ema)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    cycle = phase_cycle(phases, updates_of(config), config.disc_every)
+    student_updates = sum(phases["student"] in cycle[k % len(cycle)] for k in range(start))  # for the EMA's warm-up
+    schedulers = {p.name: p.scheduler for p in phases.values()}
+    checkpoint, stopped_by, step = last, None, start
     try:
         with _Preemption() as preemption:
             while step < config.iterations:
                 if config.eval_every > 0 and step % config.eval_every == 0:
-                    validate(step)
+                    monitor.validate(step, unet)
                 tick = time.perf_counter()
                 positions = batch_positions(step, config.batch_size, procs.rank, procs.world)
                 batch = _to_device(store.get([train_ids[i] for i in batch_indices(positions, len(train_ids), config.seed)]),
@@ -420,64 +256,26 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
                 ctx = Context(unet, teacher.schedule, store.timesteps, store.guidance,
                               sample_generators(config.seed, positions), disc)
                 method.begin_step(step, unet)
-                phases = phases_at(step)
-                entry = {"step": step, "phase": "+".join(phases)}
-                for phase in phases:
-                    set_trainable(unet, DISCRIMINATOR if phase == "discriminator" else STUDENT)
-                    if disc is not None:
-                        disc.requires_grad_(phase == "discriminator")
-                    params = disc_params if phase == "discriminator" else student_trainable
-                    optimizer = opt_disc if phase == "discriminator" else opt_student
-                    optimizer.zero_grad(set_to_none=True)
-                    losses = method.discriminator_losses if phase == "discriminator" else method.generator_losses
-                    record: dict[str, float] = {}
-                    total = 0.0
-                    with autocast:
-                        for loss, logs in losses(ctx, batch):
-                            loss.backward()
-                            total += loss.item()
-                            record.update(logs)
-                    keys = sorted(record)
-                    total, *values = procs.mean([total] + [record[k] for k in keys])
-                    record = dict(zip(keys, values))
-                    if not math.isfinite(total):  # decided on the averaged loss, so every process stops together
-                        where = f"{checkpoint}" if checkpoint else "no checkpoint yet"
-                        raise RunError(f"non-finite {phase} loss at step {step} ({record}); the last good checkpoint is "
-                                       f"{where}; lower 'lr' or 'disc_lr' and resume with --resume")
-                    procs.average_gradients(list(params.values()))
-                    grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.grad_clip)
-                    optimizer.step()
-                    (sched_disc if phase == "discriminator" else sched_student).step()
-                    if ema is not None and phase == "student":
-                        update_ema(ema, student_params, ema_decay_at(config.ema_decay, config.ema_warmup, student_updates))
-                    student_updates += phase == "student"
+                iteration = cycle[step % len(cycle)]
+                entry = {"step": step, "phase": "+".join(p.name for p in iteration)}
+                for phase in iteration:
+                    total, grad_norm, record = run_phase(phase, ctx, batch, unet, disc, procs, autocast, config.grad_clip,
+                                                         step, checkpoint)
+                    if phase.name == "student":
+                        if state.ema is not None:
+                            update_ema(state.ema, student_params,
+                                       ema_decay_at(config.ema_decay, config.ema_warmup, student_updates))
+                        student_updates += 1
                     # One line per iteration: the student's loss is "loss"; a discriminator update beside it "disc_loss".
-                    prefix = "disc_" if phase == "discriminator" and entry["phase"] != phase else ""
-                    entry.update({f"{prefix}loss": total, f"{prefix}grad_norm": float(grad_norm), **record})
+                    prefix = "disc_" if phase.name == "discriminator" and entry["phase"] != phase.name else ""
+                    entry.update({f"{prefix}loss": total, f"{prefix}grad_norm": grad_norm, **record})
                 step += 1
                 entry["seconds"] = time.perf_counter() - tick
-                if log_file is not None:
-                    log_file.write(json.dumps(entry) + "\n")
-                    log_file.flush()
-                if writer is not None and (step - 1) % config.log_every == 0:
-                    for k, v in entry.items():
-                        if k not in ("step", "phase"):
-                            name = {"loss": "loss", "grad_norm": "grad_norm", "disc_loss": "loss",
-                                    "disc_grad_norm": "grad_norm"}.get(k)
-                            group = "discriminator" if k.startswith("disc_") or entry["phase"] == "discriminator" else "student"
-                            writer.add_scalar(f"{group}/{name}" if name else k, v, step - 1)
-                    writer.add_scalar("student/lr", sched_student.get_last_lr()[0], step - 1)
-                    if sched_disc is not None:
-                        writer.add_scalar("discriminator/lr", sched_disc.get_last_lr()[0], step - 1)
-                bar.set_postfix({entry["phase"][:4]: f"{entry['loss']:.4f}"}, refresh=False)
-                bar.update(1)
+                monitor.iteration(entry, step - 1, schedulers)
                 if step % config.checkpoint_every == 0 or step == config.iterations:
                     checkpoint = save(step)
                 if procs.main and config.sample_every > 0 and (step % config.sample_every == 0 or step == config.iterations):
-                    with swap_in(student_params, ema):
-                        grid = sample_grid(teacher, store, run / "samples" / f"step-{step:08d}.png", config.num_samples,
-                                           device, dtype)
-                    _tensorboard_image(writer, "samples/student_top_teacher_bottom", grid, step)
+                    monitor.samples(step, teacher, store, device, dtype)
                 stop = preemption.signal_name is not None or (stop_after is not None and step - start >= stop_after)
                 if procs.any(stop):
                     stopped_by = preemption.signal_name or ("SIGTERM" if stop_after is None else "stop_after")
@@ -485,112 +283,24 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
                         checkpoint = save(step)
                     break
             if step == config.iterations and config.eval_every > 0:
-                validate(step)
+                monitor.validate(step, unet)
     finally:
-        bar.close()
-        if log_file is not None:
-            log_file.close()
-        if writer is not None:
-            writer.close()
+        monitor.close()
     return TrainResult(run, step, checkpoint, stopped_by)
-
-
-def data_position(config: TrainConfig, store) -> dict:
-    """What fixes the data stream a checkpoint's step counts in: a resume must see the same."""
-    return {"seed": config.seed, "batch_size": config.batch_size, "count": len(store), "steps": store.steps,
-            "val_fraction": config.val_fraction}
-
-
-def check_data_position(checkpoint: Path, saved: dict, current: dict, store: str) -> None:
-    """Refuse a resume whose data stream differs from the checkpoint's (its step would count other samples)."""
-    saved = {"val_fraction": 0.0, **saved}  # checkpoints from before the validation split held nothing out
-    for field, value in saved.items():
-        if field in current and current[field] != value:
-            what = {"count": f"the store's trajectory count ({store})",
-                    "steps": f"the store's N, manifest field 'steps' ({store})"}.get(field, f"config field {field!r}")
-            raise RunError(f"{state_file(checkpoint)}: {what} was {value} when it was written but is {current[field]} "
-                           f"now; resume with the run's own store and settings, or start a new run in another --out")
-
-
-def _tensorboard(run: Path, start: int):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional: logs.jsonl has everything
-        return None
-    try:
-        writer = SummaryWriter(str(run / "tensorboard"), purge_step=start)
-    except OSError as e:
-        raise RunError(f"{run / 'tensorboard'}: cannot be written ({e.strerror or e}); free space and resume with --resume") from None
-    return GuardedWriter(writer, run / "tensorboard", lambda: latest_checkpoint(run))
-
-
-def _tensorboard_hparams(writer, config: TrainConfig) -> None:
-    """The run's configuration in TensorBoard's HPARAMS tab (one session: this run), beside its text view; the
-    metrics it tabulates are the run's own scalars."""
-    from torch.utils.tensorboard.summary import hparams
-
-    values = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in cfg.to_dict(config).items()}
-    metrics = ["student/loss"] + (["validation/trajectory_error"] if config.eval_every > 0 else [])
-    file_writer = writer._get_file_writer()  # add_hparams would write them into a new run folder of its own
-    for summary in hparams(values, {m: 0.0 for m in metrics}):
-        file_writer.add_summary(summary)
-
-
-def sample_indices(prompts: list[str], count: int) -> list[int]:
-    """``count`` trajectories spread over the store's distinct prompts (in store order): a store written prompt by
-    prompt (the digits demo: every phrasing of 0, then of 1 ...) shows many classes, not the first prompt's."""
-    first: dict[str, int] = {}
-    for i, p in enumerate(prompts):
-        first.setdefault(p, i)
-    distinct = list(first.values())
-    if len(distinct) >= count:
-        return [distinct[k * len(distinct) // count] for k in range(count)]
-    chosen = set(distinct)
-    rest = [i for i in range(len(prompts)) if i not in chosen]
-    return sorted(distinct + rest[:count - len(distinct)])
-
-
-@torch.no_grad()
-def sample_grid(teacher, store, path: Path, count: int, device, dtype) -> Path:
-    """Top row: the student's N steps from the stored noise; bottom row: the stored teacher end point; the same
-    trajectories (spread over the prompts, ``sample_indices``) at every step."""
-    from rapm.methods.base import student_trajectory
-    from rapm.sample import save_grid
-
-    count = min(count, len(store))
-    indices = sample_indices(list(store.prompts), count)
-    batch = _to_device(store.get(indices), device, dtype)
-    ctx = Context(teacher.unet, teacher.schedule, store.timesteps, store.guidance, sample_generators(0, list(range(count))))
-    student_end = student_trajectory(ctx, batch.latents[:, 0], batch.cond)[:, -1]
-    images = teacher.decode(torch.cat([student_end, batch.latents[:, -1]]))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return save_grid(images.float().cpu(), path, nrow=count)
-
-
-def _tensorboard_image(writer, tag: str, png: Path, step: int) -> None:
-    """A saved grid into TensorBoard's images tab (shown at 4x: a 16x16 digit is unreadable at 1x)."""
-    if writer is None:
-        return
-    from PIL import Image
-
-    with Image.open(png) as im:
-        im = im.convert("RGB")
-        scale = max(1, min(4, 512 // max(im.width, 1)))
-        arr = np.asarray(im.resize((im.width * scale, im.height * scale), Image.NEAREST))
-    writer.add_image(tag, arr, step, dataformats="HWC")
 
 
 # ---------------------------------------------------------------------------------------------- after training
 
 def resolve_config(teacher: str, store: str, preset: str | None, config_file: Path | None, flags: dict) -> TrainConfig:
-    """Preset (by teacher family unless named) < config file < command-line flags."""
+    """The teacher family's defaults < preset (the teacher's or its family's unless named) < config file < flags."""
     values = cfg.read_config_file(Path(config_file)) if config_file else {}
     teacher = flags.get("teacher") or values.get("teacher") or teacher
-    family = "sdxl" if read_model_index(resolve_teacher_path(teacher))["_class_name"].startswith("StableDiffusionXL") else "sd"
-    name = preset or values.get("preset") or cfg.default_preset(teacher, family)
+    family = read_teacher_info(teacher).family
+    name = preset or values.get("preset") or cfg.default_preset(teacher, family.name)
     if name not in cfg.PRESETS:
         raise ConfigError(f"preset {name!r} is not one of {', '.join(cfg.PRESETS)}")
-    config = cfg.apply_overrides(TrainConfig(), {**cfg.PRESETS[name], "preset": name}, f"preset {name}")
+    own = {"lora_targets": list(family.lora_targets), "disc_levels": family.disc_levels}
+    config = cfg.apply_overrides(TrainConfig(), {**own, **cfg.PRESETS[name], "preset": name}, f"preset {name}")
     if config_file:
         config = cfg.apply_overrides(config, values, str(config_file))
     return cfg.apply_overrides(config, {"teacher": teacher, "store": store, **flags}, "command line")

@@ -41,6 +41,7 @@ import typer
 from rapm.diffusion import SOLVERS, coarse_timesteps, solve_positions
 from rapm.errors import RapmError
 from rapm.folders import STORE_MARKER, FolderError, FolderLock, is_empty, other_kind, read_marker, write_marker
+from rapm.processes import resolve_device
 from rapm.store import (DONE, DTYPES, FORMAT_VERSION, MANIFEST, NEGATIVE, PROMPTS, REQUIRED_FIELDS, StoreError,
                         TrajectoryBatch, TrajectoryStore, atomic_write, json_bytes, manifest_bytes, num_shards, open_store,
                         read_manifest, schedule_mismatch, sha256_text, shard_name, shard_span, unet_hash)
@@ -50,7 +51,6 @@ __all__ = ["open_store", "TrajectoryStore", "TrajectoryBatch", "StoreError", "wr
            "initial_noise", "read_prompts", "default_guidance", "default_delta", "TruncatedPromptWarning", "StepsWarning",
            "cli"]
 
-FALLBACK_DIGITS_GUIDANCE = 2.0
 PAPER_SUBSTEPS = 25  # M of the paper (§4): the fine grid its Δ is one step of
 
 
@@ -106,15 +106,12 @@ def default_delta(num_train_timesteps: int, steps: int, substeps: int, solver: s
 
 
 def default_guidance(teacher: Teacher) -> float:
-    """What diffusers' pipelines use (SD 7.5, SDXL 5.0), or the built-in digits teacher's own scale."""
-    digits = BUILTIN_TEACHERS["digits"]
-    if digits.exists() and Path(teacher.path).resolve() == digits.resolve():
-        try:
-            from rapm.demo import DIGITS_GUIDANCE
-        except ImportError:
-            return FALLBACK_DIGITS_GUIDANCE
-        return float(DIGITS_GUIDANCE)
-    return 5.0 if teacher.family == "sdxl" else 7.5
+    """The teacher's own scale (its rapm.json, rapm.plugins: the digits teacher's), else its family's pipeline's
+    (SD 7.5, SDXL 5.0)."""
+    from rapm.plugins import teacher_file
+
+    own = teacher_file(teacher).get("guidance")
+    return float(own) if own is not None else float(teacher.family_def.default_guidance)
 
 
 # --- inputs ----------------------------------------------------------------------------------------------------------
@@ -389,7 +386,7 @@ def write_trajectories(
     # PartialState only starts gloo across CPU processes when told cpu=True (AcceleratorState reads the launcher's flag).
     state = PartialState(cpu=not torch.cuda.is_available() or (device is not None and torch.device(device).type == "cpu"))
     if device is None or (device == "cuda" and state.num_processes > 1):
-        device = state.device if state.num_processes > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
+        device = state.device if state.num_processes > 1 else resolve_device("auto")
     teacher_model = load_teacher(teacher, device=device, dtype=DTYPES[teacher_dtype])
     if guidance is None:
         guidance = default_guidance(teacher_model)

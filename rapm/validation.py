@@ -22,7 +22,8 @@ import torch
 from rapm.diffusion import ddim
 from rapm.methods.base import Context, student_trajectory
 from rapm.roles import teacher_role
-from rapm.teacher import guided_output, is_builtin
+from rapm.plugins import plugin_for
+from rapm.teacher import guided_output
 
 
 def split_indices(count: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -45,22 +46,18 @@ class Validation:
     """The held-out trajectories of one run, and the metrics of a student on them."""
 
     def __init__(self, teacher, store, indices: list[int], device, dtype, reference_steps: int = 0, batch: int = 64):
-        from rapm.train import _to_device
-
         self.teacher, self.store, self.indices = teacher, store, indices
-        self.batches = [_to_device(store.get(indices[i:i + batch]), device, dtype) for i in range(0, len(indices), batch)]
+        self.batches = [store.get(indices[i:i + batch]).to(device, torch.float32) for i in range(0, len(indices), batch)]
         self.teacher_images = self._decode([b.latents[:, -1] for b in self.batches])
         self.reference_images = None
         if reference_steps > 0:
             self.reference_images = self._decode([self.teacher_ddim(b, reference_steps) for b in self.batches])
-        self.digits = None
-        if is_builtin(teacher, "digits"):
-            from rapm.demo.metrics import DigitsMetrics
-            from rapm.demo.prompts import digit_of
-
+        self.digits = None  # the teacher's own metrics, where its plug-in has them (the digits teacher)
+        self.plugin = plugin_for(teacher)
+        if self.plugin is not None:
             prompts = store.prompts
-            self.digits = DigitsMetrics()
-            self.prompt_digits = [digit_of(prompts[i]) for i in indices]
+            self.digits = self.plugin.metrics()
+            self.prompt_digits = [self.plugin.label_of(prompts[i]) for i in indices]
             self.teacher_features = self.digits.features(self.reference_images if self.reference_images is not None
                                                          else self.teacher_images)
 
@@ -109,8 +106,7 @@ class Validation:
         if self.reference_images is not None:
             out["val_reference_error"] = float(rms(images, self.reference_images).mean())
         if self.digits is not None:
-            from rapm.demo.metrics import frechet_distance
-
+            frechet_distance = self.plugin.frechet_distance
             feats = self.digits.features(images)
             if len(self) >= 2:
                 out["val_fd_teacher"] = frechet_distance(feats, self.teacher_features)

@@ -16,21 +16,21 @@ torch.backends.mkldnn.enabled = False
 
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
-    from rapm.tiny import build_tiny_pipeline
+    from tests.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd", family="sd")
 
 
 @pytest.fixture(scope="session")
 def tiny_sd_v(tmp_path_factory):
-    from rapm.tiny import build_tiny_pipeline
+    from tests.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd_v", family="sd", prediction_type="v_prediction")
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory):
-    from rapm.tiny import build_tiny_pipeline
+    from tests.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sdxl", family="sdxl")
 

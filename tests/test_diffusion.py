@@ -4,9 +4,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from rapm.diffusion import (FINAL, ScheduleError, add_noise, alpha_sigma, coarse_timesteps, ddim, ddim_step,
+from rapm.diffusion import (renoise, FINAL, ScheduleError, alpha_sigma, coarse_timesteps, ddim, ddim_step,
                             sample_positions, schedule_from_config, slot_grid)
-from rapm.tiny import SD_SCHEDULER
+from tests.tiny import SD_SCHEDULER
 
 
 def test_trailing_coarse_timesteps_match_the_paper():
@@ -79,10 +79,10 @@ def test_batched_per_sample_timesteps_equal_one_at_a_time():
         torch.testing.assert_close(batched[i : i + 1], ddim_step(schedule, z[i : i + 1], out[i : i + 1], int(t[i]), int(s[i])))
 
 
-def test_add_noise_matches_the_forward_process_marginal():
+def test_renoise_matches_the_forward_process_marginal():
     schedule = schedule_from_config(SD_SCHEDULER)
     x0 = torch.randn(20000, 1, 1, 1)
-    z = add_noise(schedule, x0, 499, 999, torch.randn_like(x0))  # x0 is a sample at t=499 here
+    z = renoise(schedule, x0, 499, 999, torch.randn_like(x0))  # x0 is a sample at t=499 here
     a_f, s_f = alpha_sigma(schedule, 499, x0)
     a_t, s_t = alpha_sigma(schedule, 999, x0)
     # Var(z) = (abar_999/abar_499) * Var(x) + 1 - abar_999/abar_499
@@ -175,3 +175,14 @@ def test_logsnr_grid_runs_from_the_slot_start_to_its_end_without_repeats(set_alp
     model, _ = _gaussian_data(schedule, 0.1, "epsilon")
     positions, _ = solve_positions(model, schedule, torch.randn(1, 4, 8, 8), coarse_timesteps(1000, 4), 8, "dpmsolver++")
     assert all(torch.isfinite(p).all() for p in positions)
+
+
+def test_add_noise_is_diffusers_add_noise():
+    from diffusers import DDIMScheduler
+
+    from rapm.diffusion import add_noise
+
+    schedule = schedule_from_config(SD_SCHEDULER)
+    x0, noise, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([0, 499, 999])
+    expected = DDIMScheduler(**SD_SCHEDULER).add_noise(x0.double(), noise.double(), t).float()
+    assert torch.allclose(add_noise(schedule, x0, t, noise), expected, atol=1e-6)

@@ -13,7 +13,7 @@ from rapm.demo.prompts import (NUMBER_WORDS, PHRASINGS, digit_of, evaluation_pro
                                vocabulary)
 from rapm.diffusion import coarse_timesteps, sample_positions
 from rapm.teacher import BUILTIN_TEACHERS, guided_output, load_teacher
-from rapm.tiny import SD_SCHEDULER
+from tests.tiny import SD_SCHEDULER
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ def build_pixel_teacher(folder: Path) -> Path:
     """A tiny SD pipeline without a VAE (vae [null, null]), shaped like the built-in digits teacher."""
     from diffusers import UNet2DConditionModel
 
-    from rapm.tiny import SD_SCHEDULER, _text_encoder, build_clip_tokenizer
+    from tests.tiny import SD_SCHEDULER, _text_encoder, build_clip_tokenizer
 
     torch.manual_seed(0)
     tokenizer = build_clip_tokenizer(["a", "photo", "of", "red", "car"], model_max_length=16)

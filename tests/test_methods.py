@@ -51,7 +51,7 @@ def _setup(store, method_name, **kw):
         for p in lora_parameters(teacher.unet, STUDENT).values():
             p.add_(torch.randn_like(p) * 0.05)
     disc = Discriminator(teacher.unet, DiscriminatorSpec("full", 1, 3)) if method.uses_discriminator else None
-    method.prepare(Setup(teacher.unet, teacher.schedule, s, config, torch.device("cpu"), torch.float32))
+    method.prepare(Setup(teacher.unet, teacher.schedule, s, torch.device("cpu"), torch.float32))
     method.begin_step(0, teacher.unet)
     set_trainable(teacher.unet, STUDENT)
     batch = s.get([0, 1])

@@ -63,7 +63,7 @@ def _prepared(teacher_path, store_path, **kw):
             p.add_(torch.randn_like(p) * 0.05)
         for p in lora_parameters(teacher.unet, DISCRIMINATOR).values():
             p.add_(torch.randn_like(p) * 0.05)
-    method.prepare(Setup(teacher.unet, teacher.schedule, store, config, torch.device("cpu"), torch.float32))
+    method.prepare(Setup(teacher.unet, teacher.schedule, store, torch.device("cpu"), torch.float32))
     batch = store.get([0, 1])
     ctx = lambda: Context(teacher.unet, teacher.schedule, store.timesteps, store.guidance,  # noqa: E731
                           sample_generators(0, [0, 1]))

@@ -142,9 +142,29 @@ def test_export_of_a_trained_run_loads_in_diffusers(tiny_sd, sd_store, tmp_path)
 
 
 def test_training_samples_spread_over_the_stores_prompts():
-    from rapm.train import sample_indices
+    from rapm.monitor import sample_indices
 
     digit_major = [f"digit {d} phrasing {k}" for d in range(10) for k in range(5)] * 2  # the demo's store order
     picked = sample_indices(digit_major, 8)
     assert len({digit_major[i].split()[1] for i in picked}) == 8 and len(set(picked)) == 8
     assert sample_indices(["a", "a", "b"], 3) == [0, 1, 2]  # fewer prompts than samples: every one, then repeats
+
+
+def test_a_run_whose_store_was_deleted_still_exports(tiny_sd, sd_store, tmp_path):
+    """load_student reads N from the checkpoint, so rapm export needs the run directory alone."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from rapm.cli import app
+
+    store = tmp_path / "store"
+    shutil.copytree(sd_store, store)
+    run = tmp_path / "run"
+    train(_config(tiny_sd, store, iterations=1, checkpoint_every=1), run, progress=False)
+    shutil.rmtree(store)
+    _, _, facts = load_student(run)
+    assert facts["steps"] == 2 and facts["step"] == 1
+    result = CliRunner().invoke(app, ["export", "--run", str(run), "--out", str(tmp_path / "lora")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").exists()

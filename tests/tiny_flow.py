@@ -6,7 +6,7 @@ a T5 encoder, an MMDiT ``SD3Transformer2DModel``; FLUX: CLIP + T5, a
 latents; both a 16-channel VAE with shift and scaling factors and a
 ``FlowMatchEulerDiscreteScheduler``) at hidden size 32 and one or two layers, so a
 CPU runs them in milliseconds. Tokenizers are CLIP BPE tokenizers from an
-in-memory vocabulary (rapm.tiny); one also stands in for the T5 tokenizer.
+in-memory vocabulary (tests/tiny.py); one also stands in for the T5 tokenizer.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from rapm.tiny import _text_encoder, build_clip_tokenizer
+from tests.tiny import _text_encoder, build_clip_tokenizer
 
 WORDS = ["a", "photo", "of", "cat", "dog", "red", "blue", "car"]
 MAX_TOKENS = 16  # CLIP's model_max_length here, and the T5 max_sequence_length the tests pass

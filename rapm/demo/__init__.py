@@ -7,13 +7,17 @@
   shipped in ``teacher/`` (``rapm.teacher.load_teacher("digits")``).
 - ``classifier``: the small CNN shipped in ``classifier/`` whose features give the FD.
 - ``metrics``: Fréchet distance, prompt accuracy and the real-vs-real floor.
+- ``plugin``: the teacher's plug-in (``rapm.plugins``), named by ``teacher/rapm.json`` beside its guidance and
+  preset: how the core finds the metrics, prompts, real data and classifier features without importing this package.
+- ``clip``: the teacher's text side built from its vocabulary (also the test fixtures').
 
 This package imports nothing heavy, so that its entry points can set up threads first.
 """
 
-# Classifier-free guidance of the digits trajectories (diffusers' form: uncond + g (cond - uncond)).
-# Chosen on 100-step DDIM samples of the shipped teacher: the smallest scale at which prompt accuracy
-# saturates (guidance beyond it only raises the FD); see benchmarks/results/teacher_baseline.md.
-DIGITS_GUIDANCE = 1.5
+import json as _json
+from pathlib import Path as _Path
+
+# Classifier-free guidance of the digits trajectories: the teacher's own, in teacher/rapm.json (why it is 1.5: there).
+DIGITS_GUIDANCE = float(_json.loads((_Path(__file__).parent / "teacher" / "rapm.json").read_text())["guidance"])
 
 DIGITS_TEACHER = "digits"

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rapm.files import replace_dir
 from rapm.demo.data import IMAGE_SIZE, load_split
 
 CLASSIFIER_DIR = Path(__file__).parent / "classifier"
@@ -115,16 +116,8 @@ def save_classifier(model: DigitsClassifier, record: dict, out: str | Path) -> P
     tmp.mkdir()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS_NAME))
     (tmp / CONFIG_NAME).write_text(json.dumps({"architecture": model.config, **record}, indent=2) + "\n")
-    _replace_dir(tmp, out)
+    replace_dir(tmp, out)
     return out
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_classifier(folder: str | Path = CLASSIFIER_DIR) -> DigitsClassifier:

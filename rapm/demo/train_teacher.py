@@ -3,7 +3,7 @@
 A diffusers ``UNet2DConditionModel`` (16x16, one channel, cross-attention on
 the prompt) and a tiny ``CLIPTextModel`` are trained jointly on the digits
 train split with the epsilon objective on SD's scaled_linear schedule
-(``rapm.tiny.SD_SCHEDULER``), dropping the prompt to "" 10% of the time so
+(``rapm.demo.clip.SD_SCHEDULER``), dropping the prompt to "" 10% of the time so
 that classifier-free guidance works. There is no VAE: the "latents" are the
 16x16 images. The result is saved as a ``StableDiffusionPipeline`` folder with
 ``vae`` [null, null], which ``rapm.teacher.load_teacher("digits")`` loads, and
@@ -37,10 +37,11 @@ from typing import Callable
 
 import torch
 
+from rapm.files import replace_dir
 from rapm.demo.data import IMAGE_SIZE, load_split
 from rapm.demo.prompts import PHRASINGS, phrase, vocabulary
 from rapm.diffusion import alpha_sigma, schedule_from_config
-from rapm.tiny import SD_SCHEDULER, _text_encoder, build_clip_tokenizer
+from rapm.demo.clip import SD_SCHEDULER, _text_encoder, build_clip_tokenizer
 
 TEACHER_DIR = Path(__file__).parent / "teacher"
 TOKENIZER_MAX_LENGTH = 16
@@ -169,11 +170,7 @@ def save_teacher(tokenizer, text_encoder, unet, scheduler, record: dict, out: st
     if index.get("vae") != [None, None]:
         raise RuntimeError(f"{tmp / 'model_index.json'}: expected vae [null, null] for a pixel-space teacher, got {index.get('vae')}")
     (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out)
     return out
 
 

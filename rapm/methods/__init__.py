@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from rapm.config import ConfigError, TrainConfig
 from rapm.methods.base import Context, Method, Setup, TrajectoryBatch, pseudo_huber
 from rapm.methods.pcm import PCM
 from rapm.methods.progressive import Progressive
 from rapm.methods.rapm import RAPM
-
-METHODS = ("rapm", "rapm-paper", "rapm-relative", "sfd", "pcm", "progressive", "progressive-rdd")
+from rapm.methods.rdd import relational_settings
+from rapm.plugins import plugin_for
+from rapm.roles import LoraSpec
 
 # The default RAPM recipe, chosen on the digits convergence benchmark (README "Quality", benchmarks/results/
 # convergence.md): the relative terms at a quarter of the absolute ones' weight and no discriminator; switched on
@@ -34,31 +37,61 @@ def updates_of(config: TrainConfig) -> str:
     return recipe_of(config)["updates"]
 
 
+def _common(config: TrainConfig, recipe: dict, delta: int) -> dict:
+    return dict(huber_c=config.huber_c, adv_weight=recipe["adv_weight"], delta=delta, slot_weights=config.slot_weights,
+                gan_loss=recipe["gan_loss"], relative_weight=recipe["relative_weight"], d1=config.disc_relative,
+                d2=config.disc_absolute, relational=relational_settings(config))
+
+
+def _rapm(config: TrainConfig, recipe: dict, delta: int) -> Method:
+    # relative weight 0: the relative terms (and D1, weighted by it) are not computed at all
+    return RAPM(**_common(config, recipe, delta), relative=recipe["relative_weight"] > 0,
+                distance=config.distance or "pseudo_huber")
+
+
+def _rapm_relative(config: TrainConfig, recipe: dict, delta: int) -> Method:
+    """Eq. 16 alone: the ablation of paper Fig. 3."""
+    return RAPM(**_common(config, recipe, delta), absolute=False, distance=config.distance or "pseudo_huber")
+
+
+def _sfd(config: TrainConfig, recipe: dict, delta: int) -> Method:
+    """SFD (Zhou et al. 2024; paper Alg. 3): the absolute position alone, L1 as SFD's code, no discriminator.
+    SFD steps its optimizer once per slot; here the slots' gradients are summed into one step per iteration."""
+    return RAPM(**_common(config, recipe, delta), relative=False, discriminator=False, distance=config.distance or "l1")
+
+
+def _pcm(config: TrainConfig, recipe: dict, delta: int) -> Method:
+    """Paper Alg. 1: real data, the relative position from a noised real image."""
+    real = config.real_data or ("digits" if plugin_for(config.teacher) is not None else "")
+    if not real:
+        raise ConfigError("config field 'real_data': --method pcm needs real images; set real_data to a folder of "
+                          "images with a .txt caption beside each (or 'digits' for the digits teacher)")
+    return PCM(real_data=real, huber_c=config.huber_c, adv_weight=recipe["adv_weight"], teacher=config.teacher,
+               relational=relational_settings(config))
+
+
+def _progressive(config: TrainConfig, recipe: dict, delta: int) -> Method:
+    """Salimans & Ho 2022; progressive-rdd adds RDD's relational loss (methods/rdd.py)."""
+    return Progressive(start_steps=config.progressive_start_steps, iterations=config.iterations,
+                       lora=LoraSpec(config.lora_rank, config.lora_alpha, list(config.lora_targets)),
+                       relational=relational_settings(config))
+
+
+# name -> factory(config, recipe, delta): each method gets what it needs of the config in its constructor
+FACTORIES: dict[str, Callable[[TrainConfig, dict, int], Method]] = {
+    "rapm": _rapm, "rapm-paper": _rapm, "rapm-relative": _rapm_relative, "sfd": _sfd, "pcm": _pcm,
+    "progressive": _progressive, "progressive-rdd": _progressive,
+}
+METHODS = tuple(FACTORIES)
+
+
 def build_method(config: TrainConfig, delta: int) -> Method:
     """The loss object for ``config.method``; ``delta`` is Δ in teacher timesteps."""
-    recipe = recipe_of(config)
-    common = dict(huber_c=config.huber_c, adv_weight=recipe["adv_weight"], delta=delta, slot_weights=config.slot_weights,
-                  gan_loss=recipe["gan_loss"], relative_weight=recipe["relative_weight"],
-                  d1=config.disc_relative, d2=config.disc_absolute)
-    if config.method in ("rapm", "rapm-paper"):
-        # relative weight 0: the relative terms (and D1, weighted by it) are not computed at all
-        return RAPM(**common, relative=recipe["relative_weight"] > 0, distance=config.distance or "pseudo_huber")
-    if config.method == "rapm-relative":  # eq. 16 alone: the ablation of paper Fig. 3
-        return RAPM(**common, absolute=False, distance=config.distance or "pseudo_huber")
-    if config.method == "sfd":
-        # SFD (Zhou et al. 2024; paper Alg. 3): the absolute position alone, L1 as SFD's code, no discriminator.
-        # SFD steps its optimizer once per slot; here the slots' gradients are summed into one step per iteration.
-        return RAPM(**common, relative=False, discriminator=False, distance=config.distance or "l1")
-    if config.method == "pcm":  # paper Alg. 1: real data, the relative position from a noised real image
-        real = config.real_data or ("digits" if config.teacher == "digits" else "")
-        if not real:
-            raise ConfigError("config field 'real_data': --method pcm needs real images; set real_data to a folder of "
-                              "images with a .txt caption beside each (or 'digits' for the digits teacher)")
-        return PCM(real_data=real, huber_c=config.huber_c, adv_weight=recipe["adv_weight"])
-    if config.method in ("progressive", "progressive-rdd"):  # Salimans & Ho 2022; + RDD's relational loss
-        return Progressive(start_steps=config.progressive_start_steps)  # RDD's term: Method.prepare (methods/rdd.py)
-    raise ConfigError(f"config field 'method': {config.method!r} is not one of {', '.join(METHODS)}")
+    factory = FACTORIES.get(config.method)
+    if factory is None:
+        raise ConfigError(f"config field 'method': {config.method!r} is not one of {', '.join(METHODS)}")
+    return factory(config, recipe_of(config), delta)
 
 
-__all__ = ["Context", "Method", "Setup", "TrajectoryBatch", "RAPM", "PCM", "Progressive", "build_method", "pseudo_huber", "METHODS",
+__all__ = ["Context", "Method", "Setup", "TrajectoryBatch", "RAPM", "PCM", "Progressive", "build_method", "pseudo_huber", "METHODS", "FACTORIES",
            "updates_of", "recipe_of", "RAPM_RECIPE", "PAPER_RECIPE"]

@@ -7,8 +7,10 @@ from typing import Iterator
 
 import torch
 
-from rapm.diffusion import Schedule, add_noise, ddim_step
+from rapm.diffusion import Schedule, ddim_step
+from rapm.diffusion import renoise as renoise_between
 from rapm.discriminator import Discriminator
+from rapm.store import TrajectoryBatch  # noqa: F401 (what a method sees of the store; rapm.methods exports it)
 from rapm.roles import student_role, teacher_role
 from rapm.teacher import Conditioning, guided_output, unet_output
 
@@ -45,24 +47,12 @@ class Context:
 
 
 @dataclass
-class TrajectoryBatch:
-    """What a method sees of a stored trajectory batch (the store's batch has the same fields)."""
-
-    latents: torch.Tensor  # [B, N+1, C, H, W]: z~_N .. z~_0
-    cond: Conditioning
-    uncond: Conditioning | None
-    delta_latents: torch.Tensor | None = None  # [B, N, C, H, W]: the teacher's Δ-step z^Δ_{n+1} of each slot, if stored
-    delta: int | None = None  # the Δ those were computed with
-
-
-@dataclass
 class Setup:
     """What a method may need once, before the first iteration (``Method.prepare``)."""
 
     unet: torch.nn.Module
     schedule: Schedule
     store: object  # rapm.store.TrajectoryStore
-    config: object  # rapm.config.TrainConfig
     device: torch.device
     dtype: torch.dtype
 
@@ -77,6 +67,7 @@ class Method:
 
     uses_discriminator = False
     rdd = None  # rapm.methods.rdd.RelationalTerm: RDD's relational loss, set by prepare where rdd_weight is on
+    relational = None  # rapm.methods.rdd.RelationalSettings, given in the constructor (a dataclass field of each method)
 
     def generator_losses(self, ctx: Context, batch: TrajectoryBatch) -> Losses:
         """Yield the student's loss piece by piece (one per slot); the trainer back-propagates each as it comes."""
@@ -90,7 +81,7 @@ class Method:
         """Load what the method needs beyond the store (real data, a feature network, extra adapters)."""
         from rapm.methods.rdd import build_relational_term
 
-        self.rdd = build_relational_term(setup)
+        self.rdd = build_relational_term(setup, self.relational)
 
     def begin_step(self, step: int, unet: torch.nn.Module) -> None:
         """Called before every iteration (progressive distillation changes rounds here)."""
@@ -157,4 +148,4 @@ def discriminator_timesteps(ctx: Context, ends: torch.Tensor) -> torch.Tensor:
 
 def renoise(ctx: Context, x: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Move discriminator inputs from their slot end to t_gan with fresh noise."""
-    return add_noise(ctx.schedule, x, t_from, t_to, noise)
+    return renoise_between(ctx.schedule, x, t_from, t_to, noise)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rapm.diffusion import alpha_sigma, slot_grid
+from rapm.diffusion import add_noise, slot_grid
 from rapm.discriminator import hinge_discriminator_loss, hinge_generator_loss
 from rapm.methods.base import (Context, Losses, Method, Setup, TrajectoryBatch, discriminator_timesteps,
                                pseudo_huber, renoise, student_step, teacher_step)
@@ -38,6 +38,8 @@ class PCM(Method):
     huber_c: float = 0.001
     adv_weight: float = 0.1
     substeps: int = 0  # M, the phase's grid (t - Δ is the next point on it); 0 = the store's
+    teacher: str = "digits"  # whose text encoders and VAE encode the real data
+    relational: object = field(default=None, repr=False)  # rapm.methods.rdd.RelationalSettings
     data: object = field(default=None, repr=False)  # rapm.realdata.RealData, loaded by prepare
 
     @property
@@ -49,7 +51,7 @@ class PCM(Method):
 
         self.substeps = self.substeps or setup.store.substeps
         if self.data is None:
-            self.data = load_real_data(self.real_data, setup.config.teacher, device=setup.device, dtype=setup.dtype,
+            self.data = load_real_data(self.real_data, self.teacher, device=setup.device, dtype=setup.dtype,
                                        unet=setup.unet)  # text encoders and VAE only: no second UNet
 
     def draw(self, ctx: Context, batch_size: int, device, dtype: torch.dtype) -> dict:
@@ -66,8 +68,7 @@ class PCM(Method):
         end = torch.tensor([ctx.timesteps[j + 1] for j in slot.tolist()], device=device)
         x = x.to(device, dtype)
         noise = ctx.randn(x)
-        a, s = alpha_sigma(ctx.schedule, t, x)
-        x_t = (a * x.double() + s * noise.double()).to(x.dtype)  # Alg. 1: a real image on the teacher's forward process
+        x_t = add_noise(ctx.schedule, x, t, noise)  # Alg. 1: a real image on the teacher's forward process
         return dict(x_t=x_t, t=t, mid=mid, end=end, cond=cond.to(device, x.dtype))
 
     @torch.no_grad()

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rapm.config import ConfigError
-from rapm.diffusion import alpha_sigma, coarse_timesteps, ddim_step, predict_x0_eps
+from rapm.diffusion import add_noise, alpha_sigma, coarse_timesteps, ddim_step, predict_x0_eps
 from rapm.methods.base import Context, Losses, Method, Setup, TrajectoryBatch
 from rapm.roles import STUDENT, LoraSpec, adapter_role, add_frozen_adapter, lora_parameters, student_role, teacher_role
 from rapm.teacher import guided_output, unet_output
@@ -53,14 +53,13 @@ class Progressive(Method):
     rounds: int = 0
     iterations: int = 0
     round: int = 0  # the round the student is in (1..R); 0 before the first step
-    lora: LoraSpec | None = field(default=None, repr=False)
+    lora: LoraSpec | None = field(default=None, repr=False)  # the frozen previous-round student's adapter
     unet: torch.nn.Module | None = field(default=None, repr=False)
+    relational: object = field(default=None, repr=False)  # rapm.methods.rdd.RelationalSettings (progressive-rdd)
 
     def prepare(self, setup: Setup) -> None:
         self.unet = setup.unet
         self.rounds = rounds_for(self.start_steps, setup.store.steps)
-        self.iterations = setup.config.iterations
-        self.lora = LoraSpec(setup.config.lora_rank, setup.config.lora_alpha, list(setup.config.lora_targets))
         super().prepare(setup)  # RDD's relational term (progressive-rdd)
 
     def student_steps(self, round_: int) -> int:
@@ -117,7 +116,7 @@ class Progressive(Method):
         mid = torch.tensor([teacher_grid[2 * j + 1] for j in i], device=dev)
         end = torch.tensor([student_grid[j + 1] for j in i], device=dev)
         a_t, s_t = alpha_sigma(ctx.schedule, t, x)
-        z_t = (a_t * x.double() + s_t * ctx.randn(x).double()).to(x.dtype)
+        z_t = add_noise(ctx.schedule, x, t, ctx.randn(x))
         with torch.no_grad():  # two teacher DDIM steps (Alg. 2, lines 7-8)
             z_mid = ddim_step(ctx.schedule, z_t, self.teacher_output(ctx, z_t, t, batch), t, mid)
             z_end = ddim_step(ctx.schedule, z_mid, self.teacher_output(ctx, z_mid, mid, batch), mid, end)

@@ -51,6 +51,7 @@ class RAPM(Method):
     relative_weight: float = 1.0  # weight of the relative terms (eqs. 14-15) against the absolute ones
     d1: bool = True  # the relative discriminator D1 (eq. 15); off: its head set is not trained or used
     d2: bool = True  # the absolute discriminator D2 (eq. 18)
+    relational: object = field(default=None, repr=False)  # rapm.methods.rdd.RelationalSettings (refused: RAPM takes none)
     _warned: bool = field(default=False, init=False, repr=False, compare=False)  # DeltaStepWarning is said once
 
     @property

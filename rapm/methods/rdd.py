@@ -53,6 +53,8 @@ SD-1.5-shaped UNet at batch 1 (benchmarks/rdd.py cost, results/rdd.md): about +3
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -146,28 +148,24 @@ class TeacherFeatures:
         self.channels = int(unet.config.block_out_channels[-1])
 
     def __call__(self, x: torch.Tensor, noise: torch.Tensor, cond) -> torch.Tensor:
-        from rapm.diffusion import alpha_sigma
+        from rapm.diffusion import add_noise
         from rapm.discriminator import backbone_features
         from rapm.roles import teacher_role
 
         t = torch.full((x.shape[0],), self.timestep, device=x.device)
-        a, s = alpha_sigma(self.schedule, t, x)
-        z = (a * x.double() + s * noise.double()).to(x.dtype)
+        z = add_noise(self.schedule, x, t, noise)
         with teacher_role(self.unet):  # adapters off: the frozen teacher; the forward stops after the mid block
             return backbone_features(self.unet, z, t, cond, "down_mid")[-1]
 
 
 class ClassifierFeatures:
-    """The digits classifier's last convolutional map (frozen): images [B, 1, 16, 16] -> [B, 64, 4, 4]."""
+    """A teacher plug-in's frozen feature network on clean images (the digits classifier's last convolutional map:
+    images [B, 1, 16, 16] -> [B, 64, 4, 4])."""
 
     needs_noise = False
 
-    def __init__(self, device):
-        from rapm.demo.classifier import load_classifier
-
-        classifier = load_classifier().to(device).eval().requires_grad_(False)
-        self.net = classifier.conv
-        self.channels = classifier.conv[-3].out_channels  # the last conv before the final pool
+    def __init__(self, device, plugin):
+        self.net, self.channels = plugin.feature_net(device)  # the teacher plug-in's (rapm.plugins)
 
     def __call__(self, x: torch.Tensor, noise, cond) -> torch.Tensor:
         return self.net(x.float())
@@ -219,24 +217,43 @@ def rdd_weight_of(config) -> float:
 
 def rdd_features_of(config) -> str:
     """The feature source: the config's, else the teacher's own (classifier for digits, teacher for the rest)."""
-    return config.rdd_features or ("classifier" if config.teacher == "digits" else "teacher")
+    from rapm.plugins import plugin_for
+
+    return config.rdd_features or ("classifier" if plugin_for(config.teacher) is not None else "teacher")
 
 
-def build_relational_term(setup) -> RelationalTerm | None:
-    """The term a method adds for ``setup.config``, or None where its weight is 0."""
-    config = setup.config
+@dataclass
+class RelationalSettings:
+    """What RDD's relational term needs of the config, given to a method in its constructor."""
+
+    method: str
+    weight: float
+    features: str  # "teacher" or "classifier"
+    queue_size: int
+
+
+def relational_settings(config) -> RelationalSettings:
     weight = rdd_weight_of(config)
-    if weight <= 0:
+    return RelationalSettings(config.method, weight, rdd_features_of(config) if weight > 0 else "", config.rdd_queue_size)
+
+
+def build_relational_term(setup, settings: RelationalSettings | None) -> RelationalTerm | None:
+    """The term a method adds for ``settings``, or None where its weight is 0 (or there are none)."""
+    if settings is None or settings.weight <= 0:
         return None
-    if config.method not in TAKES_RDD:
-        raise ConfigError(f"config field 'rdd_weight': --method {config.method} does not take RDD's relational loss "
+    weight = settings.weight
+    if settings.method not in TAKES_RDD:
+        raise ConfigError(f"config field 'rdd_weight': --method {settings.method} does not take RDD's relational loss "
                           f"(these do: {', '.join(TAKES_RDD)}); set rdd_weight=0")
-    kind = rdd_features_of(config)
+    kind = settings.features
     if kind == "classifier":
-        if tuple(setup.store.latent_shape) != (1, 16, 16):
+        from rapm.plugins import plugin_for
+
+        plugin = plugin_for("digits")
+        if tuple(setup.store.latent_shape) != plugin.feature_shape():
             raise ConfigError("config field 'rdd_features': 'classifier' is the digits classifier (the digits teacher "
                               "only); set rdd_features=teacher to take the features from this teacher's own UNet")
-        source = ClassifierFeatures(setup.device)
+        source = ClassifierFeatures(setup.device, plugin)
     else:
         source = TeacherFeatures(setup.unet, setup.schedule)
-    return RelationalTerm(source, weight, config.rdd_queue_size).to(setup.device)
+    return RelationalTerm(source, weight, settings.queue_size).to(setup.device)

@@ -1,0 +1,263 @@
+"""Teacher families: everything rapm knows about one kind of diffusers pipeline, in one object.
+
+A family (``Family``) says how to read a teacher folder of its kind and how to use what it holds: the pipeline
+classes it reads (``model_index.json``'s ``_class_name``), the denoiser (its subfolder, its diffusers class, how it
+is called), the text encoders and how prompts become ``Conditioning``, the prediction type and how the denoiser's
+output becomes (x0, eps), the training preset and default guidance, the LoRA target modules, the blocks the
+discriminator's heads read, and how a LoRA of it is exported (the diffusers pipeline class that saves it, sd-scripts'
+and the SAI model spec's names, the kohya module names). ``read_teacher_info(path)`` reads a folder's facts without
+loading weights; ``rapm.teacher.load_teacher`` loads one through its family. No other module tests a family's name.
+
+Families here: ``sd`` (SD 1.x / 2.x, ``StableDiffusionPipeline``) and ``sdxl`` (``StableDiffusionXLPipeline``),
+both ``UNet2DConditionModel`` denoisers (``rapm.families.sd``). The built-in digits teacher is an ``sd`` folder.
+
+How to add a family (SD3, FLUX, ...):
+
+1. Write ``rapm/families/<name>.py`` with a subclass of ``Family`` (or of ``UNetFamily`` where the denoiser is a
+   diffusers UNet): set ``name``, ``pipeline_class_names``, ``denoiser_subfolder`` / ``denoiser_class_name``,
+   ``text_encoders``, ``preset``, ``default_guidance``, ``lora_targets``, ``disc_levels``; implement ``encode``
+   (prompts -> Conditioning; add the fields it needs to ``rapm.conditioning.Conditioning``), ``negative``,
+   ``denoise`` (the one denoiser call: a transformer takes ``hidden_states``, ``timestep``, ``pooled_projections``,
+   FLUX its packed latents and ``guidance``), ``to_x0_eps`` (epsilon / v_prediction / flow velocity),
+   ``feature_blocks`` (the modules whose outputs the discriminator reads), ``check_denoiser``, and the export facts
+   (``export_kwargs``, ``base_model_version``, ``sai_architecture``, ``modelspec_implementation``,
+   ``kohya_names``; a new naming scheme goes beside ``ldm`` in ``rapm.export``).
+   Where a family's denoiser differs from the UNet's today, the call sites to route through the family are named
+   here so nothing is missed: ``rapm.teacher.unet_output`` already dispatches on the denoiser's class
+   (``denoiser_family``) and ``rapm.discriminator`` asks ``feature_blocks`` / ``feature_channels``; but the DDIM
+   arithmetic (``rapm.diffusion.ddim_step``, ``predict_x0_eps``) is still called directly by ``rapm.methods`` and
+   ``rapm.sample`` with the schedule's prediction type: a flow family routes those through ``to_x0_eps`` (and its
+   own step) and carries its own ``Schedule`` (``FlowMatchEulerDiscreteScheduler``'s sigmas). Packed latents
+   (FLUX) are the family's business too: ``latent_shape`` gives the stored shape, ``denoise`` packs and unpacks.
+2. Append an instance to ``FAMILIES`` below (the order is the order ``read_model_index`` names them in errors).
+3. Add a preset for it to ``rapm.config.PRESETS`` if its training wants other defaults.
+4. Tests: a tiny random pipeline of the family in ``tests/tiny.py``, then the family's round trips (load,
+   trajectories, train, export, load in diffusers) as tests/test_teacher.py and tests/test_export.py do for sd/sdxl.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from rapm.conditioning import Conditioning
+from rapm.errors import RapmError
+
+
+class TeacherError(RapmError):
+    """A teacher folder that cannot be used, with what is wrong and how to fix it."""
+
+
+class Family:
+    """One kind of teacher pipeline; see the module docstring for what each field and method is for."""
+
+    name: str = ""
+    pipeline_class_names: tuple[str, ...] = ()
+    denoiser_subfolder: str = "unet"
+    denoiser_class_name: str = ""
+    text_encoders: tuple[tuple[str, str, str], ...] = ()  # (tokenizer subfolder, encoder subfolder, transformers class)
+    preset: str = ""  # rapm.config.PRESETS name used when none is given
+    default_guidance: float = 1.0  # the diffusers pipeline's guidance_scale
+    lora_targets: tuple[str, ...] = ()  # the student's LoRA target modules by default (rapm.roles)
+    disc_levels: str = "full"  # the discriminator's feature blocks by default (``feature_blocks``)
+    force_zeros_for_empty_prompt: bool = False  # the pipeline's default when model_index.json does not say
+
+    # reading and loading
+    def denoiser_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.denoiser_class_name)
+
+    def pipeline_class(self):
+        """The diffusers pipeline of this family (it also saves and loads its LoRA)."""
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class_names[0])
+
+    def check_denoiser(self, denoiser: torch.nn.Module, path: Path) -> None:
+        """Refuse a denoiser that is not of this family (TeacherError naming the file)."""
+
+    def latent_shape(self, denoiser_config: dict) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    # prompts
+    def encode(self, teacher, prompts: Sequence[str]) -> Conditioning:
+        raise NotImplementedError
+
+    def negative(self, teacher, cond: Conditioning, negative_prompt: str | None) -> Conditioning:
+        """The unconditional conditioning beside ``cond``, as the family's pipeline makes it."""
+        return self.encode(teacher, [negative_prompt or ""] * len(cond))
+
+    # the denoiser
+    def denoise(self, denoiser: torch.nn.Module, z: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The denoiser's raw output at (z, t) under ``cond``, float32: the one denoiser call."""
+        raise NotImplementedError
+
+    def to_x0_eps(self, schedule, z: torch.Tensor, output: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clean sample and the noise the denoiser's output implies (by the schedule's prediction type)."""
+        from rapm.diffusion import predict_x0_eps
+
+        return predict_x0_eps(schedule, z, output, t)
+
+    def feature_blocks(self, denoiser: torch.nn.Module, levels: str) -> tuple[list[torch.nn.Module], torch.nn.Module | None]:
+        """The modules whose outputs the discriminator heads read, in order, and the one after which the forward
+        may stop (None: run it whole)."""
+        raise NotImplementedError
+
+    def feature_channels(self, denoiser: torch.nn.Module, levels: str) -> list[int]:
+        raise NotImplementedError
+
+    # export
+    def load_lora(self, loader, state: dict, alphas, denoiser: torch.nn.Module, adapter: str, metadata) -> None:
+        """Load a LoRA state dict (diffusers' ``lora_state_dict``) into the denoiser as ``adapter``."""
+        raise NotImplementedError
+
+    def export_kwargs(self, state: dict, meta: dict) -> dict:
+        """The keyword arguments of ``pipeline_class().save_lora_weights`` for the denoiser's LoRA ``state``."""
+        raise NotImplementedError
+
+    def base_model_version(self, denoiser_config) -> tuple[str, bool]:
+        """sd-scripts' ``ss_base_model_version`` and ``ss_v2``."""
+        raise NotImplementedError
+
+    def sai_architecture(self, v2: bool, prediction_type: str) -> str:
+        raise NotImplementedError
+
+    modelspec_implementation: str = "diffusers"  # the SAI model spec's modelspec.implementation
+    kohya_names: str = "diffusers"  # how a kohya file names the denoiser's modules: "diffusers" paths, or "ldm" (SDXL)
+
+    def __repr__(self) -> str:
+        return f"Family({self.name!r})"
+
+
+def _families() -> list[Family]:
+    from rapm.families.sd import SD, SDXL
+
+    return [SD, SDXL]
+
+
+FAMILIES: list[Family] = _families()
+
+
+def family_named(name: str) -> Family:
+    for f in FAMILIES:
+        if f.name == name:
+            return f
+    raise TeacherError(f"teacher family must be one of {', '.join(repr(f.name) for f in FAMILIES)}, got {name!r}")
+
+
+def supported_pipelines() -> tuple[str, ...]:
+    return tuple(c for f in FAMILIES for c in f.pipeline_class_names)
+
+
+def family_of_pipeline(class_name: str) -> Family | None:
+    return next((f for f in FAMILIES if class_name in f.pipeline_class_names), None)
+
+
+def denoiser_family(denoiser: torch.nn.Module) -> Family:
+    """The family whose denoiser class ``denoiser`` is (the first of them: sd and sdxl share the UNet's class)."""
+    names = {c.__name__ for c in type(denoiser).__mro__}
+    for f in FAMILIES:
+        if f.denoiser_class_name in names:
+            return f
+    raise TeacherError(f"{type(denoiser).__name__} is not the denoiser of a teacher family rapm knows")
+
+
+# ---------------------------------------------------------------------------------------------- a folder's facts
+
+BUILTIN_TEACHERS = {"digits": Path(__file__).parent.parent / "demo" / "teacher"}
+
+
+def resolve_teacher_path(name_or_path: str | Path) -> Path:
+    """'digits' names the shipped teacher; anything else is a local diffusers folder."""
+    if str(name_or_path) in BUILTIN_TEACHERS:
+        return BUILTIN_TEACHERS[str(name_or_path)]
+    return Path(name_or_path).expanduser()
+
+
+def read_model_index(path: Path) -> dict:
+    """Check that ``path`` is a diffusers folder of a family rapm knows and return its model_index.json."""
+    if not path.exists():
+        raise TeacherError(
+            f"teacher path {path} does not exist; give a local diffusers folder (one with model_index.json) or 'digits'"
+        )
+    if not path.is_dir():
+        raise TeacherError(f"teacher path {path} is a file; give the diffusers folder that holds model_index.json")
+    index_file = path / "model_index.json"
+    if not index_file.exists():
+        raise TeacherError(
+            f"{index_file} is missing: {path} is not a diffusers pipeline folder; "
+            "save one with pipeline.save_pretrained(folder)"
+        )
+    try:
+        index = json.loads(index_file.read_text())
+    except json.JSONDecodeError as e:
+        raise TeacherError(f"{index_file}: not valid JSON ({e})") from None
+    cls = index.get("_class_name")
+    family = family_of_pipeline(cls)
+    if family is None:
+        raise TeacherError(
+            f"{index_file}: _class_name {cls!r} is not supported; rapm distills "
+            f"{', '.join(supported_pipelines())} teachers"
+        )
+    for name in (family.denoiser_subfolder, "scheduler"):
+        if not (path / name).is_dir():
+            raise TeacherError(f"{path / name} is missing: a {cls} folder needs its '{name}' subfolder")
+    return index
+
+
+def _component_present(index: dict, path: Path, name: str) -> bool:
+    entry = index.get(name)
+    return bool(entry) and entry[0] is not None and (path / name).is_dir()
+
+
+@dataclass
+class TeacherInfo:
+    """A teacher folder's facts, read from its JSON files without loading a weight."""
+
+    path: Path
+    index: dict  # model_index.json
+    family: Family
+    scheduler_config: dict
+    denoiser_config: dict
+    has_vae: bool
+    vae_scale_factor: int  # pixels per latent pixel (1 without a VAE)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return self.family.latent_shape(self.denoiser_config)
+
+    @property
+    def force_zeros_for_empty_prompt(self) -> bool:
+        return bool(self.index.get("force_zeros_for_empty_prompt", self.family.force_zeros_for_empty_prompt))
+
+
+def read_scheduler_config(path: Path) -> dict:
+    sched_file = path / "scheduler" / "scheduler_config.json"
+    if not sched_file.exists():
+        raise TeacherError(f"{sched_file} is missing: the teacher's scheduler config is needed for its noise schedule")
+    return json.loads(sched_file.read_text())
+
+
+def read_teacher_info(name_or_path: str | Path) -> TeacherInfo:
+    """The facts of the teacher folder ``name_or_path`` (or 'digits'): family, configs, VAE or none."""
+    path = resolve_teacher_path(name_or_path)
+    index = read_model_index(path)
+    family = family_of_pipeline(index["_class_name"])
+    scheduler_config = read_scheduler_config(path)
+    denoiser_file = path / family.denoiser_subfolder / "config.json"
+    denoiser_config = json.loads(denoiser_file.read_text()) if denoiser_file.exists() else {}
+    has_vae, scale = _component_present(index, path, "vae"), 1
+    if has_vae:
+        vae_cfg = json.loads((path / "vae" / "config.json").read_text())
+        scale = 2 ** (len(vae_cfg.get("block_out_channels", [0])) - 1)
+    return TeacherInfo(path, index, family, scheduler_config, denoiser_config, has_vae, scale)
+
+
+__all__ = ["Family", "FAMILIES", "TeacherError", "TeacherInfo", "BUILTIN_TEACHERS", "family_named", "family_of_pipeline",
+           "denoiser_family", "read_model_index", "read_teacher_info", "read_scheduler_config", "resolve_teacher_path",
+           "supported_pipelines"]

@@ -1,0 +1,83 @@
+"""The trained models: the teacher's one UNet with its adapters (student, discriminator) and the discriminator heads,
+their optimizers and learning-rate schedules, and the student's EMA.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rapm.config import ConfigError, TrainConfig
+from rapm.discriminator import Discriminator, DiscriminatorSpec
+from rapm.roles import DISCRIMINATOR, STUDENT, LoraSpec, add_roles, enable_gradient_checkpointing, lora_parameters
+from rapm.teacher import load_teacher
+
+
+def weight_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
+    if device.type == "cpu" or config.mixed_precision == "no":
+        return torch.float32
+    return torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16
+
+
+def student_spec(config: TrainConfig) -> LoraSpec:
+    return LoraSpec(config.lora_rank, config.lora_alpha, list(config.lora_targets))
+
+
+def build_models(config: TrainConfig, device: torch.device, need_vae: bool, with_discriminator: bool):
+    """The teacher's one UNet with its adapters, and the discriminator heads on it."""
+    teacher = load_teacher(config.teacher, device=device, dtype=weight_dtype(config, device), text_encoders=False, vae=need_vae)
+    disc_spec = LoraSpec(config.disc_lora_rank, config.disc_lora_alpha, list(config.lora_targets))
+    add_roles(teacher.unet, student_spec(config), disc_spec if (with_discriminator and config.disc_lora) else None)
+    for p in list(lora_parameters(teacher.unet, STUDENT).values()) + list(lora_parameters(teacher.unet, DISCRIMINATOR).values()):
+        p.data = p.data.float()  # trainable weights stay float32 under mixed precision
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(teacher.unet)  # role-aware: the recompute uses the forward's adapter
+    disc = None
+    if with_discriminator:
+        spec = DiscriminatorSpec(config.disc_levels, config.disc_heads_per_level, config.disc_kernel_size)
+        disc = Discriminator(teacher.unet, spec).to(device)
+    return teacher, disc
+
+
+def make_optimizer(params: list[torch.nn.Parameter], lr: float, betas, weight_decay: float, use_8bit: bool):
+    if use_8bit:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("config field 'use_8bit_adam': bitsandbytes is not installed; pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+
+
+def constant_schedule(optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+@torch.no_grad()
+def update_ema(ema: dict[str, torch.Tensor], params: dict[str, torch.nn.Parameter], decay: float) -> None:
+    for name, p in params.items():
+        ema[name].mul_(decay).add_(p.detach().float(), alpha=1 - decay)
+
+
+class swap_in:
+    """Temporarily load other values (the EMA) into parameters."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor] | None):
+        self.params, self.values, self.saved = params, values, None
+
+    def __enter__(self):
+        if self.values is not None:
+            self.saved = {n: p.detach().clone() for n, p in self.params.items()}
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(self.values[n])
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(self.saved[n])
+
+
+def ema_decay_at(decay: float, warmup: bool, updates_done: int) -> float:
+    """The EMA's decay after ``updates_done`` student updates; with warm-up min(decay, (1 + k) / (10 + k))."""
+    return min(decay, (1 + updates_done) / (10 + updates_done)) if warmup else decay

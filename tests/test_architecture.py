@@ -1,0 +1,86 @@
+"""The rooms' arrows (docs/architecture.md): no import circle among rapm's modules, and no core module imports the demo.
+
+Every import counts, the ones inside functions too: a deferred import is still an arrow between two rooms.
+"""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1] / "rapm"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path, modules: set[str]) -> set[str]:
+    """The rapm modules that ``path`` imports (``from rapm.x import y`` counts rapm.x.y when that is a module)."""
+    out = set()
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+        else:
+            continue
+        out.update(n for n in names if n in modules)
+    return out - {module_name(path)}
+
+
+def graph() -> dict[str, set[str]]:
+    files = [p for p in ROOT.rglob("*.py")]
+    modules = {module_name(p) for p in files}
+    return {module_name(p): imports_of(p, modules) for p in files}
+
+
+def is_demo(module: str) -> bool:
+    return module == "rapm.demo" or module.startswith("rapm.demo.")
+
+
+def cycles(g: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle per strongly connected component of more than one module (Tarjan)."""
+    index, low, stack, on, found, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in g.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(g):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_circle_among_rapm_modules():
+    g = graph()
+    # a package's __init__ re-exporting its submodules is not a circle of ideas
+    g = {m: {d for d in deps if not (m.startswith(d + ".") and d != "rapm")} for m, deps in g.items()}
+    assert cycles(g) == []
+
+
+def test_no_core_module_imports_the_demo():
+    offenders = {m: sorted(d for d in deps if is_demo(d)) for m, deps in graph().items() if not is_demo(m)}
+    assert {m: d for m, d in offenders.items() if d} == {}
