@@ -96,6 +96,13 @@ def teacher_curve(result: dict, out_png: Path) -> bool:
         ax.set_title(titles[key], fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    return _save_figure(fig, out_png)
+
+
+def _save_figure(fig, out_png: Path) -> bool:
+    """A finished figure to ``out_png`` (its folder made), closed."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=110)
@@ -198,11 +205,7 @@ def loss_curves(log_file: Path, out_png: Path) -> bool:
             ax.text(0.5, 0.5, "no discriminator in this run", ha="center", va="center", transform=ax.transAxes)
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
-    fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return True
+    return _save_figure(fig, out_png)
 
 
 def validation_curves(log_file: Path, out_png: Path) -> bool:
@@ -239,11 +242,7 @@ def validation_curves(log_file: Path, out_png: Path) -> bool:
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return True
+    return _save_figure(fig, out_png)
 
 
 def _smooth(values, window: int = 10) -> list[float]:
