@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import typer
 
-from rapm.diffusion import coarse_timesteps, sample_positions
+from rapm.diffusion import sample_positions
 from rapm.errors import RapmError
 from rapm.files import atomic_write
 from rapm.images import save_grid, to_pil  # noqa: F401 (rapm.sample exported them before rapm.images)
@@ -86,7 +86,10 @@ def generate(
         raise ValueError(f"one seed per prompt: got {len(prompts)} prompts and {len(seeds)} seeds")
     if scheduler not in SCHEDULERS:
         raise RapmError(f"scheduler {scheduler!r} is not supported; use one of {', '.join(SCHEDULERS)}")
-    timesteps = coarse_timesteps(teacher.schedule.num_train_timesteps, steps)
+    timesteps = teacher.schedule.coarse(steps)
+    if scheduler != "ddim" and teacher.schedule.is_flow:
+        raise RapmError(f"scheduler {scheduler!r} is for DDPM teachers; a flow-matching teacher samples with ddim "
+                        "(its Euler steps on the trailing σ)")
     device, dtype = teacher.device, teacher.dtype
     batches = []
     with _role(teacher, role):

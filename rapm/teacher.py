@@ -34,6 +34,7 @@ class Teacher:
     vae: torch.nn.Module | None = None
     vae_scale_factor: int = 1
     force_zeros_for_empty_prompt: bool = False
+    pipeline: object = None  # flow families: the diffusers pipeline (no VAE) whose encode_prompt encodes prompts
 
     @property
     def family_def(self) -> Family:
@@ -138,8 +139,14 @@ def load_teacher(
         unet.requires_grad_(False)
     family.check_denoiser(unet, path)
 
-    tokenizers, encoders = [], []
+    tokenizers, encoders, pipeline = [], [], None
     if text_encoders:
+        pipeline = family.load_prompt_encoder(path, device, dtype, unet)
+    if pipeline is not None:
+        for tok_name, enc_name, _ in family.text_encoders:
+            tokenizers.append(getattr(pipeline, tok_name))
+            encoders.append(getattr(pipeline, enc_name))
+    elif text_encoders:
         import transformers
 
         for tok_name, enc_name, enc_cls in family.text_encoders:
@@ -153,7 +160,13 @@ def load_teacher(
 
     vae_model = None
     if info.has_vae and vae:
-        vae_model = _load_component(AutoencoderKL, path, "vae", torch_dtype=dtype).to(device)
+        vae_cls = AutoencoderKL
+        vae_name = (index.get("vae") or [None, None])[1]
+        if vae_name and vae_name != "AutoencoderKL":
+            import diffusers
+
+            vae_cls = getattr(diffusers, vae_name)
+        vae_model = _load_component(vae_cls, path, "vae", torch_dtype=dtype).to(device)
         vae_model.requires_grad_(False).eval()
 
     return Teacher(
@@ -167,6 +180,7 @@ def load_teacher(
         vae=vae_model,
         vae_scale_factor=info.vae_scale_factor,
         force_zeros_for_empty_prompt=info.force_zeros_for_empty_prompt,
+        pipeline=pipeline,
     )
 
 

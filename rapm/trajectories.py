@@ -392,12 +392,18 @@ def write_trajectories(
         guidance = default_guidance(teacher_model)
     store_dtype = DTYPES[dtype]
     count = len(prompt_list)
-    timesteps = coarse_timesteps(teacher_model.schedule.num_train_timesteps, steps)
-    num_train_timesteps = teacher_model.schedule.num_train_timesteps
-    if num_train_timesteps % steps:
+    schedule = teacher_model.schedule
+    if schedule.is_flow and solver != "ddim":
+        raise RapmError(f"--solver {solver}: a flow-matching teacher ({teacher_model.family}) takes Euler steps, "
+                        "which are --solver ddim (the DDIM step of a flow schedule is the Euler step)")
+    timesteps = schedule.coarse(steps)
+    num_train_timesteps = schedule.num_train_timesteps
+    if num_train_timesteps % steps and not schedule.is_flow:
         warnings.warn(f"--steps {steps} " + steps_do_not_divide(num_train_timesteps, steps), StepsWarning, stacklevel=2)
     fallback = default_delta(teacher_model.schedule.num_train_timesteps, steps, substeps, solver)
     shortest = min(t - s for t, s in zip(timesteps[:-1], timesteps[1:]))
+    if schedule.is_flow:
+        shortest = int(math.floor(shortest))
     delta = min(fallback, shortest) if delta is None else int(delta)
     if not 1 <= delta <= shortest:  # (rapm train needs it shorter: at Δ = the slot the Δ-step is the next position)
         raise RapmError(f"--delta {delta}: Δ must be at least 1 and at most the shortest slot ({shortest} timesteps "
@@ -430,6 +436,7 @@ def write_trajectories(
         "negative_prompt": negative_prompt,
         "seed": seed,
         "timesteps": timesteps,
+        **({"mu": schedule.mu} if schedule.is_flow and schedule.mu is not None else {}),
         "latent_shape": list(teacher_model.latent_shape),
         "dtype": dtype,
         "count": count,
@@ -451,7 +458,7 @@ def write_trajectories(
         _check_same_settings(out, read_manifest(out), manifest, prompt_list)
     need = batch_size * (steps + 2) * math.prod(teacher_model.latent_shape) * 4  # one batch of float32 positions
     if need > _memory_bytes():
-        raise StoreError(f"{teacher_model.path / 'unet' / 'config.json'}: sample_size gives latents "
+        raise StoreError(f"{teacher_model.path / teacher_model.family_def.denoiser_subfolder / 'config.json'}: sample_size gives latents "
                          f"{list(teacher_model.latent_shape)}, {need / 2**30:.1f} GiB for one batch of {batch_size} "
                          f"trajectories, more than this machine's {_memory_bytes() / 2**30:.1f} GiB; check the teacher's "
                          "config, or lower --batch-size")

@@ -84,6 +84,11 @@ class Family:
     def latent_shape(self, denoiser_config: dict) -> tuple[int, ...]:
         raise NotImplementedError
 
+    def load_prompt_encoder(self, path: Path, device, dtype, denoiser):
+        """A pipeline object that encodes prompts (flow families: their diffusers pipeline without a VAE), or None:
+        the teacher then loads ``text_encoders`` one by one (the UNet families)."""
+        return None
+
     # prompts
     def encode(self, teacher, prompts: Sequence[str]) -> Conditioning:
         raise NotImplementedError
@@ -111,7 +116,16 @@ class Family:
     def feature_channels(self, denoiser: torch.nn.Module, levels: str) -> list[int]:
         raise NotImplementedError
 
+    def feature_map(self, output, z: torch.Tensor) -> torch.Tensor:
+        """The feature map a feature block's ``output`` gives the heads (z: the denoiser's input)."""
+        return output[0] if isinstance(output, tuple) else output
+
     # export
+    def lora_state_dict(self, loader, weights: Path, denoiser: torch.nn.Module):
+        """(state, network alphas, metadata) of a LoRA file, as the family's pipeline reads it (``lora_state_dict``)."""
+        return loader.lora_state_dict(str(weights.parent), weight_name=weights.name, unet_config=denoiser.config,
+                                      return_lora_metadata=True)
+
     def load_lora(self, loader, state: dict, alphas, denoiser: torch.nn.Module, adapter: str, metadata) -> None:
         """Load a LoRA state dict (diffusers' ``lora_state_dict``) into the denoiser as ``adapter``."""
         raise NotImplementedError
@@ -135,9 +149,10 @@ class Family:
 
 
 def _families() -> list[Family]:
+    from rapm.families.flow import SD3
     from rapm.families.sd import SD, SDXL
 
-    return [SD, SDXL]
+    return [SD, SDXL, SD3]
 
 
 FAMILIES: list[Family] = _families()
