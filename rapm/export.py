@@ -494,8 +494,9 @@ rapm sample --teacher {facts['teacher']} --lora {out_dir} --prompt "a photo of a
 """
 
 
-def teacher_schedule(info, mu: float | None = None):
-    """The teacher's schedule (a flow schedule with the μ its trajectories used, when it has dynamic shifting)."""
+def teacher_schedule(info):
+    """The teacher's schedule (a flow schedule with the μ of the teacher's resolution, when it has dynamic shifting),
+    as ``rapm.teacher.load_teacher`` builds it."""
     from dataclasses import replace
 
     from rapm.diffusion import ScheduleError, schedule_from_config
@@ -504,7 +505,9 @@ def teacher_schedule(info, mu: float | None = None):
         schedule = schedule_from_config(info.scheduler_config)
     except ScheduleError as e:
         raise ExportError(str(e)) from None
-    return replace(schedule, mu=mu) if schedule.is_flow and mu is not None else schedule
+    if schedule.is_flow and schedule.flow.use_dynamic_shifting:
+        schedule = replace(schedule, mu=schedule.flow.mu(info.family.image_seq_len(info.latent_shape)))
+    return schedule
 
 
 def export_lora(
@@ -519,7 +522,6 @@ def export_lora(
     dtype: str = "float32",
     training_steps: int | None = None,
     guidance: float | None = None,
-    guidance_mu: float | None = None,
 ) -> Path:
     """Write the ``adapter`` LoRA of ``unet`` (never the discriminator's) to ``out_dir``; return the weights file.
 
@@ -545,7 +547,7 @@ def export_lora(
     info = read_teacher_info(teacher_path)
     teacher_dir, scheduler_config, has_vae, vae_scale = info.path, info.scheduler_config, info.has_vae, info.vae_scale_factor
     num_train_timesteps = int(scheduler_config.get("num_train_timesteps", 1000))
-    schedule = teacher_schedule(info, guidance_mu)
+    schedule = teacher_schedule(info)
     if schedule.is_flow:
         if fmt == "kohya":
             raise ExportError(f"format 'kohya' is not written for a {family} teacher: diffusers reads kohya / ComfyUI "
@@ -651,6 +653,19 @@ def _replace_dir(staging: Path, out_dir: Path) -> None:
     staging.rmdir()
 
 
+def _store_guidance(config: dict, teacher) -> float | None:
+    """The guidance the run's trajectories were computed at (a FLUX student samples with it as its embedding), from
+    the store's manifest; the family's default when the store is gone."""
+    if teacher.family_def.cfg:
+        return None
+    from rapm.store import StoreError, read_manifest
+
+    try:
+        return float(read_manifest(Path(config["store"]))["guidance"])
+    except (StoreError, OSError, KeyError, ValueError):
+        return float(teacher.family_def.default_guidance)
+
+
 def cli(
     run: Path = typer.Option(..., "--run", help="The training run directory (rapm train --out)."),
     out: Path = typer.Option(..., "--out", help="Folder to write the LoRA files, README.md and rapm_lora.json to."),
@@ -674,7 +689,7 @@ def cli(
     extra = {"run": str(run)}
     extra.update({k: v for k, v in config.items() if k not in ("teacher", "steps") and isinstance(v, (str, int, float, bool))})
     export_lora(unet, config["teacher"], teacher.family, out, int(steps), fmt=format, extra_card=extra, dtype=dtype,
-                training_steps=config.get("step"))
+                training_steps=config.get("step"), guidance=_store_guidance(config, teacher))
     facts = read_export_facts(out) or {}
     for fmt, name in facts.get("files", {}).items():
         use = "diffusers' load_lora_weights, rapm sample" if fmt == "diffusers" else "ComfyUI (models/loras), A1111 (models/Lora)"

@@ -96,6 +96,7 @@ def generate(
         for start in range(0, len(prompts), batch_size):
             batch_prompts = list(prompts[start:start + batch_size])
             cond, uncond = teacher.encode_prompts(batch_prompts, negative_prompt)
+            cond = teacher.family_def.with_guidance(cond, guidance)  # FLUX.1-dev: the guidance embedding's value
             uncond = None if guidance == 1.0 else uncond
             # Drawn in float32 and cast: the same values diffusers draws in the pipeline's dtype.
             z = initial_noise(seeds[start:start + batch_size], teacher.latent_shape).to(device, dtype)
@@ -171,7 +172,8 @@ def cli(
         steps = int(facts["steps"]) if facts and "steps" in facts else 4
     t = load_teacher(teacher, device=resolve_device(device), text_encoders=True, vae=True)
     if guidance is None:
-        guidance = 1.0 if lora is not None else default_guidance(t)  # a student has guidance distilled into it
+        # a student has guidance distilled into it (CFG 1); a FLUX student keeps the guidance embedding it was trained at
+        guidance = float(((facts or {}).get("scheduler") or {}).get("guidance_scale", 1.0)) if lora is not None else default_guidance(t)
     record = {"teacher": teacher, "steps": steps, "guidance": guidance, "scheduler": scheduler}
     if lora is not None:
         weights = load_lora(t, lora)

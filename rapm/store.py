@@ -35,6 +35,7 @@ from typing import Sequence
 
 import torch
 
+from rapm.conditioning import FLOAT32_FIELDS
 from rapm.diffusion import ScheduleError, schedule_from_config
 from rapm.errors import RapmError
 from rapm.files import atomic_write as _atomic_write
@@ -300,11 +301,12 @@ class TrajectoryStore:
                 raise StoreError(f"{self.path / self.manifest['shards'][row // int(self.manifest['shard_size'])]['file']}: "
                                  f"tensor {name!r} of trajectory {row} holds NaN or infinite values (the shard, not the "
                                  "training, is at fault); delete the shard and rerun the same rapm trajectories command")
-        cond = Conditioning(cat["prompt_embeds"].float(), _float(cat.get("pooled_embeds")), _float(cat.get("time_ids")))
+        cond = Conditioning(cat["prompt_embeds"].float(), _float(cat.get("pooled_embeds")), _float(cat.get("time_ids")),
+                            _float(cat.get("guidance")))
         negative = self._negative_tensors()
         b = len(indices)
         uncond = Conditioning(*(None if negative.get(f) is None else negative[f].float().expand(b, *negative[f].shape[1:]).contiguous()
-                                for f in ("prompt_embeds", "pooled_embeds", "time_ids")))
+                                for f in ("prompt_embeds", "pooled_embeds", "time_ids", "guidance")))
         return TrajectoryBatch(cat["latents"].float(), cond, uncond, _float(cat.get("delta_latents")), self.delta,
                                prompts, seeds, indices)
 
@@ -484,7 +486,7 @@ def shard_tensors(manifest: dict) -> dict[str, tuple[torch.dtype, list[int]]]:
     if manifest["format_version"] >= 2:  # each slot's Δ-step position
         spec["delta_latents"] = (store_dtype, [manifest["steps"], *manifest["latent_shape"]])
     for name, shape in (manifest.get("conditioning") or {"prompt_embeds": None}).items():
-        spec[name] = (torch.float32 if name == "time_ids" else store_dtype, shape)
+        spec[name] = (torch.float32 if name in FLOAT32_FIELDS else store_dtype, shape)
     return spec
 
 

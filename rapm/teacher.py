@@ -34,6 +34,7 @@ class Teacher:
     vae: torch.nn.Module | None = None
     vae_scale_factor: int = 1
     force_zeros_for_empty_prompt: bool = False
+    vae_sample_size: int | None = None
     pipeline: object = None  # flow families: the diffusers pipeline (no VAE) whose encode_prompt encodes prompts
 
     @property
@@ -43,7 +44,7 @@ class Teacher:
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
-        return self.family_def.latent_shape(dict(self.unet.config))
+        return self.family_def.latent_shape_of(dict(self.unet.config), self.vae_sample_size, self.vae_scale_factor)
 
     @property
     def image_size(self) -> int:
@@ -86,7 +87,7 @@ def guided_output(
     unet: torch.nn.Module, z: torch.Tensor, t: torch.Tensor, cond: Conditioning, uncond: Conditioning | None, guidance: float
 ) -> torch.Tensor:
     """Classifier-free guidance, diffusers' form uncond + g (cond - uncond), with cond and uncond in one forward (float32)."""
-    if uncond is None or guidance == 1.0:
+    if uncond is None or guidance == 1.0 or not denoiser_family(unet).cfg:  # FLUX: guidance rides in cond.guidance
         return unet_output(unet, z, t, cond)
     t = torch.as_tensor(t, device=z.device)
     if t.ndim == 0:
@@ -134,6 +135,11 @@ def load_teacher(
     except ScheduleError as e:
         raise TeacherError(str(e)) from None
 
+    if schedule.is_flow and schedule.flow.use_dynamic_shifting:  # FLUX: μ of the teacher's resolution
+        from dataclasses import replace
+
+        schedule = replace(schedule, mu=schedule.flow.mu(family.image_seq_len(info.latent_shape)))
+
     if unet is None:
         unet = _load_component(family.denoiser_class(), path, family.denoiser_subfolder, torch_dtype=dtype).to(device)
         unet.requires_grad_(False)
@@ -180,6 +186,7 @@ def load_teacher(
         vae=vae_model,
         vae_scale_factor=info.vae_scale_factor,
         force_zeros_for_empty_prompt=info.force_zeros_for_empty_prompt,
+        vae_sample_size=info.vae_sample_size,
         pipeline=pipeline,
     )
 

@@ -39,6 +39,7 @@ import torch
 import typer
 
 from rapm.diffusion import SOLVERS, coarse_timesteps, solve_positions
+from rapm.conditioning import FLOAT32_FIELDS
 from rapm.errors import RapmError
 from rapm.folders import STORE_MARKER, FolderError, FolderLock, is_empty, other_kind, read_marker, write_marker
 from rapm.processes import resolve_device
@@ -418,7 +419,8 @@ def write_trajectories(
 
     # The one negative conditioning, as the pipeline builds it (SD: "" when None; SDXL: zeros when None).
     _, uncond_one = teacher_model.encode_prompts([""], negative_prompt)
-    negative = {k: _to_store(v, torch.float32 if k == "time_ids" else store_dtype, "negative prompt")
+    uncond_one = teacher_model.family_def.with_guidance(uncond_one, guidance)  # FLUX: the same fields as cond
+    negative = {k: _to_store(v, torch.float32 if k in FLOAT32_FIELDS else store_dtype, "negative prompt")
                 for k, v in uncond_one.tensors().items()}
     negative_bytes = save(negative, metadata={"rapm": json.dumps({"negative_prompt": negative_prompt})})
     prompts_text = "".join(p + "\n" for p in prompt_list)
@@ -498,6 +500,7 @@ def write_trajectories(
             b1 = min(b0 + batch_size, end)
             seeds = list(range(seed + b0, seed + b1))
             cond, _ = teacher_model.encode_prompts(prompt_list[b0:b1], negative_prompt)
+            cond = teacher_model.family_def.with_guidance(cond, guidance)  # FLUX: the guidance embedding's value
             uncond = uncond_dev.map(lambda v: v.expand(b1 - b0, *v.shape[1:]))
             z = initial_noise(seeds, teacher_model.latent_shape).to(teacher_model.device)
             latents, delta_latents = teacher_trajectories(teacher_model, z, cond, uncond, guidance, timesteps, substeps,
@@ -506,7 +509,7 @@ def write_trajectories(
             batch = {"latents": _to_store(latents, store_dtype, what),
                      "delta_latents": _to_store(delta_latents, store_dtype, what)}
             for name, v in cond.tensors().items():
-                batch[name] = _to_store(v, torch.float32 if name == "time_ids" else store_dtype, what)
+                batch[name] = _to_store(v, torch.float32 if name in FLOAT32_FIELDS else store_dtype, what)
             batch["seeds"] = torch.tensor(seeds, dtype=torch.int64)
             for name, v in batch.items():
                 parts.setdefault(name, []).append(v)

@@ -26,12 +26,13 @@ def test_the_family_defaults_are_the_ones_the_presets_and_pipelines_use():
     assert (sd.default_guidance, sdxl.default_guidance) == (7.5, 5.0)  # diffusers' pipelines' guidance_scale
     assert (sd.disc_levels, sdxl.disc_levels) == ("full", "down_mid")
     assert (sd.kohya_names, sdxl.kohya_names) == ("diffusers", "ldm")
-    assert supported_pipelines() == ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline")
-    assert [f.name for f in FAMILIES] == ["sd", "sdxl", "sd3"]
+    assert supported_pipelines() == ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline",
+                                     "FluxPipeline")
+    assert [f.name for f in FAMILIES] == ["sd", "sdxl", "sd3", "flux"]
 
 
 def test_an_unknown_family_name_is_one_clear_error():
-    with pytest.raises(TeacherError, match="teacher family must be one of 'sd', 'sdxl', 'sd3', got 'kandinsky'"):
+    with pytest.raises(TeacherError, match="teacher family must be one of 'sd', 'sdxl', 'sd3', 'flux', got 'kandinsky'"):
         family_named("kandinsky")
 
 

@@ -65,6 +65,7 @@ class Family:
     lora_targets: tuple[str, ...] = ()  # the student's LoRA target modules by default (rapm.roles)
     disc_levels: str = "full"  # the discriminator's feature blocks by default (``feature_blocks``)
     force_zeros_for_empty_prompt: bool = False  # the pipeline's default when model_index.json does not say
+    cfg: bool = True  # guidance is classifier-free guidance (False: FLUX.1-dev's guidance is an input, ``with_guidance``)
 
     # reading and loading
     def denoiser_class(self):
@@ -84,6 +85,10 @@ class Family:
     def latent_shape(self, denoiser_config: dict) -> tuple[int, ...]:
         raise NotImplementedError
 
+    def latent_shape_of(self, denoiser_config: dict, vae_sample_size: int | None, vae_scale: int) -> tuple[int, ...]:
+        """The stored latent shape given the VAE's facts too (FLUX's transformer config has no size; the VAE's says it)."""
+        return self.latent_shape(denoiser_config)
+
     def load_prompt_encoder(self, path: Path, device, dtype, denoiser):
         """A pipeline object that encodes prompts (flow families: their diffusers pipeline without a VAE), or None:
         the teacher then loads ``text_encoders`` one by one (the UNet families)."""
@@ -96,6 +101,10 @@ class Family:
     def negative(self, teacher, cond: Conditioning, negative_prompt: str | None) -> Conditioning:
         """The unconditional conditioning beside ``cond``, as the family's pipeline makes it."""
         return self.encode(teacher, [negative_prompt or ""] * len(cond))
+
+    def with_guidance(self, cond: Conditioning, guidance: float) -> Conditioning:
+        """``cond`` carrying the guidance value where the denoiser takes it as an input (FLUX.1-dev); else ``cond``."""
+        return cond
 
     # the denoiser
     def denoise(self, denoiser: torch.nn.Module, z: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -149,10 +158,10 @@ class Family:
 
 
 def _families() -> list[Family]:
-    from rapm.families.flow import SD3
+    from rapm.families.flow import FLUX, SD3
     from rapm.families.sd import SD, SDXL
 
-    return [SD, SDXL, SD3]
+    return [SD, SDXL, SD3, FLUX]
 
 
 FAMILIES: list[Family] = _families()
@@ -241,10 +250,11 @@ class TeacherInfo:
     denoiser_config: dict
     has_vae: bool
     vae_scale_factor: int  # pixels per latent pixel (1 without a VAE)
+    vae_sample_size: int | None = None  # the VAE config's sample_size (pixels), where it has one
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
-        return self.family.latent_shape(self.denoiser_config)
+        return self.family.latent_shape_of(self.denoiser_config, self.vae_sample_size, self.vae_scale_factor)
 
     @property
     def force_zeros_for_empty_prompt(self) -> bool:
@@ -266,11 +276,13 @@ def read_teacher_info(name_or_path: str | Path) -> TeacherInfo:
     scheduler_config = read_scheduler_config(path)
     denoiser_file = path / family.denoiser_subfolder / "config.json"
     denoiser_config = json.loads(denoiser_file.read_text()) if denoiser_file.exists() else {}
-    has_vae, scale = _component_present(index, path, "vae"), 1
+    has_vae, scale, vae_size = _component_present(index, path, "vae"), 1, None
     if has_vae:
         vae_cfg = json.loads((path / "vae" / "config.json").read_text())
         scale = 2 ** (len(vae_cfg.get("block_out_channels", [0])) - 1)
-    return TeacherInfo(path, index, family, scheduler_config, denoiser_config, has_vae, scale)
+        size = vae_cfg.get("sample_size")
+        vae_size = size if isinstance(size, int) else (size[0] if size else None)
+    return TeacherInfo(path, index, family, scheduler_config, denoiser_config, has_vae, scale, vae_size)
 
 
 __all__ = ["Family", "FAMILIES", "TeacherError", "TeacherInfo", "BUILTIN_TEACHERS", "family_named", "family_of_pipeline",

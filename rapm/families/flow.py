@@ -58,6 +58,12 @@ class FlowFamily(Family):
             getattr(pipe, enc_name).requires_grad_(False).eval()
         return pipe
 
+    def image_seq_len(self, latent_shape) -> int:
+        """Image tokens of the transformer (2x2 patches): the length FLUX's dynamic shift μ depends on."""
+        from rapm.flow_denoisers import image_seq_len
+
+        return image_seq_len(self.name, latent_shape[1], latent_shape[2])
+
     def sequence_length(self, teacher) -> int:
         tok = teacher.tokenizers[-1]
         return min(self.max_sequence_length, int(getattr(tok, "model_max_length", self.max_sequence_length)))
@@ -129,6 +135,73 @@ class SD3Family(FlowFamily):
                         pooled_projections=cond.pooled_embeds, return_dict=False)[0].float()
 
 
-SD3 = SD3Family()
+class FluxFamily(FlowFamily):
+    """FLUX.1: CLIP (pooled) and T5 (sequence); the transformer takes 2x2-packed latents, rotary ids, σ and, for
+    FLUX.1-dev, the distilled guidance value as an embedding instead of classifier-free guidance (``cfg`` False: the
+    value rides in ``Conditioning.guidance``; the store records it as its guidance)."""
 
-__all__ = ["FlowFamily", "SD3Family", "SD3", "FLUX_TARGET_MODULES", "transformer_dtype"]
+    name = "flux"
+    pipeline_class_names = ("FluxPipeline",)
+    denoiser_class_name = "FluxTransformer2DModel"
+    text_encoders = (("tokenizer", "text_encoder", "CLIPTextModel"), ("tokenizer_2", "text_encoder_2", "T5EncoderModel"))
+    preset = "flux"
+    default_guidance = 3.5  # FluxPipeline's guidance_scale (FLUX.1-dev's guidance embedding)
+    lora_targets = tuple(FLUX_TARGET_MODULES)
+    max_sequence_length = 512  # FluxPipeline's default
+    cfg = False
+    sai_name = "flux-1-dev"
+
+    def latent_shape(self, denoiser_config: dict) -> tuple[int, int, int]:
+        return self.latent_shape_of(denoiser_config, None, 8)
+
+    def latent_shape_of(self, denoiser_config: dict, vae_sample_size: int | None, vae_scale: int) -> tuple[int, int, int]:
+        """16 channels (the transformer's 64 are 2x2 packed) at FluxPipeline's default size: the VAE's sample_size
+        (1024 px for FLUX.1) over its scale factor, else 128 (1024 px / 8)."""
+        size = (vae_sample_size // vae_scale) if vae_sample_size else 128
+        return (int(denoiser_config.get("in_channels", 64)) // 4, int(size), int(size))
+
+    def encode(self, teacher, prompts: Sequence[str]) -> Conditioning:
+        from rapm.flow_denoisers import encode_prompt_flux
+
+        cond = encode_prompt_flux(teacher.pipeline, prompts, self.sequence_length(teacher))
+        return Conditioning(cond.prompt_embeds.float(), cond.pooled_prompt_embeds.float())
+
+    def with_guidance(self, cond: Conditioning, guidance: float) -> Conditioning:
+        from dataclasses import replace
+
+        return replace(cond, guidance=torch.full((len(cond),), float(guidance), device=cond.prompt_embeds.device))
+
+    def denoise(self, denoiser, z: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """FLUX's velocity at the scheduler timestep t = σ · 1000 (the transformer takes σ), in float32."""
+        from rapm.flow_denoisers import latent_image_ids, pack_latents, unpack_latents
+
+        dtype = transformer_dtype(denoiser)
+        b, _, h, w = z.shape
+        t = torch.as_tensor(t, device=z.device).float()
+        if t.ndim == 0:
+            t = t.expand(b)
+        guidance = None
+        if denoiser.config.guidance_embeds:
+            if cond.guidance is None:
+                raise TeacherError("this FLUX transformer has a guidance embedding (FLUX.1-dev) and the conditioning "
+                                   "carries no guidance value; rebuild the store with this rapm's `rapm trajectories`")
+            guidance = cond.guidance.float().reshape(-1).expand(b) if cond.guidance.numel() == 1 else cond.guidance.float()
+        c = cond.to(dtype)
+        text_ids = torch.zeros(c.prompt_embeds.shape[1], 3, device=z.device, dtype=dtype)
+        out = denoiser(hidden_states=pack_latents(z.to(dtype)), timestep=t / 1000, guidance=guidance,
+                       pooled_projections=c.pooled_embeds, encoder_hidden_states=c.prompt_embeds, txt_ids=text_ids,
+                       img_ids=latent_image_ids(h, w, z.device, dtype), return_dict=False)[0]
+        return unpack_latents(out, h, w).float()
+
+    def lora_state_dict(self, loader, weights: Path, denoiser):
+        return loader.lora_state_dict(str(weights.parent), weight_name=weights.name, return_alphas=True,
+                                      return_lora_metadata=True)
+
+    def load_lora(self, loader, state: dict, alphas, denoiser, adapter: str, metadata) -> None:
+        loader.load_lora_into_transformer(state, alphas, denoiser, adapter_name=adapter, metadata=metadata)
+
+
+SD3 = SD3Family()
+FLUX = FluxFamily()
+
+__all__ = ["FlowFamily", "SD3Family", "SD3", "FluxFamily", "FLUX", "FLUX_TARGET_MODULES", "transformer_dtype"]
