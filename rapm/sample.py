@@ -140,7 +140,7 @@ def sample_to_folder(teacher: Teacher, prompts: Sequence[str], out: str | Path, 
 
 
 def cli(
-    teacher: str = typer.Option(..., "--teacher", help="A diffusers SD/SDXL folder, or 'digits'."),
+    teacher: str = typer.Option(..., "--teacher", help="A diffusers SD/SDXL/SD3/FLUX folder, or 'digits'."),
     lora: Optional[Path] = typer.Option(None, "--lora", help="A student LoRA (file, or the folder rapm export wrote)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="One prompt (this or --prompts is required)."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="A text file with one prompt a line (this or --prompt is required)."),

@@ -334,7 +334,7 @@ def cli(
     teacher: Optional[str] = typer.Option(None, help="Teacher: a local diffusers folder or 'digits' (required unless --resume)."),
     store: Optional[Path] = typer.Option(None, help="Trajectory store made by `rapm trajectories` (required unless --resume)."),
     method: Optional[str] = typer.Option(None, help="rapm (default), rapm-relative, sfd, pcm, progressive or progressive-rdd."),
-    preset: Optional[str] = typer.Option(None, help="sd15, sdxl, sdxl-rank1 or digits (default: by teacher)."),
+    preset: Optional[str] = typer.Option(None, help="sd15, sdxl, sdxl-rank1, sd3, flux or digits (default: by teacher)."),
     config: Optional[Path] = typer.Option(None, help="A JSON or TOML file of config fields (docs/defaults.md)."),
     iterations: Optional[int] = typer.Option(None, help="Total iterations (each one trajectory batch)."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Write a checkpoint every K iterations."),

@@ -574,7 +574,7 @@ def _span_count(k: int, shard_size: int, count: int) -> tuple[int, int]:
 # --- the verb --------------------------------------------------------------------------------------------------------
 
 def cli(
-    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher: a local diffusers SD/SDXL folder, or 'digits' (required unless --verify)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher: a local diffusers SD/SDXL/SD3/FLUX folder, or 'digits' (required unless --verify)."),
     prompts: Optional[Path] = typer.Option(
         None, "--prompts", help="Text file, one prompt a line (required unless --verify; blank lines skipped). Prompts longer than the tokenizer's "
         "limit (77 tokens for SD/SDXL) are truncated as diffusers does, with a warning; manifest.json lists them in "
@@ -589,8 +589,8 @@ def cli(
     delta: Optional[int] = typer.Option(None, "--delta", help="Δ of the stored Δ-step positions, in teacher timesteps. "
                                         "Default: 1000/(N*M) for ddim, 1000/(N*25) for dpmsolver++."),
     guidance: Optional[float] = typer.Option(
-        None, "--guidance", help="CFG scale, diffusers' form uncond + g (cond - uncond). Default: SD 7.5, SDXL 5.0, "
-        "digits its own."),
+        None, "--guidance", help="CFG scale, diffusers' form uncond + g (cond - uncond); FLUX: its guidance embedding. Default: SD 7.5, "
+        "SDXL 5.0, SD3 7.0, FLUX 3.5, digits its own."),
     negative_prompt: Optional[str] = typer.Option(
         None, "--negative-prompt", help="Default: what the pipeline does (SD: empty prompt; SDXL: zeros)."),
     seed: int = typer.Option(0, "--seed", help="Base seed: trajectory i starts from the noise that a diffusers pipeline "

@@ -9,7 +9,10 @@ and the SAI model spec's names, the kohya module names). ``read_teacher_info(pat
 loading weights; ``rapm.teacher.load_teacher`` loads one through its family. No other module tests a family's name.
 
 Families here: ``sd`` (SD 1.x / 2.x, ``StableDiffusionPipeline``) and ``sdxl`` (``StableDiffusionXLPipeline``),
-both ``UNet2DConditionModel`` denoisers (``rapm.families.sd``). The built-in digits teacher is an ``sd`` folder.
+both ``UNet2DConditionModel`` denoisers (``rapm.families.sd``); ``sd3`` (``StableDiffusion3Pipeline``) and ``flux``
+(``FluxPipeline``), flow-matching transformers (``rapm.families.flow``): their schedule is ``rapm.diffusion.Schedule``
+of kind "flow" (t = σ · 1000, prediction type "flow"), so the DDIM arithmetic the methods call is their Euler step
+and no method branches on the family. The built-in digits teacher is an ``sd`` folder.
 
 How to add a family (SD3, FLUX, ...):
 
@@ -22,13 +25,13 @@ How to add a family (SD3, FLUX, ...):
    ``feature_blocks`` (the modules whose outputs the discriminator reads), ``check_denoiser``, and the export facts
    (``export_kwargs``, ``base_model_version``, ``sai_architecture``, ``modelspec_implementation``,
    ``kohya_names``; a new naming scheme goes beside ``ldm`` in ``rapm.export``).
-   Where a family's denoiser differs from the UNet's today, the call sites to route through the family are named
-   here so nothing is missed: ``rapm.teacher.unet_output`` already dispatches on the denoiser's class
-   (``denoiser_family``) and ``rapm.discriminator`` asks ``feature_blocks`` / ``feature_channels``; but the DDIM
-   arithmetic (``rapm.diffusion.ddim_step``, ``predict_x0_eps``) is still called directly by ``rapm.methods`` and
-   ``rapm.sample`` with the schedule's prediction type: a flow family routes those through ``to_x0_eps`` (and its
-   own step) and carries its own ``Schedule`` (``FlowMatchEulerDiscreteScheduler``'s sigmas). Packed latents
-   (FLUX) are the family's business too: ``latent_shape`` gives the stored shape, ``denoise`` packs and unpacks.
+   The call sites that reach a family: ``rapm.teacher.unet_output`` dispatches on the denoiser's class
+   (``denoiser_family``); ``rapm.discriminator`` asks ``feature_blocks`` / ``feature_channels`` / ``feature_map``;
+   the DDIM arithmetic (``rapm.diffusion``) reads the schedule's kind and prediction type (epsilon, v_prediction,
+   flow), and the positions (integer timesteps, or σ · 1000 floats) come from ``Schedule.coarse`` / ``Schedule.grid``.
+   Packed latents (FLUX) are the family's business: ``latent_shape`` gives the stored shape, ``denoise`` packs and
+   unpacks; a guidance that is a denoiser input (FLUX.1-dev) rides in ``Conditioning.guidance`` (``with_guidance``,
+   ``cfg = False``); a family whose pipeline encodes prompts loads it in ``load_prompt_encoder``.
 2. Append an instance to ``FAMILIES`` below (the order is the order ``read_model_index`` names them in errors).
 3. Add a preset for it to ``rapm.config.PRESETS`` if its training wants other defaults.
 4. Tests: a tiny random pipeline of the family in ``tests/tiny.py``, then the family's round trips (load,
