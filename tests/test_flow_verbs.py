@@ -94,7 +94,7 @@ def test_trajectories_are_the_teachers_euler_steps_on_the_trailing_sigmas(flow):
         assert batch.cond.guidance.tolist() == [3.5, 3.5]
 
 
-@pytest.mark.parametrize("method", ["rapm", "sfd", "rapm-paper"])  # rapm-paper: D1, D2 on the joint blocks
+@pytest.mark.parametrize("method", ["rapm", "sfd", "rapm-paper", "rapm-relative"])  # -paper: D1, D2 on joint blocks
 def test_train_through_the_cli_trains_the_transformer_student(flow, method):
     from rapm.flow_lora import FLUX_TARGET_MODULES, SD3_TARGET_MODULES
     from rapm.run import load_student, read_run_config
