@@ -14,8 +14,7 @@ from pathlib import Path
 
 from rapm.errors import RapmError
 from rapm.plugins import builtin_presets
-from rapm.flow_lora import FLUX_TARGET_MODULES, SD3_TARGET_MODULES
-from rapm.roles import PCM_TARGET_MODULES
+from rapm.roles import FLUX_TARGET_MODULES, PCM_TARGET_MODULES, SD3_TARGET_MODULES
 
 
 class ConfigError(RapmError):

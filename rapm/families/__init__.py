@@ -51,6 +51,9 @@ from rapm.conditioning import Conditioning
 from rapm.errors import RapmError
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # weights rapm never unpickles
+
+
 class TeacherError(RapmError):
     """A teacher folder that cannot be used, with what is wrong and how to fix it."""
 

@@ -16,8 +16,8 @@ from typing import Sequence
 import torch
 
 from rapm.conditioning import Conditioning
-from rapm.families import Family, TeacherError
-from rapm.flow_lora import FLUX_TARGET_MODULES, SD3_TARGET_MODULES
+from rapm.families import PICKLE_SUFFIXES, Family, TeacherError
+from rapm.roles import FLUX_TARGET_MODULES, SD3_TARGET_MODULES
 
 
 def transformer_dtype(transformer: torch.nn.Module) -> torch.dtype:
@@ -41,8 +41,6 @@ class FlowFamily(Family):
     def load_prompt_encoder(self, path: Path, device, dtype, denoiser):
         """The family's diffusers pipeline with its tokenizers and text encoders (no VAE): it encodes the prompts with
         its own ``encode_prompt``, so the embeddings are the pipeline's exactly. Safetensors weights only."""
-        from rapm.teacher import PICKLE_SUFFIXES
-
         for _, enc_name, _ in self.text_encoders:
             folder = path / enc_name
             if not folder.is_dir():
