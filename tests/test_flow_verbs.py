@@ -180,6 +180,8 @@ def test_export_loads_in_a_fresh_pipeline_and_gives_rapm_samples_images(flow):
     out = root / "samples"
     _invoke("sample", "--teacher", teacher, "--lora", lora, "--prompt", PROMPTS[0], "--out", out, "--device", "cpu")
     assert (out / "p0000_s0.png").exists()
+    row = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
+    assert row["guidance"] == guidance  # the LoRA's own: CFG 1 for SD3, the trained guidance embedding for FLUX
 
 
 def test_evaluate_and_report_measure_the_student_against_the_teacher(flow):
@@ -197,3 +199,34 @@ def test_evaluate_and_report_measure_the_student_against_the_teacher(flow):
     assert rows["sfd", STEPS]["guidance"] == (1.0 if family == "sd3" else 3.5)  # CFG distilled; FLUX's embedding as trained
     _invoke("report", run)
     assert (run / "report.html").exists() and "sfd" in (run / "report.md").read_text()
+
+
+def test_the_flow_schedule_makes_the_ddim_step_the_euler_step_and_renoises_on_the_line():
+    from rapm.diffusion import add_noise, ddim_step, predict_x0_eps, renoise, schedule_from_config
+    from tests.tiny_flow import SD3_SCHEDULER
+
+    schedule = schedule_from_config({"_class_name": "FlowMatchEulerDiscreteScheduler", **SD3_SCHEDULER})
+    assert schedule.is_flow and schedule.prediction_type == "flow" and schedule.coarse(4) == pytest.approx(
+        [1000.0, 900.0, 750.0, 500.0, 0.0])
+    g = torch.Generator().manual_seed(0)
+    z, v = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    t, s = torch.tensor([900.0, 750.0, 500.0]), torch.tensor([750.0, 500.0, 0.0])
+    expected = torch.stack([fm.euler_step(z[i:i + 1], v[i:i + 1], t[i] / 1000, s[i] / 1000)[0] for i in range(3)])
+    torch.testing.assert_close(ddim_step(schedule, z, v, t, s), expected, rtol=1e-6, atol=1e-6)
+    x0, eps = predict_x0_eps(schedule, z, v, t)
+    torch.testing.assert_close((eps - x0).float(), v, rtol=1e-6, atol=1e-6)  # v = eps - x0
+    # renoising x_s (on the line at σ_s) to σ_t > σ_s gives the line's marginal at σ_t: mean (1 - σ_t) x0, var σ_t^2
+    x0 = torch.randn(1, 1, 64, 64, generator=g).expand(2000, 1, 64, 64)
+    xs = add_noise(schedule, x0, torch.full((2000,), 300.0), torch.randn(x0.shape, generator=g))
+    xt = renoise(schedule, xs, torch.full((2000,), 300.0), torch.full((2000,), 800.0), torch.randn(x0.shape, generator=g))
+    assert float((xt.mean(0) - 0.2 * x0[0]).square().mean().sqrt()) < 0.025  # sampling error 0.8 / sqrt(2000) = 0.018
+    assert abs(float(xt.std(0).mean()) - 0.8) < 0.01
+
+
+def test_a_flow_teacher_takes_euler_steps_only(flow):
+    from rapm.errors import RapmError
+
+    family, root, teacher, _ = flow
+    with pytest.raises(RapmError, match="takes Euler steps"):
+        _invoke("trajectories", "--teacher", teacher, "--prompts", root / "prompts.txt", "--out", root / "store-dpm",
+                "--solver", "dpmsolver++", "--substeps", 2, "--no-progress")
