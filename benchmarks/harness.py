@@ -105,6 +105,38 @@ def build_sd_teacher(folder: Path, unet_config: dict, seed: int = 0) -> Path:
     return folder
 
 
+# A FLUX.1-dev-shaped transformer at reduced width: FLUX's block structure (joint then single-stream blocks, packed
+# latents, rotary ids, the guidance embedding), 4 heads x 32 instead of 24 x 128, 2 + 4 blocks instead of 19 + 38.
+FLUX_REDUCED = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=32,
+                    num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True,
+                    axes_dims_rope=(4, 14, 14))
+
+
+def build_flux_teacher(folder: Path, transformer_config: dict, image_size: int = 64, seed: int = 0) -> Path:
+    """A FluxPipeline folder: the transformer of ``transformer_config`` (random), a one-layer CLIP of the pooled width,
+    a one-layer T5 of the joint width, a two-level 16-channel VAE whose ``sample_size`` sets the latent size
+    (``image_size`` / 2). Enough for ``rapm trajectories`` and ``rapm train``."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    from tests.tiny import _text_encoder, build_clip_tokenizer
+    from tests.tiny_flow import FLUX_SCHEDULER, FLUX_VAE_FACTORS, MAX_TOKENS, WORDS, _t5
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = (build_clip_tokenizer(WORDS, model_max_length=MAX_TOKENS) for _ in range(2))
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[8, 16], layers_per_block=1,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        norm_num_groups=4, sample_size=image_size, use_quant_conv=False, use_post_quant_conv=False,
+                        **FLUX_VAE_FACTORS)
+    pipe = FluxPipeline(
+        transformer=FluxTransformer2DModel(**transformer_config), scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
+        vae=vae, text_encoder=_text_encoder(len(tokenizer), transformer_config["pooled_projection_dim"], None, MAX_TOKENS, eos),
+        tokenizer=tokenizer, text_encoder_2=_t5(len(tokenizer_2), transformer_config["joint_attention_dim"]),
+        tokenizer_2=tokenizer_2)
+    pipe.save_pretrained(folder)
+    return folder
+
+
 # ---------------------------------------------------------------------------------------------- timing
 
 def timed(fn, repeat: int, setup=None) -> list[float]:
@@ -143,8 +175,11 @@ class Passes:
     uncond: object | None
 
     def __post_init__(self):
+        from rapm.families import denoiser_family
+
         self.b, self.n = self.latents.shape[0], self.latents.shape[1] - 1
-        self.guided = self.uncond is not None
+        # FLUX.1-dev's guidance is an input (no uncond pass): its teacher Δ-step is B N rows
+        self.guided = self.uncond is not None and denoiser_family(self.unet).cfg
 
     def _t(self, rows: int) -> torch.Tensor:
         return torch.full((rows,), 500, device=self.latents.device)
@@ -244,7 +279,7 @@ def without_delta_steps(store: Path, out: Path) -> Path:
     from safetensors import safe_open
     from safetensors.torch import load_file, save
 
-    from rapm.store import atomic_write, json_bytes, sha256_file
+    from rapm.store import MANIFEST_SHA256, atomic_write, manifest_bytes, sha256_file
 
     shutil.copytree(store, out)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -254,9 +289,9 @@ def without_delta_steps(store: Path, out: Path) -> Path:
             metadata = handle.metadata()
         f.write_bytes(save({k: v for k, v in load_file(f).items() if k != "delta_latents"}, metadata=metadata))
         entry.update(sha256=sha256_file(f), bytes=f.stat().st_size)
-    for key in ("delta", "solver"):
+    for key in ("delta", "solver", MANIFEST_SHA256):
         manifest.pop(key, None)
-    atomic_write(out / "manifest.json", json_bytes({**manifest, "format_version": 1}))
+    atomic_write(out / "manifest.json", manifest_bytes({**manifest, "format_version": 1}))  # its own checksum again
     return out
 
 

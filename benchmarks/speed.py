@@ -19,6 +19,7 @@ Chunks of training, the floor's passes and the per-slot loop are interleaved rou
 the machine weighs on all of them alike.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/speed.py [--rounds 6] [--per-round 4] [--models digits,sd15-reduced]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/speed.py --models flux-reduced --name speed_flux  # the FLUX-shaped one
 
 Writes benchmarks/results/speed.{json,md}.
 """
@@ -38,8 +39,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import (SD15_UNET, Loop, Passes, build_sd_teacher, machine, median, reduced, timed,  # noqa: E402
-                     without_delta_steps, write_results)
+from harness import (FLUX_REDUCED, SD15_UNET, Loop, Passes, build_flux_teacher, build_sd_teacher, machine,  # noqa: E402
+                     median, reduced, timed, without_delta_steps, write_results)
 
 MODELS = {
     # name: (teacher, preset, overrides, trajectories to store, write batch size, prompts)
@@ -50,6 +51,11 @@ MODELS = {
     # SD 1.5's preset with the LoRA ranks scaled like the widths (64 -> 8 for 320 -> 32 channels).
     "sd15-reduced": dict(preset="sd15", overrides=dict(method="rapm-paper", lora_rank=8, disc_lora_rank=8), count=2, write_batch=2,
                          prompts=["a photo of a cat", "a red car"]),
+    # A FLUX.1-dev-shaped transformer at reduced width (harness.FLUX_REDUCED: 4 x 32 heads, 2 joint + 4 single blocks,
+    # 16x32x32 latents = 256 image tokens + 16 text tokens), the flux preset (gradient checkpointing; float32 on the
+    # CPU) with the LoRA ranks scaled like the width (32 -> 4 for 3072 -> 128).
+    "flux-reduced": dict(preset="flux", overrides=dict(method="rapm-paper", lora_rank=4, disc_lora_rank=4), count=2,
+                         write_batch=2, prompts=["a photo of a cat", "a red car"]),
 }
 SD15_REDUCED = reduced(SD15_UNET, width=10, sample_size=32)
 
@@ -57,6 +63,8 @@ SD15_REDUCED = reduced(SD15_UNET, width=10, sample_size=32)
 def teacher_for(name: str, folder: Path) -> str:
     if name == "digits":
         return "digits"
+    if name == "flux-reduced":
+        return str(build_flux_teacher(folder / "flux-reduced", FLUX_REDUCED))
     return str(build_sd_teacher(folder / "sd15-reduced", SD15_REDUCED))
 
 
@@ -74,8 +82,9 @@ def trajectory_throughput(teacher: str, spec: dict, folder: Path, repeat: int, r
     b = spec["write_batch"]
     c, h, w = t.latent_shape
     cond, uncond = t.encode_prompts(spec["prompts"][:1] * b)
-    x, tt = torch.randn(b, c, h, w), torch.full((b,), 500)
     guidance = default_guidance(t)
+    cond = t.family_def.with_guidance(cond, guidance)  # FLUX.1-dev: its guidance embedding (one pass, no uncond)
+    x, tt = torch.randn(b, c, h, w), torch.full((b,), 500)
 
     def guided_pass():
         with torch.no_grad():
@@ -96,7 +105,7 @@ def trajectory_throughput(teacher: str, spec: dict, folder: Path, repeat: int, r
     return store_dir, {
         "count": spec["count"], "batch_size": b, "writes": len(walls), "passes_timed": len(passes), "steps": store.steps, "substeps": store.substeps,
         "seconds": round(wall, 3), "trajectories_per_s": round(spec["count"] / wall, 4),
-        "teacher_load_s": round(load, 3), "guided_pass_s": round(per_pass, 5), "guided_pass_rows": 2 * b,
+        "teacher_load_s": round(load, 3), "guided_pass_s": round(per_pass, 5), "guided_pass_rows": 2 * b if t.family_def.cfg else b,
         "floor_s": round(floor, 3), "floor_trajectories_per_s": round(spec["count"] / floor, 4),
         "seconds_over_floor": round(wall / floor, 3), "seconds_less_load_over_floor": round((wall - load) / floor, 3),
     }
@@ -183,6 +192,7 @@ def measure(name: str, spec: dict, rounds: int, per_round: int, traj_repeats: in
     return {
         "model": name,
         "unet_parameters": sum(p.numel() for n, p in t.unet.named_parameters() if "lora_" not in n),
+        "gradient_checkpointing": base.gradient_checkpointing,
         "latent_shape": [c, h, w], "batch_size": base.batch_size, "steps": store.steps, "delta": delta,
         "lora_rank": base.lora_rank, "disc_lora_rank": base.disc_lora_rank, "disc_levels": base.disc_levels,
         "disc_heads_per_level": base.disc_heads_per_level, "guidance": store.guidance, "ema_decay": base.ema_decay,
@@ -257,6 +267,7 @@ def main() -> None:
     parser.add_argument("--trajectory-repeats", type=int, default=3, help="store writes, each followed by its passes alone")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--name", default="speed", help="results file name: OUT/NAME.{json,md}")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
@@ -270,12 +281,13 @@ def main() -> None:
     result = {
         "benchmark": "speed",
         "command": f"OMP_NUM_THREADS={args.threads} benchmarks/speed.py --models {args.models} --rounds {args.rounds} "
-                   f"--per-round {args.per_round} --trajectory-repeats {args.trajectory_repeats} --threads {args.threads}",
+                   f"--per-round {args.per_round} --trajectory-repeats {args.trajectory_repeats} --threads {args.threads}"
+                   + (f" --name {args.name}" if args.name != "speed" else ""),
         "machine": machine(torch_threads=args.threads, load_average_start=load_start,
                            load_average_end=list(os.getloadavg()), device="cpu"),
         "models": results,
     }
-    write_results(args.out, "speed", result, markdown(result))
+    write_results(args.out, args.name, result, markdown(result))
 
 
 if __name__ == "__main__":

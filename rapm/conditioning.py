@@ -9,6 +9,8 @@ from typing import Sequence
 
 import torch
 
+FLOAT32_FIELDS = ("time_ids", "guidance")  # stored in float32 whatever the store's dtype (small, and exact values)
+
 
 @dataclass
 class Conditioning:
@@ -17,6 +19,7 @@ class Conditioning:
     prompt_embeds: torch.Tensor  # [B, L, D]
     pooled_embeds: torch.Tensor | None = None  # [B, D2] (SDXL)
     time_ids: torch.Tensor | None = None  # [B, 6] (SDXL)
+    guidance: torch.Tensor | None = None  # [B] (FLUX.1-dev: the distilled guidance value, an input of the transformer)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}

@@ -22,6 +22,8 @@ FINAL = -1  # timestep index of the final position
 
 SUPPORTED_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")
+FLOW = "flow"  # Schedule.kind (and prediction_type) of a flow-matching teacher (SD3, FLUX): x_t = (1 - σ) x0 + σ eps
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 
 
 class ScheduleError(RapmError):
@@ -30,12 +32,52 @@ class ScheduleError(RapmError):
 
 @dataclass(frozen=True)
 class Schedule:
-    """alpha-bar over the teacher's timesteps, with the final position prepended."""
+    """alpha-bar over the teacher's timesteps, with the final position prepended; or a flow-matching schedule.
 
-    alphas_cumprod: torch.Tensor  # [T] float64
+    ``kind`` "ddpm" (SD, SDXL): positions are integer timesteps, alpha and sigma come from alpha-bar (above).
+    ``kind`` "flow" (SD3, FLUX; prediction_type "flow"): positions are float timesteps t = σ · 1000 (the scheduler's
+    and the transformer's own unit), alpha = 1 - σ and sigma = σ, the final position is t = 0, and the model output is
+    a velocity v = eps - x0. The DDIM step in this (alpha, sigma) form is the Euler step (docs/flow-matching.md), so
+    every step, renoising and method is written once for both kinds. ``flow`` holds the σ placement (shift, dynamic
+    shift) and ``mu`` the dynamic shift of the teacher's resolution (None without dynamic shifting).
+    """
+
+    alphas_cumprod: torch.Tensor  # [T] float64 (empty for a flow schedule)
     final_alpha_cumprod: float
     prediction_type: str
     num_train_timesteps: int
+    kind: str = "ddpm"
+    flow: object = None  # rapm.flowmatch.FlowSchedule (kind "flow")
+    mu: float | None = None
+
+    @property
+    def is_flow(self) -> bool:
+        return self.kind == FLOW
+
+    @property
+    def timestep_dtype(self) -> torch.dtype:
+        return torch.float32 if self.is_flow else torch.long
+
+    def coarse(self, steps: int) -> list:
+        """The N+1 positions of an N-step student: ``coarse_timesteps`` (DDPM), or σ · 1000 of the trailing σ (flow:
+        ``FlowSchedule.trailing_sigmas``, FluxPipeline's placement and SD3's with ``sigmas=``), ending at 0."""
+        if not self.is_flow:
+            return coarse_timesteps(self.num_train_timesteps, steps)
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        sigmas = self.flow.trailing_sigmas(steps, self.mu)
+        return [float(x) for x in (sigmas * self.num_train_timesteps).tolist()]
+
+    def grid(self, t, s, k: int) -> list:
+        """k+1 positions from t down to s for k teacher steps inside a slot: ``slot_grid`` (DDPM), or uniform in the
+        unshifted σ (flow: ``FlowSchedule.fine_sigmas``, how the pipelines and PCM's SD3 solver space their steps)."""
+        if not self.is_flow:
+            return slot_grid(t, s, k)
+        n = self.num_train_timesteps
+        fine = self.flow.fine_sigmas(float(t) / n, float(s) / n, k, self.mu).double() * n
+        out = [float(x) for x in fine.tolist()]
+        out[0], out[-1] = float(t), float(s)
+        return out
 
     @property
     def table(self) -> torch.Tensor:
@@ -68,6 +110,8 @@ def schedule_from_config(config: dict, source: str = "scheduler config") -> Sche
     alpha-bar is computed as diffusers does (float32 betas, cumulative product in
     float32), then kept in float64 for the step arithmetic.
     """
+    if config.get("_class_name") in FLOW_SCHEDULERS:
+        return flow_schedule_from_config(config, source)
     prediction_type = config.get("prediction_type", "epsilon")
     if prediction_type not in SUPPORTED_PREDICTION_TYPES:
         raise ScheduleError(
@@ -86,6 +130,19 @@ def schedule_from_config(config: dict, source: str = "scheduler config") -> Sche
         prediction_type=prediction_type,
         num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
     )
+
+
+def flow_schedule_from_config(config: dict, source: str = "scheduler config", mu: float | None = None) -> Schedule:
+    """The flow-matching schedule of a ``FlowMatchEulerDiscreteScheduler`` config (refusing, by field, what
+    ``rapm.flowmatch.FlowSchedule`` does not reproduce)."""
+    from rapm.flowmatch import FlowSchedule
+
+    try:
+        flow = FlowSchedule.from_config(config)
+    except ValueError as e:
+        raise ScheduleError(f"{source}: {e}") from None
+    return Schedule(alphas_cumprod=torch.zeros(0, dtype=torch.float64), final_alpha_cumprod=1.0, prediction_type=FLOW,
+                    num_train_timesteps=int(config.get("num_train_timesteps", 1000)), kind=FLOW, flow=flow, mu=mu)
 
 
 def coarse_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
@@ -107,7 +164,13 @@ def slot_grid(t: int, s: int, k: int) -> list[int]:
 
 
 def alpha_sigma(schedule: Schedule, t: torch.Tensor | int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """alpha_t = sqrt(abar_t) and sigma_t = sqrt(1 - abar_t), shaped to broadcast against ``like``."""
+    """alpha_t = sqrt(abar_t) and sigma_t = sqrt(1 - abar_t), shaped to broadcast against ``like``.
+
+    Flow schedules: sigma_t = t / T (clamped to [0, 1]) and alpha_t = 1 - sigma_t, in float64."""
+    if schedule.is_flow:
+        sig = (torch.as_tensor(t).double().reshape(-1) / schedule.num_train_timesteps).clamp(0.0, 1.0)
+        sig = sig.reshape(-1, *([1] * (like.ndim - 1))).to(like.device)
+        return 1.0 - sig, sig
     t = torch.as_tensor(t, device=schedule.alphas_cumprod.device).long().reshape(-1)
     abar = schedule.table.to(t.device)[t + 1]
     abar = abar.reshape(-1, *([1] * (like.ndim - 1))).to(like.device)
@@ -123,6 +186,9 @@ def predict_x0_eps(
     if schedule.prediction_type == "epsilon":
         eps = out
         x0 = (z64 - s * eps) / a
+    elif schedule.prediction_type == FLOW:  # v = eps - x0 on z = (1 - sigma) x0 + sigma eps
+        x0 = z64 - s * out
+        eps = z64 + a * out
     else:  # v = alpha * eps - sigma * x0
         x0 = a * z64 - s * out
         eps = s * z64 + a * out
@@ -148,9 +214,9 @@ def ddim(
     callback: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """k deterministic DDIM steps from t to s; ``model(z, t_tensor)`` returns the teacher's raw output."""
-    grid = slot_grid(t, s, k)
+    grid = schedule.grid(t, s, k)
     for i in range(k):
-        tt = torch.full((z.shape[0],), grid[i], device=z.device, dtype=torch.long)
+        tt = torch.full((z.shape[0],), grid[i], device=z.device, dtype=schedule.timestep_dtype)
         z = ddim_step(schedule, z, model(z, tt), grid[i], grid[i + 1])
         if callback is not None:
             callback(grid[i + 1], z)
@@ -180,8 +246,11 @@ def add_noise(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor | int, noise
 
 def renoise(schedule: Schedule, x: torch.Tensor, t_from: torch.Tensor | int, t_to: torch.Tensor | int, noise: torch.Tensor) -> torch.Tensor:
     """Move a sample at position t_from to the noisier t_to with fresh noise (forward process q(z_to | z_from))."""
-    a_f, _ = alpha_sigma(schedule, t_from, x)
-    a_t, _ = alpha_sigma(schedule, t_to, x)
+    a_f, s_f = alpha_sigma(schedule, t_from, x)
+    a_t, s_t = alpha_sigma(schedule, t_to, x)
+    if schedule.is_flow:  # z_to = r z_from + sqrt(sigma_to^2 - r^2 sigma_from^2) noise, r = alpha_to / alpha_from
+        r = a_t / a_f
+        return (r * x.double() + (s_t.square() - (r * s_f).square()).clamp_min(0).sqrt() * noise.double()).to(x.dtype)
     ratio = (a_t / a_f) ** 2  # abar_to / abar_from
     return (ratio.sqrt() * x.double() + (1 - ratio).clamp_min(0).sqrt() * noise.double()).to(x.dtype)
 
@@ -258,12 +327,14 @@ def solve_positions(
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+    if schedule.is_flow and solver != "ddim":
+        raise ValueError(f"solver {solver!r} is for DDPM teachers; a flow-matching teacher's trajectories are Euler (ddim) steps")
     positions, delta_positions = [z], []
     previous: tuple[torch.Tensor, int] | None = None
     for t, s in zip(timesteps[:-1], timesteps[1:]):
-        grid = slot_grid(t, s, substeps) if solver == "ddim" else logsnr_grid(schedule, t, s, substeps)
+        grid = schedule.grid(t, s, substeps) if solver == "ddim" else logsnr_grid(schedule, t, s, substeps)
         for i in range(len(grid) - 1):
-            tt = torch.full((z.shape[0],), grid[i], device=z.device, dtype=torch.long)
+            tt = torch.full((z.shape[0],), grid[i], device=z.device, dtype=schedule.timestep_dtype)
             out = model(z, tt)
             if i == 0 and delta is not None:
                 delta_positions.append(ddim_step(schedule, z, out, t, t - delta))

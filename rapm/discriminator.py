@@ -78,15 +78,16 @@ def feature_channels(unet: nn.Module, levels: str) -> list[int]:
 def backbone_features(unet: nn.Module, z: torch.Tensor, t: torch.Tensor, cond: Conditioning, levels: str) -> list[torch.Tensor]:
     """The outputs of the family's feature blocks at (z, t, cond); the forward stops after its stop block, if any."""
     features: list[torch.Tensor] = []
+    family = denoiser_family(unet)
 
     def keep(_module, _inputs, output):
-        features.append(output[0] if isinstance(output, tuple) else output)
+        features.append(family.feature_map(output, z))
 
     def keep_and_stop(module, inputs, output):
         keep(module, inputs, output)
         raise _StopForward
 
-    blocks, stop = denoiser_family(unet).feature_blocks(unet, levels)
+    blocks, stop = family.feature_blocks(unet, levels)
     hooks = [block.register_forward_hook(keep_and_stop if block is stop else keep) for block in blocks]
     try:
         unet_output(unet, z, t, cond)

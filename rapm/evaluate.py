@@ -130,6 +130,8 @@ def evaluate(
     device = str(resolve_device(device))
     teacher = load_teacher(teacher_path, device=device, vae=True)
     teacher_guidance = default_guidance(teacher) if guidance is None else guidance
+    # a student samples at CFG 1 (guidance distilled); FLUX.1-dev's guidance is an input the student was trained with
+    student_guidance = 1.0 if teacher.family_def.cfg else teacher_guidance
     plugin = plugin_for(teacher)  # the teacher's own metrics (the digits teacher's classifier), if it has them
     metrics = None
     if plugin is not None:
@@ -146,7 +148,7 @@ def evaluate(
         tick = time.perf_counter()
         if spec.lora:
             _use_lora(teacher, spec.lora)
-        g = spec.guidance if spec.guidance is not None else (1.0 if spec.lora else teacher_guidance)
+        g = spec.guidance if spec.guidance is not None else (student_guidance if spec.lora else teacher_guidance)
         latents = generate(teacher, prompts, seeds, spec.steps, guidance=g, role="student" if spec.lora else "teacher",
                            scheduler=spec.scheduler, batch_size=batch_size)
         return _decode(teacher, latents), time.perf_counter() - tick
@@ -164,7 +166,7 @@ def evaluate(
         images[key] = imgs
         row = {
             "method": spec.method, "steps": spec.steps, "scheduler": spec.scheduler, "lora": spec.lora,
-            "guidance": spec.guidance if spec.guidance is not None else (1.0 if spec.lora else teacher_guidance),
+            "guidance": spec.guidance if spec.guidance is not None else (student_guidance if spec.lora else teacher_guidance),
             "trajectory_error": trajectory_error(imgs, images[f"teacher-ddim-{reference_steps}"]),
             "seconds": seconds, "samples": len(prompts),
         }

@@ -33,7 +33,6 @@ import torch
 import typer
 
 import rapm
-from rapm.diffusion import coarse_timesteps
 from rapm.errors import RapmError
 from rapm.lora import FACTS_NAME, base_unet_fingerprint, read_export_facts  # noqa: F401 (exported from here too)
 from rapm.roles import STUDENT
@@ -187,6 +186,73 @@ def sampling_scheduler_settings(scheduler_config: dict, steps: int) -> dict:
     }
 
 
+def flow_sampling_settings(family: str, steps: int, guidance: float | None = None) -> dict:
+    """The pipeline arguments that reproduce a flow-matching student's N steps in diffusers: N Euler steps on the
+    trailing σ (FluxPipeline places them so itself; StableDiffusion3Pipeline needs ``sigmas=linspace(1, 1/N, N)``,
+    which it shifts), guidance 1 for SD3 (CFG is distilled), FLUX's guidance embedding value as trained."""
+    import numpy as np
+
+    settings = {"class": "FlowMatchEulerDiscreteScheduler", "num_inference_steps": int(steps)}
+    if family == "sd3":
+        settings["sigmas"] = [float(x) for x in np.linspace(1.0, 1.0 / steps, steps)]
+        settings["guidance_scale"] = 1.0
+    else:
+        settings["guidance_scale"] = float(guidance if guidance is not None else 3.5)
+    return settings
+
+
+def _flow_model_card(facts: dict, out_dir: Path) -> str:
+    sched = facts["scheduler"]
+    cls = _family(facts["teacher_family"]).pipeline_class_names[0]
+    n, lora, teacher = facts["steps"], facts["lora"], facts["teacher_path"]
+    sigmas = f"sigmas={sched['sigmas']}, " if "sigmas" in sched else ""
+    what = ("guidance 1.0: classifier-free guidance is distilled into the student, so sample without it"
+            if facts["teacher_family"] == "sd3" else
+            f"guidance embedding {sched['guidance_scale']} (FLUX.1-dev's distilled guidance, as the teacher ran)")
+    return f"""# {n}-step student LoRA for {facts['teacher']}
+
+A LoRA distilled with rapm (Relative and Absolute Position Matching, arXiv 2503.20744) that makes the flow-matching
+teacher a {n}-step Euler sampler at {what}.
+
+| field | value |
+| --- | --- |
+| teacher | `{teacher}` ({facts['teacher_family']}, {cls}) |
+| steps (N) | {n}, σ · 1000 = {[round(t, 3) for t in facts['timesteps']]} |
+| LoRA | rank {lora['rank']}, alpha {lora['alpha']}, {lora['modules']} modules, {lora['parameters']:,} parameters |
+| files | {', '.join(f"`{name}` ({fmt})" for fmt, name in facts['files'].items())} |
+| base transformer | `{facts['base_unet_fingerprint']}` |
+
+## Sampling settings
+
+- scheduler: the teacher's own `FlowMatchEulerDiscreteScheduler` (its shift{', dynamic shift' if facts['teacher_family'] == 'flux' else ''})
+- `num_inference_steps={n}`, {sigmas}`guidance_scale={sched['guidance_scale']}`
+
+## diffusers
+
+```python
+import torch
+from diffusers import {cls}
+
+pipe = {cls}.from_pretrained("{teacher}")
+pipe.load_lora_weights("{out_dir}")
+pipe.fuse_lora()  # optional: fold the LoRA into the transformer's weights
+image = pipe("a photo of a cat", num_inference_steps={n}, {sigmas}guidance_scale={sched['guidance_scale']},
+             generator=torch.Generator("cpu").manual_seed(0)).images[0]
+image.save("cat.png")
+```
+
+Only diffusers' layout is written: diffusers reads kohya / ComfyUI FLUX LoRAs but has no writer in that direction.
+
+## rapm
+
+```
+rapm sample --teacher {facts['teacher']} --lora {out_dir} --prompt "a photo of a cat" --steps {n} --out samples/
+```
+
+`{FACTS_NAME}` holds these facts machine-readable.
+"""
+
+
 def _family(family: str):
     from rapm.families import TeacherError, family_named
 
@@ -226,6 +292,10 @@ def additional_network_hashes(tensors: dict[str, torch.Tensor], metadata: dict[s
 
 def usage_hint(steps: int, scheduler: dict) -> str:
     """One line a user reads in a client's model info: the sampling settings the student needs."""
+    if scheduler.get("class") == "FlowMatchEulerDiscreteScheduler":
+        sigmas = f", sigmas={scheduler['sigmas']}" if "sigmas" in scheduler else ""
+        return (f"{steps} steps, guidance {scheduler['guidance_scale']}, no negative prompt. diffusers: the teacher's "
+                f"FlowMatchEulerDiscreteScheduler, num_inference_steps={steps}{sigmas}.")
     return (f"{steps} steps, guidance (CFG) 1.0, no negative prompt. diffusers: DDIMScheduler with "
             f"timestep_spacing='trailing', clip_sample=False, set_alpha_to_one={scheduler['set_alpha_to_one']}. ComfyUI: "
             "sampler ddim (or euler), scheduler sgm_uniform. A1111: sampler Euler, schedule type SGM Uniform.")
@@ -424,6 +494,22 @@ rapm sample --teacher {facts['teacher']} --lora {out_dir} --prompt "a photo of a
 """
 
 
+def teacher_schedule(info):
+    """The teacher's schedule (a flow schedule with the μ of the teacher's resolution, when it has dynamic shifting),
+    as ``rapm.teacher.load_teacher`` builds it."""
+    from dataclasses import replace
+
+    from rapm.diffusion import ScheduleError, schedule_from_config
+
+    try:
+        schedule = schedule_from_config(info.scheduler_config)
+    except ScheduleError as e:
+        raise ExportError(str(e)) from None
+    if schedule.is_flow and schedule.flow.use_dynamic_shifting:
+        schedule = replace(schedule, mu=schedule.flow.mu(info.family.image_seq_len(info.latent_shape)))
+    return schedule
+
+
 def export_lora(
     unet: torch.nn.Module,
     teacher_path: str | Path,
@@ -435,6 +521,7 @@ def export_lora(
     extra_card: dict | None = None,
     dtype: str = "float32",
     training_steps: int | None = None,
+    guidance: float | None = None,
 ) -> Path:
     """Write the ``adapter`` LoRA of ``unet`` (never the discriminator's) to ``out_dir``; return the weights file.
 
@@ -460,11 +547,16 @@ def export_lora(
     info = read_teacher_info(teacher_path)
     teacher_dir, scheduler_config, has_vae, vae_scale = info.path, info.scheduler_config, info.has_vae, info.vae_scale_factor
     num_train_timesteps = int(scheduler_config.get("num_train_timesteps", 1000))
-    timesteps = coarse_timesteps(num_train_timesteps, steps)
-    prediction_type = scheduler_config.get("prediction_type", "epsilon")
+    schedule = teacher_schedule(info)
+    if schedule.is_flow:
+        if fmt == "kohya":
+            raise ExportError(f"format 'kohya' is not written for a {family} teacher: diffusers reads kohya / ComfyUI "
+                              "FLUX LoRAs but has no writer in that direction; export with format 'diffusers'")
+        fmt = "diffusers"
+    timesteps = schedule.coarse(steps)
+    prediction_type = schedule.prediction_type if schedule.is_flow else scheduler_config.get("prediction_type", "epsilon")
     version, v2 = base_model_version(family, unet.config)
-    size = unet.config.sample_size
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    _, height, width = info.latent_shape
     files = {f: DIFFUSERS_WEIGHT_NAME if f == "diffusers" else KOHYA_WEIGHT_NAME
              for f in (("diffusers", "kohya") if fmt == "both" else (fmt,))}
 
@@ -495,7 +587,8 @@ def export_lora(
             "num_train_timesteps": num_train_timesteps,
             "steps": int(steps),
             "timesteps": timesteps,
-            "scheduler": sampling_scheduler_settings(scheduler_config, steps),
+            "scheduler": (flow_sampling_settings(family, steps, guidance) if schedule.is_flow
+                          else sampling_scheduler_settings(scheduler_config, steps)),
             "lora": {
                 "rank": meta["r"],
                 "alpha": meta["lora_alpha"],
@@ -514,7 +607,8 @@ def export_lora(
         if "kohya" in files:
             _write_kohya(staging, state, meta, family, unet, facts)
         (staging / FACTS_NAME).write_text(json.dumps(facts, indent=2, default=str) + "\n")
-        (staging / CARD_NAME).write_text(_model_card(facts, out_dir, has_vae))
+        card = _flow_model_card(facts, out_dir) if schedule.is_flow else _model_card(facts, out_dir, has_vae)
+        (staging / CARD_NAME).write_text(card)
         os.chmod(staging, 0o755)  # mkdtemp makes it 0700
         _replace_dir(staging, out_dir)
     except OSError as e:  # a full disk, a read-only folder
@@ -559,6 +653,19 @@ def _replace_dir(staging: Path, out_dir: Path) -> None:
     staging.rmdir()
 
 
+def _store_guidance(config: dict, teacher) -> float | None:
+    """The guidance the run's trajectories were computed at (a FLUX student samples with it as its embedding), from
+    the store's manifest; the family's default when the store is gone."""
+    if teacher.family_def.cfg:
+        return None
+    from rapm.store import StoreError, read_manifest
+
+    try:
+        return float(read_manifest(Path(config["store"]))["guidance"])
+    except (StoreError, OSError, KeyError, ValueError):
+        return float(teacher.family_def.default_guidance)
+
+
 def cli(
     run: Path = typer.Option(..., "--run", help="The training run directory (rapm train --out)."),
     out: Path = typer.Option(..., "--out", help="Folder to write the LoRA files, README.md and rapm_lora.json to."),
@@ -582,7 +689,7 @@ def cli(
     extra = {"run": str(run)}
     extra.update({k: v for k, v in config.items() if k not in ("teacher", "steps") and isinstance(v, (str, int, float, bool))})
     export_lora(unet, config["teacher"], teacher.family, out, int(steps), fmt=format, extra_card=extra, dtype=dtype,
-                training_steps=config.get("step"))
+                training_steps=config.get("step"), guidance=_store_guidance(config, teacher))
     facts = read_export_facts(out) or {}
     for fmt, name in facts.get("files", {}).items():
         use = "diffusers' load_lora_weights, rapm sample" if fmt == "diffusers" else "ComfyUI (models/loras), A1111 (models/Lora)"

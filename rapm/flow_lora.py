@@ -12,20 +12,8 @@ from pathlib import Path
 
 import torch
 
-from rapm.roles import STUDENT, LoraSpec
+from rapm.roles import FLUX_TARGET_MODULES, SD3_TARGET_MODULES, STUDENT, LoraSpec  # noqa: F401 (exported here too)
 
-# diffusers examples/dreambooth/train_dreambooth_lora_sd3.py: the default (no --lora_layers) targets the joint
-# attention's image and text projections. PCM's SD3 script (code/text_to_image_sd3/train_pcm_lora_sd3_adv.py) and
-# diffusers' FLUX script also target the feed-forward layers of both streams; the issue asks for attention and FF.
-SD3_TARGET_MODULES = [
-    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
-]
-# diffusers examples/dreambooth/train_dreambooth_lora_flux.py, its default target_modules (no --lora_layers): the
-# same names; in FLUX's single-stream blocks they match the attention's to_q/to_k/to_v (those blocks have no to_out
-# and no ff: their MLP is proj_mlp / proj_out, left out as in the diffusers script).
-FLUX_TARGET_MODULES = list(SD3_TARGET_MODULES)
 
 # Defaults from the public scripts (docs/flow-matching.md): PCM's SD3 run.sh uses rank 32; diffusers' SD3/FLUX
 # LoRA scripts default to rank 4 with lora_alpha = rank. rapm keeps alpha = rank (scale 1) for these families.

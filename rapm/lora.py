@@ -131,9 +131,7 @@ def load_lora(teacher: Teacher, lora: str | Path, adapter: str = STUDENT) -> Pat
     loader = family.pipeline_class()
     where = f"LoRA {weights} does not fit the teacher {teacher.path} ({teacher.family})"
     try:
-        state, alphas, metadata = loader.lora_state_dict(
-            str(weights.parent), weight_name=weights.name, unet_config=teacher.unet.config, return_lora_metadata=True,
-        )
+        state, alphas, metadata = family.lora_state_dict(loader, weights, teacher.unet)
     except Exception as e:  # diffusers raises ValueError, KeyError, SafetensorError... for files it cannot read
         raise LoraError(f"LoRA {weights}: not a LoRA diffusers can read ({type(e).__name__}: {e})") from None
     if not state or not all("lora" in k for k in state):

@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import typer
 
-from rapm.diffusion import coarse_timesteps, sample_positions
+from rapm.diffusion import sample_positions
 from rapm.errors import RapmError
 from rapm.files import atomic_write
 from rapm.images import save_grid, to_pil  # noqa: F401 (rapm.sample exported them before rapm.images)
@@ -86,13 +86,17 @@ def generate(
         raise ValueError(f"one seed per prompt: got {len(prompts)} prompts and {len(seeds)} seeds")
     if scheduler not in SCHEDULERS:
         raise RapmError(f"scheduler {scheduler!r} is not supported; use one of {', '.join(SCHEDULERS)}")
-    timesteps = coarse_timesteps(teacher.schedule.num_train_timesteps, steps)
+    timesteps = teacher.schedule.coarse(steps)
+    if scheduler != "ddim" and teacher.schedule.is_flow:
+        raise RapmError(f"scheduler {scheduler!r} is for DDPM teachers; a flow-matching teacher samples with ddim "
+                        "(its Euler steps on the trailing σ)")
     device, dtype = teacher.device, teacher.dtype
     batches = []
     with _role(teacher, role):
         for start in range(0, len(prompts), batch_size):
             batch_prompts = list(prompts[start:start + batch_size])
             cond, uncond = teacher.encode_prompts(batch_prompts, negative_prompt)
+            cond = teacher.family_def.with_guidance(cond, guidance)  # FLUX.1-dev: the guidance embedding's value
             uncond = None if guidance == 1.0 else uncond
             # Drawn in float32 and cast: the same values diffusers draws in the pipeline's dtype.
             z = initial_noise(seeds[start:start + batch_size], teacher.latent_shape).to(device, dtype)
@@ -136,7 +140,7 @@ def sample_to_folder(teacher: Teacher, prompts: Sequence[str], out: str | Path, 
 
 
 def cli(
-    teacher: str = typer.Option(..., "--teacher", help="A diffusers SD/SDXL folder, or 'digits'."),
+    teacher: str = typer.Option(..., "--teacher", help="A diffusers SD/SDXL/SD3/FLUX folder, or 'digits'."),
     lora: Optional[Path] = typer.Option(None, "--lora", help="A student LoRA (file, or the folder rapm export wrote)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="One prompt (this or --prompts is required)."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="A text file with one prompt a line (this or --prompt is required)."),
@@ -168,7 +172,8 @@ def cli(
         steps = int(facts["steps"]) if facts and "steps" in facts else 4
     t = load_teacher(teacher, device=resolve_device(device), text_encoders=True, vae=True)
     if guidance is None:
-        guidance = 1.0 if lora is not None else default_guidance(t)  # a student has guidance distilled into it
+        # a student has guidance distilled into it (CFG 1); a FLUX student keeps the guidance embedding it was trained at
+        guidance = float(((facts or {}).get("scheduler") or {}).get("guidance_scale", 1.0)) if lora is not None else default_guidance(t)
     record = {"teacher": teacher, "steps": steps, "guidance": guidance, "scheduler": scheduler}
     if lora is not None:
         weights = load_lora(t, lora)

@@ -35,7 +35,8 @@ from typing import Sequence
 
 import torch
 
-from rapm.diffusion import ScheduleError, coarse_timesteps, schedule_from_config
+from rapm.conditioning import FLOAT32_FIELDS
+from rapm.diffusion import ScheduleError, schedule_from_config
 from rapm.errors import RapmError
 from rapm.files import atomic_write as _atomic_write
 from rapm.files import read_json_object, sha256_file, sha256_text  # noqa: F401 (the store's writers import them from here)
@@ -75,6 +76,8 @@ _UNET_HASHES: dict[tuple, str] = {}
 def unet_hash(teacher_path: str | Path) -> str:
     """sha256 over the UNet folder's config and weight files (names and contents): the teacher's identity."""
     folder = Path(teacher_path) / "unet"
+    if not folder.is_dir() and (Path(teacher_path) / "transformer").is_dir():  # a flow-matching family's denoiser
+        folder = Path(teacher_path) / "transformer"
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(folder).parts))
     if not files:
         raise StoreError(f"{folder}: no UNet config or weights to identify the teacher by")
@@ -117,6 +120,11 @@ def schedule_mismatch(stored: dict, current: dict) -> str | None:
         return f"scheduler ({e})"
     if a.prediction_type != b.prediction_type:
         return f"scheduler prediction_type {a.prediction_type!r} vs {b.prediction_type!r}"
+    if a.is_flow:
+        if a.flow != b.flow:
+            diff = [f for f in type(a.flow).__dataclass_fields__ if getattr(a.flow, f) != getattr(b.flow, f)]
+            return "scheduler " + ", ".join(f"{f} {getattr(a.flow, f)!r} vs {getattr(b.flow, f)!r}" for f in diff)
+        return None
     if a.num_train_timesteps != b.num_train_timesteps:
         return f"scheduler num_train_timesteps {a.num_train_timesteps} vs {b.num_train_timesteps}"
     if not torch.equal(a.alphas_cumprod, b.alphas_cumprod):
@@ -172,8 +180,10 @@ class TrajectoryStore:
         return int(self.manifest["substeps"])
 
     @property
-    def timesteps(self) -> list[int]:
-        return [int(t) for t in self.manifest["timesteps"]]
+    def timesteps(self) -> list:
+        """Integer timesteps (DDPM teachers), or float σ · 1000 (flow-matching teachers, ending at 0)."""
+        ts = self.manifest["timesteps"]
+        return [float(t) for t in ts] if any(isinstance(t, float) for t in ts) else [int(t) for t in ts]
 
     @property
     def guidance(self) -> float:
@@ -245,10 +255,18 @@ class TrajectoryStore:
             if int(steps) != self.steps:
                 raise StoreError(f"{where}: steps N={self.steps} in the store, but {steps} asked for; train with "
                                  f"--steps {self.steps} or rebuild the store with rapm trajectories --steps {steps}")
-            expected = coarse_timesteps(schedule_from_config(scheduler).num_train_timesteps, int(steps))
+            expected = self._schedule_for(scheduler).coarse(int(steps))
             if expected != self.timesteps:
                 raise StoreError(f"{where}: timesteps {self.timesteps} in the store, but {expected} for N={steps}; "
                                  f"rebuild the store with this version of rapm")
+
+    def _schedule_for(self, scheduler: dict):
+        """The teacher's schedule as the store's trajectories used it (a flow schedule with the stored μ)."""
+        from dataclasses import replace
+
+        schedule = schedule_from_config(scheduler)
+        mu = self.manifest.get("mu")
+        return replace(schedule, mu=float(mu)) if schedule.is_flow and mu is not None else schedule
 
     def get(self, indices: Sequence[int] | int | torch.Tensor) -> TrajectoryBatch:
         """The trajectories at ``indices`` (in that order), latents and conditioning as float32 on the CPU."""
@@ -283,11 +301,12 @@ class TrajectoryStore:
                 raise StoreError(f"{self.path / self.manifest['shards'][row // int(self.manifest['shard_size'])]['file']}: "
                                  f"tensor {name!r} of trajectory {row} holds NaN or infinite values (the shard, not the "
                                  "training, is at fault); delete the shard and rerun the same rapm trajectories command")
-        cond = Conditioning(cat["prompt_embeds"].float(), _float(cat.get("pooled_embeds")), _float(cat.get("time_ids")))
+        cond = Conditioning(cat["prompt_embeds"].float(), _float(cat.get("pooled_embeds")), _float(cat.get("time_ids")),
+                            _float(cat.get("guidance")))
         negative = self._negative_tensors()
         b = len(indices)
         uncond = Conditioning(*(None if negative.get(f) is None else negative[f].float().expand(b, *negative[f].shape[1:]).contiguous()
-                                for f in ("prompt_embeds", "pooled_embeds", "time_ids")))
+                                for f in ("prompt_embeds", "pooled_embeds", "time_ids", "guidance")))
         return TrajectoryBatch(cat["latents"].float(), cond, uncond, _float(cat.get("delta_latents")), self.delta,
                                prompts, seeds, indices)
 
@@ -429,7 +448,9 @@ _FIELD_TYPES = {
     "steps": (lambda v: _is_int(v) and v >= 1, "an integer, at least 1"),
     "substeps": (lambda v: _is_int(v) and v >= 1, "an integer, at least 1"),
     "guidance": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), "a number"),
-    "timesteps": (lambda v: _ints(v) and len(v) >= 2, "a list of integer timesteps"),
+    "timesteps": (lambda v: isinstance(v, list) and len(v) >= 2 and (_ints(v) or all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)),
+        "a list of timesteps (integers; σ · 1000 numbers for a flow-matching teacher)"),
     "latent_shape": (lambda v: _ints(v, 3) and all(x >= 1 for x in v), "a list of 3 positive integers [C, H, W]"),
     "dtype": (lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
     "count": (lambda v: _is_int(v) and v >= 1, "an integer, at least 1"),
@@ -465,7 +486,7 @@ def shard_tensors(manifest: dict) -> dict[str, tuple[torch.dtype, list[int]]]:
     if manifest["format_version"] >= 2:  # each slot's Δ-step position
         spec["delta_latents"] = (store_dtype, [manifest["steps"], *manifest["latent_shape"]])
     for name, shape in (manifest.get("conditioning") or {"prompt_embeds": None}).items():
-        spec[name] = (torch.float32 if name == "time_ids" else store_dtype, shape)
+        spec[name] = (torch.float32 if name in FLOAT32_FIELDS else store_dtype, shape)
     return spec
 
 

@@ -15,7 +15,7 @@ import torch
 
 from rapm.conditioning import Conditioning
 from rapm.diffusion import Schedule, ScheduleError, schedule_from_config
-from rapm.families import (BUILTIN_TEACHERS, Family, TeacherError, denoiser_family, family_named,  # noqa: F401
+from rapm.families import (BUILTIN_TEACHERS, PICKLE_SUFFIXES, Family, TeacherError, denoiser_family, family_named,  # noqa: F401
                            read_model_index, read_teacher_info, resolve_teacher_path)
 from rapm.families.sd import unet_dtype  # noqa: F401 (methods and tests import it from here)
 
@@ -34,6 +34,8 @@ class Teacher:
     vae: torch.nn.Module | None = None
     vae_scale_factor: int = 1
     force_zeros_for_empty_prompt: bool = False
+    vae_sample_size: int | None = None
+    pipeline: object = None  # flow families: the diffusers pipeline (no VAE) whose encode_prompt encodes prompts
 
     @property
     def family_def(self) -> Family:
@@ -42,7 +44,7 @@ class Teacher:
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
-        return self.family_def.latent_shape(dict(self.unet.config))
+        return self.family_def.latent_shape_of(dict(self.unet.config), self.vae_sample_size, self.vae_scale_factor)
 
     @property
     def image_size(self) -> int:
@@ -85,7 +87,7 @@ def guided_output(
     unet: torch.nn.Module, z: torch.Tensor, t: torch.Tensor, cond: Conditioning, uncond: Conditioning | None, guidance: float
 ) -> torch.Tensor:
     """Classifier-free guidance, diffusers' form uncond + g (cond - uncond), with cond and uncond in one forward (float32)."""
-    if uncond is None or guidance == 1.0:
+    if uncond is None or guidance == 1.0 or not denoiser_family(unet).cfg:  # FLUX: guidance rides in cond.guidance
         return unet_output(unet, z, t, cond)
     t = torch.as_tensor(t, device=z.device)
     if t.ndim == 0:
@@ -95,7 +97,6 @@ def guided_output(
     return out_uncond + guidance * (out_cond - out_uncond)
 
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 def _load_component(cls, path: Path, sub: str, **kwargs):
@@ -133,13 +134,24 @@ def load_teacher(
     except ScheduleError as e:
         raise TeacherError(str(e)) from None
 
+    if schedule.is_flow and schedule.flow.use_dynamic_shifting:  # FLUX: μ of the teacher's resolution
+        from dataclasses import replace
+
+        schedule = replace(schedule, mu=schedule.flow.mu(family.image_seq_len(info.latent_shape)))
+
     if unet is None:
         unet = _load_component(family.denoiser_class(), path, family.denoiser_subfolder, torch_dtype=dtype).to(device)
         unet.requires_grad_(False)
     family.check_denoiser(unet, path)
 
-    tokenizers, encoders = [], []
+    tokenizers, encoders, pipeline = [], [], None
     if text_encoders:
+        pipeline = family.load_prompt_encoder(path, device, dtype, unet)
+    if pipeline is not None:
+        for tok_name, enc_name, _ in family.text_encoders:
+            tokenizers.append(getattr(pipeline, tok_name))
+            encoders.append(getattr(pipeline, enc_name))
+    elif text_encoders:
         import transformers
 
         for tok_name, enc_name, enc_cls in family.text_encoders:
@@ -153,7 +165,13 @@ def load_teacher(
 
     vae_model = None
     if info.has_vae and vae:
-        vae_model = _load_component(AutoencoderKL, path, "vae", torch_dtype=dtype).to(device)
+        vae_cls = AutoencoderKL
+        vae_name = (index.get("vae") or [None, None])[1]
+        if vae_name and vae_name != "AutoencoderKL":
+            import diffusers
+
+            vae_cls = getattr(diffusers, vae_name)
+        vae_model = _load_component(vae_cls, path, "vae", torch_dtype=dtype).to(device)
         vae_model.requires_grad_(False).eval()
 
     return Teacher(
@@ -167,6 +185,8 @@ def load_teacher(
         vae=vae_model,
         vae_scale_factor=info.vae_scale_factor,
         force_zeros_for_empty_prompt=info.force_zeros_for_empty_prompt,
+        vae_sample_size=info.vae_sample_size,
+        pipeline=pipeline,
     )
 
 

@@ -185,6 +185,28 @@ def run_phase(phase: Phase, ctx: Context, batch, unet, disc, procs: Processes, a
     return total, float(grad_norm), record
 
 
+FLOW_METHODS_NOT_APPLYING = {
+    "pcm": "it trains on real images through a DDPM forward process (config field 'real_data') and its phase grid",
+    "progressive": "its rounds halve integer DDIM grids of a DDPM schedule and it needs its own teacher targets",
+    "progressive-rdd": "its rounds halve integer DDIM grids of a DDPM schedule and it needs its own teacher targets",
+}
+
+
+def _check_method_applies(config: TrainConfig, store) -> None:
+    """Refuse, by name and reason, a method that does not apply to a flow-matching teacher's store."""
+    from rapm.diffusion import schedule_from_config
+
+    if not schedule_from_config(store.manifest["scheduler"]).is_flow:
+        return
+    why = FLOW_METHODS_NOT_APPLYING.get(config.method)
+    if why is not None:
+        raise ConfigError(f"config field 'method': {config.method!r} does not apply to a flow-matching teacher "
+                          f"({store.family}): {why}; use rapm, rapm-paper, rapm-relative or sfd")
+    if config.rdd_weight > 0:
+        raise ConfigError(f"config field 'rdd_weight': RDD's relational term reads UNet features and is not wired for a "
+                          f"flow-matching teacher ({store.family}); set rdd_weight=0")
+
+
 def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overwrite: bool, progress: bool,
            stop_after: int | None, trust_checkpoint: bool) -> TrainResult:
     from rapm.trajectories import open_store
@@ -192,12 +214,13 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
     device = procs.device if (procs.world > 1 and config.device == "auto") else resolve_device(config.device)
     dtype = weight_dtype(config, device)
     store = open_store(Path(config.store))
+    _check_method_applies(config, store)
     train_ids, val_ids = split_indices(len(store), config.val_fraction, config.seed)
     method = build_method(config, _delta(config, store))
     torch.manual_seed(config.seed)  # the LoRA A matrices and the heads start from the seed
     teacher, disc = build_models(config, device, need_vae=config.sample_every > 0, with_discriminator=method.uses_discriminator)
     store.check_teacher(teacher, steps=store.steps)  # the teacher, and the store's timesteps for its N
-    if procs.main and teacher.schedule.num_train_timesteps % store.steps:
+    if procs.main and teacher.schedule.num_train_timesteps % store.steps and not teacher.schedule.is_flow:
         from rapm.trajectories import StepsWarning, steps_do_not_divide
 
         warnings.warn(f"{Path(config.store) / 'manifest.json'}: the store's N = {store.steps} (rapm trajectories "
@@ -311,7 +334,7 @@ def cli(
     teacher: Optional[str] = typer.Option(None, help="Teacher: a local diffusers folder or 'digits' (required unless --resume)."),
     store: Optional[Path] = typer.Option(None, help="Trajectory store made by `rapm trajectories` (required unless --resume)."),
     method: Optional[str] = typer.Option(None, help="rapm (default), rapm-relative, sfd, pcm, progressive or progressive-rdd."),
-    preset: Optional[str] = typer.Option(None, help="sd15, sdxl, sdxl-rank1 or digits (default: by teacher)."),
+    preset: Optional[str] = typer.Option(None, help="sd15, sdxl, sdxl-rank1, sd3, flux or digits (default: by teacher)."),
     config: Optional[Path] = typer.Option(None, help="A JSON or TOML file of config fields (docs/defaults.md)."),
     iterations: Optional[int] = typer.Option(None, help="Total iterations (each one trajectory batch)."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Write a checkpoint every K iterations."),

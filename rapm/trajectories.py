@@ -39,6 +39,7 @@ import torch
 import typer
 
 from rapm.diffusion import SOLVERS, coarse_timesteps, solve_positions
+from rapm.conditioning import FLOAT32_FIELDS
 from rapm.errors import RapmError
 from rapm.folders import STORE_MARKER, FolderError, FolderLock, is_empty, other_kind, read_marker, write_marker
 from rapm.processes import resolve_device
@@ -392,12 +393,18 @@ def write_trajectories(
         guidance = default_guidance(teacher_model)
     store_dtype = DTYPES[dtype]
     count = len(prompt_list)
-    timesteps = coarse_timesteps(teacher_model.schedule.num_train_timesteps, steps)
-    num_train_timesteps = teacher_model.schedule.num_train_timesteps
-    if num_train_timesteps % steps:
+    schedule = teacher_model.schedule
+    if schedule.is_flow and solver != "ddim":
+        raise RapmError(f"--solver {solver}: a flow-matching teacher ({teacher_model.family}) takes Euler steps, "
+                        "which are --solver ddim (the DDIM step of a flow schedule is the Euler step)")
+    timesteps = schedule.coarse(steps)
+    num_train_timesteps = schedule.num_train_timesteps
+    if num_train_timesteps % steps and not schedule.is_flow:
         warnings.warn(f"--steps {steps} " + steps_do_not_divide(num_train_timesteps, steps), StepsWarning, stacklevel=2)
     fallback = default_delta(teacher_model.schedule.num_train_timesteps, steps, substeps, solver)
     shortest = min(t - s for t, s in zip(timesteps[:-1], timesteps[1:]))
+    if schedule.is_flow:
+        shortest = int(math.floor(shortest))
     delta = min(fallback, shortest) if delta is None else int(delta)
     if not 1 <= delta <= shortest:  # (rapm train needs it shorter: at Δ = the slot the Δ-step is the next position)
         raise RapmError(f"--delta {delta}: Δ must be at least 1 and at most the shortest slot ({shortest} timesteps "
@@ -412,7 +419,8 @@ def write_trajectories(
 
     # The one negative conditioning, as the pipeline builds it (SD: "" when None; SDXL: zeros when None).
     _, uncond_one = teacher_model.encode_prompts([""], negative_prompt)
-    negative = {k: _to_store(v, torch.float32 if k == "time_ids" else store_dtype, "negative prompt")
+    uncond_one = teacher_model.family_def.with_guidance(uncond_one, guidance)  # FLUX: the same fields as cond
+    negative = {k: _to_store(v, torch.float32 if k in FLOAT32_FIELDS else store_dtype, "negative prompt")
                 for k, v in uncond_one.tensors().items()}
     negative_bytes = save(negative, metadata={"rapm": json.dumps({"negative_prompt": negative_prompt})})
     prompts_text = "".join(p + "\n" for p in prompt_list)
@@ -430,6 +438,7 @@ def write_trajectories(
         "negative_prompt": negative_prompt,
         "seed": seed,
         "timesteps": timesteps,
+        **({"mu": schedule.mu} if schedule.is_flow and schedule.mu is not None else {}),
         "latent_shape": list(teacher_model.latent_shape),
         "dtype": dtype,
         "count": count,
@@ -451,7 +460,7 @@ def write_trajectories(
         _check_same_settings(out, read_manifest(out), manifest, prompt_list)
     need = batch_size * (steps + 2) * math.prod(teacher_model.latent_shape) * 4  # one batch of float32 positions
     if need > _memory_bytes():
-        raise StoreError(f"{teacher_model.path / 'unet' / 'config.json'}: sample_size gives latents "
+        raise StoreError(f"{teacher_model.path / teacher_model.family_def.denoiser_subfolder / 'config.json'}: sample_size gives latents "
                          f"{list(teacher_model.latent_shape)}, {need / 2**30:.1f} GiB for one batch of {batch_size} "
                          f"trajectories, more than this machine's {_memory_bytes() / 2**30:.1f} GiB; check the teacher's "
                          "config, or lower --batch-size")
@@ -491,6 +500,7 @@ def write_trajectories(
             b1 = min(b0 + batch_size, end)
             seeds = list(range(seed + b0, seed + b1))
             cond, _ = teacher_model.encode_prompts(prompt_list[b0:b1], negative_prompt)
+            cond = teacher_model.family_def.with_guidance(cond, guidance)  # FLUX: the guidance embedding's value
             uncond = uncond_dev.map(lambda v: v.expand(b1 - b0, *v.shape[1:]))
             z = initial_noise(seeds, teacher_model.latent_shape).to(teacher_model.device)
             latents, delta_latents = teacher_trajectories(teacher_model, z, cond, uncond, guidance, timesteps, substeps,
@@ -499,7 +509,7 @@ def write_trajectories(
             batch = {"latents": _to_store(latents, store_dtype, what),
                      "delta_latents": _to_store(delta_latents, store_dtype, what)}
             for name, v in cond.tensors().items():
-                batch[name] = _to_store(v, torch.float32 if name == "time_ids" else store_dtype, what)
+                batch[name] = _to_store(v, torch.float32 if name in FLOAT32_FIELDS else store_dtype, what)
             batch["seeds"] = torch.tensor(seeds, dtype=torch.int64)
             for name, v in batch.items():
                 parts.setdefault(name, []).append(v)
@@ -564,7 +574,7 @@ def _span_count(k: int, shard_size: int, count: int) -> tuple[int, int]:
 # --- the verb --------------------------------------------------------------------------------------------------------
 
 def cli(
-    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher: a local diffusers SD/SDXL folder, or 'digits' (required unless --verify)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher: a local diffusers SD/SDXL/SD3/FLUX folder, or 'digits' (required unless --verify)."),
     prompts: Optional[Path] = typer.Option(
         None, "--prompts", help="Text file, one prompt a line (required unless --verify; blank lines skipped). Prompts longer than the tokenizer's "
         "limit (77 tokens for SD/SDXL) are truncated as diffusers does, with a warning; manifest.json lists them in "
@@ -579,8 +589,8 @@ def cli(
     delta: Optional[int] = typer.Option(None, "--delta", help="Δ of the stored Δ-step positions, in teacher timesteps. "
                                         "Default: 1000/(N*M) for ddim, 1000/(N*25) for dpmsolver++."),
     guidance: Optional[float] = typer.Option(
-        None, "--guidance", help="CFG scale, diffusers' form uncond + g (cond - uncond). Default: SD 7.5, SDXL 5.0, "
-        "digits its own."),
+        None, "--guidance", help="CFG scale, diffusers' form uncond + g (cond - uncond); FLUX: its guidance embedding. Default: SD 7.5, "
+        "SDXL 5.0, SD3 7.0, FLUX 3.5, digits its own."),
     negative_prompt: Optional[str] = typer.Option(
         None, "--negative-prompt", help="Default: what the pipeline does (SD: empty prompt; SDXL: zeros)."),
     seed: int = typer.Option(0, "--seed", help="Base seed: trajectory i starts from the noise that a diffusers pipeline "

@@ -26,13 +26,14 @@ def test_the_family_defaults_are_the_ones_the_presets_and_pipelines_use():
     assert (sd.default_guidance, sdxl.default_guidance) == (7.5, 5.0)  # diffusers' pipelines' guidance_scale
     assert (sd.disc_levels, sdxl.disc_levels) == ("full", "down_mid")
     assert (sd.kohya_names, sdxl.kohya_names) == ("diffusers", "ldm")
-    assert supported_pipelines() == ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
-    assert [f.name for f in FAMILIES] == ["sd", "sdxl"]
+    assert supported_pipelines() == ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline",
+                                     "FluxPipeline")
+    assert [f.name for f in FAMILIES] == ["sd", "sdxl", "sd3", "flux"]
 
 
 def test_an_unknown_family_name_is_one_clear_error():
-    with pytest.raises(TeacherError, match="teacher family must be one of 'sd', 'sdxl', got 'flux'"):
-        family_named("flux")
+    with pytest.raises(TeacherError, match="teacher family must be one of 'sd', 'sdxl', 'sd3', 'flux', got 'kandinsky'"):
+        family_named("kandinsky")
 
 
 def test_the_digits_teacher_is_an_sd_folder_with_its_own_guidance_and_preset():

@@ -55,11 +55,11 @@ def test_folder_without_model_index_says_so(tmp_path):
 
 
 def test_unsupported_pipeline_class(tmp_path, tiny_sd):
-    folder = tmp_path / "flux"
+    folder = tmp_path / "kandinsky"
     shutil.copytree(tiny_sd, folder)
     index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
-    with pytest.raises(TeacherError, match="_class_name 'FluxPipeline' is not supported"):
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "KandinskyPipeline"}))
+    with pytest.raises(TeacherError, match="_class_name 'KandinskyPipeline' is not supported"):
         load_teacher(folder)
 
 

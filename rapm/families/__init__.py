@@ -9,7 +9,10 @@ and the SAI model spec's names, the kohya module names). ``read_teacher_info(pat
 loading weights; ``rapm.teacher.load_teacher`` loads one through its family. No other module tests a family's name.
 
 Families here: ``sd`` (SD 1.x / 2.x, ``StableDiffusionPipeline``) and ``sdxl`` (``StableDiffusionXLPipeline``),
-both ``UNet2DConditionModel`` denoisers (``rapm.families.sd``). The built-in digits teacher is an ``sd`` folder.
+both ``UNet2DConditionModel`` denoisers (``rapm.families.sd``); ``sd3`` (``StableDiffusion3Pipeline``) and ``flux``
+(``FluxPipeline``), flow-matching transformers (``rapm.families.flow``): their schedule is ``rapm.diffusion.Schedule``
+of kind "flow" (t = σ · 1000, prediction type "flow"), so the DDIM arithmetic the methods call is their Euler step
+and no method branches on the family. The built-in digits teacher is an ``sd`` folder.
 
 How to add a family (SD3, FLUX, ...):
 
@@ -22,13 +25,13 @@ How to add a family (SD3, FLUX, ...):
    ``feature_blocks`` (the modules whose outputs the discriminator reads), ``check_denoiser``, and the export facts
    (``export_kwargs``, ``base_model_version``, ``sai_architecture``, ``modelspec_implementation``,
    ``kohya_names``; a new naming scheme goes beside ``ldm`` in ``rapm.export``).
-   Where a family's denoiser differs from the UNet's today, the call sites to route through the family are named
-   here so nothing is missed: ``rapm.teacher.unet_output`` already dispatches on the denoiser's class
-   (``denoiser_family``) and ``rapm.discriminator`` asks ``feature_blocks`` / ``feature_channels``; but the DDIM
-   arithmetic (``rapm.diffusion.ddim_step``, ``predict_x0_eps``) is still called directly by ``rapm.methods`` and
-   ``rapm.sample`` with the schedule's prediction type: a flow family routes those through ``to_x0_eps`` (and its
-   own step) and carries its own ``Schedule`` (``FlowMatchEulerDiscreteScheduler``'s sigmas). Packed latents
-   (FLUX) are the family's business too: ``latent_shape`` gives the stored shape, ``denoise`` packs and unpacks.
+   The call sites that reach a family: ``rapm.teacher.unet_output`` dispatches on the denoiser's class
+   (``denoiser_family``); ``rapm.discriminator`` asks ``feature_blocks`` / ``feature_channels`` / ``feature_map``;
+   the DDIM arithmetic (``rapm.diffusion``) reads the schedule's kind and prediction type (epsilon, v_prediction,
+   flow), and the positions (integer timesteps, or σ · 1000 floats) come from ``Schedule.coarse`` / ``Schedule.grid``.
+   Packed latents (FLUX) are the family's business: ``latent_shape`` gives the stored shape, ``denoise`` packs and
+   unpacks; a guidance that is a denoiser input (FLUX.1-dev) rides in ``Conditioning.guidance`` (``with_guidance``,
+   ``cfg = False``); a family whose pipeline encodes prompts loads it in ``load_prompt_encoder``.
 2. Append an instance to ``FAMILIES`` below (the order is the order ``read_model_index`` names them in errors).
 3. Add a preset for it to ``rapm.config.PRESETS`` if its training wants other defaults.
 4. Tests: a tiny random pipeline of the family in ``tests/tiny.py``, then the family's round trips (load,
@@ -48,6 +51,9 @@ from rapm.conditioning import Conditioning
 from rapm.errors import RapmError
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # weights rapm never unpickles
+
+
 class TeacherError(RapmError):
     """A teacher folder that cannot be used, with what is wrong and how to fix it."""
 
@@ -65,6 +71,7 @@ class Family:
     lora_targets: tuple[str, ...] = ()  # the student's LoRA target modules by default (rapm.roles)
     disc_levels: str = "full"  # the discriminator's feature blocks by default (``feature_blocks``)
     force_zeros_for_empty_prompt: bool = False  # the pipeline's default when model_index.json does not say
+    cfg: bool = True  # guidance is classifier-free guidance (False: FLUX.1-dev's guidance is an input, ``with_guidance``)
 
     # reading and loading
     def denoiser_class(self):
@@ -84,6 +91,15 @@ class Family:
     def latent_shape(self, denoiser_config: dict) -> tuple[int, ...]:
         raise NotImplementedError
 
+    def latent_shape_of(self, denoiser_config: dict, vae_sample_size: int | None, vae_scale: int) -> tuple[int, ...]:
+        """The stored latent shape given the VAE's facts too (FLUX's transformer config has no size; the VAE's says it)."""
+        return self.latent_shape(denoiser_config)
+
+    def load_prompt_encoder(self, path: Path, device, dtype, denoiser):
+        """A pipeline object that encodes prompts (flow families: their diffusers pipeline without a VAE), or None:
+        the teacher then loads ``text_encoders`` one by one (the UNet families)."""
+        return None
+
     # prompts
     def encode(self, teacher, prompts: Sequence[str]) -> Conditioning:
         raise NotImplementedError
@@ -91,6 +107,10 @@ class Family:
     def negative(self, teacher, cond: Conditioning, negative_prompt: str | None) -> Conditioning:
         """The unconditional conditioning beside ``cond``, as the family's pipeline makes it."""
         return self.encode(teacher, [negative_prompt or ""] * len(cond))
+
+    def with_guidance(self, cond: Conditioning, guidance: float) -> Conditioning:
+        """``cond`` carrying the guidance value where the denoiser takes it as an input (FLUX.1-dev); else ``cond``."""
+        return cond
 
     # the denoiser
     def denoise(self, denoiser: torch.nn.Module, z: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -111,7 +131,16 @@ class Family:
     def feature_channels(self, denoiser: torch.nn.Module, levels: str) -> list[int]:
         raise NotImplementedError
 
+    def feature_map(self, output, z: torch.Tensor) -> torch.Tensor:
+        """The feature map a feature block's ``output`` gives the heads (z: the denoiser's input)."""
+        return output[0] if isinstance(output, tuple) else output
+
     # export
+    def lora_state_dict(self, loader, weights: Path, denoiser: torch.nn.Module):
+        """(state, network alphas, metadata) of a LoRA file, as the family's pipeline reads it (``lora_state_dict``)."""
+        return loader.lora_state_dict(str(weights.parent), weight_name=weights.name, unet_config=denoiser.config,
+                                      return_lora_metadata=True)
+
     def load_lora(self, loader, state: dict, alphas, denoiser: torch.nn.Module, adapter: str, metadata) -> None:
         """Load a LoRA state dict (diffusers' ``lora_state_dict``) into the denoiser as ``adapter``."""
         raise NotImplementedError
@@ -135,9 +164,10 @@ class Family:
 
 
 def _families() -> list[Family]:
+    from rapm.families.flow import FLUX, SD3
     from rapm.families.sd import SD, SDXL
 
-    return [SD, SDXL]
+    return [SD, SDXL, SD3, FLUX]
 
 
 FAMILIES: list[Family] = _families()
@@ -226,10 +256,11 @@ class TeacherInfo:
     denoiser_config: dict
     has_vae: bool
     vae_scale_factor: int  # pixels per latent pixel (1 without a VAE)
+    vae_sample_size: int | None = None  # the VAE config's sample_size (pixels), where it has one
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
-        return self.family.latent_shape(self.denoiser_config)
+        return self.family.latent_shape_of(self.denoiser_config, self.vae_sample_size, self.vae_scale_factor)
 
     @property
     def force_zeros_for_empty_prompt(self) -> bool:
@@ -251,11 +282,13 @@ def read_teacher_info(name_or_path: str | Path) -> TeacherInfo:
     scheduler_config = read_scheduler_config(path)
     denoiser_file = path / family.denoiser_subfolder / "config.json"
     denoiser_config = json.loads(denoiser_file.read_text()) if denoiser_file.exists() else {}
-    has_vae, scale = _component_present(index, path, "vae"), 1
+    has_vae, scale, vae_size = _component_present(index, path, "vae"), 1, None
     if has_vae:
         vae_cfg = json.loads((path / "vae" / "config.json").read_text())
         scale = 2 ** (len(vae_cfg.get("block_out_channels", [0])) - 1)
-    return TeacherInfo(path, index, family, scheduler_config, denoiser_config, has_vae, scale)
+        size = vae_cfg.get("sample_size")
+        vae_size = size if isinstance(size, int) else (size[0] if size else None)
+    return TeacherInfo(path, index, family, scheduler_config, denoiser_config, has_vae, scale, vae_size)
 
 
 __all__ = ["Family", "FAMILIES", "TeacherError", "TeacherInfo", "BUILTIN_TEACHERS", "family_named", "family_of_pipeline",

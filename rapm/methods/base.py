@@ -139,6 +139,12 @@ def student_trajectory(ctx: Context, z: torch.Tensor, cond: Conditioning) -> tor
 
 def discriminator_timesteps(ctx: Context, ends: torch.Tensor) -> torch.Tensor:
     """Where the discriminator looks: t_gan ~ U[t_n, t_n + T/N) (PCM), for each slot end t_n."""
+    if ctx.schedule.is_flow:  # float timesteps σ · 1000: t_gan ~ U[t_n, t_n + T/N), at most T
+        t_max = float(ctx.schedule.num_train_timesteps)
+        u = ctx.rand(ends.shape[0]).to(ends.device, torch.float64)
+        lo = ends.double()
+        hi = (lo + t_max / ctx.steps).clamp_max(t_max)
+        return (lo + u * (hi - lo)).float()
     span = ctx.schedule.num_train_timesteps // ctx.steps
     lo = ends.clamp_min(0)
     hi = (ends + span).clamp_max(ctx.schedule.num_train_timesteps - 1)

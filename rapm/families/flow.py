@@ -1,0 +1,205 @@
+"""The flow-matching families: SD3 / SD3.5 (``sd3``, ``StableDiffusion3Pipeline``) and FLUX.1 (``flux``, ``FluxPipeline``).
+
+Their denoisers are transformers that predict a velocity v = eps - x0 on x_t = (1 - σ) x0 + σ eps; the schedule is
+``rapm.diffusion.Schedule`` of kind "flow" (positions t = σ · 1000, floats), so the DDIM step, the renoising and every
+method are the UNet families' code (docs/flow-matching.md: the DDIM step in this (alpha, sigma) form is the Euler
+step). What is theirs is here: the pipeline that encodes prompts (its own ``encode_prompt``), the one transformer
+call (FLUX packs its latents and takes its guidance embedding inside ``rapm.flow_denoisers.flux_velocity``), the
+discriminator's feature blocks (the joint blocks' image tokens on the token grid) and the LoRA export names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from rapm.conditioning import Conditioning
+from rapm.families import PICKLE_SUFFIXES, Family, TeacherError
+from rapm.roles import FLUX_TARGET_MODULES, SD3_TARGET_MODULES
+
+
+def transformer_dtype(transformer: torch.nn.Module) -> torch.dtype:
+    """The dtype of the transformer's own weights (its LoRA adapters may be float32 beside bfloat16 weights)."""
+    proj = getattr(getattr(transformer, "pos_embed", None), "proj", None) or getattr(transformer, "x_embedder", None)
+    return proj.weight.dtype if proj is not None else next(transformer.parameters()).dtype
+
+
+class FlowFamily(Family):
+    """A teacher whose denoiser is a diffusers flow-matching transformer."""
+
+    denoiser_subfolder = "transformer"
+    disc_levels = "full"
+    max_sequence_length = 256  # T5 tokens, the pipeline's default (capped by the tokenizer's model_max_length)
+
+    def latent_shape(self, denoiser_config: dict) -> tuple[int, int, int]:
+        size = denoiser_config.get("sample_size", 128)
+        size = size if isinstance(size, int) else size[0]
+        return (int(denoiser_config.get("out_channels") or 16), int(size), int(size))
+
+    def load_prompt_encoder(self, path: Path, device, dtype, denoiser):
+        """The family's diffusers pipeline with its tokenizers and text encoders (no VAE): it encodes the prompts with
+        its own ``encode_prompt``, so the embeddings are the pipeline's exactly. Safetensors weights only."""
+        for _, enc_name, _ in self.text_encoders:
+            folder = path / enc_name
+            if not folder.is_dir():
+                raise TeacherError(f"{folder} is missing: encoding prompts for a {self.pipeline_class_names[0]} needs it")
+            if not any(folder.glob("*.safetensors")):
+                pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+                raise TeacherError(f"{folder}: {'its weights are ' + ', '.join(pickles) if pickles else 'no weights'}; "
+                                   "rapm loads .safetensors weights only")
+        pipe = self.pipeline_class().from_pretrained(path, transformer=denoiser, vae=None, torch_dtype=dtype,
+                                                     use_safetensors=True)
+        pipe.to(device)
+        for _, enc_name, _ in self.text_encoders:
+            getattr(pipe, enc_name).requires_grad_(False).eval()
+        return pipe
+
+    def image_seq_len(self, latent_shape) -> int:
+        """Image tokens of the transformer (2x2 patches): the length FLUX's dynamic shift μ depends on."""
+        from rapm.flow_denoisers import image_seq_len
+
+        return image_seq_len(self.name, latent_shape[1], latent_shape[2])
+
+    def sequence_length(self, teacher) -> int:
+        tok = teacher.tokenizers[-1]
+        return min(self.max_sequence_length, int(getattr(tok, "model_max_length", self.max_sequence_length)))
+
+    def feature_blocks(self, denoiser, levels: str):
+        """The joint (double-stream) blocks, PCM's SD3 discriminator's; the whole forward runs (None)."""
+        if levels != "full":
+            raise ValueError(f"discriminator levels must be 'full' for a {self.name} teacher, got {levels!r}")
+        return list(denoiser.transformer_blocks), None
+
+    def feature_channels(self, denoiser, levels: str) -> list[int]:
+        self.feature_blocks(denoiser, levels)
+        inner = int(denoiser.config.num_attention_heads) * int(denoiser.config.attention_head_dim)
+        return [inner] * len(denoiser.transformer_blocks)
+
+    def feature_map(self, output, z: torch.Tensor) -> torch.Tensor:
+        """A joint block's image tokens [B, L, C] (its output is (text, image)) on the 2x2-patch grid [B, C, H/2, W/2]."""
+        tokens = output[1] if isinstance(output, tuple) else output
+        b, _, h, w = z.shape
+        return tokens.transpose(1, 2).reshape(b, tokens.shape[-1], h // 2, w // 2)
+
+    def lora_state_dict(self, loader, weights: Path, denoiser):
+        state, metadata = loader.lora_state_dict(str(weights.parent), weight_name=weights.name, return_lora_metadata=True)
+        return state, None, metadata
+
+    def load_lora(self, loader, state: dict, alphas, denoiser, adapter: str, metadata) -> None:
+        loader.load_lora_into_transformer(state, denoiser, adapter_name=adapter, metadata=metadata)
+
+    def export_kwargs(self, state: dict, meta: dict) -> dict:
+        return {"transformer_lora_layers": state, "transformer_lora_adapter_metadata": meta}
+
+    def base_model_version(self, denoiser_config) -> tuple[str, bool]:
+        return self.name, False
+
+    def sai_architecture(self, v2: bool, prediction_type: str) -> str:
+        return f"{self.sai_name}/lora"
+
+    sai_name = ""
+
+
+class SD3Family(FlowFamily):
+    """SD3 / SD3.5: two CLIP encoders with projections and T5; the MMDiT takes the joint sequence and pooled vector."""
+
+    name = "sd3"
+    pipeline_class_names = ("StableDiffusion3Pipeline",)
+    denoiser_class_name = "SD3Transformer2DModel"
+    text_encoders = (("tokenizer", "text_encoder", "CLIPTextModelWithProjection"),
+                     ("tokenizer_2", "text_encoder_2", "CLIPTextModelWithProjection"),
+                     ("tokenizer_3", "text_encoder_3", "T5EncoderModel"))
+    preset = "sd3"
+    default_guidance = 7.0  # StableDiffusion3Pipeline's guidance_scale
+    lora_targets = tuple(SD3_TARGET_MODULES)
+    sai_name = "stable-diffusion-v3-medium"
+
+    def encode(self, teacher, prompts: Sequence[str]) -> Conditioning:
+        from rapm.flow_denoisers import encode_prompt_sd3
+
+        cond, _ = encode_prompt_sd3(teacher.pipeline, prompts, None, self.sequence_length(teacher), guidance=False)
+        return Conditioning(cond.prompt_embeds.float(), cond.pooled_prompt_embeds.float())
+
+    def denoise(self, denoiser, z: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """SD3's velocity at the scheduler timestep t = σ · 1000 (float), in float32."""
+        dtype = transformer_dtype(denoiser)
+        t = torch.as_tensor(t, device=z.device).float()
+        if t.ndim == 0:
+            t = t.expand(z.shape[0])
+        cond = cond.to(dtype)
+        return denoiser(hidden_states=z.to(dtype), timestep=t, encoder_hidden_states=cond.prompt_embeds,
+                        pooled_projections=cond.pooled_embeds, return_dict=False)[0].float()
+
+
+class FluxFamily(FlowFamily):
+    """FLUX.1: CLIP (pooled) and T5 (sequence); the transformer takes 2x2-packed latents, rotary ids, σ and, for
+    FLUX.1-dev, the distilled guidance value as an embedding instead of classifier-free guidance (``cfg`` False: the
+    value rides in ``Conditioning.guidance``; the store records it as its guidance)."""
+
+    name = "flux"
+    pipeline_class_names = ("FluxPipeline",)
+    denoiser_class_name = "FluxTransformer2DModel"
+    text_encoders = (("tokenizer", "text_encoder", "CLIPTextModel"), ("tokenizer_2", "text_encoder_2", "T5EncoderModel"))
+    preset = "flux"
+    default_guidance = 3.5  # FluxPipeline's guidance_scale (FLUX.1-dev's guidance embedding)
+    lora_targets = tuple(FLUX_TARGET_MODULES)
+    max_sequence_length = 512  # FluxPipeline's default
+    cfg = False
+    sai_name = "flux-1-dev"
+
+    def latent_shape(self, denoiser_config: dict) -> tuple[int, int, int]:
+        return self.latent_shape_of(denoiser_config, None, 8)
+
+    def latent_shape_of(self, denoiser_config: dict, vae_sample_size: int | None, vae_scale: int) -> tuple[int, int, int]:
+        """16 channels (the transformer's 64 are 2x2 packed) at FluxPipeline's default size: the VAE's sample_size
+        (1024 px for FLUX.1) over its scale factor, else 128 (1024 px / 8)."""
+        size = (vae_sample_size // vae_scale) if vae_sample_size else 128
+        return (int(denoiser_config.get("in_channels", 64)) // 4, int(size), int(size))
+
+    def encode(self, teacher, prompts: Sequence[str]) -> Conditioning:
+        from rapm.flow_denoisers import encode_prompt_flux
+
+        cond = encode_prompt_flux(teacher.pipeline, prompts, self.sequence_length(teacher))
+        return Conditioning(cond.prompt_embeds.float(), cond.pooled_prompt_embeds.float())
+
+    def with_guidance(self, cond: Conditioning, guidance: float) -> Conditioning:
+        from dataclasses import replace
+
+        return replace(cond, guidance=torch.full((len(cond),), float(guidance), device=cond.prompt_embeds.device))
+
+    def denoise(self, denoiser, z: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """FLUX's velocity at the scheduler timestep t = σ · 1000 (the transformer takes σ), in float32."""
+        from rapm.flow_denoisers import latent_image_ids, pack_latents, unpack_latents
+
+        dtype = transformer_dtype(denoiser)
+        b, _, h, w = z.shape
+        t = torch.as_tensor(t, device=z.device).float()
+        if t.ndim == 0:
+            t = t.expand(b)
+        guidance = None
+        if denoiser.config.guidance_embeds:
+            if cond.guidance is None:
+                raise TeacherError("this FLUX transformer has a guidance embedding (FLUX.1-dev) and the conditioning "
+                                   "carries no guidance value; rebuild the store with this rapm's `rapm trajectories`")
+            guidance = cond.guidance.float().reshape(-1).expand(b) if cond.guidance.numel() == 1 else cond.guidance.float()
+        c = cond.to(dtype)
+        text_ids = torch.zeros(c.prompt_embeds.shape[1], 3, device=z.device, dtype=dtype)
+        out = denoiser(hidden_states=pack_latents(z.to(dtype)), timestep=t / 1000, guidance=guidance,
+                       pooled_projections=c.pooled_embeds, encoder_hidden_states=c.prompt_embeds, txt_ids=text_ids,
+                       img_ids=latent_image_ids(h, w, z.device, dtype), return_dict=False)[0]
+        return unpack_latents(out, h, w).float()
+
+    def lora_state_dict(self, loader, weights: Path, denoiser):
+        return loader.lora_state_dict(str(weights.parent), weight_name=weights.name, return_alphas=True,
+                                      return_lora_metadata=True)
+
+    def load_lora(self, loader, state: dict, alphas, denoiser, adapter: str, metadata) -> None:
+        loader.load_lora_into_transformer(state, alphas, denoiser, adapter_name=adapter, metadata=metadata)
+
+
+SD3 = SD3Family()
+FLUX = FluxFamily()
+
+__all__ = ["FlowFamily", "SD3Family", "SD3", "FluxFamily", "FLUX", "FLUX_TARGET_MODULES", "transformer_dtype"]
