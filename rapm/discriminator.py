@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rapm.hooks import block_outputs
 from rapm.roles import discriminator_role
 from rapm.teacher import Conditioning, denoiser_family, unet_output
 
@@ -66,10 +67,6 @@ class HeadSet(nn.Module):
         return [head(f.float()) for f, heads in zip(features, self.heads) for head in heads]
 
 
-class _StopForward(Exception):
-    pass
-
-
 def feature_channels(unet: nn.Module, levels: str) -> list[int]:
     """Channels of the block outputs the backbone returns, in order (the denoiser's family's feature blocks)."""
     return denoiser_family(unet).feature_channels(unet, levels)
@@ -79,23 +76,9 @@ def backbone_features(unet: nn.Module, z: torch.Tensor, t: torch.Tensor, cond: C
     """The outputs of the family's feature blocks at (z, t, cond); the forward stops after its stop block, if any."""
     features: list[torch.Tensor] = []
     family = denoiser_family(unet)
-
-    def keep(_module, _inputs, output):
-        features.append(family.feature_map(output, z))
-
-    def keep_and_stop(module, inputs, output):
-        keep(module, inputs, output)
-        raise _StopForward
-
     blocks, stop = family.feature_blocks(unet, levels)
-    hooks = [block.register_forward_hook(keep_and_stop if block is stop else keep) for block in blocks]
-    try:
-        unet_output(unet, z, t, cond)
-    except _StopForward:
-        pass
-    finally:
-        for h in hooks:
-            h.remove()
+    block_outputs(unet, blocks, stop, lambda _block, output: features.append(family.feature_map(output, z)),
+                  lambda: unet_output(unet, z, t, cond))
     return features
 
 

@@ -24,6 +24,8 @@ from typing import Sequence
 
 import torch
 
+from rapm.hooks import block_outputs
+
 SD3 = "sd3"
 FLUX = "flux"
 
@@ -186,10 +188,6 @@ def flow_velocity(
 # Discriminator features: image tokens of chosen blocks, on the token grid.
 
 
-class _StopForward(Exception):
-    pass
-
-
 def transformer_blocks(transformer) -> list[torch.nn.Module]:
     """The blocks features can come from, in forward order: SD3's joint blocks; FLUX's joint then single blocks."""
     blocks = list(transformer.transformer_blocks)
@@ -222,10 +220,8 @@ def block_features(
     Tokens are row-major over the patch grid for both families (SD3's PatchEmbed and FLUX's packing),
     so a reshape puts them back on the grid and the 2-D conv heads of rapm.discriminator apply.
 
-    With gradient checkpointing the transformer runs each block inside ``torch.utils.checkpoint``. A stop
-    raised there would leave that checkpoint mid-forward (never marked complete; its saved-tensor hooks
-    popped only when Python collects its generator), so it is raised after the checkpointed call returns,
-    from a wrapper around the transformer's checkpoint function (tests: gradients equal without checkpointing).
+    Under gradient checkpointing the stop waits for the checkpointed call to return (rapm.hooks.block_outputs,
+    which the discriminator's backbone features use too; tests: gradients equal without checkpointing).
     """
     all_blocks = transformer_blocks(transformer)
     if not blocks:
@@ -236,45 +232,16 @@ def block_features(
     wanted = sorted({i % len(all_blocks) for i in blocks})
     b, _, h, w = latents.shape
     grid = (h // 2, w // 2)
+    index = {id(all_blocks[i]): i for i in wanted}
     kept: dict[int, torch.Tensor] = {}
-    handles = []
-    checkpointed = torch.is_grad_enabled() and getattr(transformer, "gradient_checkpointing", False)
 
-    def hook(index):
-        def keep(_module, _inputs, output):
-            image = output[1] if isinstance(output, tuple) else output
-            kept[index] = image.transpose(1, 2).reshape(b, image.shape[-1], *grid)
-            if index == wanted[-1] and not checkpointed:
-                raise _StopForward
+    def keep(block, output):
+        image = output[1] if isinstance(output, tuple) else output
+        kept[index[id(block)]] = image.transpose(1, 2).reshape(b, image.shape[-1], *grid)
 
-        return keep
-
-    for i in wanted:
-        handles.append(all_blocks[i].register_forward_hook(hook(i)))
-    had_own = "_gradient_checkpointing_func" in transformer.__dict__
-    if checkpointed:
-        inner = transformer._gradient_checkpointing_func
-
-        def checkpoint_then_stop(block, *args, **kwargs):
-            out = inner(block, *args, **kwargs)
-            if wanted[-1] in kept:
-                raise _StopForward
-            return out
-
-        transformer._gradient_checkpointing_func = checkpoint_then_stop
-    try:
-        if family_of(transformer) == FLUX:
-            flux_velocity(transformer, latents, timestep, cond, flux_guidance)
-        else:
-            sd3_velocity(transformer, latents, timestep, cond)
-    except _StopForward:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-        if checkpointed:
-            if had_own:
-                transformer._gradient_checkpointing_func = inner
-            else:
-                del transformer._gradient_checkpointing_func
+    if family_of(transformer) == FLUX:
+        call = lambda: flux_velocity(transformer, latents, timestep, cond, flux_guidance)  # noqa: E731
+    else:
+        call = lambda: sd3_velocity(transformer, latents, timestep, cond)  # noqa: E731
+    block_outputs(transformer, [all_blocks[i] for i in wanted], all_blocks[wanted[-1]], keep, call)
     return [kept[i % len(all_blocks)] for i in blocks]
