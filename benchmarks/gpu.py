@@ -1,4 +1,4 @@
-"""GPU: seconds per RAPM iteration and peak GPU memory on SD 1.5 and SDXL UNet architectures.
+"""GPU: seconds per RAPM iteration and peak GPU memory on SD 1.5, SDXL, SD3-medium and FLUX.1-dev architectures.
 
 The UNets are built from SD 1.5's and SDXL base's public configs (benchmarks/harness.py) with random weights, in
 bf16 (trainable LoRA and heads in float32 under bf16 autocast, as ``rapm train --set mixed_precision=bf16``),
@@ -10,7 +10,17 @@ gradient checkpointing.
 Aims on one H100-class card (issue 16): SDXL at most 16 GB peak, SD 1.5 at most 0.3 s per iteration; the iteration
 runs no teacher pass (the Δ-steps come from the store, format 2).
 
-    .venv/bin/python benchmarks/gpu.py                               # a CUDA machine: SD 1.5 and SDXL, full size
+SD3-medium and FLUX.1-dev (``sd3``, ``flux``): their transformers from rapm/flow_configs.py's public configs, built on
+the meta device and materialized with ``to_empty`` and a random init in bf16; LoRA on the flow targets
+(rapm/flow_lora.py), the sd3 / flux presets (rank 32; FLUX's preset checkpoints), discriminator heads on the joint
+blocks (rapm/families/flow.py), the flow ``Schedule`` (the public FlowMatchEulerDiscreteScheduler configs; FLUX's
+dynamic shift at its 4096 image tokens), 16x128x128 latents (1024 px; FLUX packs 2x2 inside its family call), text
+conditioning of the pipelines' shapes: SD3 [1, 333, 4096] + pooled [1, 2048] with an uncond for CFG 7; FLUX T5
+[1, 512, 4096] + pooled [1, 768] + the guidance embedding (3.5, no uncond). No aim is set for them; an iteration that
+runs out of GPU memory is recorded as such (FLUX without checkpointing may). benchmarks/results/flow_memory.md has
+the memory estimate on paper.
+
+    .venv/bin/python benchmarks/gpu.py                               # a CUDA machine: all four, full size
     .venv/bin/python benchmarks/gpu.py --tiny --device cpu           # the same code path at a tiny size (tests)
 
 Writes benchmarks/results/gpu.{json,md} (``--out`` elsewhere).
@@ -34,6 +44,16 @@ from harness import SD15_UNET, SDXL_UNET, Loop, machine, median, reduced, write_
 
 AIMS = {"sd15": ("seconds per iteration", 0.3), "sdxl": ("peak GiB", 16.0)}  # issue 16, on an H100-class card
 GiB = 2**30
+FLOW_MODELS = ("sd3", "flux")
+# The flow transformers at a tiny width for --tiny (the code path): 8x8 latents (16 tokens), 16 text tokens.
+TINY_FLOW = {
+    "sd3": dict(sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
+                caption_projection_dim=32, pooled_projection_dim=32, pos_embed_max_size=8),
+    "flux": dict(num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                 pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)),
+}
+TEXT_TOKENS = {"sd3": 333, "flux": 512}  # SD3: 77 CLIP + 256 T5 tokens; FLUX: FluxPipeline's 512 T5 tokens
+TINY_TEXT_TOKENS, TINY_LATENT = 16, 8
 
 
 def unet_config(model: str, tiny: bool) -> dict:
@@ -48,6 +68,8 @@ def unet_config(model: str, tiny: bool) -> dict:
 
 def build(model: str, tiny: bool, device: torch.device, checkpointing: bool, rank: int | None):
     """The one UNet with its adapters and the discriminator heads, as rapm.train.build_models makes them."""
+    if model in FLOW_MODELS:
+        return build_flow(model, tiny, device, checkpointing, rank)
     from diffusers import UNet2DConditionModel
 
     from rapm import config as cfg
@@ -104,6 +126,85 @@ def build(model: str, tiny: bool, device: torch.device, checkpointing: bool, ran
     return loop, TrajectoryBatch(latents, cond, uncond, delta_latents, 10), autocast, config, sum(p.numel() for p in unet.parameters())
 
 
+def materialize(model: str, tiny: bool, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The family's transformer from its public config (rapm.flow_configs), built on the meta device, then given
+    storage on ``device`` in ``dtype`` and a random init (each layer's own ``reset_parameters``; SD3's sincos position
+    table recomputed)."""
+    from rapm.flow_configs import meta_transformer
+
+    net = meta_transformer(model, **(TINY_FLOW[model] if tiny else {}))
+    net = torch.nn.Module.to(net, dtype).to_empty(device=device)  # (Module's own .to: no fp32-modules warning; none)
+    with torch.no_grad():
+        for module in net.modules():
+            if hasattr(module, "reset_parameters") and any(True for _ in module.parameters(recurse=False)):
+                module.reset_parameters()
+        pe = getattr(net, "pos_embed", None)
+        if getattr(pe, "pos_embed", None) is not None:
+            from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+            table = get_2d_sincos_pos_embed(pe.pos_embed.shape[-1], pe.pos_embed_max_size, base_size=pe.base_size,
+                                            interpolation_scale=pe.interpolation_scale, output_type="pt")
+            pe.pos_embed.copy_(table.float().unsqueeze(0))
+    return net.requires_grad_(False)
+
+
+def build_flow(model: str, tiny: bool, device: torch.device, checkpointing: bool, rank: int | None):
+    """SD3-medium's or FLUX.1-dev's transformer with its adapters and discriminator heads, the sd3 / flux presets."""
+    from dataclasses import replace
+
+    from rapm import config as cfg
+    from rapm.diffusion import flow_schedule_from_config
+    from rapm.discriminator import Discriminator, DiscriminatorSpec
+    from rapm.families import family_named
+    from rapm.flow_lora import flow_lora_spec
+    from rapm.methods import TrajectoryBatch
+    from rapm.roles import DISCRIMINATOR, STUDENT, add_roles, enable_gradient_checkpointing, lora_parameters
+    from rapm.teacher import Conditioning
+    from rapm.train import weight_dtype
+    from tests.tiny_flow import FLUX_SCHEDULER, SD3_SCHEDULER
+
+    overrides = dict(cfg.PRESETS[model], method="rapm-paper", mixed_precision="bf16", gradient_checkpointing=checkpointing,
+                     batch_size=1)
+    if rank is not None:
+        overrides.update(lora_rank=rank, disc_lora_rank=rank)
+    config = cfg.apply_overrides(cfg.TrainConfig(), overrides, f"preset {model}")
+    dtype = weight_dtype(config, device)
+    family = family_named(model)
+    torch.manual_seed(0)
+    net = materialize(model, tiny, device, dtype)
+    add_roles(net, flow_lora_spec(model, config.lora_rank, config.lora_alpha, config.lora_targets),
+              flow_lora_spec(model, config.disc_lora_rank, config.disc_lora_alpha, config.lora_targets))
+    for p in list(lora_parameters(net, STUDENT).values()) + list(lora_parameters(net, DISCRIMINATOR).values()):
+        p.data = p.data.float()
+    if checkpointing:
+        enable_gradient_checkpointing(net)
+    disc = Discriminator(net, DiscriminatorSpec(config.disc_levels, config.disc_heads_per_level,
+                                                config.disc_kernel_size)).to(device)
+    c = net.config
+    channels, h, w = family.latent_shape(dict(c))
+    if tiny:
+        h = w = TINY_LATENT
+    n = 4
+    latents = torch.randn(1, n + 1, channels, h, w, device=device)
+    delta_latents = torch.randn(1, n, channels, h, w, device=device)
+    tokens = TINY_TEXT_TOKENS if tiny else TEXT_TOKENS[model]
+    embeds = torch.randn(1, tokens, c.joint_attention_dim, device=device, dtype=dtype)
+    pooled = torch.randn(1, c.pooled_projection_dim, device=device, dtype=dtype)
+    cond = Conditioning(embeds, pooled)
+    schedule = flow_schedule_from_config(SD3_SCHEDULER if model == "sd3" else FLUX_SCHEDULER, source="benchmarks/gpu.py")
+    if schedule.flow.use_dynamic_shifting:  # FLUX: μ at the image's token count, as rapm.teacher sets it
+        schedule = replace(schedule, mu=schedule.flow.mu(family.image_seq_len((channels, h, w))))
+    guidance = family.default_guidance
+    if family.cfg:
+        uncond = Conditioning(torch.randn_like(embeds), torch.randn_like(pooled))
+    else:  # FLUX.1-dev: the guidance value is an input (its embedding), no uncond pass
+        cond, uncond = family.with_guidance(cond, guidance), None
+    loop = Loop(net, disc, schedule, config, schedule.coarse(n), guidance, delta=10)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    return (loop, TrajectoryBatch(latents, cond, uncond, delta_latents, 10), autocast, config,
+            sum(p.numel() for name, p in net.named_parameters() if "lora_" not in name))
+
+
 def measure(model: str, tiny: bool, device: torch.device, checkpointing: bool, warmup: int, iterations: int,
             rank: int | None) -> dict:
     cuda = device.type == "cuda"
@@ -129,10 +230,13 @@ def measure(model: str, tiny: bool, device: torch.device, checkpointing: bool, w
            "iterations_timed": {k: len(v) for k, v in seconds.items()}}
     if cuda:
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
-    what, limit = AIMS[model]
-    value = row["seconds"]["mean"] if what.startswith("seconds") else row.get("peak_gib")
-    row["aim"] = f"{what} <= {limit}"
-    row["aim_met"] = (value <= limit) if (cuda and not tiny and value is not None) else None
+    if model in AIMS:
+        what, limit = AIMS[model]
+        value = row["seconds"]["mean"] if what.startswith("seconds") else row.get("peak_gib")
+        row["aim"] = f"{what} <= {limit}"
+        row["aim_met"] = (value <= limit) if (cuda and not tiny and value is not None) else None
+    else:
+        row["aim"], row["aim_met"] = "none set", None
     del loop, batch
     gc.collect()
     if cuda:
@@ -141,12 +245,16 @@ def measure(model: str, tiny: bool, device: torch.device, checkpointing: bool, w
 
 
 def markdown(result: dict) -> str:
-    lines = ["# GPU: RAPM iteration on SD 1.5 and SDXL architectures (random weights)", "",
+    lines = ["# GPU: RAPM iteration on SD 1.5, SDXL, SD3-medium and FLUX.1-dev architectures (random weights)", "",
              f"`{result['command']}` on {result['machine']['date']}, {result['machine']['device']}, torch "
              f"{result['machine']['torch']}. Batch 1, N = 4, medians.", "",
-             "| model | UNet parameters | latents | gradient checkpointing | D iteration s | student iteration s | mean s | "
+             "| model | denoiser parameters | latents | gradient checkpointing | D iteration s | student iteration s | mean s | "
              "peak GiB | aim | met |", "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['model']}{' (tiny)' if r['tiny'] else ''} | | | "
+                         f"{'yes' if r['gradient_checkpointing'] else 'no'} | {r['error']} | | | | | |")
+            continue
         met = {True: "yes", False: "no", None: "n/a"}[r["aim_met"]]
         peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "n/a (CPU)"
         lines.append(f"| {r['model']}{' (tiny)' if r['tiny'] else ''} | {r['unet_parameters'] / 1e6:,.1f}M | "
@@ -158,7 +266,7 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="sd15,sdxl")
+    parser.add_argument("--models", default="sd15,sdxl,sd3,flux")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="1/20 width, 8x8 latents: the code path, not the numbers")
     parser.add_argument("--warmup", type=int, default=4)
@@ -174,7 +282,14 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for model in args.models.split(","):
         for ckpt in args.checkpointing.split(","):
-            rows.append(measure(model, args.tiny, device, ckpt == "yes", args.warmup, args.iterations, args.rank))
+            try:
+                rows.append(measure(model, args.tiny, device, ckpt == "yes", args.warmup, args.iterations, args.rank))
+            except torch.cuda.OutOfMemoryError:  # recorded, and the next setting still runs
+                rows.append({"model": model, "tiny": args.tiny, "gradient_checkpointing": ckpt == "yes",
+                             "error": "CUDA out of memory", "aim_met": None})
+            if "error" in rows[-1]:  # out of the handler: its traceback no longer holds the models
+                gc.collect()
+                torch.cuda.empty_cache()
             print(json.dumps(rows[-1]), flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     command = "benchmarks/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])

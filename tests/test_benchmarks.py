@@ -21,9 +21,11 @@ def test_gpu_benchmark_runs_its_tiny_cpu_path(tmp_path):
     result = gpu.main(["--tiny", "--device", "cpu", "--warmup", "0", "--iterations", "1", "--rank", "2",
                        "--checkpointing", "yes", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
-    assert [r["model"] for r in rows] == ["sd15", "sdxl"] == [r["model"] for r in result["rows"]]
+    assert [r["model"] for r in rows] == ["sd15", "sdxl", "sd3", "flux"] == [r["model"] for r in result["rows"]]
     assert all(r["gradient_checkpointing"] and r["seconds"]["mean"] > 0 and r["aim_met"] is None for r in rows)
-    assert "| sdxl (tiny) |" in (tmp_path / "gpu.md").read_text()
+    assert [r["latent_shape"] for r in rows[2:]] == [[16, 8, 8]] * 2  # the flow families' 16 latent channels
+    text = (tmp_path / "gpu.md").read_text()
+    assert "| sdxl (tiny) |" in text and "| sd3 (tiny) |" in text and "| flux (tiny) |" in text
 
 
 def test_gpu_benchmark_configs_are_the_public_architectures():
@@ -31,6 +33,16 @@ def test_gpu_benchmark_configs_are_the_public_architectures():
     # Parameter counts of the published UNets: SD 1.5 859.5M, SDXL base 2,567.5M.
     assert round(harness.unet_parameters(harness.SD15_UNET) / 1e6, 1) == 859.5
     assert round(harness.unet_parameters(harness.SDXL_UNET) / 1e6, 1) == 2567.5
+    # SD3-medium's and FLUX.1-dev's transformers, as gpu.py builds them (before materializing): on the meta device,
+    # within 1% of the published 2.03B and 11.9B.
+    gpu = _load("gpu")
+    from rapm.flow_configs import FLUX_DEV_PARAMS, SD3_MEDIUM_PARAMS, meta_transformer, parameter_count
+
+    for family, published in (("sd3", SD3_MEDIUM_PARAMS), ("flux", FLUX_DEV_PARAMS)):
+        net = meta_transformer(family)
+        assert all(p.is_meta for p in net.parameters())
+        assert abs(parameter_count(net) / published - 1) < 0.01, (family, parameter_count(net))
+        assert gpu.TEXT_TOKENS[family] == {"sd3": 333, "flux": 512}[family]
 
 
 def test_convergence_reads_the_validation_curve_and_charges_calibrated_seconds(tmp_path):
