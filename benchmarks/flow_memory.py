@@ -47,7 +47,6 @@ import gc
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -326,13 +325,10 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(256 * 1024), "MALLOC_TRIM_THRESHOLD_
 
 
 def run_child(kind: str, args: dict) -> dict:
+    from harness import run_child_script
+
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **MALLOC_ENV)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    out = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(args)], env=env, capture_output=True,
-                         text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"flow memory child {kind} {args} failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child_script(__file__, kind, args, env, f"flow memory child {kind} {args}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

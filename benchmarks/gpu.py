@@ -66,6 +66,21 @@ def unet_config(model: str, tiny: bool) -> dict:
     return small
 
 
+def add_adapters_and_heads(net, student, discriminator, config, checkpointing: bool, device):
+    """The student and discriminator adapters on the one denoiser (trainable weights in float32 under bf16
+    autocast, as rapm train keeps them), gradient checkpointing if asked, and the discriminator's heads."""
+    from rapm.discriminator import Discriminator, DiscriminatorSpec
+    from rapm.roles import DISCRIMINATOR, STUDENT, add_roles, enable_gradient_checkpointing, lora_parameters
+
+    add_roles(net, student, discriminator)
+    for p in list(lora_parameters(net, STUDENT).values()) + list(lora_parameters(net, DISCRIMINATOR).values()):
+        p.data = p.data.float()
+    if checkpointing:
+        enable_gradient_checkpointing(net)
+    return Discriminator(net, DiscriminatorSpec(config.disc_levels, config.disc_heads_per_level,
+                                                config.disc_kernel_size)).to(device)
+
+
 def build(model: str, tiny: bool, device: torch.device, checkpointing: bool, rank: int | None):
     """The one UNet with its adapters and the discriminator heads, as rapm.train.build_models makes them."""
     if model in FLOW_MODELS:
@@ -74,8 +89,7 @@ def build(model: str, tiny: bool, device: torch.device, checkpointing: bool, ran
 
     from rapm import config as cfg
     from rapm.diffusion import coarse_timesteps, schedule_from_config
-    from rapm.discriminator import Discriminator, DiscriminatorSpec
-    from rapm.roles import DISCRIMINATOR, STUDENT, LoraSpec, add_roles, enable_gradient_checkpointing, lora_parameters
+    from rapm.roles import LoraSpec
     from rapm.teacher import Conditioning
     from tests.tiny import SD_SCHEDULER
     from rapm.train import student_spec, weight_dtype
@@ -92,14 +106,9 @@ def build(model: str, tiny: bool, device: torch.device, checkpointing: bool, ran
     with torch.device(device):
         unet = UNet2DConditionModel(**unet_config(model, tiny))
     unet.to(dtype).requires_grad_(False)
-    disc_spec = LoraSpec(config.disc_lora_rank, config.disc_lora_alpha, list(config.lora_targets))
-    add_roles(unet, student_spec(config), disc_spec)
-    for p in list(lora_parameters(unet, STUDENT).values()) + list(lora_parameters(unet, DISCRIMINATOR).values()):
-        p.data = p.data.float()
-    if checkpointing:
-        enable_gradient_checkpointing(unet)
-    disc = Discriminator(unet, DiscriminatorSpec(config.disc_levels, config.disc_heads_per_level,
-                                                 config.disc_kernel_size)).to(device)
+    disc = add_adapters_and_heads(unet, student_spec(config),
+                                  LoraSpec(config.disc_lora_rank, config.disc_lora_alpha, list(config.lora_targets)),
+                                  config, checkpointing, device)
     c = unet.config
     n = 4
     # Positions stay float32 under mixed precision (only the UNet's inputs take its dtype); the Δ-steps come from the
@@ -154,11 +163,9 @@ def build_flow(model: str, tiny: bool, device: torch.device, checkpointing: bool
 
     from rapm import config as cfg
     from rapm.diffusion import flow_schedule_from_config
-    from rapm.discriminator import Discriminator, DiscriminatorSpec
     from rapm.families import family_named
     from rapm.flow_lora import flow_lora_spec
     from rapm.methods import TrajectoryBatch
-    from rapm.roles import DISCRIMINATOR, STUDENT, add_roles, enable_gradient_checkpointing, lora_parameters
     from rapm.teacher import Conditioning
     from rapm.train import weight_dtype
     from tests.tiny_flow import FLUX_SCHEDULER, SD3_SCHEDULER
@@ -172,14 +179,9 @@ def build_flow(model: str, tiny: bool, device: torch.device, checkpointing: bool
     family = family_named(model)
     torch.manual_seed(0)
     net = materialize(model, tiny, device, dtype)
-    add_roles(net, flow_lora_spec(model, config.lora_rank, config.lora_alpha, config.lora_targets),
-              flow_lora_spec(model, config.disc_lora_rank, config.disc_lora_alpha, config.lora_targets))
-    for p in list(lora_parameters(net, STUDENT).values()) + list(lora_parameters(net, DISCRIMINATOR).values()):
-        p.data = p.data.float()
-    if checkpointing:
-        enable_gradient_checkpointing(net)
-    disc = Discriminator(net, DiscriminatorSpec(config.disc_levels, config.disc_heads_per_level,
-                                                config.disc_kernel_size)).to(device)
+    disc = add_adapters_and_heads(net, flow_lora_spec(model, config.lora_rank, config.lora_alpha, config.lora_targets),
+                                  flow_lora_spec(model, config.disc_lora_rank, config.disc_lora_alpha, config.lora_targets),
+                                  config, checkpointing, device)
     c = net.config
     channels, h, w = family.latent_shape(dict(c))
     if tiny:

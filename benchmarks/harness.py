@@ -408,3 +408,18 @@ def per_slot_losses(loop: Loop, batch, phase: str, positions: list[int]):
                      + m.weight(slot) * hinge_discriminator_loss([h[:1] for h in logits["absolute"]],
                                                                  [h[2:3] for h in logits["absolute"]]))
                 yield d / (n * b), {}
+
+
+def run_child_script(script: str, kind: str, args: dict, env: dict, what: str) -> dict:
+    """Run ``script --child KIND ARGS`` in a fresh process (the repo root first on its PYTHONPATH) and return the
+    JSON object its last stdout line holds; a failure raises with the child's stderr."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(env)
+    env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    out = subprocess.run([sys.executable, script, "--child", kind, json.dumps(args)], env=env, capture_output=True,
+                         text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

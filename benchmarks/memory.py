@@ -26,7 +26,6 @@ import gc
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -126,14 +125,10 @@ def child(kind: str, args: dict) -> dict:
 
 
 def run_child(kind: str, args: dict) -> dict:
+    from harness import run_child_script
+
     env = dict(os.environ, OMP_NUM_THREADS=str(args["threads"]), HF_HUB_OFFLINE="1")
-    root = Path(__file__).resolve().parent.parent
-    env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    out = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(args)], env=env, capture_output=True,
-                         text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"memory child {kind} failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child_script(__file__, kind, args, env, f"memory child {kind}")
 
 
 def measure(name: str, spec: dict, device: str, threads: int, folder: Path) -> dict:

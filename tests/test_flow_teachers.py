@@ -222,23 +222,32 @@ def test_block_features_on_the_latent_grid(folders, family):
     torch.testing.assert_close(feats[0][:, :, r, c], tokens[:, r * (LATENT // 2) + c, :])
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_student_gradients_reach_only_its_adapter_also_with_role_aware_checkpointing(folders, family):
+def _with_roles(folders, family, trainable, checkpointing):
+    """The teacher folder's pipeline, its transformer with both adapters (B matrices random, so the adapters change
+    the output; LoRA A from the global generator at seed 0), ``trainable``'s parameters the ones that train, and
+    role-aware gradient checkpointing if asked."""
     from rapm.roles import enable_gradient_checkpointing, set_trainable
 
+    pipe = load(folders[family])
+    torch.manual_seed(0)
+    add_roles(pipe.transformer, flow_lora_spec(family, rank=4), flow_lora_spec(family, rank=2))
+    with torch.no_grad():
+        for name, p in pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+    set_trainable(pipe.transformer, trainable)
+    if checkpointing:
+        enable_gradient_checkpointing(pipe.transformer)
+        pipe.transformer.train()
+    return pipe
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_student_gradients_reach_only_its_adapter_also_with_role_aware_checkpointing(folders, family):
     grads = []
     for checkpointing in (False, True):
-        pipe = load(folders[family])
-        torch.manual_seed(0)
-        add_roles(pipe.transformer, flow_lora_spec(family, rank=4), flow_lora_spec(family, rank=2))
-        with torch.no_grad():
-            for name, p in pipe.transformer.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
-        set_trainable(pipe.transformer, STUDENT)
+        pipe = _with_roles(folders, family, STUDENT, checkpointing)
         if checkpointing:
-            enable_gradient_checkpointing(pipe.transformer)
-            pipe.transformer.train()
             assert pipe.transformer.gradient_checkpointing
         call = _one_call(pipe, family)
         with student_role(pipe.transformer):
@@ -282,21 +291,9 @@ def test_sd3_teacher_trajectory_ends_where_the_pipeline_ends_on_the_same_fine_gr
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_block_features_train_the_discriminator_adapter_also_with_checkpointing(folders, family):
-    from rapm.roles import enable_gradient_checkpointing, set_trainable
-
     grads = []
     for checkpointing in (False, True):
-        pipe = load(folders[family])
-        torch.manual_seed(0)  # LoRA A is initialized from the global generator
-        add_roles(pipe.transformer, flow_lora_spec(family, rank=4), flow_lora_spec(family, rank=2))
-        with torch.no_grad():
-            for name, p in pipe.transformer.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
-        set_trainable(pipe.transformer, DISCRIMINATOR)
-        if checkpointing:
-            enable_gradient_checkpointing(pipe.transformer)
-            pipe.transformer.train()
+        pipe = _with_roles(folders, family, DISCRIMINATOR, checkpointing)
         torch.manual_seed(0)
         head = Head(32, kernel_size=1)
         x, t = _latents(9), torch.full([2], 300.0)
