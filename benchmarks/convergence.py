@@ -77,6 +77,23 @@ ABLATION_ROWS = [  # N = 4 only unless named; the first ones change one thing of
     ("abl-rel0", "rapm", 1, ["relative_weight=0"]),  # the absolute pseudo-Huber terms alone (SFD with RAPM's distance)
     ("abl-l1-rel0.25", "rapm", 1, ["distance=l1"]),  # the default recipe with SFD's L1 distance
     ("abl-huber0.001", "rapm", 1, ["huber_c=0.001"]),  # the default recipe with a 10x smaller pseudo-Huber c
+    ("abl-huber0.1", "rapm", 1, ["huber_c=0.1"]),  # c at the error's scale: quadratic (L2-like) below it
+    ("abl-huber1", "rapm", 1, ["huber_c=1"]),  # c far above the errors: the pseudo-Huber is a scaled L2 throughout
+    ("abl-l2", "rapm", 1, ["distance=l2"]),  # the default recipe with a plain mean squared error
+    ("abl-sfd-l2", "sfd", 1, ["distance=l2"]),  # SFD with the squared error: what the distance does for the peer
+    ("abl-step", "rapm", 1, ["lr_schedule=step"]),  # the learning rate / 10 from half the iterations on (SFD's)
+    ("abl-sfd-step", "sfd", 1, ["lr_schedule=step"]),  # SFD with its own recipe's step schedule
+    ("abl-cosine", "rapm", 1, ["lr_schedule=cosine"]),
+    ("abl-sfd-cosine", "sfd", 1, ["lr_schedule=cosine"]),
+    # The relative position's frozen student is the EMA (a mean teacher): the relative term pulls toward the average
+    ("abl-ema-target", "rapm", 1, ["ema_decay=0.99", "relative_target=ema"]),
+    ("abl-ema-target-rel1", "rapm", 1, ["ema_decay=0.99", "relative_target=ema", "relative_weight=1"]),
+    # Few trajectories, many passes (the paper: 1,000 trajectories for 20K iterations, 20 passes): 50 of the 500
+    # training trajectories, the same 100 held out. Does the relative term regularise where the absolute one overfits?
+    ("abl-few-rapm", "rapm", 1, ["train_trajectories=50"]),
+    ("abl-few-sfd", "sfd", 1, ["train_trajectories=50"]),
+    ("abl-few-rel0", "rapm", 1, ["train_trajectories=50", "relative_weight=0"]),
+    ("abl-few-rel1", "rapm", 1, ["train_trajectories=50", "relative_weight=1"]),
 ]
 COLUMNS = ("method", "steps", "batch", "iteration", "wall_s", "trajectory_error", "reference_error", "fd_teacher",
            "fd_real", "prompt_accuracy")

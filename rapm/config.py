@@ -38,7 +38,9 @@ class TrainConfig:
     weight_decay: float = 1e-3
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
+    lr_schedule: str = "constant"  # constant | step (lr / 10 from half the iterations on: SFD's) | cosine (to 0)
     ema_decay: float = 0.0  # 0 = off (the paper uses none); else the exported student is the EMA
+    relative_target: str = "student"  # the frozen student of the relative position: student (Alg. 2) | ema (its EMA)
     ema_warmup: bool = False  # decay min(ema_decay, (1 + k) / (10 + k)) after k student updates, so early weights fade
     # The losses
     huber_c: float = 0.001
@@ -76,6 +78,7 @@ class TrainConfig:
     num_samples: int = 8
     log_every: int = 1
     val_fraction: float = 0.05  # trajectories of the store held out (never trained on) for validation
+    train_trajectories: int = 0  # train on the first K of the training split only (0 = all); the held-out split stays
     eval_every: int = 250  # validation every K iterations (and at the start and the end); 0 = off
     val_reference_steps: int = 0  # also measure against the teacher's K-step DDIM from the same noise; 0 = off
     mixed_precision: str = "no"  # no | bf16 | fp16
@@ -176,6 +179,14 @@ def validate(config: TrainConfig) -> None:
         bad("batch_size", f"must be at least 1, got {config.batch_size}")
     if config.lr <= 0 or config.disc_lr <= 0:
         bad("lr" if config.lr <= 0 else "disc_lr", "must be positive")
+    if config.lr_schedule not in ("constant", "step", "cosine"):
+        bad("lr_schedule", f"must be constant, step or cosine, got {config.lr_schedule!r}")
+    if config.relative_target not in ("student", "ema"):
+        bad("relative_target", f"must be student or ema, got {config.relative_target!r}")
+    if config.relative_target == "ema" and config.ema_decay <= 0:
+        bad("relative_target", "'ema' needs an EMA: set ema_decay (such as 0.99)")
+    if config.train_trajectories < 0:
+        bad("train_trajectories", f"must be 0 (all) or a count, got {config.train_trajectories}")
     if config.lora_rank < 1:
         bad("lora_rank", f"must be at least 1, got {config.lora_rank}")
     if not 0 <= config.ema_decay < 1:

@@ -4,6 +4,8 @@ their optimizers and learning-rate schedules, and the student's EMA.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from rapm.config import ConfigError, TrainConfig
@@ -48,8 +50,27 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, betas, weight_de
     return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
 
 
+LR_SCHEDULES = ("constant", "step", "cosine")
+
+
+def lr_factor(kind: str, update: int, total: int) -> float:
+    """The learning rate's factor at a phase's ``update``-th update of ``total``: "constant" 1; "step" 1, then 0.1 from
+    half the updates on (SFD's recipe, REFERENCES.md); "cosine" from 1 to 0 over the updates."""
+    if kind == "step":
+        return 1.0 if update < total // 2 else 0.1
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(update, total) / max(total, 1)))
+    return 1.0
+
+
+def lr_schedule(optimizer, kind: str = "constant", total: int = 1) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR over a phase's updates; only its step count is checkpointed, so a resume rebuilds it from the config
+    (a resume to a larger --iterations stretches a step or cosine schedule over the new total)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: lr_factor(kind, k, total))
+
+
 def constant_schedule(optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    return lr_schedule(optimizer)
 
 
 @torch.no_grad()

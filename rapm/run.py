@@ -499,7 +499,7 @@ def set_rng_state(state: dict) -> None:
 def data_position(config: TrainConfig, store) -> dict:
     """What fixes the data stream a checkpoint's step counts in: a resume must see the same."""
     return {"seed": config.seed, "batch_size": config.batch_size, "count": len(store), "steps": store.steps,
-            "val_fraction": config.val_fraction}
+            "val_fraction": config.val_fraction, "train_trajectories": config.train_trajectories}
 
 
 def check_data_position(checkpoint: Path, saved: dict, current: dict, store: str) -> None:

@@ -22,8 +22,8 @@ import typer
 from rapm import config as cfg
 from rapm.config import ConfigError, TrainConfig
 from rapm.methods import Context, Setup, TrajectoryBatch, build_method, updates_of
-from rapm.models import (build_models, constant_schedule, ema_decay_at, make_optimizer, student_spec,  # noqa: F401
-                         update_ema, weight_dtype)
+from rapm.models import (build_models, constant_schedule, ema_decay_at, lr_schedule, make_optimizer, student_spec,  # noqa: F401
+                         swap_in, update_ema, weight_dtype)
 from rapm.monitor import Monitor
 from rapm.processes import Processes, resolve_device
 from rapm.roles import DISCRIMINATOR, STUDENT, lora_parameters, set_trainable
@@ -145,12 +145,18 @@ def build_phases(config: TrainConfig, unet, disc, method) -> dict[str, Phase]:
     """The student's phase and, with a discriminator, the discriminator's: built once, before the loop."""
     student = {**lora_parameters(unet, STUDENT), **method.extra_parameters()}  # plus a method's own (RDD's head)
     opt = make_optimizer(list(student.values()), config.lr, config.adam_betas, config.weight_decay, config.use_8bit_adam)
-    phases = {"student": Phase("student", STUDENT, student, opt, constant_schedule(opt), method.generator_losses)}
+    cycle = [iteration_phases(updates_of(config), config.disc_every, disc is not None, k) for k in range(2 * config.disc_every)]
+    per_iteration = {name: sum(name in c for c in cycle) / len(cycle) for name in ("student", "discriminator")}
+
+    def schedule(optimizer, phase: str):  # over the updates this phase makes in config.iterations
+        return lr_schedule(optimizer, config.lr_schedule, max(1, round(config.iterations * per_iteration[phase])))
+
+    phases = {"student": Phase("student", STUDENT, student, opt, schedule(opt, "student"), method.generator_losses)}
     if disc is not None:
         params = {**lora_parameters(unet, DISCRIMINATOR), **{f"heads.{n}": p for n, p in disc.named_parameters()}}
         opt = make_optimizer(list(params.values()), config.disc_lr, config.disc_betas, config.disc_weight_decay,
                              config.use_8bit_adam)
-        phases["discriminator"] = Phase("discriminator", DISCRIMINATOR, params, opt, constant_schedule(opt),
+        phases["discriminator"] = Phase("discriminator", DISCRIMINATOR, params, opt, schedule(opt, "discriminator"),
                                         method.discriminator_losses)
     return phases
 
@@ -216,6 +222,12 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
     store = open_store(Path(config.store))
     _check_method_applies(config, store)
     train_ids, val_ids = split_indices(len(store), config.val_fraction, config.seed)
+    if config.train_trajectories:
+        if config.train_trajectories > len(train_ids):
+            raise ConfigError(f"config field 'train_trajectories': {config.train_trajectories} is more than the "
+                              f"{len(train_ids)} training trajectories of {config.store} (after val_fraction "
+                              f"{config.val_fraction}); use 0 for all of them")
+        train_ids = train_ids[:config.train_trajectories]
     method = build_method(config, _delta(config, store))
     torch.manual_seed(config.seed)  # the LoRA A matrices and the heads start from the seed
     teacher, disc = build_models(config, device, need_vae=config.sample_every > 0, with_discriminator=method.uses_discriminator)
@@ -266,6 +278,7 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
     cycle = phase_cycle(phases, updates_of(config), config.disc_every)
     student_updates = sum(phases["student"] in cycle[k % len(cycle)] for k in range(start))  # for the EMA's warm-up
     schedulers = {p.name: p.scheduler for p in phases.values()}
+    frozen_student = (lambda: swap_in(student_params, state.ema)) if config.relative_target == "ema" else None
     checkpoint, stopped_by, step = last, None, start
     try:
         with _Preemption() as preemption:
@@ -277,7 +290,7 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
                 batch = _to_device(store.get([train_ids[i] for i in batch_indices(positions, len(train_ids), config.seed)]),
                                    device, dtype)
                 ctx = Context(unet, teacher.schedule, store.timesteps, store.guidance,
-                              sample_generators(config.seed, positions), disc)
+                              sample_generators(config.seed, positions), disc, frozen_student=frozen_student)
                 method.begin_step(step, unet)
                 iteration = cycle[step % len(cycle)]
                 entry = {"step": step, "phase": "+".join(p.name for p in iteration)}

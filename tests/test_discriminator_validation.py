@@ -202,3 +202,79 @@ def test_the_default_recipe_builds_no_discriminator_and_trains_the_student_every
     assert [e["phase"] for e in _log(run) if e["phase"] != "validation"] == ["student", "student"]
     state = load_checkpoint(checkpoints(run)[-1])
     assert not state["discriminator"] and state["opt_disc"] is None  # no discriminator adapter, heads or optimizer
+
+
+def test_lr_schedules_step_and_cosine_over_each_phases_updates(tiny_sd, sd_store, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from rapm.models import lr_factor
+
+    assert [lr_factor("step", k, 4) for k in range(5)] == [1.0, 1.0, 0.1, 0.1, 0.1]  # SFD: lr / 10 from half on
+    assert lr_factor("cosine", 0, 8) == 1.0 and lr_factor("cosine", 4, 8) == pytest.approx(0.5)
+    assert lr_factor("cosine", 8, 8) == pytest.approx(0.0) and lr_factor("constant", 7, 8) == 1.0
+    with pytest.raises(ConfigError, match="'lr_schedule'"):
+        validate(apply_overrides(TrainConfig(), {"lr_schedule": "linear"}, "test"))
+    # Alternating updates: 8 iterations are 4 student and 4 discriminator updates, each phase's schedule over its 4.
+    run = tmp_path / "run"
+    config = _config(tiny_sd, sd_store, iterations=8, checkpoint_every=8, lr_schedule="step", updates="alternate")
+    train(config, run, progress=False)
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    for phase, base in (("student", config.lr), ("discriminator", config.disc_lr)):
+        done = [sum(phase in iteration_phases("alternate", 1, True, k) for k in range(i + 1)) for i in range(8)]
+        assert done == ([0, 1, 1, 2, 2, 3, 3, 4] if phase == "student" else [1, 1, 2, 2, 3, 3, 4, 4])
+        lrs = [e.value for e in events.Scalars(f"{phase}/lr")]  # logged after every iteration
+        assert lrs == pytest.approx([base * (1.0 if k < 2 else 0.1) for k in done], rel=1e-6), phase
+
+
+def test_train_trajectories_trains_on_a_subset_and_keeps_the_held_out_split(tiny_sd, sd_store, tmp_path, monkeypatch):
+    from rapm.store import TrajectoryStore
+
+    train_ids, val_ids = split_indices(4, 0.25, seed=0)
+    fetched = []
+    original = TrajectoryStore.get
+
+    def get(self, indices):
+        fetched.append(list(indices) if not isinstance(indices, int) else [indices])
+        return original(self, indices)
+
+    monkeypatch.setattr(TrajectoryStore, "get", get)
+    run = tmp_path / "run"
+    train(_config(tiny_sd, sd_store, iterations=6, checkpoint_every=6, val_fraction=0.25, eval_every=6,
+                  train_trajectories=1), run, progress=False)
+    training = [ids for ids in fetched if ids != val_ids]
+    assert len(training) == 6 and {i for ids in training for i in ids} == {train_ids[0]}
+    assert any(ids == val_ids for ids in fetched)  # the same held-out trajectories are measured
+    with pytest.raises(ConfigError, match="'train_trajectories': 4 is more than the 3 training trajectories"):
+        train(_config(tiny_sd, sd_store, iterations=1, train_trajectories=4, val_fraction=0.25), tmp_path / "r2",
+              progress=False)
+    assert not (tmp_path / "r2").exists()
+
+
+def test_relative_target_ema_makes_the_frozen_student_the_ema(tiny_sd, sd_store, tmp_path, monkeypatch):
+    from rapm.methods import rapm as rapm_method
+
+    with pytest.raises(ConfigError, match="'relative_target': 'ema' needs an EMA"):
+        validate(apply_overrides(TrainConfig(), {"relative_target": "ema"}, "test"))
+    seen = []  # the frozen student's first LoRA B matrix at every relative-position forward
+    original = rapm_method.student_step
+
+    def student_step(ctx, *args, **kw):
+        if not torch.is_grad_enabled():  # the frozen student (the relative position is computed without gradient)
+            b = next(p for n, p in ctx.unet.named_parameters() if "lora_B" in n and ".student." in n)
+            seen.append(b.detach().clone())
+        return original(ctx, *args, **kw)
+
+    monkeypatch.setattr(rapm_method, "student_step", student_step)
+    runs = {}
+    for target in ("student", "ema"):
+        seen.clear()
+        run = tmp_path / target
+        train(_config(tiny_sd, sd_store, iterations=3, checkpoint_every=3, adv_weight=0, relative_weight=1,
+                      ema_decay=0.9, relative_target=target), run, progress=False)
+        runs[target] = ([e["huber_rel/0"] for e in _log(run) if "huber_rel/0" in e], [s.clone() for s in seen])
+    (rel_s, b_s), (rel_e, b_e) = runs["student"], runs["ema"]
+    assert len(b_s) == len(b_e) == 3 and torch.equal(b_s[0], b_e[0])  # iteration 0: the EMA is the student
+    assert rel_s[0] == pytest.approx(rel_e[0])
+    # Later the EMA's B lags the student's by its decay: 0.9 of the way back to the previous average.
+    assert not torch.allclose(b_s[2], b_e[2]) and (b_e[2].abs().sum() < b_s[2].abs().sum())

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -29,6 +30,7 @@ class Context:
     generators: list[torch.Generator]
     discriminator: Discriminator | None = None
     cache: dict = field(default_factory=dict)  # what the iteration's phases share (the relative positions)
+    frozen_student: Callable[[], AbstractContextManager] | None = None  # makes the frozen student the EMA; None: as is
 
     @property
     def steps(self) -> int:

@@ -23,6 +23,7 @@ discriminator=False, distance="l1"`` is SFD (paper Alg. 3: the absolute position
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -105,7 +106,8 @@ class RAPM(Method):
             self._say_delta_step_is_computed(batch)
             uncond = batch.uncond.repeat(n) if batch.uncond is not None else None
             z_mid = teacher_step(ctx, starts, t, mid, cond, uncond)
-        rel = student_step(ctx, z_mid, mid, s, cond)  # ... then the frozen student to t_n (line 9)
+        with ctx.frozen_student() if ctx.frozen_student is not None else nullcontext():  # relative_target "ema"
+            rel = student_step(ctx, z_mid, mid, s, cond)  # ... then the frozen student to t_n (line 9)
         return rel.unflatten(0, (b, n))
 
     def kind_weight(self, kind: str, slot: int) -> float:
