@@ -286,6 +286,19 @@ def plot(curves: dict[str, list[dict]], teacher: list[dict], steps: int, path: P
     plt.close(fig)
 
 
+def last_mean(curve: list[dict], k: int = 3) -> float | None:
+    """The trajectory error averaged over the last k validations (one validation's noise is ~0.002 here)."""
+    tail = [r["trajectory_error"] for r in curve[-k:] if r["iteration"] > 0]
+    return sum(tail) / len(tail) if len(tail) == k else None
+
+
+def worst_rise(curve: list[dict]) -> float | None:
+    """The largest rise of the trajectory error from one validation to the next (0: the curve never goes up): how
+    smooth the curve is (the paper's Fig. 5)."""
+    errors = [r["trajectory_error"] for r in curve if r["iteration"] > 0]
+    return max([0.0] + [b - a for a, b in zip(errors, errors[1:])]) if len(errors) > 1 else None
+
+
 def fmt(v, spec: str) -> str:
     return "" if v is None else format(v, spec)
 
@@ -301,7 +314,9 @@ def report(work: Path, steps_list: list[int], rows_by_n: dict[int, list], result
           f"{TRAJECTORIES} trajectories per N ({FINE_STEPS} DDIM steps each, guidance 1.5), {HELD_OUT} held out "
           f"(never trained on) and measured every 250 iterations. Trajectory error: image RMS to the stored teacher end "
           f"point; FD to the teacher: to the teacher's 100-step images of the same prompts and noise; FD to real: to the "
-          f"held-out real digits. Base settings: the digits preset at batch 1, no EMA.", ""]
+          f"held-out real digits. Last 3 mean: the trajectory error averaged over the last three validations; worst "
+          f"rise: the largest rise of the trajectory error between two validations (0 = the curve never goes up). Base "
+          f"settings: the digits preset at batch 1, no EMA, unless a row's name says otherwise.", ""]
     for steps in steps_list:
         store = work / f"store-n{steps}"
         curves = {row: read_curve(run_dir(work, steps, row), row, steps, batch) for row, _, batch, _ in rows_by_n[steps]}
@@ -315,14 +330,16 @@ def report(work: Path, steps_list: list[int], rows_by_n: dict[int, list], result
         md += [f"FD floors at {HELD_OUT} samples: real digits vs held-out real {fmt(floors.get('fd_real_floor'), '.1f')}; "
                f"the teacher's images from independent noise vs the same prompts {fmt(floors.get('fd_teacher_floor'), '.1f')}.", ""]
         md += ["At the last validation of each run:", "",
-               "| method | batch | iterations | wall s | trajectory error ↓ | to 100-step ↓ | FD to teacher ↓ | FD to real ↓ | prompt acc. ↑ |",
-               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+               "| method | batch | iterations | wall s | trajectory error ↓ | last 3 mean ↓ | worst rise | to 100-step ↓ | "
+               "FD to teacher ↓ | FD to real ↓ | prompt acc. ↑ |",
+               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for t in teacher:
-            md.append(f"| {t['method']} |  |  |  | {fmt(t['trajectory_error'], '.4f')} | {fmt(t['reference_error'], '.4f')} | "
+            md.append(f"| {t['method']} |  |  |  | {fmt(t['trajectory_error'], '.4f')} |  |  | {fmt(t['reference_error'], '.4f')} | "
                       f"{fmt(t['fd_teacher'], '.1f')} | {fmt(t['fd_real'], '.1f')} | {fmt(100 * t['prompt_accuracy'], '.1f')}% |")
         for row, c in done.items():
             r = c[-1]
             md.append(f"| {row} | {r['batch']} | {r['iteration']} | {r['wall_s']:.0f} | {r['trajectory_error']:.4f} | "
+                      f"{fmt(last_mean(c), '.4f')} | {fmt(worst_rise(c), '.4f')} | "
                       f"{fmt(r['reference_error'], '.4f')} | {fmt(r['fd_teacher'], '.1f')} | {fmt(r['fd_real'], '.1f')} | "
                       f"{fmt(100 * r['prompt_accuracy'], '.1f')}% |")
         main = [c for row, c in done.items() if not row.startswith("abl-")]
