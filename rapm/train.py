@@ -21,7 +21,7 @@ import typer
 
 from rapm import config as cfg
 from rapm.config import ConfigError, TrainConfig
-from rapm.methods import Context, Setup, TrajectoryBatch, build_method, updates_of
+from rapm.methods import Context, Setup, TrajectoryBatch, build_method, ema_of, updates_of
 from rapm.models import (build_models, constant_schedule, ema_decay_at, lr_schedule, make_optimizer, student_spec,  # noqa: F401
                          swap_in, update_ema, weight_dtype)
 from rapm.monitor import Monitor
@@ -229,6 +229,10 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
                               f"{config.val_fraction}); use 0 for all of them")
         train_ids = train_ids[:config.train_trajectories]
     method = build_method(config, _delta(config, store))
+    ema_decay, ema_warmup = ema_of(config)
+    if config.relative_target == "ema" and ema_decay <= 0:
+        raise ConfigError(f"config field 'relative_target': 'ema' needs an EMA, and method {config.method!r} keeps none "
+                          "by default; set ema_decay (such as 0.99)")
     torch.manual_seed(config.seed)  # the LoRA A matrices and the heads start from the seed
     teacher, disc = build_models(config, device, need_vae=config.sample_every > 0, with_discriminator=method.uses_discriminator)
     store.check_teacher(teacher, steps=store.steps)  # the teacher, and the store's timesteps for its N
@@ -246,7 +250,7 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
     method.prepare(Setup(unet, teacher.schedule, store, device, dtype))
     phases = build_phases(config, unet, disc, method)
     student_params = lora_parameters(unet, STUDENT)  # what is exported (and averaged into the EMA)
-    ema = {n: p.detach().float().clone() for n, p in student_params.items()} if config.ema_decay > 0 else None
+    ema = {n: p.detach().float().clone() for n, p in student_params.items()} if ema_decay > 0 else None
     disc_phase = phases.get("discriminator")
     state = TrainState(student_params, disc_phase.params if disc_phase else {}, ema, phases["student"].optimizer,
                        phases["student"].scheduler, disc_phase and disc_phase.optimizer, disc_phase and disc_phase.scheduler,
@@ -300,7 +304,7 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
                     if phase.name == "student":
                         if state.ema is not None:
                             update_ema(state.ema, student_params,
-                                       ema_decay_at(config.ema_decay, config.ema_warmup, student_updates))
+                                       ema_decay_at(ema_decay, ema_warmup, student_updates))
                         student_updates += 1
                     # One line per iteration: the student's loss is "loss"; a discriminator update beside it "disc_loss".
                     prefix = "disc_" if phase.name == "discriminator" and entry["phase"] != phase.name else ""

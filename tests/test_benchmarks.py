@@ -61,3 +61,25 @@ def test_convergence_reads_the_validation_curve_and_charges_calibrated_seconds(t
     curve = conv.read_curve(run, "rapm", 4, 1)
     assert [r["wall_s"] for r in curve] == [0.0, 1.0] and curve[-1]["run_wall_s"] == 12.0
     assert conv.at_budget(curve, 0.9)["iteration"] == 0 and conv.at_budget(curve, 1.0)["iteration"] == 2
+
+
+def test_convergence_rows_name_what_they_run_and_summarise_the_curve():
+    from rapm.config import TrainConfig, apply_overrides
+    from rapm.methods import recipe_of
+
+    conv = _load("convergence")
+    rows = {name: (method, sets) for name, method, _, sets in conv.MAIN_ROWS + conv.ABLATION_ROWS}
+    base = {"ema_decay": 0}  # what the benchmark sets under every row
+
+    def resolved(name):
+        method, sets = rows[name]
+        fields = {**base, **dict(s.split("=", 1) for s in sets), "method": method}
+        return recipe_of(apply_overrides(TrainConfig(), fields, "test"))
+
+    # The row named rapm is the default recipe a user gets from `rapm train` (the EMA included), sfd is SFD's own.
+    assert resolved("rapm") == recipe_of(TrainConfig())
+    assert resolved("sfd") == recipe_of(apply_overrides(TrainConfig(), {"method": "sfd"}, "test"))
+    assert resolved("abl-no-ema")["ema_decay"] == 0 and resolved("abl-sfd-ema")["ema_decay"] == 0.99
+    curve = [{"iteration": i, "trajectory_error": e} for i, e in ((0, 0.2), (250, 0.1), (500, 0.12), (750, 0.08))]
+    assert conv.worst_rise(curve) == 0.12 - 0.1 and conv.last_mean(curve) == (0.1 + 0.12 + 0.08) / 3
+    assert conv.worst_rise(curve[:2]) is None and conv.last_mean(curve[:3]) is None

@@ -255,7 +255,11 @@ def test_relative_target_ema_makes_the_frozen_student_the_ema(tiny_sd, sd_store,
     from rapm.methods import rapm as rapm_method
 
     with pytest.raises(ConfigError, match="'relative_target': 'ema' needs an EMA"):
-        validate(apply_overrides(TrainConfig(), {"relative_target": "ema"}, "test"))
+        validate(apply_overrides(TrainConfig(), {"relative_target": "ema", "ema_decay": 0}, "test"))
+    with pytest.raises(ConfigError, match="'relative_target': 'ema' needs an EMA, and method 'rapm-paper' keeps none"):
+        train(_config(tiny_sd, sd_store, iterations=1, method="rapm-paper", relative_target="ema"), tmp_path / "r0",
+              progress=False)
+    assert not (tmp_path / "r0").exists()
     seen = []  # the frozen student's first LoRA B matrix at every relative-position forward
     original = rapm_method.student_step
 

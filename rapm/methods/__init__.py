@@ -14,12 +14,15 @@ from rapm.plugins import plugin_for
 from rapm.roles import LoraSpec
 
 # The default RAPM recipe, chosen on the digits convergence benchmark (README "Quality", benchmarks/results/
-# convergence.md): the relative terms at a quarter of the absolute ones' weight and no discriminator; switched on
-# (`--set adv_weight=0.1`), the discriminators are the paired (relativistic) ones, updated in every iteration before
-# the student. The paper's setting (Alg. 2 as written: PCM's unpaired hinge loss, discriminator and student updates
-# alternating, every term at weight 1) is `--method rapm-paper`.
-RAPM_RECIPE = dict(gan_loss="relativistic", updates="both", adv_weight=0.0, relative_weight=0.25)
-PAPER_RECIPE = dict(gan_loss="hinge", updates="alternate", adv_weight=0.1, relative_weight=1.0)
+# convergence.md): the relative terms at a quarter of the absolute ones' weight, no discriminator, and an EMA of the
+# student (0.99 with the warm-up) as the student that is validated and exported; switched on (`--set
+# adv_weight=0.1`), the discriminators are the paired (relativistic) ones, updated in every iteration before the
+# student. The paper's setting (Alg. 2 as written: PCM's unpaired hinge loss, discriminator and student updates
+# alternating, every term at weight 1, no EMA) is `--method rapm-paper`. The peers keep their own recipes (no EMA).
+RAPM_RECIPE = dict(gan_loss="relativistic", updates="both", adv_weight=0.0, relative_weight=0.25, ema_decay=0.99,
+                   ema_warmup=True)
+PAPER_RECIPE = dict(gan_loss="hinge", updates="alternate", adv_weight=0.1, relative_weight=1.0, ema_decay=0.0,
+                    ema_warmup=False)
 
 
 def recipe_of(config: TrainConfig) -> dict:
@@ -27,9 +30,19 @@ def recipe_of(config: TrainConfig) -> dict:
     own = dict(PAPER_RECIPE if config.method in ("rapm-paper", "pcm") else RAPM_RECIPE)
     if config.method == "rapm-relative":
         own["relative_weight"] = 1.0  # its only position term
+    if config.method != "rapm":  # the EMA is the default recipe's; the paper and the peers train without one
+        own["ema_decay"], own["ema_warmup"] = 0.0, False
+    ema = (config.ema_decay, config.ema_warmup) if config.ema_decay >= 0 else (own["ema_decay"], own["ema_warmup"])
     return {"gan_loss": config.gan_loss or own["gan_loss"], "updates": config.updates or own["updates"],
             "adv_weight": config.adv_weight if config.adv_weight >= 0 else own["adv_weight"],
-            "relative_weight": config.relative_weight if config.relative_weight >= 0 else own["relative_weight"]}
+            "relative_weight": config.relative_weight if config.relative_weight >= 0 else own["relative_weight"],
+            "ema_decay": ema[0], "ema_warmup": ema[1]}
+
+
+def ema_of(config: TrainConfig) -> tuple[float, bool]:
+    """The student's EMA decay (0 = none) and whether it warms up: the config's, else the method's own."""
+    recipe = recipe_of(config)
+    return recipe["ema_decay"], recipe["ema_warmup"]
 
 
 def updates_of(config: TrainConfig) -> str:
@@ -94,4 +107,4 @@ def build_method(config: TrainConfig, delta: int) -> Method:
 
 
 __all__ = ["Context", "Method", "Setup", "TrajectoryBatch", "RAPM", "PCM", "Progressive", "build_method", "pseudo_huber", "METHODS", "FACTORIES",
-           "updates_of", "recipe_of", "RAPM_RECIPE", "PAPER_RECIPE"]
+           "updates_of", "recipe_of", "ema_of", "RAPM_RECIPE", "PAPER_RECIPE"]
