@@ -141,6 +141,21 @@ def _delta(config: TrainConfig, store) -> int:
     return delta
 
 
+def _warn_if_schedule_stretches(config_file: Path, config: TrainConfig, start: int) -> None:
+    """A step or cosine schedule is spread over config.iterations: resuming to another total moves the LR."""
+    try:
+        before = json.loads(config_file.read_text()).get("iterations")
+    except (OSError, ValueError):
+        return
+    if before and before != config.iterations:
+        from rapm.models import lr_factor
+
+        was, now = lr_factor(config.lr_schedule, start, before), lr_factor(config.lr_schedule, start, config.iterations)
+        warnings.warn(f"{config_file}: the run was scheduled over {before} iterations and resumes over "
+                      f"{config.iterations}; lr_schedule {config.lr_schedule!r} is spread over the new total, so the LR "
+                      f"at step {start} goes from {was:.3g} to {now:.3g} of 'lr'", ResumeWarning, stacklevel=3)
+
+
 def build_phases(config: TrainConfig, unet, disc, method) -> dict[str, Phase]:
     """The student's phase and, with a discriminator, the discriminator's: built once, before the loop."""
     student = {**lora_parameters(unet, STUDENT), **method.extra_parameters()}  # plus a method's own (RDD's head)
@@ -261,6 +276,8 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
     if last is not None:
         check_data_position(last, saved.get("data", {}), data_position(config, store), config.store)
         start = state.restore(saved, device)
+    if last is not None and config.lr_schedule != "constant":
+        _warn_if_schedule_stretches(run / "config.json", config, start)
     if procs.main:  # only once the store and the checkpoint are known to fit: a refused resume changes nothing
         atomic_write(run / "config.json", json.dumps(cfg.to_dict(config), indent=2).encode())
         truncate_log(run / "logs.jsonl", start)

@@ -282,3 +282,14 @@ def test_relative_target_ema_makes_the_frozen_student_the_ema(tiny_sd, sd_store,
     assert rel_s[0] == pytest.approx(rel_e[0])
     # Later the EMA's B lags the student's by its decay: 0.9 of the way back to the previous average.
     assert not torch.allclose(b_s[2], b_e[2]) and (b_e[2].abs().sum() < b_s[2].abs().sum())
+
+
+def test_resuming_a_step_schedule_to_more_iterations_says_the_lr_moves(tiny_sd, sd_store, tmp_path):
+    from rapm.run import ResumeWarning
+
+    run = tmp_path / "run"
+    train(_config(tiny_sd, sd_store, iterations=4, checkpoint_every=4, adv_weight=0, lr_schedule="step"), run,
+          progress=False)
+    with pytest.warns(ResumeWarning, match=r"scheduled over 4 iterations and resumes over 12; .* goes from 0.1 to 1"):
+        train(_config(tiny_sd, sd_store, iterations=12, checkpoint_every=4, adv_weight=0, lr_schedule="step"), run,
+              resume=True, progress=False, stop_after=1)
