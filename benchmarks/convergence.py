@@ -172,8 +172,8 @@ def calibrate(work: Path, store: Path, steps: int, row: str, method: str, batch:
     subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, check=True)
     seconds = sorted(json.loads(line)["seconds"] for line in (run / "logs.jsonl").read_text().splitlines()
                      [iterations // 3:])
-    table[key] = seconds[len(seconds) // 2]
-    cal.write_text(json.dumps(table, indent=1) + "\n")
+    table = {**(json.loads(cal.read_text()) if cal.exists() else {}), key: seconds[len(seconds) // 2]}  # re-read:
+    cal.write_text(json.dumps(table, indent=1) + "\n")  # two calibrations (disjoint --rows) may share the file
     import shutil
 
     shutil.rmtree(run, ignore_errors=True)

@@ -78,10 +78,10 @@ def test_split_is_seeded_disjoint_and_complete():
     assert split_indices(4, 0.05, seed=0) == ([0, 1, 2, 3], [])
 
 
-def test_training_never_sees_the_validation_split_and_logs_its_curve(tiny_sd, sd_store, tmp_path, monkeypatch):
+def _record_fetches(monkeypatch) -> list[list[int]]:
+    """Every TrajectoryStore.get call's indices, in order."""
     from rapm.store import TrajectoryStore
 
-    _, val_ids = split_indices(4, 0.25, seed=0)
     fetched = []
     original = TrajectoryStore.get
 
@@ -90,6 +90,12 @@ def test_training_never_sees_the_validation_split_and_logs_its_curve(tiny_sd, sd
         return original(self, indices)
 
     monkeypatch.setattr(TrajectoryStore, "get", get)
+    return fetched
+
+
+def test_training_never_sees_the_validation_split_and_logs_its_curve(tiny_sd, sd_store, tmp_path, monkeypatch):
+    _, val_ids = split_indices(4, 0.25, seed=0)
+    fetched = _record_fetches(monkeypatch)
     run = tmp_path / "run"
     train(_config(tiny_sd, sd_store, iterations=6, checkpoint_every=3, val_fraction=0.25, eval_every=4), run,
           progress=False)
@@ -228,17 +234,8 @@ def test_lr_schedules_step_and_cosine_over_each_phases_updates(tiny_sd, sd_store
 
 
 def test_train_trajectories_trains_on_a_subset_and_keeps_the_held_out_split(tiny_sd, sd_store, tmp_path, monkeypatch):
-    from rapm.store import TrajectoryStore
-
     train_ids, val_ids = split_indices(4, 0.25, seed=0)
-    fetched = []
-    original = TrajectoryStore.get
-
-    def get(self, indices):
-        fetched.append(list(indices) if not isinstance(indices, int) else [indices])
-        return original(self, indices)
-
-    monkeypatch.setattr(TrajectoryStore, "get", get)
+    fetched = _record_fetches(monkeypatch)
     run = tmp_path / "run"
     train(_config(tiny_sd, sd_store, iterations=6, checkpoint_every=6, val_fraction=0.25, eval_every=6,
                   train_trajectories=1), run, progress=False)
