@@ -81,27 +81,33 @@ def add_adapters_and_heads(net, student, discriminator, config, checkpointing: b
                                                 config.disc_kernel_size)).to(device)
 
 
+def bench_config(model: str, device: torch.device, checkpointing: bool, rank: int | None):
+    """The model's preset as rapm-paper in bf16 at batch 1 (the iteration with both discriminators; the default rapm
+    recipe trains none, its iteration is the student phase here), and its weight dtype on ``device``."""
+    from rapm import config as cfg
+    from rapm.train import weight_dtype
+
+    overrides = dict(cfg.PRESETS[model], method="rapm-paper", mixed_precision="bf16", gradient_checkpointing=checkpointing,
+                     batch_size=1)
+    if rank is not None:
+        overrides.update(lora_rank=rank, disc_lora_rank=rank)
+    config = cfg.apply_overrides(cfg.TrainConfig(), overrides, f"preset {model}")
+    return config, weight_dtype(config, device)
+
+
 def build(model: str, tiny: bool, device: torch.device, checkpointing: bool, rank: int | None):
     """The one UNet with its adapters and the discriminator heads, as rapm.train.build_models makes them."""
     if model in FLOW_MODELS:
         return build_flow(model, tiny, device, checkpointing, rank)
     from diffusers import UNet2DConditionModel
 
-    from rapm import config as cfg
     from rapm.diffusion import coarse_timesteps, schedule_from_config
     from rapm.roles import LoraSpec
     from rapm.teacher import Conditioning
     from tests.tiny import SD_SCHEDULER
-    from rapm.train import student_spec, weight_dtype
+    from rapm.train import student_spec
 
-    # rapm-paper: the iteration with both discriminators (the default rapm recipe trains none; its iteration is the
-    # student phase here).
-    overrides = dict(cfg.PRESETS[model], method="rapm-paper", mixed_precision="bf16", gradient_checkpointing=checkpointing,
-                     batch_size=1)
-    if rank is not None:
-        overrides.update(lora_rank=rank, disc_lora_rank=rank)
-    config = cfg.apply_overrides(cfg.TrainConfig(), overrides, f"preset {model}")
-    dtype = weight_dtype(config, device)
+    config, dtype = bench_config(model, device, checkpointing, rank)
     torch.manual_seed(0)
     with torch.device(device):
         unet = UNet2DConditionModel(**unet_config(model, tiny))
@@ -161,21 +167,14 @@ def build_flow(model: str, tiny: bool, device: torch.device, checkpointing: bool
     """SD3-medium's or FLUX.1-dev's transformer with its adapters and discriminator heads, the sd3 / flux presets."""
     from dataclasses import replace
 
-    from rapm import config as cfg
     from rapm.diffusion import flow_schedule_from_config
     from rapm.families import family_named
     from rapm.flow_lora import flow_lora_spec
     from rapm.methods import TrajectoryBatch
     from rapm.teacher import Conditioning
-    from rapm.train import weight_dtype
     from tests.tiny_flow import FLUX_SCHEDULER, SD3_SCHEDULER
 
-    overrides = dict(cfg.PRESETS[model], method="rapm-paper", mixed_precision="bf16", gradient_checkpointing=checkpointing,
-                     batch_size=1)
-    if rank is not None:
-        overrides.update(lora_rank=rank, disc_lora_rank=rank)
-    config = cfg.apply_overrides(cfg.TrainConfig(), overrides, f"preset {model}")
-    dtype = weight_dtype(config, device)
+    config, dtype = bench_config(model, device, checkpointing, rank)
     family = family_named(model)
     torch.manual_seed(0)
     net = materialize(model, tiny, device, dtype)
