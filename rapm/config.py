@@ -21,6 +21,9 @@ class ConfigError(RapmError):
     pass
 
 
+LR_SCHEDULES = ("constant", "step", "cosine")  # config field lr_schedule
+
+
 @dataclass
 class TrainConfig:
     teacher: str = ""
@@ -181,8 +184,8 @@ def validate(config: TrainConfig) -> None:
         bad("batch_size", f"must be at least 1, got {config.batch_size}")
     if config.lr <= 0 or config.disc_lr <= 0:
         bad("lr" if config.lr <= 0 else "disc_lr", "must be positive")
-    if config.lr_schedule not in ("constant", "step", "cosine"):
-        bad("lr_schedule", f"must be constant, step or cosine, got {config.lr_schedule!r}")
+    if config.lr_schedule not in LR_SCHEDULES:  # rapm.models.lr_factor gives each its shape
+        bad("lr_schedule", f"must be {', '.join(LR_SCHEDULES[:-1])} or {LR_SCHEDULES[-1]}, got {config.lr_schedule!r}")
     if config.relative_target not in ("student", "ema"):
         bad("relative_target", f"must be student or ema, got {config.relative_target!r}")
     if config.relative_target == "ema" and config.ema_decay == 0:

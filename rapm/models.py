@@ -50,9 +50,6 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, betas, weight_de
     return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
 
 
-LR_SCHEDULES = ("constant", "step", "cosine")
-
-
 def lr_factor(kind: str, update: int, total: int) -> float:
     """The learning rate's factor at a phase's ``update``-th update of ``total``: "constant" 1; "step" 1, then 0.1 from
     half the updates on (SFD's recipe, REFERENCES.md); "cosine" from 1 to 0 over the updates."""

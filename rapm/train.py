@@ -22,8 +22,8 @@ import typer
 from rapm import config as cfg
 from rapm.config import ConfigError, TrainConfig
 from rapm.methods import Context, Setup, TrajectoryBatch, build_method, ema_of, updates_of
-from rapm.models import (build_models, constant_schedule, ema_decay_at, lr_schedule, make_optimizer, student_spec,  # noqa: F401
-                         swap_in, update_ema, weight_dtype)
+from rapm.models import (build_models, constant_schedule, ema_decay_at, lr_factor, lr_schedule, make_optimizer,  # noqa: F401
+                         student_spec, swap_in, update_ema, weight_dtype)
 from rapm.monitor import Monitor
 from rapm.processes import Processes, resolve_device
 from rapm.roles import DISCRIMINATOR, STUDENT, lora_parameters, set_trainable
@@ -148,8 +148,6 @@ def _warn_if_schedule_stretches(config_file: Path, config: TrainConfig, start: i
     except (OSError, ValueError):
         return
     if before and before != config.iterations:
-        from rapm.models import lr_factor
-
         was, now = lr_factor(config.lr_schedule, start, before), lr_factor(config.lr_schedule, start, config.iterations)
         warnings.warn(f"{config_file}: the run was scheduled over {before} iterations and resumes over "
                       f"{config.iterations}; lr_schedule {config.lr_schedule!r} is spread over the new total, so the LR "
