@@ -59,6 +59,11 @@ MAIN_ROWS = [  # in the order they run
     ("progressive-rdd", "progressive-rdd", 1, []),
     ("rapm-relative", "rapm-relative", 1, ["adv_weight=0.1"]),  # eq. 16 with D1: the paper's Fig. 3 ablation
     ("pcm-b4", "pcm", 4, []),
+    # A second seed (LoRA init, data order, noise) of the closest rows, validated on the same held-out trajectories
+    # (val_seed=0): how much of a gap between them is one seed's luck
+    ("rapm-seed1", "rapm", 1, ["ema_decay=0.99", "ema_warmup=true", "seed=1", "val_seed=0"]),
+    ("sfd-seed1", "sfd", 1, ["seed=1", "val_seed=0"]),
+    ("sfd-ema-seed1", "sfd", 1, ["ema_decay=0.99", "seed=1", "val_seed=0"]),  # abl-sfd-ema's second seed
 ]
 ABLATION_ROWS = [  # N = 4 only unless named; the first ones change one thing of rapm-paired
     ("abl-disc4", "rapm", 1, PAIRED + ["disc_every=4"]),  # a discriminator update every 4th iteration

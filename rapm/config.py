@@ -84,6 +84,7 @@ class TrainConfig:
     log_every: int = 1
     val_fraction: float = 0.05  # trajectories of the store held out (never trained on) for validation
     train_trajectories: int = 0  # train on the first K of the training split only (0 = all); the held-out split stays
+    val_seed: int = -1  # the held-out split's seed; negative = the run's seed. Fix it to validate other seeds alike
     eval_every: int = 250  # validation every K iterations (and at the start and the end); 0 = off
     val_reference_steps: int = 0  # also measure against the teacher's K-step DDIM from the same noise; 0 = off
     mixed_precision: str = "no"  # no | bf16 | fp16
@@ -111,6 +112,11 @@ PRESETS: dict[str, dict] = {
     # The built-in teachers' own presets come from their folders (rapm.plugins): "digits", in rapm/demo/teacher/rapm.json.
     **builtin_presets(),
 }
+
+
+def split_seed(config: TrainConfig) -> int:
+    """The seed of the held-out split: ``val_seed``, else the run's ``seed``."""
+    return config.val_seed if config.val_seed >= 0 else config.seed
 
 
 def default_preset(teacher: str, family: str) -> str:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from rapm import config as cfg
-from rapm.config import TrainConfig
+from rapm.config import TrainConfig, split_seed
 from rapm.errors import RapmError
 from rapm.folders import RUN_MARKER, FolderError, FolderLock, is_empty, other_kind, read_marker, write_marker
 from rapm.files import atomic_write, fsync_dir, read_json_object, sha256_file, write_synced
@@ -499,16 +499,20 @@ def set_rng_state(state: dict) -> None:
 def data_position(config: TrainConfig, store) -> dict:
     """What fixes the data stream a checkpoint's step counts in: a resume must see the same."""
     return {"seed": config.seed, "batch_size": config.batch_size, "count": len(store), "steps": store.steps,
-            "val_fraction": config.val_fraction, "train_trajectories": config.train_trajectories}
+            "val_fraction": config.val_fraction, "train_trajectories": config.train_trajectories,
+            "split_seed": split_seed(config)}
 
 
 def check_data_position(checkpoint: Path, saved: dict, current: dict, store: str) -> None:
     """Refuse a resume whose data stream differs from the checkpoint's (its step would count other samples)."""
-    saved = {"val_fraction": 0.0, **saved}  # checkpoints from before the validation split held nothing out
+    # checkpoints from before the validation split held nothing out; from before val_seed, the split's seed was seed
+    saved = {"val_fraction": 0.0, **({"split_seed": saved["seed"]} if "seed" in saved else {}), **saved}
     for field, value in saved.items():
         if field in current and current[field] != value:
             what = {"count": f"the store's trajectory count ({store})",
-                    "steps": f"the store's N, manifest field 'steps' ({store})"}.get(field, f"config field {field!r}")
+                    "steps": f"the store's N, manifest field 'steps' ({store})",
+                    "split_seed": "the held-out split's seed (config field 'val_seed', else 'seed')"}.get(
+                field, f"config field {field!r}")
             raise RunError(f"{state_file(checkpoint)}: {what} was {value} when it was written but is {current[field]} "
                            f"now; resume with the run's own store and settings, or start a new run in another --out")
 

@@ -20,7 +20,7 @@ import torch
 import typer
 
 from rapm import config as cfg
-from rapm.config import ConfigError, TrainConfig
+from rapm.config import ConfigError, TrainConfig, split_seed
 from rapm.methods import Context, Setup, TrajectoryBatch, build_method, ema_of, updates_of
 from rapm.models import (build_models, constant_schedule, ema_decay_at, lr_factor, lr_schedule, make_optimizer,  # noqa: F401
                          student_spec, swap_in, update_ema, weight_dtype)
@@ -234,7 +234,7 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
     dtype = weight_dtype(config, device)
     store = open_store(Path(config.store))
     _check_method_applies(config, store)
-    train_ids, val_ids = split_indices(len(store), config.val_fraction, config.seed)
+    train_ids, val_ids = split_indices(len(store), config.val_fraction, split_seed(config))
     if config.train_trajectories:
         if config.train_trajectories > len(train_ids):
             raise ConfigError(f"config field 'train_trajectories': {config.train_trajectories} is more than the "

@@ -248,6 +248,31 @@ def test_train_trajectories_trains_on_a_subset_and_keeps_the_held_out_split(tiny
     assert not (tmp_path / "r2").exists()
 
 
+def test_val_seed_holds_out_the_same_trajectories_under_another_seed(tiny_sd, sd_store, tmp_path, monkeypatch):
+    import rapm.train as train_module
+    from rapm.run import RunError
+
+    fixed, own = split_indices(4, 0.25, seed=0)[1], split_indices(4, 0.25, seed=1)[1]
+    assert fixed != own  # else the test could not tell the two splits apart
+    held_out = []
+
+    class Recording(train_module.Validation):
+        def __init__(self, teacher, store, val_ids, *args):
+            held_out.append(list(val_ids))
+            super().__init__(teacher, store, val_ids, *args)
+
+    monkeypatch.setattr(train_module, "Validation", Recording)
+    run = tmp_path / "run"
+    train(_config(tiny_sd, sd_store, iterations=4, checkpoint_every=2, val_fraction=0.25, eval_every=4, seed=1,
+                  val_seed=0), run, progress=False)
+    assert held_out == [fixed]  # seed 0's held-out trajectories, not seed 1's
+    with pytest.raises(RunError, match=r"the held-out split's seed \(config field 'val_seed', else 'seed'\) was 0 when "
+                                       r"it was written but is 1 now"):
+        train(_config(tiny_sd, sd_store, iterations=6, checkpoint_every=2, val_fraction=0.25, eval_every=4, seed=1),
+              run, resume=True, progress=False)
+    assert held_out == [fixed]
+
+
 def test_relative_target_ema_makes_the_frozen_student_the_ema(tiny_sd, sd_store, tmp_path, monkeypatch):
     from rapm.methods import rapm as rapm_method
 
