@@ -64,7 +64,12 @@ MAIN_ROWS = [  # in the order they run
     ("rapm-seed1", "rapm", 1, ["ema_decay=0.99", "ema_warmup=true", "seed=1", "val_seed=0"]),
     ("sfd-seed1", "sfd", 1, ["seed=1", "val_seed=0"]),
     ("sfd-ema-seed1", "sfd", 1, ["ema_decay=0.99", "seed=1", "val_seed=0"]),  # abl-sfd-ema's second seed
+    ("rapm-seed2", "rapm", 1, ["ema_decay=0.99", "ema_warmup=true", "seed=2", "val_seed=0"]),
+    ("sfd-ema-seed2", "sfd", 1, ["ema_decay=0.99", "seed=2", "val_seed=0"]),
 ]
+# Each seeded row's seed-0 row (the seeds table: their last-3 means side by side)
+SEED_OF = {"rapm-seed1": "rapm", "rapm-seed2": "rapm", "sfd-seed1": "sfd", "sfd-ema-seed1": "abl-sfd-ema",
+           "sfd-ema-seed2": "abl-sfd-ema"}
 ABLATION_ROWS = [  # N = 4 only unless named; the first ones change one thing of rapm-paired
     ("abl-disc4", "rapm", 1, PAIRED + ["disc_every=4"]),  # a discriminator update every 4th iteration
     ("abl-l1", "rapm", 1, PAIRED + ["distance=l1"]),
@@ -310,6 +315,27 @@ def fmt(v, spec: str) -> str:
     return "" if v is None else format(v, spec)
 
 
+def seeds_table(done: dict[str, list[dict]]) -> list[str]:
+    """Each seeded row beside its seed-0 row: the last-3 mean of every seed, their mean and spread (max - min)."""
+    groups: dict[str, list[str]] = {}
+    for row, base in SEED_OF.items():
+        if row in done and base in done:
+            groups.setdefault(base, [base]).append(row)
+    if not groups:
+        return []
+    md = ["", "Seeds (LoRA init, data order, noise; every seed validated on the same held-out trajectories): the "
+          "last-3 mean trajectory error of each seed, and the last FD to the teacher:", "",
+          "| method | seeds | last 3 mean, by seed | mean | spread | FD to teacher, by seed |",
+          "| --- | ---: | --- | ---: | ---: | --- |"]
+    for base, rows in groups.items():
+        means = [last_mean(done[r]) for r in rows]
+        if None in means:
+            continue
+        md.append(f"| {base} | {len(rows)} | {' / '.join(f'{m:.4f}' for m in means)} | {sum(means) / len(means):.4f} | "
+                  f"{max(means) - min(means):.4f} | {' / '.join(fmt(done[r][-1]['fd_teacher'], '.1f') for r in rows)} |")
+    return md
+
+
 def report(work: Path, steps_list: list[int], rows_by_n: dict[int, list], results: Path, command: str, val_fraction: float,
            extra: dict) -> None:
     all_rows: list[dict] = []
@@ -329,7 +355,8 @@ def report(work: Path, steps_list: list[int], rows_by_n: dict[int, list], result
         curves = {row: read_curve(run_dir(work, steps, row), row, steps, batch) for row, _, batch, _ in rows_by_n[steps]}
         teacher, floors = teacher_rows(store, steps, val_fraction) if (store / "manifest.json").exists() else ([], {})
         all_rows += teacher + [r for c in curves.values() for r in c]
-        plot(curves, teacher, steps, results / f"convergence-n{steps}.png")
+        plot({row: c for row, c in curves.items() if row not in SEED_OF}, teacher, steps,
+             results / f"convergence-n{steps}.png")
         done = {row: c for row, c in curves.items() if c}
         if not done:
             continue
@@ -349,7 +376,7 @@ def report(work: Path, steps_list: list[int], rows_by_n: dict[int, list], result
                       f"{fmt(last_mean(c), '.4f')} | {fmt(worst_rise(c), '.4f')} | "
                       f"{fmt(r['reference_error'], '.4f')} | {fmt(r['fd_teacher'], '.1f')} | {fmt(r['fd_real'], '.1f')} | "
                       f"{fmt(100 * r['prompt_accuracy'], '.1f')}% |")
-        main = [c for row, c in done.items() if not row.startswith("abl-")]
+        main = [c for row, c in done.items() if not row.startswith("abl-") and row not in SEED_OF]
         ends = sorted(c[-1]["wall_s"] for c in main if c[-1]["iteration"] > 0)
         if ends:
             top = ends[len(ends) // 2]  # the median run's wall time: most rows reach it
@@ -365,6 +392,7 @@ def report(work: Path, steps_list: list[int], rows_by_n: dict[int, list], result
                     mark = "*" if r is c[-1] and c[-1]["wall_s"] < b else ""
                     cells.append(f"{r['trajectory_error']:.4f} / {fmt(r['fd_teacher'], '.1f')}{mark}" if r else "")
                 md.append(f"| {row} | " + " | ".join(cells) + " |")
+        md += seeds_table(done)
         md.append("")
     results.mkdir(parents=True, exist_ok=True)
     out = {"date": datetime.date.today().isoformat(), "command": command, "trajectories": TRAJECTORIES,

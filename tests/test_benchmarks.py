@@ -83,3 +83,26 @@ def test_convergence_rows_name_what_they_run_and_summarise_the_curve():
     curve = [{"iteration": i, "trajectory_error": e} for i, e in ((0, 0.2), (250, 0.1), (500, 0.12), (750, 0.08))]
     assert conv.worst_rise(curve) == 0.12 - 0.1 and conv.last_mean(curve) == (0.1 + 0.12 + 0.08) / 3
     assert conv.worst_rise(curve[:2]) is None and conv.last_mean(curve[:3]) is None
+
+
+def test_convergence_seed_rows_differ_from_their_base_only_by_seed_and_validate_on_its_split():
+    from rapm.config import TrainConfig, apply_overrides, split_seed
+
+    conv = _load("convergence")
+    rows = {name: (method, sets) for name, method, _, sets in conv.MAIN_ROWS + conv.ABLATION_ROWS}
+
+    def config(name):
+        method, sets = rows[name]
+        return apply_overrides(TrainConfig(), {"ema_decay": 0, **dict(s.split("=", 1) for s in sets), "method": method},
+                               "test")
+
+    for row, base in conv.SEED_OF.items():
+        seeded, own = config(row), config(base)
+        assert seeded.seed > 0 and split_seed(seeded) == split_seed(own) == 0, row
+        assert {**vars(seeded), "seed": 0, "val_seed": -1} == vars(own), row  # nothing else differs
+    curve = lambda *errors: [{"iteration": 250 * (i + 1), "trajectory_error": e, "fd_teacher": 5.0}
+                             for i, e in enumerate(errors)]
+    done = {"rapm": curve(0.05, 0.04, 0.03), "rapm-seed1": curve(0.06, 0.05, 0.04), "sfd": curve(0.1, 0.1, 0.1)}
+    table = conv.seeds_table(done)
+    assert table[-1] == "| rapm | 2 | 0.0400 / 0.0500 | 0.0450 | 0.0100 | 5.0 / 5.0 |" and len(table) == 6
+    assert conv.seeds_table({"sfd": done["sfd"]}) == []  # a base without its seeded runs gets no table
