@@ -330,6 +330,123 @@ def _to_store(x: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
 
 # --- the writer ------------------------------------------------------------------------------------------------------
 
+def _check_arguments(steps: int, substeps: int, solver: str, delta: int | None, batch_size: int, shard_size: int,
+                     dtype: str, teacher_dtype: str) -> None:
+    """What the arguments alone can refuse, before the teacher loads."""
+    for name, value in (("steps", steps), ("substeps", substeps), ("batch_size", batch_size), ("shard_size", shard_size)):
+        if value < 1:
+            raise RapmError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if solver not in SOLVERS:
+        raise RapmError(f"--solver {solver!r} is not one of {', '.join(SOLVERS)}")
+    if substeps == 1 and solver == "ddim" and delta is None:  # the default Δ, one fine step T // (N M), is the whole slot
+        raise RapmError(f"--substeps 1 leaves no teacher step inside a slot: rapm train's default Δ (one step of the "
+                        f"fine grid, 1000 // (N M) = {1000 // steps} timesteps at N = {steps}) would be a whole slot, "
+                        "and train refuses such a store; use --substeps 2 or more (default 25), or give a shorter --delta")
+    for name, value in (("dtype", dtype), ("teacher_dtype", teacher_dtype)):
+        if value not in DTYPES:
+            raise RapmError(f"--{name.replace('_', '-')} {value!r} is not one of {', '.join(DTYPES)}")
+
+
+def _coarse_grid(teacher_model: Teacher, steps: int, substeps: int, solver: str, delta: int | None) -> tuple[list, int]:
+    """The coarse timesteps t_N..t_0 and Δ (the given one, checked, else ``default_delta`` capped at the shortest slot)."""
+    schedule = teacher_model.schedule
+    if schedule.is_flow and solver != "ddim":
+        raise RapmError(f"--solver {solver}: a flow-matching teacher ({teacher_model.family}) takes Euler steps, "
+                        "which are --solver ddim (the DDIM step of a flow schedule is the Euler step)")
+    timesteps = schedule.coarse(steps)
+    num_train_timesteps = schedule.num_train_timesteps
+    if num_train_timesteps % steps and not schedule.is_flow:
+        warnings.warn(f"--steps {steps} " + steps_do_not_divide(num_train_timesteps, steps), StepsWarning, stacklevel=4)
+    fallback = default_delta(num_train_timesteps, steps, substeps, solver)
+    shortest = min(t - s for t, s in zip(timesteps[:-1], timesteps[1:]))
+    if schedule.is_flow:
+        shortest = int(math.floor(shortest))
+    delta = min(fallback, shortest) if delta is None else int(delta)
+    if not 1 <= delta <= shortest:  # (rapm train needs it shorter: at Δ = the slot the Δ-step is the next position)
+        raise RapmError(f"--delta {delta}: Δ must be at least 1 and at most the shortest slot ({shortest} timesteps "
+                        f"at --steps {steps}); leave it out for the default, {min(fallback, shortest)}")
+    return timesteps, delta
+
+
+def _negative(teacher_model: Teacher, negative_prompt: str | None, guidance: float,
+              store_dtype: torch.dtype) -> tuple[Conditioning, bytes]:
+    """The one negative conditioning, as the pipeline builds it (SD: "" when None; SDXL: zeros when None), and its
+    file's bytes."""
+    from safetensors.torch import save
+
+    _, uncond_one = teacher_model.encode_prompts([""], negative_prompt)
+    uncond_one = teacher_model.family_def.with_guidance(uncond_one, guidance)  # FLUX: the same fields as cond
+    negative = {k: _to_store(v, torch.float32 if k in FLOAT32_FIELDS else store_dtype, "negative prompt")
+                for k, v in uncond_one.tensors().items()}
+    return uncond_one, save(negative, metadata={"rapm": json.dumps({"negative_prompt": negative_prompt})})
+
+
+def _check_out(out: Path, overwrite: bool, manifest: dict, prompt_list: list[str], teacher_model: Teacher,
+               batch_size: int, steps: int) -> None:
+    """Every process checks (read only) before any writes, so a refusal leaves the store untouched and no process
+    waits."""
+    existing = out / MANIFEST
+    if out.is_dir() and not is_empty(out) and not is_store(out):  # with or without --overwrite: not rapm's to touch
+        raise StoreError(f"--out {out} is not empty and is not a rapm trajectory store (no {STORE_MARKER}"
+                         f"{', and its manifest.json is not rapm' + chr(39) + 's' if existing.exists() else ''}); rapm "
+                         "writes only into a new or empty folder or its own store, and deletes nothing here: give another --out")
+    if not overwrite and existing.exists():
+        _check_same_settings(out, read_manifest(out), manifest, prompt_list)
+    need = batch_size * (steps + 2) * math.prod(teacher_model.latent_shape) * 4  # one batch of float32 positions
+    if need > _memory_bytes():
+        raise StoreError(f"{teacher_model.path / teacher_model.family_def.denoiser_subfolder / 'config.json'}: sample_size gives latents "
+                         f"{list(teacher_model.latent_shape)}, {need / 2**30:.1f} GiB for one batch of {batch_size} "
+                         f"trajectories, more than this machine's {_memory_bytes() / 2**30:.1f} GiB; check the teacher's "
+                         "config, or lower --batch-size")
+
+
+def _open_out(out: Path, overwrite: bool, manifest: dict, prompts_text: str, negative_bytes: bytes) -> None:
+    """The main process's writes before the shards: the marker, the (incomplete) manifest, the prompts, the negative."""
+    count, shard_size = manifest["count"], manifest["shard_size"]
+    out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, "store")  # a store made before markers is adopted
+    (out / DONE).mkdir(exist_ok=True)
+    if overwrite:
+        _clear_store(out)
+        (out / DONE).mkdir(exist_ok=True)
+    all_done = all(_shard_complete(out, k, *_span_count(k, shard_size, count)) is not None
+                   for k in range(num_shards(count, shard_size)))
+    existing = out / MANIFEST
+    if not existing.exists() or not all_done:  # readers see an incomplete store until the manifest is rewritten
+        atomic_write(existing, manifest_bytes(manifest))
+    atomic_write(out / PROMPTS, prompts_text.encode("utf-8"))
+    atomic_write(out / NEGATIVE, negative_bytes)
+
+
+def _shard_tensors(teacher_model: Teacher, prompt_list: list[str], start: int, end: int, settings: dict,
+                   uncond_dev: Conditioning, bar) -> dict[str, torch.Tensor]:
+    """One shard's tensors: its trajectories in batches of ``batch_size`` from the shard's start, so the batches (and
+    bytes) of a shard do not depend on the process layout."""
+    s = settings
+    parts: dict[str, list[torch.Tensor]] = {}
+    for b0 in range(start, end, s["batch_size"]):
+        b1 = min(b0 + s["batch_size"], end)
+        seeds = list(range(s["seed"] + b0, s["seed"] + b1))
+        cond, _ = teacher_model.encode_prompts(prompt_list[b0:b1], s["negative_prompt"])
+        cond = teacher_model.family_def.with_guidance(cond, s["guidance"])  # FLUX: the guidance embedding's value
+        uncond = uncond_dev.map(lambda v: v.expand(b1 - b0, *v.shape[1:]))
+        z = initial_noise(seeds, teacher_model.latent_shape).to(teacher_model.device)
+        latents, delta_latents = teacher_trajectories(teacher_model, z, cond, uncond, s["guidance"], s["timesteps"],
+                                                      s["substeps"], s["solver"], s["delta"])
+        what = f"trajectories {b0}..{b1 - 1} (prompt {prompt_list[b0]!r})"
+        batch = {"latents": _to_store(latents, s["store_dtype"], what),
+                 "delta_latents": _to_store(delta_latents, s["store_dtype"], what)}
+        for name, v in cond.tensors().items():
+            batch[name] = _to_store(v, torch.float32 if name in FLOAT32_FIELDS else s["store_dtype"], what)
+        batch["seeds"] = torch.tensor(seeds, dtype=torch.int64)
+        for name, v in batch.items():
+            parts.setdefault(name, []).append(v)
+        bar.update(b1 - b0)
+    return {name: torch.cat(vs).contiguous() for name, vs in parts.items()}
+
+
+# --- the writer ------------------------------------------------------------------------------------------------------
+
 @_one_writer
 def write_trajectories(
     teacher: str | Path,
@@ -364,21 +481,9 @@ def write_trajectories(
     ``default_delta``), at no extra teacher pass: the trainer then needs no teacher (DESIGN.md decision 8).
     """
     from accelerate import PartialState
-    from safetensors.torch import save
     from tqdm.auto import tqdm
 
-    for name, value in (("steps", steps), ("substeps", substeps), ("batch_size", batch_size), ("shard_size", shard_size)):
-        if value < 1:
-            raise RapmError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if solver not in SOLVERS:
-        raise RapmError(f"--solver {solver!r} is not one of {', '.join(SOLVERS)}")
-    if substeps == 1 and solver == "ddim" and delta is None:  # the default Δ, one fine step T // (N M), is the whole slot
-        raise RapmError(f"--substeps 1 leaves no teacher step inside a slot: rapm train's default Δ (one step of the "
-                        f"fine grid, 1000 // (N M) = {1000 // steps} timesteps at N = {steps}) would be a whole slot, "
-                        "and train refuses such a store; use --substeps 2 or more (default 25), or give a shorter --delta")
-    for name, value in (("dtype", dtype), ("teacher_dtype", teacher_dtype)):
-        if value not in DTYPES:
-            raise RapmError(f"--{name.replace('_', '-')} {value!r} is not one of {', '.join(DTYPES)}")
+    _check_arguments(steps, substeps, solver, delta, batch_size, shard_size, dtype, teacher_dtype)
     out = Path(out)
     prompt_list = read_prompts(prompts)
     if out.exists() and not out.is_dir():
@@ -393,37 +498,18 @@ def write_trajectories(
         guidance = default_guidance(teacher_model)
     store_dtype = DTYPES[dtype]
     count = len(prompt_list)
-    schedule = teacher_model.schedule
-    if schedule.is_flow and solver != "ddim":
-        raise RapmError(f"--solver {solver}: a flow-matching teacher ({teacher_model.family}) takes Euler steps, "
-                        "which are --solver ddim (the DDIM step of a flow schedule is the Euler step)")
-    timesteps = schedule.coarse(steps)
-    num_train_timesteps = schedule.num_train_timesteps
-    if num_train_timesteps % steps and not schedule.is_flow:
-        warnings.warn(f"--steps {steps} " + steps_do_not_divide(num_train_timesteps, steps), StepsWarning, stacklevel=2)
-    fallback = default_delta(teacher_model.schedule.num_train_timesteps, steps, substeps, solver)
-    shortest = min(t - s for t, s in zip(timesteps[:-1], timesteps[1:]))
-    if schedule.is_flow:
-        shortest = int(math.floor(shortest))
-    delta = min(fallback, shortest) if delta is None else int(delta)
-    if not 1 <= delta <= shortest:  # (rapm train needs it shorter: at Δ = the slot the Δ-step is the next position)
-        raise RapmError(f"--delta {delta}: Δ must be at least 1 and at most the shortest slot ({shortest} timesteps "
-                        f"at --steps {steps}); leave it out for the default, {min(fallback, shortest)}")
+    timesteps, delta = _coarse_grid(teacher_model, steps, substeps, solver, delta)
 
     long = truncated_prompts(teacher_model, prompt_list)
     if long:
         limit = min(tok.model_max_length for tok in teacher_model.tokenizers)
         warnings.warn(f"{prompts}: {len(long)} of {count} prompts are longer than the tokenizer's {limit} tokens and are "
                       f"truncated as diffusers does (first: line {long[0] + 1}); manifest.json lists them in "
-                      "truncated_prompts", TruncatedPromptWarning, stacklevel=2)
+                      "truncated_prompts", TruncatedPromptWarning, stacklevel=3)
 
-    # The one negative conditioning, as the pipeline builds it (SD: "" when None; SDXL: zeros when None).
-    _, uncond_one = teacher_model.encode_prompts([""], negative_prompt)
-    uncond_one = teacher_model.family_def.with_guidance(uncond_one, guidance)  # FLUX: the same fields as cond
-    negative = {k: _to_store(v, torch.float32 if k in FLOAT32_FIELDS else store_dtype, "negative prompt")
-                for k, v in uncond_one.tensors().items()}
-    negative_bytes = save(negative, metadata={"rapm": json.dumps({"negative_prompt": negative_prompt})})
+    uncond_one, negative_bytes = _negative(teacher_model, negative_prompt, guidance, store_dtype)
     prompts_text = "".join(p + "\n" for p in prompt_list)
+    schedule = teacher_model.schedule
     manifest = {
         "format_version": FORMAT_VERSION,
         "complete": False,
@@ -450,34 +536,10 @@ def write_trajectories(
         "shards": [],
     }
 
-    # Every process checks (read only) before any writes, so a refusal leaves the store untouched and no process waits.
-    existing = out / MANIFEST
-    if out.is_dir() and not is_empty(out) and not is_store(out):  # with or without --overwrite: not rapm's to touch
-        raise StoreError(f"--out {out} is not empty and is not a rapm trajectory store (no {STORE_MARKER}"
-                         f"{', and its manifest.json is not rapm' + chr(39) + 's' if existing.exists() else ''}); rapm "
-                         "writes only into a new or empty folder or its own store, and deletes nothing here: give another --out")
-    if not overwrite and existing.exists():
-        _check_same_settings(out, read_manifest(out), manifest, prompt_list)
-    need = batch_size * (steps + 2) * math.prod(teacher_model.latent_shape) * 4  # one batch of float32 positions
-    if need > _memory_bytes():
-        raise StoreError(f"{teacher_model.path / teacher_model.family_def.denoiser_subfolder / 'config.json'}: sample_size gives latents "
-                         f"{list(teacher_model.latent_shape)}, {need / 2**30:.1f} GiB for one batch of {batch_size} "
-                         f"trajectories, more than this machine's {_memory_bytes() / 2**30:.1f} GiB; check the teacher's "
-                         "config, or lower --batch-size")
+    _check_out(out, overwrite, manifest, prompt_list, teacher_model, batch_size, steps)
     state.wait_for_everyone()
     if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        write_marker(out, "store")  # a store made before markers is adopted
-        (out / DONE).mkdir(exist_ok=True)
-        if overwrite:
-            _clear_store(out)
-            (out / DONE).mkdir(exist_ok=True)
-        all_done = all(_shard_complete(out, k, *_span_count(k, shard_size, count)) is not None
-                       for k in range(num_shards(count, shard_size)))
-        if not existing.exists() or not all_done:  # readers see an incomplete store until the manifest is rewritten
-            atomic_write(existing, manifest_bytes(manifest))
-        atomic_write(out / PROMPTS, prompts_text.encode("utf-8"))
-        atomic_write(out / NEGATIVE, negative_bytes)
+        _open_out(out, overwrite, manifest, prompts_text, negative_bytes)
     state.wait_for_everyone()
 
     rank, world = state.process_index, state.num_processes
@@ -491,30 +553,12 @@ def write_trajectories(
     bar = tqdm(total=sum(_span_count(k, shard_size, count)[1] for k in mine), initial=done_count, unit="traj",
                desc="trajectories" if world == 1 else f"trajectories (process 0 of {world})", disable=not show,
                dynamic_ncols=True)
+    settings = dict(batch_size=batch_size, seed=seed, negative_prompt=negative_prompt, guidance=guidance,
+                    timesteps=timesteps, substeps=substeps, solver=solver, delta=delta, store_dtype=store_dtype)
     uncond_dev = uncond_one.to(teacher_model.device)
     for k in todo:
         start, end = shard_span(k, shard_size, count)
-        parts: dict[str, list[torch.Tensor]] = {}
-        # Batches start at the shard's start, so the batches (and bytes) of a shard do not depend on the process layout.
-        for b0 in range(start, end, batch_size):
-            b1 = min(b0 + batch_size, end)
-            seeds = list(range(seed + b0, seed + b1))
-            cond, _ = teacher_model.encode_prompts(prompt_list[b0:b1], negative_prompt)
-            cond = teacher_model.family_def.with_guidance(cond, guidance)  # FLUX: the guidance embedding's value
-            uncond = uncond_dev.map(lambda v: v.expand(b1 - b0, *v.shape[1:]))
-            z = initial_noise(seeds, teacher_model.latent_shape).to(teacher_model.device)
-            latents, delta_latents = teacher_trajectories(teacher_model, z, cond, uncond, guidance, timesteps, substeps,
-                                                          solver, delta)
-            what = f"trajectories {b0}..{b1 - 1} (prompt {prompt_list[b0]!r})"
-            batch = {"latents": _to_store(latents, store_dtype, what),
-                     "delta_latents": _to_store(delta_latents, store_dtype, what)}
-            for name, v in cond.tensors().items():
-                batch[name] = _to_store(v, torch.float32 if name in FLOAT32_FIELDS else store_dtype, what)
-            batch["seeds"] = torch.tensor(seeds, dtype=torch.int64)
-            for name, v in batch.items():
-                parts.setdefault(name, []).append(v)
-            bar.update(b1 - b0)
-        tensors = {name: torch.cat(vs).contiguous() for name, vs in parts.items()}
+        tensors = _shard_tensors(teacher_model, prompt_list, start, end, settings, uncond_dev, bar)
         _write_shard(out, k, tensors, {"format_version": FORMAT_VERSION, "start": start, "count": end - start,
                                         "prompts": prompt_list[start:end], "batch_size": batch_size})
     bar.close()
@@ -526,7 +570,7 @@ def write_trajectories(
         shards = _wait_for_shards(out, count, shard_size, world, show)
         for stale in _temp_files(out):
             stale.unlink(missing_ok=True)
-        atomic_write(existing, manifest_bytes({**manifest, "complete": True, "shards": shards}))
+        atomic_write(out / MANIFEST, manifest_bytes({**manifest, "complete": True, "shards": shards}))
     else:
         while not _complete(out):
             time.sleep(POLL_SECONDS)
