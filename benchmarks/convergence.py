@@ -97,6 +97,11 @@ ABLATION_ROWS = [  # N = 4 only unless named; the first ones change one thing of
     ("abl-sfd-step", "sfd", 1, ["lr_schedule=step"]),  # SFD with its own recipe's step schedule
     ("abl-cosine", "rapm", 1, ["lr_schedule=cosine"]),
     ("abl-sfd-cosine", "sfd", 1, ["lr_schedule=cosine"]),
+    # The step schedule over a 3,000-iteration run (run with --ablation-iterations 3000): LR / 10 from 1,500 on, for
+    # the default recipe, SFD with the same EMA, and SFD's own code recipe (L1, the step schedule, no EMA)
+    ("abl-step-3k", "rapm", 1, ["ema_decay=0.99", "ema_warmup=true", "lr_schedule=step"]),
+    ("abl-sfd-ema-step-3k", "sfd", 1, ["ema_decay=0.99", "lr_schedule=step"]),
+    ("abl-sfd-step-3k", "sfd", 1, ["lr_schedule=step"]),
     # The relative position's frozen student is the EMA (a mean teacher): the relative term pulls toward the average
     ("abl-ema-target", "rapm", 1, ["ema_decay=0.99", "relative_target=ema"]),
     ("abl-ema-target-rel1", "rapm", 1, ["ema_decay=0.99", "relative_target=ema", "relative_weight=1"]),
