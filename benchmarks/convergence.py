@@ -87,6 +87,8 @@ ABLATION_ROWS = [  # N = 4 only unless named; the first ones change one thing of
     ("abl-nogan-rel0.5", "rapm", 1, ["relative_weight=0.5"]),  # the default recipe with the relative terms at 0.5
     ("abl-rel0.1", "rapm", 1, ["relative_weight=0.1"]),  # the default recipe with the relative terms at 0.1
     ("abl-rel0", "rapm", 1, ["relative_weight=0"]),  # the absolute pseudo-Huber terms alone (SFD with RAPM's distance)
+    # the same with the default's EMA (run to 3,000): is the gap to SFD + EMA the relative term or the distance?
+    ("abl-rel0-ema", "rapm", 1, ["relative_weight=0", "ema_decay=0.99", "ema_warmup=true"]),
     ("abl-l1-rel0.25", "rapm", 1, ["distance=l1"]),  # the default recipe with SFD's L1 distance
     ("abl-huber0.001", "rapm", 1, ["huber_c=0.001"]),  # the default recipe with a 10x smaller pseudo-Huber c
     ("abl-huber0.1", "rapm", 1, ["huber_c=0.1"]),  # c at the error's scale: quadratic (L2-like) below it
