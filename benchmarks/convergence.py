@@ -66,10 +66,13 @@ MAIN_ROWS = [  # in the order they run
     ("sfd-ema-seed1", "sfd", 1, ["ema_decay=0.99", "seed=1", "val_seed=0"]),  # abl-sfd-ema's second seed
     ("rapm-seed2", "rapm", 1, ["ema_decay=0.99", "ema_warmup=true", "seed=2", "val_seed=0"]),
     ("sfd-ema-seed2", "sfd", 1, ["ema_decay=0.99", "seed=2", "val_seed=0"]),
+    # abl-rel0-ema's seeds (N = 4): is the default's gap to SFD + EMA its relative term?
+    ("rel0-ema-seed1", "rapm", 1, ["relative_weight=0", "ema_decay=0.99", "ema_warmup=true", "seed=1", "val_seed=0"]),
+    ("rel0-ema-seed2", "rapm", 1, ["relative_weight=0", "ema_decay=0.99", "ema_warmup=true", "seed=2", "val_seed=0"]),
 ]
 # Each seeded row's seed-0 row (the seeds table: their last-3 means side by side)
 SEED_OF = {"rapm-seed1": "rapm", "rapm-seed2": "rapm", "sfd-seed1": "sfd", "sfd-ema-seed1": "abl-sfd-ema",
-           "sfd-ema-seed2": "abl-sfd-ema"}
+           "sfd-ema-seed2": "abl-sfd-ema", "rel0-ema-seed1": "abl-rel0-ema", "rel0-ema-seed2": "abl-rel0-ema"}
 ABLATION_ROWS = [  # N = 4 only unless named; the first ones change one thing of rapm-paired
     ("abl-disc4", "rapm", 1, PAIRED + ["disc_every=4"]),  # a discriminator update every 4th iteration
     ("abl-l1", "rapm", 1, PAIRED + ["distance=l1"]),
