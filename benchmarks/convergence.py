@@ -3,8 +3,8 @@
 The paper's Fig. 5 is a curve over iterations; this benchmark draws it for every method, against iterations and
 against wall-clock seconds, from the validation that `rapm train` itself runs (``eval_every``, ``val_fraction``:
 rapm.validation). One store per N (600 trajectories of the digits teacher, N M = 40 DDIM steps, guidance 1.5), 100
-of them held out by every run (the same split: same seed), so every row is measured on the same 100 prompts and
-noises:
+of them held out by every run (the same split: seed 0, or ``val_seed=0`` in the seed rows), so every row is measured
+on the same 100 prompts and noises:
 
 * trajectory error: image-space RMS to the stored teacher end point (the N M-step DDIM the student was trained on),
   and to the teacher's 100-step DDIM from the same noise (``reference``);
