@@ -328,7 +328,7 @@ def _to_store(x: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
     return y
 
 
-# --- the writer ------------------------------------------------------------------------------------------------------
+# --- the writer's phases ---------------------------------------------------------------------------------------------
 
 def _check_arguments(steps: int, substeps: int, solver: str, delta: int | None, batch_size: int, shard_size: int,
                      dtype: str, teacher_dtype: str) -> None:
@@ -418,26 +418,26 @@ def _open_out(out: Path, overwrite: bool, manifest: dict, prompts_text: str, neg
     atomic_write(out / NEGATIVE, negative_bytes)
 
 
-def _shard_tensors(teacher_model: Teacher, prompt_list: list[str], start: int, end: int, settings: dict,
-                   uncond_dev: Conditioning, bar) -> dict[str, torch.Tensor]:
-    """One shard's tensors: its trajectories in batches of ``batch_size`` from the shard's start, so the batches (and
-    bytes) of a shard do not depend on the process layout."""
-    s = settings
+def _shard_tensors(teacher_model: Teacher, prompt_list: list[str], start: int, end: int, manifest: dict,
+                   batch_size: int, uncond_dev: Conditioning, bar) -> dict[str, torch.Tensor]:
+    """One shard's tensors, with the settings the manifest records: its trajectories in batches of ``batch_size``
+    from the shard's start, so the batches (and bytes) of a shard do not depend on the process layout."""
+    m, store_dtype = manifest, DTYPES[manifest["dtype"]]
     parts: dict[str, list[torch.Tensor]] = {}
-    for b0 in range(start, end, s["batch_size"]):
-        b1 = min(b0 + s["batch_size"], end)
-        seeds = list(range(s["seed"] + b0, s["seed"] + b1))
-        cond, _ = teacher_model.encode_prompts(prompt_list[b0:b1], s["negative_prompt"])
-        cond = teacher_model.family_def.with_guidance(cond, s["guidance"])  # FLUX: the guidance embedding's value
+    for b0 in range(start, end, batch_size):
+        b1 = min(b0 + batch_size, end)
+        seeds = list(range(m["seed"] + b0, m["seed"] + b1))
+        cond, _ = teacher_model.encode_prompts(prompt_list[b0:b1], m["negative_prompt"])
+        cond = teacher_model.family_def.with_guidance(cond, m["guidance"])  # FLUX: the guidance embedding's value
         uncond = uncond_dev.map(lambda v: v.expand(b1 - b0, *v.shape[1:]))
         z = initial_noise(seeds, teacher_model.latent_shape).to(teacher_model.device)
-        latents, delta_latents = teacher_trajectories(teacher_model, z, cond, uncond, s["guidance"], s["timesteps"],
-                                                      s["substeps"], s["solver"], s["delta"])
+        latents, delta_latents = teacher_trajectories(teacher_model, z, cond, uncond, m["guidance"], m["timesteps"],
+                                                      m["substeps"], m["solver"], m["delta"])
         what = f"trajectories {b0}..{b1 - 1} (prompt {prompt_list[b0]!r})"
-        batch = {"latents": _to_store(latents, s["store_dtype"], what),
-                 "delta_latents": _to_store(delta_latents, s["store_dtype"], what)}
+        batch = {"latents": _to_store(latents, store_dtype, what),
+                 "delta_latents": _to_store(delta_latents, store_dtype, what)}
         for name, v in cond.tensors().items():
-            batch[name] = _to_store(v, torch.float32 if name in FLOAT32_FIELDS else s["store_dtype"], what)
+            batch[name] = _to_store(v, torch.float32 if name in FLOAT32_FIELDS else store_dtype, what)
         batch["seeds"] = torch.tensor(seeds, dtype=torch.int64)
         for name, v in batch.items():
             parts.setdefault(name, []).append(v)
@@ -553,12 +553,10 @@ def write_trajectories(
     bar = tqdm(total=sum(_span_count(k, shard_size, count)[1] for k in mine), initial=done_count, unit="traj",
                desc="trajectories" if world == 1 else f"trajectories (process 0 of {world})", disable=not show,
                dynamic_ncols=True)
-    settings = dict(batch_size=batch_size, seed=seed, negative_prompt=negative_prompt, guidance=guidance,
-                    timesteps=timesteps, substeps=substeps, solver=solver, delta=delta, store_dtype=store_dtype)
     uncond_dev = uncond_one.to(teacher_model.device)
     for k in todo:
         start, end = shard_span(k, shard_size, count)
-        tensors = _shard_tensors(teacher_model, prompt_list, start, end, settings, uncond_dev, bar)
+        tensors = _shard_tensors(teacher_model, prompt_list, start, end, manifest, batch_size, uncond_dev, bar)
         _write_shard(out, k, tensors, {"format_version": FORMAT_VERSION, "start": start, "count": end - start,
                                         "prompts": prompt_list[start:end], "batch_size": batch_size})
     bar.close()
