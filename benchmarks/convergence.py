@@ -59,20 +59,7 @@ MAIN_ROWS = [  # in the order they run
     ("progressive-rdd", "progressive-rdd", 1, []),
     ("rapm-relative", "rapm-relative", 1, ["adv_weight=0.1"]),  # eq. 16 with D1: the paper's Fig. 3 ablation
     ("pcm-b4", "pcm", 4, []),
-    # A second seed (LoRA init, data order, noise) of the closest rows, validated on the same held-out trajectories
-    # (val_seed=0): how much of a gap between them is one seed's luck
-    ("rapm-seed1", "rapm", 1, ["ema_decay=0.99", "ema_warmup=true", "seed=1", "val_seed=0"]),
-    ("sfd-seed1", "sfd", 1, ["seed=1", "val_seed=0"]),
-    ("sfd-ema-seed1", "sfd", 1, ["ema_decay=0.99", "seed=1", "val_seed=0"]),  # abl-sfd-ema's second seed
-    ("rapm-seed2", "rapm", 1, ["ema_decay=0.99", "ema_warmup=true", "seed=2", "val_seed=0"]),
-    ("sfd-ema-seed2", "sfd", 1, ["ema_decay=0.99", "seed=2", "val_seed=0"]),
-    # abl-rel0-ema's seeds (N = 4): is the default's gap to SFD + EMA its relative term?
-    ("rel0-ema-seed1", "rapm", 1, ["relative_weight=0", "ema_decay=0.99", "ema_warmup=true", "seed=1", "val_seed=0"]),
-    ("rel0-ema-seed2", "rapm", 1, ["relative_weight=0", "ema_decay=0.99", "ema_warmup=true", "seed=2", "val_seed=0"]),
 ]
-# Each seeded row's seed-0 row (the seeds table: their last-3 means side by side)
-SEED_OF = {"rapm-seed1": "rapm", "rapm-seed2": "rapm", "sfd-seed1": "sfd", "sfd-ema-seed1": "abl-sfd-ema",
-           "sfd-ema-seed2": "abl-sfd-ema", "rel0-ema-seed1": "abl-rel0-ema", "rel0-ema-seed2": "abl-rel0-ema"}
 ABLATION_ROWS = [  # N = 4 only unless named; the first ones change one thing of rapm-paired
     ("abl-disc4", "rapm", 1, PAIRED + ["disc_every=4"]),  # a discriminator update every 4th iteration
     ("abl-l1", "rapm", 1, PAIRED + ["distance=l1"]),
@@ -117,6 +104,16 @@ ABLATION_ROWS = [  # N = 4 only unless named; the first ones change one thing of
     ("abl-few-rel0", "rapm", 1, ["train_trajectories=50", "relative_weight=0"]),
     ("abl-few-rel1", "rapm", 1, ["train_trajectories=50", "relative_weight=1"]),
 ]
+# Other seeds (LoRA init, data order, noise) of the closest rows, validated on the same held-out trajectories
+# (val_seed=0): how much of a gap between them is one seed's luck. Each is its base row with seed=k added, named
+# after the base (without "abl-") and the seed, in the order they run.
+SEED_RUNS = [("rapm", 1), ("sfd", 1), ("abl-sfd-ema", 1), ("rapm", 2), ("abl-sfd-ema", 2),
+             ("abl-rel0-ema", 1), ("abl-rel0-ema", 2)]  # the last two at N = 4: is the default's gap its relative term?
+_BASES = {row[0]: row for row in MAIN_ROWS + ABLATION_ROWS}
+SEED_ROWS = [(f"{base.removeprefix('abl-')}-seed{k}", _BASES[base][1], _BASES[base][2],
+              _BASES[base][3] + [f"seed={k}", "val_seed=0"]) for base, k in SEED_RUNS]
+MAIN_ROWS += SEED_ROWS  # run to --iterations, like the main rows
+SEED_OF = {row[0]: base for row, (base, _) in zip(SEED_ROWS, SEED_RUNS)}  # the seeds table: each beside its seed 0
 COLUMNS = ("method", "steps", "batch", "iteration", "wall_s", "trajectory_error", "reference_error", "fd_teacher",
            "fd_real", "prompt_accuracy")
 
