@@ -105,9 +105,22 @@ def _read_holder(path: Path) -> dict:
         return {}
 
 
+def _current_holder(path: Path, wait: float = 2.0) -> dict:
+    """The holder named in the lock file of a held lock, waiting up to ``wait`` seconds for the process that has just
+    taken it to write its name: until then the file is empty or still names the previous, dead holder."""
+    deadline = time.monotonic() + wait
+    while True:
+        holder = _read_holder(path)
+        pid = holder.get("pid")
+        named = isinstance(pid, int) and (holder.get("host") != socket.gethostname() or _alive(pid))
+        if named or time.monotonic() >= deadline:
+            return holder if named else {}
+        time.sleep(0.02)
+
+
 def _describe(holder: dict) -> str:
     if not holder:
-        return "another process (its lock file is being written)"
+        return "another process (its lock file names no running process)"
     started = holder.get("started")
     since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)) if isinstance(started, (int, float)) else "?"
     return f"{holder.get('command', 'rapm')} (pid {holder.get('pid')} on {holder.get('host')}, started {since})"
@@ -136,7 +149,7 @@ class FolderLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise LockError(f"{self.folder} is in use by {_describe(_read_holder(self.path))} ({self.path}); "
+                raise LockError(f"{self.folder} is in use by {_describe(_current_holder(self.path))} ({self.path}); "
                                 "one writer per folder: wait for it to finish, or stop it, then rerun") from None
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
@@ -151,8 +164,9 @@ class FolderLock:
             warnings.warn(f"{self.path}: taking over the lock of {_describe(previous)}, which "
                           f"{'no longer holds it' if alive else 'is no longer running'}", StaleLockWarning, stacklevel=3)
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "command": self.command}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        content = (json.dumps(holder) + "\n").encode()
+        os.pwrite(fd, content, 0)  # then cut the tail: the file is never empty while held
+        os.ftruncate(fd, len(content))
         os.fsync(fd)
         self.fd = fd
         return self

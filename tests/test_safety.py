@@ -6,6 +6,7 @@ refused naming the file and the field.
 """
 
 import builtins
+import fcntl
 import hashlib
 import json
 import os
@@ -13,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -314,6 +316,29 @@ def test_the_lock_of_a_dead_process_is_taken_over_with_a_message(tiny_sd, sd_sto
     with pytest.warns(StaleLockWarning, match=rf"taking over the lock of rapm train \(pid {dead.pid} .*no longer running"):
         train(_config(tiny_sd, sd_store, iterations=6), run_copy, resume=True, progress=False)
     assert not (run_copy / LOCK).exists() and [e[0] for e in faults.train_losses(run_copy)] == list(range(6))
+
+
+def test_a_writer_refused_while_the_holder_writes_its_name_names_the_new_holder(tmp_path):
+    # The window that two trainers started together can hit: the winner holds the flock, but its lock file is still
+    # empty or still names the dead process before it. The refusal waits for the new holder's name.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / LOCK).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": 0,
+                                           "command": "rapm export"}))
+    fd = os.open(folder / LOCK, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held, its old content still in the file
+    name = (json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+                        "command": "rapm train"}) + "\n").encode()
+    writer = threading.Timer(0.3, lambda: (os.ftruncate(fd, 0), os.pwrite(fd, name, 0)))
+    writer.start()
+    try:
+        with pytest.raises(LockError, match=rf"{folder} is in use by rapm train \(pid {os.getpid()} on "):
+            FolderLock(folder, "rapm train").acquire()
+    finally:
+        writer.join()
+        os.close(fd)
 
 
 # --- 4. a store checked, not trusted -----------------------------------------------------------------------------------
