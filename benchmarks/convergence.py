@@ -108,7 +108,8 @@ ABLATION_ROWS = [  # N = 4 only unless named; the first ones change one thing of
 # (val_seed=0): how much of a gap between them is one seed's luck. Each is its base row with seed=k added, named
 # after the base (without "abl-") and the seed, in the order they run.
 SEED_RUNS = [("rapm", 1), ("sfd", 1), ("abl-sfd-ema", 1), ("rapm", 2), ("abl-sfd-ema", 2),
-             ("abl-rel0-ema", 1), ("abl-rel0-ema", 2)]  # the last two: is the default's gap to SFD + EMA its relative term?
+             ("abl-rel0-ema", 1), ("abl-rel0-ema", 2),  # these two: is the default's gap to SFD + EMA its relative term?
+             ("abl-few-rapm", 1), ("abl-few-rel0", 1)]  # few trajectories, many passes (no EMA): the relative term vs none
 _BASES = {row[0]: row for row in MAIN_ROWS + ABLATION_ROWS}
 SEED_ROWS = [(f"{base.removeprefix('abl-')}-seed{k}", _BASES[base][1], _BASES[base][2],
               _BASES[base][3] + [f"seed={k}", "val_seed=0"]) for base, k in SEED_RUNS]
