@@ -103,13 +103,24 @@ ABLATION_ROWS = [  # N = 4 only unless named; the first ones change one thing of
     ("abl-few-sfd", "sfd", 1, ["train_trajectories=50"]),
     ("abl-few-rel0", "rapm", 1, ["train_trajectories=50", "relative_weight=0"]),
     ("abl-few-rel1", "rapm", 1, ["train_trajectories=50", "relative_weight=1"]),
+    # the same three with the EMA (the default recipe, its absolute terms alone, SFD + EMA), and at 150 trajectories:
+    # 20 passes in 3,000 iterations, the paper's ratio of iterations to trajectories
+    ("abl-few-ema", "rapm", 1, ["train_trajectories=50", "ema_decay=0.99", "ema_warmup=true"]),
+    ("abl-few-rel0-ema", "rapm", 1, ["train_trajectories=50", "relative_weight=0", "ema_decay=0.99",
+                                     "ema_warmup=true"]),
+    ("abl-few-sfd-ema", "sfd", 1, ["train_trajectories=50", "ema_decay=0.99"]),
+    ("abl-t150-ema", "rapm", 1, ["train_trajectories=150", "ema_decay=0.99", "ema_warmup=true"]),
+    ("abl-t150-rel0-ema", "rapm", 1, ["train_trajectories=150", "relative_weight=0", "ema_decay=0.99",
+                                      "ema_warmup=true"]),
+    ("abl-t150-sfd-ema", "sfd", 1, ["train_trajectories=150", "ema_decay=0.99"]),
 ]
 # Other seeds (LoRA init, data order, noise) of the closest rows, validated on the same held-out trajectories
 # (val_seed=0): how much of a gap between them is one seed's luck. Each is its base row with seed=k added, named
 # after the base (without "abl-") and the seed, in the order they run.
 SEED_RUNS = [("rapm", 1), ("sfd", 1), ("abl-sfd-ema", 1), ("rapm", 2), ("abl-sfd-ema", 2),
              ("abl-rel0-ema", 1), ("abl-rel0-ema", 2),  # these two: is the default's gap to SFD + EMA its relative term?
-             ("abl-few-rapm", 1), ("abl-few-rel0", 1)]  # few trajectories, many passes (no EMA): the relative term vs none
+             ("abl-few-rapm", 1), ("abl-few-rel0", 1),  # few trajectories, many passes (no EMA): the relative term vs none
+             ("abl-few-ema", 1), ("abl-few-rel0-ema", 1), ("abl-few-sfd-ema", 1)]  # the same with the EMA
 _BASES = {row[0]: row for row in MAIN_ROWS + ABLATION_ROWS}
 SEED_ROWS = [(f"{base.removeprefix('abl-')}-seed{k}", _BASES[base][1], _BASES[base][2],
               _BASES[base][3] + [f"seed={k}", "val_seed=0"]) for base, k in SEED_RUNS]
