@@ -71,7 +71,7 @@ ABLATION_ROWS = [  # N = 4 only unless named; the first ones change one thing of
     # the rest change one thing of the default recipe without its EMA (abl-no-ema: no discriminator, relative weight 0.25)
     ("abl-no-ema", "rapm", 1, []),  # the default recipe without its EMA (the default before the EMA joined it)
     ("abl-ema", "rapm", 1, ["ema_decay=0.99"]),  # the EMA without the warm-up
-    ("abl-sfd-ema", "sfd", 1, ["ema_decay=0.99"]),  # SFD with the same EMA: what the EMA does for the peer
+    ("abl-sfd-ema", "sfd", 1, ["ema_decay=0.99"]),  # SFD with the EMA (no warm-up): what the EMA does for the peer
     ("abl-wn", "rapm", 1, ["slot_weights=2,1,1,1"]),  # w_0 = 2: the last slot's absolute terms count double
     ("abl-delta2", "rapm", 1, ["delta=50"]),  # Δ = two fine steps (1000 / (N M) = 25 at N = 4)
     ("abl-nogan-rel0.5", "rapm", 1, ["relative_weight=0.5"]),  # the default recipe with the relative terms at 0.5
