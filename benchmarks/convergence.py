@@ -48,9 +48,10 @@ FINE_STEPS = 40
 # (row name, --method, batch, --set fields). Base: the digits preset at batch 1 (the paper's setting), no EMA (the row sets
 # come after the base: "rapm" turns its EMA back on).
 PAIRED = ["adv_weight=0.1", "relative_weight=1"]  # the paired discriminators, updated every iteration (gan_loss, updates)
+EMA = ["ema_decay=0.99", "ema_warmup=true"]  # the default recipe's EMA (every run here starts from ema_decay=0)
 MAIN_ROWS = [  # in the order they run
     # the default recipe (rapm.methods.RAPM_RECIPE): relative weight 0.25, no discriminator, EMA 0.99 with warm-up
-    ("rapm", "rapm", 1, ["ema_decay=0.99", "ema_warmup=true"]),
+    ("rapm", "rapm", 1, EMA),
     ("sfd", "sfd", 1, []),
     ("rapm-paper", "rapm-paper", 1, []),  # Alg. 2 as written: unpaired hinge, alternating updates, weights 1
     ("rapm-paired", "rapm", 1, PAIRED),  # the paired (relativistic) discriminators, both updates every iteration
@@ -78,7 +79,7 @@ ABLATION_ROWS = [  # N = 4 only unless named; the first ones change one thing of
     ("abl-rel0.1", "rapm", 1, ["relative_weight=0.1"]),  # the default recipe with the relative terms at 0.1
     ("abl-rel0", "rapm", 1, ["relative_weight=0"]),  # the absolute pseudo-Huber terms alone (SFD with RAPM's distance)
     # the same with the default's EMA (run to 3,000): is the gap to SFD + EMA the relative term or the distance?
-    ("abl-rel0-ema", "rapm", 1, ["relative_weight=0", "ema_decay=0.99", "ema_warmup=true"]),
+    ("abl-rel0-ema", "rapm", 1, ["relative_weight=0", *EMA]),
     ("abl-l1-rel0.25", "rapm", 1, ["distance=l1"]),  # the default recipe with SFD's L1 distance
     ("abl-huber0.001", "rapm", 1, ["huber_c=0.001"]),  # the default recipe with a 10x smaller pseudo-Huber c
     ("abl-huber0.1", "rapm", 1, ["huber_c=0.1"]),  # c at the error's scale: quadratic (L2-like) below it
@@ -91,7 +92,7 @@ ABLATION_ROWS = [  # N = 4 only unless named; the first ones change one thing of
     ("abl-sfd-cosine", "sfd", 1, ["lr_schedule=cosine"]),
     # The step schedule over a 3,000-iteration run (run with --ablation-iterations 3000): LR / 10 from 1,500 on, for
     # the default recipe, SFD with the same EMA, and SFD's own code recipe (L1, the step schedule, no EMA)
-    ("abl-step-3k", "rapm", 1, ["ema_decay=0.99", "ema_warmup=true", "lr_schedule=step"]),
+    ("abl-step-3k", "rapm", 1, [*EMA, "lr_schedule=step"]),
     ("abl-sfd-ema-step-3k", "sfd", 1, ["ema_decay=0.99", "lr_schedule=step"]),
     ("abl-sfd-step-3k", "sfd", 1, ["lr_schedule=step"]),
     # The relative position's frozen student is the EMA (a mean teacher): the relative term pulls toward the average
@@ -105,13 +106,11 @@ ABLATION_ROWS = [  # N = 4 only unless named; the first ones change one thing of
     ("abl-few-rel1", "rapm", 1, ["train_trajectories=50", "relative_weight=1"]),
     # the same three with the EMA (the default recipe, its absolute terms alone, SFD + EMA), and at 150 trajectories:
     # 20 passes in 3,000 iterations, the paper's ratio of iterations to trajectories
-    ("abl-few-ema", "rapm", 1, ["train_trajectories=50", "ema_decay=0.99", "ema_warmup=true"]),
-    ("abl-few-rel0-ema", "rapm", 1, ["train_trajectories=50", "relative_weight=0", "ema_decay=0.99",
-                                     "ema_warmup=true"]),
+    ("abl-few-ema", "rapm", 1, ["train_trajectories=50", *EMA]),
+    ("abl-few-rel0-ema", "rapm", 1, ["train_trajectories=50", "relative_weight=0", *EMA]),
     ("abl-few-sfd-ema", "sfd", 1, ["train_trajectories=50", "ema_decay=0.99"]),
-    ("abl-t150-ema", "rapm", 1, ["train_trajectories=150", "ema_decay=0.99", "ema_warmup=true"]),
-    ("abl-t150-rel0-ema", "rapm", 1, ["train_trajectories=150", "relative_weight=0", "ema_decay=0.99",
-                                      "ema_warmup=true"]),
+    ("abl-t150-ema", "rapm", 1, ["train_trajectories=150", *EMA]),
+    ("abl-t150-rel0-ema", "rapm", 1, ["train_trajectories=150", "relative_weight=0", *EMA]),
     ("abl-t150-sfd-ema", "sfd", 1, ["train_trajectories=150", "ema_decay=0.99"]),
 ]
 # Other seeds (LoRA init, data order, noise) of the closest rows, validated on the same held-out trajectories
