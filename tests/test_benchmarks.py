@@ -106,3 +106,28 @@ def test_convergence_seed_rows_differ_from_their_base_only_by_seed_and_validate_
     table = conv.seeds_table(done)
     assert table[-1] == "| rapm | 2 | 0.0400 / 0.0500 | 0.0450 | 0.0100 | 5.0 / 5.0 |" and len(table) == 6
     assert conv.seeds_table({"sfd": done["sfd"]}) == []  # a base without its seeded runs gets no table
+
+
+def test_readme_convergence_tables_are_the_json_and_a_change_to_either_is_caught(tmp_path):
+    readme_tables = _load("convergence_readme")
+    assert readme_tables.main(["--check"]) == 0  # the committed README says what the committed JSON holds
+    readme, results = tmp_path / "README.md", tmp_path / "convergence.json"
+    readme.write_text(readme_tables.README.read_text())
+    data = json.loads(readme_tables.RESULTS.read_text())
+    row = next(r for r in data["rows"] if r["method"] == "rapm" and r["steps"] == 4 and r["iteration"] == 3000)
+    old = f"| 4 | 3000 | {row['trajectory_error']:.4f} |"
+    assert old in readme.read_text()
+    row["trajectory_error"] += 0.01  # the JSON moves: the README no longer says what it holds
+    results.write_text(json.dumps(data))
+    args = ["--results", str(results), "--readme", str(readme)]
+    assert readme_tables.main([*args, "--check"]) == 1
+    assert readme_tables.main(args) == 0 and readme_tables.main([*args, "--check"]) == 0
+    text = readme.read_text()
+    assert old not in text and f"| 4 | 3000 | {row['trajectory_error']:.4f} |" in text
+    readme.write_text(text.replace("<!-- /convergence:few -->\n", ""))  # a block that lost its end is refused
+    try:
+        readme_tables.main(args)
+    except SystemExit as e:
+        assert "convergence blocks" in str(e)
+    else:
+        raise AssertionError("a README without every block was accepted")
