@@ -119,11 +119,18 @@ ABLATION_ROWS = [  # N = 4 only unless named; the first ones change one thing of
 SEED_RUNS = [("rapm", 1), ("sfd", 1), ("abl-sfd-ema", 1), ("rapm", 2), ("abl-sfd-ema", 2),
              ("abl-rel0-ema", 1), ("abl-rel0-ema", 2),  # these two: is the default's gap to SFD + EMA its relative term?
              ("abl-few-rapm", 1), ("abl-few-rel0", 1),  # few trajectories, many passes (no EMA): the relative term vs none
-             ("abl-few-ema", 1), ("abl-few-rel0-ema", 1), ("abl-few-sfd-ema", 1)]  # the same with the EMA
+             ("abl-few-ema", 1), ("abl-few-rel0-ema", 1), ("abl-few-sfd-ema", 1),  # the same with the EMA
+             ("abl-t150-ema", 1), ("abl-t150-rel0-ema", 1), ("abl-t150-sfd-ema", 1)]  # and on 150 trajectories
 _BASES = {row[0]: row for row in MAIN_ROWS + ABLATION_ROWS}
 SEED_ROWS = [(f"{base.removeprefix('abl-')}-seed{k}", _BASES[base][1], _BASES[base][2],
               _BASES[base][3] + [f"seed={k}", "val_seed=0"]) for base, k in SEED_RUNS]
 MAIN_ROWS += SEED_ROWS  # run to --iterations, like the main rows
+# The closest rows run on to 20 passes over the 500 training trajectories (the paper's ratio: 20K iterations on 1,000
+# trajectories), to --long-iterations: each is its base row under another name, and starts from a copy of the base's
+# finished run directory where there is one (the same computation: a resumed run gives the losses of an uninterrupted
+# one), so its first 3,000 iterations are the base's own.
+LONG_OF = {"long-rapm": "rapm", "long-sfd-ema": "abl-sfd-ema", "long-rel0-ema": "abl-rel0-ema"}
+LONG_ROWS = [(row, *_BASES[base][1:]) for row, base in LONG_OF.items()]
 SEED_OF = {row[0]: base for row, (base, _) in zip(SEED_ROWS, SEED_RUNS)}  # the seeds table: each beside its seed 0
 COLUMNS = ("method", "steps", "batch", "iteration", "wall_s", "trajectory_error", "reference_error", "fd_teacher",
            "fd_real", "prompt_accuracy")
@@ -155,9 +162,25 @@ def finished_iterations(run: Path) -> int:
     return int(last.name.split("-")[-1]) if last is not None else 0
 
 
+def start_from_base(work: Path, steps: int, row: str, base_iterations: int) -> str:
+    """A long row's run directory, copied from its base row's run once that has finished ``base_iterations`` (the
+    lock file left out); "" where there is nothing to copy (the long row then trains from its start)."""
+    import shutil
+
+    run, base = run_dir(work, steps, row), run_dir(work, steps, LONG_OF[row])
+    if run.exists() or finished_iterations(base) < base_iterations:
+        return ""
+    tmp = run.with_name(run.name + ".copying")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(base, tmp, ignore=shutil.ignore_patterns(".rapm-lock"))
+    tmp.rename(run)
+    return f" (from {base.name} at {finished_iterations(run)})"
+
+
 def train_row(work: Path, store: Path, steps: int, row: str, method: str, batch: int, sets: list[str],
-              iterations: int, eval_every: int, val_fraction: float) -> str:
+              iterations: int, eval_every: int, val_fraction: float, base_iterations: int = 0) -> str:
     run = run_dir(work, steps, row)
+    copied = start_from_base(work, steps, row, base_iterations) if row in LONG_OF else ""
     done = finished_iterations(run)
     if done >= iterations:
         return f"{run.name}: finished ({done} iterations)"
@@ -178,7 +201,7 @@ def train_row(work: Path, store: Path, steps: int, row: str, method: str, batch:
         code = subprocess.run([sys.executable, "-m", "rapm", *cmd], env=env, stdout=f, stderr=subprocess.STDOUT).returncode
     if code != 0:
         return f"{run.name}: FAILED (exit {code}; see {log})"
-    return f"{run.name}: trained to {iterations} in {time.perf_counter() - tick:.0f} s"
+    return f"{run.name}: trained to {iterations}{copied} in {time.perf_counter() - tick:.0f} s"
 
 
 def calibrate(work: Path, store: Path, steps: int, row: str, method: str, batch: int, sets: list[str],
@@ -316,6 +339,29 @@ def plot(curves: dict[str, list[dict]], teacher: list[dict], steps: int, path: P
     plt.close(fig)
 
 
+def plot_long(curves: dict[int, dict[str, list[dict]]], path: Path) -> None:
+    """The long rows' trajectory error against iterations, one panel per N."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.5), squeeze=False)
+    for ax, (steps, rows) in zip(axes[0], sorted(curves.items(), reverse=True)):
+        for row, curve in rows.items():
+            pts = [(r["iteration"], r["trajectory_error"]) for r in curve if r["iteration"] > 0]
+            ax.plot(*zip(*pts), label=f"{row} (as {LONG_OF[row]})", linewidth=2.0 if row == "long-rapm" else 1.2)
+        ax.set_title(f"N = {steps}: trajectory error on {HELD_OUT} held-out trajectories")
+        ax.set_xlabel("iteration")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def last_mean(curve: list[dict], k: int = 3) -> float | None:
     """The trajectory error averaged over the last k validations (one validation's noise is ~0.002 here)."""
     tail = [r["trajectory_error"] for r in curve[-k:] if r["iteration"] > 0]
@@ -357,6 +403,7 @@ def seeds_table(done: dict[str, list[dict]]) -> list[str]:
 def report(work: Path, steps_list: list[int], rows_by_n: dict[int, list], results: Path, command: str, val_fraction: float,
            extra: dict) -> None:
     all_rows: list[dict] = []
+    long_curves: dict[int, dict[str, list[dict]]] = {}
     md = ["# Convergence on the digits teacher", "",
           f"Command: `{command}` ({datetime.date.today().isoformat()}, {platform.machine()}, {os.cpu_count()} CPUs, one "
           f"torch thread per run). Wall-clock seconds are iterations x each row's seconds per iteration timed alone on "
@@ -373,8 +420,9 @@ def report(work: Path, steps_list: list[int], rows_by_n: dict[int, list], result
         curves = {row: read_curve(run_dir(work, steps, row), row, steps, batch) for row, _, batch, _ in rows_by_n[steps]}
         teacher, floors = teacher_rows(store, steps, val_fraction) if (store / "manifest.json").exists() else ([], {})
         all_rows += teacher + [r for c in curves.values() for r in c]
-        plot({row: c for row, c in curves.items() if row not in SEED_OF}, teacher, steps,
+        plot({row: c for row, c in curves.items() if row not in SEED_OF and row not in LONG_OF}, teacher, steps,
              results / f"convergence-n{steps}.png")
+        long_curves[steps] = {row: curves[row] for row in LONG_OF if curves.get(row)}
         done = {row: c for row, c in curves.items() if c}
         if not done:
             continue
@@ -394,7 +442,7 @@ def report(work: Path, steps_list: list[int], rows_by_n: dict[int, list], result
                       f"{fmt(last_mean(c), '.4f')} | {fmt(worst_rise(c), '.4f')} | "
                       f"{fmt(r['reference_error'], '.4f')} | {fmt(r['fd_teacher'], '.1f')} | {fmt(r['fd_real'], '.1f')} | "
                       f"{fmt(100 * r['prompt_accuracy'], '.1f')}% |")
-        main = [c for row, c in done.items() if not row.startswith("abl-") and row not in SEED_OF]
+        main = [c for row, c in done.items() if not row.startswith("abl-") and row not in SEED_OF and row not in LONG_OF]
         ends = sorted(c[-1]["wall_s"] for c in main if c[-1]["iteration"] > 0)
         if ends:  # the default's own training time (else the median run's), its half and its quarter
             top = done["rapm"][-1]["wall_s"] if "rapm" in done and done["rapm"][-1]["iteration"] > 0 else ends[len(ends) // 2]
@@ -404,6 +452,8 @@ def report(work: Path, steps_list: list[int], rows_by_n: dict[int, list], result
                    "its last value):", "",
                    "| method | " + " | ".join(f"{b:.0f} s" for b in budgets) + " |", "| --- |" + " ---: |" * len(budgets)]
             for row, c in done.items():
+                if row in LONG_OF:
+                    continue  # its base's curve to the base's end
                 cells = []
                 for b in budgets:
                     r = at_budget(c, b)
@@ -412,6 +462,8 @@ def report(work: Path, steps_list: list[int], rows_by_n: dict[int, list], result
                 md.append(f"| {row} | " + " | ".join(cells) + " |")
         md += seeds_table(done)
         md.append("")
+    if any(long_curves.values()):
+        plot_long(long_curves, results / "convergence-long.png")
     results.mkdir(parents=True, exist_ok=True)
     out = {"date": datetime.date.today().isoformat(), "command": command, "trajectories": TRAJECTORIES,
            "held_out": HELD_OUT, "fine_steps": FINE_STEPS, **extra, "rows": all_rows}
@@ -426,6 +478,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=[4, 2])
     ap.add_argument("--iterations", type=int, default=3000, help="the main rows' iterations")
     ap.add_argument("--ablation-iterations", type=int, default=1000)
+    ap.add_argument("--long-iterations", type=int, default=10_000, help="the long rows' iterations (LONG_OF)")
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--rows", nargs="*", help="only these rows (names as in the tables)")
     ap.add_argument("--no-ablations", action="store_true")
@@ -440,13 +493,13 @@ def main(argv: list[str] | None = None) -> None:
     global TRAJECTORIES, HELD_OUT
     if args.quick:
         TRAJECTORIES, HELD_OUT = 24, 8
-        args.iterations, args.ablation_iterations, args.eval_every = 4, 2, 2
+        args.iterations, args.ablation_iterations, args.long_iterations, args.eval_every = 4, 2, 6, 2
     val_fraction = HELD_OUT / TRAJECTORIES
     import torch
 
     torch.set_num_threads(1)
     args.work.mkdir(parents=True, exist_ok=True)
-    rows_by_n = {n: [r for r in MAIN_ROWS + ([] if args.no_ablations or (n != 4 and not args.rows) else ABLATION_ROWS)
+    rows_by_n = {n: [r for r in MAIN_ROWS + LONG_ROWS + ([] if args.no_ablations or (n != 4 and not args.rows) else ABLATION_ROWS)
                      if not args.rows or r[0] in args.rows] for n in args.steps}  # ablations at N = 2 when named
     command = "python benchmarks/convergence.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     started = time.perf_counter()
@@ -460,15 +513,17 @@ def main(argv: list[str] | None = None) -> None:
         stores = {n: make_store(args.work, n, TRAJECTORIES, FINE_STEPS if not args.quick else 8) for n in args.steps}
         # The first N's main rows, then its ablations, then the other N's rows: what finishes first is what matters most.
         first = args.steps[0]
-        main_rows = [r for r in rows_by_n[first] if not r[0].startswith("abl-")]
+        main_rows = [r for r in rows_by_n[first] if not r[0].startswith("abl-") and r[0] not in LONG_OF]
         ablations = [r for r in rows_by_n[first] if r[0].startswith("abl-")]
         jobs = [(first, r) for r in main_rows[:5]] + [(first, r) for r in ablations[:3]]
         jobs += [(first, r) for r in main_rows[5:]] + [(first, r) for r in ablations[3:]]
-        jobs += [(n, r) for n in args.steps[1:] for r in rows_by_n[n]]
+        jobs += [(n, r) for n in args.steps[1:] for r in rows_by_n[n] if r[0] not in LONG_OF]
+        jobs += [(n, r) for n in args.steps for r in rows_by_n[n] if r[0] in LONG_OF]  # last: from their bases
         with ThreadPoolExecutor(args.jobs) as pool:
             futures = [pool.submit(train_row, args.work, stores[n], n, row, method, batch, sets,
+                                   args.long_iterations if row in LONG_OF else
                                    args.ablation_iterations if row.startswith("abl-") else args.iterations,
-                                   args.eval_every, val_fraction) for n, (row, method, batch, sets) in jobs]
+                                   args.eval_every, val_fraction, args.iterations) for n, (row, method, batch, sets) in jobs]
             for f in futures:
                 print(f.result(), file=sys.stderr, flush=True)
     if args.no_report:

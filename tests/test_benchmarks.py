@@ -108,6 +108,32 @@ def test_convergence_seed_rows_differ_from_their_base_only_by_seed_and_validate_
     assert conv.seeds_table({"sfd": done["sfd"]}) == []  # a base without its seeded runs gets no table
 
 
+def test_convergence_long_rows_are_their_bases_and_start_from_a_finished_base_only(tmp_path, monkeypatch):
+    conv = _load("convergence")
+    # a run's finished iterations: its newest checkpoint folder's number (what a complete checkpoint is has its own tests)
+    monkeypatch.setattr(conv, "finished_iterations", lambda run: max(
+        [int(p.name.split("-")[-1]) for p in (run / "checkpoints").glob("step-*")], default=0))
+    rows = {name: (method, batch, sets) for name, method, batch, sets in conv.MAIN_ROWS + conv.ABLATION_ROWS}
+    assert set(conv.LONG_OF) == {row for row, *_ in conv.LONG_ROWS}
+    for row, method, batch, sets in conv.LONG_ROWS:
+        assert (method, batch, sets) == rows[conv.LONG_OF[row]], row  # the same run, only longer
+    base = conv.run_dir(tmp_path, 2, "rapm")
+    (base / "checkpoints" / "step-00000250").mkdir(parents=True)
+    (base / "config.json").write_text("{}")
+    (base / ".rapm-lock").write_text("123")
+    (base / "logs.jsonl").write_text("{}\n")
+    # The base has not reached its own end: nothing is copied and the long row trains from its start.
+    assert conv.start_from_base(tmp_path, 2, "long-rapm", 500) == ""
+    assert not conv.run_dir(tmp_path, 2, "long-rapm").exists()
+    (base / "checkpoints" / "step-00000500").mkdir()
+    assert conv.start_from_base(tmp_path, 2, "long-rapm", 500) == " (from n2-rapm at 500)"
+    long = conv.run_dir(tmp_path, 2, "long-rapm")
+    assert (long / "logs.jsonl").read_text() == "{}\n" and not (long / ".rapm-lock").exists()
+    (long / "logs.jsonl").write_text("its own\n")
+    assert conv.start_from_base(tmp_path, 2, "long-rapm", 500) == ""  # a long row that exists is its own
+    assert (long / "logs.jsonl").read_text() == "its own\n"
+
+
 def test_readme_convergence_tables_are_the_json_and_a_change_to_either_is_caught(tmp_path):
     readme_tables = _load("convergence_readme")
     assert readme_tables.main(["--check"]) == 0  # the committed README says what the committed JSON holds
