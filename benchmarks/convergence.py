@@ -253,7 +253,8 @@ def read_curve(run: Path, row: str, steps: int, batch: int) -> list[dict]:
     last = {r["iteration"]: r for r in out}
     curve = [last[k] for k in sorted(last)]
     cal = run.parent / "calibration.json"
-    per_it = json.loads(cal.read_text()).get(run.name) if cal.exists() else None
+    timed = json.loads(cal.read_text()) if cal.exists() else {}
+    per_it = timed.get(run.name) or timed.get(f"n{steps}-{LONG_OF.get(row)}")  # a long row: its base's computation
     for r in curve:  # wall_s: the training time on this machine alone (calibrated), else the run's own clock
         r["seconds_per_iteration"] = per_it
         r["wall_s"] = round(r["iteration"] * per_it, 1) if per_it else r["run_wall_s"]

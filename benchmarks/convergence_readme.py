@@ -19,6 +19,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from convergence import last_mean, worst_rise  # noqa: E402  (the benchmark's own summaries of a curve)
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "convergence.json"
 README = ROOT / "README.md"
@@ -150,6 +153,17 @@ FEW = [
     (f"150: {SFD_EMA}", "abl-t150-sfd-ema", 4),
 ]
 
+# (label, row, N): the closest rows run on to 10,000 iterations (20 passes over the training store)
+LONG = [
+    (DEFAULT, "long-rapm", 4),
+    (SFD_EMA, "long-sfd-ema", 4),
+    (REL0_EMA, "long-rel0-ema", 4),
+    (DEFAULT, "long-rapm", 2),
+    (SFD_EMA, "long-sfd-ema", 2),
+    (REL0_EMA, "long-rel0-ema", 2),
+]
+LONG_AT = (3000, 5000, 7500, 10000)  # the trajectory error, the mean of the three validations up to each
+
 SUMMARY_HEAD = ["| {what} | N | iterations | trajectory error ↓ | last 3 mean ↓ | worst rise | FD to teacher ↓ | s / iteration |",
                 "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
 
@@ -169,10 +183,7 @@ def _f(v, spec: str) -> str:
 
 def summary(curve: list[dict]) -> tuple[dict, float | None, float | None]:
     """The last validation, the mean trajectory error of the last three, and the largest rise between two."""
-    errs = [r["trajectory_error"] for r in curve if r["iteration"] > 0]
-    mean3 = sum(errs[-3:]) / 3 if len(errs) >= 3 else None
-    rise = max([0.0] + [b - a for a, b in zip(errs, errs[1:])]) if len(errs) > 1 else None
-    return curve[-1], mean3, rise
+    return curve[-1], last_mean(curve), worst_rise(curve)
 
 
 def summary_table(spec: list[tuple[str, str, int]], data: dict, what: str) -> list[str]:
@@ -218,10 +229,28 @@ def ablation_table(data: dict) -> list[str]:
     return lines
 
 
+def long_table(data: dict) -> list[str]:
+    """Each long row's mean trajectory error over the three validations up to each of LONG_AT (blank where the run
+    has not got there), its worst rise and its last FD to the teacher; rows that have not run are left out."""
+    lines = ["| method | N | " + " | ".join(f"last 3 mean to {k:,} ↓" for k in LONG_AT) + " | worst rise | "
+             "FD to teacher ↓ |", "| --- | --- |" + " ---: |" * (len(LONG_AT) + 2)]
+    for label, row, n in LONG:
+        curve = data.get((row, n))
+        if not curve:
+            continue
+        cells = []
+        for k in LONG_AT:
+            upto = [r for r in curve if r["iteration"] <= k]
+            cells.append(_f(summary(upto)[1], ".4f") if upto and upto[-1]["iteration"] == k else "")
+        last, _, rise = summary(curve)
+        lines.append(f"| {label} | {n} | {' | '.join(cells)} | {_f(rise, '.4f')} | {_f(last.get('fd_teacher'), '.1f')} |")
+    return lines
+
+
 def tables(rows: list[dict]) -> dict[str, list[str]]:
     data = curves(rows)
     return {"main": summary_table(MAIN, data, "method"), "seeds": seeds_table(data),
-            "ablations": ablation_table(data), "few": summary_table(FEW, data, "row")}
+            "ablations": ablation_table(data), "few": summary_table(FEW, data, "row"), "long": long_table(data)}
 
 
 BLOCK = re.compile(r"(<!-- convergence:(?P<name>[a-z]+) -->\n)(?P<body>.*?)(<!-- /convergence:(?P=name) -->)", re.S)

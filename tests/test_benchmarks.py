@@ -61,6 +61,10 @@ def test_convergence_reads_the_validation_curve_and_charges_calibrated_seconds(t
     curve = conv.read_curve(run, "rapm", 4, 1)
     assert [r["wall_s"] for r in curve] == [0.0, 1.0] and curve[-1]["run_wall_s"] == 12.0
     assert conv.at_budget(curve, 0.9)["iteration"] == 0 and conv.at_budget(curve, 1.0)["iteration"] == 2
+    long = tmp_path / "n4-long-rapm"  # a long row is its base's computation: charged at the base's timing
+    long.mkdir()
+    (long / "logs.jsonl").write_text((run / "logs.jsonl").read_text())
+    assert [r["wall_s"] for r in conv.read_curve(long, "long-rapm", 4, 1)] == [0.0, 1.0]
 
 
 def test_convergence_rows_name_what_they_run_and_summarise_the_curve():
