@@ -129,7 +129,9 @@ MAIN_ROWS += SEED_ROWS  # run to --iterations, like the main rows
 # trajectories), to --long-iterations: each is its base row under another name, and starts from a copy of the base's
 # finished run directory where there is one (the same computation: a resumed run gives the losses of an uninterrupted
 # one), so its first 3,000 iterations are the base's own.
-LONG_OF = {"long-rapm": "rapm", "long-sfd-ema": "abl-sfd-ema", "long-rel0-ema": "abl-rel0-ema"}
+LONG_OF = {"long-rapm": "rapm", "long-sfd-ema": "abl-sfd-ema", "long-rel0-ema": "abl-rel0-ema",
+           "long-rapm-seed1": "rapm-seed1", "long-sfd-ema-seed1": "sfd-ema-seed1"}  # and a second seed of two
+_BASES.update((row[0], row) for row in SEED_ROWS)
 LONG_ROWS = [(row, *_BASES[base][1:]) for row, base in LONG_OF.items()]
 SEED_OF = {row[0]: base for row, (base, _) in zip(SEED_ROWS, SEED_RUNS)}  # the seeds table: each beside its seed 0
 COLUMNS = ("method", "steps", "batch", "iteration", "wall_s", "trajectory_error", "reference_error", "fd_teacher",

@@ -161,6 +161,8 @@ LONG = [
     (DEFAULT, "long-rapm", 2),
     (SFD_EMA, "long-sfd-ema", 2),
     (REL0_EMA, "long-rel0-ema", 2),
+    (f"{DEFAULT}, seed 1", "long-rapm-seed1", 2),
+    (f"{SFD_EMA}, seed 1", "long-sfd-ema-seed1", 2),
 ]
 LONG_AT = (3000, 5000, 7500, 10000)  # the trajectory error, the mean of the three validations up to each
 
