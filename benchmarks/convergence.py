@@ -20,7 +20,9 @@ time, each a fresh process with one torch thread.
     OMP_NUM_THREADS=1 python benchmarks/convergence.py --report-only       # tables and plots from what has run
     python benchmarks/convergence.py --quick                               # the flow at toy size
 
-writes benchmarks/results/convergence.{json,md} and convergence-n{4,2}.png.
+writes benchmarks/results/convergence.{json,md}, convergence-n{4,2}.png and convergence-long.png (the long rows:
+the closest rows continued to --long-iterations, last in the queue); `python benchmarks/convergence_readme.py` then
+writes the README's tables from the JSON.
 """
 
 from __future__ import annotations
