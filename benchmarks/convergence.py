@@ -258,7 +258,9 @@ def read_curve(run: Path, row: str, steps: int, batch: int) -> list[dict]:
     curve = [last[k] for k in sorted(last)]
     cal = run.parent / "calibration.json"
     timed = json.loads(cal.read_text()) if cal.exists() else {}
-    per_it = timed.get(run.name) or timed.get(f"n{steps}-{LONG_OF.get(row)}")  # a long row: its base's computation
+    per_it = timed.get(run.name)
+    if per_it is None and row in LONG_OF:  # a long row is its base's computation: the base's timing
+        per_it = timed.get(run_dir(run.parent, steps, LONG_OF[row]).name)
     for r in curve:  # wall_s: the training time on this machine alone (calibrated), else the run's own clock
         r["seconds_per_iteration"] = per_it
         r["wall_s"] = round(r["iteration"] * per_it, 1) if per_it else r["run_wall_s"]

@@ -20,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from convergence import last_mean, worst_rise  # noqa: E402  (the benchmark's own summaries of a curve)
+from convergence import fmt, last_mean, worst_rise  # noqa: E402  (the benchmark's own summaries of a curve)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "convergence.json"
@@ -179,13 +179,10 @@ def curves(rows: list[dict]) -> dict[tuple[str, int], list[dict]]:
     return {k: sorted(v, key=lambda r: r["iteration"]) for k, v in out.items()}
 
 
-def _f(v, spec: str) -> str:
-    return "" if v is None else format(v, spec)
-
-
-def summary(curve: list[dict]) -> tuple[dict, float | None, float | None]:
-    """The last validation, the mean trajectory error of the last three, and the largest rise between two."""
-    return curve[-1], last_mean(curve), worst_rise(curve)
+def up_to(curve: list[dict], iteration: int) -> list[dict] | None:
+    """The curve's validations up to ``iteration``, or None where the run has no validation there (not got so far)."""
+    head = [r for r in curve if r["iteration"] <= iteration]
+    return head if head and head[-1]["iteration"] == iteration else None
 
 
 def summary_table(spec: list[tuple[str, str, int]], data: dict, what: str) -> list[str]:
@@ -195,10 +192,10 @@ def summary_table(spec: list[tuple[str, str, int]], data: dict, what: str) -> li
         if not curve:
             lines.append(f"| {label} | {n} | not run |  |  |  |  |  |")
             continue
-        last, mean3, rise = summary(curve)
-        lines.append(f"| {label} | {n} | {last['iteration']} | {last['trajectory_error']:.4f} | {_f(mean3, '.4f')} | "
-                     f"{_f(rise, '.4f')} | {_f(last.get('fd_teacher'), '.1f')} | "
-                     f"{_f(last.get('seconds_per_iteration'), '.2f')} |")
+        last = curve[-1]
+        lines.append(f"| {label} | {n} | {last['iteration']} | {last['trajectory_error']:.4f} | "
+                     f"{fmt(last_mean(curve), '.4f')} | {fmt(worst_rise(curve), '.4f')} | "
+                     f"{fmt(last.get('fd_teacher'), '.1f')} | {fmt(last.get('seconds_per_iteration'), '.2f')} |")
     return lines
 
 
@@ -210,7 +207,7 @@ def seeds_table(data: dict) -> list[str]:
             found = [data.get((name, n)) for name in names]
             if not all(found) or len({c[-1]["iteration"] for c in found}) != 1:
                 continue  # a seed missing, or not yet as far as the others
-            means = [summary(c)[1] for c in found]
+            means = [last_mean(c) for c in found]
             fds = [c[-1].get("fd_teacher") for c in found]
             if None in means or None in fds:
                 continue
@@ -223,11 +220,11 @@ def seeds_table(data: dict) -> list[str]:
 def ablation_table(data: dict) -> list[str]:
     lines = ["| change | N | trajectory error ↓ | FD to teacher ↓ |", "| --- | --- | ---: | ---: |"]
     for label, row, n, at in ABLATIONS:
-        curve = [r for r in data.get((row, n), []) if r["iteration"] <= at]
-        if not curve or curve[-1]["iteration"] != at:
+        curve = up_to(data.get((row, n), []), at)
+        if curve is None:
             lines.append(f"| {label} | {n} | not run |  |")
             continue
-        lines.append(f"| {label} | {n} | {curve[-1]['trajectory_error']:.4f} | {_f(curve[-1].get('fd_teacher'), '.1f')} |")
+        lines.append(f"| {label} | {n} | {curve[-1]['trajectory_error']:.4f} | {fmt(curve[-1].get('fd_teacher'), '.1f')} |")
     return lines
 
 
@@ -240,12 +237,9 @@ def long_table(data: dict) -> list[str]:
         curve = data.get((row, n))
         if not curve:
             continue
-        cells = []
-        for k in LONG_AT:
-            upto = [r for r in curve if r["iteration"] <= k]
-            cells.append(_f(summary(upto)[1], ".4f") if upto and upto[-1]["iteration"] == k else "")
-        last, _, rise = summary(curve)
-        lines.append(f"| {label} | {n} | {' | '.join(cells)} | {_f(rise, '.4f')} | {_f(last.get('fd_teacher'), '.1f')} |")
+        cells = [fmt(last_mean(head), ".4f") if (head := up_to(curve, k)) else "" for k in LONG_AT]
+        lines.append(f"| {label} | {n} | {' | '.join(cells)} | {fmt(worst_rise(curve), '.4f')} | "
+                     f"{fmt(curve[-1].get('fd_teacher'), '.1f')} |")
     return lines
 
 
