@@ -51,9 +51,15 @@ FINE_STEPS = 40
 # come after the base: "rapm" turns its EMA back on).
 PAIRED = ["adv_weight=0.1", "relative_weight=1"]  # the paired discriminators, updated every iteration (gan_loss, updates)
 EMA = ["ema_decay=0.99", "ema_warmup=true"]  # the default recipe's EMA (every run here starts from ema_decay=0)
+# The default recipe's relative weight until 2026-12-02, when the rows below moved it to 0. Every row of method rapm
+# that leaves the weight to the method was run with 0.25: the row lists pin it (``_pin_old_default`` below), so a
+# fresh run of such a row is the computation it names.
+OLD_DEFAULT = ["relative_weight=0.25"]
 MAIN_ROWS = [  # in the order they run
-    # the default recipe (rapm.methods.RAPM_RECIPE): relative weight 0.25, no discriminator, EMA 0.99 with warm-up
-    ("rapm", "rapm", 1, EMA),
+    # the default recipe (rapm.methods.RAPM_RECIPE): the absolute terms alone (relative weight 0), no discriminator,
+    # EMA 0.99 with warm-up; the run was first the ablation "abl-rel0-ema" (renamed with its seeds and long row)
+    ("rapm", "rapm", 1, ["relative_weight=0", *EMA]),
+    ("rapm-rel0.25", "rapm", 1, EMA),  # the default until 2026-12-02: the relative terms at a quarter of the absolute
     ("sfd", "sfd", 1, []),
     ("rapm-paper", "rapm-paper", 1, []),  # Alg. 2 as written: unpaired hinge, alternating updates, weights 1
     ("rapm-paired", "rapm", 1, PAIRED),  # the paired (relativistic) discriminators, both updates every iteration
@@ -71,8 +77,9 @@ ABLATION_ROWS = [  # N = 4 only unless named; the first ones change one thing of
     ("abl-d1", "rapm", 1, PAIRED + ["disc_absolute=false"]),  # Huber terms + D1
     ("abl-d2", "rapm", 1, PAIRED + ["disc_relative=false"]),  # Huber terms + D2
     ("abl-hinge-both", "rapm", 1, PAIRED + ["gan_loss=hinge"]),  # the paper's loss with updates in every iteration
-    # the rest change one thing of the default recipe without its EMA (abl-no-ema: no discriminator, relative weight 0.25)
-    ("abl-no-ema", "rapm", 1, []),  # the default recipe without its EMA (the default before the EMA joined it)
+    # the rest change one thing of the previous default (rapm-rel0.25) without its EMA (abl-no-ema: no
+    # discriminator, relative weight 0.25), or name their weight
+    ("abl-no-ema", "rapm", 1, []),  # the previous default without its EMA (the default before the EMA joined it)
     ("abl-ema", "rapm", 1, ["ema_decay=0.99"]),  # the EMA without the warm-up
     ("abl-sfd-ema", "sfd", 1, ["ema_decay=0.99"]),  # SFD with the EMA (no warm-up): what the EMA does for the peer
     ("abl-wn", "rapm", 1, ["slot_weights=2,1,1,1"]),  # w_0 = 2: the last slot's absolute terms count double
@@ -80,8 +87,6 @@ ABLATION_ROWS = [  # N = 4 only unless named; the first ones change one thing of
     ("abl-nogan-rel0.5", "rapm", 1, ["relative_weight=0.5"]),  # the default recipe with the relative terms at 0.5
     ("abl-rel0.1", "rapm", 1, ["relative_weight=0.1"]),  # the default recipe with the relative terms at 0.1
     ("abl-rel0", "rapm", 1, ["relative_weight=0"]),  # the absolute pseudo-Huber terms alone (SFD with RAPM's distance)
-    # the same with the default's EMA (run to 3,000): is the gap to SFD + EMA the relative term or the distance?
-    ("abl-rel0-ema", "rapm", 1, ["relative_weight=0", *EMA]),
     ("abl-l1-rel0.25", "rapm", 1, ["distance=l1"]),  # the default recipe with SFD's L1 distance
     ("abl-huber0.001", "rapm", 1, ["huber_c=0.001"]),  # the default recipe with a 10x smaller pseudo-Huber c
     ("abl-huber0.1", "rapm", 1, ["huber_c=0.1"]),  # c at the error's scale: quadratic (L2-like) below it
@@ -118,11 +123,20 @@ ABLATION_ROWS = [  # N = 4 only unless named; the first ones change one thing of
 # Other seeds (LoRA init, data order, noise) of the closest rows, validated on the same held-out trajectories
 # (val_seed=0): how much of a gap between them is one seed's luck. Each is its base row with seed=k added, named
 # after the base (without "abl-") and the seed, in the order they run.
-SEED_RUNS = [("rapm", 1), ("sfd", 1), ("abl-sfd-ema", 1), ("rapm", 2), ("abl-sfd-ema", 2),
-             ("abl-rel0-ema", 1), ("abl-rel0-ema", 2),  # these two: is the default's gap to SFD + EMA its relative term?
+SEED_RUNS = [("rapm-rel0.25", 1), ("sfd", 1), ("abl-sfd-ema", 1), ("rapm-rel0.25", 2), ("abl-sfd-ema", 2),
+             ("rapm", 1), ("rapm", 2),  # these two (then "rel0-ema-seed1", "-seed2"): is the old default's gap its relative term?
              ("abl-few-rapm", 1), ("abl-few-rel0", 1),  # few trajectories, many passes (no EMA): the relative term vs none
              ("abl-few-ema", 1), ("abl-few-rel0-ema", 1), ("abl-few-sfd-ema", 1),  # the same with the EMA
              ("abl-t150-ema", 1), ("abl-t150-rel0-ema", 1), ("abl-t150-sfd-ema", 1)]  # and on 150 trajectories
+
+
+def _pin_old_default(rows: list[tuple]) -> list[tuple]:
+    """Rows of method rapm that leave the relative weight to the method, with the 0.25 they were run with."""
+    return [(name, method, batch, sets if method != "rapm" or any(x.startswith("relative_weight=") for x in sets)
+             else [*OLD_DEFAULT, *sets]) for name, method, batch, sets in rows]
+
+
+MAIN_ROWS, ABLATION_ROWS = _pin_old_default(MAIN_ROWS), _pin_old_default(ABLATION_ROWS)
 _BASES = {row[0]: row for row in MAIN_ROWS + ABLATION_ROWS}
 SEED_ROWS = [(f"{base.removeprefix('abl-')}-seed{k}", _BASES[base][1], _BASES[base][2],
               _BASES[base][3] + [f"seed={k}", "val_seed=0"]) for base, k in SEED_RUNS]
@@ -131,8 +145,10 @@ MAIN_ROWS += SEED_ROWS  # run to --iterations, like the main rows
 # trajectories), to --long-iterations: each is its base row under another name, and starts from a copy of the base's
 # finished run directory where there is one (the same computation: a resumed run gives the losses of an uninterrupted
 # one), so its first 3,000 iterations are the base's own.
-LONG_OF = {"long-rapm": "rapm", "long-sfd-ema": "abl-sfd-ema", "long-rel0-ema": "abl-rel0-ema",
-           "long-rapm-seed1": "rapm-seed1", "long-sfd-ema-seed1": "sfd-ema-seed1"}  # and a second seed of two
+LONG_OF = {"long-rapm": "rapm", "long-sfd-ema": "abl-sfd-ema", "long-rapm-rel0.25": "rapm-rel0.25",
+           # and a second seed (the first two at N = 2 ran as "long-rapm-seed1" / "long-sfd-ema-seed1" of the old default)
+           "long-rapm-rel0.25-seed1": "rapm-rel0.25-seed1", "long-sfd-ema-seed1": "sfd-ema-seed1",
+           "long-rapm-seed1": "rapm-seed1"}
 _BASES.update((row[0], row) for row in SEED_ROWS)
 LONG_ROWS = [(row, *_BASES[base][1:]) for row, base in LONG_OF.items()]
 SEED_OF = {row[0]: base for row, (base, _) in zip(SEED_ROWS, SEED_RUNS)}  # the seeds table: each beside its seed 0

@@ -28,17 +28,17 @@ README = ROOT / "README.md"
 
 DEFAULT = "**rapm** (default)"
 SFD_EMA = "sfd with the EMA (0.99, no warm-up)"
-REL0_EMA = "rapm, relative weight 0, with the default's EMA"
+OLD = "rapm, relative weight 0.25, with the EMA (the default until 2026-12-02)"
 
 # (label, row, N): the rows at the main budget (the last validation of each run)
 MAIN = [
-    ("**rapm** (default: relative weight 0.25, no discriminator, EMA 0.99 with warm-up)", "rapm", 4),
-    ("rapm without its EMA (the previous default)", "abl-no-ema", 4),
+    ("**rapm** (default: relative weight 0, no discriminator, EMA 0.99 with warm-up)", "rapm", 4),
+    (OLD, "rapm-rel0.25", 4),
+    ("rapm, relative weight 0.25, no EMA (the default before the EMA)", "abl-no-ema", 4),
     ("sfd", "sfd", 4),
     (SFD_EMA, "abl-sfd-ema", 4),
     ("rapm, relative weight 0.1 (no EMA)", "abl-rel0.1", 4),
     ("rapm, relative weight 0: the absolute terms alone (no EMA)", "abl-rel0", 4),
-    (REL0_EMA, "abl-rel0-ema", 4),
     ("rapm-nogan: both Huber terms at weight 1 (no EMA)", "rapm-nogan", 4),
     ("rapm-paired: + paired D1, D2, both updates every iteration, weight 1", "rapm-paired", 4),
     ("rapm-paper: Alg. 2 as written (hinge, alternating, weights 1)", "rapm-paper", 4),
@@ -46,15 +46,15 @@ MAIN = [
     ("pcm, batch 1", "pcm-b1", 4),
     ("pcm, batch 4", "pcm-b4", 4),
     ("progressive-rdd", "progressive-rdd", 4),
-    (f"{DEFAULT} with the step LR schedule (LR / 10 from 1,500 on)", "abl-step-3k", 4),
+    ("rapm, relative weight 0.25, with the EMA and the step LR schedule (LR / 10 from 1,500 on)", "abl-step-3k", 4),
     ("sfd with the EMA and the step LR schedule", "abl-sfd-ema-step-3k", 4),
     (DEFAULT, "rapm", 2),
-    ("rapm without its EMA", "abl-no-ema", 2),
+    (OLD, "rapm-rel0.25", 2),
+    ("rapm, relative weight 0.25, no EMA", "abl-no-ema", 2),
     ("sfd", "sfd", 2),
     (SFD_EMA, "abl-sfd-ema", 2),
     ("rapm, relative weight 0.1 (no EMA)", "abl-rel0.1", 2),
     ("rapm, relative weight 0 (no EMA)", "abl-rel0", 2),
-    (REL0_EMA, "abl-rel0-ema", 2),
     ("rapm-nogan", "rapm-nogan", 2),
     ("rapm-paired", "rapm-paired", 2),
     ("rapm-paper", "rapm-paper", 2),
@@ -62,7 +62,7 @@ MAIN = [
     ("pcm, batch 1", "pcm-b1", 2),
     ("pcm, batch 4", "pcm-b4", 2),
     ("progressive-rdd", "progressive-rdd", 2),
-    (f"{DEFAULT} with the step LR schedule (LR / 10 from 1,500 on)", "abl-step-3k", 2),
+    ("rapm, relative weight 0.25, with the EMA and the step LR schedule (LR / 10 from 1,500 on)", "abl-step-3k", 2),
     ("sfd with the EMA and the step LR schedule", "abl-sfd-ema-step-3k", 2),
     ("sfd with the step LR schedule (SFD's code recipe)", "abl-sfd-step-3k", 2),
 ]
@@ -72,26 +72,27 @@ SEEDS = [
     (DEFAULT, ["rapm", "rapm-seed1", "rapm-seed2"]),
     (SFD_EMA, ["abl-sfd-ema", "sfd-ema-seed1", "sfd-ema-seed2"]),
     ("sfd", ["sfd", "sfd-seed1"]),
-    (REL0_EMA, ["abl-rel0-ema", "rel0-ema-seed1", "rel0-ema-seed2"]),
+    (OLD, ["rapm-rel0.25", "rapm-rel0.25-seed1", "rapm-rel0.25-seed2"]),
     ("50 trajectories: rapm without its EMA (relative weight 0.25)", ["abl-few-rapm", "few-rapm-seed1"]),
     ("50 trajectories: relative weight 0 (no EMA)", ["abl-few-rel0", "few-rel0-seed1"]),
-    (f"50 trajectories: {DEFAULT.replace('(default)', '(the default)')}", ["abl-few-ema", "few-ema-seed1"]),
-    ("50 trajectories: relative weight 0 with the default's EMA", ["abl-few-rel0-ema", "few-rel0-ema-seed1"]),
+    ("50 trajectories: relative weight 0.25 with the EMA (the previous default)", ["abl-few-ema", "few-ema-seed1"]),
+    ("50 trajectories: **rapm** (the default: relative weight 0, the EMA)", ["abl-few-rel0-ema", "few-rel0-ema-seed1"]),
     (f"50 trajectories: {SFD_EMA}", ["abl-few-sfd-ema", "few-sfd-ema-seed1"]),
-    (f"150 trajectories: {DEFAULT.replace('(default)', '(the default)')}", ["abl-t150-ema", "t150-ema-seed1"]),
-    ("150 trajectories: relative weight 0 with the default's EMA", ["abl-t150-rel0-ema", "t150-rel0-ema-seed1"]),
+    ("150 trajectories: relative weight 0.25 with the EMA (the previous default)", ["abl-t150-ema", "t150-ema-seed1"]),
+    ("150 trajectories: **rapm** (the default: relative weight 0, the EMA)", ["abl-t150-rel0-ema", "t150-rel0-ema-seed1"]),
     (f"150 trajectories: {SFD_EMA}", ["abl-t150-sfd-ema", "t150-sfd-ema-seed1"]),
 ]
 
 # (label, row, N, iteration): the ablations, read at 500 iterations
 _ABL4 = [
-    ("the default without its EMA (the base of every row below)", "abl-no-ema"),
+    ("relative weight 0.25, no EMA (the previous default's base; the base of every row below)", "abl-no-ema"),
     ("relative weight 0", "abl-rel0"),
     ("relative weight 0.1", "abl-rel0.1"),
     ("relative weight 0.5", "abl-nogan-rel0.5"),
     ("relative weight 1 (rapm-nogan)", "rapm-nogan"),
     ("EMA 0.99 without the warm-up", "abl-ema"),
-    ("EMA 0.99 with the warm-up (the default)", "rapm"),
+    ("EMA 0.99 with the warm-up (rapm-rel0.25, the previous default)", "rapm-rel0.25"),
+    ("relative weight 0 and the EMA with the warm-up (**rapm**, the default)", "rapm"),
     ("SFD with that EMA", "abl-sfd-ema"),
     ("SFD", "sfd"),
     ("w_0 = 2", "abl-wn"),
@@ -107,7 +108,7 @@ _ABL4 = [
     ("rapm-paper", "rapm-paper"),
 ]
 _ABL2 = [
-    ("the default without its EMA", "abl-no-ema"),
+    ("relative weight 0.25, no EMA (the base)", "abl-no-ema"),
     ("SFD", "sfd"),
     ("relative weight 0", "abl-rel0"),
     ("relative weight 0.1", "abl-rel0.1"),
@@ -124,7 +125,8 @@ _ABL2 = [
     ("cosine LR to 0", "abl-cosine"),
     ("SFD with it", "abl-sfd-cosine"),
     ("EMA 0.99 without the warm-up", "abl-ema"),
-    ("EMA 0.99 with the warm-up (the default)", "rapm"),
+    ("EMA 0.99 with the warm-up (rapm-rel0.25, the previous default)", "rapm-rel0.25"),
+    ("relative weight 0 and the EMA with the warm-up (**rapm**, the default)", "rapm"),
     ("SFD with that EMA", "abl-sfd-ema"),
     ("EMA, and the relative position's frozen student is the EMA (relative_target=ema)", "abl-ema-target"),
     ("the same at relative weight 1", "abl-ema-target-rel1"),
@@ -139,17 +141,17 @@ FEW = [
     ("50: relative weight 0 (no EMA)", "abl-few-rel0", 2),
     ("50: relative weight 1 (no EMA)", "abl-few-rel1", 2),
     ("50: sfd (no EMA)", "abl-few-sfd", 2),
-    ("50: **rapm** (the default, with its EMA)", "abl-few-ema", 2),
-    ("50: relative weight 0 with the default's EMA", "abl-few-rel0-ema", 2),
+    ("50: relative weight 0.25 with the EMA (the previous default)", "abl-few-ema", 2),
+    ("50: **rapm** (the default: relative weight 0, the EMA)", "abl-few-rel0-ema", 2),
     (f"50: {SFD_EMA}", "abl-few-sfd-ema", 2),
-    ("150 trajectories (20 passes): **rapm** (the default)", "abl-t150-ema", 2),
-    ("150: relative weight 0 with the default's EMA", "abl-t150-rel0-ema", 2),
+    ("150 trajectories (20 passes): relative weight 0.25 with the EMA (the previous default)", "abl-t150-ema", 2),
+    ("150: **rapm** (the default: relative weight 0, the EMA)", "abl-t150-rel0-ema", 2),
     (f"150: {SFD_EMA}", "abl-t150-sfd-ema", 2),
-    ("50 trajectories: **rapm** (the default)", "abl-few-ema", 4),
-    ("50: relative weight 0 with the default's EMA", "abl-few-rel0-ema", 4),
+    ("50 trajectories: relative weight 0.25 with the EMA (the previous default)", "abl-few-ema", 4),
+    ("50: **rapm** (the default: relative weight 0, the EMA)", "abl-few-rel0-ema", 4),
     (f"50: {SFD_EMA}", "abl-few-sfd-ema", 4),
-    ("150 trajectories: **rapm** (the default)", "abl-t150-ema", 4),
-    ("150: relative weight 0 with the default's EMA", "abl-t150-rel0-ema", 4),
+    ("150 trajectories: relative weight 0.25 with the EMA (the previous default)", "abl-t150-ema", 4),
+    ("150: **rapm** (the default: relative weight 0, the EMA)", "abl-t150-rel0-ema", 4),
     (f"150: {SFD_EMA}", "abl-t150-sfd-ema", 4),
 ]
 
@@ -157,12 +159,15 @@ FEW = [
 LONG = [
     (DEFAULT, "long-rapm", 4),
     (SFD_EMA, "long-sfd-ema", 4),
-    (REL0_EMA, "long-rel0-ema", 4),
+    (OLD, "long-rapm-rel0.25", 4),
+    (f"{DEFAULT}, seed 1", "long-rapm-seed1", 4),
+    (f"{SFD_EMA}, seed 1", "long-sfd-ema-seed1", 4),
     (DEFAULT, "long-rapm", 2),
     (SFD_EMA, "long-sfd-ema", 2),
-    (REL0_EMA, "long-rel0-ema", 2),
+    (OLD, "long-rapm-rel0.25", 2),
     (f"{DEFAULT}, seed 1", "long-rapm-seed1", 2),
     (f"{SFD_EMA}, seed 1", "long-sfd-ema-seed1", 2),
+    (f"{OLD}, seed 1", "long-rapm-rel0.25-seed1", 2),
 ]
 LONG_AT = (3000, 5000, 7500, 10000)  # the trajectory error, the mean of the three validations up to each
 

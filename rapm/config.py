@@ -53,7 +53,7 @@ class TrainConfig:
     delta: int = 0  # Δ in teacher timesteps; 0 = one step of the stored fine grid, T / (N M)
     slot_weights: list[float] = field(default_factory=list)  # w_n; empty = all 1
     distance: str = ""  # position-matching distance: "" = the method's own (rapm: pseudo_huber, sfd: l1); or l2
-    relative_weight: float = -1.0  # weight of the relative terms (eqs. 14-15); negative = the method's own: rapm 0.25, rapm-paper 1
+    relative_weight: float = -1.0  # weight of the relative terms (eqs. 14-15); negative = the method's own: rapm 0, rapm-paper 1
     # The peers (rapm/methods/): PCM's real data; progressive distillation's rounds and RDD's relational loss
     real_data: str = ""  # pcm: "digits" (the digits train split) or a folder of images with .txt captions
     progressive_start_steps: int = 16  # the first round's teacher steps: N 2^R for R rounds
@@ -235,6 +235,10 @@ def validate(config: TrainConfig) -> None:
         bad("rdd_queue_size", f"must be at least 1, got {config.rdd_queue_size}")
 
 
+# rapm's own relative weight until 2026-12-02 (rapm.methods.RAPM_RECIPE), for run configs written before then
+OLD_RAPM_RELATIVE_WEIGHT = 0.25
+
+
 def to_dict(config: TrainConfig) -> dict:
     return dataclasses.asdict(config)
 
@@ -244,4 +248,8 @@ def from_dict(values: dict, source: str) -> TrainConfig:
         # A run written before RDD's term was open to every method: its rdd_weight (then 1.0 by default) was used by
         # progressive-rdd alone, so for every other method the term was off; it stays off on resume.
         values = {**values, "rdd_weight": 0.0}
+    if values.get("method", "rapm") == "rapm" and values.get("relative_weight", -1.0) < 0:
+        # A run written before the recipe was recorded in config.json (rapm.methods.with_recipe) left the relative
+        # weight to the method, whose own was then 0.25 (now 0): it resumes at the weight it trained with.
+        values = {**values, "relative_weight": OLD_RAPM_RELATIVE_WEIGHT}
     return apply_overrides(TrainConfig(), values, source)

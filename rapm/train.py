@@ -21,7 +21,7 @@ import typer
 
 from rapm import config as cfg
 from rapm.config import ConfigError, TrainConfig, split_seed
-from rapm.methods import Context, Setup, TrajectoryBatch, build_method, ema_of, updates_of
+from rapm.methods import Context, Setup, TrajectoryBatch, build_method, ema_of, updates_of, with_recipe
 from rapm.models import (build_models, constant_schedule, ema_decay_at, lr_factor, lr_schedule, make_optimizer,  # noqa: F401
                          student_spec, swap_in, update_ema, weight_dtype)
 from rapm.monitor import Monitor
@@ -232,6 +232,7 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
 
     device = procs.device if (procs.world > 1 and config.device == "auto") else resolve_device(config.device)
     dtype = weight_dtype(config, device)
+    config = with_recipe(config)  # the method's own settings, written into config.json: a resume keeps them
     store = open_store(Path(config.store))
     _check_method_applies(config, store)
     train_ids, val_ids = split_indices(len(store), config.val_fraction, split_seed(config))

@@ -23,8 +23,10 @@ from rapm.train import _to_device, train
 from rapm.trajectories import write_trajectories
 
 PROMPTS = ["a photo of a cat", "a red car", "a blue dog"]
-SMALL = dict(adv_weight=0.1, lora_rank=4, lora_alpha=4, disc_lora_rank=2, disc_lora_alpha=2, disc_heads_per_level=1, lr=1e-3,
-             disc_lr=1e-3, sample_every=0, batch_size=1, keep_checkpoints=1, checkpoint_every=100)
+# relative weight 0.25: the relative terms, which read the Δ-step, are on (the default recipe leaves them out)
+SMALL = dict(adv_weight=0.1, relative_weight=0.25, lora_rank=4, lora_alpha=4, disc_lora_rank=2, disc_lora_alpha=2,
+             disc_heads_per_level=1, lr=1e-3, disc_lr=1e-3, sample_every=0, batch_size=1, keep_checkpoints=1,
+             checkpoint_every=100)
 
 
 def _write(tiny_sd, folder, **kw):

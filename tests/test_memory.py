@@ -11,7 +11,8 @@ from rapm.roles import DISCRIMINATOR, STUDENT, lora_parameters, set_trainable
 from rapm.store import open_store
 from rapm.train import build_models, make_optimizer, sample_generators
 
-SMALL = dict(adv_weight=0.1, lora_rank=4, lora_alpha=4, disc_lora_rank=2, disc_lora_alpha=2, disc_heads_per_level=1, sample_every=0,
+# Both discriminators and the relative terms on (the default recipe leaves the relative terms out)
+SMALL = dict(adv_weight=0.1, relative_weight=0.25, lora_rank=4, lora_alpha=4, disc_lora_rank=2, disc_lora_alpha=2, disc_heads_per_level=1, sample_every=0,
              batch_size=2)
 
 

@@ -13,7 +13,8 @@ from rapm.config import ConfigError, TrainConfig, apply_overrides
 from rapm.roles import DISCRIMINATOR, STUDENT
 from rapm.train import RunError, batch_indices, batch_positions, checkpoints, load_checkpoint, load_student, train
 
-SMALL = dict(adv_weight=0.1, lora_rank=4, lora_alpha=4, disc_lora_rank=2, disc_lora_alpha=2, disc_heads_per_level=1, lr=1e-3,
+# Both discriminators on: D1 needs the relative terms, which the default recipe leaves out (relative weight 0).
+SMALL = dict(adv_weight=0.1, relative_weight=0.25, lora_rank=4, lora_alpha=4, disc_lora_rank=2, disc_lora_alpha=2, disc_heads_per_level=1, lr=1e-3,
              disc_lr=1e-3, sample_every=0, batch_size=1, keep_checkpoints=2)
 
 
