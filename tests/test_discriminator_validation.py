@@ -339,3 +339,21 @@ def test_resuming_a_step_schedule_to_more_iterations_says_the_lr_moves(tiny_sd, 
     with pytest.warns(ResumeWarning, match=r"scheduled over 4 iterations and resumes over 12; .* goes from 0.1 to 1"):
         train(_config(tiny_sd, sd_store, iterations=12, checkpoint_every=4, adv_weight=0, lr_schedule="step"), run,
               resume=True, progress=False, stop_after=1)
+
+
+def test_the_default_recipe_is_sfds_target_with_rapms_distance_and_the_ema(tiny_sd, sd_store, tmp_path):
+    """What the README says the default is: relative weight 0 leaves RAPM's absolute terms alone, the computation of
+    `--method sfd` with the pseudo-Huber distance and the same EMA (the same weights, to the bit)."""
+    from rapm.run import load_checkpoint, latest_checkpoint
+
+    common = dict(iterations=2, checkpoint_every=2, adv_weight=-1, relative_weight=-1)
+    train(_config(tiny_sd, sd_store, **common), tmp_path / "rapm", progress=False)
+    train(_config(tiny_sd, sd_store, **common, method="sfd", distance="pseudo_huber", ema_decay=0.99, ema_warmup=True),
+          tmp_path / "sfd", progress=False)
+    a, b = (load_checkpoint(latest_checkpoint(tmp_path / name)) for name in ("rapm", "sfd"))
+    assert a["student"].keys() == b["student"].keys() and a["ema"].keys() == b["ema"].keys()
+    assert all(torch.equal(a["student"][k], b["student"][k]) for k in a["student"])
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    assert any(a["student"][k].abs().sum() > 0 for k in a["student"] if "lora_B" in k)  # it trained
+    losses = [[e["loss"] for e in _log(tmp_path / name)] for name in ("rapm", "sfd")]
+    assert losses[0] == losses[1]
