@@ -67,6 +67,17 @@ def test_convergence_reads_the_validation_curve_and_charges_calibrated_seconds(t
     long.mkdir()
     (long / "logs.jsonl").write_text((run / "logs.jsonl").read_text())
     assert [r["wall_s"] for r in conv.read_curve(long, "long-rapm", 4, 1)] == [0.0, 1.0]
+    # so is a seed row, and a long row of a seed row (through its seed row to the base), whatever its own timing
+    for row in ("rapm-seed1", "long-rapm-seed1"):
+        other = tmp_path / f"n4-{row}"
+        other.mkdir()
+        (other / "logs.jsonl").write_text((run / "logs.jsonl").read_text())
+    (tmp_path / "calibration.json").write_text(json.dumps({"n4-rapm": 0.5, "n4-rapm-seed1": 0.6}))
+    assert conv.timing_row("long-rapm-seed1") == conv.timing_row("rapm-seed1") == "rapm"
+    assert [r["wall_s"] for r in conv.read_curve(tmp_path / "n4-rapm-seed1", "rapm-seed1", 4, 1)] == [0.0, 1.0]
+    assert [r["wall_s"] for r in conv.read_curve(tmp_path / "n4-long-rapm-seed1", "long-rapm-seed1", 4, 1)] == [0.0, 1.0]
+    (tmp_path / "calibration.json").write_text(json.dumps({"n4-rapm-seed1": 0.6}))  # no base timing: its own
+    assert [r["wall_s"] for r in conv.read_curve(tmp_path / "n4-rapm-seed1", "rapm-seed1", 4, 1)] == [0.0, 1.2]
 
 
 def test_convergence_rows_name_what_they_run_and_summarise_the_curve():
