@@ -173,6 +173,7 @@ LONG = [
     (f"{DEFAULT}, seed 1", "long-rapm-seed1", 2),
     (f"{SFD_EMA}, seed 1", "long-sfd-ema-seed1", 2),
     (f"{OLD}, seed 1", "long-rapm-rel0.25-seed1", 2),
+    ("**rapm** (default) with pseudo-Huber c 0.001 (the preset's is 0.01)", "abl-huber0.001-ema", 2),
 ]
 LONG_AT = (3000, 5000, 7500, 10000)  # the trajectory error, the mean of the three validations up to each
 
