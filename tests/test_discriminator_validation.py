@@ -74,7 +74,7 @@ def test_a_run_records_its_recipe_and_an_old_run_resumes_with_its_own(tiny_sd, s
     assert (recorded.relative_weight, recorded.adv_weight, recorded.ema_decay, recorded.ema_warmup) == (0, 0, 0.99, True)
     assert with_recipe(recorded) == recorded and recipe_of(recorded) == recipe_of(TrainConfig())
     assert from_dict(to_dict(recorded), "test") == recorded  # a recorded 0 stays 0
-    old = {k: v for k, v in to_dict(TrainConfig()).items()}  # as rapm wrote it before: every weight left at -1
+    old = to_dict(TrainConfig())  # as rapm wrote it before: every weight left at -1
     assert from_dict(old, "test").relative_weight == 0.25
     assert build_method(from_dict(old, "test"), 10).relative  # the old run's relative terms go on
     paper = from_dict({**old, "method": "rapm-paper"}, "test")
