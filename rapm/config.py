@@ -89,6 +89,7 @@ class TrainConfig:
     val_reference_steps: int = 0  # also measure against the teacher's K-step DDIM from the same noise; 0 = off
     mixed_precision: str = "no"  # no | bf16 | fp16
     gradient_checkpointing: bool = False
+    base_quantization: str = ""  # "" (as loaded) | int8 (torchao) | nf4 (bitsandbytes): the frozen base's Linear weights
     use_8bit_adam: bool = False
     device: str = "auto"
 
@@ -204,6 +205,8 @@ def validate(config: TrainConfig) -> None:
         bad("ema_decay", f"must be below 1 (0 = off, negative = the method's own), got {config.ema_decay}")
     if config.mixed_precision not in ("no", "bf16", "fp16"):
         bad("mixed_precision", f"must be no, bf16 or fp16, got {config.mixed_precision!r}")
+    if config.base_quantization not in ("", "int8", "nf4"):
+        bad("base_quantization", f"must be int8 or nf4 (or empty for none), got {config.base_quantization!r}")
     if config.disc_levels not in ("full", "down_mid"):
         bad("disc_levels", f"must be full or down_mid, got {config.disc_levels!r}")
     if config.checkpoint_every < 1:

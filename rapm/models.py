@@ -5,11 +5,13 @@ their optimizers and learning-rate schedules, and the student's EMA.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
 from rapm.config import ConfigError, TrainConfig
 from rapm.discriminator import Discriminator, DiscriminatorSpec
+from rapm.quantize import quantize_base
 from rapm.roles import DISCRIMINATOR, STUDENT, LoraSpec, add_roles, enable_gradient_checkpointing, lora_parameters
 from rapm.teacher import load_teacher
 
@@ -26,9 +28,18 @@ def student_spec(config: TrainConfig) -> LoraSpec:
 
 def build_models(config: TrainConfig, device: torch.device, need_vae: bool, with_discriminator: bool):
     """The teacher's one UNet with its adapters, and the discriminator heads on it."""
-    teacher = load_teacher(config.teacher, device=device, dtype=weight_dtype(config, device), text_encoders=False, vae=need_vae)
+    quantized = bool(config.base_quantization)  # quantized from a CPU copy, so the device never holds the full base
+    teacher = load_teacher(config.teacher, device="cpu" if quantized else device, dtype=weight_dtype(config, device),
+                           text_encoders=False, vae=need_vae)
+    if quantized:
+        quantize_base(teacher.unet, config.base_quantization, device)
+        teacher.unet.to(device)
+        if teacher.vae is not None:
+            teacher.vae.to(device)
     disc_spec = LoraSpec(config.disc_lora_rank, config.disc_lora_alpha, list(config.lora_targets))
-    add_roles(teacher.unet, student_spec(config), disc_spec if (with_discriminator and config.disc_lora) else None)
+    with warnings.catch_warnings():  # peft on torchao layers: merging is unsupported, and rapm never merges
+        warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated")
+        add_roles(teacher.unet, student_spec(config), disc_spec if (with_discriminator and config.disc_lora) else None)
     for p in list(lora_parameters(teacher.unet, STUDENT).values()) + list(lora_parameters(teacher.unet, DISCRIMINATOR).values()):
         p.data = p.data.float()  # trainable weights stay float32 under mixed precision
     if config.gradient_checkpointing:

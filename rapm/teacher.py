@@ -56,7 +56,7 @@ class Teacher:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        return next(p.dtype for p in self.unet.parameters() if p.is_floating_point())
 
     def unet_output(self, z: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The UNet's raw output (eps or v) at (z, t) under ``cond``; the one denoiser call."""
