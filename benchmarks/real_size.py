@@ -1,0 +1,453 @@
+"""Real size: every verb at the published shapes of SD 1.5 and SDXL, through the CLI, on this CPU, measured.
+
+Each teacher is built from its public configs with random weights (SD 1.5: the 860M UNet, CLIP ViT-L/14's text
+tower, the 84M KL-f8 VAE; SDXL base: the 2.6B UNet, CLIP-L and OpenCLIP bigG/14's text towers, the same VAE), a
+tokenizer built from a small vocabulary (no download), and ``save_pretrained`` to ``--work``. The user's commands
+then run on it, each in a fresh process (its peak RSS from ``os.wait4``):
+
+* ``trajectories``: two prompts, N = 4, M = 2 (DDIM), guidance as the family's default;
+* ``pass``: one guided teacher pass (cond + uncond, batch 2) of the UNet, timed (median of 3 after a warm-up);
+* ``train``: ``rapm`` and ``rapm-paper`` for 2 iterations each, with and without ``gradient_checkpointing``;
+* ``export`` (both formats; every targeted module of the real UNet present in both files), ``sample`` (the student,
+  4 steps), ``evaluate`` (teacher DDIM-4 and the student against a 4-step reference on the two prompts).
+
+The weights stay at full size. The resolution is lower than the published one where a CPU pass would take too long
+(``--latent``, default 32, i.e. 256 px); the training cells also run at a second latent size (``--latent-2``) so that
+the activation memory can be fitted against the latent area and read at the published resolution (the table says
+which numbers are fitted). Everything is float32 on the CPU (rapm's CPU dtype).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/real_size.py --work /work/scratch/real [--models sd15,sdxl]
+
+Resumable: each cell's result is saved in ``--work/cells.json`` when it finishes and a finished cell is not rerun.
+Writes benchmarks/results/real_size.{json,md} from every finished cell (``--report-only`` rewrites them alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # tests/tiny.py's tokenizer; rapm itself
+
+GiB = 2**30
+MiB = 2**20
+PROMPTS = ["a photo of a red car", "a photo of a blue dog"]
+WORDS = ["a", "photo", "of", "cat", "dog", "red", "blue", "car"]
+CARD_RESERVE_GIB = 1.5  # CUDA context, cuBLAS workspace, allocator fragmentation (an assumption, as flow_memory's)
+
+# The text towers' published configs (openai/clip-vit-large-patch14; laion CLIP-ViT-bigG-14 as SDXL ships it).
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+CLIP_BIGG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                 num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+# stable-diffusion-v1-5 vae/config.json (SDXL's VAE has the same layers; its scaling factor is 0.13025)
+VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+           down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=32)
+# The UNet configs are benchmarks/harness.py's (SD15_UNET, SDXL_UNET); this process never imports torch: a child's
+# peak RSS (os.wait4) starts from its parent's resident set at the fork, so the parent stays small.
+MODELS = {
+    "sd15": dict(name="SD 1.5", unet="SD15_UNET", published_latent=64, latent_2=64),
+    "sdxl": dict(name="SDXL base", unet="SDXL_UNET", published_latent=128, latent_2=48),
+}
+
+
+def unet_config(model: str) -> dict:
+    import benchmarks.harness as harness
+
+    return getattr(harness, MODELS[model]["unet"])
+TRAIN_METHODS = ("rapm", "rapm-paper")
+
+
+# ---------------------------------------------------------------------------------------------- the teachers
+def build_teacher(model: str, folder: Path) -> dict:
+    """Save the full-size random pipeline of ``model`` to ``folder``; return its parameter counts."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from tests.tiny import SD_SCHEDULER, build_clip_tokenizer
+
+    torch.manual_seed(0)
+    spec = MODELS[model]
+    tokenizer = build_clip_tokenizer(WORDS, model_max_length=77)
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    ids = dict(bos_token_id=0, eos_token_id=eos, pad_token_id=eos)
+    unet = UNet2DConditionModel(**unet_config(model))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L, **ids))
+    parts = {"unet": unet, "text_encoder": text_encoder}
+    scheduler = DDIMScheduler(**SD_SCHEDULER)
+    if model == "sd15":
+        vae = AutoencoderKL(**VAE, sample_size=512)
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    else:
+        vae = AutoencoderKL(**VAE, sample_size=1024, scaling_factor=0.13025)
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG, **ids))
+        parts["text_encoder_2"] = text_encoder_2
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=build_clip_tokenizer(WORDS, model_max_length=77),
+                                         unet=unet, scheduler=scheduler)
+    parts["vae"] = vae
+    pipe.save_pretrained(folder)
+    return {"parameters": {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()},
+            "torch": torch.__version__}
+
+
+def at_latent(folder: Path, latent: int, out: Path) -> Path:
+    """The teacher of ``folder`` with its UNet's ``sample_size`` set to ``latent`` (the resolution the pipelines and
+    rapm default to): the same weight files, hard-linked."""
+    if (out / "model_index.json").is_file():
+        return out
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(folder, staging, copy_function=os.link)
+    config = staging / "unet" / "config.json"
+    data = json.loads(config.read_text())
+    data["sample_size"] = latent
+    config.unlink()  # a hard link: write a new file, not through it
+    config.write_text(json.dumps(data, indent=2))
+    staging.rename(out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- one cell
+def run_measured(argv: list[str], log: Path, env: dict | None = None) -> dict:
+    """Run ``argv`` in a fresh process; its wall time and peak RSS (``os.wait4``); its output to ``log``."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    start = time.perf_counter()
+    with log.open("w") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}); its output: {log}\n{log.read_text()[-3000:]}")
+    return {"seconds": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss * 1024 / MiB, 1)}
+
+
+def rapm(*args: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "rapm"), *args]
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def teacher_pass(args: dict) -> dict:
+    """Child: one guided teacher pass (cond + uncond) of the UNet at its latent size, timed."""
+    import statistics
+
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(args["teacher"], subfolder="unet").eval()
+    cfg = unet.config
+    size = cfg.sample_size
+    x = torch.randn(2, 4, size, size)
+    context = torch.randn(2, 77, cfg.cross_attention_dim)
+    extra = {}
+    if cfg.addition_embed_type == "text_time":
+        extra = {"added_cond_kwargs": {"text_embeds": torch.randn(2, 1280), "time_ids": torch.tensor([[size * 8, size * 8, 0, 0, size * 8, size * 8]] * 2, dtype=torch.float32)}}
+    times = []
+    with torch.no_grad():
+        for i in range(4):
+            tick = time.perf_counter()
+            unet(x, torch.tensor([500, 500]), context, **extra)
+            if i:
+                times.append(time.perf_counter() - tick)
+    return {"seconds_per_guided_pass": round(statistics.median(times), 3), "latent": size}
+
+
+def target_modules(model: str, targets: list[str]) -> list[str]:
+    """The real UNet's modules that the LoRA targets match (peft's rule: the name, or a dotted suffix of it)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_config(model))
+    return sorted(n for n, m in unet.named_modules() if any(n == t or n.endswith("." + t) for t in targets)
+                  and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+
+
+def check_export(model: str, lora: Path) -> dict:
+    """Key counts of both exported files against the real architecture's targeted modules."""
+    from safetensors import safe_open
+
+    from rapm.export import ldm_block_map, ldm_module_name
+    from rapm.roles import PCM_TARGET_MODULES
+
+    modules = target_modules(model, PCM_TARGET_MODULES)
+    with safe_open(str(lora / "pytorch_lora_weights.safetensors"), "pt") as f:
+        diffusers_keys = list(f.keys())
+    with safe_open(str(lora / "kohya_lora.safetensors"), "pt") as f:
+        kohya_keys = list(f.keys())
+    in_diffusers = {k.removeprefix("unet.").rpartition(".lora_")[0] for k in diffusers_keys}
+    # A1111 / ComfyUI: lora_unet_ + the module's path with '_' (SD 1.x: diffusers' paths as sd-scripts writes
+    # them; SDXL: the LDM UNet's paths, which both clients map to their UNet)
+    if model == "sdxl":
+        blocks = ldm_block_map(unet_config(model))
+        expected_kohya = {"lora_unet_" + ldm_module_name(m, blocks).replace(".", "_") for m in modules}
+    else:
+        expected_kohya = {"lora_unet_" + m.replace(".", "_") for m in modules}
+    in_kohya = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in kohya_keys}
+    return {
+        "targeted_modules": len(modules), "diffusers_keys": len(diffusers_keys), "kohya_keys": len(kohya_keys),
+        "diffusers_missing": len(set(modules) - in_diffusers), "diffusers_extra": len(in_diffusers - set(modules)),
+        "kohya_missing": len(expected_kohya - in_kohya), "kohya_extra": len(in_kohya - expected_kohya),
+        "diffusers_file_bytes": (lora / "pytorch_lora_weights.safetensors").stat().st_size,
+        "kohya_file_bytes": (lora / "kohya_lora.safetensors").stat().st_size,
+    }
+
+
+def iteration_seconds(run: Path) -> list[dict]:
+    """Every training iteration's phase and seconds from the run's logs.jsonl (the first one also warms up)."""
+    rows = [json.loads(line) for line in (run / "logs.jsonl").read_text().splitlines() if line.strip()]
+    return [{"phase": r.get("phase"), "seconds": round(r["seconds"], 2)} for r in rows
+            if "seconds" in r and r.get("phase") != "validation"]
+
+
+CHILDREN = {"pass": lambda a: teacher_pass(a), "build": lambda a: build_teacher(a["model"], Path(a["folder"])),
+            "check-export": lambda a: check_export(a["model"], Path(a["lora"]))}
+
+
+def child(kind: str, args: dict, log: Path) -> dict:
+    """A function of this file in a fresh process, measured; the JSON object its last line prints, with the measure."""
+    result = run_measured([sys.executable, __file__, "--child", kind, json.dumps(args)], log)
+    return {**result, **json.loads(log.read_text().strip().splitlines()[-1])}
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+def cells(model: str, work: Path, latent: int, latent_2: int) -> list[list[tuple[str, callable]]]:
+    """(name, function) of every cell of one model, in the order they run, in two stages: every verb at ``latent``,
+    then the training cells at ``latent_2`` (every model's first stage runs before any second one)."""
+    base = work / model / "teacher"
+    prompts = work / "prompts.txt"
+
+    def teacher(size):
+        return at_latent(base, size, work / model / f"teacher-{size}")
+
+    def trajectories(size):
+        def cell():
+            store = work / model / f"store-{size}"
+            shutil.rmtree(store, ignore_errors=True)
+            result = run_measured(rapm("trajectories", "--teacher", str(teacher(size)), "--prompts", str(prompts), "--out",
+                                       str(store), "--steps", "4", "--substeps", "2", "--batch-size", "2", "--no-progress"),
+                                  work / model / f"trajectories-{size}.log")
+            manifest = json.loads((store / "manifest.json").read_text())
+            count = manifest.get("count", len(PROMPTS))
+            return {**result, "latent": size, "trajectories": count, "store_bytes": folder_bytes(store),
+                    "store_bytes_per_trajectory": round(folder_bytes(store) / count)}
+        return cell
+
+    def train(size, method, checkpointing, quantization=""):
+        def cell():
+            run = work / model / f"run-{size}-{method}{'-ckpt' if checkpointing else ''}{'-' + quantization if quantization else ''}"
+            shutil.rmtree(run, ignore_errors=True)
+            result = run_measured(rapm("train", "--teacher", str(teacher(size)), "--store", str(work / model / f"store-{size}"),
+                                       "--out", str(run), "--method", method, "--iterations", "2", "--checkpoint-every", "2",
+                                       "--set", "eval_every=0", "--set", "sample_every=100", "--set", "val_fraction=0",
+                                       "--set", f"gradient_checkpointing={str(checkpointing).lower()}",
+                                       "--set", f"base_quantization={quantization}", "--no-progress"),
+                                  work / model / f"{run.name}.log")
+            return {**result, "latent": size, "method": method, "gradient_checkpointing": checkpointing,
+                    "base_quantization": quantization,
+                    "iterations": iteration_seconds(run)}
+        return cell
+
+    def export():
+        lora = work / model / "lora"
+        shutil.rmtree(lora, ignore_errors=True)
+        result = run_measured(rapm("export", "--run", str(work / model / f"run-{latent}-rapm"), "--out", str(lora)),
+                              work / model / "export.log")
+        checked = child("check-export", {"model": model, "lora": str(lora)}, work / model / "export-check.log")
+        return {**result, **{k: v for k, v in checked.items() if k not in ("seconds", "peak_rss_mib")}}
+
+    def sample():
+        out = work / model / "samples"
+        shutil.rmtree(out, ignore_errors=True)
+        result = run_measured(rapm("sample", "--teacher", str(teacher(latent)), "--lora", str(work / model / "lora"),
+                                   "--prompt", PROMPTS[0], "--steps", "4", "--out", str(out), "--device", "cpu"),
+                              work / model / "sample.log")
+        return {**result, "latent": latent, "images": len(list(out.glob("*.png")))}
+
+    def evaluate():
+        out = work / model / "evaluation.json"
+        result = run_measured(rapm("evaluate", "--teacher", str(teacher(latent)), "--model", "teacher:ddim:4",
+                                   "--model", f"student={work / model / 'lora'}:4", "--prompts", str(prompts), "--num", "2",
+                                   "--reference-steps", "4", "--out", str(out)), work / model / "evaluate.log")
+        return {**result, "latent": latent, "models": list(json.loads(out.read_text()).get("models", {}))}
+
+    def passes(size):
+        return lambda: child("pass", {"teacher": str(teacher(size))}, work / model / f"pass-{size}.log")
+
+    def build():
+        shutil.rmtree(base, ignore_errors=True)
+        built = child("build", {"model": model, "folder": str(base)}, work / model / "build.log")
+        return {**built, "teacher_bytes": folder_bytes(base)}
+
+    plan = [("build", build), (f"pass-{latent}", passes(latent)), (f"trajectories-{latent}", trajectories(latent))]
+    for method in TRAIN_METHODS:
+        for checkpointing in (False, True):
+            plan.append((f"train-{latent}-{method}{'-ckpt' if checkpointing else ''}", train(latent, method, checkpointing)))
+    plan += [("export", export), ("sample", sample), ("evaluate", evaluate)]
+    plan += [(f"train-{latent}-rapm-ckpt-{q}", train(latent, "rapm", True, q)) for q in ("int8", "nf4")]
+    second = [(f"pass-{latent_2}", passes(latent_2)), (f"trajectories-{latent_2}", trajectories(latent_2))]
+    for method in TRAIN_METHODS:
+        for checkpointing in (False, True):
+            second.append((f"train-{latent_2}-{method}{'-ckpt' if checkpointing else ''}", train(latent_2, method, checkpointing)))
+    return [plan, second]
+
+
+# ---------------------------------------------------------------------------------------------- the report
+def fit_activation(cells_of: dict, suffix: str, target: int) -> dict | None:
+    """Peak RSS of the training cells ``train-<latent>-<suffix>`` as a + b * latent area, read at ``target``."""
+    points = sorted((c["latent"], c["peak_rss_mib"]) for n, c in cells_of.items()
+                    if n.startswith("train-") and n.split("-", 2)[2] == suffix)
+    if not points:
+        return None
+    if len(points) == 1 or target == points[-1][0]:
+        latent, mib = next(((l, m) for l, m in points if l == target), points[-1])
+        return {"peak_rss_gib": mib / 1024, "fitted": False, "latent": latent}
+    (l1, m1), (l2, m2) = points[0], points[-1]
+    slope = (m2 - m1) / (l2**2 - l1**2)
+    at = m1 + slope * (target**2 - l1**2)
+    return {"peak_rss_gib": at / 1024, "fitted": True, "mib_per_latent_pixel": slope, "latent": target,
+            "from_latents": [l1, l2]}
+
+
+def report(work: Path, results: Path, latent: int) -> None:
+    data = json.loads((work / "cells.json").read_text()) if (work / "cells.json").is_file() else {}
+    import platform
+
+    lines = [f"# Real size: SD 1.5 and SDXL at their published shapes, every verb, on this CPU",
+             "", f"`benchmarks/real_size.py` on {time.strftime('%Y-%m-%d')}, torch {next((m['build'].get('torch') for m in data.values() if m.get('build')), '?')}, {os.cpu_count()} "
+             f"CPU cores, {platform.platform()}, one torch thread (`OMP_NUM_THREADS=1`). Command:",
+             "", f"    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/real_size.py --work WORK --latent {latent}",
+             "", "Random weights at the published configs (full-size UNet, text towers and VAE; a tokenizer of 8 words), "
+             "saved with `save_pretrained` and run through the CLI, each verb a fresh process. Float32 everywhere "
+             f"(rapm's dtype on a CPU). The verbs ran at a {latent * 8} px latent ({latent}x{latent}); training also at "
+             "a second size (the table names both), and the published resolution's training peak is fitted from the two (peak = a + b x "
+             "latent area; marked *fitted*). Peak RSS is the process's maximum resident set (`os.wait4`), which includes "
+             "Python, torch and the libraries (~0.5 GiB).", ""]
+    table = {}
+    for model, spec in MODELS.items():
+        got = data.get(model, {})
+        if not got:
+            continue
+        table[model] = {}
+        params = (got.get("build") or {}).get("parameters") or {}
+        lines += [f"## {spec['name']}", "", "Parameters: " + ", ".join(f"{k} {v / 1e6:,.0f}M" for k, v in params.items())
+                  + f"; the saved folder {got.get('build', {}).get('teacher_bytes', 0) / GiB:.2f} GiB.", "",
+                  "| verb | latent | peak RSS GiB | wall s | measured |", "| --- | ---: | ---: | ---: | --- |"]
+        for name, cell in got.items():
+            if name == "build":
+                continue
+            facts = []
+            if "seconds_per_guided_pass" in cell:
+                facts.append(f"{cell['seconds_per_guided_pass']} s per guided teacher pass (batch 2)")
+            if "store_bytes_per_trajectory" in cell:
+                facts.append(f"{cell['trajectories']} trajectories, {cell['store_bytes_per_trajectory'] / MiB:.2f} MiB each")
+            if "iterations" in cell:
+                facts.append("s per iteration: " + ", ".join(f"{r['seconds']:.0f} ({r['phase']})" for r in cell["iterations"]))
+            if "targeted_modules" in cell:
+                facts.append(f"{cell['targeted_modules']} targeted modules of the real UNet; diffusers file "
+                             f"{cell['diffusers_keys']} keys ({cell['diffusers_missing']} missing, {cell['diffusers_extra']} "
+                             f"extra), {cell['diffusers_file_bytes'] / MiB:.1f} MiB; kohya file {cell['kohya_keys']} keys "
+                             f"({cell['kohya_missing']} missing, {cell['kohya_extra']} extra against A1111's / ComfyUI's "
+                             f"names), {cell['kohya_file_bytes'] / MiB:.1f} MiB")
+            if "images" in cell:
+                facts.append(f"{cell['images']} image(s)")
+            if "models" in cell:
+                facts.append("models " + ", ".join(cell["models"]))
+            lines.append(f"| {name} | {cell.get('latent', '')} | {cell['peak_rss_mib'] / 1024:.2f} | {cell['seconds']:.0f} | "
+                         f"{'; '.join(facts)} |")
+        lines += ["", f"What card training needs at {spec['published_latent'] * 8} px (N = 4, batch 1, LoRA rank 64, "
+                  "float32 base as measured; the bf16 row halves the base's weight bytes, the rest as measured, "
+                  f"an estimate; a card fits when the figure + {CARD_RESERVE_GIB} GiB is at most its memory; CPU RSS "
+                  "stands in for GPU memory, which also holds no Python heap but does hold the CUDA context):", "",
+                  "| method | checkpointing | float32 GiB | bf16 base GiB (est.) | source | 8 GB | 12 GB | 24 GB |",
+                  "| --- | --- | ---: | ---: | --- | --- | --- | --- |"]
+        unet_bytes = params.get("unet", 0) * 4
+        for method in TRAIN_METHODS:
+            for checkpointing in (False, True):
+                fit = fit_activation(got, f"{method}{'-ckpt' if checkpointing else ''}", spec["published_latent"])
+                if not fit:
+                    continue
+                fp32 = fit["peak_rss_gib"]
+                bf16 = fp32 - unet_bytes / 2 / GiB
+                src = (f"fitted from {fit['from_latents'][0] * 8} and {fit['from_latents'][1] * 8} px" if fit["fitted"]
+                       else f"measured at {fit['latent'] * 8} px")
+                if not fit["fitted"] and fit["latent"] != spec["published_latent"]:
+                    src += " (not the published size)"
+                fits = lambda gib, card: "yes" if gib + CARD_RESERVE_GIB <= card * 1e9 / GiB else "no"  # noqa: E731
+                lines.append(f"| {method} | {'on' if checkpointing else 'off'} | {fp32:.2f} | {bf16:.2f} | {src} | "
+                             + " | ".join(f"{fits(fp32, c)} / {fits(bf16, c)}" for c in (8, 12, 24)) + " |")
+                table[model][f"{method}{'-ckpt' if checkpointing else ''}"] = {**fit, "bf16_base_gib_est": bf16}
+        plain, fit = got.get(f"train-{latent}-rapm-ckpt"), fit_activation(got, "rapm-ckpt", spec["published_latent"])
+        for q in ("int8", "nf4"):
+            quantized = got.get(f"train-{latent}-rapm-ckpt-{q}")
+            if not (plain and fit and quantized):
+                continue
+            saving = (plain["peak_rss_mib"] - quantized["peak_rss_mib"]) / 1024
+            gib = fit["peak_rss_gib"] - saving
+            fits = lambda gib, card: "yes" if gib + CARD_RESERVE_GIB <= card * 1e9 / GiB else "no"  # noqa: E731
+            lines.append(f"| rapm, {q} base | on | {gib:.2f} | - | the row above less the {saving:.2f} GiB that {q} "
+                         f"saved at {latent * 8} px (measured: {quantized['peak_rss_mib'] / 1024:.2f} against "
+                         f"{plain['peak_rss_mib'] / 1024:.2f} GiB) | " + " | ".join(fits(gib, c) for c in (8, 12, 24)) + " |")
+            table[model][f"rapm-ckpt-{q}"] = {"peak_rss_gib": gib, "saving_gib": saving, "fitted": True}
+        lines += ["", "(8 / 12 / 24 GB columns: float32 / bf16 base.)", ""]
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "real_size.json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "latent": latent,
+                                                         "cells": data, "cards": table}, indent=1) + "\n")
+    (results / "real_size.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/rapm-real-size"))
+    parser.add_argument("--models", default="sd15,sdxl")
+    parser.add_argument("--latent", type=int, default=32)
+    parser.add_argument("--latent-2", type=int, default=0, help="the second latent size of the training cells "
+                        "(default: each model's own, SD 1.5 64 = its published 512 px, SDXL 48)")
+    parser.add_argument("--only", default="", help="comma-separated cell names to run (default: all)")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(CHILDREN[args.child[0]](json.loads(args.child[1]))))
+        return
+    args.work.mkdir(parents=True, exist_ok=True)
+    (args.work / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    saved = args.work / "cells.json"
+    data = json.loads(saved.read_text()) if saved.is_file() else {}
+    only = set(filter(None, args.only.split(",")))
+    if not args.report_only:
+        models = args.models.split(",")
+        for model in models:
+            (args.work / model).mkdir(exist_ok=True)
+        stages = [(model, stage) for stage in (0, 1) for model in models]
+        for model, stage in stages:
+            for name, fn in cells(model, args.work, args.latent, args.latent_2 or MODELS[model]["latent_2"])[stage]:
+                if name in data.get(model, {}) or (only and name not in only and name != "build"):
+                    continue
+                print(f"[{time.strftime('%H:%M:%S')}] {model} {name} ...", flush=True)
+                result = fn()
+                data.setdefault(model, {})[name] = result
+                tmp = saved.with_suffix(".tmp")
+                tmp.write_text(json.dumps(data, indent=1))
+                tmp.replace(saved)
+                print(f"[{time.strftime('%H:%M:%S')}] {model} {name}: {result}", flush=True)
+    report(args.work, args.results, args.latent)
+
+
+if __name__ == "__main__":
+    main()
