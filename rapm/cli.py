@@ -132,6 +132,18 @@ def _thread_exception(args) -> None:
 _default_thread_hook = threading.excepthook
 
 
+def _end_progress_bars() -> None:
+    """Close the progress bars a failed verb left open, each kept where it stopped and ended with a newline, so that
+    the error starts a line of its own (``grep ^error:`` finds it) instead of following the bar on its line."""
+    std = sys.modules.get("tqdm.std")  # no bar was shown if tqdm was never imported
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
+        try:
+            bar.leave = True
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar that cannot be drawn must not hide the error
+            pass
+
+
 def main() -> None:
     """Entry point: user errors print as one line, without a traceback; rapm's warnings as one line too."""
     warnings.formatwarning = _warning_line
@@ -139,5 +151,6 @@ def main() -> None:
     try:
         app()
     except RapmError as e:
+        _end_progress_bars()
         typer.echo(f"error: {e}", err=True)
         sys.exit(1)

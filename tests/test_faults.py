@@ -17,7 +17,9 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -312,6 +314,35 @@ def test_disk_full_while_writing_a_shard(tiny_sd, sd_store, tmp_path, monkeypatc
     monkeypatch.undo()  # space freed
     write_trajectories(tiny_sd, prompts, out, **settings)
     assert faults.files_digest(out) == faults.files_digest(sd_store)
+
+
+def test_an_error_after_a_progress_bar_starts_a_line_of_its_own(tiny_sd, tmp_path, monkeypatch, capsys):
+    """Issue 34: `trajectories: 100%|...| 4/4 ...error: ...` on one line; the error now starts its own (grep ^error:)."""
+    real_open = open
+
+    def open_(path, *args, **kwargs):
+        f = real_open(path, *args, **kwargs)
+        return _FullDisk(f) if ".shard-00001.safetensors" in str(path) else f
+
+    monkeypatch.setattr(rapm.store, "open", open_, raising=False)
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # main() sets them: put back after
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\na red car\na blue dog\na photo of a dog\n")
+    out = tmp_path / "store"
+    monkeypatch.setattr(sys, "argv", ["rapm", "trajectories", "--teacher", str(tiny_sd), "--prompts", str(prompts),
+                                      "--out", str(out), "--steps", "2", "--substeps", "3", "--guidance", "3.0",
+                                      "--shard-size", "2", "--device", "cpu"])
+    from rapm.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main()
+    err = capsys.readouterr().err
+    assert exited.value.code == 1 and "trajectories:" in err and "Traceback" not in err, err  # the bar was drawn
+    lines = err.split("\n")  # lines as grep sees them: a bar's redraws (\r) are one line with it
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {out / 'shard-00001.safetensors'}: cannot be written"), err
+    assert any("trajectories:" in line and "2/4" in line for line in lines), err  # the bar kept, where it stopped
 
 
 def test_a_huge_learning_rate_stops_the_default_recipe_at_its_first_non_finite_loss(tiny_sd, sd_store, tmp_path):
