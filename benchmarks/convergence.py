@@ -22,7 +22,7 @@ time, each a fresh process with one torch thread.
 
 writes benchmarks/results/convergence.{json,md}, convergence-n{4,2}.png and convergence-long.png (the long rows:
 the closest rows continued to --long-iterations, last in the queue); `python benchmarks/convergence_readme.py` then
-writes the README's tables from the JSON.
+writes the tables of docs/results/convergence.md from the JSON.
 """
 
 from __future__ import annotations

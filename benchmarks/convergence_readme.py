@@ -1,13 +1,15 @@
-"""The README's convergence tables, written from benchmarks/results/convergence.json (no number typed by hand).
+"""The convergence results page's tables, written from benchmarks/results/convergence.json (no number typed by hand).
 
-Each table sits in README.md between ``<!-- convergence:NAME -->`` and ``<!-- /convergence:NAME -->``; this script
-rewrites what is between them from the JSON, and ``--check`` says (exit 1) where the README differs from it:
+Each table sits in docs/results/convergence.md between ``<!-- convergence:NAME -->`` and
+``<!-- /convergence:NAME -->``; this script rewrites what is between them from the JSON, and ``--check`` says
+(exit 1) where the page differs from it:
 
-    python benchmarks/convergence_readme.py            # rewrite the tables in README.md
+    python benchmarks/convergence_readme.py            # rewrite the tables in docs/results/convergence.md
     python benchmarks/convergence_readme.py --check    # exit 1 if a table differs from the JSON
 
 The tables' rows (a label, the benchmark's row name, N, and for the ablations the iteration they are read at) are
-listed here; a row the JSON does not hold is printed as "not run". The prose around the tables is the README's own.
+listed here; a row the JSON does not hold is printed as "not run". The prose around the tables is the page's own.
+(The tables were in README.md until 2026-12-06; the script keeps its name.)
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from convergence import fmt, last_mean, worst_rise  # noqa: E402  (the benchmark
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "convergence.json"
-README = ROOT / "README.md"
+PAGE = ROOT / "docs" / "results" / "convergence.md"
 
 DEFAULT = "**rapm** (default)"
 SFD_EMA = "sfd with the EMA (0.99, no warm-up)"
@@ -263,12 +265,12 @@ def tables(rows: list[dict]) -> dict[str, list[str]]:
 BLOCK = re.compile(r"(<!-- convergence:(?P<name>[a-z]+) -->\n)(?P<body>.*?)(<!-- /convergence:(?P=name) -->)", re.S)
 
 
-def rewrite(readme: str, new: dict[str, list[str]]) -> tuple[str, list[str]]:
-    """The README with every marked table replaced, and the names of those that changed. A table of ``new`` with no
-    block in the README, or a block with no table, is an error."""
-    found = [m.group("name") for m in BLOCK.finditer(readme)]
+def rewrite(page: str, new: dict[str, list[str]], name: str = "docs/results/convergence.md") -> tuple[str, list[str]]:
+    """The page with every marked table replaced, and the names of those that changed. A table of ``new`` with no
+    block in the page, or a block with no table, is an error."""
+    found = [m.group("name") for m in BLOCK.finditer(page)]
     if sorted(found) != sorted(new):
-        raise SystemExit(f"README.md: the convergence blocks are {found}, expected one of each of {sorted(new)} "
+        raise SystemExit(f"{name}: the convergence blocks are {found}, expected one of each of {sorted(new)} "
                          f"(<!-- convergence:NAME --> ... <!-- /convergence:NAME -->)")
     changed = []
 
@@ -278,28 +280,29 @@ def rewrite(readme: str, new: dict[str, list[str]]) -> tuple[str, list[str]]:
             changed.append(m.group("name"))
         return m.group(1) + body + m.group(4)
 
-    return BLOCK.sub(sub, readme), changed
+    return BLOCK.sub(sub, page), changed
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--results", type=Path, default=RESULTS)
-    ap.add_argument("--readme", type=Path, default=README)
+    ap.add_argument("--page", "--readme", dest="page", type=Path, default=PAGE,
+                    help="the page holding the marked tables (default: docs/results/convergence.md)")
     ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table differs from the JSON")
     args = ap.parse_args(argv)
     rows = json.loads(args.results.read_text())["rows"]
-    text, changed = rewrite(args.readme.read_text(), tables(rows))
+    text, changed = rewrite(args.page.read_text(), tables(rows), str(args.page))
     if args.check:
         if changed:
-            print(f"{args.readme}: the convergence tables {changed} differ from {args.results}; rebuild them with "
+            print(f"{args.page}: the convergence tables {changed} differ from {args.results}; rebuild them with "
                   f"`python benchmarks/convergence_readme.py`", file=sys.stderr)
             return 1
         return 0
     if changed:
-        tmp = args.readme.with_name(args.readme.name + ".tmp")
+        tmp = args.page.with_name(args.page.name + ".tmp")
         tmp.write_text(text)
-        tmp.replace(args.readme)
-    print(f"{args.readme}: {', '.join(changed) or 'nothing'} rewritten from {args.results}")
+        tmp.replace(args.page)
+    print(f"{args.page}: {', '.join(changed) or 'nothing'} rewritten from {args.results}")
     return 0
 
 

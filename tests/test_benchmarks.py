@@ -158,22 +158,24 @@ def test_convergence_long_rows_are_their_bases_and_start_from_a_finished_base_on
     assert (long / "logs.jsonl").read_text() == "its own\n"
 
 
-def test_readme_convergence_tables_are_the_json_and_a_change_to_either_is_caught(tmp_path):
-    readme_tables = _load("convergence_readme")
-    assert readme_tables.main(["--check"]) == 0  # the committed README says what the committed JSON holds
-    readme, results = tmp_path / "README.md", tmp_path / "convergence.json"
-    readme.write_text(readme_tables.README.read_text())
-    data = json.loads(readme_tables.RESULTS.read_text())
+def test_convergence_page_tables_are_the_json_and_a_change_to_either_is_caught(tmp_path):
+    page_tables = _load("convergence_readme")
+    assert page_tables.PAGE == page_tables.ROOT / "docs" / "results" / "convergence.md"
+    assert page_tables.main(["--check"]) == 0  # the committed results page says what the committed JSON holds
+    page, results = tmp_path / "convergence.md", tmp_path / "convergence.json"
+    page.write_text(page_tables.PAGE.read_text())
+    data = json.loads(page_tables.RESULTS.read_text())
     row = next(r for r in data["rows"] if r["method"] == "rapm" and r["steps"] == 4 and r["iteration"] == 3000)
     old = f"| 4 | 3000 | {row['trajectory_error']:.4f} |"
-    assert old in readme.read_text()
-    row["trajectory_error"] += 0.01  # the JSON moves: the README no longer says what it holds
+    assert old in page.read_text()
+    row["trajectory_error"] += 0.01  # the JSON moves: the page no longer says what it holds
     results.write_text(json.dumps(data))
-    args = ["--results", str(results), "--readme", str(readme)]
-    assert readme_tables.main([*args, "--check"]) == 1
-    assert readme_tables.main(args) == 0 and readme_tables.main([*args, "--check"]) == 0
-    text = readme.read_text()
+    args = ["--results", str(results), "--page", str(page)]
+    assert page_tables.main([*args, "--check"]) == 1
+    assert page_tables.main(args) == 0 and page_tables.main([*args, "--check"]) == 0
+    text = page.read_text()
     assert old not in text and f"| 4 | 3000 | {row['trajectory_error']:.4f} |" in text
-    readme.write_text(text.replace("<!-- /convergence:few -->\n", ""))  # a block that lost its end is refused
+    page.write_text(text.replace("<!-- /convergence:few -->\n", ""))  # a block that lost its end is refused
     with pytest.raises(SystemExit, match="convergence blocks"):
-        readme_tables.main(args)
+        page_tables.main(args)
+
