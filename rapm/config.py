@@ -73,6 +73,8 @@ class TrainConfig:
     disc_levels: str = "full"
     disc_heads_per_level: int = 4
     disc_kernel_size: int = 3
+    disc_negative_slope: float = 0.2  # the heads' LeakyReLU slope (PCM's code: 0.01)
+    disc_slot_reduction: str = "mean"  # the discriminator loss over the N slots: mean | sum (Alg. 2 line 18 as written)
     disc_lr: float = 1e-5
     disc_betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
     disc_weight_decay: float = 1e-3
@@ -221,6 +223,10 @@ def validate(config: TrainConfig) -> None:
         bad("gan_loss", f"must be hinge or relativistic (or empty for the method's own), got {config.gan_loss!r}")
     if config.updates not in ("", "alternate", "both"):
         bad("updates", f"must be alternate or both (or empty for the method's own), got {config.updates!r}")
+    if config.disc_slot_reduction not in ("mean", "sum"):
+        bad("disc_slot_reduction", f"must be mean or sum, got {config.disc_slot_reduction!r}")
+    if not 0 <= config.disc_negative_slope < 1:
+        bad("disc_negative_slope", f"must be in [0, 1), got {config.disc_negative_slope}")
     if config.disc_every < 1:
         bad("disc_every", f"must be at least 1, got {config.disc_every}")
     if not 0 <= config.val_fraction < 0.5:

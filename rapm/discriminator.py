@@ -29,6 +29,7 @@ class DiscriminatorSpec:
     levels: str = "full"  # "full": down, mid, up blocks (SD 1.5); "down_mid": down blocks and mid (SDXL)
     heads_per_level: int = 4
     kernel_size: int = 3  # 3x3 convs (SD 1.5), 1x1 (SDXL)
+    negative_slope: float = 0.2  # the heads' LeakyReLU (PCM's code: 0.01)
 
 
 def _groups(channels: int) -> int:
@@ -38,14 +39,16 @@ def _groups(channels: int) -> int:
 class Head(nn.Module):
     """conv-GN-LeakyReLU, a residual conv-GN-LeakyReLU, then a 1x1 conv to patch logits."""
 
-    def __init__(self, channels: int, kernel_size: int):
+    def __init__(self, channels: int, kernel_size: int, negative_slope: float = 0.2):
         super().__init__()
         pad = kernel_size // 2
         self.inp = nn.Sequential(
-            nn.Conv2d(channels, channels, kernel_size, padding=pad), nn.GroupNorm(_groups(channels), channels), nn.LeakyReLU(0.2)
+            nn.Conv2d(channels, channels, kernel_size, padding=pad), nn.GroupNorm(_groups(channels), channels),
+            nn.LeakyReLU(negative_slope)
         )
         self.res = nn.Sequential(
-            nn.Conv2d(channels, channels, kernel_size, padding=pad), nn.GroupNorm(_groups(channels), channels), nn.LeakyReLU(0.2)
+            nn.Conv2d(channels, channels, kernel_size, padding=pad), nn.GroupNorm(_groups(channels), channels),
+            nn.LeakyReLU(negative_slope)
         )
         self.out = nn.Conv2d(channels, 1, 1)
 
@@ -60,7 +63,8 @@ class HeadSet(nn.Module):
     def __init__(self, channels: list[int], spec: DiscriminatorSpec):
         super().__init__()
         self.heads = nn.ModuleList(
-            nn.ModuleList(Head(c, spec.kernel_size) for _ in range(spec.heads_per_level)) for c in channels
+            nn.ModuleList(Head(c, spec.kernel_size, spec.negative_slope) for _ in range(spec.heads_per_level))
+            for c in channels
         )
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -46,7 +46,8 @@ def build_models(config: TrainConfig, device: torch.device, need_vae: bool, with
         enable_gradient_checkpointing(teacher.unet)  # role-aware: the recompute uses the forward's adapter
     disc = None
     if with_discriminator:
-        spec = DiscriminatorSpec(config.disc_levels, config.disc_heads_per_level, config.disc_kernel_size)
+        spec = DiscriminatorSpec(config.disc_levels, config.disc_heads_per_level, config.disc_kernel_size,
+                                 config.disc_negative_slope)
         disc = Discriminator(teacher.unet, spec).to(device)
     return teacher, disc
 

@@ -124,3 +124,28 @@ def test_sfd_matches_only_the_absolute_position(tiny_sd):
     for loss, entry in method.generator_losses(ctx, batch):
         logs.update(entry)
     assert set(k.split("/")[0] for k in logs) == {"l1_abs", "loss"}  # no relative term, no adversarial term
+
+
+def test_the_plain_sum_over_slots_is_n_times_the_mean(tiny_sd):
+    """disc_slot_reduction=sum: Alg. 2 line 18's sum over the N slots; the default divides it by N."""
+    from rapm.config import TrainConfig, apply_overrides
+    from rapm.methods import FACTORIES
+
+    losses = {}
+    for reduction in ("mean", "sum"):
+        _, _, ctx, batch = _setup(tiny_sd)  # the same discriminator noise in both
+        config = apply_overrides(TrainConfig(), {"method": "rapm-paper", "disc_slot_reduction": reduction}, "test")
+        method = FACTORIES["rapm-paper"](config, {"adv_weight": 0.1, "gan_loss": "hinge", "relative_weight": 1.0}, 10)
+        (loss, logs), = list(method.discriminator_losses(ctx, batch))
+        losses[reduction] = loss.item()
+    assert losses["mean"] > 0
+    assert losses["sum"] == pytest.approx(4 * losses["mean"], rel=1e-5)
+
+
+def test_the_heads_take_pcm_s_leaky_relu_slope(tiny_sd):
+    teacher, _, _, _ = _setup(tiny_sd)
+    slopes = {m.negative_slope for m in Discriminator(teacher.unet, DiscriminatorSpec("full", 1, 3, 0.01)).modules()
+              if isinstance(m, torch.nn.LeakyReLU)}
+    assert slopes == {0.01}
+    assert {m.negative_slope for m in Discriminator(teacher.unet, DiscriminatorSpec("full", 1, 3)).modules()
+            if isinstance(m, torch.nn.LeakyReLU)} == {0.2}

@@ -66,15 +66,20 @@ def _common(config: TrainConfig, recipe: dict, delta: int) -> dict:
                 d2=config.disc_absolute, relational=relational_settings(config))
 
 
+def _slots(config: TrainConfig) -> dict:
+    return dict(slot_sum=config.disc_slot_reduction == "sum")
+
+
 def _rapm(config: TrainConfig, recipe: dict, delta: int) -> Method:
     # relative weight 0: the relative terms (and D1, weighted by it) are not computed at all
-    return RAPM(**_common(config, recipe, delta), relative=recipe["relative_weight"] > 0,
+    return RAPM(**_common(config, recipe, delta), **_slots(config), relative=recipe["relative_weight"] > 0,
                 distance=config.distance or "pseudo_huber")
 
 
 def _rapm_relative(config: TrainConfig, recipe: dict, delta: int) -> Method:
     """Eq. 16 alone: the ablation of paper Fig. 3."""
-    return RAPM(**_common(config, recipe, delta), absolute=False, distance=config.distance or "pseudo_huber")
+    return RAPM(**_common(config, recipe, delta), **_slots(config), absolute=False,
+                distance=config.distance or "pseudo_huber")
 
 
 def _sfd(config: TrainConfig, recipe: dict, delta: int) -> Method:

@@ -51,6 +51,7 @@ class RAPM(Method):
     gan_loss: str = "hinge"  # "hinge" (PCM, the paper) or "relativistic" (paired, RpGAN)
     relative_weight: float = 1.0  # weight of the relative terms (eqs. 14-15) against the absolute ones
     d1: bool = True  # the relative discriminator D1 (eq. 15); off: its head set is not trained or used
+    slot_sum: bool = False  # the discriminator loss summed over the slots (Alg. 2 line 18) instead of their mean
     d2: bool = True  # the absolute discriminator D2 (eq. 18)
     relational: object = field(default=None, repr=False)  # rapm.methods.rdd.RelationalSettings (refused: RAPM takes none)
     _warned: bool = field(default=False, init=False, repr=False, compare=False)  # DeltaStepWarning is said once
@@ -216,7 +217,7 @@ class RAPM(Method):
                     d = relativistic_discriminator_loss(f, r)
                 else:
                     d = hinge_discriminator_loss(f, r)
-                loss = loss + self.kind_weight(kind, slot) * d / n
+                loss = loss + self.kind_weight(kind, slot) * (d if self.slot_sum else d / n)
                 logs[f"disc_{kind[:3]}/{slot}"] = d.item()
                 logs[f"disc_acc_{kind[:3]}/{slot}"] = pair_accuracy(f, r)
         yield loss, logs
