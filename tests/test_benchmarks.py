@@ -179,3 +179,8 @@ def test_convergence_page_tables_are_the_json_and_a_change_to_either_is_caught(t
     with pytest.raises(SystemExit, match="convergence blocks"):
         page_tables.main(args)
 
+
+def test_readme_holds_no_generated_tables():
+    """The README is the user's page: the generated convergence tables live in docs/results/convergence.md."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert "<!-- convergence:" not in readme
