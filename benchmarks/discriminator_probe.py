@@ -30,7 +30,7 @@ def probe(store_path: Path, run: Path | None, gan_loss: str, disc_lora: bool, up
     from rapm import config as cfg
     from rapm.methods import Context, build_method
     from rapm.roles import DISCRIMINATOR, STUDENT, lora_parameters, set_trainable
-    from rapm.train import _to_device, build_models, make_optimizer, sample_generators
+    from rapm.train import build_models, make_optimizer, sample_generators, training_batch
     from rapm.trajectories import open_store
     from rapm.validation import split_indices
 
@@ -69,7 +69,7 @@ def probe(store_path: Path, run: Path | None, gan_loss: str, disc_lora: bool, up
         accs = {"relative": [], "absolute": []}
         with torch.no_grad():
             for k, i in enumerate(ids):
-                batch = _to_device(store.get([i]), device, torch.float32)
+                batch = training_batch(store.get([i]), device)
                 ctx = Context(unet, teacher.schedule, store.timesteps, store.guidance,
                               sample_generators(noise_seed, [k]), disc)
                 _, logs = next(method.discriminator_losses(ctx, batch))
@@ -81,7 +81,7 @@ def probe(store_path: Path, run: Path | None, gan_loss: str, disc_lora: bool, up
     tick = time.perf_counter()
     for step in range(updates):
         i = train_ids[step % len(train_ids)]
-        batch = _to_device(store.get([i]), device, torch.float32)
+        batch = training_batch(store.get([i]), device)
         ctx = Context(unet, teacher.schedule, store.timesteps, store.guidance, sample_generators(seed, [step]), disc)
         opt.zero_grad(set_to_none=True)
         for loss, _ in method.discriminator_losses(ctx, batch):

@@ -73,7 +73,7 @@ def child(kind: str, args: dict) -> dict:
     import diffusers  # noqa: F401
     import peft  # noqa: F401
 
-    from rapm.train import _to_device, build_models, resolve_config, train
+    from rapm.train import build_models, resolve_config, train, training_batch
 
     torch.set_num_threads(args["threads"])
     if kind == "imports":
@@ -93,7 +93,7 @@ def child(kind: str, args: dict) -> dict:
 
         t, disc = build_models(config, torch.device(device), need_vae=False, with_discriminator=True)
         store = open_store(Path(config.store))
-        batch = _to_device(store.get(list(range(config.batch_size))), torch.device(device), torch.float32)
+        batch = training_batch(store.get(list(range(config.batch_size))), torch.device(device))
         passes = Passes(t.unet, disc, batch.latents, batch.cond, batch.uncond)
         plan = [passes.student_backward(config.batch_size)] if kind == "student pass" else [
             pair for phase in passes.plan().values() for _, pair in phase.values()]

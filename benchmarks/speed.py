@@ -113,7 +113,7 @@ def trajectory_throughput(teacher: str, spec: dict, folder: Path, repeat: int, r
 
 def measure(name: str, spec: dict, rounds: int, per_round: int, traj_repeats: int, folder: Path) -> dict:
     from rapm import config as cfg
-    from rapm.train import _to_device, build_models, resolve_config, train
+    from rapm.train import build_models, resolve_config, train, training_batch
 
     teacher = teacher_for(name, folder)
     store_dir, trajectories = trajectory_throughput(teacher, spec, folder, repeat=max(3, per_round),
@@ -133,7 +133,7 @@ def measure(name: str, spec: dict, rounds: int, per_round: int, traj_repeats: in
     computed_dir = without_delta_steps(store_dir, folder / "store-format1")
     torch.manual_seed(base.seed)
     t, disc = build_models(base, torch.device("cpu"), need_vae=False, with_discriminator=True)
-    batch = _to_device(store.get(list(range(base.batch_size))), torch.device("cpu"), torch.float32)
+    batch = training_batch(store.get(list(range(base.batch_size))), torch.device("cpu"))
     loop = Loop(t.unet, disc, t.schedule, base, store.timesteps, store.guidance, delta)
     passes = Passes(t.unet, disc, batch.latents, batch.cond, batch.uncond)
     plan = passes.plan()  # with the teacher's Δ-step pass; the stored iteration's floor leaves it out

@@ -106,8 +106,8 @@ class _Preemption:
             signal.signal(sig, handler)
 
 
-def _to_device(batch, device, dtype) -> TrajectoryBatch:
-    """The store's batch on ``device``, in float32 whatever the weights' ``dtype``: positions and targets keep float32
+def training_batch(batch: TrajectoryBatch, device) -> TrajectoryBatch:
+    """The store's batch on ``device``, in float32 whatever the weights' dtype: positions and targets keep float32
     under mixed precision, and only the UNet's inputs take its dtype (``rapm.teacher.unet_output``)."""
     return batch.to(device, torch.float32)
 
@@ -307,8 +307,8 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
                     monitor.validate(step, unet)
                 tick = time.perf_counter()
                 positions = batch_positions(step, config.batch_size, procs.rank, procs.world)
-                batch = _to_device(store.get([train_ids[i] for i in batch_indices(positions, len(train_ids), config.seed)]),
-                                   device, dtype)
+                batch = training_batch(store.get([train_ids[i] for i in batch_indices(positions, len(train_ids),
+                                                                                      config.seed)]), device)
                 ctx = Context(unet, teacher.schedule, store.timesteps, store.guidance,
                               sample_generators(config.seed, positions), disc, frozen_student=frozen_student)
                 method.begin_step(step, unet)

@@ -19,7 +19,7 @@ from rapm.methods.rapm import DeltaStepWarning
 from rapm.roles import STUDENT, LoraSpec, add_roles, lora_parameters
 from rapm.store import StoreError, atomic_write, json_bytes, manifest_bytes, open_store, sha256_file
 from rapm.teacher import guided_output, load_teacher
-from rapm.train import _to_device, train
+from rapm.train import train, training_batch
 from rapm.trajectories import write_trajectories
 
 PROMPTS = ["a photo of a cat", "a red car", "a blue dog"]
@@ -126,13 +126,13 @@ def test_default_delta_is_one_step_of_the_fine_grid_for_ddim_and_the_papers_for_
 def test_losses_with_the_stored_and_the_computed_delta_step_agree(tiny_sd, delta_store, monkeypatch):
     teacher, ctx = _teacher_ctx(tiny_sd, delta_store)
     stored = delta_store.get([0, 1, 2])
-    computed = _to_device(stored, "cpu", torch.float32)
+    computed = training_batch(stored, "cpu")
     computed.delta_latents = None
     method = RAPM(delta=125, discriminator=False)
     count = _Count(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the stored step says nothing
-        a = {k: v for _, logs in method.generator_losses(ctx, _to_device(stored, "cpu", torch.float32)) for k, v in logs.items()}
+        a = {k: v for _, logs in method.generator_losses(ctx, training_batch(stored, "cpu")) for k, v in logs.items()}
     assert count.calls == 0
     with pytest.warns(DeltaStepWarning, match="format_version 1"):
         b = {k: v for _, logs in method.generator_losses(ctx, computed) for k, v in logs.items()}
@@ -140,7 +140,7 @@ def test_losses_with_the_stored_and_the_computed_delta_step_agree(tiny_sd, delta
     assert a.keys() == b.keys() and any(k.startswith("huber_rel") for k in a)
     for k in a:  # float16 storage: the computed step starts from the rounded z~_{n+1}, the stored one from the exact
         assert a[k] == pytest.approx(b[k], rel=2e-2, abs=2e-4), k
-    rel_a = method.relative_positions(ctx, _to_device(stored, "cpu", torch.float32))
+    rel_a = method.relative_positions(ctx, training_batch(stored, "cpu"))
     rel_b = method.relative_positions(ctx, computed)
     torch.testing.assert_close(rel_a, rel_b, rtol=5e-3, atol=5e-3)
 
@@ -194,7 +194,7 @@ def test_positions_and_targets_stay_float32_with_bfloat16_weights(tiny_sd, delta
     teacher, ctx = _teacher_ctx(tiny_sd, delta_store, dtype=torch.bfloat16)
     assert teacher.unet.conv_in.weight.dtype == torch.bfloat16
     raw = delta_store.get([0, 1, 2])
-    batch = _to_device(raw, "cpu", torch.bfloat16)
+    batch = training_batch(raw, "cpu")
     assert batch.latents.dtype == batch.delta_latents.dtype == torch.float32
     assert torch.equal(batch.latents, raw.latents)  # not rounded to bfloat16
     for delta_latents in (batch.delta_latents, None):  # the stored and the computed Δ-step
