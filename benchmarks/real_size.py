@@ -118,15 +118,36 @@ def at_latent(folder: Path, latent: int, out: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- one cell
+# A child's address space is capped, so that a run too big for this machine fails alone (a MemoryError, which the
+# cell records as "does not fit") instead of waking the kernel's OOM killer on its neighbours.
+MEMORY_CAP_GIB = float(os.environ.get("RAPM_REAL_SIZE_CAP_GIB", 21))
+OUT_OF_MEMORY = ("MemoryError", "can't allocate memory", "not enough memory", "std::bad_alloc")
+
+
+class DoesNotFit(Exception):
+    pass
+
+
+def _cap_memory() -> None:
+    import resource
+
+    cap = int(MEMORY_CAP_GIB * GiB)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+
 def run_measured(argv: list[str], log: Path, env: dict | None = None) -> dict:
     """Run ``argv`` in a fresh process; its wall time and peak RSS (``os.wait4``); its output to ``log``."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     start = time.perf_counter()
     with log.open("w") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_cap_memory)
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - start
+    text = log.read_text(errors="replace")
+    if proc.returncode != 0 and (proc.returncode == -9 or any(m in text for m in OUT_OF_MEMORY)):
+        raise DoesNotFit(json.dumps({"fits": False, "memory_cap_gib": MEMORY_CAP_GIB, "seconds": round(wall, 2),
+                                     "peak_rss_mib": round(usage.ru_maxrss * 1024 / MiB, 1)}))
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}); its output: {log}\n{log.read_text()[-3000:]}")
     return {"seconds": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss * 1024 / MiB, 1)}
@@ -308,8 +329,8 @@ def cells(model: str, work: Path, latent: int, latent_2: int) -> list[list[tuple
 # ---------------------------------------------------------------------------------------------- the report
 def fit_activation(cells_of: dict, suffix: str, target: int) -> dict | None:
     """Peak RSS of the training cells ``train-<latent>-<suffix>`` as a + b * latent area, read at ``target``."""
-    points = sorted((c["latent"], c["peak_rss_mib"]) for n, c in cells_of.items()
-                    if n.startswith("train-") and n.split("-", 2)[2] == suffix)
+    points = sorted((int(n.split("-")[1]), c["peak_rss_mib"]) for n, c in cells_of.items()
+                    if n.startswith("train-") and n.split("-", 2)[2] == suffix and c.get("fits") is not False)
     if not points:
         return None
     if len(points) == 1 or target == points[-1][0]:
@@ -350,6 +371,8 @@ def report(work: Path, results: Path, latent: int) -> None:
             if name == "build":
                 continue
             facts = []
+            if cell.get("fits") is False:
+                facts.append(f"**did not fit**: ran out of memory under a {cell['memory_cap_gib']:g} GiB address-space cap")
             if "seconds_per_guided_pass" in cell:
                 facts.append(f"{cell['seconds_per_guided_pass']} s per guided teacher pass (batch 2)")
             if "store_bytes_per_trajectory" in cell:
@@ -366,7 +389,7 @@ def report(work: Path, results: Path, latent: int) -> None:
                 facts.append(f"{cell['images']} image(s)")
             if "models" in cell:
                 facts.append("models " + ", ".join(cell["models"]))
-            lines.append(f"| {name} | {cell.get('latent', '')} | {cell['peak_rss_mib'] / 1024:.2f} | {cell['seconds']:.0f} | "
+            lines.append(f"| {name} | {cell.get('latent', name.split('-')[1] if name.count('-') else '')} | {cell['peak_rss_mib'] / 1024:.2f} | {cell['seconds']:.0f} | "
                          f"{'; '.join(facts)} |")
         lines += ["", f"What card training needs at {spec['published_latent'] * 8} px (N = 4, batch 1, LoRA rank 64, "
                   "float32 base as measured; the bf16 row halves the base's weight bytes, the rest as measured, "
@@ -440,7 +463,10 @@ def main() -> None:
                 if name in data.get(model, {}) or (only and name not in only and name != "build"):
                     continue
                 print(f"[{time.strftime('%H:%M:%S')}] {model} {name} ...", flush=True)
-                result = fn()
+                try:
+                    result = fn()
+                except DoesNotFit as e:  # recorded: the figure is "more than the cap"
+                    result = json.loads(str(e))
                 data.setdefault(model, {})[name] = result
                 tmp = saved.with_suffix(".tmp")
                 tmp.write_text(json.dumps(data, indent=1))
