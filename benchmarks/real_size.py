@@ -267,18 +267,20 @@ def cells(model: str, work: Path, latent: int, latent_2: int) -> list[list[tuple
                     "store_bytes_per_trajectory": round(folder_bytes(store) / count)}
         return cell
 
-    def train(size, method, checkpointing, quantization=""):
+    def train(size, method, checkpointing, quantization="", light_heads=False):
         def cell():
-            run = work / model / f"run-{size}-{method}{'-ckpt' if checkpointing else ''}{'-' + quantization if quantization else ''}"
+            run = work / model / (f"run-{size}-{method}{'-ckpt' if checkpointing else ''}"
+                                  f"{'-' + quantization if quantization else ''}{'-light' if light_heads else ''}")
+            light = ["--set", "disc_heads_per_level=1", "--set", "disc_kernel_size=1"] if light_heads else []
             shutil.rmtree(run, ignore_errors=True)
             result = run_measured(rapm("train", "--teacher", str(teacher(size)), "--store", str(work / model / f"store-{size}"),
                                        "--out", str(run), "--method", method, "--iterations", "2", "--checkpoint-every", "2",
                                        "--set", "eval_every=0", "--set", "sample_every=100", "--set", "val_fraction=0",
                                        "--set", f"gradient_checkpointing={str(checkpointing).lower()}",
-                                       "--set", f"base_quantization={quantization}", "--no-progress"),
+                                       "--set", f"base_quantization={quantization}", *light, "--no-progress"),
                                   work / model / f"{run.name}.log")
             return {**result, "latent": size, "method": method, "gradient_checkpointing": checkpointing,
-                    "base_quantization": quantization,
+                    "base_quantization": quantization, "light_heads": light_heads,
                     "iterations": iteration_seconds(run)}
         return cell
 
@@ -319,6 +321,8 @@ def cells(model: str, work: Path, latent: int, latent_2: int) -> list[list[tuple
             plan.append((f"train-{latent}-{method}{'-ckpt' if checkpointing else ''}", train(latent, method, checkpointing)))
     plan += [("export", export), ("sample", sample), ("evaluate", evaluate)]
     plan += [(f"train-{latent}-rapm-ckpt-{q}", train(latent, "rapm", True, q)) for q in ("int8", "nf4")]
+    if model == "sd15":  # the preset's heads (4 a level, 3x3, two sets) are 1.3B parameters: SDXL's lighter ones
+        plan.append((f"train-{latent}-rapm-paper-ckpt-light", train(latent, "rapm-paper", True, light_heads=True)))
     second = [(f"pass-{latent_2}", passes(latent_2)), (f"trajectories-{latent_2}", trajectories(latent_2))]
     for method in TRAIN_METHODS:
         for checkpointing in (False, True):
