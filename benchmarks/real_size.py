@@ -234,7 +234,39 @@ def iteration_seconds(run: Path) -> list[dict]:
             if "seconds" in r and r.get("phase") != "validation"]
 
 
-CHILDREN = {"pass": lambda a: teacher_pass(a), "build": lambda a: build_teacher(a["model"], Path(a["folder"])),
+def flux_weights(args: dict) -> dict:
+    """Child: FLUX.1-dev's transformer at its published config, each block materialized on the CPU (random bf16),
+    its Linear layers quantized by rapm's own ``quantize_base`` (``kind``) and kept, the next block after it; the
+    stored bytes of the whole model and the process's peak RSS. No forward pass: the weights are what decides
+    whether a 24 GB card can hold the base at all."""
+    import torch
+
+    from rapm.flow_configs import meta_transformer
+    from rapm.quantize import quantize_base, weight_bytes
+
+    torch.manual_seed(0)
+    model = meta_transformer("flux")
+    kind = args["kind"]
+    if not kind:  # bf16: 2 bytes a parameter, counted on the meta device (23.8 GB would not fit beside the rest)
+        count = sum(p.numel() for p in model.parameters())
+        return {"kind": "bf16", "weight_bytes": 2 * count, "bf16_parameters": count, "counted_on_meta": True}
+    blocks = [m for name, m in model.named_children() if name in ("transformer_blocks", "single_transformer_blocks")]
+    parts = [b for group in blocks for b in group] + [m for name, m in model.named_children()
+                                                       if name not in ("transformer_blocks", "single_transformer_blocks")]
+    start, linear = time.perf_counter(), 0
+    for part in parts:
+        part.to_empty(device="cpu")
+        with torch.no_grad():
+            for p in part.parameters(recurse=True):
+                p.normal_(0, 0.02)
+        part.to(torch.bfloat16)
+        if kind:
+            linear += quantize_base(part, kind, "cpu")
+    return {"kind": kind, "weight_bytes": weight_bytes(model), "quantized_linear_layers": linear,
+            "seconds_to_build": round(time.perf_counter() - start, 1)}
+
+
+CHILDREN = {"flux-weights": flux_weights, "pass": lambda a: teacher_pass(a), "build": lambda a: build_teacher(a["model"], Path(a["folder"])),
             "check-export": lambda a: check_export(a["model"], Path(a["lora"]))}
 
 
@@ -430,11 +462,41 @@ def report(work: Path, results: Path, latent: int) -> None:
                          f"{plain['peak_rss_mib'] / 1024:.2f} GiB) | " + " | ".join(fits(gib, c) for c in (8, 12, 24)) + " |")
             table[model][f"rapm-ckpt-{q}"] = {"peak_rss_gib": gib, "saving_gib": saving, "fitted": True}
         lines += ["", "(8 / 12 / 24 GB columns: float32 / bf16 base.)", ""]
+    flux = json.loads((work / "flux.json").read_text()) if (work / "flux.json").is_file() else {}
+    if flux:
+        lines += flux_table(flux)
     results.mkdir(parents=True, exist_ok=True)
     (results / "real_size.json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "latent": latent,
-                                                         "cells": data, "cards": table}, indent=1) + "\n")
+                                                         "cells": data, "cards": table, "flux": flux}, indent=1) + "\n")
     (results / "real_size.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def flux_table(flux: dict) -> list[str]:
+    """FLUX.1-dev at 512 px: the measured stored weights by base, with flow_memory.md's LoRA + Adam (an exact count)
+    and activation estimate (gradient checkpointing) beside them."""
+    est = next(r for r in json.loads((ROOT / "benchmarks" / "results" / "flow_memory.json").read_text())["summary"]["rows"]
+               if r["family"] == "flux" and r["px"] == 512)
+    lines = ["## FLUX.1-dev (11.9B), the base's weights measured", "",
+             "Each block of the published transformer materialized on the CPU (random bf16), quantized by rapm's own "
+             "`quantize_base` and kept (no forward pass); the stored bytes of the whole model (`rapm.quantize."
+             "weight_bytes`) and the process's peak RSS. The bf16 row is counted on the meta device. The totals add "
+             f"[flow_memory.md](flow_memory.md)'s LoRA + Adam (rank 32, an exact count: {est['lora_adam_gib']:.2f} GiB) and "
+             f"its activation estimate with gradient checkpointing at 512 px ({est['activations_gib']:.2f} GiB; the "
+             "student update without a discriminator), and a card fits when the total + "
+             f"{CARD_RESERVE_GIB} GiB is at most its memory.", "",
+             "| base | weights GiB (measured) | peak RSS GiB while building | total GiB at 512 px | 16 GB | 24 GB |",
+             "| --- | ---: | ---: | ---: | --- | --- |"]
+    for kind in ("bf16", "int8", "nf4"):
+        got = flux.get(kind)
+        if not got or got.get("fits") is False:
+            continue
+        weights = got["weight_bytes"] / GiB
+        total = weights + est["lora_adam_gib"] + est["activations_gib"]
+        fits = lambda card: "yes" if total + CARD_RESERVE_GIB <= card * 1e9 / GiB else "no"  # noqa: E731
+        rss = "-" if got.get("counted_on_meta") else f"{got['peak_rss_mib'] / 1024:.2f}"
+        lines.append(f"| {kind} | {weights:.2f} | {rss} | {total:.2f} | {fits(16)} | {fits(24)} |")
+    return lines + [""]
 
 
 def main() -> None:
@@ -447,6 +509,9 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated cell names to run (default: all)")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--flux-weights", default="", help="also measure FLUX.1-dev's stored weights for these "
+                        "bases (comma-separated: bf16, int8, nf4), into --work/flux.json; run alone, not beside "
+                        "another real_size.py on the same --work")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -457,6 +522,21 @@ def main() -> None:
     saved = args.work / "cells.json"
     data = json.loads(saved.read_text()) if saved.is_file() else {}
     only = set(filter(None, args.only.split(",")))
+    flux_file = args.work / "flux.json"
+    for kind in filter(None, args.flux_weights.split(",")):
+        flux = json.loads(flux_file.read_text()) if flux_file.is_file() else {}
+        if kind in flux:
+            continue
+        print(f"[{time.strftime('%H:%M:%S')}] flux weights {kind} ...", flush=True)
+        try:
+            flux[kind] = child("flux-weights", {"kind": "" if kind == "bf16" else kind}, args.work / f"flux-{kind}.log")
+        except DoesNotFit as e:
+            flux[kind] = json.loads(str(e))
+        flux_file.write_text(json.dumps(flux, indent=1))
+        print(f"[{time.strftime('%H:%M:%S')}] flux weights {kind}: {flux[kind]}", flush=True)
+    if args.flux_weights:
+        report(args.work, args.results, args.latent)
+        return
     if not args.report_only:
         models = args.models.split(",")
         for model in models:
