@@ -298,31 +298,28 @@ def without_delta_steps(store: Path, out: Path) -> Path:
 # ---------------------------------------------------------------------------------------------- the loops
 
 class Loop:
-    """One training iteration outside ``rapm.train.train``: the same models, optimizers, clipping and EMA, with the
-    loss either from the method (``batched``, what the trainer runs) or from a straightforward per-slot loop.
-
-    ``rapm.train.train`` is what the speed benchmark times as "the iteration"; this class gives the per-slot loop
-    to compare with, and the iteration on machines where no store or pipeline folder is wanted (benchmarks/gpu.py).
+    """``rapm.train``'s own update (``build_phases``, ``run_phase``) outside ``train()``: the same optimizers,
+    schedules, clipping and EMA (with its warm-up), with the loss either from the method (what the trainer runs) or
+    from a straightforward per-slot loop (``per_slot_losses``), for machines where no store or pipeline folder is
+    wanted (benchmarks/gpu.py) and for the speed benchmark's per-slot comparison.
     """
 
     def __init__(self, unet, disc, schedule, config, timesteps: list[int], guidance: float, delta: int):
-        from rapm.methods import build_method
-        from rapm.roles import DISCRIMINATOR, STUDENT, lora_parameters
-        from rapm.train import constant_schedule, make_optimizer
+        from rapm.methods import build_method, ema_of
+        from rapm.processes import Processes
+        from rapm.roles import STUDENT, lora_parameters
+        from rapm.train import build_phases
 
         self.unet, self.disc, self.schedule, self.config = unet, disc, schedule, config
         self.timesteps, self.guidance, self.delta = timesteps, guidance, delta
         self.method = build_method(config, delta)
+        self.phases = build_phases(config, unet, disc, self.method)
+        self.procs = Processes()
+        self.ema_decay, self.ema_warmup = ema_of(config)
         self.student_params = lora_parameters(unet, STUDENT)
-        self.disc_params = {**lora_parameters(unet, DISCRIMINATOR), **{f"heads.{k}": p for k, p in disc.named_parameters()}}
-        self.opt_student = make_optimizer(list(self.student_params.values()), config.lr, config.adam_betas,
-                                          config.weight_decay, config.use_8bit_adam)
-        self.opt_disc = make_optimizer(list(self.disc_params.values()), config.disc_lr, config.disc_betas,
-                                       config.disc_weight_decay, config.use_8bit_adam)
-        self.sched = {"student": constant_schedule(self.opt_student), "discriminator": constant_schedule(self.opt_disc)}
         self.ema = ({k: p.detach().float().clone() for k, p in self.student_params.items()}
-                    if config.ema_decay > 0 else None)
-        self.step = 0
+                    if self.ema_decay > 0 else None)
+        self.step = self.student_updates = 0
 
     def context(self, batch, positions: list[int]):
         from rapm.methods import Context
@@ -332,33 +329,21 @@ class Loop:
                        sample_generators(self.config.seed, positions), self.disc)
 
     def iteration(self, batch, phase: str, per_slot: bool = False, autocast=None) -> float:
-        """One update of ``phase``, as rapm.train's loop body makes it; returns the loss."""
+        """One update of ``phase`` by rapm.train's ``run_phase``; returns the loss."""
+        import dataclasses
         from contextlib import nullcontext
 
-        from rapm.roles import DISCRIMINATOR, STUDENT, set_trainable
-        from rapm.train import update_ema
+        from rapm.train import ema_decay_at, run_phase, update_ema
 
         positions = list(range(self.step * batch.latents.shape[0], (self.step + 1) * batch.latents.shape[0]))
-        set_trainable(self.unet, DISCRIMINATOR if phase == "discriminator" else STUDENT)
-        self.disc.requires_grad_(phase == "discriminator")
-        params = self.disc_params if phase == "discriminator" else self.student_params
-        optimizer = self.opt_disc if phase == "discriminator" else self.opt_student
-        optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        with autocast or nullcontext():
-            if per_slot:
-                losses = per_slot_losses(self, batch, phase, positions)
-            else:
-                losses = (self.method.discriminator_losses if phase == "discriminator" else self.method.generator_losses)(
-                    self.context(batch, positions), batch)
-            for loss, _ in losses:
-                loss.backward()
-                total += loss.item()
-        torch.nn.utils.clip_grad_norm_(list(params.values()), self.config.grad_clip)
-        optimizer.step()
-        self.sched[phase].step()
+        update = self.phases[phase]
+        if per_slot:
+            update = dataclasses.replace(update, losses=lambda _ctx, b: per_slot_losses(self, b, phase, positions))
+        total, _, _ = run_phase(update, self.context(batch, positions), batch, self.unet, self.disc, self.procs,
+                                autocast or nullcontext(), self.config.grad_clip, self.step, None)
         if self.ema is not None and phase == "student":
-            update_ema(self.ema, self.student_params, self.config.ema_decay)
+            update_ema(self.ema, self.student_params, ema_decay_at(self.ema_decay, self.ema_warmup, self.student_updates))
+        self.student_updates += phase == "student"
         self.step += 1
         return total
 
