@@ -45,6 +45,11 @@ class StaleLockWarning(UserWarning):
     """The lock of a process that is no longer running was taken over."""
 
 
+class KeptWarning(UserWarning):
+    """Something rapm did not write was left where rapm deletes its own files: a folder that still holds the user's
+    files, or a link (never followed, never deleted through)."""
+
+
 def marker_bytes(kind: str) -> bytes:
     return (json.dumps({"kind": f"rapm-{kind}", "version": MARKER_VERSION}, sort_keys=True) + "\n").encode()
 
@@ -85,6 +90,60 @@ def is_empty(folder: Path) -> bool:
     """Nothing in ``folder`` but (perhaps) a lock file: a writer may make it its own."""
     folder = Path(folder)
     return not folder.exists() or (folder.is_dir() and all(p.name == LOCK for p in folder.iterdir()))
+
+
+_warned: set[str] = set()
+
+
+def warn_kept(path: Path, why: str, once: bool = False) -> None:
+    """A KeptWarning naming ``path``; ``once``: at most once per path in this process (a rotation repeats it)."""
+    if once and str(path) in _warned:
+        return
+    _warned.add(str(path))
+    warnings.warn(f"{path}: kept, {why}", KeptWarning, stacklevel=3)
+
+
+def remove_files(folder: Path, names, what: str = "folder", warn: bool = True) -> bool:
+    """Delete from ``folder`` the files rapm writes there, by name (``names``: file names or glob patterns), then the
+    folder itself if nothing is left in it; what else it holds stays, and (``warn``) a KeptWarning names the folder.
+
+    Only regular files are deleted: a link or a folder under one of rapm's names is the user's. A ``folder`` that is
+    a link is neither followed nor deleted. Return whether the folder is gone.
+    """
+    folder = Path(folder)
+    if folder.is_symlink():
+        warn_kept(folder, "a link, which rapm neither follows nor deletes; remove it yourself if it is not needed",
+                  once=True)
+        return False
+    if not folder.is_dir():
+        return not folder.exists()
+    for pattern in names:
+        for p in folder.glob(pattern):
+            if p.is_file() and not p.is_symlink():
+                try:
+                    p.unlink(missing_ok=True)
+                except OSError as e:  # a read-only folder: rapm's file stays, and so does the folder
+                    if warn:
+                        warn_kept(p, f"it cannot be deleted ({e.strerror or e})")
+                    return False
+    try:
+        folder.rmdir()
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError as e:
+        try:
+            left = sorted(p.name for p in folder.iterdir())
+        except OSError:
+            left = []
+        if not left:  # not for being non-empty (a read-only parent): leave it, say why
+            if warn:
+                warn_kept(folder, f"it cannot be removed ({e.strerror or e})")
+            return False
+        shown = ", ".join(left[:3]) + (f" and {len(left) - 3} more" if len(left) > 3 else "")
+        if warn:
+            warn_kept(folder, f"this {what} holds files rapm did not write ({shown}); rapm deleted only its own")
+        return False
 
 
 def _alive(pid: int) -> bool:

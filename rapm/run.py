@@ -36,7 +36,8 @@ import torch
 from rapm import config as cfg
 from rapm.config import TrainConfig, split_seed
 from rapm.errors import RapmError
-from rapm.folders import RUN_MARKER, FolderError, FolderLock, is_empty, other_kind, read_marker, write_marker
+from rapm.folders import (RUN_MARKER, FolderError, FolderLock, is_empty, other_kind, read_marker, remove_files,
+                          warn_kept, write_marker)
 from rapm.files import atomic_write, fsync_dir, read_json_object, sha256_file, write_synced
 
 CHECKPOINT_PREFIX = "step-"
@@ -45,6 +46,9 @@ TENSORS = "state.safetensors"
 STATE = "state.json"
 SUMS = "state.sha256"
 LEGACY = "state.pt"  # rapm's checkpoints before safetensors + JSON
+# Every file rapm writes into a checkpoint folder, the commit points first: a checkpoint deleted half-way (a kill) is
+# incomplete, never complete and damaged. Only these are deleted (rotation, --overwrite); anything else keeps the folder.
+CHECKPOINT_FILES = (STATE, LEGACY, TENSORS, SUMS)
 CHECKPOINT_FORMAT = "rapm-checkpoint"
 CHECKPOINT_VERSION = 1
 
@@ -124,14 +128,50 @@ def _complete(path: Path) -> bool:
     return (path / STATE).exists() or (path / LEGACY).exists()
 
 
+def _warn_link(path: Path) -> None:
+    warn_kept(path, "a link, not a checkpoint folder rapm wrote: rapm neither reads it, nor follows it, nor deletes "
+                    f"it, and it stays beside the checkpoints that rotation keeps; move it out of {path.parent}", once=True)
+
+
 def checkpoints(run: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a temp directory is never one: it is renamed only when whole)."""
+    """Complete checkpoints, oldest first (a temp directory is never one: it is renamed only when whole).
+
+    A link named like a checkpoint is none (rapm never writes one): it is skipped, with a warning once.
+    """
     folder = Path(run) / "checkpoints"
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and _complete(p)]
+    found = []
+    for p in folder.iterdir():
+        if not (p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX):].isdigit()):
+            continue
+        if p.is_symlink():
+            _warn_link(p)
+        elif p.is_dir() and _complete(p):
+            found.append(p)
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def remove_checkpoint(path: Path, warn: bool = True) -> bool:
+    """Delete checkpoint folder ``path``'s files (CHECKPOINT_FILES), then the folder if nothing else is in it; a folder
+    holding anything else stays, named in a warning. Return whether it is gone."""
+    return remove_files(path, CHECKPOINT_FILES, "checkpoint folder", warn=warn)
+
+
+def _put_in_place(tmp: Path, final: Path) -> None:
+    """Rename the finished checkpoint ``tmp`` to ``final``: whole when ``final`` is gone, else file by file into it
+    (``final`` holds the user's files), its commit point last."""
+    if final.is_symlink() or (final.exists() and not final.is_dir()):
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RunError(f"{final}: not a checkpoint folder rapm wrote ({'a link' if final.is_symlink() else 'a file'}); "
+                       f"rapm deletes nothing there: move it out of {final.parent} and resume with --resume")
+    if remove_checkpoint(final, warn=False):
+        os.replace(tmp, final)
+        return
+    for name in (TENSORS, SUMS, STATE):  # the user's files beside it stay
+        os.replace(tmp / name, final / name)
+    tmp.rmdir()
+    fsync_dir(final)
 
 
 def latest_checkpoint(run: Path) -> Path | None:
@@ -179,12 +219,10 @@ def save_checkpoint(run: Path, step: int, state: dict, keep: int) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise RunError(f"{final / TENSORS}: cannot be written ({e.strerror or e}); the last complete checkpoint is "
                        f"{latest_checkpoint(run) or 'none yet'}; free space in {folder} and resume with --resume") from None
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    _put_in_place(tmp, final)
     fsync_dir(folder)
     for old in checkpoints(run)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_checkpoint(old)
     return final
 
 
@@ -330,20 +368,35 @@ def check_run_dir(run: Path, resume: bool, overwrite: bool) -> bool:
     return existing
 
 
-def remove_run_files(run: Path) -> None:
-    """Delete what rapm wrote into the run ``run`` (its files by name, nothing else); keep the marker."""
-    for name in RUN_FILES:
-        (run / name).unlink(missing_ok=True)
-    for folder, patterns in RUN_FOLDERS.items():
-        if not (run / folder).is_dir():
+def _remove_checkpoint_entries(folder: Path, stale_only: bool = False) -> None:
+    """Delete rapm's files from the checkpoint folders (and temp ones) in ``folder``, each folder if then empty.
+
+    ``stale_only``: only what a killed run leaves (temp folders, incomplete checkpoints). A link is never followed,
+    a file is never rapm's: both stay.
+    """
+    for p in sorted(folder.iterdir()):
+        if not p.name.startswith((CHECKPOINT_PREFIX, TMP_PREFIX)):
             continue
-        for pattern in patterns:
-            for p in (run / folder).glob(pattern):
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
-        try:
-            (run / folder).rmdir()  # only if nothing of the user's is left in it
-        except OSError:
-            pass
+        if p.is_symlink():
+            _warn_link(p)
+        elif p.is_dir() and not (stale_only and p.name.startswith(CHECKPOINT_PREFIX) and _complete(p)):
+            remove_checkpoint(p)
+
+
+def remove_run_files(run: Path) -> None:
+    """Delete what rapm wrote into the run ``run`` (its files by name, nothing else); keep the marker.
+
+    A folder (checkpoints/, a checkpoint, samples/, tensorboard/) that still holds something else stays, with a
+    warning naming it: rapm deletes only the file names it writes (RUN_FILES, RUN_FOLDERS, CHECKPOINT_FILES).
+    """
+    for name in RUN_FILES:
+        if (run / name).is_file() and not (run / name).is_symlink():
+            (run / name).unlink(missing_ok=True)
+    if (run / "checkpoints").is_dir() and not (run / "checkpoints").is_symlink():
+        _remove_checkpoint_entries(run / "checkpoints")
+    for folder, patterns in RUN_FOLDERS.items():
+        if (run / folder).exists() or (run / folder).is_symlink():  # checkpoints/ holds folders, not files, of rapm's
+            remove_files(run / folder, () if folder == "checkpoints" else patterns)
 
 
 def prepare_run_dir(run: Path, resume: bool, overwrite: bool) -> None:
@@ -359,10 +412,8 @@ def clean_stale_files(run: Path) -> None:
     if read_marker(run, "run") is None:
         return
     folder = run / "checkpoints"
-    if folder.is_dir():
-        for p in folder.iterdir():
-            if p.is_dir() and (p.name.startswith(TMP_PREFIX) or (p.name.startswith(CHECKPOINT_PREFIX) and not _complete(p))):
-                shutil.rmtree(p, ignore_errors=True)
+    if folder.is_dir() and not folder.is_symlink():
+        _remove_checkpoint_entries(folder, stale_only=True)
     for name in RUN_FILES + (RUN_MARKER,):  # atomic_write's temp files of rapm's own files
         for p in run.glob(f".{name}.*tmp"):
             p.unlink(missing_ok=True)

@@ -41,7 +41,8 @@ import typer
 from rapm.diffusion import SOLVERS, coarse_timesteps, solve_positions
 from rapm.conditioning import FLOAT32_FIELDS
 from rapm.errors import RapmError
-from rapm.folders import STORE_MARKER, FolderError, FolderLock, is_empty, other_kind, read_marker, write_marker
+from rapm.folders import (STORE_MARKER, FolderError, FolderLock, is_empty, other_kind, read_marker, remove_files,
+                          write_marker)
 from rapm.processes import resolve_device
 from rapm.store import (DONE, DTYPES, FORMAT_VERSION, MANIFEST, NEGATIVE, PROMPTS, REQUIRED_FIELDS, StoreError,
                         TrajectoryBatch, TrajectoryStore, atomic_write, json_bytes, manifest_bytes, num_shards, open_store,
@@ -257,16 +258,13 @@ def _temp_files(out: Path) -> list[Path]:
 
 
 def _clear_store(out: Path) -> None:
-    """Remove what rapm wrote into ``out`` (and nothing else); the marker stays."""
+    """Remove what rapm wrote into ``out`` (and nothing else: regular files under its names); the marker stays. A
+    done/ that holds something else, or is a link, stays, with a warning naming it."""
     for f in _temp_files(out) + [f for pattern in STORE_FILES for f in out.glob(pattern)]:
-        f.unlink(missing_ok=True)
-    if (out / DONE).is_dir():
-        for f in (out / DONE).glob("shard-*.json"):
+        if f.is_file() and not f.is_symlink():
             f.unlink(missing_ok=True)
-        try:
-            (out / DONE).rmdir()
-        except OSError:  # something of the user's in it: leave it
-            pass
+    if (out / DONE).exists() or (out / DONE).is_symlink():
+        remove_files(out / DONE, ("shard-*.json", ".shard-*.json.*.tmp"))
 
 
 def is_store(out: Path) -> bool:

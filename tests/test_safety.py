@@ -24,7 +24,7 @@ from safetensors import safe_open
 
 import rapm.run
 from rapm.config import TrainConfig, apply_overrides
-from rapm.folders import LOCK, RUN_MARKER, STORE_MARKER, FolderLock, LockError, StaleLockWarning
+from rapm.folders import LOCK, RUN_MARKER, STORE_MARKER, FolderLock, KeptWarning, LockError, StaleLockWarning, marker_bytes
 from rapm.run import RunError, TrustWarning, checkpoints, load_checkpoint
 from rapm.store import MANIFEST_SHA256, StoreError, open_store
 from rapm.train import train
@@ -199,6 +199,102 @@ def test_overwrite_removes_only_rapms_files(tiny_sd, sd_store, run_copy):
     assert (run_copy / "notes.txt").read_text() == "mine" and (run_copy / "checkpoints" / "README").exists()
     assert (run_copy / ".my.tmp").exists()
     assert [p.name for p in checkpoints(run_copy)] == ["step-00000002"] and len(faults.train_losses(run_copy)) == 2
+
+
+USERS_FILES = ("thesis.tex", "checkpoints/README", "checkpoints/step-00000002/photo.jpg", "checkpoints/step-00000004/notes.txt",
+               "samples/holiday.png", "samples/step-1.png/album.jpg", "tensorboard/notes.txt", "tensorboard/events.mine/a")
+
+
+def _plant(folder: Path, names=USERS_FILES) -> dict[str, str]:
+    """The user's files at every level of a run (the last two of samples/ and tensorboard/ in folders named like
+    rapm's files); return their digests."""
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(f"the user's {name}")
+    return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in names}
+
+
+def _kept(folder: Path, digests: dict[str, str]) -> None:
+    assert {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in digests} == digests
+
+
+def test_overwrite_deletes_only_rapms_files_at_every_level_of_a_run(tiny_sd, sd_store, run_copy):
+    """Issue 34: a checkpoint folder holding the user's photo.jpg lost it with the folder; now only rapm's files go."""
+    (run_copy / "samples").mkdir(exist_ok=True)
+    (run_copy / "samples" / "step-00000004.png").write_bytes(b"a grid rapm wrote")
+    (run_copy / "tensorboard").mkdir(exist_ok=True)
+    (run_copy / "tensorboard" / "events.out.tfevents.1.host.1.0").write_bytes(b"events rapm wrote")
+    old_events = {p.name for p in (run_copy / "tensorboard").glob("events.out.tfevents.*")}
+    users = _plant(run_copy)
+    with pytest.warns(KeptWarning) as said:
+        train(_config(tiny_sd, sd_store, iterations=2), run_copy, overwrite=True, progress=False)
+    _kept(run_copy, users)
+    messages = "\n".join(str(w.message) for w in said if issubclass(w.category, KeptWarning))
+    for kept in ("checkpoints/step-00000004: kept, this checkpoint folder holds files rapm did not write (notes.txt)",
+                 "samples: kept, this folder holds files rapm did not write (holiday.png, step-1.png)"):
+        assert str(run_copy / kept) in messages, messages
+    four = run_copy / "checkpoints" / "step-00000004"
+    assert sorted(p.name for p in four.iterdir()) == ["notes.txt"]  # rapm's state files gone, the folder kept
+    assert not (run_copy / "samples" / "step-00000004.png").exists()
+    assert not old_events & {p.name for p in (run_copy / "tensorboard").glob("events.out.tfevents.*")}
+    # the run restarted: a checkpoint at 2 written beside the photo, and it resumes
+    two = run_copy / "checkpoints" / "step-00000002"
+    assert [p.name for p in checkpoints(run_copy)] == ["step-00000002"] and (two / "photo.jpg").exists()
+    assert load_checkpoint(two)["step"] == 2 and len(faults.train_losses(run_copy)) == 2
+    train(_config(tiny_sd, sd_store, iterations=6), run_copy, resume=True, progress=False)
+    assert [p.name for p in checkpoints(run_copy)] == ["step-00000004", "step-00000006"]  # keep 2: 2 rotated out
+    assert sorted(p.name for p in two.iterdir()) == ["photo.jpg"] and (four / "notes.txt").exists()
+    assert len(faults.train_losses(run_copy)) == 6
+    _kept(run_copy, users)
+
+
+def test_overwrite_with_a_forged_marker_keeps_the_users_files(tiny_sd, sd_store, run, tmp_path):
+    """The issue's reproduction: a hand-made marker (and a copied config.json) over the user's files."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / RUN_MARKER).write_bytes(marker_bytes("run"))
+    shutil.copy(run / "config.json", folder / "config.json")
+    users = _plant(folder)
+    with pytest.warns(KeptWarning, match="photo.jpg"):
+        train(_config(tiny_sd, sd_store, iterations=2), folder, overwrite=True, progress=False)
+    _kept(folder, users)
+    assert [p.name for p in checkpoints(folder)] == ["step-00000002"] and len(faults.train_losses(folder)) == 2
+    assert load_checkpoint(folder / "checkpoints" / "step-00000002")["step"] == 2
+
+
+def test_a_checkpoint_that_is_a_link_is_never_followed_nor_deleted_and_said_once(tiny_sd, sd_store, run_copy, tmp_path):
+    """Issue 34: a link among the checkpoints was left beside the keep newest without a word; it is named once, and
+    rapm neither resumes from what it points to (a copy of a real checkpoint, at a later step) nor deletes in it."""
+    mine = tmp_path / "my-checkpoint"
+    shutil.copytree(run_copy / "checkpoints" / "step-00000004", mine)
+    (mine / "photo.jpg").write_text("mine")
+    before = faults.files_digest(mine)
+    link = run_copy / "checkpoints" / "step-00000099"
+    link.symlink_to(mine, target_is_directory=True)
+    old = run_copy / "checkpoints" / "step-00000001"
+    old.symlink_to(tmp_path / "nowhere")  # a dangling one, older than every checkpoint: a rotation's first candidate
+    with pytest.warns(KeptWarning) as said:
+        train(_config(tiny_sd, sd_store, iterations=8), run_copy, resume=True, progress=False)
+    named = [str(w.message) for w in said if issubclass(w.category, KeptWarning)]
+    assert sorted(m.split(":")[0] for m in named) == [str(old), str(link)], named  # each once, over three saves
+    assert all("a link" in m and "rotation" in m for m in named)
+    assert [p.name for p in checkpoints(run_copy)] == ["step-00000006", "step-00000008"]
+    assert link.is_symlink() and old.is_symlink() and faults.files_digest(mine) == before
+    assert len(faults.train_losses(run_copy)) == 8  # resumed from 4, not from the link's "99"
+    with pytest.warns(KeptWarning, match=r"checkpoints: kept, .*\(step-00000001, step-00000099\)"):  # and --overwrite
+        train(_config(tiny_sd, sd_store, iterations=2), run_copy, overwrite=True, progress=False)
+    assert link.is_symlink() and faults.files_digest(mine) == before
+
+
+def test_overwrite_of_a_store_keeps_the_users_files_in_done(tiny_sd, store_copy, tmp_path):
+    (store_copy / "done" / "notes.txt").write_text("mine")
+    (store_copy / "shard-mine.safetensors").mkdir()  # a folder under a name like rapm's: not a file rapm wrote
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    with pytest.warns(KeptWarning, match=rf"{store_copy / 'done'}: kept, .*notes.txt"):
+        store = write_trajectories(tiny_sd, prompts, store_copy, overwrite=True, **SETTINGS)
+    assert len(store) == 2 and (store_copy / "done" / "notes.txt").read_text() == "mine"
+    assert (store_copy / "shard-mine.safetensors").is_dir() and not (store_copy / "shard-00001.safetensors").exists()
 
 
 def test_stale_files_are_removed_only_with_rapms_prefix_in_a_marked_run(tiny_sd, sd_store, run_copy):
