@@ -193,7 +193,7 @@ class Passes:
     # Each pass is (setup, run): the setup (role, which parameters train) is not timed, the run is the pass alone.
     def forward(self, role: str, rows: int, guided: bool = False):
         """A no-grad UNet forward of ``role`` (teacher, student) at ``rows`` rows (twice that with cond+uncond)."""
-        from rapm.roles import STUDENT, _set_state, activate
+        from rapm.roles import STUDENT, activate, student_role, teacher_role
         from rapm.teacher import Conditioning, unet_output
 
         cond = self._cond(rows)
@@ -201,14 +201,13 @@ class Passes:
             cond = Conditioning.cat([cond, self.uncond.repeat(rows // self.b)])
         total = len(cond)
         x, t = self._x(total), self._t(total)
+        role_of = teacher_role if role == "teacher" else student_role  # a switch costs microseconds (rapm.roles)
 
         def setup():
             activate(self.unet, STUDENT)
-            if role == "teacher":
-                _set_state(self.unet, (True, [STUDENT]))  # adapters disabled, as rapm.roles.teacher_role
 
         def run():
-            with torch.no_grad():
+            with torch.no_grad(), role_of(self.unet):
                 unet_output(self.unet, x, t, cond)
 
         return setup, run
