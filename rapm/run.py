@@ -624,15 +624,32 @@ def read_run_config(run: Path) -> TrainConfig:
     return cfg.from_dict(values, str(file))
 
 
-def load_student(run: Path, device: str = "cpu", text_encoders: bool = False, trust_checkpoint: bool = False):
-    """The teacher's UNet carrying the run's latest student (its EMA where the run keeps one), for export and sampling."""
+def checkpoint_of_step(run: Path, step: int) -> Path:
+    """The complete checkpoint of iteration ``step``; a RunError naming the steps there are when it is not one."""
+    found = checkpoints(run)
+    for path in found:
+        if int(path.name[len(CHECKPOINT_PREFIX):]) == step:
+            return path
+    if not found:
+        raise RunError(f"{Path(run) / 'checkpoints'}: no complete checkpoint yet, none of step {step}; train longer or "
+                       "lower --checkpoint-every")
+    have = ", ".join(str(int(p.name[len(CHECKPOINT_PREFIX):])) for p in found)
+    raise RunError(f"{Path(run) / 'checkpoints'}: no complete checkpoint of step {step}; the run has step"
+                   f"{'s' if len(found) > 1 else ''} {have} (rotation keeps the newest keep_checkpoints); give "
+                   f"{'one of them' if len(found) > 1 else 'it'} to --step, or leave --step out for the latest")
+
+
+def load_student(run: Path, device: str = "cpu", text_encoders: bool = False, trust_checkpoint: bool = False,
+                 step: int | None = None):
+    """The teacher's UNet carrying the run's latest student (its EMA where the run keeps one), for export and sampling;
+    ``step``: the student of that iteration's checkpoint instead."""
     from rapm.roles import STUDENT, LoraSpec, add_roles, lora_parameters
     from rapm.store import read_manifest
     from rapm.teacher import load_teacher
 
     run = Path(run)
     config = read_run_config(run)
-    last = latest_checkpoint(run)
+    last = latest_checkpoint(run) if step is None else checkpoint_of_step(run, step)
     if last is None:
         raise RunError(f"{run / 'checkpoints'}: no complete checkpoint yet; train longer or lower --checkpoint-every")
     state = load_checkpoint(last, trust_checkpoint)
@@ -655,10 +672,12 @@ def load_student(run: Path, device: str = "cpu", text_encoders: bool = False, tr
     out["steps"] = int(steps) if steps is not None else int(read_manifest(Path(config.store))["steps"])
     out["step"] = state["step"]
     out["checkpoint"] = str(last)
+    if isinstance(state.get("training_started_at"), (int, float)):  # recorded by runs since 2026-12 (rapm.train)
+        out["training_started_at"] = float(state["training_started_at"])
     return teacher, teacher.unet, out
 
 
 __all__ = ["CHECKPOINT_PREFIX", "TMP_PREFIX", "RunError", "UnsafeCheckpointError", "ResumeWarning", "TrustWarning", "FolderError", "checkpoints",
            "latest_checkpoint", "save_checkpoint", "load_checkpoint", "load_resume_checkpoint", "check_run_dir",
-           "prepare_run_dir", "run_lock", "LogFile", "GuardedWriter", "clean_stale_files", "truncate_log", "read_run_config", "load_student", "state_file",
+           "prepare_run_dir", "run_lock", "LogFile", "GuardedWriter", "clean_stale_files", "truncate_log", "read_run_config", "load_student", "checkpoint_of_step", "state_file",
            "TrainState", "rng_state", "set_rng_state", "data_position", "check_data_position"]

@@ -275,6 +275,9 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
     if last is not None:
         check_data_position(last, saved.get("data", {}), data_position(config, store), config.store)
         start = state.restore(saved, device)
+    # when the run first started (sd-scripts' ss_training_started_at in the export): a resume keeps the first start;
+    # a checkpoint written before rapm recorded it leaves it unknown
+    started_at = saved.get("training_started_at") if last is not None else time.time()
     if last is not None and config.lr_schedule != "constant":
         _warn_if_schedule_stretches(run / "config.json", config, start)
     if procs.main:  # only once the store and the checkpoint are known to fit: a refused resume changes nothing
@@ -286,7 +289,10 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
         """The main process writes; the others wait for it, so all resume from the same checkpoint."""
         path = run / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:08d}"
         if procs.main:
-            path = save_checkpoint(run, step, state.snapshot(step, data_position(config, store)), config.keep_checkpoints)
+            snapshot = state.snapshot(step, data_position(config, store))
+            if started_at is not None:
+                snapshot["training_started_at"] = started_at
+            path = save_checkpoint(run, step, snapshot, config.keep_checkpoints)
         procs.barrier()
         return path
 
