@@ -6,7 +6,7 @@ Two layouts of the same weights, both written by default (``fmt="both"``) into o
   under ``unet.``, and the adapter's LoraConfig in the safetensors metadata so that ``lora_alpha`` survives. A
   LoRA loaded without its alpha is scaled by 1 instead of alpha / rank: a different student. diffusers'
   ``load_lora_weights(folder)`` picks this file by its name.
-* ``kohya``: ``kohya_lora.safetensors``, keys ``lora_unet_<module path with '_'>.{lora_down,lora_up}.weight`` and
+* ``kohya``: ``NAME.safetensors`` (``--name``; ``kohya_lora`` by default), keys ``lora_unet_<module path with '_'>.{lora_down,lora_up}.weight`` and
   ``.alpha`` as kohya-ss/sd-scripts writes them: diffusers' module names for SD 1.x / 2.x, the LDM (sgm) names
   ``input_blocks`` / ``middle_block`` / ``output_blocks`` for SDXL. ComfyUI and A1111 read this one (ComfyUI
   loads the diffusers file only in part and without alpha); diffusers converts it too. Its metadata is
@@ -15,19 +15,23 @@ Two layouts of the same weights, both written by default (``fmt="both"``) into o
 
 Both files carry rapm's own keys (``rapm.*``: N, the scheduler settings, guidance 1, the teacher). Beside the
 weights: ``README.md`` (a model card with the exact sampling settings for diffusers, ComfyUI and A1111) and
-``rapm_lora.json`` (the same facts, machine-readable). The folder is written whole or not at all.
+``rapm_lora.json`` (the same facts, machine-readable; its ``files`` name each weights file). The folder is written
+whole or not at all, its files mode 0644.
 """
 
 from __future__ import annotations
 
 import datetime
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import typer
@@ -38,7 +42,8 @@ from rapm.lora import FACTS_NAME, base_unet_fingerprint, read_export_facts  # no
 from rapm.roles import STUDENT
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
-KOHYA_WEIGHT_NAME = "kohya_lora.safetensors"
+DEFAULT_NAME = "kohya_lora"  # the kohya file's name (and sd-scripts' ss_output_name) without --name
+KOHYA_WEIGHT_NAME = f"{DEFAULT_NAME}.safetensors"
 CARD_NAME = "README.md"
 FORMATS = ("both", "diffusers", "kohya")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -241,7 +246,7 @@ image = pipe("a photo of a cat", num_inference_steps={n}, {sigmas}guidance_scale
 image.save("cat.png")
 ```
 
-Only diffusers' layout is written: diffusers reads kohya / ComfyUI FLUX LoRAs but has no writer in that direction.
+Only diffusers' layout is written: {_why_no_kohya(facts['teacher_family'])}.
 
 ## rapm
 
@@ -251,6 +256,25 @@ rapm sample --teacher {facts['teacher']} --lora {out_dir} --prompt "a photo of a
 
 `{FACTS_NAME}` holds these facts machine-readable.
 """
+
+
+def _why_no_kohya(family: str) -> str:
+    """Why a flow teacher's export has no kohya file (the card's sentence, the error's reason)."""
+    if family == "flux":
+        return "diffusers reads kohya / ComfyUI FLUX LoRAs but has no writer in that direction"
+    return f"rapm has no writer of a kohya / ComfyUI layout for a {family} transformer"
+
+
+def sampling_summary(steps: int, scheduler: dict) -> str:
+    """The export's closing line's settings, from the facts' scheduler (the model card's)."""
+    if scheduler.get("class") == "FlowMatchEulerDiscreteScheduler":
+        sigmas = f", sigmas linspace(1, 1/{steps}, {steps})" if "sigmas" in scheduler else ""
+        return f"{steps} steps, guidance {_number(scheduler['guidance_scale'])}, FlowMatch Euler{sigmas}"
+    return f"{steps} steps, guidance {_number(scheduler.get('guidance_scale', 1.0))}, DDIM trailing"
+
+
+def _number(x: float) -> str:
+    return f"{float(x):g}"
 
 
 def _family(family: str):
@@ -337,11 +361,18 @@ def kohya_metadata(kohya: dict[str, torch.Tensor], facts: dict, output_name: str
     if facts.get("training_steps") is not None:
         meta["ss_steps"] = str(facts["training_steps"])
     width, height = facts["resolution"]
+    meta["ss_sd_model_name"] = sd_model_name(facts["teacher"])
+    meta["ss_resolution"] = str((width, height))  # sd-scripts: str(args.resolution), a (width, height) tuple
+    run = facts.get("run_settings") or {}  # only what the run recorded: a key rapm does not know is left out
+    for key, field_name in (("ss_learning_rate", "learning_rate"), ("ss_seed", "seed"),
+                            ("ss_mixed_precision", "mixed_precision"), ("ss_training_started_at", "training_started_at")):
+        if run.get(field_name) is not None:
+            meta[key] = str(run[field_name])
     meta.update({
         "modelspec.sai_model_spec": SAI_MODEL_SPEC_VERSION,
         "modelspec.architecture": sai_architecture(facts["teacher_family"], v2, facts["prediction_type"]),
         "modelspec.implementation": _family(facts["teacher_family"]).modelspec_implementation,
-        "modelspec.title": f"{facts['steps']}-step rapm student of {Path(facts['teacher']).name}",
+        "modelspec.title": facts.get("name") or f"{facts['steps']}-step rapm student of {Path(facts['teacher']).name}",
         "modelspec.description": (f"A {facts['steps']}-step LoRA distilled with rapm (arXiv 2503.20744) from "
                                    f"{facts['teacher']}; guidance is distilled in, sample at CFG 1."),
         "modelspec.date": datetime.datetime.fromtimestamp(int(finished_at)).isoformat(),
@@ -356,8 +387,33 @@ def kohya_metadata(kohya: dict[str, torch.Tensor], facts: dict, output_name: str
     return meta
 
 
+def sd_model_name(teacher: str) -> str:
+    """sd-scripts' ``ss_sd_model_name``: the teacher as given, a local path by its base name."""
+    path = Path(teacher).expanduser()
+    return path.name if path.exists() and path.name else str(teacher)
+
+
 def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return {k: v if v.ndim == 0 else v.to(dtype).contiguous() for k, v in state.items()}  # kohya's .alpha stays float32
+
+
+def _os_error(write):
+    """Run ``write``; safetensors' writer reports a failed write (a full disk) as a SafetensorError, not an OSError:
+    give it back as the OSError it is (errno from its "os error N"), so that the export says it in one line."""
+    from safetensors import SafetensorError
+
+    try:
+        return write()
+    except SafetensorError as e:
+        found = re.search(r"os error (\d+)", str(e))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code) if code in errno.errorcode else str(e)) from None
+
+
+def _save_file(save_file, tensors: dict, path: Path, metadata: dict) -> None:
+    _os_error(lambda: save_file(tensors, str(path), metadata=metadata))
 
 
 def _write_diffusers(folder: Path, state: dict, meta: dict, family: str, facts: dict) -> None:
@@ -365,13 +421,14 @@ def _write_diffusers(folder: Path, state: dict, meta: dict, family: str, facts: 
     from safetensors.torch import save_file
 
     fam = _family(family)
-    fam.pipeline_class().save_lora_weights(str(folder), **fam.export_kwargs(state, meta), weight_name=DIFFUSERS_WEIGHT_NAME)
+    _os_error(lambda: fam.pipeline_class().save_lora_weights(str(folder), **fam.export_kwargs(state, meta),
+                                                             weight_name=DIFFUSERS_WEIGHT_NAME))
     # diffusers' writer takes no metadata of ours: add rapm's keys beside its own (format, lora_adapter_metadata).
     path = folder / DIFFUSERS_WEIGHT_NAME
     with safe_open(str(path), "pt") as f:
         header = dict(f.metadata() or {})
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    save_file(tensors, str(path), metadata={**header, **rapm_metadata(facts)})
+    _save_file(save_file, tensors, path, {**header, **rapm_metadata(facts)})
 
 
 def _write_kohya(folder: Path, state: dict, meta: dict, family: str, unet: torch.nn.Module, facts: dict) -> None:
@@ -386,8 +443,9 @@ def _write_kohya(folder: Path, state: dict, meta: dict, family: str, unet: torch
         blocks = ldm_block_map(unet.config)
         module_name = lambda module: ldm_module_name(module, blocks)  # noqa: E731
     kohya = to_kohya(state, float(meta["lora_alpha"]), module_name)
-    header = kohya_metadata(kohya, facts, Path(KOHYA_WEIGHT_NAME).stem, time.time())
-    save_file(kohya, str(folder / KOHYA_WEIGHT_NAME), metadata=header)
+    name = facts["files"]["kohya"]
+    header = kohya_metadata(kohya, facts, Path(name).stem, time.time())
+    _save_file(save_file, kohya, folder / name, header)
 
 
 def _model_card(facts: dict, out_dir: Path, has_vae: bool) -> str:
@@ -522,13 +580,18 @@ def export_lora(
     dtype: str = "float32",
     training_steps: int | None = None,
     guidance: float | None = None,
+    name: str | None = None,
+    run_settings: dict | None = None,
 ) -> Path:
     """Write the ``adapter`` LoRA of ``unet`` (never the discriminator's) to ``out_dir``; return the weights file.
 
     ``fmt`` "both" (the default) writes the diffusers file and the kohya file beside it and returns the diffusers
     one (what ``load_lora_weights(out_dir)`` picks); "diffusers" or "kohya" writes only that one. ``dtype`` is the
     weights' storage dtype (float16 halves the files; kohya's ``.alpha`` stays float32). ``training_steps`` is
-    written as sd-scripts' ``ss_steps``.
+    written as sd-scripts' ``ss_steps``. ``name`` names the kohya file (``NAME.safetensors``), its ``ss_output_name``
+    (A1111's alias) and ``modelspec.title``; the diffusers file keeps the name ``load_lora_weights`` finds.
+    ``run_settings`` are the run's facts sd-scripts records (``learning_rate``, ``seed``, ``mixed_precision``,
+    ``training_started_at``); one that is absent or None is left out of the metadata.
 
     ``out_dir`` gets the weights, ``README.md`` and ``rapm_lora.json``, written in a temporary folder beside it and
     renamed into place, so it is never half-written. An ``out_dir`` that holds an earlier export is replaced; any
@@ -539,6 +602,7 @@ def export_lora(
     if dtype not in DTYPES:
         raise ExportError(f"export dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     _family(family)
+    name = check_name(name)
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / FACTS_NAME).exists())):
         raise ExportError(f"{out_dir} exists and is not an earlier rapm export; give a new or empty folder")
@@ -550,14 +614,14 @@ def export_lora(
     schedule = teacher_schedule(info)
     if schedule.is_flow:
         if fmt == "kohya":
-            raise ExportError(f"format 'kohya' is not written for a {family} teacher: diffusers reads kohya / ComfyUI "
-                              "FLUX LoRAs but has no writer in that direction; export with format 'diffusers'")
+            raise ExportError(f"format 'kohya' is not written for a {family} teacher: {_why_no_kohya(family)}; export "
+                              "with format 'diffusers'")
         fmt = "diffusers"
     timesteps = schedule.coarse(steps)
     prediction_type = schedule.prediction_type if schedule.is_flow else scheduler_config.get("prediction_type", "epsilon")
     version, v2 = base_model_version(family, unet.config)
     _, height, width = info.latent_shape
-    files = {f: DIFFUSERS_WEIGHT_NAME if f == "diffusers" else KOHYA_WEIGHT_NAME
+    files = {f: DIFFUSERS_WEIGHT_NAME if f == "diffusers" else f"{name or DEFAULT_NAME}.safetensors"
              for f in (("diffusers", "kohya") if fmt == "both" else (fmt,))}
 
     try:
@@ -598,8 +662,13 @@ def export_lora(
             },
             "base_unet_fingerprint": base_unet_fingerprint(unet),
         }
+        if name:
+            facts["name"] = name
         if training_steps is not None:
             facts["training_steps"] = int(training_steps)
+        settings = {k: v for k, v in (run_settings or {}).items() if v is not None}
+        if settings:
+            facts["run_settings"] = settings
         if extra_card:
             facts["training"] = dict(extra_card)
         if "diffusers" in files:
@@ -609,19 +678,42 @@ def export_lora(
         (staging / FACTS_NAME).write_text(json.dumps(facts, indent=2, default=str) + "\n")
         card = _flow_model_card(facts, out_dir) if schedule.is_flow else _model_card(facts, out_dir, has_vae)
         (staging / CARD_NAME).write_text(card)
+        for f in staging.iterdir():  # safetensors writes its files 0600: a LoRA is shared, read by other users' clients
+            os.chmod(f, 0o644)
         os.chmod(staging, 0o755)  # mkdtemp makes it 0700
         _replace_dir(staging, out_dir)
     except OSError as e:  # a full disk, a read-only folder
         shutil.rmtree(staging, ignore_errors=True)
+        fix = (f"free space in {out_dir.parent} or choose another --out" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+               else "give a writable folder")
         raise ExportError(f"--out {out_dir}: cannot be written ({e.strerror or e}); the earlier export there (if any) is "
-                          "unchanged; free space or give a writable folder") from None
+                          f"unchanged; {fix}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir / facts["weights"]
 
 
-EXPORT_FILES = (DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, CARD_NAME, FACTS_NAME)  # all an export writes
+EXPORT_FILES = (DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, CARD_NAME, FACTS_NAME)  # all an export writes by default
+
+
+def check_name(name: str | None) -> str | None:
+    """``--name``: the kohya file's name without ``.safetensors`` (given with it, it is dropped); None for the default."""
+    if name is None:
+        return None
+    name = name.strip().removesuffix(".safetensors")
+    if (not name or name.startswith(".") or any(c in name for c in '/\\:*?"<>|') or not name.isprintable()
+            or name == Path(DIFFUSERS_WEIGHT_NAME).stem):
+        raise ExportError(f"--name {name!r}: give a file name without a folder, such as my_style (letters, digits, "
+                          f"'-', '_'; not {Path(DIFFUSERS_WEIGHT_NAME).stem!r}, the diffusers file's)")
+    return name
+
+
+def _export_weights(folder: Path) -> set[str]:
+    """The weights files the export in ``folder`` wrote, as its facts' ``files`` name them (plain file names only)."""
+    facts = read_export_facts(folder) or {}
+    named = facts.get("files") if isinstance(facts.get("files"), dict) else {}
+    return {n for n in named.values() if isinstance(n, str) and n.endswith(".safetensors") and Path(n).name == n}
 
 
 def _staging_prefix(out_dir: Path) -> str:
@@ -631,7 +723,8 @@ def _staging_prefix(out_dir: Path) -> str:
 def _remove_stale_staging(out_dir: Path) -> None:
     """Remove what a killed export left beside ``out_dir``: its staging folders, holding only files an export writes."""
     for p in out_dir.parent.glob(_staging_prefix(out_dir) + "*"):
-        if p.is_dir() and not p.is_symlink() and all(f.is_file() and f.name in EXPORT_FILES for f in p.iterdir()):
+        if p.is_dir() and not p.is_symlink() and all(f.is_file() and (f.name in EXPORT_FILES or f.suffix == ".safetensors")
+                                                    for f in p.iterdir()):  # a --name's weights too
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -639,15 +732,17 @@ def _replace_dir(staging: Path, out_dir: Path) -> None:
     """Put the finished export in place: a new folder by one rename; into an earlier export, file by file.
 
     An earlier export keeps whatever the user put beside it: only the files an export writes are replaced (the
-    weights of the other format removed), and ``rapm_lora.json`` is replaced last, the commit point of the set.
+    earlier export's weights that this one does not write removed: the other format's, another --name's), and
+    ``rapm_lora.json`` is replaced last, the commit point of the set.
     """
     if not out_dir.exists():
         staging.rename(out_dir)
         return
     written = {p.name for p in staging.iterdir()}
+    earlier = _export_weights(out_dir) | set(EXPORT_FILES)  # read before its facts are replaced
     for name in sorted(written - {FACTS_NAME}):
         os.replace(staging / name, out_dir / name)
-    for name in set(EXPORT_FILES) - written:
+    for name in earlier - written:
         (out_dir / name).unlink(missing_ok=True)
     os.replace(staging / FACTS_NAME, out_dir / FACTS_NAME)
     staging.rmdir()
@@ -671,7 +766,11 @@ def cli(
     out: Path = typer.Option(..., "--out", help="Folder to write the LoRA files, README.md and rapm_lora.json to."),
     format: str = typer.Option(
         "both", "--format", help="both (default): pytorch_lora_weights.safetensors for diffusers and "
-        "kohya_lora.safetensors for ComfyUI / A1111; or only one: diffusers, kohya."),
+        "NAME.safetensors (kohya) for ComfyUI / A1111; or only one: diffusers, kohya."),
+    name: Optional[str] = typer.Option(None, "--name", help=f"The kohya file's name (NAME.safetensors, default "
+                                       f"{DEFAULT_NAME}), A1111's alias for it (ss_output_name) and its modelspec.title."),
+    step: Optional[int] = typer.Option(None, "--step", help="Export the checkpoint of iteration N instead of the "
+                                       "latest (one that rotation kept: keep_checkpoints)."),
     dtype: str = typer.Option("float32", "--dtype", help="Storage dtype of the weights: float32, float16 (half the "
                               "size), bfloat16."),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Read an old pickle state.pt that "
@@ -684,15 +783,20 @@ def cli(
         raise ExportError(f"--format {format!r} is not supported; use one of {', '.join(FORMATS)}")
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-    teacher, unet, config = load_student(run, trust_checkpoint=trust_checkpoint)
+    name = check_name(name)  # before the teacher loads
+    teacher, unet, config = load_student(run, trust_checkpoint=trust_checkpoint, **({"step": step} if step is not None else {}))
     steps = config["steps"]  # N, from the store the run trained on
     extra = {"run": str(run)}
     extra.update({k: v for k, v in config.items() if k not in ("teacher", "steps") and isinstance(v, (str, int, float, bool))})
+    settings = {"learning_rate": config.get("lr"), "seed": config.get("seed"), "mixed_precision": config.get("mixed_precision"),
+                "training_started_at": config.get("training_started_at")}
     export_lora(unet, config["teacher"], teacher.family, out, int(steps), fmt=format, extra_card=extra, dtype=dtype,
-                training_steps=config.get("step"), guidance=_store_guidance(config, teacher))
+                training_steps=config.get("step"), guidance=_store_guidance(config, teacher), name=name,
+                run_settings=settings)
     facts = read_export_facts(out) or {}
-    for fmt, name in facts.get("files", {}).items():
+    for fmt, file_name in facts.get("files", {}).items():
         use = "diffusers' load_lora_weights, rapm sample" if fmt == "diffusers" else "ComfyUI (models/loras), A1111 (models/Lora)"
-        typer.echo(f"wrote {out / name} ({fmt}: {use})")
-    typer.echo(f"sample with {steps} steps, guidance 1, DDIM trailing (README.md there): "
+        typer.echo(f"wrote {out / file_name} ({fmt}: {use})")
+    summary = sampling_summary(int(steps), facts["scheduler"]) if "scheduler" in facts else f"{steps} steps"
+    typer.echo(f"sample with {summary} (README.md there): "
                f"rapm sample --teacher {config['teacher']} --lora {out} --prompt '...'")

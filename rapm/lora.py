@@ -55,7 +55,8 @@ def base_unet_fingerprint(unet: torch.nn.Module) -> str:
 
 
 def resolve_lora_file(lora: str | Path) -> Path:
-    """A LoRA file, or the folder holding one (diffusers' ``pytorch_lora_weights.safetensors`` first)."""
+    """A LoRA file, or the folder holding one: diffusers' ``pytorch_lora_weights.safetensors`` first, then the weights
+    its export facts name (a kohya-only export's ``NAME.safetensors``), then its only ``.safetensors`` file."""
     path = Path(lora).expanduser()
     if path.is_file():
         return path
@@ -64,6 +65,10 @@ def resolve_lora_file(lora: str | Path) -> Path:
     preferred = path / "pytorch_lora_weights.safetensors"
     if preferred.is_file():
         return preferred
+    facts = read_export_facts(path)
+    named = facts.get("weights") if isinstance(facts, dict) else None
+    if isinstance(named, str) and Path(named).name == named and (path / named).is_file():
+        return path / named
     found = sorted(path.glob("*.safetensors"))
     if len(found) != 1:
         what = "no .safetensors file" if not found else f"{len(found)} .safetensors files ({', '.join(f.name for f in found)})"

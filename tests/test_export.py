@@ -405,3 +405,126 @@ def test_float16_export_is_half_the_size_and_the_same_student(exported, tmp_path
     torch.testing.assert_close(out, e.latents, atol=2e-3 * e.latents.abs().max(), rtol=0)
     with pytest.raises(ExportError, match="dtype 'float8' is not supported"):
         export_lora(e.teacher.unet, e.folder, "sd", tmp_path / "bad", STEPS, dtype="float8")
+
+
+# --- issue 31: named exports, their metadata, the files' mode, --step ------------------------------------------------
+
+def _metadata(path):
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+def test_a_named_export_names_the_kohya_file_its_alias_and_title(exported, tmp_path):
+    from rapm.lora import resolve_lora_file
+
+    e = exported("sd")
+    out = tmp_path / "lora"
+    weights = export_lora(e.teacher.unet, e.folder, "sd", out, STEPS, name="my_style.safetensors")  # suffix dropped
+    assert weights == out / DIFFUSERS_WEIGHT_NAME  # the name load_lora_weights(folder) finds is kept
+    assert sorted(p.name for p in out.iterdir()) == sorted(["README.md", FACTS_NAME, DIFFUSERS_WEIGHT_NAME, "my_style.safetensors"])
+    facts = json.loads((out / FACTS_NAME).read_text())
+    assert facts["files"] == {"diffusers": DIFFUSERS_WEIGHT_NAME, "kohya": "my_style.safetensors"} and facts["name"] == "my_style"
+    meta = _metadata(out / "my_style.safetensors")
+    assert meta["ss_output_name"] == "my_style" and meta["modelspec.title"] == "my_style"
+    assert "`my_style.safetensors`" in (out / "README.md").read_text()
+    for p in out.iterdir():  # safetensors writes 0600: a LoRA folder is read by other users' clients
+        assert p.stat().st_mode & 0o777 == 0o644, (p.name, oct(p.stat().st_mode))
+    torch.testing.assert_close(pipeline_latents(e.folder, e.family, out, weight_name="my_style.safetensors")["loaded"],
+                               e.latents, atol=1e-4 * e.latents.abs().max(), rtol=0)
+
+    (out / "NOTES.txt").write_text("mine")
+    export_lora(e.teacher.unet, e.folder, "sd", out, STEPS, fmt="kohya", name="other")  # the earlier name's file goes
+    assert sorted(p.name for p in out.iterdir()) == sorted(["NOTES.txt", "README.md", FACTS_NAME, "other.safetensors"])
+    (out / "unrelated.safetensors").write_bytes(b"the user's")  # the folder's only LoRA is found by its facts
+    assert resolve_lora_file(out) == out / "other.safetensors"
+
+
+@pytest.mark.parametrize("bad", ["", "../up", "a/b", ".hidden", "pytorch_lora_weights"])
+def test_a_name_that_is_no_plain_file_name_is_refused_before_anything_is_written(exported, tmp_path, bad):
+    e = exported("sd")
+    with pytest.raises(ExportError, match="--name"):
+        export_lora(e.teacher.unet, e.folder, "sd", tmp_path / "lora", STEPS, name=bad)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_kohya_file_carries_the_runs_sd_scripts_keys_and_omits_what_rapm_does_not_know(exported, tmp_path):
+    e = exported("sd")
+    export_lora(e.teacher.unet, e.folder, "sd", tmp_path / "run", STEPS, run_settings={
+        "learning_rate": 5e-6, "seed": 3, "mixed_precision": "bf16", "training_started_at": 1700000000.5})
+    meta = _metadata(tmp_path / "run" / KOHYA_WEIGHT_NAME)
+    assert {k: meta[k] for k in ("ss_sd_model_name", "ss_resolution", "ss_learning_rate", "ss_seed", "ss_mixed_precision",
+                                 "ss_training_started_at")} == {
+        "ss_sd_model_name": Path(e.folder).name, "ss_resolution": "(16, 16)", "ss_learning_rate": "5e-06", "ss_seed": "3",
+        "ss_mixed_precision": "bf16", "ss_training_started_at": "1700000000.5"}
+    export_lora(e.teacher.unet, e.folder, "sd", tmp_path / "bare", STEPS, run_settings={"seed": 0, "training_started_at": None})
+    meta = _metadata(tmp_path / "bare" / KOHYA_WEIGHT_NAME)
+    assert meta["ss_seed"] == "0" and meta["ss_sd_model_name"] == Path(e.folder).name
+    assert not {"ss_learning_rate", "ss_mixed_precision", "ss_training_started_at"} & set(meta)  # not invented
+    assert "ss_learning_rate" not in _metadata(e.kohya)  # an export of a student in memory: no run, no run keys
+
+
+def test_export_verb_names_the_file_and_passes_the_runs_settings(exported, tmp_path, monkeypatch):
+    from rapm.cli import app
+
+    e = exported("sd")
+    import rapm.run
+
+    calls = []
+
+    def load_student(run, trust_checkpoint=False, step=None):
+        calls.append(step)
+        return e.teacher, e.teacher.unet, {"teacher": str(e.folder), "steps": STEPS, "step": 4, "lr": 1e-4, "seed": 2,
+                                           "mixed_precision": "no", "training_started_at": 1.5}
+
+    monkeypatch.setattr(rapm.run, "load_student", load_student)
+    out = tmp_path / "lora"
+    result = CliRunner().invoke(app, ["export", "--run", str(tmp_path / "run"), "--out", str(out), "--name", "cars",
+                                      "--step", "4"])
+    assert result.exit_code == 0, result.output
+    assert calls == [4] and f"wrote {out / 'cars.safetensors'} (kohya" in result.output
+    assert f"sample with {STEPS} steps, guidance 1, DDIM trailing" in result.output
+    meta = _metadata(out / "cars.safetensors")
+    assert (meta["ss_output_name"], meta["ss_learning_rate"], meta["ss_seed"], meta["ss_mixed_precision"],
+            meta["ss_training_started_at"], meta["ss_steps"]) == ("cars", "0.0001", "2", "no", "1.5", "4")
+
+
+def test_a_full_disk_is_one_error_line_and_the_earlier_export_stays_byte_identical(exported, tmp_path, monkeypatch, capsys):
+    """Issue 34: safetensors reports ENOSPC as a SafetensorError, which printed a traceback."""
+    import errno
+    import threading
+    import warnings
+
+    import rapm.run
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from rapm.cli import main
+
+    e = exported("sd")
+    monkeypatch.setattr(rapm.run, "load_student", lambda run, trust_checkpoint=False: (
+        e.teacher, e.teacher.unet, {"teacher": str(e.folder), "steps": STEPS, "step": 7}))
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # main() sets them: put back after
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+    out = tmp_path / "lora"
+    export_lora(e.teacher.unet, e.folder, "sd", out, STEPS)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = safetensors.torch.save_file
+    faults = [SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+              OSError(errno.ENOSPC, "No space left on device")]
+    for fault in faults:
+        def full(tensors, filename, metadata=None, _fault=fault):
+            if "kohya" in str(filename):  # the second file: the first one is already in the staging folder
+                raise _fault
+            return real(tensors, filename, metadata=metadata)
+
+        monkeypatch.setattr(safetensors.torch, "save_file", full)
+        monkeypatch.setattr(sys, "argv", ["rapm", "export", "--run", str(tmp_path / "run"), "--out", str(out)])
+        with pytest.raises(SystemExit) as exited:
+            main()
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert exited.value.code == 1 and "Traceback" not in err and len(lines) == 1, err
+        assert lines[0].startswith(f"error: --out {out}: cannot be written (No space left on device)"), err
+        assert f"free space in {tmp_path} or choose another --out" in lines[0], err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier export, byte for byte
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"]  # no staging folder left

@@ -129,10 +129,14 @@ def test_export_loads_in_a_fresh_pipeline_and_gives_rapm_samples_images(flow):
 
     family, root, teacher, store = flow
     run = root / "rapm" if (root / "rapm").exists() else _train(root, teacher, store, "rapm")
-    _invoke("export", "--run", run, "--out", root / "lora-cli")  # the verb itself: diffusers layout only
+    result = _invoke("export", "--run", run, "--out", root / "lora-cli")  # the verb itself: diffusers layout only
     facts = json.loads((root / "lora-cli" / "rapm_lora.json").read_text())
     card = (root / "lora-cli" / "README.md").read_text()
     assert set(facts["files"]) == {"diffusers"}
+    # issue 31: the closing line gives the family's own settings (it said "guidance 1, DDIM trailing" for FLUX too)
+    own = ("guidance 1, FlowMatch Euler, sigmas linspace(1, 1/2, 2)" if family == "sd3" else "guidance 3.5, FlowMatch Euler")
+    assert f"sample with {STEPS} steps, {own} (README.md there)" in result.output and "DDIM" not in result.output
+    assert ("FLUX LoRAs" in card) == (family == "flux")  # diffusers reads kohya FLUX LoRAs: not a sentence for SD3
     if family == "sd3":  # StableDiffusion3Pipeline needs the trailing σ given; CFG is distilled
         assert facts["scheduler"]["sigmas"] == [1.0, 0.5] and "sigmas=[1.0, 0.5]" in card
         assert facts["scheduler"]["guidance_scale"] == 1.0

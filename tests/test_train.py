@@ -169,3 +169,37 @@ def test_a_run_whose_store_was_deleted_still_exports(tiny_sd, sd_store, tmp_path
     result = CliRunner().invoke(app, ["export", "--run", str(run), "--out", str(tmp_path / "lora")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_export_step_exports_that_checkpoint_with_the_runs_sd_scripts_keys(tiny_sd, sd_store, tmp_path):
+    """Issue 31: `rapm export --step N` exports an earlier checkpoint; the kohya file carries the run's lr, seed,
+    mixed precision and start time (recorded in the checkpoints)."""
+    import time
+
+    from safetensors import safe_open
+    from typer.testing import CliRunner
+
+    from rapm.cli import app
+
+    run = tmp_path / "run"
+    started = time.time()
+    train(_config(tiny_sd, sd_store, iterations=4, checkpoint_every=2, seed=5, lr=2e-3), run, progress=False)
+    assert [c.name for c in checkpoints(run)] == ["step-00000002", "step-00000004"]
+    _, latest, _ = load_student(run)
+    _, earlier, facts = load_student(run, step=2)
+    assert facts["step"] == 2 and started <= facts["training_started_at"] <= time.time()
+    names = [n for n, _ in earlier.named_parameters() if "lora_B" in n and STUDENT in n]
+    assert any(not torch.equal(earlier.get_parameter(n), latest.get_parameter(n)) for n in names)
+
+    result = CliRunner().invoke(app, ["export", "--run", str(run), "--out", str(tmp_path / "lora"), "--step", "2"])
+    assert result.exit_code == 0, result.output
+    with safe_open(str(tmp_path / "lora" / "kohya_lora.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_steps"], meta["ss_learning_rate"], meta["ss_seed"], meta["ss_mixed_precision"]) == ("2", "0.002", "5", "no")
+    assert float(meta["ss_training_started_at"]) == facts["training_started_at"]
+    with pytest.raises(RunError, match=r"no complete checkpoint of step 3; the run has steps 2, 4"):
+        load_student(run, step=3)
+    result = CliRunner().invoke(app, ["export", "--run", str(run), "--out", str(tmp_path / "lora3"), "--step", "3"])
+    assert result.exit_code == 1 and not (tmp_path / "lora3").exists()
+    train(_config(tiny_sd, sd_store, iterations=6, checkpoint_every=2, seed=5, lr=2e-3), run, resume=True, progress=False)
+    assert load_student(run)[2]["training_started_at"] == facts["training_started_at"]  # a resume keeps the first start
