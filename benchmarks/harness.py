@@ -160,7 +160,7 @@ def median(values: list[float]) -> float:
 
 @dataclass
 class Passes:
-    """The UNet passes of one RAPM iteration (Alg. 2 with the batching of DESIGN.md decision 2), each callable alone.
+    """The UNet passes of one RAPM iteration (Alg. 2 with the batching of docs/design.md decision 2), each callable alone.
 
     B trajectories, N slots. Student iteration: teacher Δ-step (2BN rows: cond and uncond), frozen student (BN),
     then per slot a student step with backward (B) and a discriminator pass with backward to its input (B).

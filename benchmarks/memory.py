@@ -11,7 +11,7 @@ Each measurement is a fresh subprocess (peak RSS from ``resource.getrusage``; on
 * iteration: ``rapm.train.train`` for two iterations (a discriminator and a student update, optimizers, Adam state);
   and the same with ``gradient_checkpointing``.
 
-The training subprocess also checks decision 1 of DESIGN.md where it runs: one UNet2DConditionModel object in the
+The training subprocess also checks decision 1 of docs/design.md where it runs: one UNet2DConditionModel object in the
 process, each weight stored once (distinct storage pointers), no text encoder or VAE object anywhere in it.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/memory.py [--models digits,sd15-reduced] [--device cpu]

@@ -97,7 +97,7 @@ class TrainConfig:
 
 
 PRESETS: dict[str, dict] = {
-    # PCM's SD 1.5 adversarial LoRA script (REFERENCES.md).
+    # PCM's SD 1.5 adversarial LoRA script (docs/references.md).
     "sd15": {},
     # PCM's SDXL script: lower LR, no weight decay, a lighter discriminator (down + mid blocks, 1 head, 1x1 convs).
     "sdxl": dict(lr=2e-6, weight_decay=0.0, disc_levels="down_mid", disc_heads_per_level=1, disc_kernel_size=1),

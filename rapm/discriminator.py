@@ -1,6 +1,7 @@
 """The discriminators D1 (relative) and D2 (absolute): heads on the one UNet's intermediate features.
 
-As in PCM's public code, which RAPM takes its discriminator from (REFERENCES.md):
+As in PCM's public code, which RAPM takes its discriminator from (docs/references.md), but for the heads'
+LeakyReLU slope (0.2 here, ``negative_slope``; PCM's 0.01, ``--set disc_negative_slope=0.01``):
 the backbone is the teacher UNet run to return its block outputs (SD 1.5: the
 down blocks, the mid block and the up blocks, 4 heads each; SDXL: down blocks
 and mid block only, 1 head each); each head is conv, GroupNorm, LeakyReLU, a

@@ -1,4 +1,4 @@
-"""Export the student adapter as a LoRA the ecosystem loads (DESIGN.md, decision 6).
+"""Export the student adapter as a LoRA the ecosystem loads (docs/design.md, decision 6).
 
 Two layouts of the same weights, both written by default (``fmt="both"``) into one folder:
 

@@ -1,4 +1,4 @@
-"""File safety, once (DESIGN.md decision 9): a file rapm writes is absent, the old one, or complete.
+"""File safety, once (docs/design.md decision 9): a file rapm writes is absent, the old one, or complete.
 
 - ``write_synced``: bytes to a file, flushed to disk.
 - ``write_temp``: bytes (or a writer function) to a temp path, synced, hashed; the temp removed if anything fails.

@@ -1,4 +1,4 @@
-"""The folders rapm owns (DESIGN.md decision 9): the marker that says rapm made a folder, and the lock of its one writer.
+"""The folders rapm owns (docs/design.md decision 9): the marker that says rapm made a folder, and the lock of its one writer.
 
 A run directory carries ``.rapm-run.json`` and a store ``.rapm-store.json``: ``{"kind": ..., "version": 1}``, with no
 date, so two stores written alike stay byte-identical. rapm writes into, resumes and deletes from only a folder that

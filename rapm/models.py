@@ -64,7 +64,7 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, betas, weight_de
 
 def lr_factor(kind: str, update: int, total: int) -> float:
     """The learning rate's factor at a phase's ``update``-th update of ``total``: "constant" 1; "step" 1, then 0.1 from
-    half the updates on (SFD's recipe, REFERENCES.md); "cosine" from 1 to 0 over the updates."""
+    half the updates on (SFD's recipe, docs/references.md); "cosine" from 1 to 0 over the updates."""
     if kind == "step":
         return 1.0 if update < total // 2 else 0.1
     if kind == "cosine":

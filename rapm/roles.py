@@ -1,4 +1,4 @@
-"""The roles of the one UNet (DESIGN.md, decision 1).
+"""The roles of the one UNet (docs/design.md, decision 1).
 
 Teacher, student, frozen student and discriminator backbone are one diffusers
 UNet with two peft LoRA adapters:
@@ -24,7 +24,7 @@ import torch
 STUDENT = "student"
 DISCRIMINATOR = "discriminator"
 
-# PCM's LoRA targets (REFERENCES.md), used for the student and the discriminator backbone.
+# PCM's LoRA targets (docs/references.md), used for the student and the discriminator backbone.
 PCM_TARGET_MODULES = [
     "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
     "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",

@@ -1,4 +1,4 @@
-"""The run directory (DESIGN.md decisions 4 and 9): config, checkpoints and their schema (``TrainState``), marker,
+"""The run directory (docs/design.md decisions 4 and 9): config, checkpoints and their schema (``TrainState``), marker,
 lock, resume, and ``load_student`` (N from the checkpoint, so a run whose store is gone still exports).
 
 run/

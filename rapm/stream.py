@@ -1,6 +1,6 @@
 """The data stream: which trajectories iteration k trains on and the noise each sample draws, both functions of the
 seed and the sample's position in the stream, so any step's batch is known (a resume, or another process layout,
-sees the same samples; DESIGN.md decision 4).
+sees the same samples; docs/design.md decision 4).
 """
 
 from __future__ import annotations

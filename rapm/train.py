@@ -1,5 +1,5 @@
 """The training loop (paper Alg. 2 around the method's loss): fetch a stored trajectory, compute the loss,
-alternate the updates, log, checkpoint. A run directory resumes to the step (DESIGN.md decision 4); its layout,
+alternate the updates, log, checkpoint. A run directory resumes to the step (docs/design.md decision 4); its layout,
 checkpoints and lock are rapm.run's, the models rapm.models', the data stream rapm.stream's, the reports
 rapm.monitor's.
 """

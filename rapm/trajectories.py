@@ -13,7 +13,7 @@ passes at M = 10 (README; benchmarks/trajectory_accuracy.py).
 
 Beside them, each slot's Δ-step z^Δ_{n+1} = DDIM(z~_{n+1}, t_{n+1}, t_{n+1} - Δ)
 of the teacher with the same guidance (Alg. 2, line 8), which depends only on the
-trajectory: stored, it keeps the teacher out of training (DESIGN.md decision 8).
+trajectory: stored, it keeps the teacher out of training (docs/design.md decision 8).
 It costs no teacher pass: the slot's first substep evaluates the teacher at
 (z~_{n+1}, t_{n+1}) anyway.
 
@@ -476,7 +476,7 @@ def write_trajectories(
     (DPM-Solver++(2M) on a log-SNR-uniform grid, its multistep history carried across the slots; see
     ``rapm.diffusion.solve_positions``).
     Either way each slot also stores its Δ-step, exact DDIM from z~_{n+1} with Δ = ``delta`` (default
-    ``default_delta``), at no extra teacher pass: the trainer then needs no teacher (DESIGN.md decision 8).
+    ``default_delta``), at no extra teacher pass: the trainer then needs no teacher (docs/design.md decision 8).
     """
     from accelerate import PartialState
     from tqdm.auto import tqdm

@@ -1,4 +1,4 @@
-"""Validation during training (DESIGN.md decision 11): the student's trajectory error on held-out trajectories.
+"""Validation during training (docs/design.md decision 11): the student's trajectory error on held-out trajectories.
 
 A seeded share of the store (``val_fraction``) is held out and never trained on. Every ``eval_every`` iterations the
 student runs its N steps from each held-out trajectory's noise z~_N, and the run logs

@@ -1,4 +1,4 @@
-"""Files are data, never code, and rapm touches only its own (DESIGN.md decision 9; issue 15).
+"""Files are data, never code, and rapm touches only its own (docs/design.md decision 9; issue 15).
 
 Each test is one reproduction from the issue: a planted pickle runs nothing; a folder rapm did not make is refused and
 left as it was; --overwrite checks its inputs before deleting; one writer per run and per store; a tampered store is

@@ -34,7 +34,7 @@ class UNetFamily(Family):
 
     denoiser_subfolder = "unet"
     denoiser_class_name = "UNet2DConditionModel"
-    lora_targets = tuple(PCM_TARGET_MODULES)  # PCM's (REFERENCES.md)
+    lora_targets = tuple(PCM_TARGET_MODULES)  # PCM's (docs/references.md)
 
     def latent_shape(self, denoiser_config: dict) -> tuple[int, int, int]:
         size = denoiser_config["sample_size"]

@@ -20,7 +20,7 @@ feature sources (``rdd_features``):
 - ``classifier`` (the default for the digits teacher, as RDD's released code: a frozen classifier trained on the
   same data): the digits classifier's last convolutional map, 64 channels x 4 x 4 pixels.
 
-Three terms, weighted as RDD's released code (REFERENCES.md):
+Three terms, weighted as RDD's released code (docs/references.md):
 
     L = L_CFD + 1.0 L_ISP2P + 0.1 L_MP2P
 
