@@ -53,7 +53,7 @@ class TrainConfig:
     delta: int = 0  # Δ in teacher timesteps; 0 = one step of the stored fine grid, T / (N M)
     slot_weights: list[float] = field(default_factory=list)  # w_n; empty = all 1
     distance: str = ""  # position-matching distance: "" = the method's own (rapm: pseudo_huber, sfd: l1); or l2
-    relative_weight: float = -1.0  # weight of the relative terms (eqs. 14-15); negative = the method's own: rapm 0, rapm-paper 1
+    relative_weight: float = -1.0  # weight of the relative terms (eq. 15); negative = the method's own: rapm 0, rapm-paper 1
     # The peers (rapm/methods/): PCM's real data; progressive distillation's rounds and RDD's relational loss
     real_data: str = ""  # pcm: "digits" (the digits train split) or a folder of images with .txt captions
     progressive_start_steps: int = 16  # the first round's teacher steps: N 2^R for R rounds
@@ -64,7 +64,7 @@ class TrainConfig:
     # The discriminators
     gan_loss: str = ""  # "" = the method's own (rapm: relativistic; rapm-paper: hinge); hinge | relativistic
     disc_relative: bool = True  # D1, the relative position's discriminator (eq. 15)
-    disc_absolute: bool = True  # D2, the absolute position's discriminator (eq. 18)
+    disc_absolute: bool = True  # D2, the absolute position's discriminator (eq. 17)
     updates: str = ""  # "" = the method's own (rapm: both; rapm-paper: alternate); alternate | both
     disc_every: int = 1  # with updates=both: a discriminator step on every k-th iteration, before the student's
     disc_lora: bool = True

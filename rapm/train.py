@@ -42,7 +42,7 @@ from rapm.validation import Validation, split_indices
 def iteration_phases(updates: str, disc_every: int, with_discriminator: bool, step: int) -> tuple[str, ...]:
     """The updates iteration ``step`` makes, in order.
 
-    ``alternate`` is Alg. 2, lines 3-4: even iterations update D1 and D2, odd ones the student. ``both`` makes every
+    ``alternate`` is Alg. 2, lines 17-21: even iterations update D1 and D2, odd ones the student. ``both`` makes every
     iteration a student update, preceded on every ``disc_every``-th one by a discriminator update on the same
     trajectory, so the student is not starved of half its updates.
     """
@@ -176,7 +176,7 @@ def build_phases(config: TrainConfig, unet, disc, method) -> dict[str, Phase]:
 
 def run_phase(phase: Phase, ctx: Context, batch, unet, disc, procs: Processes, autocast, grad_clip: float,
               step: int, checkpoint) -> tuple[float, float, dict[str, float]]:
-    """One update (Alg. 2, lines 5-13 or 14-19): back-propagate each loss piece, average across processes, clip,
+    """One update (Alg. 2: the loss of lines 5-16, then the step of line 18 or 20): back-propagate each loss piece, average across processes, clip,
     step; returns the averaged loss, the gradient norm and the method's logs."""
     set_trainable(unet, phase.adapter)
     if disc is not None:

@@ -4,7 +4,7 @@ Per prompt i: the initial noise z_N drawn from seed ``seed + i`` exactly as a
 diffusers pipeline draws it for that seed at batch 1, and the N+1 positions
 z~_N..z~_0 at the coarse timesteps (``coarse_timesteps(T, N)``), each slot
 crossed by M deterministic DDIM steps of the teacher with classifier-free
-guidance (paper §3; Alg. 2 reads them as z~_n). The whole fine grid is
+guidance (paper eq. 10; Alg. 2 line 13 reads them as z~_n). The whole fine grid is
 diffusers' DDIM "trailing" grid at N*M steps, so the final position z~_0 is
 what ``pipe(prompt, num_inference_steps=N*M, generator=seed)`` with a trailing
 DDIMScheduler returns as latents. ``--solver dpmsolver++`` crosses each slot with

@@ -60,7 +60,7 @@ class Setup:
 
 
 class Method:
-    """One distillation method = one loss object; the trainer is written once (STYLE.md, after EDM's loss.py).
+    """One distillation method = one loss object; the trainer is written once (after EDM's training/loss.py).
 
     A method yields its losses; the rest has defaults here: nothing to prepare but RDD's relational term (``rdd``,
     rapm/methods/rdd.py, None unless ``rdd_weight`` turns it on), no state or extra parameters but the term's. A
@@ -102,7 +102,8 @@ class Method:
 
 
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
-    """mean(sqrt((a - b)^2 + c^2) - c), the pseudo-Huber loss of the paper (eq. 12) with PCM's c."""
+    """mean(sqrt((a - b)^2 + c^2) - c): PCM's code's pseudo-Huber loss and its c (docs/references.md). The paper says only
+    "the Huber-loss" (§3.1, after eq. 9) and gives no formula."""
     d = (a.float() - b.float()).square()
     return (d + c * c).sqrt().mean() - c
 

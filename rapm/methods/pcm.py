@@ -4,7 +4,7 @@ PCM learns from **real data**: a real image x (with its caption) is noised to a 
 (t_{n+1} >= t > t_n, on the phase's M-step grid), and the student's step from t to the phase edge t_n must land
 where the teacher's solver step from t to t - Δ followed by the frozen student from t - Δ to t_n lands:
 
-    x_t    = alpha_t x + sigma_t eps,  x ~ real data                                  (Alg. 1, lines 3-5)
+    x_t    = alpha_t x + sigma_t eps,  x ~ real data                                  (Alg. 1, lines 5-7; eq. 1)
     target = DDIM(DDIM(x_t, t, t-Δ, 1; teacher, CFG), t-Δ, t_n, 1; frozen student)    (no grad; at t-Δ = t_n
              the teacher's point itself, the consistency boundary condition)
     pred   = DDIM(x_t, t, t_n, 1; student)

@@ -2,13 +2,13 @@
 
 Per stored trajectory z~_N..z~_0 and for each slot n = N-1..0:
 
-    rel_n = DDIM(DDIM(z~_{n+1}, t_{n+1}, t_{n+1}-Δ; teacher), t_{n+1}-Δ, t_n; frozen student)   (eq. 11, no grad)
-    z_n   = DDIM(z_{n+1}, t_{n+1}, t_n; student)                                            (eq. 13)
-    loss_r = H(z_n, rel_n) + λ G1(z_n | t_n)                                                 (eqs. 14-16)
-    loss_a = w_n [ H(z_n, z~_n) + λ G2(z_n | t_n) ]                                          (eqs. 17-18)
+    rel_n = DDIM(DDIM(z~_{n+1}, t_{n+1}, t_{n+1}-Δ; teacher), t_{n+1}-Δ, t_n; frozen student)   (eqs. 12-14, no grad)
+    z_n   = DDIM(z_{n+1}, t_{n+1}, t_n; student)                                            (eq. 11)
+    loss_r = H(z_n, rel_n) + λ G1(z_n | t_n)                                                 (eq. 15; summed: 16)
+    loss_a = w_n [ H(z_n, z~_n) + λ G2(z_n | t_n) ]                                          (eq. 17; total: 18)
     z_n   = detach(z_n)                                                                      (§3.3)
 
-Even iterations update D1 and D2, odd ones the student (Alg. 2, lines 3-4); the trainer's ``updates`` field can
+Even iterations update D1 and D2, odd ones the student (Alg. 2, lines 17-21); the trainer's ``updates`` field can
 instead make every iteration a discriminator step and then a student step on the same trajectory.
 
 The GAN loss is ``gan_loss``: "hinge" is PCM's unpaired hinge loss (the paper's setting); "relativistic" is a paired
@@ -49,10 +49,10 @@ class RAPM(Method):
     discriminator: bool = True
     distance: str = "pseudo_huber"  # or "l1" (SFD's code), "l2"
     gan_loss: str = "hinge"  # "hinge" (PCM, the paper) or "relativistic" (paired, RpGAN)
-    relative_weight: float = 1.0  # weight of the relative terms (eqs. 14-15) against the absolute ones
+    relative_weight: float = 1.0  # weight of the relative terms (eq. 15) against the absolute ones
     d1: bool = True  # the relative discriminator D1 (eq. 15); off: its head set is not trained or used
     slot_sum: bool = False  # the discriminator loss summed over the slots (Alg. 2 line 18) instead of their mean
-    d2: bool = True  # the absolute discriminator D2 (eq. 18)
+    d2: bool = True  # the absolute discriminator D2 (eq. 17)
     relational: object = field(default=None, repr=False)  # rapm.methods.rdd.RelationalSettings (refused: RAPM takes none)
     _warned: bool = field(default=False, init=False, repr=False, compare=False)  # DeltaStepWarning is said once
 
@@ -156,16 +156,16 @@ class RAPM(Method):
             slot = n - 1 - j  # the paper's n
             t = torch.full((b,), ctx.timesteps[j], device=z.device)
             s = torch.full((b,), ctx.timesteps[j + 1], device=z.device)
-            z_n = student_step(ctx, z, t, s, batch.cond)  # line 9, with gradients
+            z_n = student_step(ctx, z, t, s, batch.cond)  # line 11 (eq. 11), with gradients
             target = batch.latents[:, j + 1]  # z~_n
             loss = z_n.new_zeros(())
             logs: dict[str, float] = {}
             if self.relative:
-                h = self.distance_fn(z_n, rel[:, j])  # eq. 14
+                h = self.distance_fn(z_n, rel[:, j])  # eq. 15's H (line 12)
                 loss = loss + self.relative_weight * h
                 logs[f"{self.term}_rel/{slot}"] = h.item()
             if self.absolute:
-                h = self.distance_fn(z_n, target)  # eq. 17
+                h = self.distance_fn(z_n, target)  # eq. 17's H (line 14)
                 loss = loss + self.weight(slot) * h
                 logs[f"{self.term}_abs/{slot}"] = h.item()
             if self.rdd is not None and slot == 0:  # RDD's relational loss on the end point z_0 (rapm/methods/rdd.py)
@@ -182,7 +182,7 @@ class RAPM(Method):
                     if self.gan_loss == "relativistic":
                         g = relativistic_generator_loss(logits[kind], real_logits[kind])
                     else:
-                        g = hinge_generator_loss(logits[kind])  # eqs. 15, 18
+                        g = hinge_generator_loss(logits[kind])  # eqs. 15, 17
                     loss = loss + self.adv_weight * self.kind_weight(kind, slot) * g
                     logs[f"gen_{kind[:3]}/{slot}"] = g.item()
             logs[f"loss/{slot}"] = loss.item()
