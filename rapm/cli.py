@@ -67,6 +67,25 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"rapm {version('rapm')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            import rapm
+
+            typer.echo(f"rapm {rapm.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(show_version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                            help="Print rapm's version and exit.")) -> None:
+    pass
+
+
 def _not_yet(verb: str):
     def command() -> None:
         typer.echo(f"rapm {verb}: not implemented yet in this version of rapm; see the README for what works today.", err=True)

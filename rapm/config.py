@@ -161,15 +161,33 @@ def apply_overrides(config: TrainConfig, values: dict, source: str) -> TrainConf
     return dataclasses.replace(config, **{k: _coerce(k, hints[k], v, source) for k, v in values.items()})
 
 
+CONFIG_SUFFIXES = (".json", ".toml", ".yaml", ".yml")
+
+
 def read_config_file(path: Path) -> dict:
+    """A config file's fields: TOML (.toml), YAML (.yaml, .yml) or JSON (any other name), one mapping of fields."""
+    import yaml
+
+    path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give a .json, .toml or .yaml file")
     try:
+        text = path.read_text(encoding="utf-8")
         if path.suffix == ".toml":
-            return tomllib.loads(path.read_text())
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"{path}: cannot be parsed ({e}); write JSON (.json) or TOML (.toml)") from None
+            values = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            values = yaml.safe_load(text)
+            values = {} if values is None else values  # an empty file
+        else:
+            values = json.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot be parsed ({e}); write JSON (.json), TOML (.toml) or YAML (.yaml)") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: holds a {type(values).__name__}, not a mapping of config fields (such as lr: 1.0e-5); "
+                          "see docs/defaults.md for the fields")
+    return values
 
 
 def parse_set(items: list[str]) -> dict:

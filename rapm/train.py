@@ -21,7 +21,7 @@ import typer
 
 from rapm import config as cfg
 from rapm.config import ConfigError, TrainConfig, split_seed
-from rapm.methods import Context, Setup, TrajectoryBatch, build_method, ema_of, updates_of, with_recipe
+from rapm.methods import METHODS, Context, Setup, TrajectoryBatch, build_method, ema_of, updates_of, with_recipe
 from rapm.models import (build_models, constant_schedule, ema_decay_at, lr_factor, lr_schedule, make_optimizer,  # noqa: F401
                          student_spec, swap_in, update_ema, weight_dtype)
 from rapm.monitor import Monitor
@@ -353,10 +353,23 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
 
 # ---------------------------------------------------------------------------------------------- after training
 
-def resolve_config(teacher: str, store: str, preset: str | None, config_file: Path | None, flags: dict) -> TrainConfig:
-    """The teacher family's defaults < preset (the teacher's or its family's unless named) < config file < flags."""
+RUN_KEYS = ("out",)  # a config file's keys that are the verb's, not config fields
+
+
+def resolve_config(teacher: str | None, store: str | None, preset: str | None, config_file: Path | None,
+                   flags: dict) -> TrainConfig:
+    """The teacher family's defaults < preset (the teacher's or its family's unless named) < config file < flags.
+
+    ``teacher`` and ``store`` (the flags) may be None where the config file sets them; its ``out`` is the verb's.
+    """
     values = cfg.read_config_file(Path(config_file)) if config_file else {}
-    teacher = flags.get("teacher") or values.get("teacher") or teacher
+    values = {k: v for k, v in values.items() if k not in RUN_KEYS}
+    teacher = flags.get("teacher") or teacher or values.get("teacher")
+    store = flags.get("store") or store or values.get("store")
+    missing = [n for n, v in (("teacher", teacher), ("store", store)) if not v]
+    if missing:
+        raise ConfigError(f"rapm train needs --teacher and --store (or 'teacher' and 'store' in the --config file, or "
+                          f"--resume with an existing --out); {' and '.join('--' + n for n in missing)} not given")
     family = read_teacher_info(teacher).family
     name = preset or values.get("preset") or cfg.default_preset(teacher, family.name)
     if name not in cfg.PRESETS:
@@ -365,16 +378,20 @@ def resolve_config(teacher: str, store: str, preset: str | None, config_file: Pa
     config = cfg.apply_overrides(TrainConfig(), {**own, **cfg.PRESETS[name], "preset": name}, f"preset {name}")
     if config_file:
         config = cfg.apply_overrides(config, values, str(config_file))
-    return cfg.apply_overrides(config, {"teacher": teacher, "store": store, **flags}, "command line")
+    return cfg.apply_overrides(config, {**flags, "teacher": str(teacher), "store": str(store)}, "command line")
 
 
 def cli(
-    out: Path = typer.Option(..., "--out", help="Run directory (checkpoints, logs, samples)."),
-    teacher: Optional[str] = typer.Option(None, help="Teacher: a local diffusers folder or 'digits' (required unless --resume)."),
-    store: Optional[Path] = typer.Option(None, help="Trajectory store made by `rapm trajectories` (required unless --resume)."),
-    method: Optional[str] = typer.Option(None, help="rapm (default), rapm-relative, sfd, pcm, progressive or progressive-rdd."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (checkpoints, logs, samples); required unless "
+                                       "the --config file sets 'out'."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher: a local diffusers folder or 'digits' (required unless --resume "
+                                          "or the --config file sets 'teacher')."),
+    store: Optional[Path] = typer.Option(None, help="Trajectory store made by `rapm trajectories` (required unless --resume "
+                                         "or the --config file sets 'store')."),
+    method: Optional[str] = typer.Option(None, help=f"{METHODS[0]} (default), {', '.join(METHODS[1:-1])} or {METHODS[-1]}."),
     preset: Optional[str] = typer.Option(None, help="sd15, sdxl, sdxl-rank1, sd3, flux or digits (default: by teacher)."),
-    config: Optional[Path] = typer.Option(None, help="A JSON or TOML file of config fields (docs/defaults.md)."),
+    config: Optional[Path] = typer.Option(None, help="A JSON, TOML or YAML file of config fields (docs/defaults.md), and "
+                                          "perhaps teacher, store and out."),
     iterations: Optional[int] = typer.Option(None, help="Total iterations (each one trajectory batch)."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Write a checkpoint every K iterations."),
     batch_size: Optional[int] = typer.Option(None, help="Trajectories per iteration (paper: 1)."),
@@ -391,12 +408,15 @@ def cli(
     flags = {k: v for k, v in dict(method=method, iterations=iterations, checkpoint_every=checkpoint_every,
                                    batch_size=batch_size, seed=seed, device=device).items() if v is not None}
     flags.update(cfg.parse_set(set_))
+    if out is None:
+        out = cfg.read_config_file(config).get("out") if config is not None else None
+        if not out:
+            raise ConfigError("rapm train needs --out (or 'out' in the --config file): the run directory")
+        out = Path(out)
     if resume:
         config_obj = cfg.apply_overrides(read_run_config(out), flags, "command line")
     else:
-        if teacher is None or store is None:
-            raise ConfigError("rapm train needs --teacher and --store (or --resume with an existing --out)")
-        config_obj = resolve_config(teacher, str(store), preset, config, flags)
+        config_obj = resolve_config(teacher, None if store is None else str(store), preset, config, flags)
     result = train(config_obj, out, resume=resume, overwrite=overwrite, progress=progress, trust_checkpoint=trust_checkpoint)
     if os.environ.get("RANK", "0") != "0":  # under a multi-process launch the main process speaks for all
         raise typer.Exit(0 if result.stopped_by is None else 143)

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from rapm.cli import VERBS, app
 
 # Options that a verb needs unless another one is given: click cannot mark them, their help says it.
-CONDITIONALLY_REQUIRED = {"trajectories": ["--teacher", "--prompts", "--out"], "train": ["--teacher", "--store"],
+CONDITIONALLY_REQUIRED = {"trajectories": ["--teacher", "--prompts", "--out"], "train": ["--teacher", "--store", "--out"],
                           "sample": ["--prompt", "--prompts"], "report": ["--run"]}
 
 
@@ -72,3 +72,17 @@ def test_report_takes_the_run_as_argument_or_as_run(tmp_path, monkeypatch):
     assert seen == [tmp_path / "a", tmp_path / "b"]
     assert "needs the run directory" in str(runner.invoke(app, ["report"]).exception)
     assert "two runs given" in str(runner.invoke(app, ["report", "x", "--run", "y"]).exception)
+
+
+def test_version_is_the_packages():
+    from importlib.metadata import version
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output == f"rapm {version('rapm')}\n", result.output
+
+
+def test_train_help_lists_every_method_of_the_registry():
+    from rapm.methods import METHODS
+
+    shown = _help("train").split("--method", 1)[1].split("\n  --", 1)[0]
+    assert "rapm-paper" in METHODS and all(re.search(rf"(?<![\w-]){re.escape(m)}(?![\w-])", shown) for m in METHODS), shown

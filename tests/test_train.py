@@ -203,3 +203,47 @@ def test_export_step_exports_that_checkpoint_with_the_runs_sd_scripts_keys(tiny_
     assert result.exit_code == 1 and not (tmp_path / "lora3").exists()
     train(_config(tiny_sd, sd_store, iterations=6, checkpoint_every=2, seed=5, lr=2e-3), run, resume=True, progress=False)
     assert load_student(run)[2]["training_started_at"] == facts["training_started_at"]  # a resume keeps the first start
+
+
+def test_a_yaml_or_toml_config_gives_the_teacher_store_and_out(tiny_sd, sd_store, tmp_path):
+    """Issue 31: `--config cfg.yaml`; a config file setting teacher and store (and out) needs no flags for them."""
+    from typer.testing import CliRunner
+
+    from rapm.cli import app
+    from rapm.run import read_run_config
+
+    small = {**SMALL, "iterations": 1, "checkpoint_every": 1, "eval_every": 0, "seed": 3}
+    run = tmp_path / "yaml-run"
+    lines = [f"{k}: {json.dumps(v)}" for k, v in small.items()]  # JSON values are YAML flow values
+    (tmp_path / "cfg.yaml").write_text("\n".join([f"teacher: {tiny_sd}", f"store: {sd_store}", f"out: {run}", *lines]) + "\n")
+    result = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "cfg.yaml"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    config = read_run_config(run)
+    assert (config.teacher, config.store, config.seed, config.lora_rank) == (str(tiny_sd), str(sd_store), 3, 4)
+    assert [c.name for c in checkpoints(run)] == ["step-00000001"]
+
+    toml = "\n".join([f'teacher = "{tiny_sd}"', f'store = "{sd_store}"', "iterations = 1", "checkpoint_every = 1",
+                      "eval_every = 0", "lora_rank = 4", "lora_alpha = 4.0", "sample_every = 0", "seed = 9"]) + "\n"
+    (tmp_path / "cfg.toml").write_text(toml)  # it was refused with "rapm train needs --teacher and --store"
+    result = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "cfg.toml"), "--out", str(tmp_path / "toml-run"),
+                                      "--seed", "4", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert (read_run_config(tmp_path / "toml-run").teacher, read_run_config(tmp_path / "toml-run").seed) == (str(tiny_sd), 4)
+
+    (tmp_path / "bare.yaml").write_text("iterations: 1\n")
+    result = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "bare.yaml")])
+    assert isinstance(result.exception, ConfigError) and "needs --out" in str(result.exception)
+    result = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "bare.yaml"), "--out", str(tmp_path / "r")])
+    assert isinstance(result.exception, ConfigError) and "--teacher and --store not given" in str(result.exception)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("text, words", [("lr: [1\n", "cannot be parsed"), ("- lr\n- 1\n", "holds a list, not a mapping")])
+def test_a_yaml_config_that_is_no_mapping_of_fields_is_named(tmp_path, text, words):
+    from rapm.config import read_config_file
+
+    (tmp_path / "cfg.yml").write_text(text)
+    with pytest.raises(ConfigError, match=f"cfg.yml: {words}"):
+        read_config_file(tmp_path / "cfg.yml")
+    (tmp_path / "empty.yaml").write_text("# nothing set\n")
+    assert read_config_file(tmp_path / "empty.yaml") == {}
