@@ -34,7 +34,7 @@ from rapm.run import (CHECKPOINT_PREFIX, ResumeWarning, RunError, TrainState, ch
 from rapm.files import atomic_write
 from rapm.stream import batch_indices, batch_positions, sample_generators  # noqa: F401
 from rapm.teacher import read_teacher_info
-from rapm.validation import Validation, split_indices
+from rapm.validation import Validation, ValidationWarning, held_out_note, split_indices
 
 
 # ---------------------------------------------------------------------------------------------- the phases
@@ -236,6 +236,9 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
     store = open_store(Path(config.store))
     _check_method_applies(config, store)
     train_ids, val_ids = split_indices(len(store), config.val_fraction, split_seed(config))
+    note = held_out_note(len(store), config.val_fraction) if config.eval_every > 0 else None
+    if note is not None and procs.main:
+        warnings.warn(f"{config.store}: {note}", ValidationWarning, stacklevel=3)
     if config.train_trajectories:
         if config.train_trajectories > len(train_ids):
             raise ConfigError(f"config field 'train_trajectories': {config.train_trajectories} is more than the "

@@ -26,6 +26,23 @@ from rapm.plugins import plugin_for
 from rapm.teacher import guided_output
 
 
+class ValidationWarning(UserWarning):
+    """Validation asked for (eval_every > 0) but off: the store is too small for val_fraction to hold one out."""
+
+
+def held_out_note(count: int, fraction: float) -> str | None:
+    """Why ``split_indices(count, fraction, ...)`` holds none out though ``fraction`` asks for some, and how to get
+    validation; None when it holds some out (or ``fraction`` is 0: validation off by choice)."""
+    if fraction <= 0 or int(count * fraction) > 0:
+        return None
+    needed = -(-1000 // count) / 1000  # the least val_fraction, to three decimals, that holds one of count out
+    why = (f"validation is off: val_fraction {fraction:g} of the store's {count} trajector"
+           f"{'y' if count == 1 else 'ies'} rounds down to 0 held out")
+    if needed < 0.5:  # val_fraction must stay below 0.5
+        return f"{why}; hold some out with --set val_fraction={needed:g} (or store more trajectories)"
+    return f"{why}, and a store of {count} cannot hold one out (val_fraction < 0.5); store 3 or more trajectories"
+
+
 def split_indices(count: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """(train, validation) trajectory indices: a seeded ``fraction`` of ``count`` held out (none if it rounds to 0)."""
     held = int(count * fraction)

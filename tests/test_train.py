@@ -247,3 +247,22 @@ def test_a_yaml_config_that_is_no_mapping_of_fields_is_named(tmp_path, text, wor
         read_config_file(tmp_path / "cfg.yml")
     (tmp_path / "empty.yaml").write_text("# nothing set\n")
     assert read_config_file(tmp_path / "empty.yaml") == {}
+
+
+def test_validation_off_because_the_store_is_small_is_said_with_the_fix(tiny_sd, sd_store, tmp_path):
+    """Issue 31: val_fraction 0.05 of a 4-trajectory store rounds to 0: validation was silently off."""
+    import warnings
+
+    from rapm.validation import ValidationWarning
+
+    one = dict(iterations=1, checkpoint_every=1)
+    with pytest.warns(ValidationWarning, match=r"validation is off: val_fraction 0.05 of the store's 4 trajectories "
+                                               r"rounds down to 0 held out; hold some out with --set val_fraction=0.25"):
+        train(_config(tiny_sd, sd_store, **one), tmp_path / "small", progress=False)
+    assert not any("val_" in line for line in (tmp_path / "small" / "logs.jsonl").read_text().splitlines())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ValidationWarning)  # the fix it names works; off by choice says nothing
+        train(_config(tiny_sd, sd_store, val_fraction=0.25, **one), tmp_path / "held", progress=False)
+        train(_config(tiny_sd, sd_store, eval_every=0, **one), tmp_path / "off", progress=False)
+        train(_config(tiny_sd, sd_store, val_fraction=0.0, **one), tmp_path / "none", progress=False)
+    assert any("val_" in line for line in (tmp_path / "held" / "logs.jsonl").read_text().splitlines())
