@@ -15,6 +15,7 @@ import torch
 from rapm.errors import RapmError
 from rapm.roles import STUDENT
 from rapm.teacher import Teacher
+from rapm.text import plural
 
 FACTS_NAME = "rapm_lora.json"
 
@@ -156,7 +157,8 @@ def load_lora(teacher: Teacher, lora: str | Path, adapter: str = STUDENT) -> Pat
         if facts and facts.get("teacher_path"):
             hint = f"; it was exported for {facts['teacher_path']} ({facts.get('teacher_family')})"
         shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
-        raise LoraError(f"{where}: {len(problems)} of its {total} modules do not fit ({shown}){hint}; use the teacher it was trained for")
+        raise LoraError(f"{where}: {len(problems)} of its {plural(total, 'module')} {'does' if len(problems) == 1 else 'do'} "
+                        f"not fit ({shown}){hint}; use the teacher it was trained for")
     encoders = {p: i for i, p in enumerate(("text_encoder", "text_encoder_2")) if any(k.startswith(p + ".") for k in state)}
     missing = [p for p, i in encoders.items() if i >= len(teacher.text_encoders)]
     if missing:

@@ -29,6 +29,7 @@ from rapm.processes import resolve_device
 from rapm.roles import STUDENT, student_role, teacher_role
 from rapm.teacher import Teacher, guided_output
 from rapm.trajectories import default_guidance, initial_noise
+from rapm.text import plural
 
 SCHEDULERS = ("ddim", "dpmsolver")
 ROLES = ("student", "teacher")
@@ -189,4 +190,4 @@ def cli(
         role="student" if lora is not None else "teacher", scheduler=scheduler, negative_prompt=negative_prompt,
         batch_size=batch_size, record=record,
     )
-    typer.echo(f"wrote {len(rows)} images and {SAMPLES_NAME} to {out}")
+    typer.echo(f"wrote {plural(len(rows), 'image')} and {SAMPLES_NAME} to {out}")

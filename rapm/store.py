@@ -41,6 +41,7 @@ from rapm.errors import RapmError
 from rapm.files import atomic_write as _atomic_write
 from rapm.files import read_json_object, sha256_file, sha256_text  # noqa: F401 (the store's writers import them from here)
 from rapm.conditioning import Conditioning
+from rapm.text import plural
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: no Δ-step positions (delta_latents), no 'delta' and 'solver' in the manifest
@@ -322,7 +323,7 @@ class TrajectoryStore:
             if digest != entry["sha256"]:
                 bad.append(f"{f}: sha256 {digest[:12]}... but the manifest records {entry['sha256'][:12]}...")
         if bad:
-            raise StoreError("; ".join(bad) + f" ({len(bad)} of {len(self.manifest['shards'])} shards corrupted); "
+            raise StoreError("; ".join(bad) + f" ({len(bad)} of {plural(len(self.manifest['shards']), 'shard')} corrupted); "
                              "delete those files and rerun the same rapm trajectories command to rewrite them")
 
     def _shard(self, k: int):
@@ -545,7 +546,7 @@ def open_store(path: str | Path, verify: bool = False, cache_shards: int = 4) ->
         raise StoreError(f"{f}: the store is incomplete (its writing run was interrupted); rerun the same "
                          f"rapm trajectories command to finish it")
     if len(shards) != expected:
-        raise StoreError(f"{f}: {len(shards)} shards recorded, {expected} expected for count {manifest['count']} and "
+        raise StoreError(f"{f}: {plural(len(shards), 'shard')} recorded, {expected} expected for count {manifest['count']} and "
                          f"shard_size {manifest['shard_size']}; rebuild the store with rapm trajectories --overwrite")
     for k, entry in enumerate(shards):
         start, end = shard_span(k, int(manifest["shard_size"]), int(manifest["count"]))

@@ -35,6 +35,7 @@ from rapm.files import atomic_write
 from rapm.stream import batch_indices, batch_positions, sample_generators  # noqa: F401
 from rapm.teacher import read_teacher_info
 from rapm.validation import Validation, ValidationWarning, held_out_note, split_indices
+from rapm.text import plural
 
 
 # ---------------------------------------------------------------------------------------------- the phases
@@ -427,5 +428,5 @@ def cli(
         typer.echo(f"stopped by {result.stopped_by} after step {result.step}; checkpoint {result.checkpoint}. "
                    f"Resume with: rapm train --out {out} --resume", err=True)
         raise typer.Exit(130 if result.stopped_by == "SIGINT" else 143)
-    typer.echo(f"trained {result.step} iterations; last checkpoint {result.checkpoint}. "
+    typer.echo(f"trained {plural(result.step, 'iteration')}; last checkpoint {result.checkpoint}. "
                f"Export with: rapm export --run {out} --out {out}/lora")

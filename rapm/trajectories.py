@@ -48,6 +48,7 @@ from rapm.store import (DONE, DTYPES, FORMAT_VERSION, MANIFEST, NEGATIVE, PROMPT
                         TrajectoryBatch, TrajectoryStore, atomic_write, json_bytes, manifest_bytes, num_shards, open_store,
                         read_manifest, schedule_mismatch, sha256_text, shard_name, shard_span, unet_hash)
 from rapm.teacher import BUILTIN_TEACHERS, Conditioning, Teacher, guided_output, load_teacher, resolve_teacher_path
+from rapm.text import plural
 
 __all__ = ["open_store", "TrajectoryStore", "TrajectoryBatch", "StoreError", "write_trajectories", "teacher_trajectories",
            "initial_noise", "read_prompts", "default_guidance", "default_delta", "TruncatedPromptWarning", "StepsWarning",
@@ -501,7 +502,8 @@ def write_trajectories(
     long = truncated_prompts(teacher_model, prompt_list)
     if long:
         limit = min(tok.model_max_length for tok in teacher_model.tokenizers)
-        warnings.warn(f"{prompts}: {len(long)} of {count} prompts are longer than the tokenizer's {limit} tokens and are "
+        warnings.warn(f"{prompts}: {len(long)} of {plural(count, 'prompt')} {'is' if len(long) == 1 else 'are'} longer than "
+                      f"the tokenizer's {limit} tokens and {'is' if len(long) == 1 else 'are'} "
                       f"truncated as diffusers does (first: line {long[0] + 1}); manifest.json lists them in "
                       "truncated_prompts", TruncatedPromptWarning, stacklevel=3)
 
@@ -546,7 +548,7 @@ def write_trajectories(
     done_count = sum(_span_count(k, shard_size, count)[1] for k in mine if k not in todo)
     show = progress and state.is_main_process
     if show and done_count:
-        print(f"{out}: resuming, {len(mine) - len(todo)} of {len(mine)} shards of this process already complete",
+        print(f"{out}: resuming, {len(mine) - len(todo)} of {plural(len(mine), 'shard')} of this process already complete",
               file=sys.stderr)
     bar = tqdm(total=sum(_span_count(k, shard_size, count)[1] for k in mine), initial=done_count, unit="traj",
                desc="trajectories" if world == 1 else f"trajectories (process 0 of {world})", disable=not show,
@@ -594,7 +596,7 @@ def _wait_for_shards(out: Path, count: int, shard_size: int, world: int, show: b
         if world == 1:  # nothing else will write them
             raise StoreError(f"{out / shard_name(missing[0])}: missing or incomplete after this run; rerun the same command")
         if show and not said:
-            print(f"{out}: waiting for {len(missing)} shards from the other processes", file=sys.stderr)
+            print(f"{out}: waiting for {plural(len(missing), 'shard')} from the other processes", file=sys.stderr)
             said = True
         time.sleep(POLL_SECONDS)
 
@@ -648,7 +650,8 @@ def cli(
     """Precompute teacher trajectories (prompts -> store), resumable; or --verify a store."""
     if verify is not None:
         store = open_store(verify, verify=True)
-        typer.echo(f"{verify}: {len(store)} trajectories in {len(store.manifest['shards'])} shards; every sha256 matches the manifest")
+        typer.echo(f"{verify}: {plural(len(store), 'trajectory', 'trajectories')} in {plural(len(store.manifest['shards']), 'shard')}; "
+                   "every sha256 matches the manifest")
         return
     missing = [flag for flag, value in (("--teacher", teacher), ("--prompts", prompts), ("--out", out)) if value is None]
     if missing:
@@ -671,6 +674,6 @@ def cli(
                                    progress=progress)
     if main_process:
         size = sum(s["bytes"] for s in store.manifest["shards"])
-        typer.echo(f"{out}: {len(store)} trajectories, {size / len(store):,.0f} bytes each, "
+        typer.echo(f"{out}: {plural(len(store), 'trajectory', 'trajectories')}, {size / len(store):,.0f} bytes each, "
                    f"N={store.steps} M={store.substeps} {store.manifest['solver']} Δ={store.manifest['delta']} "
                    f"guidance={store.guidance}")

@@ -169,7 +169,7 @@ def test_lora_with_other_shapes_names_the_module(sd_student, tmp_path):
     key = next(k for k in sorted(state) if k.endswith("attn2.to_k.lora_A.weight"))
     state[key] = torch.zeros(state[key].shape[0], 48)  # a cross-attention width this teacher does not have
     save_file(state, str(tmp_path / "other.safetensors"))
-    with pytest.raises(LoraError, match=r"1 of its \d+ modules do not fit \(.*attn2.to_k: LoRA takes \(48,\) inputs, the layer has 32"):
+    with pytest.raises(LoraError, match=r"1 of its \d+ modules does not fit \(.*attn2.to_k: LoRA takes \(48,\) inputs, the layer has 32"):
         load_lora(load_teacher(sd_student[0].path), tmp_path / "other.safetensors")
 
 

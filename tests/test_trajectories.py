@@ -282,7 +282,7 @@ def test_train_names_the_stores_substeps_and_the_fix_when_delta_fills_a_slot(tin
 
 def test_long_prompts_are_truncated_as_diffusers_does_with_a_warning(tiny_sd, tmp_path):
     long = "a photo of a red cat and a blue dog and a car"  # more than the tiny tokenizer's 16 tokens
-    with pytest.warns(TruncatedPromptWarning, match="1 of 2 prompts are longer than the tokenizer's 16 tokens"):
+    with pytest.warns(TruncatedPromptWarning, match="1 of 2 prompts is longer than the tokenizer's 16 tokens"):
         store = write_trajectories(tiny_sd, write_prompts(tmp_path / "p.txt", ["a cat", long]), tmp_path / "s",
                                    steps=1, substeps=2, progress=False)
     assert store.manifest["truncated_prompts"] == [1] and store.prompts[1] == long
@@ -372,3 +372,18 @@ def test_digits_teacher_trajectories(tmp_path):
         DIGITS_GUIDANCE = trajectories.FALLBACK_DIGITS_GUIDANCE
     assert store.guidance == DIGITS_GUIDANCE
     store.check_teacher("digits", steps=2)
+
+
+def test_counts_in_messages_take_the_right_number(tiny_sd, tmp_path):
+    """Issue 31: "1 shards", "1 grids"."""
+    from typer.testing import CliRunner
+
+    from rapm.cli import app
+    from rapm.text import plural
+
+    assert (plural(1, "shard"), plural(2, "shard"), plural(0, "grid")) == ("1 shard", "2 shards", "0 grids")
+    assert plural(1, "trajectory", "trajectories") == "1 trajectory" and plural(3, "trajectory", "trajectories") == "3 trajectories"
+    write_trajectories(tiny_sd, write_prompts(tmp_path / "p.txt", ["a cat", "a dog"]), tmp_path / "s", steps=1,
+                       substeps=2, shard_size=2, progress=False)
+    result = CliRunner().invoke(app, ["trajectories", "--verify", str(tmp_path / "s")])
+    assert result.exit_code == 0 and "2 trajectories in 1 shard; every sha256 matches" in result.output, result.output
