@@ -4,7 +4,7 @@ evaluated yet; a headless-browser screenshot where Chromium is installed."""
 
 import json
 import shutil
-import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from rapm.evaluate import ModelSpec, evaluate
-from rapm.report import MIN_CELL, evaluate_command, labelled_grid, report
+from rapm.report import MIN_CELL, PAGE_PX, browser_check, evaluate_command, find_browser, labelled_grid, report
 from rapm.sample import save_grid
 from rapm.train import train
 from test_train import _config
@@ -42,7 +42,7 @@ CURVE = [{"steps": s, "trajectory_error": e, "seconds": 0.1} for s, e in [(1, 0.
 
 def _evaluation(run, cell: int = 8, **fields):
     """An evaluation.json with its 3-row grid of ``cell``-pixel images, as rapm evaluate writes them."""
-    rows = len(ROWS)
+    rows = len(fields.get("rows", ROWS))
     # each row one shade, so the test can find the rows in the upscaled grid
     images = torch.cat([torch.full((4, 3, cell, cell), -0.5 + 0.5 * k) for k in range(rows)])
     save_grid(images, run / "evaluation.png", nrow=4)
@@ -161,16 +161,127 @@ def test_evaluate_measures_the_teachers_curve_on_the_same_prompts_reusing_its_ro
     assert result["seconds"] > 0
 
 
-CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome", "chrome")
-                 if shutil.which(n)), None)
+def test_column_prompts_are_drawn_under_their_columns(tmp_path, monkeypatch):
+    import PIL.ImageDraw
+
+    drawn = []
+    real = PIL.ImageDraw.ImageDraw.text
+    monkeypatch.setattr(PIL.ImageDraw.ImageDraw, "text", lambda self, xy, text, *a, **k: drawn.append((xy, text)) or real(
+        self, xy, text, *a, **k))
+    save_grid(torch.zeros(6, 3, 16, 16), tmp_path / "g.png", nrow=3)  # 2 rows of 3
+    long = "a photograph of an astronaut riding a horse on the moon, highly detailed, 8k"
+    labelled_grid(tmp_path / "g.png", ["student", "teacher"], tmp_path / "out.png", captions=["zero", "number 1", long])
+    captions = [(xy, t) for xy, t in drawn if t not in ("student", "teacher")]
+    assert captions[0][1] == "zero" and captions[1][1] == "number 1" and captions[-1][1].endswith("…")
+    assert len([c for c in captions if c[0][0] == captions[-1][0][0]]) == 3  # a long prompt: 3 lines, then cut
+    shown = Image.open(tmp_path / "out.png")
+    assert all(shown.height - 3 * 13 - 8 <= y < shown.height for (_, y), _ in captions)  # under the grid
+    xs = sorted({x for (x, _), _ in captions})
+    assert len(xs) == 3 and xs[1] - xs[0] == xs[2] - xs[1] == (16 + 2) * 4  # one a column, at the 4x column pitch
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium/chrome binary on PATH: the report's screenshot needs one")
-def test_the_report_renders_in_headless_chromium(run_copy, tmp_path):
-    _evaluation(run_copy)
-    page = report(run_copy)
+DEMO_ROWS = [  # as the quick demo writes them: the reference is the training DDIM (N M = 4 x 3 = 12 steps)
+    {"method": "teacher-ddim", "steps": 12, "guidance": 1.5, "fd": 729.2, "fd_teacher": 0.0, "prompt_accuracy": 1.0,
+     "trajectory_error": 0.0, "trajectory_error_train": 0.0, "seconds": 1.1, "samples": 4},
+    {"method": "teacher-ddim", "steps": 2, "guidance": 1.5, "fd": 650.4, "fd_teacher": 16.5, "prompt_accuracy": 1.0,
+     "trajectory_error": 0.3, "trajectory_error_train": 0.3, "seconds": 0.6, "samples": 4},
+    {"method": "rapm", "steps": 2, "guidance": 1.0, "fd": 688.4, "fd_teacher": 140.1, "prompt_accuracy": 0.95,
+     "trajectory_error": 0.1, "trajectory_error_train": 0.1, "seconds": 0.8, "samples": 4, "lora": "lora"}]
+
+
+def _demo_like(run, prompts=("a photo of a cat", "a red car", "a blue dog", "a photo of a dog")):
+    curve = [{"steps": s, "trajectory_error": e, "fd_teacher": f, "seconds": 0.1}
+             for s, e, f in [(1, 0.5, 900.0), (2, 0.3, 130.0), (4, 0.2, 16.5), (8, 0.1, 3.0), (12, 0.0, 0.0)]]
+    _evaluation(run, reference_steps=12, train_steps=12, rows=DEMO_ROWS, real_floor_fd=1511.9, teacher_floor_fd=1151.3,
+                prompts=list(prompts), teacher_curve=curve)
+
+
+def test_identical_columns_are_shown_once_and_floors_above_every_model_are_explained(run_copy):
+    _demo_like(run_copy)
+    page = report(run_copy).read_text()
+    md = (run_copy / "report.md").read_text()
+    for text in (page, md):
+        assert "trajectory error to DDIM-12" not in text and "the same column, shown once" in text
+        assert "FD-to-teacher floor (1151.30) is above every model" in text and "from other noise" in text
+        assert "real-vs-real FD floor (1511.90) is above every model" in text
+    # a floor below some model's FD, a reference unlike the training DDIM: no such sentences, both columns
+    rows = [dict(r, trajectory_error_train=r["trajectory_error"] + 0.01) for r in DEMO_ROWS]
+    _evaluation(run_copy, reference_steps=100, train_steps=12, rows=rows, teacher_floor_fd=20.0)
+    page = report(run_copy).read_text()
+    assert "trajectory error to DDIM-12" in page and "shown once" not in page and "is above every model" not in page
+
+
+def test_the_title_names_the_run_and_the_configuration_only_what_differs(run_copy):
+    from rapm.report import config_changes
+
+    page = report(run_copy).read_text()
+    config = json.loads((run_copy / "config.json").read_text())
+    title = f"rapm on the {Path(config['teacher']).name} teacher, N = 2"  # the store's N
+    assert f"<title>rapm report: {title}</title>" in page and f"<h1>rapm report: {title}</h1>" in page
+    changed, unused = config_changes(run_copy, config)
+    names = [k for k, _, _ in changed]
+    assert unused == [] and {"iterations", "lora_rank", "adv_weight", "disc_lr"} <= set(names)  # it has a discriminator
+    assert not {"lr_schedule", "grad_clip", "adam_betas", "lora_targets", "ema_decay", "mixed_precision"} & set(names)
+    shown = page.split("<h2>Configuration</h2>")[1].split("<details>")[0]
+    assert "iterations" in shown and "grad_clip" not in shown and len(names) < len(config) / 3
+    assert "grad_clip" in page.split("<details>")[1]  # every field, folded
+
+
+def test_a_run_without_a_discriminator_has_no_adversarial_panel_nor_its_fields(plain_run):
+    from rapm.report import config_changes
+
+    page = report(plain_run).read_text()
+    assert "trains no discriminator" in page
+    with Image.open(plain_run / "report_files" / "losses.png") as im:
+        assert im.width < 800  # one panel (two are 1,060 px)
+    changed, unused = config_changes(plain_run, json.loads((plain_run / "config.json").read_text()))
+    assert "disc_lr" in unused and not [k for k, _, _ in changed if k.startswith("disc_")]
+    assert "disc_lr" not in page.split("<h2>Configuration</h2>")[1].split("<details>")[0]
+
+
+@pytest.fixture(scope="module")
+def plain_run(tiny_sd, sd_store, tmp_path_factory):
+    """The default recipe's run (no discriminator), with training grids and validation."""
+    folder = tmp_path_factory.mktemp("plain") / "run"
+    train(_config(tiny_sd, sd_store, iterations=4, checkpoint_every=4, sample_every=2, num_samples=4, adv_weight=0.0,
+                  relative_weight=0.0, val_fraction=0.25, eval_every=2), folder, progress=False)
+    return folder
+
+
+CHROMIUM = find_browser()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (.ci/run installs Debian's chromium with apt-get; "
+                                              "without apt-get it cannot be had here): the browser check needs one")
+def test_the_report_as_a_reader_sees_it_in_headless_chromium(plain_run, tmp_path):
+    """A full-page screenshot of a demo-like run's report, and what a reader needs of it: the table, every image
+    decoded at its own size and shown at it, no console message nor load error, no empty section."""
+    run = tmp_path / "run"
+    shutil.copytree(plain_run, run)
+    _demo_like(run)
+    page = report(run)
     shot = tmp_path / "report.png"
-    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
-                    "--window-size=1200,3000", page.resolve().as_uri()], check=True, timeout=120, capture_output=True)
+    seen = browser_check(page, shot)
+    assert seen["console"] == [] and seen["errors"] == []
+    assert seen["title"].startswith("rapm report: rapm on the ") and seen["title"].endswith(", N = 2")
+    metrics, config_table = seen["tables"]
+    assert metrics["rows"] == 1 + len(DEMO_ROWS) and metrics["cells"] == len(DEMO_ROWS) * 7  # every cell filled
+    assert config_table["className"] == "config" and config_table["rows"] > 2
+    files = {"samples": "samples.png", "teacher quality against steps": "teacher_curve.png",
+             "validation": "validation.png", "losses": "losses.png",
+             "iteration 2": "training-step-00000002.png", "iteration 4": "training-step-00000004.png"}
+    assert sorted(i["alt"] for i in seen["images"]) == sorted(files)
+    for image in seen["images"]:
+        with Image.open(run / "report_files" / files[image["alt"]]) as im:
+            size = im.size
+        assert image["complete"] and (image["naturalWidth"], image["naturalHeight"]) == size, image  # decoded whole
+        assert (image["width"], image["height"]) == size and size[0] <= PAGE_PX, image  # as the page says
+        assert (image["shownWidth"], image["shownHeight"]) == size, image  # shown 1:1, not squeezed
+    assert [s["title"] for s in seen["sections"]] == ["Metrics", "Samples", "Teacher quality against steps",
+                                                       "Validation during training", "Training losses",
+                                                       "During training", "Wall time", "Configuration"]
+    assert all(s["items"] >= 1 for s in seen["sections"]), seen["sections"]
+    assert all(s["items"] >= 2 for s in seen["sections"] if s["title"] != "Wall time"), seen["sections"]
     arr = np.asarray(Image.open(shot).convert("L"))
-    assert arr.shape[0] >= 3000 * 0.9 and (arr < 100).mean() > 0.01  # rendered: text and images, not a blank page
+    assert arr.shape == (seen["height"], 1200) and seen["width"] == 1200  # the full page, no sideways scroll
+    assert (arr < 100).mean() > 0.01  # rendered: text and images, not a blank page
