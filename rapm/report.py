@@ -12,7 +12,8 @@ the page shows every image at its own size.
 ``browser_check`` opens a report in headless Chromium (Debian's ``chromium``; ``.ci/run`` installs it) and returns
 what a reader sees: every image's decoded size, the console's messages, the sections with nothing in them; with a
 full-page screenshot. tests/test_report.py asserts on it, and docs/report.png is its screenshot of the quick demo's
-report (``rapm demo --quick --out DEMO`` then ``browser_check(DEMO/run/report.html, "docs/report.png", colors=64)``).
+report: ``rapm demo --quick --out demo-out``, then
+``browser_check("demo-out/run/report.html", "docs/report.png", colors=96)``.
 """
 
 from __future__ import annotations
