@@ -261,7 +261,7 @@ def flux_weights(args: dict) -> dict:
                 p.normal_(0, 0.02)
         part.to(torch.bfloat16)
         if kind:
-            linear += quantize_base(part, kind, "cpu")
+            linear += quantize_base(part, kind)
     return {"kind": kind, "weight_bytes": weight_bytes(model), "quantized_linear_layers": linear,
             "seconds_to_build": round(time.perf_counter() - start, 1)}
 

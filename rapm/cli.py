@@ -12,6 +12,20 @@ import warnings
 # override.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+
+def _quiet_optional_imports() -> None:
+    """torchao (rapm[quant]), which diffusers imports whenever it is installed, logs at import that its CUDA-only
+    extensions do not load on this machine and that torch deprecates one of its registrations, and diffusers that it
+    cannot import a torchao tensor type: warnings about code rapm does not run, printed on every verb. Their errors
+    still show."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+_quiet_optional_imports()
+
 import textwrap  # noqa: E402
 
 import typer  # noqa: E402

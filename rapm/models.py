@@ -32,7 +32,7 @@ def build_models(config: TrainConfig, device: torch.device, need_vae: bool, with
     teacher = load_teacher(config.teacher, device="cpu" if quantized else device, dtype=weight_dtype(config, device),
                            text_encoders=False, vae=need_vae)
     if quantized:
-        quantize_base(teacher.unet, config.base_quantization, device)
+        quantize_base(teacher.unet, config.base_quantization)
         teacher.unet.to(device)
         if teacher.vae is not None:
             teacher.vae.to(device)

@@ -7,8 +7,13 @@ feed-forward of a UNet, whose convolutions stay as loaded) in
 
 * ``int8``: torchao's int8 weight-only quantization (a per-channel scale). peft wraps these layers in its own
   ``TorchaoLoraLinear``; it runs on the CPU and on CUDA, and diffusers loads the same layers with ``TorchAoConfig``.
-* ``nf4``: bitsandbytes' 4-bit NormalFloat (QLoRA's, the base Hugging Face's FLUX QLoRA recipe uses), with the
-  activations computed in the base's dtype. bitsandbytes 0.50 has a CPU path, so it is tested here.
+* ``nf4``: 4-bit NormalFloat with double-quantized scales (QLoRA's format, the one Hugging Face's FLUX QLoRA recipe
+  uses through bitsandbytes), here torchao's ``NF4Tensor`` (torchtune's QLoRA): the layer stays an ``nn.Linear``
+  whose weight dequantizes in its forward, so peft's plain LoRA layer wraps it. Not bitsandbytes: importing it
+  (diffusers and peft do whenever it is installed) tries to fetch a compiled kernel from the Hugging Face Hub, and
+  rapm runs no downloaded code.
+
+torchao is one package for both, on the CPU and on CUDA (``pip install torchao``, the ``quant`` extra).
 
 The LoRA adapters, the discriminator heads and the optimizer stay float32 as without it. Only training uses it: the
 stored trajectories come from the unquantized teacher (``rapm trajectories`` does not read this field), and export
@@ -23,7 +28,8 @@ import torch
 from rapm.errors import RapmError
 
 KINDS = ("int8", "nf4")
-INSTALL = {"int8": "pip install torchao", "nf4": "pip install bitsandbytes"}
+NF4_BLOCK = 64  # values per NF4 scale (QLoRA's)
+NF4_SCALER_BLOCKS = (256, 128, 64, 32, 16, 8, 4, 2, 1)  # scales per second-level scale: the largest that divides
 
 
 class QuantizationError(RapmError):
@@ -46,31 +52,37 @@ def _int8(model: torch.nn.Module) -> None:
     quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, _: type(m) is torch.nn.Linear)
 
 
-def _nf4(model: torch.nn.Module, device: torch.device) -> None:
-    import bitsandbytes as bnb
+def _nf4(model: torch.nn.Module) -> int:
+    """NF4 weights on every Linear whose size the blocks divide; returns how many (a tiny layer may stay as it is)."""
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
 
-    compute = next(model.parameters()).dtype
-    for parent, name, layer in linear_layers(model):
-        quantized = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                                      compute_dtype=compute, quant_type="nf4", device="meta")
-        # Params4bit quantizes when it is moved to a device: from the CPU copy, so the device never holds both
-        quantized.weight = bnb.nn.Params4bit(layer.weight.data.to("cpu"), requires_grad=False, quant_type="nf4")
-        if layer.bias is not None:
-            quantized.bias = torch.nn.Parameter(layer.bias.data, requires_grad=False)
-        setattr(parent, name, quantized.to(device))
+    done = 0
+    for _, _, layer in linear_layers(model):
+        w = layer.weight.data
+        if w.numel() % NF4_BLOCK:
+            continue
+        scalers = w.numel() // NF4_BLOCK
+        block = next(b for b in NF4_SCALER_BLOCKS if scalers % b == 0)
+        layer.weight = torch.nn.Parameter(to_nf4(w, NF4_BLOCK, block), requires_grad=False)
+        done += 1
+    return done
 
 
-def quantize_base(model: torch.nn.Module, kind: str, device: torch.device | str = "cpu") -> int:
+def quantize_base(model: torch.nn.Module, kind: str) -> int:
     """Quantize ``model``'s Linear layers in place (before any adapter is added); returns how many."""
     if kind not in KINDS:
         raise QuantizationError(f"config field 'base_quantization': must be {' or '.join(KINDS)} (or empty for none), "
                                 f"got {kind!r}")
     count = len(linear_layers(model))
     try:
-        _int8(model) if kind == "int8" else _nf4(model, torch.device(device))
-    except ImportError as e:
-        raise QuantizationError(f"config field 'base_quantization': {kind} needs a package that is not installed "
-                                f"({e.name}); {INSTALL[kind]}") from None
+        import torchao  # noqa: F401 (heavy and optional: imported only when asked for)
+    except ImportError:
+        raise QuantizationError("config field 'base_quantization': needs torchao, which is not installed; pip install "
+                                "torchao (or rapm[quant])") from None
+    if kind == "int8":
+        _int8(model)
+    else:
+        count = _nf4(model)
     model.requires_grad_(False)
     return count
 
@@ -88,8 +100,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 def _storages(t: torch.Tensor) -> list[torch.Tensor]:
-    """The plain tensors a (possibly subclassed) tensor is made of: torchao's qdata and scale, bitsandbytes' packed
-    bytes (its absmax sits in a quant_state that is counted with the layer's packed weight, about 3% more)."""
+    """The plain tensors a (possibly subclassed) tensor is made of: torchao's quantized data and its scales."""
     flatten = getattr(t, "__tensor_flatten__", None)
     if flatten is not None and type(t) is not torch.nn.Parameter and type(t) is not torch.Tensor:
         names, _ = flatten()

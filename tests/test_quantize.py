@@ -11,7 +11,6 @@ from rapm.quantize import QuantizationError, linear_layers, quantize_base, weigh
 from rapm.train import load_student, train
 
 pytest.importorskip("torchao")
-pytest.importorskip("bitsandbytes")
 
 # Large steps so that the student moves far from the teacher in a few iterations (what the comparison needs).
 FAST = dict(lora_rank=4, lora_alpha=4, lr=3e-3, sample_every=0, eval_every=0, val_fraction=0, batch_size=1,
@@ -81,7 +80,7 @@ def test_the_student_trained_on_a_quantized_base_is_near_the_unquantized_ones(ru
 def test_its_lora_loads_on_the_unquantized_base_in_diffusers(runs, tiny_sd, tmp_path, kind):
     run, _ = runs[kind]
     teacher, unet, config = load_student(run)  # the unquantized base, as export loads it
-    assert not any("Int8" in type(p).__name__ or "4bit" in type(p).__name__ for p in unet.parameters())
+    assert not any("Int8" in type(p).__name__ or "NF4" in type(p).__name__ for p in unet.parameters())
     lora = export_lora(unet, str(tiny_sd), teacher.family, tmp_path / "lora", 4)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
@@ -98,3 +97,15 @@ def test_an_unknown_kind_is_one_clear_error(tiny_sd):
         validate(apply_overrides(TrainConfig(), {"base_quantization": "int4"}, "test"))
     with pytest.raises(QuantizationError, match="int8 or nf4"):
         quantize_base(torch.nn.Sequential(torch.nn.Linear(2, 2)), "fp8")
+
+
+def test_nf4_is_torchao_s_and_bitsandbytes_is_never_imported(tiny_sd):
+    import sys
+
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    quantize_base(unet, "nf4")
+    assert "bitsandbytes" not in sys.modules  # it would try to fetch a compiled kernel from the Hub at import
+    kinds = {type(m.weight).__name__ for _, _, m in linear_layers(unet)}
+    assert "NF4Tensor" in kinds
