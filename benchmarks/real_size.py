@@ -118,9 +118,11 @@ def at_latent(folder: Path, latent: int, out: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- one cell
-# A child's address space is capped, so that a run too big for this machine fails alone (a MemoryError, which the
-# cell records as "does not fit") instead of waking the kernel's OOM killer on its neighbours.
-MEMORY_CAP_GIB = float(os.environ.get("RAPM_REAL_SIZE_CAP_GIB", 21))
+# A child's address space is capped (a cell too big fails with a MemoryError, recorded as "does not fit"). The cap
+# is on address space, which counts the memory-mapped weight files as well as the resident set: 21 GiB refused
+# SDXL's teacher pass at 10 GiB resident. Under the default, a cell that fills the machine's memory is the largest
+# process when the kernel's OOM killer chooses (its SIGKILL is recorded the same way).
+MEMORY_CAP_GIB = float(os.environ.get("RAPM_REAL_SIZE_CAP_GIB", 64))
 OUT_OF_MEMORY = ("MemoryError", "can't allocate memory", "not enough memory", "std::bad_alloc")
 
 
