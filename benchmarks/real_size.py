@@ -237,10 +237,11 @@ def iteration_seconds(run: Path) -> list[dict]:
 
 
 def flux_weights(args: dict) -> dict:
-    """Child: FLUX.1-dev's transformer at its published config, each block materialized on the CPU (random bf16),
-    its Linear layers quantized by rapm's own ``quantize_base`` (``kind``) and kept, the next block after it; the
-    stored bytes of the whole model and the process's peak RSS. No forward pass: the weights are what decides
-    whether a 24 GB card can hold the base at all."""
+    """Child: FLUX.1-dev's transformer at its published config, quantized by rapm's own ``quantize_base`` (``kind``):
+    the stored bytes of the whole model. Its 19 joint and 38 single-stream blocks are each the same shapes, so one
+    block of each kind is materialized (random bf16) and quantized, and its bytes count for every block of its kind;
+    everything outside the blocks is materialized whole. No forward pass: the weights are what decides whether a
+    24 GB card holds the base at all."""
     import torch
 
     from rapm.flow_configs import meta_transformer
@@ -249,23 +250,28 @@ def flux_weights(args: dict) -> dict:
     torch.manual_seed(0)
     model = meta_transformer("flux")
     kind = args["kind"]
-    if not kind:  # bf16: 2 bytes a parameter, counted on the meta device (23.8 GB would not fit beside the rest)
-        count = sum(p.numel() for p in model.parameters())
-        return {"kind": "bf16", "weight_bytes": 2 * count, "bf16_parameters": count, "counted_on_meta": True}
-    blocks = [m for name, m in model.named_children() if name in ("transformer_blocks", "single_transformer_blocks")]
-    parts = [b for group in blocks for b in group] + [m for name, m in model.named_children()
-                                                       if name not in ("transformer_blocks", "single_transformer_blocks")]
-    start, linear = time.perf_counter(), 0
-    for part in parts:
+    count = sum(p.numel() for p in model.parameters())
+    if not kind:  # bf16: 2 bytes a parameter
+        return {"kind": "bf16", "weight_bytes": 2 * count, "parameters": count, "counted_on_meta": True}
+
+    def materialize(part):
         part.to_empty(device="cpu")
         with torch.no_grad():
-            for p in part.parameters(recurse=True):
+            for p in part.parameters():
                 p.normal_(0, 0.02)
         part.to(torch.bfloat16)
-        if kind:
-            linear += quantize_base(part, kind)
-    return {"kind": kind, "weight_bytes": weight_bytes(model), "quantized_linear_layers": linear,
-            "seconds_to_build": round(time.perf_counter() - start, 1)}
+        layers = quantize_base(part, kind)
+        return weight_bytes(part), layers
+
+    start, total, layers = time.perf_counter(), 0, 0
+    for group in ("transformer_blocks", "single_transformer_blocks"):
+        blocks = getattr(model, group)
+        one, n = materialize(blocks[0])
+        total, layers = total + one * len(blocks), layers + n * len(blocks)
+        setattr(model, group, torch.nn.ModuleList())
+    rest, n = materialize(model)
+    return {"kind": kind, "weight_bytes": total + rest, "quantized_linear_layers": layers + n, "parameters": count,
+            "seconds_to_build": round(time.perf_counter() - start, 1), "blocks_materialized": "one of each kind"}
 
 
 CHILDREN = {"flux-weights": flux_weights, "pass": lambda a: teacher_pass(a), "build": lambda a: build_teacher(a["model"], Path(a["folder"])),
@@ -484,15 +490,16 @@ def flux_table(flux: dict) -> list[str]:
     est = next(r for r in json.loads((ROOT / "benchmarks" / "results" / "flow_memory.json").read_text())["summary"]["rows"]
                if r["family"] == "flux" and r["px"] == 512)
     lines = ["## FLUX.1-dev (11.9B), the base's weights measured", "",
-             "Each block of the published transformer materialized on the CPU (random bf16), quantized by rapm's own "
-             "`quantize_base` and kept (no forward pass); the stored bytes of the whole model (`rapm.quantize."
-             "weight_bytes`) and the process's peak RSS. The bf16 row is counted on the meta device. The totals add "
+             "The published transformer quantized by rapm's own `quantize_base` (random bf16 weights; one of the 19 "
+             "joint and one of the 38 single-stream blocks materialized, each counted for every block of its kind, "
+             "and everything outside the blocks whole; no forward pass): the stored bytes (`rapm.quantize."
+             "weight_bytes`). The bf16 row is counted on the meta device. The totals add "
              f"[flow_memory.md](flow_memory.md)'s LoRA + Adam (rank 32, an exact count: {est['lora_adam_gib']:.2f} GiB) and "
              f"its activation estimate with gradient checkpointing at 512 px ({est['activations_gib']:.2f} GiB; the "
              "student update without a discriminator), and a card fits when the total + "
              f"{CARD_RESERVE_GIB} GiB is at most its memory.", "",
-             "| base | weights GiB (measured) | peak RSS GiB while building | total GiB at 512 px | 16 GB | 24 GB |",
-             "| --- | ---: | ---: | ---: | --- | --- |"]
+             "| base | weights GiB (measured) | total GiB at 512 px | 16 GB | 24 GB |",
+             "| --- | ---: | ---: | --- | --- |"]
     for kind in ("bf16", "int8", "nf4"):
         got = flux.get(kind)
         if not got or got.get("fits") is False:
@@ -500,8 +507,7 @@ def flux_table(flux: dict) -> list[str]:
         weights = got["weight_bytes"] / GiB
         total = weights + est["lora_adam_gib"] + est["activations_gib"]
         fits = lambda card: "yes" if total + CARD_RESERVE_GIB <= card * 1e9 / GiB else "no"  # noqa: E731
-        rss = "-" if got.get("counted_on_meta") else f"{got['peak_rss_mib'] / 1024:.2f}"
-        lines.append(f"| {kind} | {weights:.2f} | {rss} | {total:.2f} | {fits(16)} | {fits(24)} |")
+        lines.append(f"| {kind} | {weights:.2f} | {total:.2f} | {fits(16)} | {fits(24)} |")
     return lines + [""]
 
 
