@@ -435,20 +435,41 @@ def report(work: Path, results: Path, latent: int) -> None:
                              f"names), {cell['kohya_file_bytes'] / MiB:.1f} MiB")
             if "images" in cell:
                 facts.append(f"{cell['images']} image(s)")
-            if "models" in cell:
-                facts.append("models " + ", ".join(cell["models"]))
+            if cell.get("models"):
+                facts.append("models " + ", ".join(map(str, cell["models"])))
+            if "teacher_curve" in cell or name == "evaluate":
+                facts.append("with the default teacher curve (guided DDIM at 1-32 steps)" if cell.get("teacher_curve", True)
+                             else "without the teacher curve")
             lines.append(f"| {name} | {cell.get('latent', name.split('-')[1] if name.count('-') else '')} | {cell['peak_rss_mib'] / 1024:.2f} | {cell['seconds']:.0f} | "
                          f"{'; '.join(facts)} |")
+        unet_bytes = params.get("unet", 0) * 4
+        export = got.get("export")
+        if export:
+            lora = export["diffusers_file_bytes"] / 4  # float32 parameters
+            lines += ["", f"Where a training cell's memory goes: the float32 UNet {unet_bytes / GiB:.2f} GiB; the "
+                      f"student LoRA (rank 64) {lora / 1e6:.0f}M parameters, {16 * lora / GiB:.2f} GiB with its gradient "
+                      "and Adam's two moments; Python, torch and the libraries ~0.5 GiB; the rest is activations and "
+                      "the discriminator's adapter, heads and their Adam where the method has them (the sd15 preset's "
+                      "heads, two sets of 9 levels x 4 heads of 3x3 convs, are 1.33B parameters: 19.8 GiB with Adam)."]
         lines += ["", f"What card training needs at {spec['published_latent'] * 8} px (N = 4, batch 1, LoRA rank 64, "
                   "float32 base as measured; the bf16 row halves the base's weight bytes, the rest as measured, "
                   f"an estimate; a card fits when the figure + {CARD_RESERVE_GIB} GiB is at most its memory; CPU RSS "
                   "stands in for GPU memory, which also holds no Python heap but does hold the CUDA context):", "",
                   "| method | checkpointing | float32 GiB | bf16 base GiB (est.) | source | 8 GB | 12 GB | 24 GB |",
                   "| --- | --- | ---: | ---: | --- | --- | --- | --- |"]
-        unet_bytes = params.get("unet", 0) * 4
-        for method in TRAIN_METHODS:
-            for checkpointing in (False, True):
-                fit = fit_activation(got, f"{method}{'-ckpt' if checkpointing else ''}", spec["published_latent"])
+        for method, checkpointing, suffix in [(m, c, f"{m}{'-ckpt' if c else ''}") for m in TRAIN_METHODS
+                                              for c in (False, True)] + [("rapm-paper, one 1x1 head a level", True,
+                                                                          "rapm-paper-ckpt-light")]:
+                fit = fit_activation(got, suffix, spec["published_latent"])
+                failed = [c for n, c in got.items() if n.startswith("train-") and n.split("-", 2)[2] == suffix
+                          and c.get("fits") is False]
+                if failed and not fit:
+                    c = failed[0]
+                    lines.append(f"| {method} | {'on' if checkpointing else 'off'} | > {c['peak_rss_mib'] / 1024:.1f} "
+                                 f"| - | ran out of memory at {int(next(n for n, v in got.items() if v is c).split('-')[1]) * 8}"
+                                 f" px under a {c['memory_cap_gib']:g} GiB address-space cap (24 GiB machine) | no | no | "
+                                 f"{'no' if c['memory_cap_gib'] >= 22 else '?'} |")
+                    continue
                 if not fit:
                     continue
                 fp32 = fit["peak_rss_gib"]
@@ -460,7 +481,7 @@ def report(work: Path, results: Path, latent: int) -> None:
                 fits = lambda gib, card: "yes" if gib + CARD_RESERVE_GIB <= card * 1e9 / GiB else "no"  # noqa: E731
                 lines.append(f"| {method} | {'on' if checkpointing else 'off'} | {fp32:.2f} | {bf16:.2f} | {src} | "
                              + " | ".join(f"{fits(fp32, c)} / {fits(bf16, c)}" for c in (8, 12, 24)) + " |")
-                table[model][f"{method}{'-ckpt' if checkpointing else ''}"] = {**fit, "bf16_base_gib_est": bf16}
+                table[model][suffix] = {**fit, "bf16_base_gib_est": bf16}
         plain, fit = got.get(f"train-{latent}-rapm-ckpt"), fit_activation(got, "rapm-ckpt", spec["published_latent"])
         for q in ("int8", "nf4"):
             quantized = got.get(f"train-{latent}-rapm-ckpt-{q}")
