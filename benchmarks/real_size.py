@@ -274,7 +274,42 @@ def flux_weights(args: dict) -> dict:
             "seconds_to_build": round(time.perf_counter() - start, 1), "blocks_materialized": "one of each kind"}
 
 
-CHILDREN = {"flux-weights": flux_weights, "pass": lambda a: teacher_pass(a), "build": lambda a: build_teacher(a["model"], Path(a["folder"])),
+def _hwm_mib() -> float:
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]) / 1024
+
+
+def iteration_peak(args: dict) -> dict:
+    """Child: the models as ``rapm train`` builds them (``build_models``, with ``base_quantization``), then two student
+    updates through rapm.train's own phases (benchmarks/harness.py ``Loop``); the resident set's high-water mark is
+    reset after the build (``/proc/self/clear_refs``), so the figure is the training's own peak, not the loading's
+    (which holds the float32 weights before they are quantized)."""
+    import torch
+
+    from benchmarks.harness import Loop
+    from rapm.store import open_store
+    from rapm.train import build_models, resolve_config, training_batch
+
+    store = open_store(Path(args["store"]))
+    config = resolve_config(args["teacher"], args["store"], None, None,
+                            {"base_quantization": args["quantization"], "gradient_checkpointing": True})
+    teacher, disc = build_models(config, torch.device("cpu"), need_vae=False, with_discriminator=False)
+    built = _hwm_mib()
+    rss_built = int(open("/proc/self/statm").read().split()[1]) * 4096 / MiB
+    open("/proc/self/clear_refs", "w").write("5")
+    delta = int(store.manifest.get("delta") or max(1, 1000 // (store.steps * store.substeps)))
+    loop = Loop(teacher.unet, disc, teacher.schedule, config, store.timesteps, store.guidance, delta)
+    batch = training_batch(store.get([0]), torch.device("cpu"))
+    seconds = []
+    for _ in range(2):
+        tick = time.perf_counter()
+        loop.iteration(batch, "student")
+        seconds.append(round(time.perf_counter() - tick, 2))
+    return {"quantization": args["quantization"] or "none", "build_peak_mib": round(built, 1),
+            "rss_after_build_mib": round(rss_built, 1), "training_peak_mib": round(_hwm_mib(), 1),
+            "seconds_per_iteration": seconds}
+
+
+CHILDREN = {"iteration-peak": iteration_peak, "flux-weights": flux_weights, "pass": lambda a: teacher_pass(a), "build": lambda a: build_teacher(a["model"], Path(a["folder"])),
             "check-export": lambda a: check_export(a["model"], Path(a["lora"]))}
 
 
@@ -365,6 +400,10 @@ def cells(model: str, work: Path, latent: int, latent_2: int) -> list[list[tuple
             plan.append((f"train-{latent}-{method}{'-ckpt' if checkpointing else ''}", train(latent, method, checkpointing)))
     plan += [("export", export), ("sample", sample), ("evaluate", evaluate)]
     plan += [(f"train-{latent}-rapm-ckpt-{q}", train(latent, "rapm", True, q)) for q in ("int8", "nf4")]
+    for q in ("", "int8", "nf4"):  # the training's own peak, after the build (the quantized base's saving)
+        plan.append((f"peak-{latent}-{q or 'float32'}", lambda q=q: child(
+            "iteration-peak", {"teacher": str(teacher(latent)), "store": str(work / model / f"store-{latent}"),
+                               "quantization": q}, work / model / f"peak-{latent}-{q or 'float32'}.log")))
     if model == "sd15":  # the preset's heads (4 a level, 3x3, two sets) are 1.3B parameters: SDXL's lighter ones
         plan.append((f"train-{latent}-rapm-paper-ckpt-light", train(latent, "rapm-paper", True, light_heads=True)))
     second = [(f"pass-{latent_2}", passes(latent_2)), (f"trajectories-{latent_2}", trajectories(latent_2))]
@@ -421,6 +460,10 @@ def report(work: Path, results: Path, latent: int) -> None:
             facts = []
             if cell.get("fits") is False:
                 facts.append(f"**did not fit**: ran out of memory under a {cell['memory_cap_gib']:g} GiB address-space cap")
+            if "training_peak_mib" in cell:
+                facts.append(f"rapm, checkpointing, {cell['quantization']} base: after the build {cell['rss_after_build_mib'] / 1024:.2f} GiB "
+                             f"resident (the build peaked at {cell['build_peak_mib'] / 1024:.2f}); two student updates "
+                             f"peaked at **{cell['training_peak_mib'] / 1024:.2f} GiB** ({', '.join(map(str, cell['seconds_per_iteration']))} s)")
             if "seconds_per_guided_pass" in cell:
                 facts.append(f"{cell['seconds_per_guided_pass']} s per guided teacher pass (batch 2)")
             if "store_bytes_per_trajectory" in cell:
