@@ -15,7 +15,6 @@ each written whole beside its final name, then all renamed into place, the commi
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
@@ -146,7 +145,34 @@ def remove_files(folder: Path, names, what: str = "folder", warn: bool = True) -
         return False
 
 
+def _lock_nonblocking(fd: int) -> None:
+    """An exclusive lock on the open file ``fd`` that the OS drops when the process dies; BlockingIOError while
+    another process holds it. POSIX: flock; Windows: msvcrt's lock of the file's first byte (imported here, so that
+    importing rapm needs neither)."""
+    if os.name == "nt":
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            raise BlockingIOError from None
+        return
+    import fcntl
+
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _write_at_start(fd: int, content: bytes) -> None:
+    if hasattr(os, "pwrite"):
+        os.pwrite(fd, content, 0)
+    else:  # Windows
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, content)
+
+
 def _alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill would terminate the process there; whether it runs is not checked
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -205,7 +231,7 @@ class FolderLock:
                 raise FolderError(f"{self.path}: the lock file cannot be created ({e.strerror or e}); "
                                   f"make {self.folder} writable or give another folder") from None
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _lock_nonblocking(fd)
             except BlockingIOError:
                 os.close(fd)
                 raise LockError(f"{self.folder} is in use by {_describe(_current_holder(self.path))} ({self.path}); "
@@ -224,7 +250,7 @@ class FolderLock:
                           f"{'no longer holds it' if alive else 'is no longer running'}", StaleLockWarning, stacklevel=3)
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "command": self.command}
         content = (json.dumps(holder) + "\n").encode()
-        os.pwrite(fd, content, 0)  # then cut the tail: the file is never empty while held
+        _write_at_start(fd, content)  # then cut the tail: the file is never empty while held
         os.ftruncate(fd, len(content))
         os.fsync(fd)
         self.fd = fd
