@@ -538,6 +538,16 @@ def report(work: Path, results: Path, latent: int) -> None:
                          f"{plain['peak_rss_mib'] / 1024:.2f} GiB) | " + " | ".join(fits(gib, c) for c in (8, 12, 24)) + " |")
             table[model][f"rapm-ckpt-{q}"] = {"peak_rss_gib": gib, "saving_gib": saving, "fitted": True}
         lines += ["", "(8 / 12 / 24 GB columns: float32 / bf16 base.)", ""]
+    lines += ["## Caveats (2026-12-06)", "",
+              "- Cells that peaked at ~23.1 GiB hit this machine's physical memory (24 GiB, no swap): the kernel then "
+              "drops the memory-mapped weight pages, so their RSS is capped, not measured. The SDXL 1024 px fits built "
+              "on them (every SDXL row above with a 384 px cell at 22.6-23.1 GiB) are not figures: read SDXL's card "
+              "needs from the 256 px cells and a GPU run.",
+              "- On the CPU the quantized base saves nothing: quantizing needs the float32 layer first and the process "
+              "keeps the freed memory, and a float32 build's weights are memory-mapped and counted only as they are "
+              "touched. The `peak-*` cells (VmHWM reset after the build) show it: SDXL 14.9 GiB float32, 19.9 int8, "
+              "16.6 nf4. What the quantized weights take is measured exactly (the FLUX.1-dev table); what a GPU run "
+              "peaks at with them is not measured here.", ""]
     flux = json.loads((work / "flux.json").read_text()) if (work / "flux.json").is_file() else {}
     if flux:
         lines += flux_table(flux)
