@@ -188,7 +188,16 @@ class TrajectoryStore:
 
     @property
     def guidance(self) -> float:
+        """The teacher's guidance: its one scale, or, in a store built with a range, the range's middle (each
+        trajectory's own value is in its conditioning, ``TrajectoryBatch.cond.guidance``)."""
         return float(self.manifest["guidance"])
+
+    @property
+    def guidance_range(self) -> tuple[float, float] | None:
+        """(lo, hi) that each trajectory's guidance was drawn from (``rapm trajectories --guidance LO:HI``); None for
+        one fixed guidance."""
+        span = self.manifest.get("guidance_range")
+        return (float(span[0]), float(span[1])) if span else None
 
     @property
     def delta(self) -> int | None:
@@ -398,6 +407,8 @@ class TrajectoryStore:
                                  "command to rewrite it") from None
             conditioning = self.manifest.get("conditioning") or {"prompt_embeds": None}
             spec = {k: v for k, v in shard_tensors(self.manifest).items() if k in conditioning}
+            if self.manifest.get("guidance_range") and "guidance" not in negative:
+                spec.pop("guidance", None)  # a CFG teacher's per-trajectory guidance: the negative carries none
             for name, (_, shape) in spec.items():
                 if name not in negative or (shape is not None and list(negative[name].shape) != [1, *shape]):
                     got = list(negative[name].shape) if name in negative else "missing"
@@ -449,6 +460,9 @@ _FIELD_TYPES = {
     "steps": (lambda v: _is_int(v) and v >= 1, "an integer, at least 1"),
     "substeps": (lambda v: _is_int(v) and v >= 1, "an integer, at least 1"),
     "guidance": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), "a number"),
+    "guidance_range": (lambda v: isinstance(v, list) and len(v) == 2 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v) and v[0] <= v[1],
+        "a list [lo, hi] of two numbers, lo <= hi"),
     "timesteps": (lambda v: isinstance(v, list) and len(v) >= 2 and (_ints(v) or all(
         isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)),
         "a list of timesteps (integers; σ · 1000 numbers for a flow-matching teacher)"),

@@ -7,7 +7,7 @@ and gives everything downstream one ``Teacher`` and one ``unet_output``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -86,15 +86,26 @@ def unet_output(unet: torch.nn.Module, z: torch.Tensor, t: torch.Tensor, cond: C
 def guided_output(
     unet: torch.nn.Module, z: torch.Tensor, t: torch.Tensor, cond: Conditioning, uncond: Conditioning | None, guidance: float
 ) -> torch.Tensor:
-    """Classifier-free guidance, diffusers' form uncond + g (cond - uncond), with cond and uncond in one forward (float32)."""
-    if uncond is None or guidance == 1.0 or not denoiser_family(unet).cfg:  # FLUX: guidance rides in cond.guidance
+    """Classifier-free guidance, diffusers' form uncond + g (cond - uncond), with cond and uncond in one forward (float32).
+
+    Where ``cond`` carries its own guidance, one value per sample (a store built with a guidance range, ``rapm
+    trajectories --guidance 5:6``), each sample is guided by its own and ``guidance`` is not used."""
+    if uncond is None or not denoiser_family(unet).cfg:  # FLUX: guidance rides in cond.guidance, an input
+        return unet_output(unet, z, t, cond)
+    g: float | torch.Tensor = guidance
+    if cond.guidance is not None:  # per sample: [B] -> [B, 1, ...]
+        g = cond.guidance.to(z.device, torch.float32).reshape(-1, *([1] * (z.ndim - 1)))
+        cond = replace(cond, guidance=None)  # the unconditional half carries none; the UNet takes none
+        if bool((g == 1.0).all()):
+            return unet_output(unet, z, t, cond)
+    elif guidance == 1.0:
         return unet_output(unet, z, t, cond)
     t = torch.as_tensor(t, device=z.device)
     if t.ndim == 0:
         t = t.expand(z.shape[0])
     out = unet_output(unet, torch.cat([z, z]), torch.cat([t, t]), Conditioning.cat([cond, uncond]))
     out_cond, out_uncond = out.chunk(2)
-    return out_uncond + guidance * (out_cond - out_uncond)
+    return out_uncond + g * (out_cond - out_uncond)
 
 
 

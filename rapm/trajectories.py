@@ -29,9 +29,11 @@ import hashlib
 import json
 import math
 import os
+import random
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -108,6 +110,89 @@ def default_delta(num_train_timesteps: int, steps: int, substeps: int, solver: s
     return max(1, num_train_timesteps // (steps * (substeps if solver == "ddim" else PAPER_SUBSTEPS)))
 
 
+PCM = "pcm"  # ``--guidance pcm`` / ``--delta pcm``: the family's values in PCM's public code (Family.pcm_*)
+
+
+def _number(text: str, flag: str, fix: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise RapmError(f"{flag} {text!r} is not a number; {fix}") from None
+    if not math.isfinite(value):
+        raise RapmError(f"{flag} {text!r} is not a finite number; {fix}")
+    return value
+
+
+def guidance_range(value, teacher: Teacher) -> tuple[float, float]:
+    """The teacher guidance ``rapm trajectories`` runs at, as (lo, hi): lo == hi for one fixed scale.
+
+    ``value``: None (the teacher's default, ``default_guidance``), a number, ``"LO:HI"`` or a (lo, hi) pair (a
+    range, each trajectory's guidance drawn uniformly from it, as PCM draws one per sample), or ``"pcm"`` (PCM's
+    range for the teacher's family, ``Family.pcm_guidance``: SD 1.x/2.x [5, 6], SDXL [7, 8])."""
+    fix = "give one number (e.g. 7.5), a range LO:HI drawn per trajectory (e.g. 5:6), or pcm"
+    family = teacher.family_def
+    if value is None:
+        g = default_guidance(teacher)
+        return g, g
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() == PCM:
+            from rapm.plugins import teacher_file
+
+            own = teacher_file(teacher).get("guidance")
+            if own is not None:  # a built-in teacher (digits) is no SD 1.5 even where it is of the sd family
+                raise RapmError(f"--guidance pcm: PCM's range is SD 1.5's and SDXL's, and this teacher has its own "
+                                f"guidance, {own}; give a number or a range LO:HI around it")
+            if family.pcm_guidance is None:
+                raise RapmError(f"--guidance pcm: PCM's public code trains no {family.name} teacher and gives no "
+                                f"guidance for it; give a number or a range LO:HI (its default is {default_guidance(teacher)})")
+            return tuple(float(x) for x in family.pcm_guidance)
+        if ":" in text:
+            lo_text, _, hi_text = text.partition(":")
+            value = (_number(lo_text, "--guidance", fix), _number(hi_text, "--guidance", fix))
+        else:
+            value = _number(text, "--guidance", fix)
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise RapmError(f"--guidance {value!r}: a range has two ends, LO:HI; {fix}")
+        lo, hi = (_number(str(v), "--guidance", fix) for v in value)
+    else:
+        lo = hi = _number(str(value), "--guidance", fix)
+    if lo > hi:
+        raise RapmError(f"--guidance {lo:g}:{hi:g}: the range's low end is above its high end; give LO:HI with LO <= HI")
+    return lo, hi
+
+
+def resolve_delta(value, teacher: Teacher) -> int | None:
+    """``--delta``: None (the default, ``default_delta``), an integer, or ``"pcm"`` (PCM's Δ for the family,
+    ``Family.pcm_delta``: SD 1.x/2.x 1000 // 50 = 20, SDXL 1000 // 40 = 25)."""
+    if value is None or isinstance(value, int):
+        return value
+    text = str(value).strip()
+    family = teacher.family_def
+    if text.lower() == PCM:
+        if family.pcm_delta is None:
+            raise RapmError(f"--delta pcm: PCM's public code trains no {family.name} teacher and gives no Δ for it; give "
+                            "a number of teacher timesteps, or leave --delta out for the default")
+        return int(family.pcm_delta)
+    try:
+        return int(text)
+    except ValueError:
+        raise RapmError(f"--delta {text!r} is not an integer number of teacher timesteps; give e.g. 20, or pcm") from None
+
+
+def trajectory_guidance(manifest: dict, seeds: Sequence[int]) -> torch.Tensor | None:
+    """Each trajectory's teacher guidance [B] (float32) in a store with a ``guidance_range``, drawn uniformly from
+    it by the trajectory's seed (seed + i) alone, so it does not depend on batches, shards or processes; None in a
+    store with one fixed guidance."""
+    span = manifest.get("guidance_range")
+    if not span:
+        return None
+    lo, hi = float(span[0]), float(span[1])
+    return torch.tensor([lo + (hi - lo) * random.Random(f"rapm-guidance:{int(s)}").random() for s in seeds],
+                        dtype=torch.float32)
+
+
 def default_guidance(teacher: Teacher) -> float:
     """The teacher's own scale (its rapm.json, rapm.plugins: the digits teacher's), else its family's pipeline's
     (SD 7.5, SDXL 5.0)."""
@@ -175,6 +260,7 @@ def _identity(manifest: dict) -> list[tuple[str, object]]:
         ("delta", manifest.get("delta")),
         ("timesteps", list(manifest["timesteps"])),
         ("guidance", manifest["guidance"]),
+        ("guidance_range", manifest.get("guidance_range")),
         ("negative_prompt", manifest.get("negative_prompt")),
         ("seed", manifest.get("seed")),
         ("count", manifest["count"]),
@@ -427,7 +513,13 @@ def _shard_tensors(teacher_model: Teacher, prompt_list: list[str], start: int, e
         b1 = min(b0 + batch_size, end)
         seeds = list(range(m["seed"] + b0, m["seed"] + b1))
         cond, _ = teacher_model.encode_prompts(prompt_list[b0:b1], m["negative_prompt"])
-        cond = teacher_model.family_def.with_guidance(cond, m["guidance"])  # FLUX: the guidance embedding's value
+        per_trajectory = trajectory_guidance(m, seeds)  # a guidance range: one value per trajectory, in cond.guidance
+        if per_trajectory is None:
+            cond = teacher_model.family_def.with_guidance(cond, m["guidance"])  # FLUX: the guidance embedding's value
+        elif teacher_model.family_def.cfg:  # CFG's scale, per sample (teacher.guided_output reads it from cond)
+            cond = replace(cond, guidance=per_trajectory.to(teacher_model.device))
+        else:
+            cond = teacher_model.family_def.with_guidance(cond, per_trajectory)
         uncond = uncond_dev.map(lambda v: v.expand(b1 - b0, *v.shape[1:]))
         z = initial_noise(seeds, teacher_model.latent_shape).to(teacher_model.device)
         latents, delta_latents = teacher_trajectories(teacher_model, z, cond, uncond, m["guidance"], m["timesteps"],
@@ -454,8 +546,8 @@ def write_trajectories(
     steps: int = 4,
     substeps: int = 25,
     solver: str = "ddim",
-    delta: int | None = None,
-    guidance: float | None = None,
+    delta: int | str | None = None,
+    guidance: float | str | tuple[float, float] | None = None,
     negative_prompt: str | None = None,
     seed: int = 0,
     batch_size: int = 8,
@@ -477,12 +569,17 @@ def write_trajectories(
     (DPM-Solver++(2M) on a log-SNR-uniform grid, its multistep history carried across the slots; see
     ``rapm.diffusion.solve_positions``).
     Either way each slot also stores its Δ-step, exact DDIM from z~_{n+1} with Δ = ``delta`` (default
-    ``default_delta``), at no extra teacher pass: the trainer then needs no teacher (docs/design.md decision 8).
+    ``default_delta``; ``"pcm"`` PCM's for the family, ``resolve_delta``), at no extra teacher pass: the trainer then
+    needs no teacher (docs/design.md decision 8).
+
+    ``guidance``: one scale, or a range drawn per trajectory (``guidance_range``); a range is recorded in the
+    manifest (``guidance_range``, and ``guidance`` its middle) and each trajectory's value in its shard (tensor
+    ``guidance``), which training's teacher steps then use.
     """
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    _check_arguments(steps, substeps, solver, delta, batch_size, shard_size, dtype, teacher_dtype)
+    _check_arguments(steps, substeps, solver, None if delta is None else 1, batch_size, shard_size, dtype, teacher_dtype)
     out = Path(out)
     prompt_list = read_prompts(prompts)
     if out.exists() and not out.is_dir():
@@ -493,8 +590,9 @@ def write_trajectories(
     if device is None or (device == "cuda" and state.num_processes > 1):
         device = state.device if state.num_processes > 1 else resolve_device("auto")
     teacher_model = load_teacher(teacher, device=device, dtype=DTYPES[teacher_dtype])
-    if guidance is None:
-        guidance = default_guidance(teacher_model)
+    low, high = guidance_range(guidance, teacher_model)
+    guidance = (low + high) / 2  # the store's one guidance: the fixed scale, or the range's middle
+    delta = resolve_delta(delta, teacher_model)
     store_dtype = DTYPES[dtype]
     count = len(prompt_list)
     timesteps, delta = _coarse_grid(teacher_model, steps, substeps, solver, delta)
@@ -521,6 +619,7 @@ def write_trajectories(
         "solver": solver,
         "delta": int(delta),
         "guidance": float(guidance),
+        **({"guidance_range": [low, high]} if low < high else {}),
         "negative_prompt": negative_prompt,
         "seed": seed,
         "timesteps": timesteps,
@@ -532,7 +631,8 @@ def write_trajectories(
         "prompts": {"file": PROMPTS, "sha256": sha256_text(prompts_text)},
         "negative": {"file": NEGATIVE, "sha256": hashlib.sha256(negative_bytes).hexdigest()},
         "truncated_prompts": long,
-        "conditioning": {name: list(v.shape[1:]) for name, v in uncond_one.tensors().items()},
+        "conditioning": {name: list(v.shape[1:]) for name, v in uncond_one.tensors().items()}
+                        | ({"guidance": []} if low < high else {}),
         "shards": [],
     }
 
@@ -628,11 +728,13 @@ def cli(
                                  "all); at least 2 with ddim."),
     solver: str = typer.Option("ddim", "--solver", help="ddim (the paper's, with M = 25) or dpmsolver++ (DPM-Solver++(2M) "
                                "across the slots: the same accuracy with fewer --substeps, see the README)."),
-    delta: Optional[int] = typer.Option(None, "--delta", help="Δ of the stored Δ-step positions, in teacher timesteps. "
-                                        "Default: 1000/(N*M) for ddim, 1000/(N*25) for dpmsolver++."),
-    guidance: Optional[float] = typer.Option(
-        None, "--guidance", help="CFG scale, diffusers' form uncond + g (cond - uncond); FLUX: its guidance embedding. Default: SD 7.5, "
-        "SDXL 5.0, SD3 7.0, FLUX 3.5, digits its own."),
+    delta: Optional[str] = typer.Option(None, "--delta", help="Δ of the stored Δ-step positions, in teacher timesteps, "
+                                        "or pcm (PCM's: SD 20, SDXL 25). Default: 1000/(N*M) for ddim, 1000/(N*25) "
+                                        "for dpmsolver++."),
+    guidance: Optional[str] = typer.Option(
+        None, "--guidance", help="CFG scale, diffusers' form uncond + g (cond - uncond); FLUX: its guidance embedding. "
+        "A range LO:HI draws each trajectory's scale uniformly from it (PCM draws one per sample); pcm: PCM's range "
+        "(SD 5:6, SDXL 7:8). Default: SD 7.5, SDXL 5.0, SD3 7.0, FLUX 3.5, digits its own."),
     negative_prompt: Optional[str] = typer.Option(
         None, "--negative-prompt", help="Default: what the pipeline does (SD: empty prompt; SDXL: zeros)."),
     seed: int = typer.Option(0, "--seed", help="Base seed: trajectory i starts from the noise that a diffusers pipeline "
@@ -676,4 +778,10 @@ def cli(
         size = sum(s["bytes"] for s in store.manifest["shards"])
         typer.echo(f"{out}: {plural(len(store), 'trajectory', 'trajectories')}, {size / len(store):,.0f} bytes each, "
                    f"N={store.steps} M={store.substeps} {store.manifest['solver']} Δ={store.manifest['delta']} "
-                   f"guidance={store.guidance}")
+                   f"guidance={_guidance_text(store.manifest)}")
+
+
+def _guidance_text(manifest: dict) -> str:
+    """The store's guidance as the closing line shows it: the scale, or the range it was drawn from."""
+    span = manifest.get("guidance_range")
+    return f"U[{span[0]:g}, {span[1]:g}] per trajectory" if span else f"{manifest['guidance']:g}"

@@ -68,6 +68,10 @@ class Family:
     text_encoders: tuple[tuple[str, str, str], ...] = ()  # (tokenizer subfolder, encoder subfolder, transformers class)
     preset: str = ""  # rapm.config.PRESETS name used when none is given
     default_guidance: float = 1.0  # the diffusers pipeline's guidance_scale
+    # PCM's public code's teacher settings for this family (``rapm trajectories --guidance pcm`` / ``--delta pcm``):
+    # its guidance range in diffusers' form, drawn per trajectory, and its Δ; None where PCM trains no such teacher
+    pcm_guidance: tuple[float, float] | None = None
+    pcm_delta: int | None = None
     lora_targets: tuple[str, ...] = ()  # the student's LoRA target modules by default (rapm.roles)
     disc_levels: str = "full"  # the discriminator's feature blocks by default (``feature_blocks``)
     force_zeros_for_empty_prompt: bool = False  # the pipeline's default when model_index.json does not say
@@ -108,8 +112,9 @@ class Family:
         """The unconditional conditioning beside ``cond``, as the family's pipeline makes it."""
         return self.encode(teacher, [negative_prompt or ""] * len(cond))
 
-    def with_guidance(self, cond: Conditioning, guidance: float) -> Conditioning:
-        """``cond`` carrying the guidance value where the denoiser takes it as an input (FLUX.1-dev); else ``cond``."""
+    def with_guidance(self, cond: Conditioning, guidance: float | torch.Tensor) -> Conditioning:
+        """``cond`` carrying the guidance value (a number, or one per sample [B]) where the denoiser takes it as an
+        input (FLUX.1-dev); else ``cond``."""
         return cond
 
     # the denoiser

@@ -164,10 +164,13 @@ class FluxFamily(FlowFamily):
         cond = encode_prompt_flux(teacher.pipeline, prompts, self.sequence_length(teacher))
         return Conditioning(cond.prompt_embeds.float(), cond.pooled_prompt_embeds.float())
 
-    def with_guidance(self, cond: Conditioning, guidance: float) -> Conditioning:
+    def with_guidance(self, cond: Conditioning, guidance: float | torch.Tensor) -> Conditioning:
         from dataclasses import replace
 
-        return replace(cond, guidance=torch.full((len(cond),), float(guidance), device=cond.prompt_embeds.device))
+        device = cond.prompt_embeds.device
+        if isinstance(guidance, torch.Tensor):  # one value per trajectory (a store's guidance range)
+            return replace(cond, guidance=guidance.float().reshape(-1).expand(len(cond)).to(device))
+        return replace(cond, guidance=torch.full((len(cond),), float(guidance), device=device))
 
     def denoise(self, denoiser, z: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """FLUX's velocity at the scheduler timestep t = σ · 1000 (the transformer takes σ), in float32."""

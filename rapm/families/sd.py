@@ -92,6 +92,9 @@ class SDFamily(UNetFamily):
     text_encoders = (("tokenizer", "text_encoder", "CLIPTextModel"),)
     preset = "sd15"
     default_guidance = 7.5
+    # PCM's SD 1.5 scripts: w ~ U[4, 5] in LCM's form cond + w (cond - uncond), diffusers' g = w + 1; Δ = 1000 // 50
+    pcm_guidance = (5.0, 6.0)
+    pcm_delta = 20
     kohya_names = "diffusers"  # sd-scripts names SD 1.x / 2.x modules by diffusers' paths
 
     def encode(self, teacher, prompts: Sequence[str]) -> Conditioning:
@@ -119,6 +122,8 @@ class SDXLFamily(UNetFamily):
                      ("tokenizer_2", "text_encoder_2", "CLIPTextModelWithProjection"))
     preset = "sdxl"
     default_guidance = 5.0
+    pcm_guidance = (7.0, 8.0)  # PCM's SDXL scripts: w ~ U[6, 7] in LCM's form; Δ = 1000 // 40
+    pcm_delta = 25
     disc_levels = "down_mid"
     force_zeros_for_empty_prompt = True
     modelspec_implementation = "https://github.com/Stability-AI/generative-models"
