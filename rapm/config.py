@@ -75,6 +75,8 @@ class TrainConfig:
     disc_kernel_size: int = 3
     disc_negative_slope: float = 0.2  # the heads' LeakyReLU slope (PCM's code: 0.01)
     disc_slot_reduction: str = "mean"  # the discriminator loss over the N slots: mean | sum (Alg. 2 line 18 as written)
+    disc_renoise: str = "shared"  # a fake and its reals renoised to t_gan with: shared noise | independent (PCM's code)
+    disc_backbones: str = "shared"  # D1 and D2 on one backbone LoRA | separate (a LoRA each, Alg. 2's φ1, φ2)
     disc_lr: float = 1e-5
     disc_betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
     disc_weight_decay: float = 1e-3
@@ -243,6 +245,13 @@ def validate(config: TrainConfig) -> None:
         bad("updates", f"must be alternate or both (or empty for the method's own), got {config.updates!r}")
     if config.disc_slot_reduction not in ("mean", "sum"):
         bad("disc_slot_reduction", f"must be mean or sum, got {config.disc_slot_reduction!r}")
+    if config.disc_renoise not in ("shared", "independent"):
+        bad("disc_renoise", f"must be shared or independent, got {config.disc_renoise!r}")
+    if config.disc_backbones not in ("shared", "separate"):
+        bad("disc_backbones", f"must be shared or separate, got {config.disc_backbones!r}")
+    if config.disc_backbones == "separate" and not config.disc_lora:
+        bad("disc_backbones", "separate backbones are two discriminator LoRAs, and disc_lora=false trains none (both "
+            "discriminators then share the frozen teacher); set disc_lora=true, or disc_backbones=shared")
     if not 0 <= config.disc_negative_slope < 1:
         bad("disc_negative_slope", f"must be in [0, 1), got {config.disc_negative_slope}")
     if config.disc_every < 1:

@@ -8,7 +8,10 @@ and mid block only, 1 head each); each head is conv, GroupNorm, LeakyReLU, a
 residual conv block, then a 1x1 conv to a patch-logit map; conditioning on the
 timestep and prompt comes only through the backbone. RAPM (paper §3.2, last
 paragraph) adds a LoRA to the backbone: here the ``discriminator`` adapter of
-the one UNet (decision 1), so D1 and D2 share one backbone pass.
+the one UNet (decision 1), so D1 and D2 share one backbone pass. With
+``separate`` (``disc_backbones=separate``), D2 has a LoRA of its own,
+``discriminator_absolute`` (Alg. 2's φ1 and φ2 as two parameter sets), at the
+cost of a second backbone pass.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rapm.hooks import block_outputs
-from rapm.roles import discriminator_role
+from rapm.roles import DISCRIMINATOR, adapter_role
 from rapm.teacher import Conditioning, denoiser_family, unet_output
 
 
@@ -31,6 +34,10 @@ class DiscriminatorSpec:
     heads_per_level: int = 4
     kernel_size: int = 3  # 3x3 convs (SD 1.5), 1x1 (SDXL)
     negative_slope: float = 0.2  # the heads' LeakyReLU (PCM's code: 0.01)
+    separate: bool = False  # D2 on a backbone LoRA of its own (ABSOLUTE_BACKBONE) instead of D1's
+
+
+ABSOLUTE_BACKBONE = "discriminator_absolute"  # the adapter of D2's backbone when the backbones are separate
 
 
 def _groups(channels: int) -> int:
@@ -98,8 +105,12 @@ class Discriminator(nn.Module):
         self.absolute = HeadSet(channels, spec)
 
     def logits(self, unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> dict[str, list[torch.Tensor]]:
-        with discriminator_role(unet):
+        with adapter_role(unet, DISCRIMINATOR):
             feats = backbone_features(unet, x, t, cond, self.spec.levels)
+        if self.spec.separate:  # D2's own backbone LoRA: a second pass
+            with adapter_role(unet, ABSOLUTE_BACKBONE):
+                return {"relative": self.relative(feats),
+                        "absolute": self.absolute(backbone_features(unet, x, t, cond, self.spec.levels))}
         return {"relative": self.relative(feats), "absolute": self.absolute(feats)}
 
 

@@ -10,9 +10,10 @@ import warnings
 import torch
 
 from rapm.config import ConfigError, TrainConfig
-from rapm.discriminator import Discriminator, DiscriminatorSpec
+from rapm.discriminator import ABSOLUTE_BACKBONE, Discriminator, DiscriminatorSpec
 from rapm.quantize import quantize_base
-from rapm.roles import DISCRIMINATOR, STUDENT, LoraSpec, add_roles, enable_gradient_checkpointing, lora_parameters
+from rapm.roles import (DISCRIMINATOR, STUDENT, LoraSpec, add_frozen_adapter, add_roles, enable_gradient_checkpointing,
+                        lora_parameters)
 from rapm.teacher import load_teacher
 
 
@@ -40,6 +41,9 @@ def build_models(config: TrainConfig, device: torch.device, need_vae: bool, with
     with warnings.catch_warnings():  # peft on torchao layers: merging is unsupported, and rapm never merges
         warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated")
         add_roles(teacher.unet, student_spec(config), disc_spec if (with_discriminator and config.disc_lora) else None)
+        separate = with_discriminator and config.disc_lora and config.disc_backbones == "separate"
+        if separate:  # D2's backbone LoRA (float32, not trainable until the discriminator's phase: train.run_phase)
+            add_frozen_adapter(teacher.unet, ABSOLUTE_BACKBONE, disc_spec)
     for p in list(lora_parameters(teacher.unet, STUDENT).values()) + list(lora_parameters(teacher.unet, DISCRIMINATOR).values()):
         p.data = p.data.float()  # trainable weights stay float32 under mixed precision
     if config.gradient_checkpointing:
@@ -47,7 +51,7 @@ def build_models(config: TrainConfig, device: torch.device, need_vae: bool, with
     disc = None
     if with_discriminator:
         spec = DiscriminatorSpec(config.disc_levels, config.disc_heads_per_level, config.disc_kernel_size,
-                                 config.disc_negative_slope)
+                                 config.disc_negative_slope, separate)
         disc = Discriminator(teacher.unet, spec).to(device)
     return teacher, disc
 

@@ -21,6 +21,7 @@ import typer
 
 from rapm import config as cfg
 from rapm.config import ConfigError, TrainConfig, split_seed
+from rapm.discriminator import ABSOLUTE_BACKBONE
 from rapm.methods import METHODS, Context, Setup, TrajectoryBatch, build_method, ema_of, updates_of, with_recipe
 from rapm.models import (build_models, constant_schedule, ema_decay_at, lr_factor, lr_schedule, make_optimizer,  # noqa: F401
                          student_spec, swap_in, update_ema, weight_dtype)
@@ -167,7 +168,8 @@ def build_phases(config: TrainConfig, unet, disc, method) -> dict[str, Phase]:
 
     phases = {"student": Phase("student", STUDENT, student, opt, schedule(opt, "student"), method.generator_losses)}
     if disc is not None:
-        params = {**lora_parameters(unet, DISCRIMINATOR), **{f"heads.{n}": p for n, p in disc.named_parameters()}}
+        params = {**lora_parameters(unet, DISCRIMINATOR), **lora_parameters(unet, ABSOLUTE_BACKBONE),  # separate: D2's
+                  **{f"heads.{n}": p for n, p in disc.named_parameters()}}
         opt = make_optimizer(list(params.values()), config.disc_lr, config.disc_betas, config.disc_weight_decay,
                              config.use_8bit_adam)
         phases["discriminator"] = Phase("discriminator", DISCRIMINATOR, params, opt, schedule(opt, "discriminator"),
@@ -180,6 +182,8 @@ def run_phase(phase: Phase, ctx: Context, batch, unet, disc, procs: Processes, a
     """One update (Alg. 2: the loss of lines 5-16, then the step of line 18 or 20): back-propagate each loss piece, average across processes, clip,
     step; returns the averaged loss, the gradient norm and the method's logs."""
     set_trainable(unet, phase.adapter)
+    for p in phase.params.values():  # and any other adapter the phase trains (separate backbones: D2's LoRA)
+        p.requires_grad_(True)
     if disc is not None:
         disc.requires_grad_(phase.name == "discriminator")
     phase.optimizer.zero_grad(set_to_none=True)

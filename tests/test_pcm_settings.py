@@ -150,3 +150,127 @@ def test_a_flux_teacher_draws_its_guidance_embedding_per_trajectory(prompts, tmp
     assert ((batch.cond.guidance >= 2) & (batch.cond.guidance <= 4)).all()
     with pytest.raises(RapmError, match="PCM's public code trains no flux teacher"):
         write_trajectories(teacher, prompts, tmp_path / "other", guidance="pcm", **FAST)
+
+
+# --- the discriminators: PCM's independent renoising, separate backbones (Alg. 2's φ1, φ2), PCM's frozen backbone ---
+
+from rapm.config import ConfigError, TrainConfig, apply_overrides  # noqa: E402
+from rapm.train import checkpoints, load_checkpoint, train  # noqa: E402
+
+# rapm-paper (hinge, both discriminators, alternating), small: 1 discriminator step, then 1 student step
+PAPER = dict(method="rapm-paper", lora_rank=4, lora_alpha=4, disc_lora_rank=2, disc_lora_alpha=2, disc_heads_per_level=1,
+             lr=1e-3, disc_lr=1e-2, sample_every=0, eval_every=0, batch_size=1, iterations=2, checkpoint_every=1,
+             keep_checkpoints=3)
+
+
+@pytest.fixture(scope="module")
+def paper_store(tiny_sd, prompts, tmp_path_factory):
+    return write_trajectories(tiny_sd, prompts, tmp_path_factory.mktemp("pcm") / "paper", steps=4, substeps=2,
+                              progress=False, dtype="float32")
+
+
+def _paper(tiny_sd, store, **kw) -> TrainConfig:
+    return apply_overrides(TrainConfig(), {"teacher": str(tiny_sd), "store": str(store.path), **PAPER, **kw}, "test")
+
+
+def _disc_noises(monkeypatch, tiny_sd, store, renoise: str) -> list[torch.Tensor]:
+    """The noise each discriminator-step input was renoised with: [fakes, relative reals, absolute reals]."""
+    import rapm.methods.rapm as rapm_method
+
+    seen = []
+    real = rapm_method.renoise
+
+    def spy(ctx, x, t_from, t_to, noise):
+        seen.append(noise.clone())
+        return real(ctx, x, t_from, t_to, noise)
+
+    monkeypatch.setattr(rapm_method, "renoise", spy)
+    from rapm.methods import build_method
+    from rapm.models import build_models
+    from rapm.methods.base import Context
+
+    config = _paper(tiny_sd, store, disc_renoise=renoise)
+    method = build_method(config, delta=store.delta)
+    teacher, disc = build_models(config, torch.device("cpu"), need_vae=False, with_discriminator=True)
+    ctx = Context(teacher.unet, teacher.schedule, store.timesteps, store.guidance,
+                  [torch.Generator().manual_seed(0)], disc)
+    (loss, _), = list(method.discriminator_losses(ctx, store.get([0])))
+    assert torch.isfinite(loss)
+    (noise,) = seen  # one batched renoise over fakes and both reals
+    return list(noise.chunk(3))
+
+
+def test_pcm_renoises_each_fake_and_real_with_its_own_noise(monkeypatch, tiny_sd, paper_store):
+    fake, relative, absolute = _disc_noises(monkeypatch, tiny_sd, paper_store, "shared")
+    assert torch.equal(fake, relative) and torch.equal(fake, absolute)  # rapm's default: a pair differs only in position
+    fake2, relative2, absolute2 = _disc_noises(monkeypatch, tiny_sd, paper_store, "independent")
+    assert torch.equal(fake2, fake)  # the fakes' noise is drawn as before; each real draws its own after it
+    assert not torch.equal(fake2, relative2) and not torch.equal(fake2, absolute2) and not torch.equal(relative2, absolute2)
+
+
+def test_independent_noise_is_refused_with_the_paired_loss(tiny_sd, paper_store):
+    from rapm.methods import build_method
+
+    with pytest.raises(ConfigError, match="'disc_renoise'.*set gan_loss=hinge"):
+        build_method(_paper(tiny_sd, paper_store, disc_renoise="independent", gan_loss="relativistic"), delta=10)
+
+
+def test_separate_backbones_train_a_lora_each_and_resume(tiny_sd, paper_store, tmp_path):
+    run = tmp_path / "run"
+    train(_paper(tiny_sd, paper_store, disc_backbones="separate", iterations=1), run, progress=False)
+    after_d = load_checkpoint(checkpoints(run)[-1])["discriminator"]
+    own = {n: v for n, v in after_d.items() if ".discriminator_absolute." in n}
+    shared = {n: v for n, v in after_d.items() if ".discriminator." in n}
+    assert own and len(own) == len(shared)  # D2's LoRA on the same targets as D1's
+    # the discriminator step trained both backbones' LoRAs (B starts at zero: nonzero means it moved)
+    for group in (own, shared):
+        assert any(torch.count_nonzero(v) > 0 for n, v in group.items() if "lora_B" in n)
+    assert not any(torch.equal(own[n.replace(".discriminator.", ".discriminator_absolute.")], v)
+                   for n, v in shared.items() if "lora_B" in n)
+    train(_paper(tiny_sd, paper_store, disc_backbones="separate"), run, resume=True, progress=False)
+    after_s = load_checkpoint(checkpoints(run)[-1])["discriminator"]
+    assert all(torch.equal(after_s[n], v) for n, v in after_d.items())  # the student's step left both alone
+
+
+def test_separate_backbones_give_d2_its_own_features(tiny_sd, paper_store):
+    from rapm.models import build_models
+
+    teacher, disc = build_models(_paper(tiny_sd, paper_store, disc_backbones="separate"), torch.device("cpu"),
+                                 need_vae=False, with_discriminator=True)
+    from rapm.discriminator import ABSOLUTE_BACKBONE
+    from rapm.roles import lora_parameters
+
+    with torch.no_grad():  # D2's LoRA away from zero, so its backbone differs from D1's
+        for p in lora_parameters(teacher.unet, ABSOLUTE_BACKBONE).values():
+            p.add_(torch.randn_like(p))
+        disc.absolute.load_state_dict(disc.relative.state_dict())  # the same heads: only the backbones differ
+    batch = paper_store.get([0])
+    x, t = batch.latents[:, 1], torch.tensor([500])
+    with torch.no_grad():
+        both = disc.logits(teacher.unet, x, t, batch.cond)
+    assert any((r - a).abs().max() > 1e-4 for r, a in zip(both["relative"], both["absolute"]))
+
+
+def test_separate_backbones_need_a_discriminator_lora():
+    from rapm.config import validate
+
+    with pytest.raises(ConfigError, match="disc_backbones.*disc_lora=false trains none"):
+        validate(apply_overrides(TrainConfig(), {"disc_backbones": "separate", "disc_lora": False}, "test"))
+    with pytest.raises(ConfigError, match="disc_renoise.*must be shared or independent"):
+        validate(apply_overrides(TrainConfig(), {"disc_renoise": "fresh"}, "test"))
+
+
+def test_pcms_frozen_backbone_trains_the_heads_only(tiny_sd, paper_store, tmp_path):
+    """disc_lora=false: the discriminator's backbone is the frozen teacher (PCM's code); its step trains the heads."""
+    from rapm.train import load_student
+
+    run = tmp_path / "run"
+    train(_paper(tiny_sd, paper_store, disc_lora=False, iterations=1), run, progress=False)
+    state = load_checkpoint(checkpoints(run)[-1])
+    assert state["discriminator"] and all(n.startswith("heads.") for n in state["discriminator"])
+    train(_paper(tiny_sd, paper_store, disc_lora=False), run, resume=True, progress=False)
+    _, unet, _ = load_student(run)
+    assert not any("discriminator" in n for n, _ in unet.named_parameters())
+    base = load_teacher(tiny_sd, text_encoders=False).unet.state_dict()
+    weights = {n.replace(".base_layer", ""): p for n, p in unet.named_parameters() if "lora_" not in n}
+    assert weights and all(torch.equal(p.detach(), base[n]) for n, p in weights.items())  # the base never moved

@@ -66,19 +66,24 @@ def _common(config: TrainConfig, recipe: dict, delta: int) -> dict:
                 d2=config.disc_absolute, relational=relational_settings(config))
 
 
-def _slots(config: TrainConfig) -> dict:
-    return dict(slot_sum=config.disc_slot_reduction == "sum")
+def _slots(config: TrainConfig, recipe: dict) -> dict:
+    independent = config.disc_renoise == "independent"
+    if independent and recipe["gan_loss"] == "relativistic":
+        raise ConfigError("config field 'disc_renoise': independent noise unpairs a fake from its real, and the "
+                          "relativistic loss compares the two at the same noise; set gan_loss=hinge (PCM's, with which "
+                          "its code renoises independently), or disc_renoise=shared")
+    return dict(slot_sum=config.disc_slot_reduction == "sum", independent_noise=independent)
 
 
 def _rapm(config: TrainConfig, recipe: dict, delta: int) -> Method:
     # relative weight 0: the relative terms (and D1, weighted by it) are not computed at all
-    return RAPM(**_common(config, recipe, delta), **_slots(config), relative=recipe["relative_weight"] > 0,
+    return RAPM(**_common(config, recipe, delta), **_slots(config, recipe), relative=recipe["relative_weight"] > 0,
                 distance=config.distance or "pseudo_huber")
 
 
 def _rapm_relative(config: TrainConfig, recipe: dict, delta: int) -> Method:
     """Eq. 16 alone: the ablation of paper Fig. 3."""
-    return RAPM(**_common(config, recipe, delta), **_slots(config), absolute=False,
+    return RAPM(**_common(config, recipe, delta), **_slots(config, recipe), absolute=False,
                 distance=config.distance or "pseudo_huber")
 
 

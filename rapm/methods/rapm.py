@@ -53,6 +53,7 @@ class RAPM(Method):
     d1: bool = True  # the relative discriminator D1 (eq. 15); off: its head set is not trained or used
     slot_sum: bool = False  # the discriminator loss summed over the slots (Alg. 2 line 18) instead of their mean
     d2: bool = True  # the absolute discriminator D2 (eq. 17)
+    independent_noise: bool = False  # the discriminator step renoises each fake and each real with its own noise (PCM)
     relational: object = field(default=None, repr=False)  # rapm.methods.rdd.RelationalSettings (refused: RAPM takes none)
     _warned: bool = field(default=False, init=False, repr=False, compare=False)  # DeltaStepWarning is said once
 
@@ -117,11 +118,13 @@ class RAPM(Method):
 
     @staticmethod
     def _paired_logits(ctx: Context, groups: list[torch.Tensor], s: torch.Tensor, t_gan: torch.Tensor,
-                       noise: torch.Tensor, cond) -> list[dict[str, list[torch.Tensor]]]:
+                       noise: torch.Tensor, cond, independent: bool = False) -> list[dict[str, list[torch.Tensor]]]:
         """Each group (rows at the slot ends ``s``) moved to ``t_gan`` with the same ``noise``, all in one backbone pass
-        (decision 2): the logits of every group, head by head, so group k's row i pairs with every other group's."""
+        (decision 2): the logits of every group, head by head, so group k's row i pairs with every other group's.
+        ``independent``: the first group takes ``noise``, every other group fresh noise of its own (PCM's code)."""
         m, rows = len(groups), len(s)
-        x = renoise(ctx, torch.cat(groups), s.repeat(m), t_gan.repeat(m), noise.repeat(m, *[1] * (noise.ndim - 1)))
+        noises = [noise] + [ctx.randn(noise) if independent else noise for _ in groups[1:]]
+        x = renoise(ctx, torch.cat(groups), s.repeat(m), t_gan.repeat(m), torch.cat(noises))
         logits = ctx.discriminator.logits(ctx.unet, x, t_gan.repeat(m), type(cond).cat([cond] * m))
         return [{kind: [h[i * rows:(i + 1) * rows] for h in heads] for kind, heads in logits.items()} for i in range(m)]
 
@@ -201,9 +204,10 @@ class RAPM(Method):
         _, s = slot_times(ctx, b, fake.device)
         t_gan = discriminator_timesteps(ctx, s)
         noise = ctx.randn(fake.flatten(0, 1))
-        # One backbone pass over fakes and all reals (decision 2); each moved to t_gan with the same noise.
+        # One backbone pass over fakes and all reals (decision 2); each moved to t_gan with the same noise (or, with
+        # independent_noise, each with its own, as PCM's code draws it).
         groups = self._paired_logits(ctx, [fake.flatten(0, 1)] + [reals[k].flatten(0, 1) for k in kinds], s, t_gan,
-                                     noise, batch.cond.repeat(n))
+                                     noise, batch.cond.repeat(n), self.independent_noise)
         loss = fake.new_zeros((), dtype=torch.float32)
         logs: dict[str, float] = {}
         slot_of_row = torch.arange(b * n, device=fake.device) % n  # sample-major rows: row = b * N + j
