@@ -1,4 +1,4 @@
-"""Real size: every verb at the published shapes of SD 1.5 and SDXL, through the CLI, on this CPU, measured.
+"""Real size: every verb at the published shapes of SD 1.5, SDXL and SD3-medium, through the CLI, on this CPU.
 
 Each teacher is built from its public configs with random weights (SD 1.5: the 860M UNet, CLIP ViT-L/14's text
 tower, the 84M KL-f8 VAE; SDXL base: the 2.6B UNet, CLIP-L and OpenCLIP bigG/14's text towers, the same VAE), a
@@ -16,10 +16,18 @@ The weights stay at full size. The resolution is lower than the published one wh
 the activation memory can be fitted against the latent area and read at the published resolution (the table says
 which numbers are fitted). Everything is float32 on the CPU (rapm's CPU dtype).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/real_size.py --work /work/scratch/real [--models sd15,sdxl]
+SD3-medium (``--models sd3``): the MMDiT of rapm/flow_configs.py, CLIP-L and bigG/14, the 16-channel VAE, files in
+bf16 (loaded in float32); T5-XXL stood in by one of its layers (``build_sd3`` says why); ``rapm`` only, both sizes,
+with and without checkpointing, a ``no-t5`` cell, export / sample / evaluate (no teacher curve).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/real_size.py --work /work/scratch/real [--models sd15,sdxl,sd3]
+
+The machine's memory may be shared: a cell waits for free memory first, and one that the kernel's OOM killer ends
+while it held less than the machine less ``CROWDED_MARGIN_GIB`` (another process held the rest) runs again.
 
 Resumable: each cell's result is saved in ``--work/cells.json`` when it finishes and a finished cell is not rerun.
-Writes benchmarks/results/real_size.{json,md} from every finished cell (``--report-only`` rewrites them alone).
+Writes benchmarks/results/real_size.{json,md} from every finished cell (``--report-only`` rewrites them alone); a
+model that ``--work`` has not run keeps the cells the results file already holds (``merged_cells``).
 """
 
 from __future__ import annotations
@@ -55,13 +63,30 @@ VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=
 MODELS = {
     "sd15": dict(name="SD 1.5", unet="SD15_UNET", published_latent=64, latent_2=64),
     "sdxl": dict(name="SDXL base", unet="SDXL_UNET", published_latent=128, latent_2=48),
+    # SD3-medium: the MMDiT of rapm/flow_configs.py, CLIP-L and bigG/14 with projections, the 16-channel VAE; T5-XXL
+    # stands in as one of its 24 layers (build_teacher says why); rank 32, the sd3 preset's. Only `rapm` trains.
+    "sd3": dict(name="SD3-medium", unet="SD3_MEDIUM_TRANSFORMER", published_latent=128, latent_2=48, lora_rank=32),
 }
+# google/t5-v1_1-xxl, SD3-medium's text_encoder_3/config.json (4.76B parameters: 19 GB float32, 9.5 GB bf16)
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+              relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+              layer_norm_epsilon=1e-6, tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+T5_TOKENS = 256  # StableDiffusion3Pipeline's max_sequence_length, which rapm's SD3 family uses
+FLOW_MODELS = ("sd3",)
 
 
 def unet_config(model: str) -> dict:
+    if model in FLOW_MODELS:
+        import rapm.flow_configs as flow_configs
+
+        return getattr(flow_configs, MODELS[model]["unet"])
     import benchmarks.harness as harness
 
     return getattr(harness, MODELS[model]["unet"])
+
+
+def denoiser_folder(model: str) -> str:
+    return "transformer" if model in FLOW_MODELS else "unet"
 TRAIN_METHODS = ("rapm", "rapm-paper")
 
 
@@ -75,6 +100,8 @@ def build_teacher(model: str, folder: Path) -> dict:
     from tests.tiny import SD_SCHEDULER, build_clip_tokenizer
 
     torch.manual_seed(0)
+    if model == "sd3":
+        return build_sd3(folder)
     spec = MODELS[model]
     tokenizer = build_clip_tokenizer(WORDS, model_max_length=77)
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
@@ -100,6 +127,44 @@ def build_teacher(model: str, folder: Path) -> dict:
             "torch": torch.__version__}
 
 
+def build_sd3(folder: Path) -> dict:
+    """SD3-medium's pipeline at its published configs, random weights, saved in bfloat16 and loaded by rapm in
+    float32 (its dtype on a CPU). Why bf16 files: this machine's disk had 16 GB free, and the float32 folder is
+    12.5 GB beside the SD 1.5 / SDXL work. Why not T5-XXL: rapm loads every text encoder in float32 on a CPU, so its
+    4.76B parameters would take 19 GB of the 24 GiB beside the 8.1 GB transformer (and 9.5 GB of disk in bf16); rapm
+    refuses a folder without it (the ``no-t5`` cell shows it), so ``text_encoder_3`` is T5-XXL's config with one of
+    its 24 layers (d_model 4096: the joint sequence the transformer sees is the published one, 77 CLIP + 256 T5
+    tokens of 4096) and ``tokenizer_3`` a CLIP tokenizer of the same 8 words with T5's 256 tokens."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from rapm.flow_configs import SD3_MEDIUM_TRANSFORMER
+    from tests.tiny import build_clip_tokenizer
+
+    bf16 = torch.bfloat16
+    tokenizers = [build_clip_tokenizer(WORDS, model_max_length=n) for n in (77, 77, T5_TOKENS)]
+    eos = tokenizers[0].convert_tokens_to_ids("<|endoftext|>")
+    ids = dict(bos_token_id=0, eos_token_id=eos, pad_token_id=eos)
+    parts = {"transformer": SD3Transformer2DModel(**SD3_MEDIUM_TRANSFORMER).to(bf16)}
+    parts["text_encoder"] = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L, **ids)).to(bf16)
+    parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG, **ids)).to(bf16)
+    parts["text_encoder_3"] = T5EncoderModel(T5Config(**{**T5_XXL, "num_layers": 1, "vocab_size": len(tokenizers[2])})).to(bf16)
+    # stabilityai/stable-diffusion-3-medium-diffusers vae/config.json
+    parts["vae"] = AutoencoderKL(**{**VAE, "latent_channels": 16}, sample_size=1024, scaling_factor=1.5305,
+                                 shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False).to(bf16)
+    pipe = StableDiffusion3Pipeline(transformer=parts["transformer"], vae=parts["vae"],
+                                    scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+                                    text_encoder=parts["text_encoder"], tokenizer=tokenizers[0],
+                                    text_encoder_2=parts["text_encoder_2"], tokenizer_2=tokenizers[1],
+                                    text_encoder_3=parts["text_encoder_3"], tokenizer_3=tokenizers[2])
+    pipe.save_pretrained(folder)
+    with torch.device("meta"):
+        t5_xxl = sum(p.numel() for p in T5EncoderModel(T5Config(**T5_XXL)).parameters())
+    return {"parameters": {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()},
+            "t5_xxl_parameters": t5_xxl, "stored_dtype": "bfloat16", "torch": torch.__version__}
+
+
 def at_latent(folder: Path, latent: int, out: Path) -> Path:
     """The teacher of ``folder`` with its UNet's ``sample_size`` set to ``latent`` (the resolution the pipelines and
     rapm default to): the same weight files, hard-linked."""
@@ -108,7 +173,7 @@ def at_latent(folder: Path, latent: int, out: Path) -> Path:
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(folder, staging, copy_function=os.link)
-    config = staging / "unet" / "config.json"
+    config = next(staging / sub / "config.json" for sub in ("unet", "transformer") if (staging / sub).is_dir())
     data = json.loads(config.read_text())
     data["sample_size"] = latent
     config.unlink()  # a hard link: write a new file, not through it
@@ -130,6 +195,45 @@ class DoesNotFit(Exception):
     pass
 
 
+class Crowded(Exception):
+    """The kernel's OOM killer ended the cell while the machine's memory was shared: the cell itself held less than
+    the machine less ``CROWDED_MARGIN_GIB`` (another process held the rest), so the cell is run again, not recorded
+    as not fitting."""
+
+
+CROWDED_MARGIN_GIB = 3.0
+CELL_MEMORY_GIB = float(os.environ.get("RAPM_REAL_SIZE_CELL_GIB", 14))  # free memory a cell waits for (about an SD3 verb's peak)
+CELL_TRIES = 3
+
+
+def _meminfo_gib(field: str) -> float:
+    for line in open("/proc/meminfo"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 2**20
+    return 0.0
+
+
+def _oom_kills() -> set[int]:
+    """The pids the kernel's OOM killer has killed since boot (``dmesg``; empty where it cannot be read)."""
+    import re
+
+    try:
+        text = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return set()
+    return {int(m) for m in re.findall(r"Killed process (\d+) ", text)}
+
+
+def wait_for_memory(need_gib: float, limit_s: float = 900) -> float:
+    """Wait (at most ``limit_s``) until the machine has ``need_gib`` available (MemAvailable): other processes share
+    this machine. Returns the seconds waited."""
+    need = min(need_gib, _meminfo_gib("MemTotal") - 1)
+    start = time.perf_counter()
+    while _meminfo_gib("MemAvailable") < need and time.perf_counter() - start < limit_s:
+        time.sleep(15)
+    return round(time.perf_counter() - start, 1)
+
+
 def _cap_memory() -> None:
     import resource
 
@@ -137,8 +241,9 @@ def _cap_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
 
-def run_measured(argv: list[str], log: Path, env: dict | None = None) -> dict:
-    """Run ``argv`` in a fresh process; its wall time and peak RSS (``os.wait4``); its output to ``log``."""
+def run_measured(argv: list[str], log: Path, env: dict | None = None, may_fail: bool = False) -> dict:
+    """Run ``argv`` in a fresh process; its wall time and peak RSS (``os.wait4``); its output to ``log``. ``may_fail``:
+    a failure that is not memory is returned (``ran`` False, the output's last lines) instead of raised."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     start = time.perf_counter()
     with log.open("w") as out:
@@ -147,9 +252,17 @@ def run_measured(argv: list[str], log: Path, env: dict | None = None) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - start
     text = log.read_text(errors="replace")
+    peak_gib = usage.ru_maxrss / 2**20
+    if proc.returncode == -9 and proc.pid in _oom_kills() and peak_gib < _meminfo_gib("MemTotal") - CROWDED_MARGIN_GIB:
+        raise Crowded(json.dumps({"seconds": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss * 1024 / MiB, 1),
+                                  "at": time.strftime("%H:%M:%S")}))
     if proc.returncode != 0 and (proc.returncode == -9 or any(m in text for m in OUT_OF_MEMORY)):
         raise DoesNotFit(json.dumps({"fits": False, "memory_cap_gib": MEMORY_CAP_GIB, "seconds": round(wall, 2),
                                      "peak_rss_mib": round(usage.ru_maxrss * 1024 / MiB, 1)}))
+    if proc.returncode != 0 and may_fail:
+        return {"ran": False, "returncode": proc.returncode, "seconds": round(wall, 2),
+                "peak_rss_mib": round(usage.ru_maxrss * 1024 / MiB, 1),
+                "error": [line for line in text.strip().splitlines() if line.strip()][-3:]}
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}); its output: {log}\n{log.read_text()[-3000:]}")
     return {"seconds": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss * 1024 / MiB, 1)}
@@ -170,6 +283,8 @@ def teacher_pass(args: dict) -> dict:
     import torch
     from diffusers import UNet2DConditionModel
 
+    if (Path(args["teacher"]) / "transformer").is_dir():
+        return transformer_pass(args)
     unet = UNet2DConditionModel.from_pretrained(args["teacher"], subfolder="unet").eval()
     cfg = unet.config
     size = cfg.sample_size
@@ -188,13 +303,44 @@ def teacher_pass(args: dict) -> dict:
     return {"seconds_per_guided_pass": round(statistics.median(times), 3), "latent": size}
 
 
+def transformer_pass(args: dict) -> dict:
+    """Child: one guided pass (cond + uncond, batch 2) of SD3's transformer in float32 on the published joint sequence
+    (77 CLIP + 256 T5 tokens of 4096, the pooled 2048), timed as ``teacher_pass``."""
+    import statistics
+
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    model = SD3Transformer2DModel.from_pretrained(args["teacher"], subfolder="transformer", torch_dtype=torch.float32).eval()
+    cfg = model.config
+    size = cfg.sample_size
+    x = torch.randn(2, cfg.in_channels, size, size)
+    context = torch.randn(2, 77 + T5_TOKENS, cfg.joint_attention_dim)
+    pooled = torch.randn(2, cfg.pooled_projection_dim)
+    times = []
+    with torch.no_grad():
+        for i in range(4):
+            tick = time.perf_counter()
+            model(hidden_states=x, timestep=torch.tensor([500.0, 500.0]), encoder_hidden_states=context,
+                  pooled_projections=pooled)
+            if i:
+                times.append(time.perf_counter() - tick)
+    return {"seconds_per_guided_pass": round(statistics.median(times), 3), "latent": size,
+            "tokens": (size // 2) ** 2 + 77 + T5_TOKENS}
+
+
 def target_modules(model: str, targets: list[str]) -> list[str]:
     """The real UNet's modules that the LoRA targets match (peft's rule: the name, or a dotted suffix of it)."""
     import torch
     from diffusers import UNet2DConditionModel
 
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**unet_config(model))
+    if model in FLOW_MODELS:
+        from rapm.flow_configs import meta_transformer
+
+        unet = meta_transformer(model)
+    else:
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**unet_config(model))
     return sorted(n for n, m in unet.named_modules() if any(n == t or n.endswith("." + t) for t in targets)
                   and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
 
@@ -206,6 +352,8 @@ def check_export(model: str, lora: Path) -> dict:
     from rapm.export import ldm_block_map, ldm_module_name
     from rapm.roles import PCM_TARGET_MODULES
 
+    if model in FLOW_MODELS:
+        return check_flow_export(model, lora)
     modules = target_modules(model, PCM_TARGET_MODULES)
     with safe_open(str(lora / "pytorch_lora_weights.safetensors"), "pt") as f:
         diffusers_keys = list(f.keys())
@@ -227,6 +375,57 @@ def check_export(model: str, lora: Path) -> dict:
         "diffusers_file_bytes": (lora / "pytorch_lora_weights.safetensors").stat().st_size,
         "kohya_file_bytes": (lora / "kohya_lora.safetensors").stat().st_size,
     }
+
+
+def check_flow_export(model: str, lora: Path) -> dict:
+    """SD3: the diffusers file's keys (``transformer.<module>.lora_A/B.weight``) against the real transformer's
+    targeted modules; the kohya file, where the export wrote one (``rapm_lora.json``'s ``files``), its
+    ``lora_unet_*.lora_down.weight`` keys against the native (MMDiT) modules that hold a targeted module
+    (``rapm.export.native_layout`` where it exists); where none was written, that is reported."""
+    import math
+
+    from safetensors import safe_open
+
+    from rapm.roles import SD3_TARGET_MODULES
+
+    modules = set(target_modules(model, SD3_TARGET_MODULES))
+    path = lora / "pytorch_lora_weights.safetensors"
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+        parameters = sum(int(math.prod(f.get_slice(k).get_shape())) for k in keys)
+        dtypes = sorted({f.get_slice(k).get_dtype() for k in keys})
+    written = {k.removeprefix("transformer.").rpartition(".lora_")[0] for k in keys}
+    out = {"targeted_modules": len(modules), "diffusers_keys": len(keys), "diffusers_missing": len(modules - written),
+           "diffusers_extra": len(written - modules), "diffusers_file_bytes": path.stat().st_size,
+           "lora_parameters": parameters, "file_dtypes": dtypes, "files": sorted(p.name for p in lora.iterdir())}
+    facts_file = lora / "rapm_lora.json"
+    facts = json.loads(facts_file.read_text()) if facts_file.is_file() else {}
+    named = facts.get("files") if isinstance(facts.get("files"), dict) else {}
+    kohya = lora / (named.get("kohya") or "kohya_lora.safetensors")
+    out["kohya_written"] = kohya.is_file()
+    out["facts_files"] = named
+    if not kohya.is_file():
+        return out
+    with safe_open(str(kohya), "pt") as f:
+        kohya_keys = list(f.keys())
+    downs = {k.removesuffix(".lora_down.weight") for k in kohya_keys if k.endswith(".lora_down.weight")}
+    out.update(kohya_file=kohya.name, kohya_file_bytes=kohya.stat().st_size, kohya_keys=len(kohya_keys),
+               kohya_lora_down_keys=len(downs),
+               kohya_unprefixed=sum(1 for k in downs if not k.startswith("lora_unet_")))
+    try:
+        from rapm.export import native_layout
+        from rapm.flow_configs import meta_transformer
+    except ImportError as e:  # an export without the native naming
+        out["native_modules"] = None
+        out["native_note"] = f"no native layout to check against ({e})"
+        return out
+    layout = native_layout(meta_transformer(model), "mmdit")
+    native = {"lora_unet_" + name.replace(".", "_") for name, (parts, _) in layout.items()
+              if any(p in modules for p in parts if p)}
+    owned = {p for parts, _ in layout.values() for p in parts if p}
+    out.update(native_modules=len(native), kohya_missing=len(native - downs), kohya_extra=len(downs - native),
+               targeted_without_native_name=len(modules - owned))
+    return out
 
 
 def iteration_seconds(run: Path) -> list[dict]:
@@ -354,9 +553,14 @@ def cells(model: str, work: Path, latent: int, latent_2: int) -> list[list[tuple
                                        "--set", f"gradient_checkpointing={str(checkpointing).lower()}",
                                        "--set", f"base_quantization={quantization}", *light, "--no-progress"),
                                   work / model / f"{run.name}.log")
-            return {**result, "latent": size, "method": method, "gradient_checkpointing": checkpointing,
-                    "base_quantization": quantization, "light_heads": light_heads,
-                    "iterations": iteration_seconds(run)}
+            result = {**result, "latent": size, "method": method, "gradient_checkpointing": checkpointing,
+                      "base_quantization": quantization, "light_heads": light_heads,
+                      "iterations": iteration_seconds(run)}
+            if model in FLOW_MODELS:  # the disk: only the run that export reads keeps its checkpoint
+                result["checkpoint_bytes"] = folder_bytes(run / "checkpoints")
+                if run.name != f"run-{latent}-rapm":
+                    shutil.rmtree(run / "checkpoints")
+            return result
         return cell
 
     def export():
@@ -378,13 +582,36 @@ def cells(model: str, work: Path, latent: int, latent_2: int) -> list[list[tuple
     def evaluate():
         # SD 1.5 ran evaluate's default teacher curve (DDIM at 1-32 steps, guided: 23 of its 25 minutes here); SDXL
         # leaves it out, or the cell alone would take an hour on one core
-        curve = ["--teacher-curve", ""] if model == "sdxl" else []
+        curve = ["--teacher-curve", ""] if model in ("sdxl", *FLOW_MODELS) else []
         out = work / model / "evaluation.json"
         result = run_measured(rapm("evaluate", "--teacher", str(teacher(latent)), "--model", "teacher:ddim:4",
                                    "--model", f"student={work / model / 'lora'}:4", "--prompts", str(prompts), "--num", "2",
                                    "--reference-steps", "4", "--out", str(out), *curve), work / model / "evaluate.log")
         return {**result, "latent": latent, "teacher_curve": not curve,
                 "models": [r.get("method") for r in json.loads(out.read_text()).get("rows", [])]}
+
+    def without_t5():
+        """``rapm trajectories`` on the teacher with ``text_encoder_3`` / ``tokenizer_3`` left out (null in
+        model_index.json, as diffusers' StableDiffusion3Pipeline allows: it then feeds zeros for T5's tokens)."""
+        out = work / model / f"teacher-{latent}-no-t5"
+        if not (out / "model_index.json").is_file():
+            staging = out.with_name(out.name + ".partial")
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(teacher(latent), staging, copy_function=os.link,
+                            ignore=shutil.ignore_patterns("text_encoder_3", "tokenizer_3"))
+            index = json.loads((staging / "model_index.json").read_text())
+            index.update(text_encoder_3=[None, None], tokenizer_3=[None, None])
+            (staging / "model_index.json").unlink()
+            (staging / "model_index.json").write_text(json.dumps(index, indent=2))
+            staging.rename(out)
+        store = work / model / f"store-{latent}-no-t5"
+        shutil.rmtree(store, ignore_errors=True)
+        result = run_measured(rapm("trajectories", "--teacher", str(out), "--prompts", str(prompts), "--out", str(store),
+                                   "--steps", "4", "--substeps", "2", "--batch-size", "2", "--no-progress"),
+                              work / model / f"trajectories-{latent}-no-t5.log", may_fail=True)
+        if result.get("ran") is False:
+            return {**result, "latent": latent}
+        return {**result, "ran": True, "latent": latent, "store_bytes": folder_bytes(store)}
 
     def passes(size):
         return lambda: child("pass", {"teacher": str(teacher(size))}, work / model / f"pass-{size}.log")
@@ -395,6 +622,14 @@ def cells(model: str, work: Path, latent: int, latent_2: int) -> list[list[tuple
         return {**built, "teacher_bytes": folder_bytes(base)}
 
     plan = [("build", build), (f"pass-{latent}", passes(latent)), (f"trajectories-{latent}", trajectories(latent))]
+    if model in FLOW_MODELS:  # rapm only (the brief's time: an SD3 iteration is minutes on one core), both sizes
+        plan = plan[:1] + [(f"no-t5-{latent}", without_t5)] + plan[1:]
+        for size, stage in ((latent, plan), (latent_2, second := [(f"pass-{latent_2}", passes(latent_2)),
+                                                                    (f"trajectories-{latent_2}", trajectories(latent_2))])):
+            stage += [(f"train-{size}-rapm{'-ckpt' if c else ''}", train(size, "rapm", c)) for c in (False, True)]
+            if size == latent:
+                stage += [("export", export), ("sample", sample)]
+        return [plan, second + [("evaluate", evaluate)]]
     for method in TRAIN_METHODS:
         for checkpointing in (False, True):
             plan.append((f"train-{latent}-{method}{'-ckpt' if checkpointing else ''}", train(latent, method, checkpointing)))
@@ -417,7 +652,8 @@ def cells(model: str, work: Path, latent: int, latent_2: int) -> list[list[tuple
 def fit_activation(cells_of: dict, suffix: str, target: int) -> dict | None:
     """Peak RSS of the training cells ``train-<latent>-<suffix>`` as a + b * latent area, read at ``target``."""
     points = sorted((int(n.split("-")[1]), c["peak_rss_mib"]) for n, c in cells_of.items()
-                    if n.startswith("train-") and n.split("-", 2)[2] == suffix and c.get("fits") is not False)
+                    if n.startswith("train-") and n.split("-", 2)[2] == suffix and c.get("fits") is not False
+                    and not c.get("failed"))
     if not points:
         return None
     if len(points) == 1 or target == points[-1][0]:
@@ -430,15 +666,53 @@ def fit_activation(cells_of: dict, suffix: str, target: int) -> dict | None:
             "from_latents": [l1, l2]}
 
 
-def report(work: Path, results: Path, latent: int) -> None:
+def merged_cells(work: Path, results: Path, latent: int) -> tuple[dict, dict, dict, dict, dict]:
+    """The cells of ``--work/cells.json`` with, for every model that work folder has not run, the cells that
+    ``results/real_size.json`` already holds (a run of ``--models sd3`` keeps the SD 1.5 / SDXL rows), the same for
+    the FLUX weights; and each model's date, command and notes (``--work/notes.json``: {model: [line]}, what the
+    run did beside the plan, e.g. which rapm it ran; the earlier file's for the models kept from it)."""
     data = json.loads((work / "cells.json").read_text()) if (work / "cells.json").is_file() else {}
+    flux = json.loads((work / "flux.json").read_text()) if (work / "flux.json").is_file() else {}
+    prior_file = results / "real_size.json"
+    prior = json.loads(prior_file.read_text()) if prior_file.is_file() else {}
+    today = time.strftime("%Y-%m-%d")
+    ran_here = [m for m in MODELS if m in data] + [m for m in data if m not in MODELS]
+    here = (f"OMP_NUM_THREADS=1 .venv/bin/python benchmarks/real_size.py --work WORK --models {','.join(ran_here)} "
+            f"--latent {latent}")
+    # the SD 1.5 / SDXL run's file (2026-12-06) predates "dates" / "commands"; its command was this one
+    legacy = (f"OMP_NUM_THREADS=1 .venv/bin/python benchmarks/real_size.py --work WORK --models sd15,sdxl "
+              f"--latent {prior.get('latent', latent)}")
+    dates, commands = {}, {}
+    notes = json.loads((work / "notes.json").read_text()) if (work / "notes.json").is_file() else {}
+    for model, got in (prior.get("cells") or {}).items():
+        if model not in data:
+            data[model] = got
+            dates[model] = (prior.get("dates") or {}).get(model, prior.get("date", "?"))
+            commands[model] = (prior.get("commands") or {}).get(model, legacy)
+            if (prior.get("notes") or {}).get(model):
+                notes[model] = prior["notes"][model]
+    for model in ran_here:
+        dates[model], commands[model] = today, here
+    if not flux and prior.get("flux"):
+        flux = prior["flux"]
+    return {m: data[m] for m in [*MODELS, *data] if m in data}, flux, dates, commands, notes
+
+
+def report(work: Path, results: Path, latent: int) -> None:
+    data, flux, dates, commands, notes = merged_cells(work, results, latent)
     import platform
 
-    lines = [f"# Real size: SD 1.5 and SDXL at their published shapes, every verb, on this CPU",
-             "", f"`benchmarks/real_size.py` on {time.strftime('%Y-%m-%d')}, torch {next((m['build'].get('torch') for m in data.values() if m.get('build')), '?')}, {os.cpu_count()} "
-             f"CPU cores, {platform.platform()}, one torch thread (`OMP_NUM_THREADS=1`). Command:",
-             "", f"    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/real_size.py --work WORK --latent {latent}",
-             "", "Random weights at the published configs (full-size UNet, text towers and VAE; a tokenizer of 8 words), "
+    runs = {}
+    for model in data:
+        runs.setdefault((dates.get(model, "?"), commands.get(model, "?")), []).append(MODELS.get(model, {}).get("name", model))
+    torch_versions = sorted({m["build"].get("torch") for m in data.values() if m.get("build") and m["build"].get("torch")})
+    lines = [f"# Real size: SD 1.5, SDXL and SD3-medium at their published shapes, on this CPU",
+             "", f"`benchmarks/real_size.py`, torch {', '.join(torch_versions) or '?'}, {os.cpu_count()} "
+             f"CPU cores, {platform.platform()}, one torch thread (`OMP_NUM_THREADS=1`). Commands:", ""]
+    for (date, command), names in runs.items():
+        lines += [f"- {' and '.join(names)}, {date}:", "", f"      {command}", ""]
+    lines += [
+             "Random weights at the published configs (full-size UNet, text towers and VAE; a tokenizer of 8 words), "
              "saved with `save_pretrained` and run through the CLI, each verb a fresh process. Float32 everywhere "
              f"(rapm's dtype on a CPU). The verbs ran at a {latent * 8} px latent ({latent}x{latent}); training also at "
              "a second size (the table names both), and the published resolution's training peak is fitted from the two (peak = a + b x "
@@ -447,7 +721,7 @@ def report(work: Path, results: Path, latent: int) -> None:
     table = {}
     for model, spec in MODELS.items():
         got = data.get(model, {})
-        if not got:
+        if not got or model in FLOW_MODELS:  # after the caveats of the UNet families (flow_section)
             continue
         table[model] = {}
         params = (got.get("build") or {}).get("parameters") or {}
@@ -548,14 +822,143 @@ def report(work: Path, results: Path, latent: int) -> None:
               "touched. The `peak-*` cells (VmHWM reset after the build) show it: SDXL 14.9 GiB float32, 19.9 int8, "
               "16.6 nf4. What the quantized weights take is measured exactly (the FLUX.1-dev table); what a GPU run "
               "peaks at with them is not measured here.", ""]
-    flux = json.loads((work / "flux.json").read_text()) if (work / "flux.json").is_file() else {}
+    for model in FLOW_MODELS:
+        if data.get(model):
+            table[model] = {}
+            lines += flow_section(model, data[model], latent, table[model], notes.get(model, []))
     if flux:
         lines += flux_table(flux)
     results.mkdir(parents=True, exist_ok=True)
     (results / "real_size.json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "latent": latent,
+                                                         "dates": dates, "commands": commands, "notes": notes,
                                                          "cells": data, "cards": table, "flux": flux}, indent=1) + "\n")
     (results / "real_size.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def kohya_facts(cell: dict) -> str:
+    """The export cell's kohya file as ``check_flow_export`` found it: its LoRA modules against the native ones."""
+    if not cell.get("kohya_written"):
+        return ("no kohya file was written (files: " + ", ".join(f"`{f}`" for f in cell.get("files", [])) + ")")
+    text = (f"kohya file `{cell['kohya_file']}` {cell['kohya_keys']} keys, {cell['kohya_lora_down_keys']} LoRA modules "
+            f"(`lora_unet_*.lora_down.weight`), {cell['kohya_file_bytes'] / MiB:.1f} MiB")
+    if cell.get("native_modules") is None:
+        return text + "; " + cell.get("native_note", "not checked against native names")
+    return (text + f", against {cell['native_modules']} native (MMDiT) modules that hold a targeted one: "
+            f"{cell['kohya_missing']} missing, {cell['kohya_extra']} extra"
+            + (f"; {cell['targeted_without_native_name']} targeted modules have no native name"
+               if cell.get("targeted_without_native_name") else ""))
+
+
+def flow_section(model: str, got: dict, latent: int, table: dict, notes: list[str] = ()) -> list[str]:
+    """SD3-medium's section: what ran and how (bf16 files, the T5 stand-in, rapm only), every cell, and the card rows
+    (``fit_activation`` as for SD 1.5 / SDXL)."""
+    spec, build = MODELS[model], got.get("build") or {}
+    params = build.get("parameters") or {}
+    transformer_bytes = params.get("transformer", 0) * 4
+    t5 = build.get("t5_xxl_parameters", 0)
+    cap = next((c.get("memory_cap_gib") for c in got.values() if c.get("memory_cap_gib")), None)
+    no_t5 = got.get(f"no-t5-{latent}") or {}
+    lines = [f"## {spec['name']} ({params.get('transformer', 0) / 1e9:.2f}B transformer)", "",
+             "Parameters: " + ", ".join(f"{k} {v / 1e6:,.0f}M" for k, v in params.items())
+             + f"; the saved folder {build.get('teacher_bytes', 0) / GiB:.2f} GiB. What ran, exactly:", "",
+             "- The transformer at rapm/flow_configs.py's published config (24 joint blocks, 1536 wide), CLIP-L and "
+             "OpenCLIP bigG/14 with their projections, the 16-channel VAE, FlowMatchEuler (shift 3): random weights, "
+             f"**stored in bfloat16** (half the folder's bytes) and loaded in **float32** by rapm, its CPU dtype.",
+             f"- **T5-XXL did not run.** Its {t5 / 1e9:.2f}B parameters are {4 * t5 / GiB:.1f} GiB in float32 (rapm "
+             f"loads every text encoder in float32 on a CPU; {2 * t5 / GiB:.1f} GiB in bf16) beside the "
+             f"{transformer_bytes / GiB:.1f} GiB transformer: more than this 24 GiB machine. `text_encoder_3` is T5-XXL's "
+             f"config with 1 of its 24 layers ({params.get('text_encoder_3', 0) / 1e6:,.0f}M; d_model 4096, so the "
+             f"transformer sees the published joint sequence: 77 CLIP + {T5_TOKENS} T5 tokens of 4096) and `tokenizer_3` "
+             "a CLIP tokenizer of the 8 words padding to 256. Training never loads a text encoder (the store holds the "
+             "embeddings): the train and export cells are the real cost; trajectories and sample lack T5-XXL's encode.",
+             "- Leaving T5 out as diffusers allows (`text_encoder_3` / `tokenizer_3` null in model_index.json; the "
+             "pipeline then feeds zeros for T5's tokens), cell `no-t5-" + str(latent) + "`: "
+             + (("rapm refused it: `" + " / ".join(no_t5.get("error", [])[-1:]) + "`") if no_t5.get("ran") is False
+                else "ran" if no_t5 else "not run") + ".",
+             f"- Only `rapm` (no discriminator) trained, 2 iterations a cell, at {latent * 8} and "
+             f"{spec['latent_2'] * 8} px, with and without gradient checkpointing; LoRA rank {spec['lora_rank']} (the "
+             "sd3 preset). Not run: rapm-paper, the quantized bases, evaluate's teacher curve (time"
+             + (f": a guided transformer pass took {got[f'pass-{latent}']['seconds_per_guided_pass']} s at {latent * 8} px "
+                "on one core" if "seconds_per_guided_pass" in got.get(f"pass-{latent}", {}) else "") + ")." + (f" Every cell ran under a {cap:g} GiB address-space cap." if cap else ""),
+             *[f"- {note}" for note in notes],
+             "", "| verb | latent | tokens | peak RSS GiB | wall s | measured |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for name, cell in got.items():
+        if name == "build":
+            continue
+        facts = []
+        if cell.get("fits") is False:
+            facts.append(f"**did not fit**: ran out of memory under a {cell['memory_cap_gib']:g} GiB address-space cap")
+        if cell.get("ran") is False:
+            facts.append(f"**exited {cell.get('returncode')}**: " + " / ".join(f"`{line.strip()}`" for line in cell.get("error", [])[-1:]))
+        if cell.get("failed"):
+            facts.append("**failed**: " + " / ".join(f"`{line.strip()}`" for line in cell.get("error", [])[-2:]))
+        if cell.get("crowded_retries"):
+            facts.append(f"run again after {len(cell['crowded_retries'])} kernel OOM kill(s) beside another process's memory")
+        if "seconds_per_guided_pass" in cell:
+            facts.append(f"{cell['seconds_per_guided_pass']} s per guided transformer pass (batch 2)")
+        if "store_bytes_per_trajectory" in cell:
+            facts.append(f"{cell['trajectories']} trajectories (N = 4, M = 2), {cell['store_bytes_per_trajectory'] / MiB:.2f} MiB each")
+        if "iterations" in cell:
+            facts.append(("checkpointing; " if cell.get("gradient_checkpointing") else "")
+                         + "s per iteration: " + ", ".join(f"{r['seconds']:.0f} ({r['phase']})" for r in cell["iterations"]))
+        if cell.get("checkpoint_bytes"):
+            facts.append(f"checkpoint {cell['checkpoint_bytes'] / MiB:.0f} MiB")
+        if "targeted_modules" in cell:
+            facts.append(f"{cell['targeted_modules']} targeted modules of the real transformer; diffusers file "
+                         f"{cell['diffusers_keys']} keys ({cell['diffusers_missing']} missing, {cell['diffusers_extra']} "
+                         f"extra), {cell['lora_parameters'] / 1e6:.1f}M parameters ({', '.join(cell['file_dtypes'])}), "
+                         f"{cell['diffusers_file_bytes'] / MiB:.1f} MiB; "
+                         + kohya_facts(cell))
+        if "images" in cell:
+            facts.append(f"{cell['images']} image(s), 4 student steps")
+        if cell.get("models"):
+            facts.append("models " + ", ".join(map(str, cell["models"])) + ", without the teacher curve")
+        size = cell.get("latent")
+        tokens = (size // 2) ** 2 + 77 + T5_TOKENS if size else ""
+        peak = f"{cell['peak_rss_mib'] / 1024:.2f}" if "peak_rss_mib" in cell else "-"
+        wall = f"{cell['seconds']:.0f}" if "seconds" in cell else "-"
+        lines.append(f"| {name} | {size or ''} | {tokens} | {peak} | {wall} | "
+                     f"{'; '.join(facts)} |")
+    export = got.get("export")
+    if export:
+        lora = export["lora_parameters"]
+        lines += ["", f"Where a training cell's memory goes: the float32 transformer {transformer_bytes / GiB:.2f} GiB; the "
+                  f"student LoRA (rank {spec['lora_rank']}) {lora / 1e6:.0f}M parameters, {16 * lora / GiB:.2f} GiB with its "
+                  "gradient and Adam's two moments; Python, torch and the libraries ~0.5 GiB; the rest is activations "
+                  "(`rapm` has no discriminator)."]
+    published = spec["published_latent"]
+    rows = []
+    for checkpointing, suffix in ((False, "rapm"), (True, "rapm-ckpt")):
+        fit = fit_activation(got, suffix, published)
+        failed = [c for n, c in got.items() if n.startswith("train-") and n.split("-", 2)[2] == suffix
+                  and c.get("fits") is False]
+        fits = lambda gib, card: "yes" if gib + CARD_RESERVE_GIB <= card * 1e9 / GiB else "no"  # noqa: E731
+        if failed and not fit:
+            c = failed[0]
+            rows.append(f"| rapm | {'on' if checkpointing else 'off'} | > {c['peak_rss_mib'] / 1024:.1f} | - | ran out of "
+                        f"memory under a {c['memory_cap_gib']:g} GiB address-space cap | no | no | ? |")
+            continue
+        if not fit:
+            continue
+        fp32 = fit["peak_rss_gib"]
+        bf16 = fp32 - transformer_bytes / 2 / GiB
+        src = (f"fitted from {fit['from_latents'][0] * 8} and {fit['from_latents'][1] * 8} px" if fit["fitted"]
+               else f"measured at {fit['latent'] * 8} px" + (" (not the published size)" if fit["latent"] != published else ""))
+        rows.append(f"| rapm | {'on' if checkpointing else 'off'} | {fp32:.2f} | {bf16:.2f} | {src} | "
+                    + " | ".join(f"{fits(fp32, c)} / {fits(bf16, c)}" for c in (8, 12, 24)) + " |")
+        table[suffix] = {**fit, "bf16_base_gib_est": bf16}
+    if rows:
+        lines += ["", f"What card training needs at {published * 8} px (N = 4, batch 1, LoRA rank {spec['lora_rank']}, "
+                  "float32 base as measured; the bf16 row halves the transformer's weight bytes, the rest as measured, "
+                  f"an estimate; a card fits when the figure + {CARD_RESERVE_GIB} GiB is at most its memory; CPU RSS "
+                  "stands in for GPU memory; the fit is linear in the latent area, i.e. in the image tokens, "
+                  f"{published ** 2 // 4} at {published * 8} px beside the 333 text tokens, which holds for attention "
+                  "whose memory is linear in the tokens (SDPA's fused kernels), not for one that stores the attention map; "
+                  "training needs no text encoder: T5-XXL's 9.5 GB in bf16 is the trajectories' cost, not this):", "",
+                  "| method | checkpointing | float32 GiB | bf16 base GiB (est.) | source | 8 GB | 12 GB | 24 GB |",
+                  "| --- | --- | ---: | ---: | --- | --- | --- | --- |", *rows, "", "(8 / 12 / 24 GB columns: float32 / bf16 base.)"]
+    return lines + [""]
 
 
 def flux_table(flux: dict) -> list[str]:
@@ -630,13 +1033,31 @@ def main() -> None:
         stages = [(model, stage) for stage in (0, 1) for model in models]
         for model, stage in stages:
             for name, fn in cells(model, args.work, args.latent, args.latent_2 or MODELS[model]["latent_2"])[stage]:
-                if name in data.get(model, {}) or (only and name not in only and name != "build"):
+                done = data.get(model, {}).get(name)
+                if (done and not done.get("failed")) or (only and name not in only and name != "build"):
                     continue
                 print(f"[{time.strftime('%H:%M:%S')}] {model} {name} ...", flush=True)
-                try:
-                    result = fn()
-                except DoesNotFit as e:  # recorded: the figure is "more than the cap"
-                    result = json.loads(str(e))
+                crowded, need = [], CELL_MEMORY_GIB
+                for _ in range(CELL_TRIES):
+                    waited = wait_for_memory(need)
+                    try:
+                        result = fn()
+                    except DoesNotFit as e:  # recorded: the figure is "more than the cap"
+                        result = json.loads(str(e))
+                    except Crowded as e:  # another process's memory: again, once enough is free
+                        crowded.append({**json.loads(str(e)), "waited_s_before": waited})
+                        need = crowded[-1]["peak_rss_mib"] / 1024 + CROWDED_MARGIN_GIB
+                        print(f"[{time.strftime('%H:%M:%S')}] {model} {name}: killed by the kernel beside another "
+                              f"process's memory ({crowded[-1]}); again once {need:.1f} GiB is free", flush=True)
+                        continue
+                    except RuntimeError as e:  # recorded and run again on a resume; the next cells go on
+                        result = {"failed": True, "error": [l for l in str(e).splitlines() if l.strip()][-4:]}
+                    break
+                else:
+                    result = {"failed": True, "error": [f"killed by the kernel {len(crowded)} times while another "
+                                                        "process held the machine's memory"]}
+                if crowded:
+                    result["crowded_retries"] = crowded
                 data.setdefault(model, {})[name] = result
                 tmp = saved.with_suffix(".tmp")
                 tmp.write_text(json.dumps(data, indent=1))
