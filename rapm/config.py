@@ -85,6 +85,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     sample_every: int = 500
     num_samples: int = 8
+    # the user's own preview prompts (kohya's --sample_prompts, ai-toolkit's sample.prompts): a list, or in --set / a
+    # config file a text file's path, one prompt a line (read once: the run's config.json keeps the prompts)
+    sample_prompts: list[str] = field(default_factory=list)
     log_every: int = 1
     val_fraction: float = 0.05  # trajectories of the store held out (never trained on) for validation
     train_trajectories: int = 0  # train on the first K of the training split only (0 = all); the held-out split stays
@@ -134,6 +137,8 @@ def default_preset(teacher: str, family: str) -> str:
 
 def _coerce(name: str, typ, value, source: str):
     origin = typing.get_origin(typ)
+    if name == "sample_prompts":
+        return _sample_prompts(value, source)
     try:
         if origin is list:
             (inner,) = typing.get_args(typ)
@@ -149,6 +154,25 @@ def _coerce(name: str, typ, value, source: str):
         return typ(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{source}: field {name!r} must be {getattr(typ, '__name__', typ)}, got {value!r}") from None
+
+
+def _sample_prompts(value, source: str) -> list[str]:
+    """``sample_prompts``: a list of prompts as it is, or a text file's path read as ``rapm trajectories --prompts``."""
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        prompts = [v.strip() for v in value if v.strip()]
+        if len(prompts) != len(value):
+            raise ConfigError(f"{source}: field 'sample_prompts' holds an empty prompt; give each prompt some text")
+        return prompts
+    if not isinstance(value, str):
+        raise ConfigError(f"{source}: field 'sample_prompts' must be a list of prompts or a text file's path, got {value!r}")
+    if not value.strip():
+        return []
+    from rapm.trajectories import read_prompts
+
+    try:
+        return read_prompts(value)
+    except RapmError as e:
+        raise ConfigError(f"{source}: field 'sample_prompts': {e}") from None
 
 
 def apply_overrides(config: TrainConfig, values: dict, source: str) -> TrainConfig:

@@ -21,10 +21,19 @@ def to_pil(image: torch.Tensor):
     return Image.fromarray(array, mode="RGB" if array.shape[2] == 3 else "RGBA")
 
 
-def save_grid(images, path: str | Path, nrow: int = 8, padding: int = 2):
+MIN_CELL = 64  # pixels on screen of one image of a grid (the report's, and the PNGs training writes): a 16x16 digit at 4x
+
+
+def screen_scale(size: int) -> int:
+    """The nearest-neighbour factor that shows a ``size``-pixel image at least MIN_CELL pixels (1 from 64 px on)."""
+    return max(1, math.ceil(MIN_CELL / max(size, 1)))
+
+
+def save_grid(images, path: str | Path, nrow: int = 8, padding: int = 2, scale: int = 1):
     """Save images (a tensor [B, C, H, W] in [-1, 1], or a list of such [C, H, W] tensors or PIL images) as one grid.
 
-    ``nrow`` images a row, ``padding`` black pixels between and around them (torchvision's make_grid layout).
+    ``nrow`` images a row, ``padding`` black pixels between and around them (torchvision's make_grid layout); each
+    image enlarged ``scale`` times without smoothing (the padding stays ``padding``).
     """
     from PIL import Image
 
@@ -33,6 +42,8 @@ def save_grid(images, path: str | Path, nrow: int = 8, padding: int = 2):
         raise ValueError("save_grid needs at least one image")
     mode = "L" if all(p.mode == "L" for p in pils) else "RGB"
     pils = [p.convert(mode) for p in pils]
+    if scale > 1:
+        pils = [p.resize((p.width * scale, p.height * scale), Image.NEAREST) for p in pils]
     w, h = max(p.width for p in pils), max(p.height for p in pils)
     ncol = min(nrow, len(pils))
     nrows = math.ceil(len(pils) / ncol)

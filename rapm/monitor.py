@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from rapm import config as cfg
-from rapm.images import save_grid
+from rapm.images import save_grid, screen_scale
 from rapm.methods import Context
 from rapm.models import swap_in
 from rapm.run import GuardedWriter, LogFile, RunError, latest_checkpoint
@@ -73,11 +73,14 @@ class Monitor:
         self.bar.set_postfix({entry["phase"][:4]: f"{entry['loss']:.4f}"}, refresh=False)
         self.bar.update(1)
 
-    def samples(self, step: int, teacher, store, device, dtype) -> None:
+    def samples(self, step: int, teacher, store, device, dtype, previews: "Previews | None" = None) -> None:
         with swap_in(self.student_params, self.ema_of()):
             grid = sample_grid(teacher, store, self.run / "samples" / f"step-{step:08d}.png", self.config.num_samples,
                                device, dtype)
+            own = previews.grid(teacher, store, self.run / "samples" / f"prompts-step-{step:08d}.png") if previews else None
         _tensorboard_image(self.writer, "samples/student_top_teacher_bottom", grid, step)
+        if own is not None:
+            _tensorboard_image(self.writer, "samples/sample_prompts", own, step)
 
     def close(self) -> None:
         self.bar.close()
@@ -125,6 +128,36 @@ def sample_indices(prompts: list[str], count: int) -> list[int]:
     return sorted(distinct + rest[:count - len(distinct)])
 
 
+class Previews:
+    """The user's own preview prompts (config field ``sample_prompts``), encoded once when training starts, with the
+    training's UNet and the teacher's text encoders loaded beside it only for that: rendered by the student in its N
+    steps from the noise of seeds 0, 1, ... at every ``sample_every``, one row, in prompt order."""
+
+    def __init__(self, config, unet, store, device, dtype):
+        from rapm.teacher import load_teacher
+        from rapm.trajectories import initial_noise
+
+        self.prompts = list(config.sample_prompts)
+        encoder = load_teacher(config.teacher, device=device, dtype=dtype, text_encoders=True, vae=False, unet=unet)
+        cond, _ = encoder.encode_prompts(self.prompts)
+        self.cond = encoder.family_def.with_guidance(cond, store.guidance).to("cpu").map(lambda v: v.float())
+        self.noise = initial_noise(range(len(self.prompts)), store.latent_shape)
+        del encoder  # the text encoders go; the UNet stays training's
+
+    @torch.no_grad()
+    def grid(self, teacher, store, path: Path) -> Path:
+        from rapm.methods.base import student_trajectory
+
+        device = teacher.device
+        ends = []
+        for k in range(0, len(self.prompts), 8):  # a few at a time: the UNet's activations at batch 8
+            ctx = Context(teacher.unet, teacher.schedule, store.timesteps, store.guidance, [])
+            cond = self.cond[k:k + 8].to(device)
+            ends.append(student_trajectory(ctx, self.noise[k:k + 8].to(device), cond)[:, -1])
+        images = teacher.decode(torch.cat(ends)).float().cpu()
+        return save_grid(images, path, nrow=min(8, len(self.prompts)), scale=screen_scale(images.shape[-1]))
+
+
 @torch.no_grad()
 def sample_grid(teacher, store, path: Path, count: int, device, dtype) -> Path:
     """Top row: the student's N steps from the stored noise; bottom row: the stored teacher end point; the same
@@ -135,9 +168,9 @@ def sample_grid(teacher, store, path: Path, count: int, device, dtype) -> Path:
     batch = store.get(sample_indices(list(store.prompts), count)).to(device, torch.float32)
     ctx = Context(teacher.unet, teacher.schedule, store.timesteps, store.guidance, sample_generators(0, list(range(count))))
     student_end = student_trajectory(ctx, batch.latents[:, 0], batch.cond)[:, -1]
-    images = teacher.decode(torch.cat([student_end, batch.latents[:, -1]]))
+    images = teacher.decode(torch.cat([student_end, batch.latents[:, -1]])).float().cpu()
     path.parent.mkdir(parents=True, exist_ok=True)
-    return save_grid(images.float().cpu(), path, nrow=count)
+    return save_grid(images, path, nrow=count, scale=screen_scale(images.shape[-1]))
 
 
 def _tensorboard_image(writer, tag: str, png: Path, step: int) -> None:

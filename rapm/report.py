@@ -34,13 +34,13 @@ from rapm.errors import RapmError
 from rapm.evaluate import markdown_table
 from rapm.folders import Staged, commit, discard, stage
 from rapm.files import sha256_file
+from rapm.images import MIN_CELL  # pixels on screen of one image of a grid: a 16x16 digit at 4x
 
 
 class ReportError(RapmError):
     pass
 
 
-MIN_CELL = 64  # pixels on screen of one image of a grid: a 16x16 digit is drawn at 4x
 PAGE_PX = 1060  # the page's width for content (body 1100 px less its padding): no image is drawn wider
 CAPTION_LINES = 3  # lines of a column's prompt under a grid; a longer prompt ends in an ellipsis
 
@@ -360,6 +360,14 @@ def report(run: Path, evaluation: Path | None = None, out: Path | None = None) -
                                          lambda tmp, png=png, step=step, captions=captions: labelled_grid(
                                              png, labels, tmp, f"iteration {step}", captions))))
         staged += [t for _, t in training]
+        own = sorted((run / "samples").glob("prompts-step-*.png")) if (run / "samples").is_dir() else []
+        if own:  # the user's sample_prompts: the latest grid, each column's prompt under it (one row of up to 8)
+            prompts = list(config.get("sample_prompts") or [])
+            rows = max(1, -(-len(prompts) // 8))
+            step = own[-1].stem.split("-")[-1].lstrip("0") or "0"
+            plots["previews"] = stage(assets / "previews.png", lambda tmp: labelled_grid(
+                own[-1], [f"student, {n} steps"] * rows, tmp, f"iteration {step}", prompts if rows == 1 else None))
+            staged.append(plots["previews"])
         page, md = _pages(run, config, evaluation, result, out, plots, training)
         staged.append(stage(out.with_suffix(".md"), "\n".join(md).encode()))
         staged.append(stage(out, page.encode()))
@@ -606,6 +614,14 @@ def _pages(run: Path, config: dict, evaluation: Path, result: dict | None, out: 
         md += ["## During training", "", text, ""] + [f"![iteration {step}]({rel(t)})" for step, t in training] + [""]
         body += ["<h2>During training</h2>", f"<p>{esc(text)}</p>"] + [
             f"<figure>{_img_tag(t.tmp, f'iteration {step}')}</figure>" for step, t in training]
+    if plots.get("previews") is not None:
+        prompts = list(config.get("sample_prompts") or [])
+        text = (f"The student's {len(prompts)} preview prompt{'s' if len(prompts) != 1 else ''} (config field "
+                "sample_prompts), from the noise of seeds 0, 1, ..., at the last sample_every: " + "; ".join(prompts[:16])
+                + (" ..." if len(prompts) > 16 else "") + ".")
+        md += ["## Your preview prompts", "", text, "", f"![previews]({rel(plots['previews'])})", ""]
+        body += ["<h2>Your preview prompts</h2>", f"<p>{esc(text)}</p>",
+                 f"<figure>{_img_tag(plots['previews'].tmp, 'previews')}</figure>"]
     times = _wall_times(run, result)
     if times:
         md += ["## Wall time", ""] + [f"- {t}" for t in times] + [""]

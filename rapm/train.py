@@ -25,7 +25,7 @@ from rapm.discriminator import ABSOLUTE_BACKBONE
 from rapm.methods import METHODS, Context, Setup, TrajectoryBatch, build_method, ema_of, updates_of, with_recipe
 from rapm.models import (build_models, constant_schedule, ema_decay_at, lr_factor, lr_schedule, make_optimizer,  # noqa: F401
                          student_spec, swap_in, update_ema, weight_dtype)
-from rapm.monitor import Monitor
+from rapm.monitor import Monitor, Previews
 from rapm.processes import Processes, resolve_device
 from rapm.roles import DISCRIMINATOR, STUDENT, lora_parameters, set_trainable
 from rapm.run import (CHECKPOINT_PREFIX, ResumeWarning, RunError, TrainState, check_data_position,  # noqa: F401
@@ -308,6 +308,8 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
     if procs.main and config.eval_every > 0 and val_ids:
         validation = Validation(teacher, store, val_ids, device, dtype, config.val_reference_steps)
     monitor = Monitor(run, config, procs.main, start, progress, validation, student_params, lambda: state.ema)
+    previews = (Previews(config, unet, store, device, dtype)
+                if procs.main and config.sample_prompts and config.sample_every > 0 else None)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     cycle = phase_cycle(phases, updates_of(config), config.disc_every)
     student_updates = sum(phases["student"] in cycle[k % len(cycle)] for k in range(start))  # for the EMA's warm-up
@@ -345,7 +347,7 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
                 if step % config.checkpoint_every == 0 or step == config.iterations:
                     checkpoint = save(step)
                 if procs.main and config.sample_every > 0 and (step % config.sample_every == 0 or step == config.iterations):
-                    monitor.samples(step, teacher, store, device, dtype)
+                    monitor.samples(step, teacher, store, device, dtype, previews)
                 stop = preemption.signal_name is not None or (stop_after is not None and step - start >= stop_after)
                 if procs.any(stop):
                     stopped_by = preemption.signal_name or ("SIGTERM" if stop_after is None else "stop_after")
