@@ -19,6 +19,7 @@ demo: setup
 	$(VENV)/bin/rapm demo
 
 test: setup
+	@sh .ci/chromium
 	$(PY) -m pytest -q
 
 clean:

@@ -251,7 +251,7 @@ def plain_run(tiny_sd, sd_store, tmp_path_factory):
 CHROMIUM = find_browser()
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (.ci/run installs Debian's chromium with apt-get; "
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (make test installs Debian's chromium with apt-get where it runs as root; "
                                               "without apt-get it cannot be had here): the browser check needs one")
 def test_the_report_as_a_reader_sees_it_in_headless_chromium(plain_run, tmp_path):
     """A full-page screenshot of a demo-like run's report, and what a reader needs of it: the table, every image
