@@ -123,6 +123,8 @@ VERBS = {
     "evaluate": ("rapm.evaluate", "Compute metrics for teachers and students on held-out prompts and seeds.",
                  "Measure teachers and students on held-out prompts."),
     "report": ("rapm.report", "Write the HTML/markdown report of a run.", "Write the HTML/markdown report of a run."),
+    "convert": ("rapm.convert", "Convert a single-file SD 1.x / 2.x / SDXL checkpoint (A1111, civitai) into a "
+                "diffusers folder for --teacher.", "Convert a single-file checkpoint for --teacher."),
     "demo": ("rapm.demo.flow", "The whole flow on the built-in digits teacher, on a CPU.",
              "The whole flow on the built-in digits teacher, on a CPU."),
 }
