@@ -43,9 +43,12 @@ def parameter_count(module: torch.nn.Module, trainable_only: bool = False) -> in
 
 
 def lora_parameter_count(module: torch.nn.Module, target_modules: list[str], rank: int) -> int:
-    """Parameters of one rank-``rank`` LoRA on the Linear layers whose names end in a target (peft's matching)."""
+    """Parameters of one rank-``rank`` LoRA on the Linear layers that are targets (``rapm.roles.matches_target``, the
+    matching peft is given)."""
+    from rapm.roles import matches_target
+
     total = 0
     for name, layer in module.named_modules():
-        if isinstance(layer, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in target_modules):
+        if isinstance(layer, torch.nn.Linear) and matches_target(name, target_modules):
             total += rank * (layer.in_features + layer.out_features)
     return total

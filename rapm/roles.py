@@ -14,6 +14,7 @@ inferred from the active adapter; optimizers are built from ``lora_parameters``.
 
 from __future__ import annotations
 
+import re
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,10 +39,39 @@ SD3_TARGET_MODULES = [
     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
     "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
 ]
-# diffusers examples/dreambooth/train_dreambooth_lora_flux.py, its default target_modules (no --lora_layers): the
-# same names; in FLUX's single-stream blocks they match the attention's to_q/to_k/to_v (those blocks have no to_out
-# and no ff: their MLP is proj_mlp / proj_out, left out as in the diffusers script).
-FLUX_TARGET_MODULES = list(SD3_TARGET_MODULES)
+# FLUX: the twelve names above in the double-stream blocks. In the single-stream blocks those names match only the
+# attention's to_q / to_k / to_v, while FLUX LoRA trainers train the blocks' MLP too: diffusers'
+# examples/dreambooth/train_dreambooth_lora_flux.py adds ``proj_mlp`` to its default list; kohya-ss/sd-scripts'
+# networks/lora_flux.py trains every Linear of a SingleStreamBlock: ``linear1`` (q, k, v and the MLP's input in one
+# Linear: diffusers' to_q/to_k/to_v + proj_mlp) and ``linear2`` (the attention's and the MLP's output in one Linear:
+# diffusers' proj_out); ostris' ai-toolkit's FLUX LoRAs hold proj_mlp and proj_out (and the norms' Linears) too.
+# So rapm targets ``proj_mlp`` and the single blocks' ``proj_out`` as well: the single blocks are 38 of FLUX.1's 57
+# and hold 45% of its weights, and a single block's linear1 and linear2 are then wholly in the LoRA, as in a FLUX
+# LoRA of those trainers (the ComfyUI file's ``lora_unet_single_blocks_N_linear1`` / ``_linear2``).
+# The modulation Linears (norm.linear, norm1.linear, norm1_context.linear) stay out in every block, as in diffusers'
+# default and rapm's SD3 list (sd-scripts and ai-toolkit train them too). ``single_transformer_blocks.*.proj_out``,
+# not "proj_out": that would also match the transformer's final projection (BFL's final_layer.linear), outside
+# every trainer's blocks (``peft_targets`` reads the ``*``).
+FLUX_TARGET_MODULES = list(SD3_TARGET_MODULES) + ["proj_mlp", "single_transformer_blocks.*.proj_out"]
+
+
+def peft_targets(targets) -> list[str] | str:
+    """peft's ``target_modules`` for rapm's target names: a module path suffix each, matched as peft matches a list
+    (the module's path equals it or ends in "." + it); an entry with ``*`` (one path component, any name:
+    ``single_transformer_blocks.*.proj_out``) turns the list into the one regular expression peft fully matches."""
+    targets = list(targets)
+    if not any("*" in t for t in targets):
+        return targets
+    alternatives = "|".join(re.escape(t).replace(r"\*", r"[^.]+") for t in targets)
+    return rf"(?:.*\.)?(?:{alternatives})"
+
+
+def matches_target(name: str, targets) -> bool:
+    """Whether a module path is a LoRA target for ``targets`` (rapm's names, ``peft_targets``' matching)."""
+    pattern = peft_targets(targets)
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, name) is not None
+    return any(name == t or name.endswith("." + t) for t in pattern)
 
 
 @dataclass
@@ -56,7 +86,7 @@ class LoraSpec:
         from peft import LoraConfig
 
         return LoraConfig(
-            r=self.rank, lora_alpha=self.alpha, target_modules=list(self.target_modules)
+            r=self.rank, lora_alpha=self.alpha, target_modules=peft_targets(self.target_modules)
         )
 
 
