@@ -9,9 +9,12 @@ Two layouts of the same weights, both written by default (``fmt="both"``) into o
 * ``kohya``: ``NAME.safetensors`` (``--name``; ``kohya_lora`` by default), keys ``lora_unet_<module path with '_'>.{lora_down,lora_up}.weight`` and
   ``.alpha`` as kohya-ss/sd-scripts writes them: diffusers' module names for SD 1.x / 2.x, the LDM (sgm) names
   ``input_blocks`` / ``middle_block`` / ``output_blocks`` for SDXL. ComfyUI and A1111 read this one (ComfyUI
-  loads the diffusers file only in part and without alpha); diffusers converts it too. Its metadata is
-  sd-scripts' (``ss_*``, ``sshs_*``) and the SAI model spec's (``modelspec.*``), so A1111 lists it with the right
-  base model and the sampling settings travel with the file.
+  loads the diffusers file only in part and without alpha); diffusers converts it too. For SD3 and FLUX.1 it is
+  the layout of sd-scripts' ``networks.lora_sd3`` / ``networks.lora_flux``: the module names of the models'
+  reference implementations (SAI's MMDiT ``joint_blocks``, BFL's ``double_blocks`` / ``single_blocks``), which
+  ComfyUI's own models use, q / k / v (and FLUX's single-block MLP input) fused (``to_native_kohya``). Its
+  metadata is sd-scripts' (``ss_*``, ``sshs_*``) and the SAI model spec's (``modelspec.*``), so A1111 lists it with
+  the right base model and the sampling settings travel with the file.
 
 Both files carry rapm's own keys (``rapm.*``: N, the scheduler settings, guidance 1, the teacher). Beside the
 weights: ``README.md`` (a model card with the exact sampling settings for diffusers, ComfyUI and A1111) and
@@ -175,6 +178,150 @@ def ldm_module_name(module: str, blocks: dict[str, tuple[str, bool]]) -> str:
     raise ExportError(f"UNet module {module!r} has no LDM name; export this LoRA with format 'diffusers'")
 
 
+# FLUX.1 and SD3 in the names of their reference implementations (BFL's flux, SAI's MMDiT), which ComfyUI's models
+# and sd-scripts' training models use: ComfyUI looks a LoRA key up as ``lora_unet_`` + its own module path with '_'
+# and sd-scripts (networks/lora_flux.py, lora_sd3.py) writes exactly those names. Those implementations fuse the
+# attention's q, k and v (FLUX's single blocks also the MLP's input) into one Linear: such a native module is listed
+# with its diffusers parts in row order, a part None where no diffusers module exists. "swap": the native Linear
+# orders its output halves (shift, scale) the other way round from diffusers (ComfyUI's swap_scale_shift).
+_BFL_DOUBLE = {
+    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "img_attn.proj": ("attn.to_out.0",), "txt_attn.proj": ("attn.to_add_out",),
+    "img_mlp.0": ("ff.net.0.proj",), "img_mlp.2": ("ff.net.2",),
+    "txt_mlp.0": ("ff_context.net.0.proj",), "txt_mlp.2": ("ff_context.net.2",),
+    "img_mod.lin": ("norm1.linear",), "txt_mod.lin": ("norm1_context.linear",),
+}
+_BFL_SINGLE = {
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    "linear2": ("proj_out",), "modulation.lin": ("norm.linear",),
+}
+_BFL_TOP = {
+    "img_in": "x_embedder", "txt_in": "context_embedder",
+    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "final_layer.linear": "proj_out",
+}
+_MMDIT_BLOCK = {
+    "x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),  # SD3.5's second (dual) attention
+    "x_block.attn.proj": ("attn.to_out.0",), "context_block.attn.proj": ("attn.to_add_out",),
+    "x_block.attn2.proj": ("attn2.to_out.0",),
+    "x_block.mlp.fc1": ("ff.net.0.proj",), "x_block.mlp.fc2": ("ff.net.2",),
+    "context_block.mlp.fc1": ("ff_context.net.0.proj",), "context_block.mlp.fc2": ("ff_context.net.2",),
+    "x_block.adaLN_modulation.1": ("norm1.linear",), "context_block.adaLN_modulation.1": ("norm1_context.linear",),
+}
+_MMDIT_TOP = {
+    "x_embedder.proj": "pos_embed.proj", "context_embedder": "context_embedder",
+    "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+    "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+    "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
+    "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
+    "final_layer.linear": "proj_out",
+}
+# Which native naming a transformer's kohya file uses, by the family's diffusers denoiser class.
+NATIVE_NAMES = {"FluxTransformer2DModel": "bfl", "SD3Transformer2DModel": "mmdit"}
+
+
+def native_layout(transformer: torch.nn.Module, scheme: str) -> dict[str, tuple[tuple[str | None, ...], bool]]:
+    """The native modules of a diffusers FLUX (``scheme`` "bfl") or SD3 ("mmdit") transformer:
+    {native path: (the diffusers module paths it is made of, in row order, None for a part the model lacks; swap)}."""
+    def has(path: str) -> bool:
+        try:
+            transformer.get_submodule(path)
+            return True
+        except AttributeError:
+            return False
+
+    layout: dict[str, tuple[tuple[str | None, ...], bool]] = {}
+
+    def add(native: str, parts: tuple[str, ...], swap: bool = False) -> None:
+        found = tuple(p if has(p) else None for p in parts)
+        if any(found):
+            layout[native] = (found, swap)
+
+    if scheme == "bfl":
+        blocks = (("double_blocks", "transformer_blocks", _BFL_DOUBLE), ("single_blocks", "single_transformer_blocks", _BFL_SINGLE))
+        top = _BFL_TOP
+    elif scheme == "mmdit":
+        blocks = (("joint_blocks", "transformer_blocks", _MMDIT_BLOCK),)
+        top = _MMDIT_TOP
+    else:
+        raise ExportError(f"no native naming {scheme!r}; rapm knows {', '.join(sorted(set(NATIVE_NAMES.values())))}")
+    for native_prefix, prefix, table in blocks:
+        for i, block in enumerate(getattr(transformer, prefix, None) or []):
+            # SD3's last block (context_pre_only) ends the text stream with AdaLayerNormContinuous: (scale, shift)
+            pre_only = bool(getattr(block, "context_pre_only", False))
+            for native, parts in table.items():
+                swap = scheme == "mmdit" and pre_only and native == "context_block.adaLN_modulation.1"
+                add(f"{native_prefix}.{i}.{native}", tuple(f"{prefix}.{i}.{p}" for p in parts), swap)
+    for native, part in top.items():
+        add(native, (part,))
+    add("final_layer.adaLN_modulation.1", ("norm_out.linear",), swap=True)
+    return layout
+
+
+def _out_features(transformer: torch.nn.Module, path: str) -> int:
+    module = transformer.get_submodule(path)
+    return int(getattr(module, "base_layer", module).weight.shape[0])
+
+
+def to_native_kohya(state: dict[str, torch.Tensor], alpha: float, transformer: torch.nn.Module,
+                    scheme: str) -> dict[str, torch.Tensor]:
+    """peft keys of a FLUX / SD3 transformer adapter to sd-scripts' keys in the native names (``native_layout``):
+    ``lora_unet_<native path with '_'>.{lora_down,lora_up}.weight`` and ``.alpha``, which ComfyUI loads as they are.
+
+    A fused native Linear (q, k, v; FLUX's single-block linear1 also proj_mlp) gets one LoRA of rank k·r for the k
+    parts the adapter targets: lora_down stacks their A (k·r × in), lora_up is block-structured (each part's B in its
+    own rows and its own r columns, zero elsewhere, zero rows for an untargeted part), so lora_up @ lora_down is the
+    parts' B @ A stacked, exactly. Its alpha is k·alpha: ComfyUI and sd-scripts scale by alpha / rank, here
+    k·alpha / (k·r), the trained alpha / r.
+    """
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        module, _, kind = key.rpartition(".lora_")
+        if kind not in ("A.weight", "B.weight"):
+            raise ExportError(f"LoRA key {key!r} has no kohya equivalent (only plain lora_A / lora_B weights do)")
+        modules.setdefault(module, {})[kind[0]] = value
+    layout = native_layout(transformer, scheme)
+    owner = {part: native for native, (parts, _) in layout.items() for part in parts if part}
+    strays = sorted(m for m in modules if m not in owner)
+    if strays:
+        raise ExportError(f"transformer module {strays[0]!r} has no native ({scheme}) name for ComfyUI / sd-scripts; "
+                          "export this LoRA with format 'diffusers'")
+    out: dict[str, torch.Tensor] = {}
+    for native, (parts, swap) in layout.items():
+        present = [p for p in parts if p in modules]
+        if not present:
+            continue
+        name = "lora_unet_" + native.replace(".", "_")
+        if len(parts) == 1:
+            down, up = modules[present[0]]["A"], modules[present[0]]["B"]
+            if swap:  # rows (shift, scale) -> (scale, shift)
+                up = torch.cat(up.chunk(2, dim=0)[::-1], dim=0)
+        else:
+            sizes = [_out_features(transformer, p) if p else 0 for p in parts]
+            down = torch.cat([modules[p]["A"] for p in present], dim=0)
+            first = modules[present[0]]["B"]
+            up = first.new_zeros((sum(sizes), down.shape[0]) + tuple(first.shape[2:]))
+            row, col = 0, 0
+            for part, size in zip(parts, sizes):
+                if part in modules:
+                    b = modules[part]["B"]
+                    up[row:row + size, col:col + b.shape[1]] = b
+                    col += b.shape[1]
+                row += size
+        out[f"{name}.lora_down.weight"] = down.contiguous()
+        out[f"{name}.lora_up.weight"] = up.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(alpha) * len(present), dtype=torch.float32)
+    return out
+
+
 def sampling_scheduler_settings(scheduler_config: dict, steps: int) -> dict:
     """The DDIMScheduler settings that reproduce the student's N steps in diffusers.
 
@@ -206,14 +353,136 @@ def flow_sampling_settings(family: str, steps: int, guidance: float | None = Non
     return settings
 
 
+def comfyui_flow_settings(family: str, schedule, steps: int, guidance_scale: float, latent_hw: tuple[int, int]) -> dict:
+    """The ComfyUI settings of a flow-matching student (the model card's, ``rapm_lora.json``'s ``comfyui``).
+
+    KSampler's ``simple`` scheduler takes the model's shifted σ table at t = 1 - i/N: the trailing σ the student was
+    trained on (exactly when N divides the table's 1000 entries, SD3, or 10000, FLUX). The shift goes in explicitly,
+    ModelSamplingSD3 (its static shift) or ModelSamplingFlux (FLUX's μ, from width · height / 256 tokens, the
+    formula of diffusers' FluxPipeline with 256 / 4096 tokens; a FLUX teacher with a static shift s gets μ = ln s at
+    every size, the same σ); FLUX.1-dev's guidance embedding is a FluxGuidance node; cfg is 1 (SD3's guidance is
+    distilled, FLUX.1-dev has none to apply)."""
+    import math
+
+    flow = schedule.flow
+    settings = {"folder": "ComfyUI/models/loras", "loader": "LoraLoaderModelOnly", "strength": 1.0, "steps": int(steps),
+                "cfg": 1.0, "sampler": "euler", "scheduler": "simple", "denoise": 1.0}
+    if family == "flux" and not flow.use_dynamic_shifting:  # exp(μ) / (exp(μ) + 1/t - 1) is the static shift at μ = ln s
+        h, w = latent_hw
+        mu = math.log(float(flow.shift))
+        settings["model_sampling"] = {"node": "ModelSamplingFlux", "max_shift": mu, "base_shift": mu,
+                                      "width": int(w // 2 * 16), "height": int(h // 2 * 16), "mu": mu}
+        settings["flux_guidance"] = float(guidance_scale)
+    elif flow.use_dynamic_shifting:
+        h, w = latent_hw  # ComfyUI's node counts the tokens as width · height / (8 · 8 · 2 · 2), the image's at VAE scale 8
+        settings["model_sampling"] = {"node": "ModelSamplingFlux", "max_shift": float(flow.max_shift),
+                                      "base_shift": float(flow.base_shift), "width": int(w // 2 * 16),
+                                      "height": int(h // 2 * 16), "mu": float(schedule.mu)}
+        if (flow.base_image_seq_len, flow.max_image_seq_len) != (256, 4096):
+            settings["model_sampling"]["caveat"] = (
+                f"the teacher interpolates μ between {flow.base_image_seq_len} and {flow.max_image_seq_len} tokens, "
+                "ComfyUI's node between 256 and 4096: its μ differs")
+        settings["flux_guidance"] = float(guidance_scale)
+    else:
+        settings["model_sampling"] = {"node": "ModelSamplingSD3", "shift": float(flow.shift)}
+    return settings
+
+
+def _guidance_sentence(facts: dict) -> str:
+    """How the student is guided, for the model card and the kohya file's description."""
+    scheduler = facts["scheduler"]
+    if scheduler.get("class") == "FlowMatchEulerDiscreteScheduler" and "sigmas" not in scheduler:
+        return (f"sample with the guidance embedding {_number(scheduler['guidance_scale'])} (FLUX.1-dev's distilled "
+                "guidance, as the teacher ran) and CFG 1.")
+    return "guidance is distilled in, sample at CFG 1."
+
+
+def _comfyui_flow_section(facts: dict) -> str:
+    files, comfy, n = facts["files"], facts.get("comfyui"), facts["steps"]
+    again = "export again with `rapm export --format both` (the default) or `--format kohya`"
+    if "kohya" not in files or not comfy:
+        return (f"This export has no ComfyUI file. ComfyUI reads a LoRA's alpha only from its `.alpha` tensors, which "
+                f"the diffusers file does not have (its alpha is in the metadata): it would load that file at scale 1 "
+                f"instead of alpha / rank = {facts['lora']['alpha']} / {facts['lora']['rank']}; {again}.")
+    ms = comfy["model_sampling"]
+    if ms["node"] == "ModelSamplingFlux":
+        model = ("Load the FLUX.1 transformer with a Load Diffusion Model node (and its CLIP-L / T5 with DualCLIPLoader, "
+                 "type flux)")
+        shift = (f"ModelSamplingFlux node after the LoRA: max_shift {_number(ms['max_shift'])}, base_shift "
+                 f"{_number(ms['base_shift'])}, width {ms['width']}, height {ms['height']} (μ {ms['mu']:.4g}, the "
+                 "teacher's at the resolution it was trained at)")
+        if ms.get("caveat"):
+            shift += f"; note: {ms['caveat']}"
+        guide = (f"FluxGuidance node on the prompt's conditioning: guidance {_number(comfy['flux_guidance'])}, the "
+                 "guidance embedding the student was trained at (FLUX.1-dev's distilled guidance; not CFG)")
+        cfg = "cfg 1.0 (FLUX.1-dev samples without classifier-free guidance)"
+    else:
+        model = "Load the SD3 checkpoint (Load Checkpoint, or Load Diffusion Model with its three text encoders)"
+        shift = f"ModelSamplingSD3 node after the LoRA: shift {_number(ms['shift'])}, the teacher's"
+        guide = None
+        cfg = ("cfg 1.0, guidance 1: classifier-free guidance is distilled into the student (a negative prompt has no "
+               "effect at cfg 1)")
+    nodes = [f"{model}; then a LoraLoaderModelOnly node with `{files['kohya']}` (strength 1.0) on its MODEL", shift]
+    if guide:
+        nodes.append(guide)
+    nodes.append(f"KSampler: steps {n}, {cfg}, sampler `euler`, scheduler `simple`, denoise 1.0")
+    steps = "\n".join(f"{i}. {step}." for i, step in enumerate(nodes, 1))
+    table = 10000 if ms["node"] == "ModelSamplingFlux" else 1000  # ModelSamplingFlux's table, ModelSamplingSD3's
+    divides = "" if table % n == 0 else f": {n} does not, so some steps fall up to 1/{table} in t off the student's"
+    return f"""Copy `{files['kohya']}` into `ComfyUI/models/loras/`. Then:
+
+{steps}
+
+`simple` takes the model's own shifted σ at t = 1, 1 - 1/{n}, …, 1/{n}: the trailing σ the student was trained on
+(exactly when {n} divides the {table} entries of ComfyUI's σ table{divides}; `sgm_uniform` ends its t grid at
+ComfyUI's σ_min instead of 0, close but not the same steps). The file's keys are
+`lora_unet_` + the module names of ComfyUI's own {'FLUX' if ms['node'] == 'ModelSamplingFlux' else 'MMDiT'} model,
+and each module carries its `.alpha`, the only place ComfyUI reads alpha from (the diffusers file keeps it in its
+metadata: ComfyUI would load it at scale 1 instead of alpha / rank). These settings follow from ComfyUI's source;
+they were not run in ComfyUI here."""
+
+
 def _flow_model_card(facts: dict, out_dir: Path) -> str:
-    sched = facts["scheduler"]
+    sched, files = facts["scheduler"], facts["files"]
     cls = _family(facts["teacher_family"]).pipeline_class_names[0]
     n, lora, teacher = facts["steps"], facts["lora"], facts["teacher_path"]
     sigmas = f"sigmas={sched['sigmas']}, " if "sigmas" in sched else ""
-    what = ("guidance 1.0: classifier-free guidance is distilled into the student, so sample without it"
-            if facts["teacher_family"] == "sd3" else
-            f"guidance embedding {sched['guidance_scale']} (FLUX.1-dev's distilled guidance, as the teacher ran)")
+    flux = "sigmas" not in sched
+    what = (f"guidance embedding {sched['guidance_scale']} (FLUX.1-dev's distilled guidance, as the teacher ran)" if flux
+            else "guidance 1.0: classifier-free guidance is distilled into the student, so sample without it")
+    scheme = native_scheme(facts["teacher_family"])
+    if "diffusers" in files:
+        diffusers = f"""```python
+import torch
+from diffusers import {cls}
+
+pipe = {cls}.from_pretrained("{teacher}")
+pipe.load_lora_weights("{out_dir}")  # picks {DIFFUSERS_WEIGHT_NAME}
+pipe.fuse_lora()  # optional: fold the LoRA into the transformer's weights
+image = pipe("a photo of a cat", num_inference_steps={n}, {sigmas}guidance_scale={sched['guidance_scale']},
+             generator=torch.Generator("cpu").manual_seed(0)).images[0]
+image.save("cat.png")
+```"""
+    else:
+        diffusers = ("This export has no diffusers file: export again with `rapm export --format both` (the default) "
+                     "or `--format diffusers`.")
+    kohya = files.get("kohya")
+    for_diffusers = f"`{files['diffusers']}`" if "diffusers" in files else "none: export with --format diffusers"
+    for_comfy = f"`{kohya}`" if kohya else "none: export with --format kohya"
+    rows = [f"| diffusers (`load_lora_weights`), rapm | {for_diffusers} |", f"| ComfyUI, kohya sd-scripts | {for_comfy} |"]
+    which = ""
+    if kohya:
+        fused = ("FLUX's fused q / k / v (`img_attn.qkv`, `txt_attn.qkv`, the single blocks' `linear1`)" if scheme == "bfl"
+                 else "the MMDiT's fused q / k / v (`attn.qkv`)")
+        which = (f"\n\nThe `{kohya}` file is in sd-scripts' layout ({_NATIVE_NETWORK_MODULE[scheme]}): keys "
+                 f"`lora_unet_<module>.lora_down/lora_up/alpha` in the native module names. A LoRA on {fused} is the "
+                 f"diffusers q, k and v LoRAs in one, of rank k · {lora['rank']} for its k trained parts, with alpha "
+                 f"k · {lora['alpha']}: the same alpha / rank, the same weights. It carries sd-scripts' and the SAI "
+                 "model spec's metadata and rapm's `rapm.*` keys (N, the scheduler, the guidance).")
+        if scheme == "bfl":
+            which += (" diffusers reads it too (`load_lora_weights(folder, weight_name=...)`: its converter of "
+                      "sd-scripts FLUX LoRAs, which splits a single block's `linear1` at FLUX.1's widths only); the "
+                      "diffusers file is the one it loads as trained.")
     return f"""# {n}-step student LoRA for {facts['teacher']}
 
 A LoRA distilled with rapm (Relative and Absolute Position Matching, arXiv 2503.20744) that makes the flow-matching
@@ -224,29 +493,27 @@ teacher a {n}-step Euler sampler at {what}.
 | teacher | `{teacher}` ({facts['teacher_family']}, {cls}) |
 | steps (N) | {n}, σ · 1000 = {[round(t, 3) for t in facts['timesteps']]} |
 | LoRA | rank {lora['rank']}, alpha {lora['alpha']}, {lora['modules']} modules, {lora['parameters']:,} parameters |
-| files | {', '.join(f"`{name}` ({fmt})" for fmt, name in facts['files'].items())} |
+| files | {', '.join(f"`{name}` ({fmt})" for fmt, name in files.items())} |
 | base transformer | `{facts['base_unet_fingerprint']}` |
 
 ## Sampling settings
 
-- scheduler: the teacher's own `FlowMatchEulerDiscreteScheduler` (its shift{', dynamic shift' if facts['teacher_family'] == 'flux' else ''})
+- scheduler: the teacher's own `FlowMatchEulerDiscreteScheduler` (its shift{', dynamic shift' if flux else ''})
 - `num_inference_steps={n}`, {sigmas}`guidance_scale={sched['guidance_scale']}`
+
+## Which file
+
+| client | file |
+| --- | --- |
+{chr(10).join(rows)}{which}
 
 ## diffusers
 
-```python
-import torch
-from diffusers import {cls}
+{diffusers}
 
-pipe = {cls}.from_pretrained("{teacher}")
-pipe.load_lora_weights("{out_dir}")
-pipe.fuse_lora()  # optional: fold the LoRA into the transformer's weights
-image = pipe("a photo of a cat", num_inference_steps={n}, {sigmas}guidance_scale={sched['guidance_scale']},
-             generator=torch.Generator("cpu").manual_seed(0)).images[0]
-image.save("cat.png")
-```
+## ComfyUI
 
-Only diffusers' layout is written: {_why_no_kohya(facts['teacher_family'])}.
+{_comfyui_flow_section(facts)}
 
 ## rapm
 
@@ -256,13 +523,6 @@ rapm sample --teacher {facts['teacher']} --lora {out_dir} --prompt "a photo of a
 
 `{FACTS_NAME}` holds these facts machine-readable.
 """
-
-
-def _why_no_kohya(family: str) -> str:
-    """Why a flow teacher's export has no kohya file (the card's sentence, the error's reason)."""
-    if family == "flux":
-        return "diffusers reads kohya / ComfyUI FLUX LoRAs but has no writer in that direction"
-    return f"rapm has no writer of a kohya / ComfyUI layout for a {family} transformer"
 
 
 def sampling_summary(steps: int, scheduler: dict) -> str:
@@ -318,8 +578,12 @@ def usage_hint(steps: int, scheduler: dict) -> str:
     """One line a user reads in a client's model info: the sampling settings the student needs."""
     if scheduler.get("class") == "FlowMatchEulerDiscreteScheduler":
         sigmas = f", sigmas={scheduler['sigmas']}" if "sigmas" in scheduler else ""
+        flux = "sigmas" not in scheduler  # FLUX.1-dev: the guidance is an embedding, ComfyUI's FluxGuidance node
+        comfy = (f"FluxGuidance {scheduler['guidance_scale']}, ModelSamplingFlux at the trained resolution" if flux
+                 else "ModelSamplingSD3 with the teacher's shift")
         return (f"{steps} steps, guidance {scheduler['guidance_scale']}, no negative prompt. diffusers: the teacher's "
-                f"FlowMatchEulerDiscreteScheduler, num_inference_steps={steps}{sigmas}.")
+                f"FlowMatchEulerDiscreteScheduler, num_inference_steps={steps}{sigmas}. ComfyUI: {comfy}, KSampler cfg "
+                "1.0, sampler euler, scheduler simple.")
     return (f"{steps} steps, guidance (CFG) 1.0, no negative prompt. diffusers: DDIMScheduler with "
             f"timestep_spacing='trailing', clip_sample=False, set_alpha_to_one={scheduler['set_alpha_to_one']}. ComfyUI: "
             "sampler ddim (or euler), scheduler sgm_uniform. A1111: sampler Euler, schedule type SGM Uniform.")
@@ -331,7 +595,7 @@ def rapm_metadata(facts: dict) -> dict[str, str]:
         "rapm.version": rapm.__version__,
         "rapm.steps": str(facts["steps"]),
         "rapm.timesteps": json.dumps(facts["timesteps"]),
-        "rapm.guidance_scale": "1.0",
+        "rapm.guidance_scale": str(float(facts["scheduler"].get("guidance_scale", 1.0))),
         "rapm.scheduler": json.dumps(facts["scheduler"], sort_keys=True),
         "rapm.teacher": facts["teacher"],
         "rapm.teacher_family": facts["teacher_family"],
@@ -344,10 +608,11 @@ def rapm_metadata(facts: dict) -> dict[str, str]:
 def kohya_metadata(kohya: dict[str, torch.Tensor], facts: dict, output_name: str, finished_at: float) -> dict[str, str]:
     """sd-scripts' ``ss_*`` keys, the SAI model spec's ``modelspec.*`` keys and rapm's, with the two hashes."""
     lora = facts["lora"]
+    scheme = native_scheme(facts["teacher_family"])
     conv3x3 = any(v.ndim == 4 and tuple(v.shape[2:]) != (1, 1) for k, v in kohya.items() if k.endswith("lora_down.weight"))
     version, v2 = facts["base_model_version"], facts["v2"]
     meta = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": _NATIVE_NETWORK_MODULE.get(scheme, "networks.lora"),
         "ss_network_dim": str(lora["rank"]),
         "ss_network_alpha": str(lora["alpha"]),
         "ss_base_model_version": version,
@@ -371,16 +636,17 @@ def kohya_metadata(kohya: dict[str, torch.Tensor], facts: dict, output_name: str
     meta.update({
         "modelspec.sai_model_spec": SAI_MODEL_SPEC_VERSION,
         "modelspec.architecture": sai_architecture(facts["teacher_family"], v2, facts["prediction_type"]),
-        "modelspec.implementation": _family(facts["teacher_family"]).modelspec_implementation,
+        "modelspec.implementation": _NATIVE_IMPLEMENTATION.get(scheme) or _family(facts["teacher_family"]).modelspec_implementation,
         "modelspec.title": facts.get("name") or f"{facts['steps']}-step rapm student of {Path(facts['teacher']).name}",
         "modelspec.description": (f"A {facts['steps']}-step LoRA distilled with rapm (arXiv 2503.20744) from "
-                                   f"{facts['teacher']}; guidance is distilled in, sample at CFG 1."),
+                                   f"{facts['teacher']}; {_guidance_sentence(facts)}"),
         "modelspec.date": datetime.datetime.fromtimestamp(int(finished_at)).isoformat(),
         "modelspec.resolution": f"{width}x{height}",
-        "modelspec.prediction_type": "v" if facts["prediction_type"] == "v_prediction" else "epsilon",
         "modelspec.usage_hint": usage_hint(facts["steps"], facts["scheduler"]),
         "modelspec.implementation_version": f"rapm/{rapm.__version__}",
     })
+    if scheme is None:  # the spec's prediction types are epsilon and v; a flow-matching model has neither
+        meta["modelspec.prediction_type"] = "v" if facts["prediction_type"] == "v_prediction" else "epsilon"
     meta.update(rapm_metadata(facts))
     model_hash, legacy_hash = additional_network_hashes(kohya, meta)
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = model_hash, legacy_hash
@@ -391,6 +657,17 @@ def sd_model_name(teacher: str) -> str:
     """sd-scripts' ``ss_sd_model_name``: the teacher as given, a local path by its base name."""
     path = Path(teacher).expanduser()
     return path.name if path.exists() and path.name else str(teacher)
+
+
+def native_scheme(family: str) -> str | None:
+    """The native naming of a transformer family's kohya file ("bfl" for FLUX, "mmdit" for SD3); None for a UNet's."""
+    return NATIVE_NAMES.get(_family(family).denoiser_class_name)
+
+
+# sd-scripts' network module and the SAI model spec's implementation id of a file in each native naming.
+_NATIVE_NETWORK_MODULE = {"bfl": "networks.lora_flux", "mmdit": "networks.lora_sd3"}
+_NATIVE_IMPLEMENTATION = {"bfl": "https://github.com/black-forest-labs/flux",
+                          "mmdit": "https://github.com/Stability-AI/generative-models"}
 
 
 def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -438,11 +715,15 @@ def _write_kohya(folder: Path, state: dict, meta: dict, family: str, unet: torch
     if special:
         raise ExportError(f"the kohya layout holds plain LoRA with one rank and alpha; this adapter sets {', '.join(special)}: "
                           "export it with format 'diffusers'")
-    module_name = None
-    if _family(family).kohya_names == "ldm":  # sd-scripts trains SDXL on its LDM UNet: its files (and A1111's loader) use LDM names
-        blocks = ldm_block_map(unet.config)
-        module_name = lambda module: ldm_module_name(module, blocks)  # noqa: E731
-    kohya = to_kohya(state, float(meta["lora_alpha"]), module_name)
+    scheme = native_scheme(family)
+    if scheme:  # FLUX / SD3: sd-scripts' and ComfyUI's native module names, q / k / v fused
+        kohya = to_native_kohya(state, float(meta["lora_alpha"]), unet, scheme)
+    else:
+        module_name = None
+        if _family(family).kohya_names == "ldm":  # sd-scripts trains SDXL on its LDM UNet: its files (and A1111's loader) use LDM names
+            blocks = ldm_block_map(unet.config)
+            module_name = lambda module: ldm_module_name(module, blocks)  # noqa: E731
+        kohya = to_kohya(state, float(meta["lora_alpha"]), module_name)
     name = facts["files"]["kohya"]
     header = kohya_metadata(kohya, facts, Path(name).stem, time.time())
     _save_file(save_file, kohya, folder / name, header)
@@ -612,10 +893,10 @@ def export_lora(
     teacher_dir, scheduler_config, has_vae, vae_scale = info.path, info.scheduler_config, info.has_vae, info.vae_scale_factor
     num_train_timesteps = int(scheduler_config.get("num_train_timesteps", 1000))
     schedule = teacher_schedule(info)
-    if schedule.is_flow:
+    if schedule.is_flow and native_scheme(family) is None:  # a transformer whose native module names rapm does not know
         if fmt == "kohya":
-            raise ExportError(f"format 'kohya' is not written for a {family} teacher: {_why_no_kohya(family)}; export "
-                              "with format 'diffusers'")
+            raise ExportError(f"format 'kohya' is not written for a {family} teacher: rapm knows no ComfyUI / sd-scripts "
+                              "module names for its transformer; export with format 'diffusers'")
         fmt = "diffusers"
     timesteps = schedule.coarse(steps)
     prediction_type = schedule.prediction_type if schedule.is_flow else scheduler_config.get("prediction_type", "epsilon")
@@ -662,6 +943,9 @@ def export_lora(
             },
             "base_unet_fingerprint": base_unet_fingerprint(unet),
         }
+        if schedule.is_flow:
+            facts["comfyui"] = comfyui_flow_settings(family, schedule, steps, facts["scheduler"]["guidance_scale"],
+                                                     (height, width))
         if name:
             facts["name"] = name
         if training_steps is not None:
@@ -794,8 +1078,11 @@ def cli(
                 training_steps=config.get("step"), guidance=_store_guidance(config, teacher), name=name,
                 run_settings=settings)
     facts = read_export_facts(out) or {}
+    flow = "comfyui" in facts  # a FLUX / SD3 student: its kohya file is sd-scripts' FLUX / SD3 layout
     for fmt, file_name in facts.get("files", {}).items():
-        use = "diffusers' load_lora_weights, rapm sample" if fmt == "diffusers" else "ComfyUI (models/loras), A1111 (models/Lora)"
+        use = ("diffusers' load_lora_weights, rapm sample" if fmt == "diffusers" else
+               "ComfyUI (models/loras, LoraLoaderModelOnly), kohya sd-scripts" if flow else
+               "ComfyUI (models/loras), A1111 (models/Lora)")
         typer.echo(f"wrote {out / file_name} ({fmt}: {use})")
     summary = sampling_summary(int(steps), facts["scheduler"]) if "scheduler" in facts else f"{steps} steps"
     typer.echo(f"sample with {summary} (README.md there): "

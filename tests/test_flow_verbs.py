@@ -129,14 +129,18 @@ def test_export_loads_in_a_fresh_pipeline_and_gives_rapm_samples_images(flow):
 
     family, root, teacher, store = flow
     run = root / "rapm" if (root / "rapm").exists() else _train(root, teacher, store, "rapm")
-    result = _invoke("export", "--run", run, "--out", root / "lora-cli")  # the verb itself: diffusers layout only
+    result = _invoke("export", "--run", run, "--out", root / "lora-cli")  # the verb itself: both files by default
     facts = json.loads((root / "lora-cli" / "rapm_lora.json").read_text())
     card = (root / "lora-cli" / "README.md").read_text()
-    assert set(facts["files"]) == {"diffusers"}
+    # issue 31: a FLUX / SD3 export writes the ComfyUI (sd-scripts layout) file beside the diffusers one
+    assert facts["files"] == {"diffusers": "pytorch_lora_weights.safetensors", "kohya": "kohya_lora.safetensors"}
+    assert all((root / "lora-cli" / name).exists() for name in facts["files"].values())
     # issue 31: the closing line gives the family's own settings (it said "guidance 1, DDIM trailing" for FLUX too)
     own = ("guidance 1, FlowMatch Euler, sigmas linspace(1, 1/2, 2)" if family == "sd3" else "guidance 3.5, FlowMatch Euler")
     assert f"sample with {STEPS} steps, {own} (README.md there)" in result.output and "DDIM" not in result.output
-    assert ("FLUX LoRAs" in card) == (family == "flux")  # diffusers reads kohya FLUX LoRAs: not a sentence for SD3
+    assert "## ComfyUI" in card and "LoraLoaderModelOnly" in card and "kohya_lora.safetensors" in card
+    assert ("ModelSamplingFlux" in card) == (family == "flux") and ("ModelSamplingSD3" in card) == (family == "sd3")
+    assert ("FLUX LoRAs" in card) == (family == "flux")  # diffusers converts sd-scripts FLUX files, not SD3 ones
     if family == "sd3":  # StableDiffusion3Pipeline needs the trailing σ given; CFG is distilled
         assert facts["scheduler"]["sigmas"] == [1.0, 0.5] and "sigmas=[1.0, 0.5]" in card
         assert facts["scheduler"]["guidance_scale"] == 1.0

@@ -76,16 +76,17 @@ def build_tiny_sd3(folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
-def build_tiny_flux(folder: str | Path, seed: int = 0) -> Path:
-    """Save a tiny random FluxPipeline (FLUX.1-dev-shaped: guidance embedding, dynamic shift) to ``folder``."""
+def build_tiny_flux(folder: str | Path, seed: int = 0, single_layers: int = 1) -> Path:
+    """Save a tiny random FluxPipeline (FLUX.1-dev-shaped: guidance embedding, dynamic shift) to ``folder``; one
+    double-stream block and ``single_layers`` single-stream blocks."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     torch.manual_seed(seed)
     tokenizer, tokenizer_2 = (build_clip_tokenizer(WORDS, model_max_length=MAX_TOKENS) for _ in range(2))
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=4,
-        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(2, 2, 4),
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=single_layers, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(2, 2, 4),
     )
     pipe = FluxPipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=_vae(FLUX_VAE_FACTORS),
