@@ -231,53 +231,50 @@ def _check_method_applies(config: TrainConfig, store) -> None:
                           f"flow-matching teacher ({store.family}); set rdd_weight=0")
 
 
-def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overwrite: bool, progress: bool,
-           stop_after: int | None, trust_checkpoint: bool) -> TrainResult:
-    from rapm.trajectories import open_store
-
-    device = procs.device if (procs.world > 1 and config.device == "auto") else resolve_device(config.device)
-    dtype = weight_dtype(config, device)
-    config = with_recipe(config)  # the method's own settings, written into config.json: a resume keeps them
-    store = open_store(Path(config.store))
-    _check_method_applies(config, store)
+def _split(config: TrainConfig, store, main: bool) -> tuple[list[int], list[int]]:
+    """The training and held-out trajectories of ``store`` (``val_fraction``, ``train_trajectories``); a warning when
+    validation is off because the store is too small to hold any out."""
     train_ids, val_ids = split_indices(len(store), config.val_fraction, split_seed(config))
     note = held_out_note(len(store), config.val_fraction) if config.eval_every > 0 else None
-    if note is not None and procs.main:
-        warnings.warn(f"{config.store}: {note}", ValidationWarning, stacklevel=3)
+    if note is not None and main:
+        warnings.warn(f"{config.store}: {note}", ValidationWarning, stacklevel=4)
     if config.train_trajectories:
         if config.train_trajectories > len(train_ids):
             raise ConfigError(f"config field 'train_trajectories': {config.train_trajectories} is more than the "
                               f"{len(train_ids)} training trajectories of {config.store} (after val_fraction "
                               f"{config.val_fraction}); use 0 for all of them")
         train_ids = train_ids[:config.train_trajectories]
-    method = build_method(config, _delta(config, store))
-    ema_decay, ema_warmup = ema_of(config)
-    if config.relative_target == "ema" and ema_decay <= 0:
-        raise ConfigError(f"config field 'relative_target': 'ema' needs an EMA, and method {config.method!r} keeps none "
-                          "by default; set ema_decay (such as 0.99)")
-    torch.manual_seed(config.seed)  # the LoRA A matrices and the heads start from the seed
-    teacher, disc = build_models(config, device, need_vae=config.sample_every > 0, with_discriminator=method.uses_discriminator)
-    store.check_teacher(teacher, steps=store.steps)  # the teacher, and the store's timesteps for its N
-    if procs.main and teacher.schedule.num_train_timesteps % store.steps and not teacher.schedule.is_flow:
+    return train_ids, val_ids
+
+
+def _warn_if_steps_do_not_divide(config: TrainConfig, teacher, store) -> None:
+    if teacher.schedule.num_train_timesteps % store.steps and not teacher.schedule.is_flow:
         from rapm.trajectories import StepsWarning, steps_do_not_divide
 
         warnings.warn(f"{Path(config.store) / 'manifest.json'}: the store's N = {store.steps} (rapm trajectories "
                       f"--steps) " + steps_do_not_divide(teacher.schedule.num_train_timesteps, store.steps),
-                      StepsWarning, stacklevel=3)
-    if procs.main:  # every input is checked: only now may --overwrite delete rapm's files of the old run
-        prepare_run_dir(run, resume, overwrite)
-        clean_stale_files(run)
-    procs.barrier()
-    unet = teacher.unet
-    method.prepare(Setup(unet, teacher.schedule, store, device, dtype))
-    phases = build_phases(config, unet, disc, method)
-    student_params = lora_parameters(unet, STUDENT)  # what is exported (and averaged into the EMA)
-    ema = {n: p.detach().float().clone() for n, p in student_params.items()} if ema_decay > 0 else None
-    disc_phase = phases.get("discriminator")
-    state = TrainState(student_params, disc_phase.params if disc_phase else {}, ema, phases["student"].optimizer,
-                       phases["student"].scheduler, disc_phase and disc_phase.optimizer, disc_phase and disc_phase.scheduler,
-                       method)
+                      StepsWarning, stacklevel=4)
 
+
+def _ema(config: TrainConfig) -> tuple[float, bool]:
+    ema_decay, ema_warmup = ema_of(config)
+    if config.relative_target == "ema" and ema_decay <= 0:
+        raise ConfigError(f"config field 'relative_target': 'ema' needs an EMA, and method {config.method!r} keeps none "
+                          "by default; set ema_decay (such as 0.99)")
+    return ema_decay, ema_warmup
+
+
+def _state(phases: dict, student_params: dict, ema_decay: float, method) -> TrainState:
+    """What a checkpoint holds: the parameters, the EMA (a copy of the student when the run keeps one), optimizers."""
+    ema = {n: p.detach().float().clone() for n, p in student_params.items()} if ema_decay > 0 else None
+    disc = phases.get("discriminator")
+    return TrainState(student_params, disc.params if disc else {}, ema, phases["student"].optimizer,
+                      phases["student"].scheduler, disc and disc.optimizer, disc and disc.scheduler, method)
+
+
+def _resume(run: Path, resume: bool, trust_checkpoint: bool, state: TrainState, config: TrainConfig, store, device):
+    """(the step to start at, the checkpoint resumed from or None, when the run first started) after restoring
+    ``state`` from the run's last checkpoint when ``resume``."""
     start = 0
     last, saved = load_resume_checkpoint(run, trust_checkpoint) if resume else (None, None)
     if last is not None:
@@ -288,6 +285,36 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
     started_at = saved.get("training_started_at") if last is not None else time.time()
     if last is not None and config.lr_schedule != "constant":
         _warn_if_schedule_stretches(run / "config.json", config, start)
+    return start, last, started_at
+
+
+def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overwrite: bool, progress: bool,
+           stop_after: int | None, trust_checkpoint: bool) -> TrainResult:
+    from rapm.trajectories import open_store
+
+    device = procs.device if (procs.world > 1 and config.device == "auto") else resolve_device(config.device)
+    dtype = weight_dtype(config, device)
+    config = with_recipe(config)  # the method's own settings, written into config.json: a resume keeps them
+    store = open_store(Path(config.store))
+    _check_method_applies(config, store)
+    train_ids, val_ids = _split(config, store, procs.main)
+    method = build_method(config, _delta(config, store))
+    ema_decay, ema_warmup = _ema(config)
+    torch.manual_seed(config.seed)  # the LoRA A matrices and the heads start from the seed
+    teacher, disc = build_models(config, device, need_vae=config.sample_every > 0, with_discriminator=method.uses_discriminator)
+    store.check_teacher(teacher, steps=store.steps)  # the teacher, and the store's timesteps for its N
+    if procs.main:
+        _warn_if_steps_do_not_divide(config, teacher, store)
+    if procs.main:  # every input is checked: only now may --overwrite delete rapm's files of the old run
+        prepare_run_dir(run, resume, overwrite)
+        clean_stale_files(run)
+    procs.barrier()
+    unet = teacher.unet
+    method.prepare(Setup(unet, teacher.schedule, store, device, dtype))
+    phases = build_phases(config, unet, disc, method)
+    student_params = lora_parameters(unet, STUDENT)  # what is exported (and averaged into the EMA)
+    state = _state(phases, student_params, ema_decay, method)
+    start, last, started_at = _resume(run, resume, trust_checkpoint, state, config, store, device)
     if procs.main:  # only once the store and the checkpoint are known to fit: a refused resume changes nothing
         atomic_write(run / "config.json", json.dumps(cfg.to_dict(config), indent=2).encode())
         truncate_log(run / "logs.jsonl", start)

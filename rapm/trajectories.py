@@ -503,6 +503,77 @@ def _open_out(out: Path, overwrite: bool, manifest: dict, prompts_text: str, neg
     atomic_write(out / NEGATIVE, negative_bytes)
 
 
+def _warn_truncated(teacher_model: Teacher, prompts, prompt_list: list[str]) -> list[int]:
+    """The prompts longer than the tokenizers take (``truncated_prompts``), with one warning naming the first."""
+    long = truncated_prompts(teacher_model, prompt_list)
+    if long:
+        count = len(prompt_list)
+        limit = min(tok.model_max_length for tok in teacher_model.tokenizers)
+        warnings.warn(f"{prompts}: {len(long)} of {plural(count, 'prompt')} {'is' if len(long) == 1 else 'are'} longer than "
+                      f"the tokenizer's {limit} tokens and {'is' if len(long) == 1 else 'are'} "
+                      f"truncated as diffusers does (first: line {long[0] + 1}); manifest.json lists them in "
+                      "truncated_prompts", TruncatedPromptWarning, stacklevel=4)
+    return long
+
+
+def _manifest(teacher, teacher_model: Teacher, teacher_dtype: str, settings: dict, prompts_text: str,
+              negative_bytes: bytes, long: list[int], uncond_one: Conditioning) -> dict:
+    """The store's manifest.json, incomplete (no shards yet): every setting that fixes what the store holds."""
+    schedule, s = teacher_model.schedule, settings
+    low, high = s["guidance_range"]
+    return {
+        "format_version": FORMAT_VERSION,
+        "complete": False,
+        "teacher": {"path": _teacher_label(teacher), "family": teacher_model.family,
+                    "unet_hash": unet_hash(teacher_model.path), "dtype": teacher_dtype},
+        "scheduler": teacher_model.scheduler_config,
+        "steps": s["steps"],
+        "substeps": s["substeps"],
+        "solver": s["solver"],
+        "delta": s["delta"],
+        "guidance": s["guidance"],
+        **({"guidance_range": [low, high]} if low < high else {}),
+        "negative_prompt": s["negative_prompt"],
+        "seed": s["seed"],
+        "timesteps": s["timesteps"],
+        **({"mu": schedule.mu} if schedule.is_flow and schedule.mu is not None else {}),
+        "latent_shape": list(teacher_model.latent_shape),
+        "dtype": s["dtype"],
+        "count": s["count"],
+        "shard_size": s["shard_size"],
+        "prompts": {"file": PROMPTS, "sha256": sha256_text(prompts_text)},
+        "negative": {"file": NEGATIVE, "sha256": hashlib.sha256(negative_bytes).hexdigest()},
+        "truncated_prompts": long,
+        "conditioning": {name: list(v.shape[1:]) for name, v in uncond_one.tensors().items()}
+                        | ({"guidance": []} if low < high else {}),
+        "shards": [],
+    }
+
+
+def _write_my_shards(out: Path, teacher_model: Teacher, prompt_list: list[str], manifest: dict, batch_size: int,
+                     uncond_one: Conditioning, rank: int, world: int, show: bool) -> None:
+    """This process's shards (shard k is process k % world's) that are not complete yet, with the progress bar."""
+    from tqdm.auto import tqdm
+
+    count, shard_size = manifest["count"], manifest["shard_size"]
+    mine = [k for k in range(num_shards(count, shard_size)) if k % world == rank]
+    todo = [k for k in mine if _shard_complete(out, k, *_span_count(k, shard_size, count)) is None]
+    done_count = sum(_span_count(k, shard_size, count)[1] for k in mine if k not in todo)
+    if show and done_count:
+        print(f"{out}: resuming, {len(mine) - len(todo)} of {plural(len(mine), 'shard')} of this process already complete",
+              file=sys.stderr)
+    bar = tqdm(total=sum(_span_count(k, shard_size, count)[1] for k in mine), initial=done_count, unit="traj",
+               desc="trajectories" if world == 1 else f"trajectories (process 0 of {world})", disable=not show,
+               dynamic_ncols=True)
+    uncond_dev = uncond_one.to(teacher_model.device)
+    for k in todo:
+        start, end = shard_span(k, shard_size, count)
+        tensors = _shard_tensors(teacher_model, prompt_list, start, end, manifest, batch_size, uncond_dev, bar)
+        _write_shard(out, k, tensors, {"format_version": FORMAT_VERSION, "start": start, "count": end - start,
+                                        "prompts": prompt_list[start:end], "batch_size": batch_size})
+    bar.close()
+
+
 def _shard_tensors(teacher_model: Teacher, prompt_list: list[str], start: int, end: int, manifest: dict,
                    batch_size: int, uncond_dev: Conditioning, bar) -> dict[str, torch.Tensor]:
     """One shard's tensors, with the settings the manifest records: its trajectories in batches of ``batch_size``
@@ -577,7 +648,6 @@ def write_trajectories(
     ``guidance``), which training's teacher steps then use.
     """
     from accelerate import PartialState
-    from tqdm.auto import tqdm
 
     _check_arguments(steps, substeps, solver, None if delta is None else 1, batch_size, shard_size, dtype, teacher_dtype)
     out = Path(out)
@@ -597,44 +667,13 @@ def write_trajectories(
     count = len(prompt_list)
     timesteps, delta = _coarse_grid(teacher_model, steps, substeps, solver, delta)
 
-    long = truncated_prompts(teacher_model, prompt_list)
-    if long:
-        limit = min(tok.model_max_length for tok in teacher_model.tokenizers)
-        warnings.warn(f"{prompts}: {len(long)} of {plural(count, 'prompt')} {'is' if len(long) == 1 else 'are'} longer than "
-                      f"the tokenizer's {limit} tokens and {'is' if len(long) == 1 else 'are'} "
-                      f"truncated as diffusers does (first: line {long[0] + 1}); manifest.json lists them in "
-                      "truncated_prompts", TruncatedPromptWarning, stacklevel=3)
-
+    long = _warn_truncated(teacher_model, prompts, prompt_list)
     uncond_one, negative_bytes = _negative(teacher_model, negative_prompt, guidance, store_dtype)
     prompts_text = "".join(p + "\n" for p in prompt_list)
-    schedule = teacher_model.schedule
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "complete": False,
-        "teacher": {"path": _teacher_label(teacher), "family": teacher_model.family,
-                    "unet_hash": unet_hash(teacher_model.path), "dtype": teacher_dtype},
-        "scheduler": teacher_model.scheduler_config,
-        "steps": steps,
-        "substeps": substeps,
-        "solver": solver,
-        "delta": int(delta),
-        "guidance": float(guidance),
-        **({"guidance_range": [low, high]} if low < high else {}),
-        "negative_prompt": negative_prompt,
-        "seed": seed,
-        "timesteps": timesteps,
-        **({"mu": schedule.mu} if schedule.is_flow and schedule.mu is not None else {}),
-        "latent_shape": list(teacher_model.latent_shape),
-        "dtype": dtype,
-        "count": count,
-        "shard_size": shard_size,
-        "prompts": {"file": PROMPTS, "sha256": sha256_text(prompts_text)},
-        "negative": {"file": NEGATIVE, "sha256": hashlib.sha256(negative_bytes).hexdigest()},
-        "truncated_prompts": long,
-        "conditioning": {name: list(v.shape[1:]) for name, v in uncond_one.tensors().items()}
-                        | ({"guidance": []} if low < high else {}),
-        "shards": [],
-    }
+    manifest = _manifest(teacher, teacher_model, teacher_dtype, dict(
+        steps=steps, substeps=substeps, solver=solver, delta=int(delta), guidance=float(guidance),
+        guidance_range=(low, high), negative_prompt=negative_prompt, seed=seed, timesteps=timesteps, dtype=dtype,
+        count=count, shard_size=shard_size), prompts_text, negative_bytes, long, uncond_one)
 
     _check_out(out, overwrite, manifest, prompt_list, teacher_model, batch_size, steps)
     state.wait_for_everyone()
@@ -642,24 +681,9 @@ def write_trajectories(
         _open_out(out, overwrite, manifest, prompts_text, negative_bytes)
     state.wait_for_everyone()
 
-    rank, world = state.process_index, state.num_processes
-    mine = [k for k in range(num_shards(count, shard_size)) if k % world == rank]
-    todo = [k for k in mine if _shard_complete(out, k, *_span_count(k, shard_size, count)) is None]
-    done_count = sum(_span_count(k, shard_size, count)[1] for k in mine if k not in todo)
     show = progress and state.is_main_process
-    if show and done_count:
-        print(f"{out}: resuming, {len(mine) - len(todo)} of {plural(len(mine), 'shard')} of this process already complete",
-              file=sys.stderr)
-    bar = tqdm(total=sum(_span_count(k, shard_size, count)[1] for k in mine), initial=done_count, unit="traj",
-               desc="trajectories" if world == 1 else f"trajectories (process 0 of {world})", disable=not show,
-               dynamic_ncols=True)
-    uncond_dev = uncond_one.to(teacher_model.device)
-    for k in todo:
-        start, end = shard_span(k, shard_size, count)
-        tensors = _shard_tensors(teacher_model, prompt_list, start, end, manifest, batch_size, uncond_dev, bar)
-        _write_shard(out, k, tensors, {"format_version": FORMAT_VERSION, "start": start, "count": end - start,
-                                        "prompts": prompt_list[start:end], "batch_size": batch_size})
-    bar.close()
+    world = state.num_processes
+    _write_my_shards(out, teacher_model, prompt_list, manifest, batch_size, uncond_one, state.process_index, world, show)
 
     # No collective barrier here: it would time out (30 min) while a process with less left to do waits for the
     # others. The shards' done-records on the shared filesystem say when every process has finished;
