@@ -36,7 +36,7 @@ from rapm.files import atomic_write
 from rapm.stream import batch_indices, batch_positions, sample_generators  # noqa: F401
 from rapm.teacher import read_teacher_info
 from rapm.validation import Validation, ValidationWarning, held_out_note, split_indices
-from rapm.text import plural
+from rapm.text import plural, quiet_library_bars
 
 
 # ---------------------------------------------------------------------------------------------- the phases
@@ -439,9 +439,11 @@ def cli(
     overwrite: bool = typer.Option(False, help="Start over in an --out that already holds a run (rapm's files only)."),
     trust_checkpoint: bool = typer.Option(False, help="Resume from an old pickle state.pt that weights_only loading "
                                           "refuses; it can run code: only for a run you made."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
+    progress: bool = typer.Option(True, help="Show a progress bar (--no-progress: none, the libraries' neither)."),
 ) -> None:
     """Train the student LoRA on a trajectory store (store -> run)."""
+    if not progress:
+        quiet_library_bars()
     flags = {k: v for k, v in dict(method=method, iterations=iterations, checkpoint_every=checkpoint_every,
                                    batch_size=batch_size, seed=seed, device=device).items() if v is not None}
     flags.update(cfg.parse_set(set_))

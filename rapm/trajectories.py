@@ -50,7 +50,7 @@ from rapm.store import (DONE, DTYPES, FORMAT_VERSION, MANIFEST, NEGATIVE, PROMPT
                         TrajectoryBatch, TrajectoryStore, atomic_write, json_bytes, manifest_bytes, num_shards, open_store,
                         read_manifest, schedule_mismatch, sha256_text, shard_name, shard_span, unet_hash)
 from rapm.teacher import BUILTIN_TEACHERS, Conditioning, Teacher, guided_output, load_teacher, resolve_teacher_path
-from rapm.text import plural
+from rapm.text import plural, quiet_library_bars
 
 __all__ = ["open_store", "TrajectoryStore", "TrajectoryBatch", "StoreError", "write_trajectories", "teacher_trajectories",
            "initial_noise", "read_prompts", "default_guidance", "default_delta", "TruncatedPromptWarning", "StepsWarning",
@@ -771,9 +771,12 @@ def cli(
                                          "(under accelerate launch: each process's own device)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store written with other settings."),
     verify: Optional[Path] = typer.Option(None, "--verify", help="Only check STORE: re-hash every shard against its manifest."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar (--no-progress: none, "
+                                  "the libraries' neither)."),
 ) -> None:
     """Precompute teacher trajectories (prompts -> store), resumable; or --verify a store."""
+    if not progress:
+        quiet_library_bars()
     if verify is not None:
         store = open_store(verify, verify=True)
         typer.echo(f"{verify}: {plural(len(store), 'trajectory', 'trajectories')} in {plural(len(store.manifest['shards']), 'shard')}; "
