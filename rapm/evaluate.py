@@ -116,6 +116,37 @@ def evaluate(
     ``fid_features``, ``reference_images`` and ``clip`` are the local files of FID and CLIP score
     (``rapm.metrics_sd``), for SD/SDXL teachers; they are checked and loaded before any generation.
     """
+    if out is None:
+        return _evaluate(teacher_path, models, prompts, seeds, reference_steps, guidance, device, batch_size, None,
+                         progress, keep_images, fid_features, reference_images, clip, train_steps, teacher_curve)
+    out = Path(out)
+    with _writer_of(out):  # before the teacher loads: a second writer, a link or a read-only --out is refused at once
+        return _evaluate(teacher_path, models, prompts, seeds, reference_steps, guidance, device, batch_size, out,
+                         progress, keep_images, fid_features, reference_images, clip, train_steps, teacher_curve)
+
+
+def output_files(out: Path) -> list[Path]:
+    """The set ``write_evaluation`` writes: the grid, the table, then the JSON (its commit point)."""
+    return [out.with_suffix(".png"), out.with_suffix(".md"), out]
+
+
+def _writer_of(out: Path):
+    """The lock of the one writer of ``out`` (``.NAME.rapm-lock`` beside it), its folder made, its files not links."""
+    from rapm.folders import output_lock, refuse_link
+
+    for f in output_files(out):
+        refuse_link(f, "evaluation")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EvaluateError(f"--out {out}: its folder cannot be created ({e.strerror or e}); give a writable folder") from None
+    if out.is_dir():
+        raise EvaluateError(f"--out {out} is a folder; give a file name for the JSON, such as {out / 'evaluation.json'}")
+    return output_lock(out, "rapm evaluate")
+
+
+def _evaluate(teacher_path, models, prompts, seeds, reference_steps, guidance, device, batch_size, out, progress,
+              keep_images, fid_features, reference_images, clip, train_steps, teacher_curve) -> dict:
     from tqdm.auto import tqdm
 
     started = time.perf_counter()

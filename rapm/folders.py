@@ -15,6 +15,7 @@ each written whole beside its final name, then all renamed into place, the commi
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import socket
@@ -23,7 +24,7 @@ import warnings
 from pathlib import Path
 
 from rapm.errors import RapmError, WriteError
-from rapm.files import atomic_write, write_temp
+from rapm.files import atomic_write, fsync_dir, write_temp
 
 MARKER_VERSION = 1
 RUN_MARKER = ".rapm-run.json"
@@ -215,12 +216,13 @@ class FolderLock:
     """The exclusive lock of one writer on ``folder``: ``with FolderLock(folder, "rapm train"):``.
 
     Refuses at once with LockError naming the holder while another process holds it; takes over, with a
-    StaleLockWarning, the lock file of a process that died without removing it.
+    StaleLockWarning, the lock file of a process that died without removing it. ``path``: the lock file, where it is
+    not ``folder/.rapm-lock`` (``output_lock``: the lock of one output file, or of a folder renamed into place).
     """
 
-    def __init__(self, folder: Path, command: str):
+    def __init__(self, folder: Path, command: str, path: Path | None = None):
         self.folder, self.command = Path(folder), command
-        self.path = self.folder / LOCK
+        self.path = Path(path) if path is not None else self.folder / LOCK
         self.fd: int | None = None
 
     def acquire(self) -> "FolderLock":
@@ -229,7 +231,7 @@ class FolderLock:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as e:
                 raise FolderError(f"{self.path}: the lock file cannot be created ({e.strerror or e}); "
-                                  f"make {self.folder} writable or give another folder") from None
+                                  f"make {self.path.parent} writable or give another folder") from None
             try:
                 _lock_nonblocking(fd)
             except BlockingIOError:
@@ -250,9 +252,15 @@ class FolderLock:
                           f"{'no longer holds it' if alive else 'is no longer running'}", StaleLockWarning, stacklevel=3)
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "command": self.command}
         content = (json.dumps(holder) + "\n").encode()
-        _write_at_start(fd, content)  # then cut the tail: the file is never empty while held
-        os.ftruncate(fd, len(content))
-        os.fsync(fd)
+        try:
+            _write_at_start(fd, content)  # then cut the tail: the file is never empty while held
+            os.ftruncate(fd, len(content))
+            os.fsync(fd)
+        except OSError as e:  # a full disk: not even the lock's line fits
+            self.path.unlink(missing_ok=True)
+            os.close(fd)
+            raise FolderError(f"{self.path}: the lock file cannot be written ({e.strerror or e}); free space in "
+                              f"{self.path.parent} and rerun") from None
         self.fd = fd
         return self
 
@@ -273,6 +281,31 @@ class FolderLock:
         self.release()
 
 
+def output_lock(final: Path, command: str) -> FolderLock:
+    """The lock of the one writer of ``final`` (an output file such as evaluate's JSON, or a folder that is renamed
+    into place): ``.NAME.rapm-lock`` beside it, so two processes writing the same ``--out`` refuse each other, while
+    writers of other files in the same folder (``rapm train`` of the run, ``rapm report`` beside it) do not."""
+    final = Path(final)
+    return FolderLock(final, command, final.parent / f".{final.name}{LOCK}")
+
+
+def refuse_link(path: Path, what: str = "--out") -> None:
+    """FolderError when ``path`` (a final file or folder rapm is about to write) is a link: rapm writes no result
+    through a link (into a folder the user did not name) nor replaces the user's link with a file."""
+    path = Path(path)
+    if not path.is_symlink():
+        return
+    try:
+        target = os.readlink(path)
+    except OSError:
+        target = "?"
+    if what == "--out":  # the folder itself
+        raise FolderError(f"--out {path} is a link (to {target}); rapm writes no result through a link: give the "
+                          f"folder it points to as --out ({os.path.realpath(path)}), or remove the link")
+    raise FolderError(f"{path}: a link (to {target}), where rapm writes its {what}; rapm writes no result through a "
+                      "link, nor replaces one: remove the link or give another --out")
+
+
 # ---------------------------------------------------------------------------------------------- sets of files
 
 class Staged:
@@ -282,14 +315,33 @@ class Staged:
         self.final, self.tmp, self.sha256 = final, tmp, sha256
 
 
-def stage(final: Path, content) -> Staged:
-    """Write ``content`` (bytes, or a function that writes the file at the path it is given) beside ``final``."""
+def _temp_name(final: Path, pid: int | str) -> Path:
+    return final.with_name(f".{final.stem}.{pid}.tmp{final.suffix}")  # the suffix stays: image writers read it
+
+
+def remove_stale_temps(final: Path) -> None:
+    """Remove the temp files of ``final`` that a killed writer left (``.STEM.PID.tmpSUFFIX`` of a process that is no
+    longer running); a running writer's stay. The writers call it holding their lock."""
     final = Path(final)
-    tmp = final.with_name(f".{final.stem}.{os.getpid()}.tmp{final.suffix}")  # the suffix stays: image writers read it
+    for p in final.parent.glob(f".{glob.escape(final.stem)}.*.tmp{glob.escape(final.suffix)}"):
+        pid = p.name[len(final.stem) + 2:-len(f".tmp{final.suffix}")]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)) and p.is_file() and not p.is_symlink():
+            p.unlink(missing_ok=True)
+
+
+def stage(final: Path, content, what: str = "file") -> Staged:
+    """Write ``content`` (bytes, or a function that writes the file at the path it is given) beside ``final``.
+
+    A ``final`` that is a link is refused (FolderError): its rename would replace the user's link, and a writer that
+    follows it would write outside ``--out``."""
+    final = Path(final)
+    refuse_link(final, what)
+    tmp = _temp_name(final, os.getpid())
     failed = lambda e: (f"{final}: cannot be written ({e.strerror or e}); the files there before are unchanged; free "  # noqa: E731
                         f"space in {final.parent} or give a writable folder")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(final)
     except OSError as e:
         raise WriteError(failed(e)) from None
     return Staged(final, tmp, write_temp(tmp, content, failed))
@@ -309,3 +361,5 @@ def commit(staged: list[Staged]) -> None:
     except OSError as e:
         discard(staged)
         raise WriteError(f"{staged[-1].final}: cannot be written ({e.strerror or e}); give a writable folder") from None
+    for folder in {s.final.parent for s in staged}:  # the renames durable
+        fsync_dir(folder)

@@ -32,7 +32,7 @@ import typer
 
 from rapm.errors import RapmError
 from rapm.evaluate import markdown_table
-from rapm.folders import Staged, commit, discard, stage
+from rapm.folders import Staged, commit, discard, output_lock, refuse_link, stage
 from rapm.files import sha256_file
 from rapm.images import MIN_CELL  # pixels on screen of one image of a grid: a 16x16 digit at 4x
 
@@ -332,6 +332,17 @@ def report(run: Path, evaluation: Path | None = None, out: Path | None = None) -
         raise ReportError(f"{evaluation}: field 'rows' is missing: not a rapm evaluate result; rerun rapm evaluate")
     out = Path(out) if out else run / "report.html"
     assets = out.parent / "report_files"
+    for f in (out, out.with_suffix(".md"), assets):
+        refuse_link(f, "report")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ReportError(f"--out {out}: its folder cannot be created ({e.strerror or e}); give a writable folder") from None
+    with output_lock(out, "rapm report"):  # one writer of the page; rapm train may go on writing the run beside it
+        return _write_report(run, config, evaluation, result, out, assets)
+
+
+def _write_report(run: Path, config: dict, evaluation: Path, result: dict | None, out: Path, assets: Path) -> Path:
     facts = _store_facts(config)
     # the set: the images, report.md, then report.html (the commit point), each staged whole, renamed into place together
     staged = []

@@ -22,7 +22,6 @@ import typer
 
 from rapm.diffusion import sample_positions
 from rapm.errors import RapmError
-from rapm.files import atomic_write
 from rapm.images import save_grid, to_pil  # noqa: F401 (rapm.sample exported them before rapm.images)
 from rapm.lora import LoraError, check_lora_fits, load_lora, resolve_lora_file  # noqa: F401 (likewise rapm.lora)
 from rapm.processes import resolve_device
@@ -119,24 +118,46 @@ def generate(
 def sample_to_folder(teacher: Teacher, prompts: Sequence[str], out: str | Path, steps: int, seed: int = 0,
                      num_per_prompt: int = 1, guidance: float = 1.0, role: str = "student", scheduler: str = "ddim",
                      negative_prompt: str | None = None, batch_size: int = 8, record: dict | None = None) -> list[dict]:
-    """One PNG per prompt and seed (seeds ``seed .. seed + num_per_prompt - 1``) and ``samples.jsonl`` in ``out``."""
+    """One PNG per prompt and seed (seeds ``seed .. seed + num_per_prompt - 1``) and ``samples.jsonl`` in ``out``.
+
+    The set is written as evaluate's is (docs/design.md decision 9): each PNG whole beside its final name, then all
+    renamed into place with ``samples.jsonl`` last, which records each PNG's sha256; a kill or a full disk leaves
+    the previous set. One writer per folder (``out/.rapm-lock``); an ``out`` that is a link, or a link where a file
+    of the set goes, is refused before anything is generated.
+    """
+    from rapm.folders import FolderLock, commit, discard, refuse_link, stage
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     pairs = [(i, p, seed + k) for i, p in enumerate(prompts) for k in range(num_per_prompt)]
-    rows = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        latents = generate(
-            teacher, [p for _, p, _ in chunk], [s for _, _, s in chunk], steps, guidance=guidance, role=role,
-            scheduler=scheduler, negative_prompt=negative_prompt, batch_size=batch_size,
-        )
-        with torch.no_grad():
-            images = teacher.decode(latents)
-        for (i, prompt, s), image in zip(chunk, images):
-            name = f"p{i:04d}_s{s}.png"
-            to_pil(image).save(out / name)
-            rows.append({"prompt": prompt, "seed": s, "file": name, **(record or {})})
-    atomic_write(out / SAMPLES_NAME, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    names = [f"p{i:04d}_s{s}.png" for i, _, s in pairs]
+    refuse_link(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a read-only parent, a file in the way
+        raise RapmError(f"--out {out}: cannot be created ({e.strerror or e}); give a writable folder") from None
+    with FolderLock(out, "rapm sample"):
+        for name in [*names, SAMPLES_NAME]:
+            refuse_link(out / name, "samples")
+        rows, staged = [], []
+        try:
+            for start in range(0, len(pairs), batch_size):
+                chunk = pairs[start:start + batch_size]
+                latents = generate(
+                    teacher, [p for _, p, _ in chunk], [s for _, _, s in chunk], steps, guidance=guidance, role=role,
+                    scheduler=scheduler, negative_prompt=negative_prompt, batch_size=batch_size,
+                )
+                with torch.no_grad():
+                    images = teacher.decode(latents)
+                for (i, prompt, s), image in zip(chunk, images):
+                    name = f"p{i:04d}_s{s}.png"
+                    png = stage(out / name, lambda tmp, image=image: to_pil(image).save(tmp, format="PNG"), "samples")
+                    staged.append(png)
+                    rows.append({"prompt": prompt, "seed": s, "file": name, **(record or {}), "sha256": png.sha256})
+            staged.append(stage(out / SAMPLES_NAME, "".join(json.dumps(r) + "\n" for r in rows).encode(), "samples"))
+        except BaseException:
+            discard(staged)
+            raise
+        commit(staged)
     return rows
 
 
