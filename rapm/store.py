@@ -227,7 +227,7 @@ class TrajectoryStore:
 
     def __repr__(self) -> str:
         m = self.manifest
-        return (f"TrajectoryStore({str(self.path)!r}, {len(self)} trajectories, {m['teacher']['family']}, N={self.steps}, "
+        return (f"TrajectoryStore({str(self.path)!r}, {plural(len(self), 'trajectory', 'trajectories')}, {m['teacher']['family']}, N={self.steps}, "
                 f"M={self.substeps}, guidance={self.guidance}, latents {self.latent_shape} {m['dtype']})")
 
     def __getstate__(self) -> dict:  # open shard handles stay with their process (DataLoader workers reopen)
@@ -579,7 +579,7 @@ def open_store(path: str | Path, verify: bool = False, cache_shards: int = 4) ->
             raise StoreError(f"{path / name} is missing; rerun the same rapm trajectories command to rewrite it")
     store = TrajectoryStore(path, manifest, cache_shards=cache_shards)
     if len(store.prompts) != len(store):
-        raise StoreError(f"{path / PROMPTS}: {len(store.prompts)} prompts but the manifest count is {len(store)}; "
+        raise StoreError(f"{path / PROMPTS}: {plural(len(store.prompts), 'prompt')} but the manifest count is {len(store)}; "
                          "rerun the same rapm trajectories command to rewrite it")
     if verify:
         store.verify()

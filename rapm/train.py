@@ -151,7 +151,7 @@ def _warn_if_schedule_stretches(config_file: Path, config: TrainConfig, start: i
         return
     if before and before != config.iterations:
         was, now = lr_factor(config.lr_schedule, start, before), lr_factor(config.lr_schedule, start, config.iterations)
-        warnings.warn(f"{config_file}: the run was scheduled over {before} iterations and resumes over "
+        warnings.warn(f"{config_file}: the run was scheduled over {plural(before, 'iteration')} and resumes over "
                       f"{config.iterations}; lr_schedule {config.lr_schedule!r} is spread over the new total, so the LR "
                       f"at step {start} goes from {was:.3g} to {now:.3g} of 'lr'", ResumeWarning, stacklevel=3)
 

@@ -279,7 +279,7 @@ def _check_same_settings(out: Path, stored: dict, current: dict, prompts: list[s
         if field == "prompts":
             differences.append(f"prompts differ from the store's {out / PROMPTS} ({_first_difference(out, prompts)})")
         elif field == "count":
-            differences.append(f"count is {old} in the store but this prompts file has {new} prompts")
+            differences.append(f"count is {old} in the store but this prompts file has {plural(new, 'prompt')}")
         else:
             shown = (lambda v: f"{v[:12]}...") if field == "teacher.unet_hash" else repr
             differences.append(f"{field} is {shown(old)} in the store but {shown(new)} in this run")
@@ -299,7 +299,7 @@ def _first_difference(out: Path, prompts: list[str]) -> str:
     for i, (a, b) in enumerate(zip(old, prompts)):
         if a != b:
             return f"first at line {i + 1}: {a!r} in the store, {b!r} now"
-    return f"{len(old)} prompts in the store, {len(prompts)} now"
+    return f"{plural(len(old), 'prompt')} in the store, {len(prompts)} now"
 
 
 # --- the store on disk -----------------------------------------------------------------------------------------------
