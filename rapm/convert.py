@@ -113,7 +113,13 @@ def cli(
     config: Optional[Path] = typer.Option(None, "--config", help="A local diffusers folder of the same model: its "
                                           "configs and tokenizers are read (not its weights), so nothing is "
                                           "downloaded. Default: diffusers fetches them from the Hugging Face Hub."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="--no-progress: no progress bars, diffusers' "
+                                  "neither."),
 ) -> None:
     """Convert a single-file checkpoint into a diffusers folder for --teacher."""
+    if not progress:
+        from rapm.text import quiet_library_bars
+
+        quiet_library_bars()
     folder, family, label = convert_single_file(checkpoint, out, config)
     typer.echo(f"wrote {folder} ({label}, {family_named(family).pipeline_class_names[0]}); give it as --teacher {folder}")

@@ -38,6 +38,7 @@ from rapm.errors import RapmError
 from rapm.plugins import plugin_for
 from rapm.processes import resolve_device
 from rapm.teacher import Teacher, load_teacher
+from rapm.text import quiet_library_bars
 from rapm.validation import rms
 
 
@@ -175,13 +176,20 @@ def _evaluate(teacher_path, models, prompts, seeds, reference_steps, guidance, d
     else:
         sd_metrics = SdMetrics(fid_features, reference_images, clip, device=device, batch_size=batch_size)
 
+    bar = tqdm(total=0, desc="evaluate", unit="image", disable=not progress, dynamic_ncols=True)
+
+    def images_of(count: int):  # the one bar, per image, over every model, the teacher's curve and its floor
+        bar.total += count
+        bar.refresh()
+        return bar
+
     def run(spec: ModelSpec) -> tuple[torch.Tensor, float]:
         tick = time.perf_counter()
         if spec.lora:
             _use_lora(teacher, spec.lora)
         g = spec.guidance if spec.guidance is not None else (student_guidance if spec.lora else teacher_guidance)
         latents = generate(teacher, prompts, seeds, spec.steps, guidance=g, role="student" if spec.lora else "teacher",
-                           scheduler=spec.scheduler, batch_size=batch_size)
+                           scheduler=spec.scheduler, batch_size=batch_size, bar=images_of(len(prompts)))
         return _decode(teacher, latents), time.perf_counter() - tick
 
     rows, images = [], {}
@@ -191,7 +199,7 @@ def _evaluate(teacher_path, models, prompts, seeds, reference_steps, guidance, d
     if train_steps:  # the teacher as the training trajectories ran it (DDIM, N M steps), from the same noise
         train_reference, _ = run(ModelSpec("teacher-ddim", train_steps))
     teacher_features = None
-    for spec in tqdm(todo, desc="evaluate", unit="model", disable=not progress):
+    for spec in todo:
         imgs, seconds = run(spec)
         key = f"{spec.method}-{spec.steps}"
         images[key] = imgs
@@ -240,13 +248,14 @@ def _evaluate(teacher_path, models, prompts, seeds, reference_steps, guidance, d
         # The teacher from other noise against the teacher: what an independent perfect sampler scores at this n.
         other = [s + 1_000_000 for s in seeds]
         latents = generate(teacher, prompts, other, reference_steps, guidance=teacher_guidance, role="teacher",
-                           scheduler="ddim", batch_size=batch_size)
+                           scheduler="ddim", batch_size=batch_size, bar=images_of(len(prompts)))
         result["teacher_floor_fd"] = frechet_distance(metrics.features(_decode(teacher, latents)), teacher_features)
     if sd_metrics is not None:
         result["fid_features"] = None if fid_features is None else str(fid_features)
         result["fid_reference_images"] = sd_metrics.reference_count
         result["clip"] = None if clip is None else str(clip)
         result["notes"] = sd_metrics.notes
+    bar.close()
     result["seconds"] = time.perf_counter() - started
     if out is not None:
         write_evaluation(Path(out), result, images, columns=min(10, len(prompts)))
@@ -338,8 +347,12 @@ def cli(
     teacher_curve: str = typer.Option(
         ",".join(map(str, TEACHER_CURVE_STEPS)), help="The teacher's DDIM step counts of the quality-vs-steps curve "
         "that rapm report draws, comma-separated; empty: none."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar per image "
+                                  "(--no-progress: none, the libraries' neither)."),
 ) -> None:
     """Compute metrics for teachers and students on held-out prompts and seeds."""
+    if not progress:
+        quiet_library_bars()
     if prompts is not None:
         from rapm.trajectories import read_prompts
 
@@ -352,7 +365,7 @@ def cli(
     specs = [ModelSpec.parse(m) for m in model] or [ModelSpec("teacher-ddim", 4)]
     result = evaluate(teacher, specs, prompt_list, list(range(seed, seed + len(prompt_list))), reference_steps, guidance,
                       device, out=out, fid_features=fid_features, reference_images=reference_images, clip=clip,
-                      train_steps=train_steps, teacher_curve=_step_list(teacher_curve))
+                      train_steps=train_steps, teacher_curve=_step_list(teacher_curve), progress=progress)
     typer.echo(markdown_table(result))  # also in OUT's .md, written with it
 
 

@@ -1059,9 +1059,15 @@ def cli(
                               "size), bfloat16."),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Read an old pickle state.pt that "
                                           "weights_only loading refuses; it can run code: only for a run you made."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="--no-progress: no progress bars, the "
+                                  "libraries' (loading the teacher) neither."),
 ) -> None:
     """Export the trained student of RUN as a LoRA."""
     from rapm.run import load_student
+    from rapm.text import quiet_library_bars
+
+    if not progress:
+        quiet_library_bars()
 
     if format not in FORMATS:
         raise ExportError(f"--format {format!r} is not supported; use one of {', '.join(FORMATS)}")

@@ -782,6 +782,8 @@ def cli(
                                        "required, as in rapm export."),
     evaluation: Optional[Path] = typer.Option(None, help="Results of rapm evaluate (default RUN/evaluation.json)."),
     out: Optional[Path] = typer.Option(None, help="HTML file (default RUN/report.html; a .md twin beside it)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Accepted as by every verb; the report "
+                                  "takes seconds and shows no bar."),
 ) -> None:
     """Write the HTML/markdown report of a run."""
     if run is not None and run_arg is not None and Path(run) != Path(run_arg):

@@ -28,7 +28,7 @@ from rapm.processes import resolve_device
 from rapm.roles import STUDENT, student_role, teacher_role
 from rapm.teacher import Teacher, guided_output
 from rapm.trajectories import default_guidance, initial_noise
-from rapm.text import plural
+from rapm.text import plural, quiet_library_bars
 
 SCHEDULERS = ("ddim", "dpmsolver")
 ROLES = ("student", "teacher")
@@ -76,11 +76,13 @@ def generate(
     scheduler: str = "ddim",
     negative_prompt: str | None = None,
     batch_size: int = 8,
+    bar=None,
 ) -> torch.Tensor:
     """Latents [B, C, H, W] for each (prompt, seed) pair after ``steps`` sampler steps; ``teacher.decode`` makes images.
 
     ``ddim`` is rapm's DDIM over ``coarse_timesteps`` (trailing spacing ending at the final position);
     ``dpmsolver`` is diffusers' DPM-Solver++. ``role`` picks the student adapter or the teacher (adapters off).
+    ``bar``: a tqdm bar advanced by each batch's images.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"one seed per prompt: got {len(prompts)} prompts and {len(seeds)} seeds")
@@ -109,6 +111,8 @@ def generate(
             else:
                 z = _dpmsolver(model, teacher, z, steps)
             batches.append(z)
+            if bar is not None:
+                bar.update(len(batch_prompts))
     return torch.cat(batches)
 
 
@@ -117,7 +121,8 @@ def generate(
 
 def sample_to_folder(teacher: Teacher, prompts: Sequence[str], out: str | Path, steps: int, seed: int = 0,
                      num_per_prompt: int = 1, guidance: float = 1.0, role: str = "student", scheduler: str = "ddim",
-                     negative_prompt: str | None = None, batch_size: int = 8, record: dict | None = None) -> list[dict]:
+                     negative_prompt: str | None = None, batch_size: int = 8, record: dict | None = None,
+                     progress: bool = False) -> list[dict]:
     """One PNG per prompt and seed (seeds ``seed .. seed + num_per_prompt - 1``) and ``samples.jsonl`` in ``out``.
 
     The set is written as evaluate's is (docs/design.md decision 9): each PNG whole beside its final name, then all
@@ -125,6 +130,8 @@ def sample_to_folder(teacher: Teacher, prompts: Sequence[str], out: str | Path, 
     the previous set. One writer per folder (``out/.rapm-lock``); an ``out`` that is a link, or a link where a file
     of the set goes, is refused before anything is generated.
     """
+    from tqdm.auto import tqdm
+
     from rapm.folders import FolderLock, commit, discard, refuse_link, stage
 
     out = Path(out)
@@ -139,12 +146,13 @@ def sample_to_folder(teacher: Teacher, prompts: Sequence[str], out: str | Path, 
         for name in [*names, SAMPLES_NAME]:
             refuse_link(out / name, "samples")
         rows, staged = [], []
+        bar = tqdm(total=len(pairs), desc="sample", unit="image", disable=not progress, dynamic_ncols=True)
         try:
             for start in range(0, len(pairs), batch_size):
                 chunk = pairs[start:start + batch_size]
                 latents = generate(
                     teacher, [p for _, p, _ in chunk], [s for _, _, s in chunk], steps, guidance=guidance, role=role,
-                    scheduler=scheduler, negative_prompt=negative_prompt, batch_size=batch_size,
+                    scheduler=scheduler, negative_prompt=negative_prompt, batch_size=batch_size, bar=bar,
                 )
                 with torch.no_grad():
                     images = teacher.decode(latents)
@@ -157,6 +165,8 @@ def sample_to_folder(teacher: Teacher, prompts: Sequence[str], out: str | Path, 
         except BaseException:
             discard(staged)
             raise
+        finally:
+            bar.close()
         commit(staged)
     return rows
 
@@ -175,8 +185,12 @@ def cli(
     batch_size: int = typer.Option(8, "--batch-size", help="Images per forward pass."),
     out: Path = typer.Option(..., "--out", help="Folder for the PNGs and samples.jsonl."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar per image "
+                                  "(--no-progress: none, the libraries' neither)."),
 ) -> None:
     """Generate images with a teacher and an optional student LoRA."""
+    if not progress:
+        quiet_library_bars()
     from rapm.lora import read_export_facts
     from rapm.teacher import load_teacher
 
@@ -209,6 +223,6 @@ def cli(
     rows = sample_to_folder(
         t, prompt_list, out, steps, seed=seed, num_per_prompt=num_per_prompt, guidance=guidance,
         role="student" if lora is not None else "teacher", scheduler=scheduler, negative_prompt=negative_prompt,
-        batch_size=batch_size, record=record,
+        batch_size=batch_size, record=record, progress=progress,
     )
     typer.echo(f"wrote {plural(len(rows), 'image')} and {SAMPLES_NAME} to {out}")
