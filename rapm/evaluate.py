@@ -146,6 +146,36 @@ def _writer_of(out: Path):
     return output_lock(out, "rapm evaluate")
 
 
+def _teacher_curve(steps_list, rows: list[dict], guidance: float, run, reference: torch.Tensor, fd_teacher) -> list[dict]:
+    """The teacher's DDIM at each step count of ``steps_list`` (a row of the same teacher at that count is reused):
+    its trajectory error to ``reference``, its FD to the teacher (``fd_teacher``, for a teacher with its own
+    metrics) and its seconds."""
+    curve = []
+    for steps in sorted(set(int(s) for s in steps_list)):
+        row = next((r for r in rows if r["method"] == "teacher-ddim" and r["steps"] == steps
+                    and r["guidance"] == guidance), None)
+        if row is None:
+            imgs, seconds = run(ModelSpec("teacher-ddim", steps))
+            row = {"steps": steps, "seconds": seconds, "trajectory_error": trajectory_error(imgs, reference)}
+            if fd_teacher is not None:
+                row["fd_teacher"] = fd_teacher(imgs)
+        curve.append({k: row[k] for k in ("steps", "trajectory_error", "fd_teacher", "seconds") if k in row})
+    return curve
+
+
+def _metrics(plugin, prompts, fid_features, reference_images, clip, device, batch_size):
+    """(the teacher's own metrics, the prompts' labels, None) for a plug-in teacher (digits: its classifier), else
+    (None, None, FID and CLIP score from the given files)."""
+    if plugin is None:
+        from rapm.metrics_sd import SdMetrics
+
+        return None, None, SdMetrics(fid_features, reference_images, clip, device=device, batch_size=batch_size)
+    if fid_features is not None or clip is not None:
+        raise EvaluateError("--fid-features, --reference-images and --clip are for SD/SDXL teachers; the digits "
+                            "teacher is measured with its own classifier (fd, prompt_accuracy): drop them")
+    return plugin.metrics(), [plugin.label_of(p) for p in prompts], None
+
+
 def _evaluate(teacher_path, models, prompts, seeds, reference_steps, guidance, device, batch_size, out, progress,
               keep_images, fid_features, reference_images, clip, train_steps, teacher_curve) -> dict:
     from tqdm.auto import tqdm
@@ -156,7 +186,7 @@ def _evaluate(teacher_path, models, prompts, seeds, reference_steps, guidance, d
 
     if len(prompts) != len(seeds):
         raise EvaluateError(f"one seed per prompt: got {len(prompts)} prompts and {len(seeds)} seeds")
-    from rapm.metrics_sd import SdMetrics, check_metric_files
+    from rapm.metrics_sd import check_metric_files
 
     check_metric_files(fid_features, reference_images, clip)
     device = str(resolve_device(device))
@@ -165,16 +195,7 @@ def _evaluate(teacher_path, models, prompts, seeds, reference_steps, guidance, d
     # a student samples at CFG 1 (guidance distilled); FLUX.1-dev's guidance is an input the student was trained with
     student_guidance = 1.0 if teacher.family_def.cfg else teacher_guidance
     plugin = plugin_for(teacher)  # the teacher's own metrics (the digits teacher's classifier), if it has them
-    metrics = None
-    if plugin is not None:
-        if fid_features is not None or clip is not None:
-            raise EvaluateError("--fid-features, --reference-images and --clip are for SD/SDXL teachers; the digits "
-                                "teacher is measured with its own classifier (fd, prompt_accuracy): drop them")
-        metrics = plugin.metrics()
-        labels = [plugin.label_of(p) for p in prompts]
-        sd_metrics = None
-    else:
-        sd_metrics = SdMetrics(fid_features, reference_images, clip, device=device, batch_size=batch_size)
+    metrics, labels, sd_metrics = _metrics(plugin, prompts, fid_features, reference_images, clip, device, batch_size)
 
     bar = tqdm(total=0, desc="evaluate", unit="image", disable=not progress, dynamic_ncols=True)
 
@@ -223,17 +244,9 @@ def _evaluate(teacher_path, models, prompts, seeds, reference_steps, guidance, d
             row["fid"] = sd_metrics.fid(imgs)
             row["clip_score"] = sd_metrics.clip_score(imgs, prompts)
         rows.append(row)
-    curve = []
-    for steps in sorted(set(int(s) for s in teacher_curve)):  # the teacher's DDIM at each step count, rows reused
-        row = next((r for r in rows if r["method"] == "teacher-ddim" and r["steps"] == steps
-                    and r["guidance"] == teacher_guidance), None)
-        if row is None:
-            imgs, seconds = run(ModelSpec("teacher-ddim", steps))
-            row = {"steps": steps, "seconds": seconds,
-                   "trajectory_error": trajectory_error(imgs, images[f"teacher-ddim-{reference_steps}"])}
-            if metrics is not None:
-                row["fd_teacher"] = plugin.frechet_distance(metrics.features(imgs), teacher_features)
-        curve.append({k: row[k] for k in ("steps", "trajectory_error", "fd_teacher", "seconds") if k in row})
+    fd_teacher = (lambda imgs: plugin.frechet_distance(metrics.features(imgs), teacher_features)) if metrics is not None else None
+    curve = _teacher_curve(teacher_curve, rows, teacher_guidance, run, images[f"teacher-ddim-{reference_steps}"],
+                           fd_teacher)
     result = {
         "teacher": str(teacher_path), "reference_steps": reference_steps, "teacher_guidance": teacher_guidance,
         "samples": len(prompts), "rows": rows, "date": time.strftime("%Y-%m-%d"),
