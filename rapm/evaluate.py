@@ -190,6 +190,9 @@ def _evaluate(teacher_path, models, prompts, seeds, reference_steps, guidance, d
 
     check_metric_files(fid_features, reference_images, clip)
     device = str(resolve_device(device))
+    from rapm.run import check_teacher_weights
+
+    check_teacher_weights(teacher_path)
     teacher = load_teacher(teacher_path, device=device, vae=True)
     teacher_guidance = default_guidance(teacher) if guidance is None else guidance
     # a student samples at CFG 1 (guidance distilled); FLUX.1-dev's guidance is an input the student was trained with

@@ -5,6 +5,7 @@
 - ``atomic_write``: one file by temp + fsync + rename + directory fsync.
 - ``replace_dir``: a finished temp folder put in place of a folder by renames.
 - ``fsync_dir``, ``sha256_file``, ``sha256_text``, ``read_json_object``: the small facts the writers and readers share.
+- ``check_safetensors``, ``check_weights_folder``: a .safetensors file's header checked before a library loads it.
 
 Staged sets of files (several renamed together) are ``rapm.folders``'; checkpoints (a folder by one rename) are
 ``rapm.run``'s; both write through these.
@@ -104,3 +105,36 @@ def read_json_object(file: Path, error: type[Exception], readable: str, kind: st
     if not isinstance(value, dict):
         raise error(f"{file}: not {kind}; {fix}")
     return value
+
+
+SAFETENSORS_HEADER_LIMIT = 100 * 1024 * 1024  # the safetensors library's own limit on a header
+
+
+def check_safetensors(path: Path, error: type[Exception], fix: str) -> None:
+    """``error`` naming ``path`` unless it is a .safetensors file whose header fits the file and parses and whose
+    tensors' dtypes, shapes and offsets cover its bytes exactly. Reads the header only (the library maps the file):
+    a header that claims 10^15 bytes, JSON nested 100,000 deep or a 2 GB tensor in a 1 KB file costs no memory."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            claimed = int.from_bytes(f.read(8), "little")
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror or e}); {fix}") from None
+    if size < 8 or claimed > min(size - 8, SAFETENSORS_HEADER_LIMIT):
+        raise error(f"{path}: not a safetensors file (its header claims {claimed:,} bytes, the file holds {size:,}); {fix}")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as e:  # noqa: BLE001 - SafetensorError and what the library raises for a header it refuses
+        raise error(f"{path}: not a readable safetensors file ({e}); {fix}") from None
+
+
+def check_weights_folder(folder: Path, error: type[Exception], fix: str) -> None:
+    """``check_safetensors`` of every .safetensors file in ``folder`` and its subfolders (a diffusers pipeline's
+    components, one level down)."""
+    folder = Path(folder)
+    for f in sorted([*folder.glob("*.safetensors"), *folder.glob("*/*.safetensors")]):
+        check_safetensors(f, error, fix)

@@ -38,7 +38,8 @@ from rapm.config import TrainConfig, split_seed
 from rapm.errors import RapmError
 from rapm.folders import (RUN_MARKER, FolderError, FolderLock, is_empty, other_kind, read_marker, remove_files,
                           warn_kept, write_marker)
-from rapm.files import atomic_write, fsync_dir, read_json_object, sha256_file, write_synced
+from rapm.files import (atomic_write, check_safetensors, check_weights_folder, fsync_dir, read_json_object, sha256_file,
+                        write_synced)
 
 CHECKPOINT_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
@@ -252,9 +253,13 @@ def load_checkpoint(path: Path, trust: bool = False) -> dict:
 
     try:
         document = json.loads((path / STATE).read_text(encoding="utf-8"))
-        tensors = load_file(str(path / TENSORS))
     except Exception as e:  # noqa: BLE001 - a checkpoint damaged after it was written
         raise RunError(f"{where}: cannot be read ({type(e).__name__}: {e}); {fix}") from None
+    check_safetensors(path / TENSORS, RunError, fix)  # its header first: a hostile one costs no memory
+    try:
+        tensors = load_file(str(path / TENSORS))
+    except Exception as e:  # noqa: BLE001
+        raise RunError(f"{path / TENSORS}: cannot be read ({type(e).__name__}: {e}); {fix}") from None
     if not isinstance(document, dict) or document.get("format") != CHECKPOINT_FORMAT or not isinstance(document.get("state"), dict):
         raise RunError(f"{where}: field 'format' is not {CHECKPOINT_FORMAT!r}: not a rapm checkpoint; {fix}")
     if document.get("version") != CHECKPOINT_VERSION:
@@ -639,6 +644,19 @@ def checkpoint_of_step(run: Path, step: int) -> Path:
                    f"{'one of them' if len(found) > 1 else 'it'} to --step, or leave --step out for the latest")
 
 
+def check_teacher_weights(teacher: str | Path) -> None:
+    """Every .safetensors file of the teacher's folder checked (rapm.files.check_safetensors) before diffusers loads
+    it: a damaged or hostile one is one error naming it, not a library's traceback."""
+    from rapm.families import BUILTIN_TEACHERS, TeacherError, resolve_teacher_path
+
+    if str(teacher) in BUILTIN_TEACHERS:
+        return
+    folder = resolve_teacher_path(teacher)
+    if folder.is_dir():
+        check_weights_folder(folder, TeacherError, f"the teacher's weights are damaged: copy {folder} again from "
+                             "where it came from")
+
+
 def load_student(run: Path, device: str = "cpu", text_encoders: bool = False, trust_checkpoint: bool = False,
                  step: int | None = None):
     """The teacher's UNet carrying the run's latest student (its EMA where the run keeps one), for export and sampling;
@@ -653,6 +671,7 @@ def load_student(run: Path, device: str = "cpu", text_encoders: bool = False, tr
     if last is None:
         raise RunError(f"{run / 'checkpoints'}: no complete checkpoint yet; train longer or lower --checkpoint-every")
     state = load_checkpoint(last, trust_checkpoint)
+    check_teacher_weights(config.teacher)
     teacher = load_teacher(config.teacher, device=device, text_encoders=text_encoders)
     add_roles(teacher.unet, LoraSpec(config.lora_rank, config.lora_alpha, list(config.lora_targets)))
     params = lora_parameters(teacher.unet, STUDENT)

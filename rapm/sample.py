@@ -206,6 +206,9 @@ def cli(
     facts = read_export_facts(resolve_lora_file(lora)) if lora is not None else None
     if steps is None:
         steps = int(facts["steps"]) if facts and "steps" in facts else 4
+    from rapm.run import check_teacher_weights
+
+    check_teacher_weights(teacher)
     t = load_teacher(teacher, device=resolve_device(device), text_encoders=True, vae=True)
     if guidance is None:
         # a student has guidance distilled into it (CFG 1); a FLUX student keeps the guidance embedding it was trained at
