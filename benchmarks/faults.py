@@ -16,7 +16,13 @@ work is done. Then it compares against an uninterrupted process with the same se
 It also feeds `rapm` bad inputs from the command line (one error line naming the file or field,
 no traceback, files already written unchanged).
 
+Then the matrix of issue 34 on the other verbs: `rapm export`, `sample`, `evaluate`, `report`, each under (a) SIGKILL
+at a random time or inside its writes, (b) a real full disk (its --out on a small tmpfs, filled), (c) a read-only
+--out (a read-only bind mount), (d) a second process writing the same --out (and an export of a run being trained),
+(e) --out, or a file in it, a link. Mounting needs root; without it those cells say "not run".
+
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/faults.py [--train-kills 50] [--trajectory-kills 50] [--seed 0]
+        [--verb-kills 3] [--verb-tries 1] [--only-verbs [--verbs export,sample,evaluate,report]]
 
 Writes benchmarks/results/faults.{json,md}. tests/test_faults.py runs the same harness with 3 kills each.
 """
@@ -661,12 +667,440 @@ def issue15_inputs(folder: Path, teacher: Path, run: Path, store: Path, prompts:
     ]
 
 
+# --- export, sample, evaluate, report: every fault -----------------------------------------------------------------------
+
+VERBS = ("export", "sample", "evaluate", "report")
+FAULTS = ("kill", "full disk", "read-only --out", "second writer", "link")
+VOLATILE = {"seconds", "date", "ss_training_finished_at"}  # written anew by each run of the same command
+
+
+def verb_inputs(teacher: Path, store: Path, folder: Path) -> dict:
+    """What the four verbs read: a 2-iteration run, its LoRA, a prompts file, two evaluations that differ."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config_file = folder / "train.json"
+    config_file.write_text(json.dumps({**TRAIN_CONFIG, "adv_weight": 0.0, "iterations": 2}))
+    run, lora, prompts = folder / "run", folder / "lora", folder / "prompts.txt"
+    prompts.write_text("a photo of a cat\na red car\n")
+    inputs = {"teacher": str(teacher), "run": run, "lora": lora, "prompts": prompts,
+              "evaluations": [folder / "evaluation-0.json", folder / "evaluation-1.json"]}
+    steps = [train_argv(teacher, store, run, config_file), rapm_command("export", "--run", str(run), "--out", str(lora))]
+    steps += [rapm_command("evaluate", "--teacher", str(teacher), "--prompts", str(prompts), "--num", "2", "--model",
+                           f"rapm={lora}:1", "--reference-steps", str(2 + k), "--teacher-curve", "", "--out", str(e))
+              for k, e in enumerate(inputs["evaluations"])]
+    for argv in steps:
+        done = run_to_end(argv)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} failed: {done.stderr[-3000:]}")
+    return inputs
+
+
+def verb_argv(verb: str, inputs: dict, out: Path, earlier: bool = False) -> list[str]:
+    """The verb writing ``out`` (after `rapm`); ``earlier``: other settings, so an earlier result's files differ."""
+    if verb == "sample":
+        return ["sample", "--teacher", inputs["teacher"], "--lora", str(inputs["lora"]), "--prompt", "a cat",
+                "--num-per-prompt", "2", "--steps", "1" if earlier else "2", "--out", str(out)]
+    if verb == "evaluate":
+        return ["evaluate", "--teacher", inputs["teacher"], "--prompts", str(inputs["prompts"]), "--num", "2",
+                "--model", f"rapm={inputs['lora']}:1", "--reference-steps", "3" if earlier else "2",
+                "--teacher-curve", "", "--out", str(out)]
+    if verb == "report":
+        return ["report", "--run", str(inputs["run"]), "--evaluation", str(inputs["evaluations"][0 if earlier else 1]),
+                "--out", str(out)]
+    return ["export", "--run", str(inputs["run"]), "--out", str(out), "--dtype", "float16" if earlier else "float32"]
+
+
+def verb_out(verb: str, base: Path) -> Path:
+    return {"sample": base / "samples", "evaluate": base / "evaluation.json", "report": base / "report.html",
+            "export": base / "lora"}[verb]
+
+
+def verb_finals(verb: str, out: Path) -> list[Path]:
+    """The final files of the verb's result (what a reader opens), the commit point last."""
+    if verb == "sample":
+        return [out / "p0000_s0.png", out / "p0000_s1.png", out / "samples.jsonl"]
+    if verb == "evaluate":
+        return [out.with_suffix(".png"), out.with_suffix(".md"), out]
+    if verb == "report":
+        return [out.parent / "report_files" / "losses.png", out.parent / "report_files" / "samples.png",
+                out.with_suffix(".md"), out]
+    return [out / n for n in ("pytorch_lora_weights.safetensors", "kohya_lora.safetensors", "README.md", "rapm_lora.json")]
+
+
+def result_content(path: Path):
+    """What a reader gets from ``path`` (None: absent); raises for a file that is not whole (a truncated PNG,
+    safetensors or JSON, a page without its end). Times of day are left out: two runs of one command agree."""
+    import io
+
+    if not path.exists():
+        return None
+    data = path.read_bytes()
+    if path.suffix == ".png":
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as im:
+            return hashlib.sha256(im.tobytes()).hexdigest()
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load
+
+        tensors = load(data)  # its metadata holds the time of the export
+        return hashlib.sha256(b"".join(k.encode() + str(v.dtype).encode() + v.numpy().tobytes()
+                                       for k, v in sorted(tensors.items()))).hexdigest()
+    if path.suffix in (".json", ".jsonl"):
+        def drop(x):
+            if isinstance(x, dict):
+                return {k: drop(v) for k, v in x.items() if k not in VOLATILE}
+            return [drop(v) for v in x] if isinstance(x, list) else x
+
+        value = ([drop(json.loads(line)) for line in data.decode().splitlines()] if path.suffix == ".jsonl"
+                 else drop(json.loads(data)))
+        return json.dumps(value, sort_keys=True)
+    if path.suffix == ".html" and not data.rstrip().endswith(b"</html>"):
+        raise ValueError(f"{path}: cut short")
+    return hashlib.sha256(data).hexdigest()
+
+
+def result_contents(verb: str, out: Path) -> dict:
+    return {str(f): result_content(f) for f in verb_finals(verb, out)}
+
+
+def verb_leftovers(verb: str, out: Path) -> list[str]:
+    """Temp files, staging folders and locks left beside the result after a run that finished."""
+    folder = out if verb in ("sample", "export") else out.parent
+    places = [folder, out.parent] + ([out.parent / "report_files"] if verb == "report" else [])
+    return sorted({str(p) for d in places if d.is_dir() for p in d.iterdir()
+                   if ".tmp" in p.name or ".partial-" in p.name or p.name.endswith(".rapm-lock")})
+
+
+def one_error_line(done, *words: str) -> list[str]:
+    """Problems with a failed run's stderr: exit 1, no traceback, one `error:` line (the last), holding ``words``."""
+    lines = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("warning:")
+             and "%|" not in line]
+    errors = [line for line in lines if line.startswith("error: ")]
+    problems = [] if done.returncode == 1 else [f"exit {done.returncode}"]
+    if "Traceback" in done.stderr or len(errors) != 1 or lines[-1] != errors[0]:
+        problems.append(f"not one error line: {done.stderr[-800:]}")
+    return problems + [f"the error does not say {w!r}: {errors[0] if errors else ''}" for w in words
+                       if not errors or w not in errors[0]]
+
+
+def run_verb(verb: str, inputs: dict, out: Path, earlier: bool = False) -> subprocess.CompletedProcess:
+    return run_to_end(rapm_command(*verb_argv(verb, inputs, out, earlier)), timeout=300)
+
+
+class Cell:
+    """One cell of the matrix: tries, survived (every check held), lost (a result damaged or half-written)."""
+
+    def __init__(self, verb: str, fault: str):
+        self.verb, self.fault, self.tries, self.survived, self.lost, self.problems = verb, fault, 0, 0, 0, []
+        self.notes: list[str] = []
+
+    def record(self, problems: list[str], lost: bool = False) -> None:
+        self.tries += 1
+        self.survived += not problems
+        self.lost += lost
+        self.problems += [f"try {self.tries}: {p}" for p in problems]
+
+    def as_dict(self) -> dict:
+        return {"verb": self.verb, "fault": self.fault, "tries": self.tries, "survived": self.survived,
+                "lost": self.lost, "notes": self.notes, "problems": self.problems}
+
+
+def _rerun_ok(verb: str, inputs: dict, out: Path, expected: dict | None, earlier: bool = False) -> list[str]:
+    done = run_verb(verb, inputs, out, earlier)
+    if done.returncode != 0:
+        return [f"the rerun failed: {done.stderr[-800:]}"]
+    got = result_contents(verb, out)
+    problems = [] if expected is None or got == expected else ["the rerun's result differs from an uninterrupted run's"]
+    return problems + [f"left behind {x}" for x in verb_leftovers(verb, out)]
+
+
+def _whole(verb: str, out: Path, allowed: list[dict]) -> list[str]:
+    """Each final file absent, or whole and one of the ``allowed`` results' (the earlier one, the new one)."""
+    problems = []
+    for f in verb_finals(verb, out):
+        try:
+            got = result_content(f)
+        except Exception as e:  # noqa: BLE001 - any reader's failure is a half-written file
+            problems.append(f"{f}: not whole ({type(e).__name__}: {e})")
+            continue
+        if got is not None and got not in [a.get(str(f)) for a in allowed]:
+            problems.append(f"{f}: neither the earlier result's nor the new one's")
+    return problems
+
+
+def _kill_cell(verb: str, inputs: dict, folder: Path, kills: int, rng: random.Random) -> Cell:
+    """SIGKILL the verb ``kills`` times: half at a random time of its run, half a random 0-60 ms after its first temp
+    file (or staging folder) appears, which is inside its writes. The commands alternate between two settings, so
+    each kill lands on the other setting's complete result: after it each file must be absent, the earlier one or
+    the new one, whole; then the same command rerun must give an uninterrupted run's result."""
+    cell = Cell(verb, "kill")
+    out = verb_out(verb, folder)
+    references = {}
+    for earlier in (False, True):  # uninterrupted results of both settings, at the same path
+        began = time.perf_counter()
+        done = run_verb(verb, inputs, out, earlier)
+        if done.returncode != 0:
+            raise RuntimeError(f"rapm {verb} failed: {done.stderr[-2000:]}")
+        references[earlier] = (result_contents(verb, out), time.perf_counter() - began)
+    watched = [out.parent] + ([out] if verb == "sample" else []) + (
+        [out.parent / "report_files"] if verb == "report" else [])
+    modes = {"any": 0, "write": 0}
+    for k in range(kills):
+        earlier = k % 2 == 1  # the folder holds the other setting's result (the last reference run's: earlier=True)
+        mode = ("any", "write")[(k // 2 + k) % 2]  # each setting killed both ways
+        before = result_contents(verb, out)
+        proc = subprocess.Popen(rapm_command(*verb_argv(verb, inputs, out, earlier)), env=environment(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        if mode == "any":
+            time.sleep(rng.uniform(0.2, 0.9 * references[earlier][1]))
+        else:
+            deadline = time.perf_counter() + 300
+            while proc.poll() is None and time.perf_counter() < deadline and not any(
+                    ".tmp" in p.name or ".partial-" in p.name for d in watched if d.is_dir() for p in d.iterdir()):
+                time.sleep(0.002)
+            time.sleep(rng.uniform(0, 0.06))
+        finished = proc.poll() is not None
+        if not finished:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        modes[mode] += 1
+        problems = _whole(verb, out, [before, references[earlier][0]])
+        lost = bool(problems)
+        problems += _rerun_ok(verb, inputs, out, references[earlier][0], earlier)
+        if finished:
+            cell.notes.append(f"try {k + 1} ({mode}) finished before its kill")
+        cell.record(problems, lost)
+    cell.notes.append(f"{modes['any']} at a random time of the run, {modes['write']} inside its writes")
+    return cell
+
+
+def _mount(*args: str) -> bool:
+    return subprocess.run(["mount", *args], capture_output=True).returncode == 0
+
+
+def _umount(folder: Path) -> None:
+    subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def _fill(folder: Path, leave: int) -> Path:
+    """Fill the file system of ``folder`` but ``leave`` bytes (to the page)."""
+    filler = folder / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+    os.truncate(filler, max(0, filler.stat().st_size - max(0, leave - free)))
+    return filler
+
+
+def _full_disk_cell(verb: str, inputs: dict, folder: Path, tries: int, rng: random.Random) -> Cell:
+    """A real full disk: ``--out`` on a small tmpfs holding an earlier result, filled to a random number of bytes
+    short of the new result's size; then space freed and the command rerun."""
+    cell = Cell(verb, "full disk")
+    folder.mkdir(parents=True, exist_ok=True)
+    if not _mount("-t", "tmpfs", "-o", "size=64m", "tmpfs", str(folder)):
+        cell.notes.append("not run: mount -t tmpfs failed (needs root)")
+        return cell
+    try:
+        out = verb_out(verb, folder)
+        done = run_verb(verb, inputs, out)
+        new = result_contents(verb, out)
+        size = folder_bytes(folder)
+        for k in range(tries):
+            for p in list(folder.iterdir()):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            if run_verb(verb, inputs, out, earlier=True).returncode != 0:
+                raise RuntimeError(f"rapm {verb} failed on the tmpfs")
+            earlier = result_contents(verb, out)
+            leave = rng.randrange(0, max(1, size // 2))
+            filler = _fill(folder, leave)
+            done = run_verb(verb, inputs, out)
+            problems = one_error_line(done, "No space left on device", "free space") if done.returncode else [
+                f"it fitted in {leave} free bytes"]
+            intact = result_contents(verb, out) == earlier
+            problems += [] if intact else ["the earlier result changed"]
+            filler.unlink()
+            problems += _rerun_ok(verb, inputs, out, new)
+            cell.record(problems, lost=not intact)
+        cell.notes.append(f"a 64 MiB tmpfs left 0 to {size // 2:,} bytes free (the result: {size:,} bytes)")
+    finally:
+        _umount(folder)
+    return cell
+
+
+def _read_only_cell(verb: str, inputs: dict, folder: Path) -> Cell:
+    """``--out``'s folder (holding an earlier result) made read-only by a read-only bind mount (root writes through
+    file modes), or mode 0555 without root."""
+    cell = Cell(verb, "read-only --out")
+    out = verb_out(verb, folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    run_verb(verb, inputs, out, earlier=True)
+    earlier = result_contents(verb, out)
+    mounted = os.geteuid() == 0 and _mount("--bind", str(folder), str(folder))
+    if mounted and not _mount("-o", "remount,bind,ro", str(folder)):
+        _umount(folder)
+        cell.notes.append("not run: no read-only bind mount")
+        return cell
+    if not mounted:
+        folder.chmod(0o555)
+    try:
+        done = run_verb(verb, inputs, out)
+        problems = one_error_line(done, str(folder), "writable")
+        intact = result_contents(verb, out) == earlier
+    finally:
+        _umount(folder) if mounted else folder.chmod(0o755)
+    cell.notes.append("a read-only bind mount" if mounted else "mode 0555")
+    cell.record(problems + ([] if intact else ["the earlier result changed"]) + _rerun_ok(verb, inputs, out, None),
+                lost=not intact)
+    return cell
+
+
+def _second_writer_cell(verb: str, inputs: dict, folder: Path, tries: int, teacher: Path, store: Path) -> Cell:
+    """Two processes with the same ``--out`` started together: each exits 0, or 1 with one error line saying who
+    holds it; the result is whole (one run's). For export, also an export of a run that rapm train is writing."""
+    cell = Cell(verb, "second writer")
+    refused = 0
+    for k in range(tries):
+        base = folder / f"try-{k}"
+        base.mkdir(parents=True)
+        out = verb_out(verb, base)
+        procs = [subprocess.Popen(rapm_command(*verb_argv(verb, inputs, out)), env=environment(), text=True,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
+        problems = []
+        codes = []
+        for proc in procs:
+            _, err = proc.communicate(timeout=300)
+            codes.append(proc.returncode)
+            if proc.returncode:
+                refused += 1
+                problems += one_error_line(subprocess.CompletedProcess([], proc.returncode, "", err), "is in use by")
+        if 0 not in codes:
+            problems.append("neither writer finished")
+        whole = _whole(verb, out, [result_contents(verb, out)]) + [
+            f"{f}: missing" for f, v in result_contents(verb, out).items() if v is None]
+        cell.record(problems + whole + [f"left behind {x}" for x in verb_leftovers(verb, out)], lost=bool(whole))
+    cell.notes.append(f"{refused} of {tries} second writers refused (the others started after the first had finished)")
+    if verb == "export":  # an export of a run being trained: reads its latest complete checkpoint
+        base = folder / "while-training"
+        base.mkdir()
+        config_file = base / "train.json"
+        config_file.write_text(json.dumps({**TRAIN_CONFIG, "adv_weight": 0.0, "iterations": 400, "keep_checkpoints": 1,
+                                           "checkpoint_every": 1}))
+        run = base / "run"
+        trainer = subprocess.Popen(train_argv(teacher, store, run, config_file), env=environment(),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300
+        while time.time() < deadline and logged_lines(run) < 3:
+            time.sleep(0.05)
+        exports = []
+        for k in range(2):
+            done = run_to_end(rapm_command("export", "--run", str(run), "--out", str(base / f"lora-{k}")), timeout=300)
+            problems = [] if done.returncode == 0 else one_error_line(done)
+            if done.returncode == 0:
+                problems += _whole("export", base / f"lora-{k}", [result_contents("export", base / f"lora-{k}")])
+            exports.append(done.returncode)
+            cell.record(problems)
+        trainer.terminate()
+        _, err = trainer.communicate(timeout=300)
+        if trainer.returncode not in (0, 143):
+            cell.problems.append(f"the training beside the exports ended {trainer.returncode}: {err[-800:]}")
+        cell.notes.append(f"2 exports while rapm train wrote a checkpoint every iteration, keep 1: exit {exports}")
+    return cell
+
+
+def _link_cell(verb: str, inputs: dict, folder: Path) -> Cell:
+    """``--out`` a link (to a folder of the user's for sample and export, to a file for evaluate and report), and a
+    link where a file of the result goes (to the user's file): one error line naming the link, the target untouched;
+    the link removed, the command succeeds."""
+    cell = Cell(verb, "link")
+    folder.mkdir(parents=True)
+    target = folder / "mine"
+    out = verb_out(verb, folder)
+    if verb in ("sample", "export"):
+        target.mkdir()
+        (target / "notes.txt").write_text("mine")
+    else:
+        target.write_text("mine")
+    out.symlink_to(target)
+    before = files_digest(target) if target.is_dir() else target.read_bytes()
+    done = run_verb(verb, inputs, out)
+    problems = one_error_line(done, str(out), "link")
+    untouched = (files_digest(target) if target.is_dir() else target.read_bytes()) == before
+    out.unlink()
+    cell.record(problems + ([] if untouched else ["wrote through the link"]) + _rerun_ok(verb, inputs, out, None),
+                lost=not untouched)
+    victim = folder / "victim.txt"
+    victim.write_text("the user's own file")
+    link = verb_finals(verb, out)[0]
+    link.unlink()
+    link.symlink_to(victim)
+    done = run_verb(verb, inputs, out, earlier=True)
+    problems = one_error_line(done, str(link), "link")
+    untouched = victim.read_text() == "the user's own file" and link.is_symlink()
+    link.unlink()
+    cell.record(problems + ([] if untouched else ["wrote through or replaced the link"]) +
+                _rerun_ok(verb, inputs, out, None, earlier=True), lost=not untouched)
+    return cell
+
+
+def verb_faults(teacher: Path, store: Path, folder: Path, kills: int, rng: random.Random, tries: int = 2,
+                verbs=VERBS) -> list[dict]:
+    """The matrix: each of ``verbs`` under each fault."""
+    inputs = verb_inputs(teacher, store, folder / "inputs")
+    cells = []
+    for verb in verbs:
+        print(f"rapm {verb}: {kills} kills, full disk, read-only, second writer, link", flush=True)
+        base = folder / verb
+        cells.append(_kill_cell(verb, inputs, base / "kill", kills, rng))
+        cells.append(_full_disk_cell(verb, inputs, base / "full", tries, rng))
+        cells.append(_read_only_cell(verb, inputs, base / "ro"))
+        cells.append(_second_writer_cell(verb, inputs, base / "second", tries, teacher, store))
+        cells.append(_link_cell(verb, inputs, base / "link"))
+    return [c.as_dict() for c in cells]
+
+
+def verbs_markdown(v: dict) -> list[str]:
+    cells = {(c["verb"], c["fault"]): c for c in v["cells"]}
+    lines = ["## export, sample, evaluate, report under every fault", "",
+             f"`{v['command']}` ({v['date']}; {v['machine']}; {v['seconds']} s). Tiny random SD pipeline; each verb "
+             "a real process. Each cell: tries / survived / lost. Survived: every check held (a kill: each final file "
+             "absent, the earlier result's or the new one's, whole, and the rerun gives an uninterrupted run's "
+             "result; a fault: one `error:` line naming the path and the fix, exit 1, no traceback, the earlier result "
+             "unchanged, and the rerun succeeds with nothing left behind). Lost: a result damaged or half-written.", "",
+             "| verb | " + " | ".join(FAULTS) + " |", "| --- |" + " ---: |" * len(FAULTS)]
+    if v.get("earlier"):
+        e = v["earlier"]
+        lines[2] += f" The rows of {', '.join(e['verbs'])} are from `{e['command']}` ({e['date']})."
+    for verb in VERBS:
+        row = []
+        for fault in FAULTS:
+            c = cells.get((verb, fault))
+            row.append("—" if c is None or not c["tries"] else f"{c['tries']} / {c['survived']} / {c['lost']}")
+        lines.append(f"| `rapm {verb}` | " + " | ".join(row) + " |")
+    lines += ["", "How each fault was made: " + "; ".join(
+        f"{c['verb']} {c['fault']}: {', '.join(c['notes'])}" for c in v["cells"] if c["notes"]) + ".", ""]
+    problems = [f"{c['verb']} / {c['fault']}: {p}" for c in v["cells"] for p in c["problems"]]
+    lines += [f"Problems: {len(problems)}" + ("" if not problems else ":"), ""]
+    lines += [f"- {p[:400]}" for p in problems] + ([""] if problems else [])
+    return lines
+
+
 # --- the benchmark ------------------------------------------------------------------------------------------------------
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train-kills", type=int, default=50)
     parser.add_argument("--trajectory-kills", type=int, default=50)
+    parser.add_argument("--verb-kills", type=int, default=3, help="kills of each of export, sample, evaluate, report")
+    parser.add_argument("--verb-tries", type=int, default=1, help="tries of the full disk and second-writer cells")
+    parser.add_argument("--verbs", default=",".join(VERBS), help="which of export, sample, evaluate, report (with "
+                        "--only-verbs, the other verbs' cells in faults.json are kept)")
+    parser.add_argument("--only-verbs", action="store_true",
+                        help="run only the export/sample/evaluate/report matrix; keep the rest of faults.json")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
@@ -678,31 +1112,55 @@ def main() -> None:
 
     rng = random.Random(args.seed)
     began = time.perf_counter()
+    machine = lambda: (f"{platform.machine()} CPU, {os.cpu_count()} cores, 1 torch thread per process, load average "  # noqa: E731
+                       f"{os.getloadavg()[0]:.1f} at the end")
+    previous = args.out / "faults.json"
+    result = json.loads(previous.read_text()) if args.only_verbs and previous.exists() else {}
     with tempfile.TemporaryDirectory(prefix="rapm-faults-") as tmp:
         tmp = Path(tmp)
         teacher = build_tiny_pipeline(tmp / "tiny-sd", family="sd")
-        prompts = write_prompts(tmp / "prompts.txt", 12 * args.trajectory_kills)  # enough that every kill lands in work
-        (tmp / "traj").mkdir()
-        print(f"rapm trajectories: {args.trajectory_kills} kills", flush=True)
-        traj = trajectories_faults(teacher, prompts, tmp / "traj", TRAJECTORY_SETTINGS, args.trajectory_kills, rng)
-        store = tmp / "traj" / "straight"
-        (tmp / "train").mkdir()
-        print(f"rapm train: {args.train_kills} kills", flush=True)
-        trained = train_faults(teacher, store, tmp / "train", iterations=6 * args.train_kills, kills=args.train_kills,
-                               rng=rng)
-        print("bad inputs", flush=True)
-        bad = bad_inputs(teacher, store, tmp / "bad")
+        if args.only_verbs:
+            store = tmp / "store"
+            made = run_to_end(trajectories_argv(teacher, write_prompts(tmp / "prompts.txt", 4), store,
+                                                {**TRAJECTORY_SETTINGS, "shard_size": 2}))
+            if made.returncode != 0:
+                raise RuntimeError(f"rapm trajectories failed: {made.stderr[-3000:]}")
+        else:
+            prompts = write_prompts(tmp / "prompts.txt", 12 * args.trajectory_kills)  # enough that every kill lands in work
+            (tmp / "traj").mkdir()
+            print(f"rapm trajectories: {args.trajectory_kills} kills", flush=True)
+            traj = trajectories_faults(teacher, prompts, tmp / "traj", TRAJECTORY_SETTINGS, args.trajectory_kills, rng)
+            store = tmp / "traj" / "straight"
+            (tmp / "train").mkdir()
+            print(f"rapm train: {args.train_kills} kills", flush=True)
+            trained = train_faults(teacher, store, tmp / "train", iterations=6 * args.train_kills, kills=args.train_kills,
+                                   rng=rng)
+            print("bad inputs", flush=True)
+            bad = bad_inputs(teacher, store, tmp / "bad")
+        verbs_began = time.perf_counter()
+        verbs_run = [v for v in VERBS if v in args.verbs.split(",")]
+        cells = verb_faults(teacher, store, tmp / "verbs", args.verb_kills, rng, tries=args.verb_tries, verbs=verbs_run)
     seconds = time.perf_counter() - began
-    result = {
-        "date": time.strftime("%Y-%m-%d"),
-        "command": f"OMP_NUM_THREADS=1 .venv/bin/python benchmarks/faults.py --train-kills {args.train_kills} "
-                   f"--trajectory-kills {args.trajectory_kills} --seed {args.seed}",
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, 1 torch thread per process, load average "
-                   f"{os.getloadavg()[0]:.1f} at the end",
-        "seconds": round(seconds),
-        "trajectories": traj, "train": trained,
-        "bad_inputs": {"tried": len(bad), "clear": sum(not b["problems"] for b in bad), "cases": bad},
-    }
+    verbs = {"command": f"OMP_NUM_THREADS=1 .venv/bin/python benchmarks/faults.py --verb-kills {args.verb_kills} "
+                        f"--verb-tries {args.verb_tries} --seed {args.seed}" + (" --only-verbs" if args.only_verbs else ""),
+             "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+             "seconds": round(time.perf_counter() - verbs_began), "cells": cells}
+    kept = [c for c in result.get("verbs", {}).get("cells", []) if c["verb"] not in verbs_run]
+    if kept:  # the other verbs' cells of an earlier run, which keep their command
+        verbs["cells"] = sorted(kept + cells, key=lambda c: (VERBS.index(c["verb"]), FAULTS.index(c["fault"])))
+        verbs["earlier"] = {"command": result["verbs"]["command"], "date": result["verbs"]["date"],
+                            "verbs": sorted({c["verb"] for c in kept})}
+        verbs["command"] += f" --verbs {args.verbs}"
+    if not args.only_verbs:
+        result = {
+            "date": time.strftime("%Y-%m-%d"),
+            "command": f"OMP_NUM_THREADS=1 .venv/bin/python benchmarks/faults.py --train-kills {args.train_kills} "
+                       f"--trajectory-kills {args.trajectory_kills} --verb-kills {args.verb_kills} --seed {args.seed}",
+            "machine": machine(), "seconds": round(seconds),
+            "trajectories": traj, "train": trained,
+            "bad_inputs": {"tried": len(bad), "clear": sum(not b["problems"] for b in bad), "cases": bad},
+        }
+    result["verbs"] = verbs
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "faults.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "faults.md").write_text(markdown(result))
@@ -741,6 +1199,8 @@ def markdown(r: dict) -> str:
         lines.append(f"| {c['input']} | {text} | {'yes' if not c['problems'] else '; '.join(c['problems'])[:200]} |")
     problems = t["problems"] + tr["problems"]
     lines += ["", f"Problems: {len(problems)}" + ("" if not problems else ": " + "; ".join(problems)[:2000]), ""]
+    if "verbs" in r:
+        lines += verbs_markdown(r["verbs"])
     return "\n".join(lines)
 
 

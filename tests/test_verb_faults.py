@@ -34,13 +34,13 @@ if not hasattr(faults, "main"):
     _spec.loader.exec_module(faults)
 
 VERBS = ("sample", "evaluate", "report", "export")
-# The cells rapm/export.py does not hold yet (it was being edited by another session when these were written: it
-# takes no lock on its --out and writes through a link): strict, so they fail once export holds them, to be unmarked.
+# The cells rapm/export.py does not hold yet: it takes no lock on its --out and writes through a link (another session
+# was editing the file, so its fix waits). Strict: they fail once export holds them, to be unmarked then.
 EXPORT_TODO = pytest.mark.xfail(strict=True, reason="rapm export takes no lock on --out and writes through links")
 
 
-def _verbs(todo: bool = True):
-    return [pytest.param(v, marks=EXPORT_TODO) if v == "export" and todo else v for v in VERBS]
+def _verbs():
+    return [pytest.param(v, marks=EXPORT_TODO) if v == "export" else v for v in VERBS]
 
 
 # --- the inputs: a student LoRA, a run, two evaluations -----------------------------------------------------------------
