@@ -65,7 +65,10 @@ MODELS = {
     "sdxl": dict(name="SDXL base", unet="SDXL_UNET", published_latent=128, latent_2=48),
     # SD3-medium: the MMDiT of rapm/flow_configs.py, CLIP-L and bigG/14 with projections, the 16-channel VAE; T5-XXL
     # stands in as one of its 24 layers (build_teacher says why); rank 32, the sd3 preset's. Only `rapm` trains.
-    "sd3": dict(name="SD3-medium", unet="SD3_MEDIUM_TRANSFORMER", published_latent=128, latent_2=48, lora_rank=32),
+    # trajectories_delta: rapm trajectories' default Δ here is min(1000 // (N M), the shortest slot) = the shortest slot
+    # (shift 3's grid 1000, 900, 750, 500, 0 at N = 4), which rapm train refuses (Δ must be shorter than every slot)
+    "sd3": dict(name="SD3-medium", unet="SD3_MEDIUM_TRANSFORMER", published_latent=128, latent_2=48, lora_rank=32,
+                trajectories_delta=50),
 }
 # google/t5-v1_1-xxl, SD3-medium's text_encoder_3/config.json (4.76B parameters: 19 GB float32, 9.5 GB bf16)
 T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
@@ -204,6 +207,7 @@ class Crowded(Exception):
 CROWDED_MARGIN_GIB = 3.0
 CELL_MEMORY_GIB = float(os.environ.get("RAPM_REAL_SIZE_CELL_GIB", 14))  # free memory a cell waits for (about an SD3 verb's peak)
 CELL_TRIES = 3
+LOAD_BOUND_MARGIN_GIB = 0.25  # a training cell this close to the pass cells' peak is taken as the loading's peak
 
 
 def _meminfo_gib(field: str) -> float:
@@ -345,13 +349,15 @@ def target_modules(model: str, targets: list[str]) -> list[str]:
                   and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
 
 
-def check_export(model: str, lora: Path) -> dict:
+def check_export(model: str, lora: Path, rapm_tree: str | None = None) -> dict:
     """Key counts of both exported files against the real architecture's targeted modules."""
     from safetensors import safe_open
 
     from rapm.export import ldm_block_map, ldm_module_name
     from rapm.roles import PCM_TARGET_MODULES
 
+    if rapm_tree:  # the rapm that wrote the files (``--export-rapm``), before this file's own
+        sys.path.insert(0, rapm_tree)
     if model in FLOW_MODELS:
         return check_flow_export(model, lora)
     modules = target_modules(model, PCM_TARGET_MODULES)
@@ -509,7 +515,7 @@ def iteration_peak(args: dict) -> dict:
 
 
 CHILDREN = {"iteration-peak": iteration_peak, "flux-weights": flux_weights, "pass": lambda a: teacher_pass(a), "build": lambda a: build_teacher(a["model"], Path(a["folder"])),
-            "check-export": lambda a: check_export(a["model"], Path(a["lora"]))}
+            "check-export": lambda a: check_export(a["model"], Path(a["lora"]), a.get("rapm_tree"))}
 
 
 def child(kind: str, args: dict, log: Path) -> dict:
@@ -519,6 +525,9 @@ def child(kind: str, args: dict, log: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- the plan
+EXPORT_RAPM: tuple[str, str] | None = None  # --export-rapm TREE:LABEL
+
+
 def cells(model: str, work: Path, latent: int, latent_2: int) -> list[list[tuple[str, callable]]]:
     """(name, function) of every cell of one model, in the order they run, in two stages: every verb at ``latent``,
     then the training cells at ``latent_2`` (every model's first stage runs before any second one)."""
@@ -532,12 +541,15 @@ def cells(model: str, work: Path, latent: int, latent_2: int) -> list[list[tuple
         def cell():
             store = work / model / f"store-{size}"
             shutil.rmtree(store, ignore_errors=True)
+            delta = MODELS[model].get("trajectories_delta")
             result = run_measured(rapm("trajectories", "--teacher", str(teacher(size)), "--prompts", str(prompts), "--out",
-                                       str(store), "--steps", "4", "--substeps", "2", "--batch-size", "2", "--no-progress"),
+                                       str(store), "--steps", "4", "--substeps", "2", "--batch-size", "2", "--no-progress",
+                                       *(["--delta", str(delta)] if delta else [])),
                                   work / model / f"trajectories-{size}.log")
             manifest = json.loads((store / "manifest.json").read_text())
             count = manifest.get("count", len(PROMPTS))
             return {**result, "latent": size, "trajectories": count, "store_bytes": folder_bytes(store),
+                    "delta": manifest.get("delta"), "timesteps": manifest.get("timesteps"),
                     "store_bytes_per_trajectory": round(folder_bytes(store) / count)}
         return cell
 
@@ -570,6 +582,17 @@ def cells(model: str, work: Path, latent: int, latent_2: int) -> list[list[tuple
                               work / model / "export.log")
         checked = child("check-export", {"model": model, "lora": str(lora)}, work / model / "export-check.log")
         return {**result, **{k: v for k, v in checked.items() if k not in ("seconds", "peak_rss_mib")}}
+
+    def export_by():
+        tree, label = EXPORT_RAPM
+        lora = work / model / f"lora-{label}"
+        shutil.rmtree(lora, ignore_errors=True)
+        result = run_measured(rapm("export", "--run", str(work / model / f"run-{latent}-rapm"), "--out", str(lora)),
+                              work / model / f"export-{label}.log", env={"PYTHONPATH": tree})
+        checked = child("check-export", {"model": model, "lora": str(lora), "rapm_tree": tree},
+                        work / model / f"export-{label}-check.log")
+        return {**result, **{k: v for k, v in checked.items() if k not in ("seconds", "peak_rss_mib")},
+                "rapm": label}
 
     def sample():
         out = work / model / "samples"
@@ -629,7 +652,14 @@ def cells(model: str, work: Path, latent: int, latent_2: int) -> list[list[tuple
             stage += [(f"train-{size}-rapm{'-ckpt' if c else ''}", train(size, "rapm", c)) for c in (False, True)]
             if size == latent:
                 stage += [("export", export), ("sample", sample)]
-        return [plan, second + [("evaluate", evaluate)]]
+        second.append(("evaluate", evaluate))
+        if EXPORT_RAPM:  # the export again, by another rapm source tree (e.g. a newer commit's kohya file)
+            second.append((f"export-{EXPORT_RAPM[1]}", export_by))
+        # the training's own peak with checkpointing: the train cells' peak can be the loading's (bf16 files to float32)
+        second.append((f"peak-{latent}-float32", lambda: child(
+            "iteration-peak", {"teacher": str(teacher(latent)), "store": str(work / model / f"store-{latent}"),
+                               "quantization": ""}, work / model / f"peak-{latent}-float32.log")))
+        return [plan, second]
     for method in TRAIN_METHODS:
         for checkpointing in (False, True):
             plan.append((f"train-{latent}-{method}{'-ckpt' if checkpointing else ''}", train(latent, method, checkpointing)))
@@ -827,7 +857,7 @@ def report(work: Path, results: Path, latent: int) -> None:
             table[model] = {}
             lines += flow_section(model, data[model], latent, table[model], notes.get(model, []))
     if flux:
-        lines += flux_table(flux)
+        lines += flux_table(flux, results)
     results.mkdir(parents=True, exist_ok=True)
     (results / "real_size.json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "latent": latent,
                                                          "dates": dates, "commands": commands, "notes": notes,
@@ -897,6 +927,10 @@ def flow_section(model: str, got: dict, latent: int, table: dict, notes: list[st
             facts.append(f"run again after {len(cell['crowded_retries'])} kernel OOM kill(s) beside another process's memory")
         if "seconds_per_guided_pass" in cell:
             facts.append(f"{cell['seconds_per_guided_pass']} s per guided transformer pass (batch 2)")
+        if "training_peak_mib" in cell:
+            facts.append(f"rapm, checkpointing, float32: after the build {cell['rss_after_build_mib'] / 1024:.2f} GiB resident "
+                         f"(the build peaked at {cell['build_peak_mib'] / 1024:.2f}); two student updates then peaked at "
+                         f"**{cell['training_peak_mib'] / 1024:.2f} GiB** ({', '.join(map(str, cell['seconds_per_iteration']))} s)")
         if "store_bytes_per_trajectory" in cell:
             facts.append(f"{cell['trajectories']} trajectories (N = 4, M = 2), {cell['store_bytes_per_trajectory'] / MiB:.2f} MiB each")
         if "iterations" in cell:
@@ -904,6 +938,8 @@ def flow_section(model: str, got: dict, latent: int, table: dict, notes: list[st
                          + "s per iteration: " + ", ".join(f"{r['seconds']:.0f} ({r['phase']})" for r in cell["iterations"]))
         if cell.get("checkpoint_bytes"):
             facts.append(f"checkpoint {cell['checkpoint_bytes'] / MiB:.0f} MiB")
+        if cell.get("rapm"):
+            facts.append(f"`rapm export` of `run-{latent}-rapm` by rapm at {cell['rapm']}")
         if "targeted_modules" in cell:
             facts.append(f"{cell['targeted_modules']} targeted modules of the real transformer; diffusers file "
                          f"{cell['diffusers_keys']} keys ({cell['diffusers_missing']} missing, {cell['diffusers_extra']} "
@@ -929,8 +965,24 @@ def flow_section(model: str, got: dict, latent: int, table: dict, notes: list[st
                   "(`rapm` has no discriminator)."]
     published = spec["published_latent"]
     rows = []
+    # the pass cells load the transformer alone (bf16 files into float32) and run inference: their peak is the
+    # loading's, a floor under every cell that loads it; a training cell at that floor hides its own need
+    passes = [c["peak_rss_mib"] / 1024 for n, c in got.items() if n.startswith("pass-") and "peak_rss_mib" in c]
+    floor = max(passes) if passes else 0.0
+    fits = lambda gib, card: "yes" if gib + CARD_RESERVE_GIB <= card * 1e9 / GiB else "no"  # noqa: E731
+    bound = lambda c: c.get("peak_rss_mib", 0) / 1024 <= floor + LOAD_BOUND_MARGIN_GIB  # noqa: E731
     for checkpointing, suffix in ((False, "rapm"), (True, "rapm-ckpt")):
+        trains = {n: c for n, c in got.items() if n.startswith("train-") and n.split("-", 2)[2] == suffix
+                  and "peak_rss_mib" in c and not c.get("failed") and c.get("fits") is not False}
+        at_floor = sorted(n for n, c in trains.items() if bound(c))
         fit = fit_activation(got, suffix, published)
+        if at_floor and fit:  # no fit through a point that is the loading's peak
+            name = at_floor[0]
+            c = trains[name]
+            rows.append(f"| rapm | {'on' if checkpointing else 'off'} | <= {c['peak_rss_mib'] / 1024:.2f} | - | `{name}`"
+                        f"'s peak is the loading's (the pass cells' {floor:.2f} GiB): the training's own need is under it, "
+                        "not measured here | - | - | - |")
+            fit = None
         failed = [c for n, c in got.items() if n.startswith("train-") and n.split("-", 2)[2] == suffix
                   and c.get("fits") is False]
         fits = lambda gib, card: "yes" if gib + CARD_RESERVE_GIB <= card * 1e9 / GiB else "no"  # noqa: E731
@@ -943,11 +995,21 @@ def flow_section(model: str, got: dict, latent: int, table: dict, notes: list[st
             continue
         fp32 = fit["peak_rss_gib"]
         bf16 = fp32 - transformer_bytes / 2 / GiB
-        src = (f"fitted from {fit['from_latents'][0] * 8} and {fit['from_latents'][1] * 8} px" if fit["fitted"]
-               else f"measured at {fit['latent'] * 8} px" + (" (not the published size)" if fit["latent"] != published else ""))
+        src = (f"fitted from {fit['from_latents'][0] * 8} and {fit['from_latents'][1] * 8} px (an extrapolation: "
+               f"{published * 8} px is {published ** 2 / fit['from_latents'][1] ** 2:.1f}x the larger one's latent area)"
+               if fit["fitted"] else
+               f"measured at {fit['latent'] * 8} px" + (" (not the published size)" if fit["latent"] != published else ""))
         rows.append(f"| rapm | {'on' if checkpointing else 'off'} | {fp32:.2f} | {bf16:.2f} | {src} | "
                     + " | ".join(f"{fits(fp32, c)} / {fits(bf16, c)}" for c in (8, 12, 24)) + " |")
         table[suffix] = {**fit, "bf16_base_gib_est": bf16}
+    for name, c in got.items():
+        if name.startswith("peak-") and "training_peak_mib" in c:
+            fp32 = c["training_peak_mib"] / 1024
+            bf16 = fp32 - transformer_bytes / 2 / GiB
+            rows.append(f"| rapm, the training's own peak | on | {fp32:.2f} | {bf16:.2f} | `{name}`: two student updates "
+                        f"after the build, VmHWM reset, at {int(name.split('-')[1]) * 8} px (not the published size) | "
+                        + " | ".join(f"{fits(fp32, k)} / {fits(bf16, k)}" for k in (8, 12, 24)) + " |")
+            table[name] = {"peak_rss_gib": fp32, "bf16_base_gib_est": bf16, "fitted": False}
     if rows:
         lines += ["", f"What card training needs at {published * 8} px (N = 4, batch 1, LoRA rank {spec['lora_rank']}, "
                   "float32 base as measured; the bf16 row halves the transformer's weight bytes, the rest as measured, "
@@ -955,16 +1017,17 @@ def flow_section(model: str, got: dict, latent: int, table: dict, notes: list[st
                   "stands in for GPU memory; the fit is linear in the latent area, i.e. in the image tokens, "
                   f"{published ** 2 // 4} at {published * 8} px beside the 333 text tokens, which holds for attention "
                   "whose memory is linear in the tokens (SDPA's fused kernels), not for one that stores the attention map; "
-                  "training needs no text encoder: T5-XXL's 9.5 GB in bf16 is the trajectories' cost, not this):", "",
+                  f"training needs no text encoder: T5-XXL's {2 * t5 / 1e9:.1f} GB in bf16 is the trajectories' cost, "
+                  "not this):", "",
                   "| method | checkpointing | float32 GiB | bf16 base GiB (est.) | source | 8 GB | 12 GB | 24 GB |",
                   "| --- | --- | ---: | ---: | --- | --- | --- | --- |", *rows, "", "(8 / 12 / 24 GB columns: float32 / bf16 base.)"]
     return lines + [""]
 
 
-def flux_table(flux: dict) -> list[str]:
+def flux_table(flux: dict, results: Path) -> list[str]:
     """FLUX.1-dev at 512 px: the measured stored weights by base, with flow_memory.md's LoRA + Adam (an exact count)
     and activation estimate (gradient checkpointing) beside them."""
-    est = next(r for r in json.loads((ROOT / "benchmarks" / "results" / "flow_memory.json").read_text())["summary"]["rows"]
+    est = next(r for r in json.loads((results / "flow_memory.json").read_text())["summary"]["rows"]
                if r["family"] == "flux" and r["px"] == 512)
     lines = ["## FLUX.1-dev (11.9B), the base's weights measured", "",
              "The published transformer quantized by rapm's own `quantize_base` (random bf16 weights; one of the 19 "
@@ -996,6 +1059,8 @@ def main() -> None:
     parser.add_argument("--latent-2", type=int, default=0, help="the second latent size of the training cells "
                         "(default: each model's own, SD 1.5 64 = its published 512 px, SDXL 48)")
     parser.add_argument("--only", default="", help="comma-separated cell names to run (default: all)")
+    parser.add_argument("--export-rapm", default="", metavar="TREE:LABEL", help="SD3: also export the student with "
+                        "the rapm of another source tree (cell export-LABEL; e.g. a git archive of a newer commit)")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--flux-weights", default="", help="also measure FLUX.1-dev's stored weights for these "
@@ -1006,6 +1071,10 @@ def main() -> None:
     if args.child:
         print(json.dumps(CHILDREN[args.child[0]](json.loads(args.child[1]))))
         return
+    if args.export_rapm:
+        global EXPORT_RAPM
+        tree, _, label = args.export_rapm.rpartition(":")
+        EXPORT_RAPM = (str(Path(tree).resolve()), label)
     args.work.mkdir(parents=True, exist_ok=True)
     (args.work / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     saved = args.work / "cells.json"
