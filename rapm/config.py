@@ -151,9 +151,22 @@ def _coerce(name: str, typ, value, source: str):
             return value.lower() in ("true", "1", "yes")
         if typ is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
-        return typ(value)
-    except (TypeError, ValueError):
+        result = typ(value)
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{source}: field {name!r} must be {getattr(typ, '__name__', typ)}, got {value!r}") from None
+    import math
+
+    if typ is float and not math.isfinite(result):  # float("nan"), TOML's nan and inf, JSON's NaN and Infinity
+        raise ConfigError(f"{source}: field {name!r} must be a finite number, got {value!r}")
+    # Upper bounds no run reaches, so that a typo (10^12 iterations, rank 10^6) is refused before anything is loaded
+    # or written, instead of running for ever or allocating what no machine has.
+    width = "a LoRA's rank stays below its layers' width, at most 3072 in the families rapm knows"
+    at_most = {"iterations": (10 ** 8, "a distillation runs 10^3 to 10^5"), "lora_rank": (4096, width),
+               "disc_lora_rank": (4096, width)}
+    if name in at_most and result > at_most[name][0]:
+        raise ConfigError(f"{source}: field {name!r} must be at most {at_most[name][0]:,} ({at_most[name][1]}), "
+                          f"got {result:,}")
+    return result
 
 
 def _sample_prompts(value, source: str) -> list[str]:
@@ -288,9 +301,6 @@ def validate(config: TrainConfig) -> None:
         bad("rdd_weight", f"must be at least 0, got {config.rdd_weight}")
     if config.rdd_features not in ("", "teacher", "classifier"):
         bad("rdd_features", f"must be teacher or classifier (or empty for the teacher's own), got {config.rdd_features!r}")
-    if config.rdd_weight > 0 and config.method == "pcm":
-        bad("rdd_weight", "pcm does not take RDD's relational loss (rapm, rapm-paper, rapm-relative, sfd, progressive "
-                          "and progressive-rdd do); set rdd_weight=0")
     if config.rdd_queue_size < 1:
         bad("rdd_queue_size", f"must be at least 1, got {config.rdd_queue_size}")
 

@@ -55,12 +55,6 @@ def single_file_kind(path: Path) -> tuple[str, str]:
                        "model.diffusion_model.*); rapm converts A1111 / civitai single files of those models")
 
 
-def convert_command(path: Path) -> str:
-    """The command a user runs to convert ``path`` (the teacher error's fix)."""
-    out = path.with_name(path.stem + "-diffusers")
-    return f"rapm convert {path} --out {out}"
-
-
 def convert_single_file(path: str | Path, out: str | Path, config: str | Path | None = None) -> tuple[Path, str, str]:
     """Convert the checkpoint ``path`` into the diffusers folder ``out``; return (out, family, label)."""
     path, out = Path(path), Path(out)

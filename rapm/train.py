@@ -22,7 +22,8 @@ import typer
 from rapm import config as cfg
 from rapm.config import ConfigError, TrainConfig, split_seed
 from rapm.discriminator import ABSOLUTE_BACKBONE
-from rapm.methods import METHODS, Context, Setup, TrajectoryBatch, build_method, ema_of, updates_of, with_recipe
+from rapm.methods import (FLOW_METHODS, METHODS, Context, Setup, TrajectoryBatch, build_method, ema_of, method_info,
+                          updates_of, with_recipe)
 from rapm.models import (build_models, constant_schedule, ema_decay_at, lr_factor, lr_schedule, make_optimizer,  # noqa: F401
                          student_spec, swap_in, update_ema, weight_dtype)
 from rapm.monitor import Monitor, Previews
@@ -209,23 +210,16 @@ def run_phase(phase: Phase, ctx: Context, batch, unet, disc, procs: Processes, a
     return total, float(grad_norm), record
 
 
-FLOW_METHODS_NOT_APPLYING = {
-    "pcm": "it trains on real images through a DDPM forward process (config field 'real_data') and its phase grid",
-    "progressive": "its rounds halve integer DDIM grids of a DDPM schedule and it needs its own teacher targets",
-    "progressive-rdd": "its rounds halve integer DDIM grids of a DDPM schedule and it needs its own teacher targets",
-}
-
-
 def _check_method_applies(config: TrainConfig, store) -> None:
     """Refuse, by name and reason, a method that does not apply to a flow-matching teacher's store."""
     from rapm.diffusion import schedule_from_config
 
     if not schedule_from_config(store.manifest["scheduler"]).is_flow:
         return
-    why = FLOW_METHODS_NOT_APPLYING.get(config.method)
+    why = method_info(config.method).flow
     if why is not None:
         raise ConfigError(f"config field 'method': {config.method!r} does not apply to a flow-matching teacher "
-                          f"({store.family}): {why}; use rapm, rapm-paper, rapm-relative or sfd")
+                          f"({store.family}): {why}; use {', '.join(FLOW_METHODS[:-1])} or {FLOW_METHODS[-1]}")
     if config.rdd_weight > 0:
         raise ConfigError(f"config field 'rdd_weight': RDD's relational term reads UNet features and is not wired for a "
                           f"flow-matching teacher ({store.family}); set rdd_weight=0")

@@ -222,11 +222,10 @@ def read_model_index(path: Path) -> dict:
         )
     if not path.is_dir():
         if path.suffix == ".safetensors":  # a single-file checkpoint (A1111, civitai): rapm convert makes the folder
-            from rapm.convert import convert_command
-
             raise TeacherError(f"teacher path {path} is a single-file checkpoint; rapm reads diffusers folders: convert "
-                               f"it once with `{convert_command(path)}` (offline: add --config with a diffusers folder "
-                               "of the same model), then give that folder as --teacher")
+                               f"it once with `rapm convert {path} --out {path.with_name(path.stem + '-diffusers')}` "
+                               "(offline: add --config with a diffusers folder of the same model), then give that "
+                               "folder as --teacher")
         raise TeacherError(f"teacher path {path} is a file; give the diffusers folder that holds model_index.json")
     index_file = path / "model_index.json"
     if not index_file.exists():

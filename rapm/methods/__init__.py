@@ -1,8 +1,12 @@
-"""Distillation methods: one loss object each, with the same call signature (see ``base.Method``)."""
+"""Distillation methods: one loss object each, with the same call signature (see ``base.Method``), and the one
+registry (``REGISTRY``) that says, per method, how it is built, the values it takes where the config leaves a field
+to the method, whether it applies to a flow-matching teacher and whether it takes RDD's relational term: the loop,
+the CLI and the validation read these, and test no method's name."""
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Callable
 
 from rapm.config import ConfigError, TrainConfig
@@ -11,6 +15,7 @@ from rapm.methods.pcm import PCM
 from rapm.methods.progressive import Progressive
 from rapm.methods.rapm import RAPM
 from rapm.methods.rdd import relational_settings
+from rapm.methods.sfd import build_sfd
 from rapm.plugins import plugin_for
 from rapm.roles import LoraSpec
 
@@ -29,13 +34,19 @@ PAPER_RECIPE = dict(gan_loss="hinge", updates="alternate", adv_weight=0.1, relat
                     ema_warmup=False)
 
 
+NO_EMA = dict(ema_decay=0.0, ema_warmup=False)  # the EMA is the default recipe's; the paper and the peers train without
+
+
+def method_info(name: str) -> "MethodInfo":
+    info = REGISTRY.get(name)
+    if info is None:
+        raise ConfigError(f"config field 'method': {name!r} is not one of {', '.join(METHODS)}")
+    return info
+
+
 def recipe_of(config: TrainConfig) -> dict:
     """The method's settings where the config leaves them to the method ("" or a negative weight)."""
-    own = dict(PAPER_RECIPE if config.method in ("rapm-paper", "pcm") else RAPM_RECIPE)
-    if config.method == "rapm-relative":
-        own["relative_weight"] = 1.0  # its only position term
-    if config.method != "rapm":  # the EMA is the default recipe's; the paper and the peers train without one
-        own["ema_decay"], own["ema_warmup"] = 0.0, False
+    own = method_info(config.method).recipe
     ema = (config.ema_decay, config.ema_warmup) if config.ema_decay >= 0 else (own["ema_decay"], own["ema_warmup"])
     return {"gan_loss": config.gan_loss or own["gan_loss"], "updates": config.updates or own["updates"],
             "adv_weight": config.adv_weight if config.adv_weight >= 0 else own["adv_weight"],
@@ -60,37 +71,15 @@ def updates_of(config: TrainConfig) -> str:
     return recipe_of(config)["updates"]
 
 
-def _common(config: TrainConfig, recipe: dict, delta: int) -> dict:
-    return dict(huber_c=config.huber_c, adv_weight=recipe["adv_weight"], delta=delta, slot_weights=config.slot_weights,
-                gan_loss=recipe["gan_loss"], relative_weight=recipe["relative_weight"], d1=config.disc_relative,
-                d2=config.disc_absolute, relational=relational_settings(config))
-
-
-def _slots(config: TrainConfig, recipe: dict) -> dict:
-    independent = config.disc_renoise == "independent"
-    if independent and recipe["gan_loss"] == "relativistic":
-        raise ConfigError("config field 'disc_renoise': independent noise unpairs a fake from its real, and the "
-                          "relativistic loss compares the two at the same noise; set gan_loss=hinge (PCM's, with which "
-                          "its code renoises independently), or disc_renoise=shared")
-    return dict(slot_sum=config.disc_slot_reduction == "sum", independent_noise=independent)
-
-
 def _rapm(config: TrainConfig, recipe: dict, delta: int) -> Method:
     # relative weight 0: the relative terms (and D1, weighted by it) are not computed at all
-    return RAPM(**_common(config, recipe, delta), **_slots(config, recipe), relative=recipe["relative_weight"] > 0,
-                distance=config.distance or "pseudo_huber")
+    return RAPM.from_config(config, recipe, delta, relative=recipe["relative_weight"] > 0,
+                            distance=config.distance or "pseudo_huber")
 
 
 def _rapm_relative(config: TrainConfig, recipe: dict, delta: int) -> Method:
     """Eq. 16 alone: the ablation of paper Fig. 3."""
-    return RAPM(**_common(config, recipe, delta), **_slots(config, recipe), absolute=False,
-                distance=config.distance or "pseudo_huber")
-
-
-def _sfd(config: TrainConfig, recipe: dict, delta: int) -> Method:
-    """SFD (Zhou et al. 2024; paper Alg. 3): the absolute position alone, L1 as SFD's code, no discriminator.
-    SFD steps its optimizer once per slot; here the slots' gradients are summed into one step per iteration."""
-    return RAPM(**_common(config, recipe, delta), relative=False, discriminator=False, distance=config.distance or "l1")
+    return RAPM.from_config(config, recipe, delta, absolute=False, distance=config.distance or "pseudo_huber")
 
 
 def _pcm(config: TrainConfig, recipe: dict, delta: int) -> Method:
@@ -110,21 +99,43 @@ def _progressive(config: TrainConfig, recipe: dict, delta: int) -> Method:
                        relational=relational_settings(config))
 
 
-# name -> factory(config, recipe, delta): each method gets what it needs of the config in its constructor
-FACTORIES: dict[str, Callable[[TrainConfig, dict, int], Method]] = {
-    "rapm": _rapm, "rapm-paper": _rapm, "rapm-relative": _rapm_relative, "sfd": _sfd, "pcm": _pcm,
-    "progressive": _progressive, "progressive-rdd": _progressive,
+@dataclass(frozen=True)
+class MethodInfo:
+    """What rapm knows of one method, in one place."""
+
+    build: Callable[[TrainConfig, dict, int], Method]  # factory(config, recipe, delta): the loss object
+    recipe: dict  # its values of the fields the config leaves to the method (RAPM_RECIPE's keys)
+    flow: str | None = None  # None: applies to a flow-matching teacher; else why it does not
+    takes_rdd: bool = True  # whether RDD's relational term (rdd_weight) can be added to it
+
+
+_GRIDS = "its rounds halve integer DDIM grids of a DDPM schedule and it needs its own teacher targets"
+REGISTRY: dict[str, MethodInfo] = {
+    "rapm": MethodInfo(_rapm, RAPM_RECIPE),
+    "rapm-paper": MethodInfo(_rapm, {**PAPER_RECIPE, **NO_EMA}),
+    "rapm-relative": MethodInfo(_rapm_relative, {**RAPM_RECIPE, **NO_EMA, "relative_weight": 1.0}),  # its only term
+    "sfd": MethodInfo(build_sfd, {**RAPM_RECIPE, **NO_EMA}),
+    "pcm": MethodInfo(_pcm, {**PAPER_RECIPE, **NO_EMA}, takes_rdd=False,
+                      flow="it trains on real images through a DDPM forward process (config field 'real_data') and its "
+                           "phase grid"),
+    "progressive": MethodInfo(_progressive, {**RAPM_RECIPE, **NO_EMA}, flow=_GRIDS),
+    "progressive-rdd": MethodInfo(_progressive, {**RAPM_RECIPE, **NO_EMA}, flow=_GRIDS),
 }
-METHODS = tuple(FACTORIES)
+METHODS = tuple(REGISTRY)
+FACTORIES = {name: info.build for name, info in REGISTRY.items()}  # name -> factory(config, recipe, delta)
+FLOW_METHODS = tuple(name for name, info in REGISTRY.items() if info.flow is None)
+RDD_METHODS = tuple(name for name, info in REGISTRY.items() if info.takes_rdd)
 
 
 def build_method(config: TrainConfig, delta: int) -> Method:
     """The loss object for ``config.method``; ``delta`` is Δ in teacher timesteps."""
-    factory = FACTORIES.get(config.method)
-    if factory is None:
-        raise ConfigError(f"config field 'method': {config.method!r} is not one of {', '.join(METHODS)}")
-    return factory(config, recipe_of(config), delta)
+    info = method_info(config.method)
+    if config.rdd_weight > 0 and not info.takes_rdd:
+        raise ConfigError(f"config field 'rdd_weight': --method {config.method} does not take RDD's relational loss "
+                          f"(these do: {', '.join(RDD_METHODS)}); set rdd_weight=0")
+    return info.build(config, recipe_of(config), delta)
 
 
 __all__ = ["Context", "Method", "Setup", "TrajectoryBatch", "RAPM", "PCM", "Progressive", "build_method", "pseudo_huber", "METHODS", "FACTORIES",
-           "updates_of", "recipe_of", "with_recipe", "ema_of", "RAPM_RECIPE", "PAPER_RECIPE"]
+           "updates_of", "recipe_of", "with_recipe", "ema_of", "RAPM_RECIPE", "PAPER_RECIPE", "REGISTRY", "MethodInfo",
+           "method_info", "FLOW_METHODS", "RDD_METHODS"]

@@ -28,10 +28,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rapm.config import ConfigError
 from rapm.discriminator import (hinge_discriminator_loss, hinge_generator_loss, pair_accuracy,
                                 relativistic_discriminator_loss, relativistic_generator_loss)
 from rapm.methods.base import (Context, Losses, Method, TrajectoryBatch, discriminator_timesteps, pseudo_huber, renoise,
                                slot_times, student_step, student_trajectory, teacher_step)
+from rapm.methods.rdd import relational_settings
 
 
 class DeltaStepWarning(UserWarning):
@@ -56,6 +58,23 @@ class RAPM(Method):
     independent_noise: bool = False  # the discriminator step renoises each fake and each real with its own noise (PCM)
     relational: object = field(default=None, repr=False)  # rapm.methods.rdd.RelationalSettings (refused: RAPM takes none)
     _warned: bool = field(default=False, init=False, repr=False, compare=False)  # DeltaStepWarning is said once
+
+    @classmethod
+    def from_config(cls, config, recipe: dict, delta: int, **fields) -> "RAPM":
+        """The loss object for a run's ``config``, with the method's ``recipe`` where the config leaves a field to
+        the method, Δ = ``delta``, and the method's own ``fields`` (``relative``, ``absolute``, ``discriminator``,
+        ``distance``)."""
+        own = dict(huber_c=config.huber_c, adv_weight=recipe["adv_weight"], delta=delta, slot_weights=config.slot_weights,
+                   gan_loss=recipe["gan_loss"], relative_weight=recipe["relative_weight"], d1=config.disc_relative,
+                   d2=config.disc_absolute, relational=relational_settings(config))
+        if fields.get("discriminator", True):  # the discriminator step's settings
+            independent = config.disc_renoise == "independent"
+            if independent and recipe["gan_loss"] == "relativistic":
+                raise ConfigError("config field 'disc_renoise': independent noise unpairs a fake from its real, and the "
+                                  "relativistic loss compares the two at the same noise; set gan_loss=hinge (PCM's, with "
+                                  "which its code renoises independently), or disc_renoise=shared")
+            own.update(slot_sum=config.disc_slot_reduction == "sum", independent_noise=independent)
+        return cls(**own, **fields)
 
     @property
     def uses_discriminator(self) -> bool:

@@ -67,7 +67,6 @@ TEMPERATURE = 0.1  # RDD's MP2P temperature; used for ISP2P too (our choice)
 DEFAULT_WEIGHT = 1.0  # progressive-rdd's weight of the term beside the x-target loss (our choice)
 FEATURE_TIMESTEP = 100  # where the teacher source reads its features (see the module docstring)
 FEATURE_SOURCES = ("teacher", "classifier")
-TAKES_RDD = ("rapm", "rapm-paper", "rapm-relative", "sfd", "progressive", "progressive-rdd")
 
 
 def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -242,9 +241,6 @@ def build_relational_term(setup, settings: RelationalSettings | None) -> Relatio
     if settings is None or settings.weight <= 0:
         return None
     weight = settings.weight
-    if settings.method not in TAKES_RDD:
-        raise ConfigError(f"config field 'rdd_weight': --method {settings.method} does not take RDD's relational loss "
-                          f"(these do: {', '.join(TAKES_RDD)}); set rdd_weight=0")
     kind = settings.features
     if kind == "classifier":
         from rapm.plugins import plugin_for
