@@ -1,0 +1,58 @@
+"""The second built-in teacher's world (issue 32, started): 32x32 RGB procedural scenes from a prompt, many images
+per prompt, and every attribute a prompt names read back from the image itself."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from rapm.scenes.data import COLOURS, SHAPES, all_scenes, check, draw
+
+SCENES = all_scenes()
+SAMPLE = [SCENES[i] for i in np.random.default_rng(0).choice(len(SCENES), 300, replace=False)]
+
+
+def test_the_world_has_every_combination_once_each_with_its_own_prompt():
+    assert len(SCENES) == 3 * 4 * 3 * 5 * 3 * 3 == 1620
+    assert len({s.prompt() for s in SCENES}) == len(SCENES)
+    assert SCENES[0].prompt() == "one red circle on the left, green stripes"
+
+
+def test_a_seed_draws_one_image_and_a_prompt_has_many():
+    scene = SCENES[123]
+    a, b = draw(scene, 7), draw(scene, 7)
+    assert a.shape == (3, 32, 32) and a.dtype == np.float32 and np.array_equal(a, b)
+    assert -1 <= a.min() and a.max() <= 1
+    others = [draw(scene, s) for s in range(8)]
+    assert min(np.abs(x - y).mean() for i, x in enumerate(others) for y in others[i + 1:]) > 0.05  # many modes
+
+
+def test_the_worlds_own_images_pass_their_checks():
+    """The checks' floor: what a perfect sampler (the world itself) scores; the teacher and students are measured
+    against it."""
+    results = [check(draw(s, k), s) for k, s in enumerate(SAMPLE)]
+    rate = {a: np.mean([r[a] for r in results]) for a in results[0]}
+    assert rate["colour"] == 1 and rate["count"] == 1 and rate["region"] == 1 and rate["background"] == 1, rate
+    assert rate["shape"] >= 0.95, rate  # a 3-pixel triangle can read as a circle
+
+
+@pytest.mark.parametrize("attribute", ["shape", "count", "region", "colour", "background"])
+def test_a_scene_the_image_does_not_show_fails_its_check(attribute):
+    wrong = 0
+    tried = 0
+    for k, s in enumerate(SAMPLE[:120]):
+        if attribute == "shape":
+            alt = replace(s, shape=SHAPES[(SHAPES.index(s.shape) + 1) % 3])
+        elif attribute == "count":
+            alt = replace(s, count=s.count % 3 + 1)
+        elif attribute == "region":
+            if s.region not in ("left", "right"):
+                continue
+            alt = replace(s, region="right" if s.region == "left" else "left")
+        elif attribute == "colour":
+            alt = replace(s, colour=next(c for c in COLOURS if c not in (s.colour, s.background)))
+        else:
+            alt = replace(s, background=next(c for c in COLOURS if c not in (s.colour, s.background)))
+        tried += 1
+        wrong += check(draw(s, k), alt)[attribute]
+    assert tried >= 30 and wrong / tried <= 0.03, (wrong, tried)
