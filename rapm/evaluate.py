@@ -370,9 +370,9 @@ def cli(
     if not progress:
         quiet_library_bars()
     if prompts is not None:
-        from rapm.trajectories import read_prompts
+        from rapm.sample import read_prompt_file
 
-        base = read_prompts(prompts)
+        base = read_prompt_file(prompts)
         prompt_list = [base[i % len(base)] for i in range(num)]
     elif teacher == "digits":
         prompt_list = default_digits_prompts(num)

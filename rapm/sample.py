@@ -171,6 +171,26 @@ def sample_to_folder(teacher: Teacher, prompts: Sequence[str], out: str | Path, 
     return rows
 
 
+PROMPT_CHARACTERS = 10_000  # far beyond what a text encoder reads (CLIP 77 tokens, T5 512): a longer line is no prompt
+
+
+def read_prompt_file(path: Path) -> list[str]:
+    """``rapm.trajectories.read_prompts`` (UTF-8, one prompt a line, CRLF too, blank lines skipped), and a file that
+    is not one prompt a line refused before the teacher loads: a NUL byte (a UTF-16 or binary file) or a line longer
+    than PROMPT_CHARACTERS (a tokenizer takes minutes over 50 MB, and reads only its first few hundred characters)."""
+    from rapm.trajectories import read_prompts
+
+    prompts = read_prompts(path)
+    for i, p in enumerate(prompts):
+        if "\0" in p:
+            raise RapmError(f"{path}: prompt {i + 1} holds a NUL byte: not a UTF-8 text file (UTF-16, or binary?); "
+                            "save it as UTF-8 text with one prompt a line")
+        if len(p) > PROMPT_CHARACTERS:
+            raise RapmError(f"{path}: prompt {i + 1} is {len(p):,} characters long; a prompt is at most "
+                            f"{PROMPT_CHARACTERS:,} (the text encoders read its first few hundred): put one prompt a line")
+    return prompts
+
+
 def cli(
     teacher: str = typer.Option(..., "--teacher", help="A diffusers SD/SDXL/SD3/FLUX folder, or 'digits'."),
     lora: Optional[Path] = typer.Option(None, "--lora", help="A student LoRA (file, or the folder rapm export wrote)."),
@@ -200,9 +220,7 @@ def cli(
         raise RapmError(f"--scheduler {scheduler!r} is not supported; use one of {', '.join(SCHEDULERS)}")
     if num_per_prompt < 1:
         raise RapmError(f"--num-per-prompt must be at least 1, got {num_per_prompt}")
-    from rapm.trajectories import read_prompts
-
-    prompt_list = [prompt] if prompt is not None else read_prompts(prompts)
+    prompt_list = [prompt] if prompt is not None else read_prompt_file(prompts)
     facts = read_export_facts(resolve_lora_file(lora)) if lora is not None else None
     if steps is None:
         steps = int(facts["steps"]) if facts and "steps" in facts else 4
