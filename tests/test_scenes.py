@@ -15,7 +15,7 @@ SAMPLE = [SCENES[i] for i in np.random.default_rng(0).choice(len(SCENES), 300, r
 def test_the_world_has_every_combination_once_each_with_its_own_prompt():
     assert len(SCENES) == 3 * 4 * 3 * 5 * 3 * 3 == 1620
     assert len({s.prompt() for s in SCENES}) == len(SCENES)
-    assert SCENES[0].prompt() == "one red circle on the left, green stripes"
+    assert SCENES[0].prompt() == "one red circle on the left over green stripes"
 
 
 def test_a_seed_draws_one_image_and_a_prompt_has_many():
@@ -56,3 +56,24 @@ def test_a_scene_the_image_does_not_show_fails_its_check(attribute):
         tried += 1
         wrong += check(draw(s, k), alt)[attribute]
     assert tried >= 30 and wrong / tried <= 0.03, (wrong, tried)
+
+
+def test_the_teacher_trainer_runs_and_its_folder_loads_as_a_teacher(tmp_path):
+    """Two steps of rapm.scenes.train_teacher (the digits trainer's loop on this world's batches): the folder
+    loads through the path a user takes, and its prompts encode within the tokenizer's length."""
+    import torch
+
+    from rapm.demo.train_teacher import save_teacher, train_teacher
+    from rapm.scenes.train_teacher import build_modules, scene_batches
+    from rapm.teacher import load_teacher
+
+    modules = build_modules(0)
+    images, ids = scene_batches(modules[0])(torch.Generator().manual_seed(0), 4)
+    assert images.shape == (4, 3, 32, 32) and ids.shape == (4, 16)
+    *trained, record = train_teacher(seed=0, steps=2, batch_size=4, log_every=1, modules=modules,
+                                     batches=scene_batches(modules[0]))
+    folder = save_teacher(*trained, record, tmp_path / "teacher")
+    teacher = load_teacher(folder)
+    assert teacher.family == "sd" and teacher.latent_shape == (3, 32, 32)
+    cond, _ = teacher.encode_prompts([SCENES[0].prompt()])
+    assert cond.prompt_embeds.shape == (1, 16, 64)

@@ -82,19 +82,41 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
         e.lerp_(p, 1.0 - decay)
 
 
+def digits_batches(tokenizer):
+    """``batches(gen, batch_size) -> (images, prompt token ids)`` over the digits train split, every phrasing."""
+    train = load_split("train")
+    table, _ = _prompt_table(tokenizer)
+
+    def batches(gen: torch.Generator, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, len(train), (batch_size,), generator=gen)
+        x0, digits = train.images[idx], train.digits[idx]
+        phrasing = torch.randint(0, len(PHRASINGS), (batch_size,), generator=gen)
+        return x0, table[digits, phrasing]
+
+    return batches
+
+
+def empty_prompt_ids(tokenizer, max_length: int = TOKENIZER_MAX_LENGTH) -> torch.Tensor:
+    return tokenizer([""], padding="max_length", max_length=max_length, truncation=True, return_tensors="pt").input_ids[0]
+
+
 def train_teacher(
     seed: int = 0, steps: int = 1000, batch_size: int = 64, lr: float = 2e-3, prompt_dropout: float = 0.1,
     ema_decay: float = 0.998, min_snr_gamma: float | None = None, log_every: int = 100,
     callback: Callable[[int, torch.nn.Module, torch.nn.Module], None] | None = None,
+    modules: tuple | None = None, batches: Callable | None = None,
 ):
     """Train the teacher; return (tokenizer, text_encoder, unet, scheduler, record) with the EMA weights.
 
     ``callback(step, ema_unet, ema_text_encoder)``, if given, runs at every log line (e.g. to save snapshots).
+    ``modules`` (tokenizer, text encoder, UNet, scheduler; default the digits teacher's ``build_modules``) and
+    ``batches(gen, batch_size) -> (images, token ids)`` (default ``digits_batches``) make it another pixel-space
+    teacher's trainer (rapm.scenes.train_teacher).
     """
-    tokenizer, text_encoder, unet, scheduler = build_modules(seed)
+    tokenizer, text_encoder, unet, scheduler = modules if modules is not None else build_modules(seed)
     schedule = schedule_from_config(dict(scheduler.config))
-    train = load_split("train")
-    table, empty = _prompt_table(tokenizer)
+    batches = batches if batches is not None else digits_batches(tokenizer)
+    empty = empty_prompt_ids(tokenizer, text_encoder.config.max_position_embeddings)
     gen = torch.Generator().manual_seed(seed)
 
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -108,10 +130,7 @@ def train_teacher(
 
     start, running, log = time.time(), 0.0, []
     for step in range(steps):
-        idx = torch.randint(0, len(train), (batch_size,), generator=gen)
-        x0, digits = train.images[idx], train.digits[idx]
-        phrasing = torch.randint(0, len(PHRASINGS), (batch_size,), generator=gen)
-        ids = table[digits, phrasing]
+        x0, ids = batches(gen, batch_size)
         drop = torch.rand(batch_size, generator=gen) < prompt_dropout
         ids = torch.where(drop[:, None], empty[None], ids)
         t = torch.randint(0, schedule.num_train_timesteps, (batch_size,), generator=gen)

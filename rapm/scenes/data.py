@@ -35,11 +35,11 @@ class Scene:
     background: str
 
     def prompt(self) -> str:
-        """The scene as its prompt: "two red circles on the left, blue stripes"."""
+        """The scene as its prompt: "two red circles on the left over blue stripes"."""
         noun = self.shape if self.count == 1 else self.shape + "s"
         where = "" if self.region == "anywhere" else f" at the {self.region}" if self.region in ("top", "bottom") \
             else f" on the {self.region}"
-        return f"{COUNT_WORDS[self.count]} {self.colour} {noun}{where}, {self.background} {self.texture}"
+        return f"{COUNT_WORDS[self.count]} {self.colour} {noun}{where} over {self.background} {self.texture}"
 
 
 def all_scenes() -> list[Scene]:
