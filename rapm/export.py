@@ -17,15 +17,20 @@ Two layouts of the same weights, both written by default (``fmt="both"``) into o
   the right base model and the sampling settings travel with the file.
 
 Both files carry rapm's own keys (``rapm.*``: N, the scheduler settings, guidance 1, the teacher). Beside the
-weights: ``README.md`` (a model card with the exact sampling settings for diffusers, ComfyUI and A1111) and
-``rapm_lora.json`` (the same facts, machine-readable; its ``files`` name each weights file). The folder is written
-whole or not at all, its files mode 0644.
+weights: ``README.md`` (a model card with the exact sampling settings for diffusers, ComfyUI and A1111, the Hub's
+front matter written by ``huggingface_hub.ModelCardData``, and the run's settings that applied), ``rapm_lora.json``
+(the same facts, machine-readable; its ``files`` name each weights file) and, exported from a run that sampled the
+exported step, ``thumbnail.png`` (the student's images of that step's sample grid, also the kohya file's
+``modelspec.thumbnail``). The folder is written whole or not at all, its files mode 0644.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime
 import errno
+import io
+import math
 import hashlib
 import json
 import os
@@ -48,6 +53,9 @@ DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WE
 DEFAULT_NAME = "kohya_lora"  # the kohya file's name (and sd-scripts' ss_output_name) without --name
 KOHYA_WEIGHT_NAME = f"{DEFAULT_NAME}.safetensors"
 CARD_NAME = "README.md"
+THUMBNAIL_NAME = "thumbnail.png"
+THUMBNAIL_SIZE = 256  # the SAI model spec's recommended thumbnail size: the long side at most this
+THUMBNAIL_CELLS = 4  # the student's images in a thumbnail (2 x 2)
 FORMATS = ("both", "diffusers", "kohya")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FACTS_VERSION = 2
@@ -487,7 +495,7 @@ image.save("cat.png")
 
 A LoRA distilled with rapm (Relative and Absolute Position Matching, arXiv 2503.20744) that makes the flow-matching
 teacher a {n}-step Euler sampler at {what}.
-
+{_thumbnail_section(facts)}
 | field | value |
 | --- | --- |
 | teacher | `{teacher}` ({facts['teacher_family']}, {cls}) |
@@ -520,7 +528,7 @@ teacher a {n}-step Euler sampler at {what}.
 ```
 rapm sample --teacher {facts['teacher']} --lora {out_dir} --prompt "a photo of a cat" --steps {n} --out samples/
 ```
-
+{_training_section(facts)}
 `{FACTS_NAME}` holds these facts machine-readable.
 """
 
@@ -605,8 +613,11 @@ def rapm_metadata(facts: dict) -> dict[str, str]:
     }
 
 
-def kohya_metadata(kohya: dict[str, torch.Tensor], facts: dict, output_name: str, finished_at: float) -> dict[str, str]:
-    """sd-scripts' ``ss_*`` keys, the SAI model spec's ``modelspec.*`` keys and rapm's, with the two hashes."""
+def kohya_metadata(kohya: dict[str, torch.Tensor], facts: dict, output_name: str, finished_at: float,
+                   thumbnail_uri: str | None = None) -> dict[str, str]:
+    """sd-scripts' ``ss_*`` keys, the SAI model spec's ``modelspec.*`` keys and rapm's, with the two hashes;
+    ``thumbnail_uri`` (``data:image/png;base64,...``, what sd-scripts' ``--metadata_thumbnail`` writes) as
+    ``modelspec.thumbnail``."""
     lora = facts["lora"]
     scheme = native_scheme(facts["teacher_family"])
     conv3x3 = any(v.ndim == 4 and tuple(v.shape[2:]) != (1, 1) for k, v in kohya.items() if k.endswith("lora_down.weight"))
@@ -647,6 +658,8 @@ def kohya_metadata(kohya: dict[str, torch.Tensor], facts: dict, output_name: str
     })
     if scheme is None:  # the spec's prediction types are epsilon and v; a flow-matching model has neither
         meta["modelspec.prediction_type"] = "v" if facts["prediction_type"] == "v_prediction" else "epsilon"
+    if thumbnail_uri:
+        meta["modelspec.thumbnail"] = thumbnail_uri
     meta.update(rapm_metadata(facts))
     model_hash, legacy_hash = additional_network_hashes(kohya, meta)
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = model_hash, legacy_hash
@@ -708,7 +721,8 @@ def _write_diffusers(folder: Path, state: dict, meta: dict, family: str, facts: 
     _save_file(save_file, tensors, path, {**header, **rapm_metadata(facts)})
 
 
-def _write_kohya(folder: Path, state: dict, meta: dict, family: str, unet: torch.nn.Module, facts: dict) -> None:
+def _write_kohya(folder: Path, state: dict, meta: dict, family: str, unet: torch.nn.Module, facts: dict,
+                 thumbnail_uri: str | None = None) -> None:
     from safetensors.torch import save_file
 
     special = [k for k in ("rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "fan_in_fan_out", "lora_bias") if meta.get(k)]
@@ -725,7 +739,7 @@ def _write_kohya(folder: Path, state: dict, meta: dict, family: str, unet: torch
             module_name = lambda module: ldm_module_name(module, blocks)  # noqa: E731
         kohya = to_kohya(state, float(meta["lora_alpha"]), module_name)
     name = facts["files"]["kohya"]
-    header = kohya_metadata(kohya, facts, Path(name).stem, time.time())
+    header = kohya_metadata(kohya, facts, Path(name).stem, time.time(), thumbnail_uri)
     _save_file(save_file, kohya, folder / name, header)
 
 
@@ -766,15 +780,12 @@ def _model_card(facts: dict, out_dir: Path, has_vae: bool) -> str:
         caveat = (f"\nNote: {n} does not divide {facts['num_train_timesteps']}. diffusers' DDIMScheduler steps from t to "
                   f"t - {facts['num_train_timesteps']} // {n}, which is one timestep off rapm's trailing grid "
                   f"{facts['timesteps']} at some steps; `rapm sample` follows the grid the student was trained on.\n")
-    training = ""
-    if facts.get("training"):
-        rows = "\n".join(f"| {k} | {json.dumps(v) if not isinstance(v, str) else v} |" for k, v in facts["training"].items())
-        training = f"\n## Training\n\n| field | value |\n| --- | --- |\n{rows}\n"
+    training = _training_section(facts)
     return f"""# {n}-step student LoRA for {facts['teacher']}
 
 A LoRA distilled with rapm (Relative and Absolute Position Matching, arXiv 2503.20744) that makes the teacher a
 {n}-step sampler at guidance 1.0: classifier-free guidance is distilled into the student, so sample without it.
-
+{_thumbnail_section(facts)}
 | field | value |
 | --- | --- |
 | teacher | `{teacher}` ({facts['teacher_family']}, {cls}) |
@@ -863,6 +874,8 @@ def export_lora(
     guidance: float | None = None,
     name: str | None = None,
     run_settings: dict | None = None,
+    thumbnail=None,
+    thumbnail_source: str | None = None,
 ) -> Path:
     """Write the ``adapter`` LoRA of ``unet`` (never the discriminator's) to ``out_dir``; return the weights file.
 
@@ -872,7 +885,9 @@ def export_lora(
     written as sd-scripts' ``ss_steps``. ``name`` names the kohya file (``NAME.safetensors``), its ``ss_output_name``
     (A1111's alias) and ``modelspec.title``; the diffusers file keeps the name ``load_lora_weights`` finds.
     ``run_settings`` are the run's facts sd-scripts records (``learning_rate``, ``seed``, ``mixed_precision``,
-    ``training_started_at``); one that is absent or None is left out of the metadata.
+    ``training_started_at``); one that is absent or None is left out of the metadata. ``thumbnail`` (a PIL image,
+    ``run_thumbnail``'s) is written as ``thumbnail.png`` and into the kohya file as ``modelspec.thumbnail`` (a data
+    URI); ``thumbnail_source`` says where it came from (the facts' and the card's).
 
     ``out_dir`` gets the weights, ``README.md`` and ``rapm_lora.json``, written in a temporary folder beside it and
     renamed into place, so it is never half-written. An ``out_dir`` that holds an earlier export is replaced; any
@@ -955,13 +970,23 @@ def export_lora(
             facts["run_settings"] = settings
         if extra_card:
             facts["training"] = dict(extra_card)
+            left_out = facts["training"].pop(LEFT_OUT_KEY, None)
+            if left_out:
+                facts["training_left_out"] = left_out
+        thumbnail_uri = None
+        if thumbnail is not None:
+            png = thumbnail_png(thumbnail)
+            (staging / THUMBNAIL_NAME).write_bytes(png)
+            thumbnail_uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+            facts["thumbnail"] = {"file": THUMBNAIL_NAME, "size": list(thumbnail.size), "bytes": len(png),
+                                  **({"source": thumbnail_source} if thumbnail_source else {})}
         if "diffusers" in files:
             _write_diffusers(staging, state, meta, family, facts)
         if "kohya" in files:
-            _write_kohya(staging, state, meta, family, unet, facts)
+            _write_kohya(staging, state, meta, family, unet, facts, thumbnail_uri)
         (staging / FACTS_NAME).write_text(json.dumps(facts, indent=2, default=str) + "\n")
         card = _flow_model_card(facts, out_dir) if schedule.is_flow else _model_card(facts, out_dir, has_vae)
-        (staging / CARD_NAME).write_text(card)
+        (staging / CARD_NAME).write_text(hub_model_card(facts, teacher_dir, card))
         for f in staging.iterdir():  # safetensors writes its files 0600: a LoRA is shared, read by other users' clients
             os.chmod(f, 0o644)
         os.chmod(staging, 0o755)  # mkdtemp makes it 0700
@@ -978,7 +1003,7 @@ def export_lora(
     return out_dir / facts["weights"]
 
 
-EXPORT_FILES = (DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, CARD_NAME, FACTS_NAME)  # all an export writes by default
+EXPORT_FILES = (DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, CARD_NAME, FACTS_NAME, THUMBNAIL_NAME)  # all an export writes by default
 
 
 def check_name(name: str | None) -> str | None:
@@ -1032,6 +1057,215 @@ def _replace_dir(staging: Path, out_dir: Path) -> None:
     staging.rmdir()
 
 
+# ---------------------------------------------------------------------------------------------- thumbnail
+
+def _grid_cells(grid, cell: tuple[int, int], padding: int = 2) -> list[list] | None:
+    """The images of a ``save_grid`` PNG whose images are ``cell`` (width, height) pixels, row by row; None when the
+    grid is not of that layout."""
+    cw, ch = cell
+    ncol, nrows = (grid.width - padding) // (cw + padding), (grid.height - padding) // (ch + padding)
+    size = (ncol * (cw + padding) + padding, nrows * (ch + padding) + padding)
+    if ncol < 1 or nrows < 1 or (grid.width, grid.height) != size:
+        return None
+    return [[grid.crop((padding + c * (cw + padding), padding + r * (ch + padding),
+                        padding + c * (cw + padding) + cw, padding + r * (ch + padding) + ch)) for c in range(ncol)]
+            for r in range(nrows)]
+
+
+def _tile(images: list, padding: int = 2):
+    """Up to THUMBNAIL_CELLS images as one picture (2 x 2 for four), black padding as the grids have."""
+    from PIL import Image
+
+    images = images[:THUMBNAIL_CELLS]
+    ncol = 2 if len(images) == 4 else len(images)
+    nrows = math.ceil(len(images) / ncol)
+    w, h = max(im.width for im in images), max(im.height for im in images)
+    out = Image.new(images[0].mode, (ncol * (w + padding) + padding, nrows * (h + padding) + padding), 0)
+    for i, im in enumerate(images):
+        r, c = divmod(i, ncol)
+        out.paste(im, (padding + c * (w + padding), padding + r * (h + padding)))
+    return out
+
+
+def _fit(image, size: int = THUMBNAIL_SIZE):
+    """``image`` shrunk (never enlarged) so that its long side is at most ``size`` pixels, as RGB."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    scale = size / max(image.width, image.height)
+    if scale < 1:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.LANCZOS)
+    return image
+
+
+def run_thumbnail(run: Path, step: int | None, resolution: tuple[int, int], prompts: int = 0):
+    """The export's thumbnail from the run's own sample grid of the exported ``step``, and the grid's path; None when
+    the run has none of that step (``sample_every=0``, or a step that was checkpointed but not sampled).
+
+    The grid of the step itself and no other: an earlier grid shows an earlier student. The user's own preview
+    prompts' grid (``prompts-step-*.png``, ``sample_prompts``; ``prompts`` of them) first, else the training grid's
+    top row (``step-*.png``: the student's N steps; its bottom row is the stored teacher's). Up to four of its images,
+    2 x 2, shrunk to at most 256 px on the long side. Taken from the PNG, not rendered again: an export loads no VAE
+    and runs no denoiser (rendering would cost a FLUX export N transformer passes an image, minutes on a CPU), and
+    the grid is the images the run's report shows. ``resolution`` is the teacher's (width, height): with
+    ``rapm.images.screen_scale`` it gives the grid's cell size.
+    """
+    from PIL import Image
+
+    from rapm.images import screen_scale
+
+    if step is None:
+        return None
+    samples = Path(run) / "samples"
+    width, height = resolution
+    s = screen_scale(width)
+    for path, own in ((samples / f"prompts-step-{int(step):08d}.png", True), (samples / f"step-{int(step):08d}.png", False)):
+        if not path.is_file():
+            continue
+        try:
+            with Image.open(path) as im:
+                grid = im.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError):  # not a PNG rapm wrote: no thumbnail from it
+            continue
+        rows = _grid_cells(grid, (width * s, height * s))
+        if rows is None:  # not the layout rapm writes: the whole grid (its top half: the student's row)
+            picture = grid if own else grid.crop((0, 0, grid.width, (grid.height + 2) // 2))
+        else:
+            cells = [c for row in rows for c in row][:prompts or None] if own else rows[0]
+            picture = _tile(cells)
+        return _fit(picture), path
+    return None
+
+
+def thumbnail_png(image) -> bytes:
+    """The thumbnail's PNG bytes (``thumbnail.png`` and the data URI of ``modelspec.thumbnail``)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def _thumbnail_section(facts: dict) -> str:
+    thumb = facts.get("thumbnail")
+    if not thumb:
+        return ""
+    source = f" (from the run's `{thumb['source']}`)" if thumb.get("source") else ""
+    return (f"\n![the student's samples]({thumb['file']})\n\nThe student's {facts['steps']}-step samples{source}; the "
+            "kohya file carries the same image as its `modelspec.thumbnail`.\n")
+
+
+# ---------------------------------------------------------------------------------------------- the card's settings
+
+LEFT_OUT_KEY = "__left_out__"  # in extra_card: {reason: [fields]} the card names as left out
+DISCRIMINATOR_FIELDS = ("disc_", "gan_loss", "updates")
+
+
+def applied_settings(config: dict) -> dict:
+    """The run's scalar settings that applied to the student (the card's Training table), with ``LEFT_OUT_KEY``:
+    {why: [fields]} for those that did not: the discriminator's fields when the method trained none, the EMA's
+    warm-up without an EMA, the relational loss's fields with that loss off, progressive distillation's under another
+    method, the relative position's target without relative terms, validation's with validation off, and the fields
+    left empty (the method's own, or off)."""
+    from rapm import config as cfg
+    from rapm.methods import build_method, ema_of
+
+    scalars = {k: v for k, v in config.items() if k not in ("teacher", "steps") and isinstance(v, (str, int, float, bool))}
+    left: dict[str, list[str]] = {}
+
+    def drop(why: str, names) -> None:
+        names = [n for n in names if n in scalars]
+        for n in names:
+            del scalars[n]
+        if names:
+            left.setdefault(why, []).extend(names)
+
+    method = str(config.get("method", "rapm"))
+    try:
+        built = cfg.from_dict({k: v for k, v in config.items() if k in cfg.to_dict(cfg.TrainConfig())}, "config.json")
+        disc = bool(build_method(built, 1).uses_discriminator)
+        ema = ema_of(built)[0] > 0
+    except (RapmError, TypeError, ValueError, KeyError, AttributeError):  # a config rapm cannot rebuild: its adv_weight
+        disc = float(config.get("adv_weight", 0) or 0) > 0
+        ema = float(config.get("ema_decay", 0) or 0) > 0
+    if not disc:
+        drop("this run trains no discriminator", [k for k in list(scalars) if k.startswith(DISCRIMINATOR_FIELDS)])
+    if not ema:
+        drop("the student has no EMA", ["ema_warmup", "ema_decay"])
+    if not float(config.get("rdd_weight", 0) or 0) > 0 and method != "progressive-rdd":
+        drop("the relational (RDD) loss is off", ["rdd_weight", "rdd_features", "rdd_queue_size"])
+    if not method.startswith("progressive"):
+        drop(f"method {method} runs no progressive rounds", ["progressive_start_steps"])
+    if not float(config.get("relative_weight", 0) or 0) > 0 and not disc:
+        drop("the relative terms are off", ["relative_target"])
+    if config.get("eval_every") == 0:
+        drop("validation is off (eval_every 0)", ["val_seed", "val_reference_steps"])
+    drop("they are empty (the method's own, or off)", [k for k, v in list(scalars.items()) if v == ""])
+    if left:
+        scalars[LEFT_OUT_KEY] = left
+    return scalars
+
+
+def _training_section(facts: dict) -> str:
+    if not facts.get("training"):
+        return ""
+    rows = "\n".join(f"| {k} | {json.dumps(v) if not isinstance(v, str) else v} |" for k, v in facts["training"].items())
+    left = facts.get("training_left_out") or {}
+    note = "".join(f"\nNot listed, as {why}: {', '.join(f'`{n}`' for n in names)}.\n" for why, names in left.items())
+    return (f"\n## Training\n\nThe settings of the run that applied to this student.\n\n| field | value |\n"
+            f"| --- | --- |\n{rows}\n{note}")
+
+
+# ---------------------------------------------------------------------------------------------- Hub front matter
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_HUB_FAMILY_TAGS = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "sd3": "sd3", "flux": "flux"}
+
+
+def hub_model_id(teacher: str, teacher_dir: Path) -> str | None:
+    """The teacher's Hugging Face Hub id, for the card's ``base_model``: the id it was given as, the id of the Hub
+    cache folder it lies in (``models--owner--name/snapshots/...``) or its model_index.json's ``_name_or_path``; None
+    for a local model with none of them (a local path is no ``base_model``)."""
+    def hub(x) -> str | None:
+        return x if isinstance(x, str) and _HUB_ID.match(x) and not Path(x).expanduser().exists() else None
+
+    if hub(teacher):
+        return teacher
+    for part in Path(teacher_dir).resolve().parts:
+        if part.startswith("models--") and part.count("--") >= 2:
+            return part[len("models--"):].replace("--", "/", 1)
+    try:
+        return hub(json.loads((Path(teacher_dir) / "model_index.json").read_text()).get("_name_or_path"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def hub_model_card(facts: dict, teacher_dir: Path, body: str) -> str:
+    """The model card with the Hub's front matter, written by ``huggingface_hub``'s ModelCard / ModelCardData
+    (offline): base_model (when the teacher has a Hub id), library_name diffusers (the diffusers file loads with
+    ``load_lora_weights``), pipeline_tag text-to-image, and tags (lora, text-to-image, diffusers, rapm, the family)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    family = facts["teacher_family"]
+    tags = ["lora", "text-to-image", "diffusers", "rapm", _HUB_FAMILY_TAGS.get(family, family)]
+    base = hub_model_id(facts["teacher"], teacher_dir)
+    data = ModelCardData(base_model=base, library_name="diffusers", pipeline_tag="text-to-image",
+                         tags=list(dict.fromkeys(tags)))
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
+
+
+def _run_thumbnail_of(run: Path, config: dict, teacher):
+    """``run_thumbnail`` of the exported checkpoint's step, at the teacher's image size."""
+    from rapm.families import read_teacher_info
+
+    try:
+        info = read_teacher_info(config["teacher"])
+    except (RapmError, OSError, ValueError, KeyError):
+        return None
+    _, h, w = info.latent_shape
+    prompts = config.get("sample_prompts")
+    return run_thumbnail(Path(run), config.get("step"), (w * info.vae_scale_factor, h * info.vae_scale_factor),
+                         len(prompts) if isinstance(prompts, list) else 0)
+
+
 def _store_guidance(config: dict, teacher) -> float | None:
     """The guidance the run's trajectories were computed at (a FLUX student samples with it as its embedding), from
     the store's manifest; the family's default when the store is gone."""
@@ -1047,7 +1281,8 @@ def _store_guidance(config: dict, teacher) -> float | None:
 
 def cli(
     run: Path = typer.Option(..., "--run", help="The training run directory (rapm train --out)."),
-    out: Path = typer.Option(..., "--out", help="Folder to write the LoRA files, README.md and rapm_lora.json to."),
+    out: Path = typer.Option(..., "--out", help="Folder to write the LoRA files, README.md, rapm_lora.json and "
+                             "thumbnail.png (the student's samples of the exported step, when the run sampled it) to."),
     format: str = typer.Option(
         "both", "--format", help="both (default): pytorch_lora_weights.safetensors for diffusers and "
         "NAME.safetensors (kohya) for ComfyUI / A1111; or only one: diffusers, kohya."),
@@ -1076,13 +1311,14 @@ def cli(
     name = check_name(name)  # before the teacher loads
     teacher, unet, config = load_student(run, trust_checkpoint=trust_checkpoint, **({"step": step} if step is not None else {}))
     steps = config["steps"]  # N, from the store the run trained on
-    extra = {"run": str(run)}
-    extra.update({k: v for k, v in config.items() if k not in ("teacher", "steps") and isinstance(v, (str, int, float, bool))})
+    extra = {"run": str(run), **applied_settings(config)}
     settings = {"learning_rate": config.get("lr"), "seed": config.get("seed"), "mixed_precision": config.get("mixed_precision"),
                 "training_started_at": config.get("training_started_at")}
+    thumb = _run_thumbnail_of(run, config, teacher)
     export_lora(unet, config["teacher"], teacher.family, out, int(steps), fmt=format, extra_card=extra, dtype=dtype,
                 training_steps=config.get("step"), guidance=_store_guidance(config, teacher), name=name,
-                run_settings=settings)
+                run_settings=settings, thumbnail=thumb[0] if thumb else None,
+                thumbnail_source=str(thumb[1].relative_to(run)) if thumb else None)
     facts = read_export_facts(out) or {}
     flow = "comfyui" in facts  # a FLUX / SD3 student: its kohya file is sd-scripts' FLUX / SD3 layout
     for fmt, file_name in facts.get("files", {}).items():
@@ -1090,6 +1326,8 @@ def cli(
                "ComfyUI (models/loras, LoraLoaderModelOnly), kohya sd-scripts" if flow else
                "ComfyUI (models/loras), A1111 (models/Lora)")
         typer.echo(f"wrote {out / file_name} ({fmt}: {use})")
+    if not thumb and config.get("step") is not None:
+        typer.echo(f"no thumbnail: the run has no sample grid of step {config.get('step')} (sample_every)")
     summary = sampling_summary(int(steps), facts["scheduler"]) if "scheduler" in facts else f"{steps} steps"
     typer.echo(f"sample with {summary} (README.md there): "
                f"rapm sample --teacher {config['teacher']} --lora {out} --prompt '...'")

@@ -528,3 +528,128 @@ def test_a_full_disk_is_one_error_line_and_the_earlier_export_stays_byte_identic
         assert f"free space in {tmp_path} or choose another --out" in lines[0], err
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier export, byte for byte
         assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"]  # no staging folder left
+
+
+# ---- issue 31, point 3: a thumbnail, the Hub's front matter, only the settings that applied ----
+
+def _cells(colors, size):
+    from PIL import Image
+
+    return [Image.new("RGB", (size, size), c) for c in colors]
+
+
+def _export_run(monkeypatch, tmp_path, e, config, *args):
+    from rapm.cli import app
+    import rapm.run
+
+    monkeypatch.setattr(rapm.run, "load_student",
+                        lambda run, trust_checkpoint=False, step=None: (e.teacher, e.teacher.unet, config))
+    out = tmp_path / "lora"
+    result = CliRunner().invoke(app, ["export", "--run", str(tmp_path / "run"), "--out", str(out), *args])
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_an_export_of_a_sampled_step_has_the_students_images_as_thumbnail_in_the_folder_and_the_kohya_file(
+        exported, tmp_path, monkeypatch):
+    import base64
+    import io
+
+    from PIL import Image
+
+    from rapm.images import save_grid, screen_scale
+
+    e = exported("sd")
+    size = 16 * screen_scale(16)  # the tiny teacher's 16 px images as the run's grids hold them (ss_resolution (16, 16))
+    student = [(250, 10 * i, 0) for i in range(6)]  # six samples: the top row is the student's, the bottom the teacher's
+    save_grid(_cells(student + [(0, 0, 250)] * 6, size), tmp_path / "run" / "samples" / "step-00000004.png", nrow=6)
+    save_grid(_cells([(0, 0, 250)] * 12, size), tmp_path / "run" / "samples" / "step-00000002.png", nrow=6)  # another step
+    config = {"teacher": str(e.folder), "steps": STEPS, "step": 4}
+    out, output = _export_run(monkeypatch, tmp_path, e, config)
+
+    png = (out / "thumbnail.png").read_bytes()
+    thumb = Image.open(io.BytesIO(png)).convert("RGB")
+    assert max(thumb.size) <= 256 and thumb.size == (2 * size + 6, 2 * size + 6)  # the first four, 2 x 2, at 1x
+    centers = [thumb.getpixel((2 + c * (size + 2) + size // 2, 2 + r * (size + 2) + size // 2))
+               for r in (0, 1) for c in (0, 1)]
+    assert centers == student[:4]  # the student's own images, in order; none of the teacher's (blue) row
+    assert not any(b > 100 for _, _, b in thumb.getdata())
+    meta = _metadata(out / KOHYA_WEIGHT_NAME)
+    assert meta["modelspec.thumbnail"] == "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    assert "modelspec.thumbnail" not in _metadata(out / DIFFUSERS_WEIGHT_NAME)
+    facts = json.loads((out / FACTS_NAME).read_text())
+    assert facts["thumbnail"] == {"file": "thumbnail.png", "size": list(thumb.size), "bytes": len(png),
+                                  "source": "samples/step-00000004.png"}
+    assert "![the student's samples](thumbnail.png)" in (out / "README.md").read_text()
+    assert (out / "thumbnail.png").stat().st_mode & 0o777 == 0o644
+
+    # the user's own preview prompts' grid (student only) goes first: its three images, not the training grid's
+    own = [(0, 200, 0), (0, 210, 0), (0, 220, 0)]
+    save_grid(_cells(own, size), tmp_path / "run" / "samples" / "prompts-step-00000004.png")
+    out, _ = _export_run(monkeypatch, tmp_path, e, {**config, "sample_prompts": ["a", "b", "c"]})
+    thumb = Image.open(out / "thumbnail.png").convert("RGB")
+    assert thumb.size == (3 * size + 8, size + 4)
+    assert [thumb.getpixel((2 + c * (size + 2) + size // 2, 2 + size // 2)) for c in range(3)] == own
+
+    # a step with no grid of its own (checkpointed, not sampled): no thumbnail, not an earlier step's; the old one goes
+    out, output = _export_run(monkeypatch, tmp_path, e, {**config, "step": 3}, "--step", "3")
+    assert not (out / "thumbnail.png").exists() and "modelspec.thumbnail" not in _metadata(out / KOHYA_WEIGHT_NAME)
+    assert "no thumbnail: the run has no sample grid of step 3" in output
+    assert "thumbnail" not in json.loads((out / FACTS_NAME).read_text())
+
+
+def test_a_big_grid_makes_a_thumbnail_of_at_most_256_pixels():
+    from PIL import Image
+
+    from rapm.export import _fit, _tile
+
+    thumb = _fit(_tile(_cells([(1, 2, 3)] * 4, 1024)))
+    assert max(thumb.size) == 256 and thumb.size[0] == thumb.size[1]
+    assert _fit(Image.new("RGB", (100, 50))).size == (100, 50)  # never enlarged
+
+
+def test_the_card_has_the_hubs_front_matter_and_only_the_settings_that_applied(exported, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from rapm import config as cfg
+    from rapm.export import applied_settings
+    from rapm.methods import with_recipe
+
+    e = exported("sd")
+    full = cfg.to_dict(with_recipe(cfg.TrainConfig(teacher=str(e.folder), store=str(tmp_path / "store"))))
+    assert full["adv_weight"] == 0 and full["ema_decay"] > 0  # the default recipe: no discriminator, an EMA
+    export_lora(e.teacher.unet, e.folder, "sd", tmp_path / "plain", STEPS, extra_card={"run": "r", **applied_settings(full)})
+    card = ModelCard.load(tmp_path / "plain" / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "text-to-image"
+    assert card.data.tags == ["lora", "text-to-image", "diffusers", "rapm", "stable-diffusion"]
+    assert card.data.base_model is None  # a local teacher: no Hub id to name
+    assert card.content.startswith("---\n") and card.text.lstrip().startswith("# 4-step student LoRA")
+    training = card.text.split("## Training", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[1].strip() for line in training.splitlines() if line.startswith("| ") and "---" not in line}
+    assert not {r for r in rows if r.startswith("disc_") or r in ("gan_loss", "updates")}  # the unused discriminator
+    assert {"adv_weight", "ema_decay", "ema_warmup", "lr", "lora_rank", "huber_c"} <= rows
+    assert not {"rdd_features", "rdd_queue_size", "progressive_start_steps", "real_data", "preset"} & rows
+    assert "Not listed, as this run trains no discriminator: `gan_loss`" in training and "`disc_lr`" in training
+    facts = json.loads((tmp_path / "plain" / FACTS_NAME).read_text())
+    assert "disc_lr" in facts["training_left_out"]["this run trains no discriminator"] and "disc_lr" not in facts["training"]
+
+    adversarial = cfg.to_dict(with_recipe(cfg.TrainConfig(teacher=str(e.folder), store="s", adv_weight=0.1,
+                                                          relative_weight=0.25, ema_decay=0.0)))
+    settings = applied_settings(adversarial)
+    assert {"disc_lr", "gan_loss", "disc_lora_rank", "adv_weight"} <= set(settings)  # trained: listed
+    assert "ema_warmup" not in settings and "the student has no EMA" in settings["__left_out__"]
+
+
+def test_the_cards_base_model_is_the_teachers_hub_id_where_it_has_one(tmp_path):
+    from rapm.export import hub_model_id
+
+    cache = tmp_path / "hub" / "models--stabilityai--sdxl-turbo" / "snapshots" / "abc123"
+    cache.mkdir(parents=True)
+    assert hub_model_id(str(cache), cache) == "stabilityai/sdxl-turbo"
+    assert hub_model_id("stabilityai/sdxl-turbo", cache) == "stabilityai/sdxl-turbo"
+    local = tmp_path / "my_model"
+    local.mkdir()
+    (local / "model_index.json").write_text(json.dumps({"_name_or_path": "runwayml/stable-diffusion-v1-5"}))
+    assert hub_model_id(str(local), local) == "runwayml/stable-diffusion-v1-5"
+    (local / "model_index.json").write_text(json.dumps({"_name_or_path": str(local)}))
+    assert hub_model_id(str(local), local) is None and hub_model_id("digits", local) is None

@@ -413,3 +413,51 @@ def test_rapm_export_writes_the_comfyui_file_by_default_and_each_format_alone(ru
     _invoke("export", "--run", out, "--out", root / "diffusers-only", "--format", "diffusers")
     card = (root / "diffusers-only" / "README.md").read_text()
     assert "This export has no ComfyUI file" in card and not (root / "diffusers-only" / KOHYA).exists()
+
+
+# ---- issue 31, point 3: sd-scripts' base model version, the thumbnail and the Hub's front matter on FLUX / SD3 ----
+
+def test_the_comfyui_file_names_sd_scripts_base_model_version(exported):
+    family, _, transformer, folder = exported
+    _, meta = _read(folder / KOHYA)
+    # sd-scripts: flux_utils.MODEL_VERSION_FLUX_V1 "flux1"; SD3 the MMDiT's model_type ("medium" without QK norm)
+    assert meta["ss_base_model_version"] == ("flux1" if family == "flux" else "medium")
+    assert meta["ss_v2"] == "False"
+    if family == "sd3":
+        from rapm.export import base_model_version
+
+        assert base_model_version("sd3", {**transformer.config, "qk_norm": "rms_norm"}) == ("5-large", False)
+        assert base_model_version("sd3", {**transformer.config, "qk_norm": "rms_norm",
+                                          "dual_attention_layers": [0, 1]}) == ("5-medium", False)
+
+
+def test_a_flow_export_of_a_sampled_step_has_its_thumbnail_front_matter_and_training_settings(run, tmp_path):
+    import base64
+    import shutil
+
+    from huggingface_hub import ModelCard
+    from PIL import Image
+
+    from rapm.images import save_grid, screen_scale
+
+    family, root, _, out = run
+    sampled = tmp_path / "run"
+    shutil.copytree(out, sampled)  # the module's run stays unsampled for the other tests
+    size = IMAGE * screen_scale(IMAGE)
+    cells = [Image.new("RGB", (size, size), c) for c in [(200, 0, 0), (0, 200, 0), (0, 0, 200), (9, 9, 9)]]
+    save_grid(cells, sampled / "samples" / "step-00000002.png", nrow=2)  # student row (red, green), teacher row
+    _invoke("export", "--run", sampled, "--out", tmp_path / "lora")
+    folder = tmp_path / "lora"
+    thumb = Image.open(folder / "thumbnail.png").convert("RGB")
+    assert thumb.size == (2 * size + 6, size + 4)
+    assert [thumb.getpixel((2 + c * (size + 2) + size // 2, 2 + size // 2)) for c in (0, 1)] == [(200, 0, 0), (0, 200, 0)]
+    _, meta = _read(folder / KOHYA)
+    png = (folder / "thumbnail.png").read_bytes()
+    assert meta["modelspec.thumbnail"] == "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "text-to-image"
+    assert card.data.tags == ["lora", "text-to-image", "diffusers", "rapm", family]
+    assert "![the student's samples](thumbnail.png)" in card.text and "## Training" in card.text
+    training = card.text.split("## Training", 1)[1]
+    assert "| lora_rank | 4 |" in training and "| disc_lora_rank |" not in training
+    assert "Not listed, as this run trains no discriminator" in training and "`disc_lora_rank`" in training

@@ -94,7 +94,7 @@ class FlowFamily(Family):
         return {"transformer_lora_layers": state, "transformer_lora_adapter_metadata": meta}
 
     def base_model_version(self, denoiser_config) -> tuple[str, bool]:
-        return self.name, False
+        return self.name, False  # a family without sd-scripts' own id (each family below has its id)
 
     def sai_architecture(self, v2: bool, prediction_type: str) -> str:
         return f"{self.sai_name}/lora"
@@ -115,6 +115,15 @@ class SD3Family(FlowFamily):
     default_guidance = 7.0  # StableDiffusion3Pipeline's guidance_scale
     lora_targets = tuple(SD3_TARGET_MODULES)
     sai_name = "stable-diffusion-v3-medium"
+
+    def base_model_version(self, denoiser_config) -> tuple[str, bool]:
+        """sd-scripts' ``ss_base_model_version`` of an SD3 LoRA: its MMDiT's ``model_type`` (library/sd3_utils.py
+        ``analyze_state_dict_state``): "medium" for SD3-medium, "5-large" (QK norm) and "5-medium" (QK norm and
+        SD3.5-medium's second attention, diffusers' ``dual_attention_layers``)."""
+        get = denoiser_config.get if isinstance(denoiser_config, dict) else lambda k, d=None: getattr(denoiser_config, k, d)
+        if not get("qk_norm", None):
+            return "medium", False
+        return ("5-medium" if get("dual_attention_layers", None) else "5-large"), False
 
     def encode(self, teacher, prompts: Sequence[str]) -> Conditioning:
         from rapm.flow_denoisers import encode_prompt_sd3
@@ -148,6 +157,9 @@ class FluxFamily(FlowFamily):
     max_sequence_length = 512  # FluxPipeline's default
     cfg = False
     sai_name = "flux-1-dev"
+
+    def base_model_version(self, denoiser_config) -> tuple[str, bool]:
+        return "flux1", False  # sd-scripts' ss_base_model_version of a FLUX.1 LoRA (flux_utils.MODEL_VERSION_FLUX_V1)
 
     def latent_shape(self, denoiser_config: dict) -> tuple[int, int, int]:
         return self.latent_shape_of(denoiser_config, None, 8)
