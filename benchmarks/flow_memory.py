@@ -519,6 +519,9 @@ def markdown(result: dict) -> str:
     if s["flux_quantized"]:
         flux512 = next(r for r in s["rows"] if r["family"] == "flux" and r["px"] == 512)
         rank1_flux = next(r["lora_adam_gib"] for r in s["lora"] if r["family"] == "flux" and r["rank"] == 1)
+        # 8-bit Adam: each moment 1 byte instead of 4, 6 bytes a parameter fewer
+        adam8_saving = next(r["lora_parameters"] for r in s["lora"]
+                            if r["family"] == "flux" and r["rank"] == DEFAULT_RANK) * 6 / GiB
         lines += ["", "## What would make FLUX.1-dev fit a 24 GB card (estimates; rapm does not quantize the base today)",
                   "", "The bf16 weights alone are "
                   f"{_g(s['rows'][0]['weights_gib'])} GiB: no choice of LoRA rank, optimizer or checkpointing brings "
@@ -545,7 +548,8 @@ def markdown(result: dict) -> str:
                   "Other levers are too small for FLUX on 24 GB: a lower rank shrinks the LoRA column (rank 1: "
                   f"{_g(rank1_flux, 3)} GiB; the 512 px bf16 total then {_g(flux512['total_gib'] - flux512['lora_adam_gib'] + rank1_flux, 1)} "
                   "GiB, under 24 only with nothing left for the CUDA context), 8-bit Adam (`use_8bit_adam`) cuts "
-                  "the moments from 8 to 2 bytes per LoRA parameter (0.5 GiB at rank 32); the text encoders and VAE "
+                  f"the moments from 8 to 2 bytes per LoRA parameter ({_g(adam8_saving)} GiB at rank {DEFAULT_RANK}); "
+                  "the text encoders and VAE "
                   "are never loaded in training (embeddings come from the store)."]
     lines += ["", "## Method", "",
               "* **Weights**: `parameter_count(meta_transformer(family))` (the public config, rapm.flow_configs) x 2 "
@@ -614,6 +618,9 @@ def markdown(result: dict) -> str:
             name = f"{r['default_backend']} (default)" if r["backend"] == "default" else "math (forced)"
             lines.append(f"| {name} | {r['tokens']} | {r['activation_bytes'] / MiB:.1f} | {r['t_by_t_fp32_bytes'] / MiB:.1f} |")
         lines.append("")
+    flux_lora = [r["lora_parameters"] for r in result["summary"]["lora"]
+                 if r["family"] == "flux" and r["rank"] == DEFAULT_RANK]
+    autocast_copies = f"{_g(flux_lora[0] * BF16 / GiB)} GiB for FLUX.1-dev at rank {DEFAULT_RANK}" if flux_lora else "-"
     lines += ["## Caveats", "",
               "* Estimates, not GPU measurements: CUDA's caching allocator, cuBLAS workspaces and kernel choice "
               "differ from the CPU's; the reserve of "
@@ -625,7 +632,7 @@ def markdown(result: dict) -> str:
               "layer's). In a FLUX joint block that is about 55 KB per token (to_q/k/v, to_out, ff in, ff out: "
               "27,648 values x 2 bytes, per stream) inside one block's recompute: +0.08 GiB at 512 px, +0.24 GiB "
               "at 1024 px, not in the totals. Autocast's cached bf16 copies of the LoRA weights add half the LoRA "
-              "parameter bytes (0.17 GiB at rank 32). The no-checkpointing coefficients come from one token count.",
+              f"parameter bytes ({autocast_copies}). The no-checkpointing coefficients come from one token count.",
               "* The discriminator rows are extrapolated from the same coefficients, not measured, and leave out the "
               "heads. The LoRA rank of the discriminator adapter is taken equal to the student's.",
               "* The fit is over 2-4 blocks; the 57 (FLUX) / 24 (SD3) block extrapolation assumes each block keeps "
