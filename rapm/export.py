@@ -563,9 +563,10 @@ def base_model_version(family: str, unet_config) -> tuple[str, bool]:
     return _family(family).base_model_version(unet_config)
 
 
-def sai_architecture(family: str, v2: bool, prediction_type: str) -> str:
-    """The SAI model spec's architecture id for a LoRA of this teacher (sd-scripts' ``determine_architecture``)."""
-    return _family(family).sai_architecture(v2, prediction_type)
+def sai_architecture(family: str, v2: bool, prediction_type: str, version: str = "") -> str:
+    """The SAI model spec's architecture id for a LoRA of this teacher (sd-scripts' ``determine_architecture``);
+    ``version``: its ``ss_base_model_version`` (SD3's model type)."""
+    return _family(family).sai_architecture(v2, prediction_type, version)
 
 
 def additional_network_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
@@ -646,7 +647,7 @@ def kohya_metadata(kohya: dict[str, torch.Tensor], facts: dict, output_name: str
             meta[key] = str(run[field_name])
     meta.update({
         "modelspec.sai_model_spec": SAI_MODEL_SPEC_VERSION,
-        "modelspec.architecture": sai_architecture(facts["teacher_family"], v2, facts["prediction_type"]),
+        "modelspec.architecture": sai_architecture(facts["teacher_family"], v2, facts["prediction_type"], version),
         "modelspec.implementation": _NATIVE_IMPLEMENTATION.get(scheme) or _family(facts["teacher_family"]).modelspec_implementation,
         "modelspec.title": facts.get("name") or f"{facts['steps']}-step rapm student of {Path(facts['teacher']).name}",
         "modelspec.description": (f"A {facts['steps']}-step LoRA distilled with rapm (arXiv 2503.20744) from "

@@ -354,7 +354,7 @@ def test_the_comfyui_file_carries_alpha_tensors_sd_scripts_metadata_and_the_card
     flux = family == "flux"
     assert meta["ss_network_module"] == ("networks.lora_flux" if flux else "networks.lora_sd3")
     assert meta["ss_network_dim"] == str(RANK) and float(meta["ss_network_alpha"]) == ALPHA
-    assert meta["modelspec.architecture"] == ("flux-1-dev/lora" if flux else "stable-diffusion-v3-medium/lora")
+    assert meta["modelspec.architecture"] == ("flux-1-dev/lora" if flux else "stable-diffusion-3-medium/lora")
     assert meta["modelspec.implementation"] == ("https://github.com/black-forest-labs/flux" if flux
                                                 else "https://github.com/Stability-AI/generative-models")
     assert "modelspec.prediction_type" not in meta  # the spec's epsilon / v: a flow model has neither

@@ -158,7 +158,7 @@ class Family:
         """sd-scripts' ``ss_base_model_version`` and ``ss_v2``."""
         raise NotImplementedError
 
-    def sai_architecture(self, v2: bool, prediction_type: str) -> str:
+    def sai_architecture(self, v2: bool, prediction_type: str, version: str = "") -> str:
         raise NotImplementedError
 
     modelspec_implementation: str = "diffusers"  # the SAI model spec's modelspec.implementation

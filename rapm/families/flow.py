@@ -96,7 +96,7 @@ class FlowFamily(Family):
     def base_model_version(self, denoiser_config) -> tuple[str, bool]:
         return self.name, False  # a family without sd-scripts' own id (each family below has its id)
 
-    def sai_architecture(self, v2: bool, prediction_type: str) -> str:
+    def sai_architecture(self, v2: bool, prediction_type: str, version: str = "") -> str:
         return f"{self.sai_name}/lora"
 
     sai_name = ""
@@ -114,7 +114,12 @@ class SD3Family(FlowFamily):
     preset = "sd3"
     default_guidance = 7.0  # StableDiffusion3Pipeline's guidance_scale
     lora_targets = tuple(SD3_TARGET_MODULES)
-    sai_name = "stable-diffusion-v3-medium"
+    sai_name = "stable-diffusion-3"
+
+    def sai_architecture(self, v2: bool, prediction_type: str, version: str = "") -> str:
+        """sd-scripts' ``determine_architecture``: "stable-diffusion-3-" + the model type (``base_model_version``:
+        medium, 5-large, 5-medium)."""
+        return f"{self.sai_name}-{version or 'medium'}/lora"
 
     def base_model_version(self, denoiser_config) -> tuple[str, bool]:
         """sd-scripts' ``ss_base_model_version`` of an SD3 LoRA: its MMDiT's ``model_type`` (library/sd3_utils.py

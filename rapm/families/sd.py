@@ -107,7 +107,7 @@ class SDFamily(UNetFamily):
         v2 = get("cross_attention_dim") == 1024
         return "sd_v2" if v2 else "sd_v1", v2
 
-    def sai_architecture(self, v2: bool, prediction_type: str) -> str:
+    def sai_architecture(self, v2: bool, prediction_type: str, version: str = "") -> str:
         if v2:
             return f"stable-diffusion-v2-{'768-v' if prediction_type == 'v_prediction' else '512'}/lora"
         return "stable-diffusion-v1/lora"
@@ -158,7 +158,7 @@ class SDXLFamily(UNetFamily):
     def base_model_version(self, denoiser_config) -> tuple[str, bool]:
         return "sdxl_base_v1-0", False
 
-    def sai_architecture(self, v2: bool, prediction_type: str) -> str:
+    def sai_architecture(self, v2: bool, prediction_type: str, version: str = "") -> str:
         return "stable-diffusion-xl-v1-base/lora"
 
 
