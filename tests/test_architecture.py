@@ -38,8 +38,11 @@ def graph() -> dict[str, set[str]]:
     return {module_name(p): imports_of(p, modules) for p in files}
 
 
+BUILTIN_TEACHERS = ("rapm.demo", "rapm.scenes")  # the built-in teachers' plug-ins: the core imports none of them
+
+
 def is_demo(module: str) -> bool:
-    return module == "rapm.demo" or module.startswith("rapm.demo.")
+    return any(module == p or module.startswith(p + ".") for p in BUILTIN_TEACHERS)
 
 
 def cycles(g: dict[str, set[str]]) -> list[list[str]]:
