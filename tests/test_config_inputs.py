@@ -4,39 +4,11 @@ written. A prompts file with NUL bytes, invalid UTF-8, CRLF ends, a 50 MB line, 
 the documented behaviour (CRLF: the prompts without their \\r).
 """
 
-import io
 import json
-import sys
-import threading
-import warnings
 
 import pytest
 
-
-def _main(args) -> tuple[int, str]:
-    """`rapm ARGS` in this process: (exit code, stderr). Any exception but SystemExit is a traceback: it fails."""
-    import rapm.cli
-
-    err = io.StringIO()
-    saved = sys.argv, sys.stderr, warnings.formatwarning, threading.excepthook, warnings.filters[:]
-    sys.argv, sys.stderr = ["rapm", *map(str, args)], err
-    code = 0
-    try:
-        rapm.cli.main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv, sys.stderr, warnings.formatwarning, threading.excepthook, warnings.filters[:] = saved
-    return code, err.getvalue()
-
-
-def _one_error(code: int, err: str, *words: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("warning:") and "%|" not in line]
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert code == 1 and "Traceback" not in err and len(errors) == 1 and lines[-1] == errors[0], err
-    for w in words:
-        assert w in errors[0], (w, errors[0])
-    return errors[0]
+from tests.cli_run import one_error as _one_error, run_main as _main
 
 
 # --- configs ---------------------------------------------------------------------------------------------------------------

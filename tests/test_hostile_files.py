@@ -10,17 +10,16 @@ Bad configs and prompts files are tests/test_config_inputs.py's.
 
 import hashlib
 import importlib.util
-import io
 import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
-import warnings
 from pathlib import Path
 
 import pytest
+
+from tests.cli_run import one_error as _one_error, run_main as _main
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("faults_benchmark", ROOT / "benchmarks" / "faults.py")
@@ -126,32 +125,6 @@ def plant(kind: str, where: str, made: dict, folder: Path) -> tuple[Path, list[s
 def _prompts(folder: Path) -> Path:
     (folder / "prompts.txt").write_text("a photo of a cat\n")
     return folder / "prompts.txt"
-
-
-def _main(args: list[str]) -> tuple[int, str]:
-    """`rapm ARGS` in this process: (exit code, stderr). Any exception but SystemExit is a traceback: it fails."""
-    import rapm.cli
-
-    err = io.StringIO()
-    saved = sys.argv, sys.stderr, warnings.formatwarning, threading.excepthook, warnings.filters[:]
-    sys.argv, sys.stderr = ["rapm", *args], err
-    code = 0
-    try:
-        rapm.cli.main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv, sys.stderr, warnings.formatwarning, threading.excepthook, warnings.filters[:] = saved
-    return code, err.getvalue()
-
-
-def _one_error(code: int, err: str, *words: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("warning:") and "%|" not in line]
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert code == 1 and "Traceback" not in err and len(errors) == 1 and lines[-1] == errors[0], err
-    for w in words:
-        assert w in errors[0], (w, errors[0])
-    return errors[0]
 
 
 @pytest.mark.parametrize("where", ["lora", "checkpoint", "shard", "teacher"])

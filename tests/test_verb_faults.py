@@ -11,7 +11,6 @@ writing it), or at a random time.
 
 import errno
 import importlib.util
-import io
 import json
 import os
 import random
@@ -19,13 +18,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.cli_run import one_error as _one_error, run_main as _main
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("faults_benchmark", ROOT / "benchmarks" / "faults.py")
@@ -74,34 +73,6 @@ content, contents, leftovers = faults.result_content, faults.result_contents, fa
 
 
 # --- running a verb -------------------------------------------------------------------------------------------------------
-
-def _main(args: list[str]) -> tuple[int, str]:
-    """`rapm ARGS` in this process: (exit code, stderr). An exception other than SystemExit is a traceback: it fails."""
-    import rapm.cli
-
-    err = io.StringIO()
-    saved = sys.argv, sys.stderr, warnings.formatwarning, threading.excepthook, warnings.filters[:]
-    sys.argv, sys.stderr = ["rapm", *args], err
-    code = 0
-    try:
-        rapm.cli.main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv, sys.stderr, warnings.formatwarning, threading.excepthook, warnings.filters[:] = saved
-    return code, err.getvalue()
-
-
-def _one_error(code: int, err: str, *words: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("warning:")
-             and "%|" not in line]  # progress bars end their line before the error (rapm.cli)
-    assert code == 1 and "Traceback" not in err, err
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], err
-    for w in words:
-        assert w in errors[0], (w, errors[0])
-    return errors[0]
-
 
 def _ok(verb: str, inputs: dict, out: Path, earlier: bool = False) -> None:
     code, err = _main(argv(verb, inputs, out, earlier))
