@@ -36,3 +36,16 @@ def one_error(code: int, err: str, *words: str) -> str:
     for w in words:
         assert w in errors[0], (w, errors[0])
     return errors[0]
+
+
+def invoke_ok(*args):
+    """`rapm ARGS` through typer's CliRunner; any exception is raised as it is, and the verb must succeed."""
+    from typer.testing import CliRunner
+
+    from rapm.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    assert result.exit_code == 0, result.output
+    return result

@@ -13,26 +13,18 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from typer.testing import CliRunner
 
 from rapm import flow_denoisers as fd
-from rapm.cli import app
 from rapm.roles import STUDENT
-from tests.tiny_flow import IMAGE, LATENT, MAX_TOKENS, build_tiny_flux, build_tiny_sd3, load
+from tests.cli_run import invoke_ok as _invoke
+from tests.tiny_flow import BUILD, IMAGE, LATENT, MAX_TOKENS, build_tiny_flux, load
 
 PROMPTS = ["a photo of a cat", "a red car", "a blue dog", "a cat"]
 STEPS = 2
 RANK, ALPHA = 4, 8.0
-BUILD = {"sd3": build_tiny_sd3, "flux": build_tiny_flux}
 KOHYA = "kohya_lora.safetensors"
 
 
-def _invoke(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.fixture(scope="module", params=["sd3", "flux"])

@@ -7,23 +7,16 @@ import json
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from rapm import flow_denoisers as fd
 from rapm import flowmatch as fm
-from rapm.cli import app
-from tests.tiny_flow import IMAGE, LATENT, MAX_TOKENS, build_tiny_flux, build_tiny_sd3, load
+from tests.cli_run import invoke_ok as _invoke
+from tests.tiny_flow import BUILD, IMAGE, LATENT, MAX_TOKENS, load
 
 PROMPTS = ["a photo of a cat", "a red car", "a blue dog", "a cat"]
 STEPS, SUBSTEPS = 2, 3
 
 
-def _invoke(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    assert result.exit_code == 0, result.output
-    return result
 
 
 def _train(root, teacher, store, method, iterations=2):
@@ -34,7 +27,6 @@ def _train(root, teacher, store, method, iterations=2):
     return out
 
 
-BUILD = {"sd3": build_tiny_sd3, "flux": build_tiny_flux}
 GUIDANCE = {"sd3": 7.0, "flux": 3.5}  # the pipelines' defaults: SD3's CFG scale, FLUX.1-dev's guidance embedding
 
 

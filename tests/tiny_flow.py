@@ -103,3 +103,6 @@ def load(folder: str | Path):
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+
+
+BUILD = {"sd3": build_tiny_sd3, "flux": build_tiny_flux}  # family -> its tiny pipeline's builder
