@@ -723,7 +723,7 @@ def _write_diffusers(folder: Path, state: dict, meta: dict, family: str, facts: 
 
 
 def _write_kohya(folder: Path, state: dict, meta: dict, family: str, unet: torch.nn.Module, facts: dict,
-                 thumbnail_uri: str | None = None) -> None:
+                 thumbnail_uri: str | None = None, finished_at: float | None = None) -> None:
     from safetensors.torch import save_file
 
     special = [k for k in ("rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "fan_in_fan_out", "lora_bias") if meta.get(k)]
@@ -740,7 +740,8 @@ def _write_kohya(folder: Path, state: dict, meta: dict, family: str, unet: torch
             module_name = lambda module: ldm_module_name(module, blocks)  # noqa: E731
         kohya = to_kohya(state, float(meta["lora_alpha"]), module_name)
     name = facts["files"]["kohya"]
-    header = kohya_metadata(kohya, facts, Path(name).stem, time.time(), thumbnail_uri)
+    header = kohya_metadata(kohya, facts, Path(name).stem, time.time() if finished_at is None else finished_at,
+                            thumbnail_uri)
     _save_file(save_file, kohya, folder / name, header)
 
 
@@ -877,6 +878,7 @@ def export_lora(
     run_settings: dict | None = None,
     thumbnail=None,
     thumbnail_source: str | None = None,
+    finished_at: float | None = None,
 ) -> Path:
     """Write the ``adapter`` LoRA of ``unet`` (never the discriminator's) to ``out_dir``; return the weights file.
 
@@ -888,7 +890,9 @@ def export_lora(
     ``run_settings`` are the run's facts sd-scripts records (``learning_rate``, ``seed``, ``mixed_precision``,
     ``training_started_at``); one that is absent or None is left out of the metadata. ``thumbnail`` (a PIL image,
     ``run_thumbnail``'s) is written as ``thumbnail.png`` and into the kohya file as ``modelspec.thumbnail`` (a data
-    URI); ``thumbnail_source`` says where it came from (the facts' and the card's).
+    URI); ``thumbnail_source`` says where it came from (the facts' and the card's). ``finished_at`` (seconds since
+    the epoch; the export's own time when None) is the kohya file's ``ss_training_finished_at`` and
+    ``modelspec.date``: ``rapm export`` passes the checkpoint's time, so exporting it again writes the same bytes.
 
     ``out_dir`` gets the weights, ``README.md`` and ``rapm_lora.json``, written in a temporary folder beside it and
     renamed into place, so it is never half-written. An ``out_dir`` that holds an earlier export is replaced; any
@@ -901,6 +905,14 @@ def export_lora(
     _family(family)
     name = check_name(name)
     out_dir = Path(out_dir)
+    from rapm.folders import FolderError, refuse_link
+
+    try:  # no result written through a link, nor a link of the user's replaced by a file
+        refuse_link(out_dir)
+        for file_name in (*EXPORT_FILES, f"{name or DEFAULT_NAME}.safetensors"):
+            refuse_link(out_dir / file_name, "export")
+    except FolderError as e:
+        raise ExportError(str(e)) from None
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / FACTS_NAME).exists())):
         raise ExportError(f"{out_dir} exists and is not an earlier rapm export; give a new or empty folder")
     from rapm.families import read_teacher_info
@@ -921,87 +933,100 @@ def export_lora(
     files = {f: DIFFUSERS_WEIGHT_NAME if f == "diffusers" else f"{name or DEFAULT_NAME}.safetensors"
              for f in (("diffusers", "kohya") if fmt == "both" else (fmt,))}
 
-    try:
+    from rapm.folders import LockError, output_lock
+
+    try:  # one writer of out_dir at a time: a second export (or one while another renames its files) is refused
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_staging(out_dir)
-        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(out_dir), dir=out_dir.parent))
-    except OSError as e:  # a read-only parent
-        raise ExportError(f"--out {out_dir}: cannot be written ({e.strerror or e}); give a writable folder") from None
+        lock = output_lock(out_dir, "rapm export").acquire()
+    except LockError as e:
+        raise ExportError(str(e)) from None
+    except (OSError, FolderError) as e:  # a read-only parent
+        raise ExportError(f"--out {out_dir}: cannot be written ({getattr(e, 'strerror', None) or e}); give a writable "
+                          "folder") from None
     try:
-        state = _cast(adapter_state_dict(unet, adapter), DTYPES[dtype])
-        meta = adapter_metadata(unet, adapter)
-        n_params = sum(p.numel() for n, p in unet.named_parameters() if f".{adapter}." in n and "lora_" in n)
-        facts = {
-            "format_version": FACTS_VERSION,
-            "rapm_version": rapm.__version__,
-            "format": fmt,
-            "weights": next(iter(files.values())),
-            "files": files,
-            "dtype": dtype,
-            "teacher": str(teacher_path),
-            "teacher_path": str(teacher_dir.resolve()),
-            "teacher_family": family,
-            "base_model_version": version,
-            "v2": v2,
-            "prediction_type": prediction_type,
-            "resolution": [width * vae_scale, height * vae_scale],
-            "num_train_timesteps": num_train_timesteps,
-            "steps": int(steps),
-            "timesteps": timesteps,
-            "scheduler": (flow_sampling_settings(family, steps, guidance) if schedule.is_flow
-                          else sampling_scheduler_settings(scheduler_config, steps)),
-            "lora": {
-                "rank": meta["r"],
-                "alpha": meta["lora_alpha"],
-                "target_modules": meta["target_modules"],
-                "modules": len(state) // 2,
-                "parameters": n_params,
-            },
-            "base_unet_fingerprint": base_unet_fingerprint(unet),
-        }
-        if schedule.is_flow:
-            facts["comfyui"] = comfyui_flow_settings(family, schedule, steps, facts["scheduler"]["guidance_scale"],
-                                                     (height, width))
-        if name:
-            facts["name"] = name
-        if training_steps is not None:
-            facts["training_steps"] = int(training_steps)
-        settings = {k: v for k, v in (run_settings or {}).items() if v is not None}
-        if settings:
-            facts["run_settings"] = settings
-        if extra_card:
-            facts["training"] = dict(extra_card)
-            left_out = facts["training"].pop(LEFT_OUT_KEY, None)
-            if left_out:
-                facts["training_left_out"] = left_out
-        thumbnail_uri = None
-        if thumbnail is not None:
-            png = thumbnail_png(thumbnail)
-            (staging / THUMBNAIL_NAME).write_bytes(png)
-            thumbnail_uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-            facts["thumbnail"] = {"file": THUMBNAIL_NAME, "size": list(thumbnail.size), "bytes": len(png),
-                                  **({"source": thumbnail_source} if thumbnail_source else {})}
-        if "diffusers" in files:
-            _write_diffusers(staging, state, meta, family, facts)
-        if "kohya" in files:
-            _write_kohya(staging, state, meta, family, unet, facts, thumbnail_uri)
-        (staging / FACTS_NAME).write_text(json.dumps(facts, indent=2, default=str) + "\n")
-        card = _flow_model_card(facts, out_dir) if schedule.is_flow else _model_card(facts, out_dir, has_vae)
-        (staging / CARD_NAME).write_text(hub_model_card(facts, teacher_dir, card))
-        for f in staging.iterdir():  # safetensors writes its files 0600: a LoRA is shared, read by other users' clients
-            os.chmod(f, 0o644)
-        os.chmod(staging, 0o755)  # mkdtemp makes it 0700
-        _replace_dir(staging, out_dir)
-    except OSError as e:  # a full disk, a read-only folder
-        shutil.rmtree(staging, ignore_errors=True)
-        fix = (f"free space in {out_dir.parent} or choose another --out" if e.errno in (errno.ENOSPC, errno.EDQUOT)
-               else "give a writable folder")
-        raise ExportError(f"--out {out_dir}: cannot be written ({e.strerror or e}); the earlier export there (if any) is "
-                          f"unchanged; {fix}") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir / facts["weights"]
+        try:
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_staging(out_dir)
+            staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(out_dir), dir=out_dir.parent))
+        except OSError as e:  # a read-only parent
+            raise ExportError(f"--out {out_dir}: cannot be written ({e.strerror or e}); give a writable folder") from None
+        try:
+            state = _cast(adapter_state_dict(unet, adapter), DTYPES[dtype])
+            meta = adapter_metadata(unet, adapter)
+            n_params = sum(p.numel() for n, p in unet.named_parameters() if f".{adapter}." in n and "lora_" in n)
+            facts = {
+                "format_version": FACTS_VERSION,
+                "rapm_version": rapm.__version__,
+                "format": fmt,
+                "weights": next(iter(files.values())),
+                "files": files,
+                "dtype": dtype,
+                "teacher": str(teacher_path),
+                "teacher_path": str(teacher_dir.resolve()),
+                "teacher_family": family,
+                "base_model_version": version,
+                "v2": v2,
+                "prediction_type": prediction_type,
+                "resolution": [width * vae_scale, height * vae_scale],
+                "num_train_timesteps": num_train_timesteps,
+                "steps": int(steps),
+                "timesteps": timesteps,
+                "scheduler": (flow_sampling_settings(family, steps, guidance) if schedule.is_flow
+                              else sampling_scheduler_settings(scheduler_config, steps)),
+                "lora": {
+                    "rank": meta["r"],
+                    "alpha": meta["lora_alpha"],
+                    "target_modules": meta["target_modules"],
+                    "modules": len(state) // 2,
+                    "parameters": n_params,
+                },
+                "base_unet_fingerprint": base_unet_fingerprint(unet),
+            }
+            if schedule.is_flow:
+                facts["comfyui"] = comfyui_flow_settings(family, schedule, steps, facts["scheduler"]["guidance_scale"],
+                                                         (height, width))
+            if name:
+                facts["name"] = name
+            if training_steps is not None:
+                facts["training_steps"] = int(training_steps)
+            settings = {k: v for k, v in (run_settings or {}).items() if v is not None}
+            if settings:
+                facts["run_settings"] = settings
+            if extra_card:
+                facts["training"] = dict(extra_card)
+                left_out = facts["training"].pop(LEFT_OUT_KEY, None)
+                if left_out:
+                    facts["training_left_out"] = left_out
+            thumbnail_uri = None
+            if thumbnail is not None:
+                png = thumbnail_png(thumbnail)
+                (staging / THUMBNAIL_NAME).write_bytes(png)
+                thumbnail_uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+                facts["thumbnail"] = {"file": THUMBNAIL_NAME, "size": list(thumbnail.size), "bytes": len(png),
+                                      **({"source": thumbnail_source} if thumbnail_source else {})}
+            if "diffusers" in files:
+                _write_diffusers(staging, state, meta, family, facts)
+            if "kohya" in files:
+                _write_kohya(staging, state, meta, family, unet, facts, thumbnail_uri, finished_at)
+            (staging / FACTS_NAME).write_text(json.dumps(facts, indent=2, default=str) + "\n")
+            card = _flow_model_card(facts, out_dir) if schedule.is_flow else _model_card(facts, out_dir, has_vae)
+            (staging / CARD_NAME).write_text(hub_model_card(facts, teacher_dir, card))
+            for f in staging.iterdir():  # safetensors writes its files 0600: a LoRA is shared, read by other users' clients
+                os.chmod(f, 0o644)
+            os.chmod(staging, 0o755)  # mkdtemp makes it 0700
+            _replace_dir(staging, out_dir)
+        except OSError as e:  # a full disk, a read-only folder
+            shutil.rmtree(staging, ignore_errors=True)
+            fix = (f"free space in {out_dir.parent} or choose another --out" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+                   else "give a writable folder")
+            raise ExportError(f"--out {out_dir}: cannot be written ({e.strerror or e}); the earlier export there (if any) is "
+                              f"unchanged; {fix}") from None
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return out_dir / facts["weights"]
+    finally:
+        lock.release()
 
 
 EXPORT_FILES = (DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, CARD_NAME, FACTS_NAME, THUMBNAIL_NAME)  # all an export writes by default
@@ -1319,7 +1344,8 @@ def cli(
     export_lora(unet, config["teacher"], teacher.family, out, int(steps), fmt=format, extra_card=extra, dtype=dtype,
                 training_steps=config.get("step"), guidance=_store_guidance(config, teacher), name=name,
                 run_settings=settings, thumbnail=thumb[0] if thumb else None,
-                thumbnail_source=str(thumb[1].relative_to(run)) if thumb else None)
+                thumbnail_source=str(thumb[1].relative_to(run)) if thumb else None,
+                finished_at=config.get("checkpoint_written_at"))
     facts = read_export_facts(out) or {}
     flow = "comfyui" in facts  # a FLUX / SD3 student: its kohya file is sd-scripts' FLUX / SD3 layout
     for fmt, file_name in facts.get("files", {}).items():

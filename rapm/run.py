@@ -693,6 +693,9 @@ def load_student(run: Path, device: str = "cpu", text_encoders: bool = False, tr
     out["checkpoint"] = str(last)
     if isinstance(state.get("training_started_at"), (int, float)):  # recorded by runs since 2026-12 (rapm.train)
         out["training_started_at"] = float(state["training_started_at"])
+    # when this checkpoint was written (its state file's time): the export's ss_training_finished_at and
+    # modelspec.date, so that exporting the same checkpoint twice writes the same bytes
+    out["checkpoint_written_at"] = float(int(state_file(last).stat().st_mtime))
     return teacher, teacher.unet, out
 
 

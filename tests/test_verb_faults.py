@@ -33,13 +33,10 @@ if not hasattr(faults, "main"):
     _spec.loader.exec_module(faults)
 
 VERBS = ("sample", "evaluate", "report", "export")
-# The cells rapm/export.py does not hold yet: it takes no lock on its --out and writes through a link (another session
-# was editing the file, so its fix waits). Strict: they fail once export holds them, to be unmarked then.
-EXPORT_TODO = pytest.mark.xfail(strict=True, reason="rapm export takes no lock on --out and writes through links")
 
 
 def _verbs():
-    return [pytest.param(v, marks=EXPORT_TODO) if v == "export" else v for v in VERBS]
+    return list(VERBS)
 
 
 # --- the inputs: a student LoRA, a run, two evaluations -----------------------------------------------------------------
@@ -378,3 +375,33 @@ def test_an_out_that_is_a_link_is_refused(verb, inputs, tmp_path):
     assert (faults.files_digest(target) if target.is_dir() else target.read_bytes()) == before
     link.unlink()
     _ok(verb, inputs, link)
+
+
+def test_exporting_the_same_checkpoint_twice_writes_the_same_bytes(inputs, tmp_path):
+    """The kohya file's ss_training_finished_at / modelspec.date are the checkpoint's time, not the export's: a
+    rerun after a kill (or a second export a minute later) gives the same files."""
+    import time
+
+    from safetensors import safe_open
+
+    first = tmp_path / "lora"
+    _ok("export", inputs, first)
+    def files():  # safetensors orders its header's keys by a hash map: compare the metadata and tensors, not bytes
+        out = {}
+        for p in first.iterdir():
+            if p.suffix == ".safetensors":
+                with safe_open(str(p), "pt") as f:
+                    out[p.name] = (f.metadata(), {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()})
+            else:
+                out[p.name] = p.read_bytes()
+        return out
+
+    before = files()
+    time.sleep(1.1)  # a wall clock in the metadata would now differ by a second
+    _ok("export", inputs, first)  # the same --out: the card names it
+    assert files() == before
+    kohya = next(p for p in first.iterdir() if p.suffix == ".safetensors" and p.name != "pytorch_lora_weights.safetensors")
+    with safe_open(str(kohya), "pt") as f:
+        meta = f.metadata()
+    state = sorted((inputs["run"] / "checkpoints").glob("step-*/state.safetensors"))[-1]
+    assert float(meta["ss_training_finished_at"]) == float(int(state.stat().st_mtime))
