@@ -46,6 +46,7 @@ import typer
 
 import rapm
 from rapm.errors import RapmError
+from rapm.folders import FolderError, LockError, output_lock, refuse_link
 from rapm.lora import FACTS_NAME, base_unet_fingerprint, read_export_facts  # noqa: F401 (exported from here too)
 from rapm.roles import STUDENT
 
@@ -905,8 +906,6 @@ def export_lora(
     _family(family)
     name = check_name(name)
     out_dir = Path(out_dir)
-    from rapm.folders import FolderError, refuse_link
-
     try:  # no result written through a link, nor a link of the user's replaced by a file
         refuse_link(out_dir)
         for file_name in (*EXPORT_FILES, f"{name or DEFAULT_NAME}.safetensors"):
@@ -932,8 +931,6 @@ def export_lora(
     _, height, width = info.latent_shape
     files = {f: DIFFUSERS_WEIGHT_NAME if f == "diffusers" else f"{name or DEFAULT_NAME}.safetensors"
              for f in (("diffusers", "kohya") if fmt == "both" else (fmt,))}
-
-    from rapm.folders import LockError, output_lock
 
     try:  # one writer of out_dir at a time: a second export (or one while another renames its files) is refused
         out_dir.parent.mkdir(parents=True, exist_ok=True)
