@@ -917,21 +917,96 @@ def export_lora(
     from rapm.families import read_teacher_info
 
     info = read_teacher_info(teacher_path)
-    teacher_dir, scheduler_config, has_vae, vae_scale = info.path, info.scheduler_config, info.has_vae, info.vae_scale_factor
-    num_train_timesteps = int(scheduler_config.get("num_train_timesteps", 1000))
     schedule = teacher_schedule(info)
     if schedule.is_flow and native_scheme(family) is None:  # a transformer whose native module names rapm does not know
         if fmt == "kohya":
             raise ExportError(f"format 'kohya' is not written for a {family} teacher: rapm knows no ComfyUI / sd-scripts "
                               "module names for its transformer; export with format 'diffusers'")
         fmt = "diffusers"
-    timesteps = schedule.coarse(steps)
-    prediction_type = schedule.prediction_type if schedule.is_flow else scheduler_config.get("prediction_type", "epsilon")
-    version, v2 = base_model_version(family, unet.config)
-    _, height, width = info.latent_shape
     files = {f: DIFFUSERS_WEIGHT_NAME if f == "diffusers" else f"{name or DEFAULT_NAME}.safetensors"
              for f in (("diffusers", "kohya") if fmt == "both" else (fmt,))}
+    state = _cast(adapter_state_dict(unet, adapter), DTYPES[dtype])
+    meta = adapter_metadata(unet, adapter)
+    facts = _export_facts(unet, adapter, family, teacher_path, info, schedule, steps, guidance, fmt, files, dtype, meta,
+                          len(state) // 2)
+    if name:
+        facts["name"] = name
+    if training_steps is not None:
+        facts["training_steps"] = int(training_steps)
+    settings = {k: v for k, v in (run_settings or {}).items() if v is not None}
+    if settings:
+        facts["run_settings"] = settings
+    if extra_card:
+        facts["training"] = dict(extra_card)
+        left_out = facts["training"].pop(LEFT_OUT_KEY, None)
+        if left_out:
+            facts["training_left_out"] = left_out
+    png = thumbnail_png(thumbnail) if thumbnail is not None else None
+    if png is not None:
+        facts["thumbnail"] = {"file": THUMBNAIL_NAME, "size": list(thumbnail.size), "bytes": len(png),
+                              **({"source": thumbnail_source} if thumbnail_source else {})}
 
+    def write(staging: Path) -> None:
+        thumbnail_uri = None
+        if png is not None:
+            (staging / THUMBNAIL_NAME).write_bytes(png)
+            thumbnail_uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+        if "diffusers" in files:
+            _write_diffusers(staging, state, meta, family, facts)
+        if "kohya" in files:
+            _write_kohya(staging, state, meta, family, unet, facts, thumbnail_uri, finished_at)
+        (staging / FACTS_NAME).write_text(json.dumps(facts, indent=2, default=str) + "\n")
+        card = _flow_model_card(facts, out_dir) if schedule.is_flow else _model_card(facts, out_dir, info.has_vae)
+        (staging / CARD_NAME).write_text(hub_model_card(facts, info.path, card))
+
+    _write_export_dir(out_dir, write)
+    return out_dir / facts["weights"]
+
+
+def _export_facts(unet, adapter: str, family: str, teacher_path, info, schedule, steps: int, guidance: float | None,
+                  fmt: str, files: dict, dtype: str, meta: dict, modules: int) -> dict:
+    """``rapm_lora.json``'s facts of the student and its teacher: what every reader of an export is told."""
+    scheduler_config = info.scheduler_config
+    version, v2 = base_model_version(family, unet.config)
+    _, height, width = info.latent_shape
+    facts = {
+        "format_version": FACTS_VERSION,
+        "rapm_version": rapm.__version__,
+        "format": fmt,
+        "weights": next(iter(files.values())),
+        "files": files,
+        "dtype": dtype,
+        "teacher": str(teacher_path),
+        "teacher_path": str(info.path.resolve()),
+        "teacher_family": family,
+        "base_model_version": version,
+        "v2": v2,
+        "prediction_type": (schedule.prediction_type if schedule.is_flow
+                            else scheduler_config.get("prediction_type", "epsilon")),
+        "resolution": [width * info.vae_scale_factor, height * info.vae_scale_factor],
+        "num_train_timesteps": int(scheduler_config.get("num_train_timesteps", 1000)),
+        "steps": int(steps),
+        "timesteps": schedule.coarse(steps),
+        "scheduler": (flow_sampling_settings(family, steps, guidance) if schedule.is_flow
+                      else sampling_scheduler_settings(scheduler_config, steps)),
+        "lora": {
+            "rank": meta["r"],
+            "alpha": meta["lora_alpha"],
+            "target_modules": meta["target_modules"],
+            "modules": modules,
+            "parameters": sum(p.numel() for n, p in unet.named_parameters() if f".{adapter}." in n and "lora_" in n),
+        },
+        "base_unet_fingerprint": base_unet_fingerprint(unet),
+    }
+    if schedule.is_flow:
+        facts["comfyui"] = comfyui_flow_settings(family, schedule, steps, facts["scheduler"]["guidance_scale"],
+                                                 (height, width))
+    return facts
+
+
+def _write_export_dir(out_dir: Path, write) -> None:
+    """Run ``write(staging)`` in a temporary folder beside ``out_dir`` and rename it into place, holding ``out_dir``'s
+    lock: one writer at a time, never a half-written folder, the earlier export kept when anything fails."""
     try:  # one writer of out_dir at a time: a second export (or one while another renames its files) is refused
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         lock = output_lock(out_dir, "rapm export").acquire()
@@ -942,72 +1017,12 @@ def export_lora(
                           "folder") from None
     try:
         try:
-            out_dir.parent.mkdir(parents=True, exist_ok=True)
             _remove_stale_staging(out_dir)
             staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(out_dir), dir=out_dir.parent))
         except OSError as e:  # a read-only parent
             raise ExportError(f"--out {out_dir}: cannot be written ({e.strerror or e}); give a writable folder") from None
         try:
-            state = _cast(adapter_state_dict(unet, adapter), DTYPES[dtype])
-            meta = adapter_metadata(unet, adapter)
-            n_params = sum(p.numel() for n, p in unet.named_parameters() if f".{adapter}." in n and "lora_" in n)
-            facts = {
-                "format_version": FACTS_VERSION,
-                "rapm_version": rapm.__version__,
-                "format": fmt,
-                "weights": next(iter(files.values())),
-                "files": files,
-                "dtype": dtype,
-                "teacher": str(teacher_path),
-                "teacher_path": str(teacher_dir.resolve()),
-                "teacher_family": family,
-                "base_model_version": version,
-                "v2": v2,
-                "prediction_type": prediction_type,
-                "resolution": [width * vae_scale, height * vae_scale],
-                "num_train_timesteps": num_train_timesteps,
-                "steps": int(steps),
-                "timesteps": timesteps,
-                "scheduler": (flow_sampling_settings(family, steps, guidance) if schedule.is_flow
-                              else sampling_scheduler_settings(scheduler_config, steps)),
-                "lora": {
-                    "rank": meta["r"],
-                    "alpha": meta["lora_alpha"],
-                    "target_modules": meta["target_modules"],
-                    "modules": len(state) // 2,
-                    "parameters": n_params,
-                },
-                "base_unet_fingerprint": base_unet_fingerprint(unet),
-            }
-            if schedule.is_flow:
-                facts["comfyui"] = comfyui_flow_settings(family, schedule, steps, facts["scheduler"]["guidance_scale"],
-                                                         (height, width))
-            if name:
-                facts["name"] = name
-            if training_steps is not None:
-                facts["training_steps"] = int(training_steps)
-            settings = {k: v for k, v in (run_settings or {}).items() if v is not None}
-            if settings:
-                facts["run_settings"] = settings
-            if extra_card:
-                facts["training"] = dict(extra_card)
-                left_out = facts["training"].pop(LEFT_OUT_KEY, None)
-                if left_out:
-                    facts["training_left_out"] = left_out
-            thumbnail_uri = None
-            if thumbnail is not None:
-                png = thumbnail_png(thumbnail)
-                (staging / THUMBNAIL_NAME).write_bytes(png)
-                thumbnail_uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-                facts["thumbnail"] = {"file": THUMBNAIL_NAME, "size": list(thumbnail.size), "bytes": len(png),
-                                      **({"source": thumbnail_source} if thumbnail_source else {})}
-            if "diffusers" in files:
-                _write_diffusers(staging, state, meta, family, facts)
-            if "kohya" in files:
-                _write_kohya(staging, state, meta, family, unet, facts, thumbnail_uri, finished_at)
-            (staging / FACTS_NAME).write_text(json.dumps(facts, indent=2, default=str) + "\n")
-            card = _flow_model_card(facts, out_dir) if schedule.is_flow else _model_card(facts, out_dir, has_vae)
-            (staging / CARD_NAME).write_text(hub_model_card(facts, teacher_dir, card))
+            write(staging)
             for f in staging.iterdir():  # safetensors writes its files 0600: a LoRA is shared, read by other users' clients
                 os.chmod(f, 0o644)
             os.chmod(staging, 0o755)  # mkdtemp makes it 0700
@@ -1021,7 +1036,6 @@ def export_lora(
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        return out_dir / facts["weights"]
     finally:
         lock.release()
 
