@@ -667,10 +667,7 @@ def load_student(run: Path, device: str = "cpu", text_encoders: bool = False, tr
 
     run = Path(run)
     config = read_run_config(run)
-    last = latest_checkpoint(run) if step is None else checkpoint_of_step(run, step)
-    if last is None:
-        raise RunError(f"{run / 'checkpoints'}: no complete checkpoint yet; train longer or lower --checkpoint-every")
-    state = load_checkpoint(last, trust_checkpoint)
+    last, state, written_at = _read_student_checkpoint(run, step, trust_checkpoint)
     check_teacher_weights(config.teacher)
     teacher = load_teacher(config.teacher, device=device, text_encoders=text_encoders)
     add_roles(teacher.unet, LoraSpec(config.lora_rank, config.lora_alpha, list(config.lora_targets)))
@@ -695,8 +692,30 @@ def load_student(run: Path, device: str = "cpu", text_encoders: bool = False, tr
         out["training_started_at"] = float(state["training_started_at"])
     # when this checkpoint was written (its state file's time): the export's ss_training_finished_at and
     # modelspec.date, so that exporting the same checkpoint twice writes the same bytes
-    out["checkpoint_written_at"] = float(int(state_file(last).stat().st_mtime))
+    out["checkpoint_written_at"] = written_at
     return teacher, teacher.unet, out
+
+
+def _read_student_checkpoint(run: Path, step: int | None, trust: bool) -> tuple[Path, dict, float]:
+    """(folder, state, time written) of the latest checkpoint (or of ``step``'s). A ``rapm train`` still running
+    rotates checkpoints away: one removed while it is read gives way to the newer one, not to an error."""
+    for _ in range(10):
+        last = latest_checkpoint(run) if step is None else checkpoint_of_step(run, step)
+        if last is None:
+            raise RunError(f"{run / 'checkpoints'}: no complete checkpoint yet; train longer or lower --checkpoint-every")
+        try:
+            written_at = float(int(state_file(last).stat().st_mtime))
+            return last, load_checkpoint(last, trust), written_at
+        except (OSError, RunError) as e:
+            if last.exists():
+                if isinstance(e, RunError):
+                    raise
+                raise RunError(f"{state_file(last)}: cannot be read ({e.strerror or e})") from None
+            if step is not None:
+                raise RunError(f"{last}: removed while it was read (a rapm train still running rotates its "
+                               "checkpoints); give a newer --step, or raise keep_checkpoints") from None
+    raise RunError(f"{run / 'checkpoints'}: each checkpoint was removed while it was read (a rapm train still running "
+                   "rotates them); rerun when it has finished")
 
 
 __all__ = ["CHECKPOINT_PREFIX", "TMP_PREFIX", "RunError", "UnsafeCheckpointError", "ResumeWarning", "TrustWarning", "FolderError", "checkpoints",

@@ -335,6 +335,33 @@ def test_export_while_training_reads_a_complete_checkpoint(inputs, tmp_path):
     assert json.loads((tmp_path / "lora" / "rapm_lora.json").read_text())["training_steps"] == 2
 
 
+def test_export_reads_the_newer_checkpoint_when_train_rotates_one_away_under_it(inputs, tmp_path, monkeypatch):
+    """A running `rapm train` with keep_checkpoints 1 removes the checkpoint an export has just picked: the export
+    reads the latest complete one left instead of failing with a traceback."""
+    import rapm.run as run_module
+
+    run = tmp_path / "run"
+    shutil.copytree(inputs["run"], run)
+    latest = run_module.latest_checkpoint(run)
+    newer = latest.with_name(f"{run_module.CHECKPOINT_PREFIX}{int(latest.name[5:]) + 1:08d}")
+    shutil.copytree(latest, newer)
+    assert run_module.latest_checkpoint(run) == newer
+    real, calls = run_module.load_checkpoint, []
+
+    def rotated(path, trust=False):
+        calls.append(path)
+        if path == newer:  # rotation deletes it while it is read
+            shutil.rmtree(newer)
+            raise RuntimeError("not reached") if newer.exists() else FileNotFoundError(2, "No such file", str(newer))
+        return real(path, trust)
+
+    monkeypatch.setattr(run_module, "load_checkpoint", rotated)
+    code, err = _main(["export", "--run", str(run), "--out", str(tmp_path / "lora")])
+    assert code == 0, err
+    assert calls == [newer, latest]
+    assert json.loads((tmp_path / "lora" / "rapm_lora.json").read_text())["training_steps"] == 2
+
+
 # --- (e) links ----------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("verb", _verbs())
