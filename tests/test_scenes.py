@@ -77,3 +77,56 @@ def test_the_teacher_trainer_runs_and_its_folder_loads_as_a_teacher(tmp_path):
     assert teacher.family == "sd" and teacher.latent_shape == (3, 32, 32)
     cond, _ = teacher.encode_prompts([SCENES[0].prompt()])
     assert cond.prompt_embeds.shape == (1, 16, 64)
+
+
+# --- metrics and plug-in -------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def scene_metrics():
+    from rapm.scenes.metrics import ScenesMetrics
+
+    return ScenesMetrics()
+
+
+def _images(scenes, seed0=0):
+    import torch
+
+    return torch.from_numpy(np.stack([draw(s, seed0 + k) for k, s in enumerate(scenes)]))
+
+
+def test_the_world_against_itself_sits_at_the_floor_and_a_blurred_or_collapsed_sampler_does_not(scene_metrics):
+    """The distribution metrics in the shipped classifier's features tell a sampler that blurs (sharpness, FD) or
+    drops modes (recall) from the world itself."""
+    import torch
+
+    from rapm.distribution import distribution_metrics
+    from rapm.scenes.metrics import evaluation_scenes
+
+    scenes = evaluation_scenes(300)
+    world = _images(scenes, 1000)
+    blurred = torch.nn.functional.avg_pool2d(world, 3, 1, 1, count_include_pad=False)
+    collapsed = _images([scenes[0]] * 300, 5000)  # one prompt's images for every prompt
+
+    def measure(images):
+        return distribution_metrics(scene_metrics.reference_features, scene_metrics.features(images),
+                                    scene_metrics.reference_images, images)
+
+    same, blur, one = measure(world), measure(blurred), measure(collapsed)
+    assert same["precision"] > 0.85 and same["recall"] > 0.85 and 0.9 < same["sharpness"] < 1.1, same
+    assert blur["sharpness"] < 0.5 * same["sharpness"] and blur["fd"] > 5 * same["fd"], (blur, same)
+    assert one["recall"] < 0.2 and one["fd"] > 3 * same["fd"], (one, same)
+    assert scene_metrics.prompt_accuracy(world, scenes) > 0.9
+    assert scene_metrics.prompt_accuracy(collapsed, scenes) < 0.1
+
+
+def test_the_plugin_reads_prompts_back_as_scenes_and_gives_real_items():
+    from rapm.scenes.metrics import scene_of
+    from rapm.scenes.plugin import PLUGIN
+
+    prompts = PLUGIN.evaluation_prompts(20)
+    assert len(set(prompts)) == 20 and all(PLUGIN.label_of(p) == scene_of(p) is not None for p in prompts)
+    assert PLUGIN.label_of("a photo of a cat") is None
+    net, channels = PLUGIN.feature_net("cpu")
+    import torch
+
+    assert net(torch.zeros(2, *PLUGIN.feature_shape())).shape == (2, channels, 4, 4)

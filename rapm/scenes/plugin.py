@@ -1,0 +1,58 @@
+"""The scenes teacher's plug-in (``rapm.plugins``), named by ``rapm/scenes/teacher/rapm.json``: its metrics (prompt
+accuracy read from the image, FD and precision / recall in the scenes classifier's features), evaluation prompts, draws
+of the world as real data, and the classifier's convolutional features for RDD."""
+
+from __future__ import annotations
+
+from rapm.plugins import TeacherPlugin
+
+REAL_ITEMS = 2000
+
+
+class ScenesPlugin(TeacherPlugin):
+    name = "scenes"
+
+    def metrics(self):
+        from rapm.scenes.metrics import ScenesMetrics
+
+        return ScenesMetrics()
+
+    def label_of(self, prompt: str):
+        from rapm.scenes.metrics import scene_of
+
+        return scene_of(prompt)
+
+    def frechet_distance(self, a, b) -> float:
+        from rapm.demo.metrics import frechet_distance
+
+        return frechet_distance(a, b)
+
+    def evaluation_prompts(self, n: int) -> list[str]:
+        from rapm.scenes.metrics import evaluation_scenes
+
+        return [s.prompt() for s in evaluation_scenes(n)]
+
+    def real_items(self):
+        import numpy as np
+        import torch
+
+        from rapm.scenes.data import all_scenes, draw
+
+        rng = np.random.default_rng(30_000)
+        scenes = all_scenes()
+        picks = [scenes[i] for i in rng.integers(0, len(scenes), REAL_ITEMS)]
+        images = torch.from_numpy(np.stack([draw(s, int(rng.integers(0, 2**31 - 1))) for s in picks]))
+        return images, [s.prompt() for s in picks]
+
+    def feature_net(self, device):
+        """The scenes classifier's convolutional stages (frozen): images [B, 3, 32, 32] -> [B, 64, 4, 4]."""
+        from rapm.scenes.classifier import load_classifier
+
+        classifier = load_classifier().to(device).eval().requires_grad_(False)
+        return classifier.conv, classifier.conv[-3].out_channels  # the last conv before the final pool
+
+    def feature_shape(self) -> tuple[int, ...]:
+        return (3, 32, 32)
+
+
+PLUGIN = ScenesPlugin()
