@@ -320,11 +320,11 @@ def teacher_rows(store: Path, steps: int, val_fraction: float) -> list[dict]:
                      "prompt_accuracy": m.get("val_prompt_accuracy"), "for_steps": steps})
     # Floors at the same sample size: real digits vs the held-out reals; the teacher's 100-step images from other
     # noise vs its images of the same prompts (what a perfect student drawing independent noise would score).
-    floors = {"fd_real_floor": validation.digits.real_floor(len(val_ids))}
+    floors = {"fd_real_floor": validation.metrics.real_floor(len(val_ids))}
     gen = torch.Generator().manual_seed(123)
     finals = [validation.teacher_ddim(b, 100, torch.randn(b.latents[:, 0].shape, generator=gen))
               for b in validation.batches]
-    floors["fd_teacher_floor"] = frechet_distance(validation.digits.features(validation._decode(finals)),
+    floors["fd_teacher_floor"] = frechet_distance(validation.metrics.features(validation._decode(finals)),
                                                   validation.teacher_features)
     return rows, floors
 

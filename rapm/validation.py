@@ -8,9 +8,13 @@ student runs its N steps from each held-out trajectory's noise z~_N, and the run
   (digits), in latent space for a teacher with a VAE (so training needs no VAE in memory);
 * ``val_slot_error/<n>``: the RMS distance, in latent space, of the student's position z_n to the stored z~_n;
 * ``val_reference_error`` (``val_reference_steps`` > 0): the same against the teacher's K-step DDIM from the same noise;
-* for the digits teacher, ``val_fd_teacher`` (Fréchet distance in the digits classifier's features to the teacher's
-  images of the same prompts and noise: fidelity to the teacher), ``val_fd_real`` (to the held-out real digits) and
-  ``val_prompt_accuracy``. On a few dozen samples the FDs are biased upward: compare runs at the same split only.
+* for a teacher whose plug-in has metrics (digits, scenes), ``val_fd_teacher`` (Fréchet distance in its classifier's
+  features to the teacher's images of the same prompts and noise: fidelity to the teacher), ``val_fd_real`` (to its
+  real reference set) and ``val_prompt_accuracy``; with ``val_reference_steps`` > 0 also the distribution metrics
+  against the teacher's K-step images of the same prompts from *other* noise (rapm.distribution):
+  ``val_fd_teacher_other``, ``val_precision``, ``val_recall``, ``val_coverage`` and ``val_sharpness`` (high-frequency
+  energy, the student's over the teacher's). On a few dozen samples the FDs are biased upward and precision / recall
+  are coarse: compare runs at the same split only.
 
 This is the curve of the paper's Fig. 5: the user sees when a run has converged or diverged.
 """
@@ -24,6 +28,10 @@ from rapm.methods.base import Context, student_trajectory
 from rapm.roles import teacher_role
 from rapm.plugins import plugin_for
 from rapm.teacher import guided_output
+
+
+OTHER_NOISE_SEED = 7_919  # the teacher's reference images from other noise: the distribution metrics' reference
+PR_NEIGHBOURS = 3  # k of precision / recall (Kynkäänniemi et al. 2019)
 
 
 class ValidationWarning(UserWarning):
@@ -69,14 +77,20 @@ class Validation:
         self.reference_images = None
         if reference_steps > 0:
             self.reference_images = self._decode([self.teacher_ddim(b, reference_steps) for b in self.batches])
-        self.digits = None  # the teacher's own metrics, where its plug-in has them (the digits teacher)
+        self.metrics = None  # the teacher's own image metrics, where its plug-in has them (digits, scenes)
         self.plugin = plugin_for(teacher)
+        self.other_images = self.other_features = None
         if self.plugin is not None:
             prompts = store.prompts
-            self.digits = self.plugin.metrics()
-            self.prompt_digits = [self.plugin.label_of(prompts[i]) for i in indices]
-            self.teacher_features = self.digits.features(self.reference_images if self.reference_images is not None
-                                                         else self.teacher_images)
+            self.metrics = self.plugin.metrics()
+            self.labels = [self.plugin.label_of(prompts[i]) for i in indices]
+            self.teacher_features = self.metrics.features(self.reference_images if self.reference_images is not None
+                                                          else self.teacher_images)
+            if reference_steps > 0:  # the distribution metrics' reference: the same prompts from other noise
+                gen = torch.Generator().manual_seed(OTHER_NOISE_SEED)
+                self.other_images = self._decode([self.teacher_ddim(b, reference_steps, torch.randn(
+                    b.latents[:, 0].shape, generator=gen).to(b.latents)) for b in self.batches])
+                self.other_features = self.metrics.features(self.other_images)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -122,12 +136,18 @@ class Validation:
         out = {"val_trajectory_error": float(rms(images, self.teacher_images).mean())}
         if self.reference_images is not None:
             out["val_reference_error"] = float(rms(images, self.reference_images).mean())
-        if self.digits is not None:
+        if self.metrics is not None:
             frechet_distance = self.plugin.frechet_distance
-            feats = self.digits.features(images)
+            feats = self.metrics.features(images)
             if len(self) >= 2:
                 out["val_fd_teacher"] = frechet_distance(feats, self.teacher_features)
-                out["val_fd_real"] = frechet_distance(feats, self.digits.reference_features)
-            out["val_prompt_accuracy"] = self.digits.prompt_accuracy(images, self.prompt_digits)
+                out["val_fd_real"] = frechet_distance(feats, self.metrics.reference_features)
+            out["val_prompt_accuracy"] = self.metrics.prompt_accuracy(images, self.labels)
+            if self.other_features is not None and len(self) > PR_NEIGHBOURS:
+                from rapm.distribution import high_frequency_energy, precision_recall
+
+                out["val_fd_teacher_other"] = frechet_distance(feats, self.other_features)
+                out.update({f"val_{k}": v for k, v in precision_recall(self.other_features, feats, PR_NEIGHBOURS).items()})
+                out["val_sharpness"] = high_frequency_energy(images) / max(high_frequency_energy(self.other_images), 1e-12)
         return out
 

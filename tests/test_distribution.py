@@ -59,3 +59,28 @@ def test_distribution_metrics_of_a_set_against_itself_are_at_their_floor():
     m = distribution_metrics(feats, feats, images, images)
     assert m["fd"] < 1e-6 and m["precision"] == m["recall"] == m["coverage"] == 1.0
     assert m["sharpness"] == pytest.approx(1.0)
+
+
+def test_validation_measures_the_distribution_against_the_teacher_from_other_noise(tmp_path):
+    """With val_reference_steps > 0 and a plug-in's metrics, validation logs FD, precision / recall / coverage and
+    sharpness against the teacher's images of the same prompts from other noise: the teacher's own other-noise images
+    score at the floor, its same-noise images (another sample of the same distribution) near it."""
+    from rapm.demo.prompts import training_prompts
+    from rapm.store import open_store
+    from rapm.teacher import load_teacher
+    from rapm.trajectories import write_trajectories
+    from rapm.validation import Validation
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(p + "\n" for p in training_prompts()[:16]))
+    write_trajectories("digits", prompts, tmp_path / "store", steps=2, substeps=2, seed=0, batch_size=16,
+                       shard_size=16, progress=False)
+    teacher = load_teacher("digits")
+    validation = Validation(teacher, open_store(tmp_path / "store"), list(range(16)), "cpu", torch.float32,
+                            reference_steps=4)
+    floor = validation.measure(validation.other_images)
+    assert floor["val_fd_teacher_other"] < 1e-6 and floor["val_precision"] == floor["val_recall"] == 1.0
+    assert floor["val_sharpness"] == pytest.approx(1.0)
+    same_noise = validation.measure(validation.reference_images)
+    assert same_noise["val_fd_teacher_other"] > 0 and 0 < same_noise["val_recall"] <= 1
+    assert not torch.allclose(validation.other_images, validation.reference_images)
