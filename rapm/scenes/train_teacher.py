@@ -32,7 +32,7 @@ def vocabulary() -> list[str]:
 
 
 def build_modules(seed: int = 0):
-    """The untrained tokenizer, text encoder, UNet (3 channels, 32 x 32, cross-attention at 16 and 8 px) and
+    """The untrained tokenizer, text encoder, UNet (3 channels, 32 x 32, cross-attention at 8 px) and
     scheduler of the scenes teacher."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
@@ -41,9 +41,11 @@ def build_modules(seed: int = 0):
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     text_encoder = _text_encoder(len(tokenizer), TEXT_HIDDEN, None, TOKENIZER_MAX_LENGTH, eos)
     unet = UNet2DConditionModel(
-        sample_size=SIZE, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64, 96),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        # cross-attention at 8 px only (down, mid, up): at 16 px too it cost 2.3x the step time (0.89 against 2.05 s
+        # at batch 32, one thread) for a world whose prompts name regions of a quarter of the image or more
+        sample_size=SIZE, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 48, 64),
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
         cross_attention_dim=TEXT_HIDDEN, attention_head_dim=8, norm_num_groups=16,
     )
     return tokenizer, text_encoder, unet, DDIMScheduler(**SD_SCHEDULER)
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     args = parser.parse_args(argv)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(2, os.cpu_count() or 1))))
     modules = build_modules(args.seed)
     *trained, record = train_teacher(seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                      modules=modules, batches=scene_batches(modules[0]))
