@@ -21,6 +21,9 @@ import numpy as np
 import torch
 
 
+PAPER_NEIGHBOURS = 3  # k of the k-NN balls: Kynkäänniemi et al.'s and Naeem et al.'s choice
+
+
 def _as_array(features) -> np.ndarray:
     a = features.detach().double().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features, np.float64)
     if a.ndim != 2:
@@ -41,7 +44,7 @@ def _radii(a: np.ndarray, k: int) -> np.ndarray:
     return np.sort(_distances(a, a), axis=1)[:, k]  # column 0 is the point itself
 
 
-def precision_recall(reference, generated, k: int = 3) -> dict[str, float]:
+def precision_recall(reference, generated, k: int = PAPER_NEIGHBOURS) -> dict[str, float]:
     """Improved precision, recall (Kynkäänniemi et al. 2019) and coverage (Naeem et al. 2020) of ``generated``
     features [m, d] against ``reference`` features [n, d], with k-NN balls (k = 3, the papers' choice)."""
     real, fake = _as_array(reference), _as_array(generated)
@@ -72,7 +75,7 @@ def high_frequency_energy(images: torch.Tensor, cutoff: float = 0.5) -> float:
 
 
 def distribution_metrics(reference_features, generated_features, reference_images: torch.Tensor,
-                         generated_images: torch.Tensor, k: int = 3) -> dict[str, float]:
+                         generated_images: torch.Tensor, k: int = PAPER_NEIGHBOURS) -> dict[str, float]:
     """FD, precision, recall, coverage and the high-frequency energy ratio (generated / reference) of one sample set
     against a reference set (the teacher's samples from other noise)."""
     from rapm.demo.metrics import frechet_distance

@@ -13,7 +13,10 @@ pipeline draws for S). Rows report:
   distillation aims at; FD to real digits ranks data-free students above their own teacher)
   and ``prompt_accuracy`` (the share of images the classifier reads as the prompt's digit),
   with a floor for each FD at the same sample size (real vs real; the teacher from other
-  noise vs the teacher);
+  noise vs the teacher); the same for any teacher whose plug-in has metrics (the scenes
+  teacher: prompt accuracy read from the image), and the distribution metrics against the
+  teacher's many-step images of the same prompts from *other* noise (``rapm.distribution``):
+  ``fd_teacher_other``, ``precision``, ``recall``, ``coverage`` and ``sharpness``;
 * for SD/SDXL teachers, ``fid`` (against a folder of real images, in the feature space of a
   local Inception network) and ``clip_score`` (against the prompts, with a local CLIP model),
   each when its files are given (``rapm.metrics_sd``); None otherwise, with a note saying why.
@@ -176,6 +179,22 @@ def _metrics(plugin, prompts, fid_features, reference_images, clip, device, batc
     return plugin.metrics(), [plugin.label_of(p) for p in prompts], None
 
 
+def _plugin_row(plugin, metrics, images, feats, labels, teacher_features, other) -> dict:
+    """A plug-in teacher's metrics of one model's images: FD to its real reference set and to the teacher's images from
+    the same noise, prompt accuracy, and the distribution metrics (rapm.distribution) against the teacher's images of
+    the same prompts from other noise (``other``: images, features)."""
+    from rapm.distribution import PAPER_NEIGHBOURS, high_frequency_energy, precision_recall
+
+    frechet_distance = plugin.frechet_distance
+    row = {"fd": frechet_distance(feats, metrics.reference_features), "fd_teacher": frechet_distance(feats, teacher_features),
+           "prompt_accuracy": metrics.prompt_accuracy(images, labels),
+           "fd_teacher_other": frechet_distance(feats, other[1])}
+    if len(images) > PAPER_NEIGHBOURS:
+        row.update(precision_recall(other[1], feats, PAPER_NEIGHBOURS))
+    row["sharpness"] = high_frequency_energy(images) / max(high_frequency_energy(other[0]), 1e-12)
+    return row
+
+
 def _evaluate(teacher_path, models, prompts, seeds, reference_steps, guidance, device, batch_size, out, progress,
               keep_images, fid_features, reference_images, clip, train_steps, teacher_curve) -> dict:
     from tqdm.auto import tqdm
@@ -222,7 +241,12 @@ def _evaluate(teacher_path, models, prompts, seeds, reference_steps, guidance, d
     train_reference = None
     if train_steps:  # the teacher as the training trajectories ran it (DDIM, N M steps), from the same noise
         train_reference, _ = run(ModelSpec("teacher-ddim", train_steps))
-    teacher_features = None
+    teacher_features = other = None
+    if metrics is not None:  # the teacher from other noise: the distribution metrics' reference and the FD's floor
+        latents = generate(teacher, prompts, [s + 1_000_000 for s in seeds], reference_steps, guidance=teacher_guidance,
+                           role="teacher", scheduler="ddim", batch_size=batch_size, bar=images_of(len(prompts)))
+        other_images = _decode(teacher, latents)
+        other = (other_images, metrics.features(other_images))
     for spec in todo:
         imgs, seconds = run(spec)
         key = f"{spec.method}-{spec.steps}"
@@ -236,13 +260,10 @@ def _evaluate(teacher_path, models, prompts, seeds, reference_steps, guidance, d
         if train_reference is not None:
             row["trajectory_error_train"] = trajectory_error(imgs, train_reference)
         if metrics is not None:
-            frechet_distance = plugin.frechet_distance
             feats = metrics.features(imgs)
             if teacher_features is None:  # the reference comes first
                 teacher_features = feats
-            row["fd"] = frechet_distance(feats, metrics.reference_features)
-            row["fd_teacher"] = frechet_distance(feats, teacher_features)
-            row["prompt_accuracy"] = metrics.prompt_accuracy(imgs, labels)
+            row.update(_plugin_row(plugin, metrics, imgs, feats, labels, teacher_features, other))
         if sd_metrics is not None:
             row["fid"] = sd_metrics.fid(imgs)
             row["clip_score"] = sd_metrics.clip_score(imgs, prompts)
@@ -259,13 +280,9 @@ def _evaluate(teacher_path, models, prompts, seeds, reference_steps, guidance, d
     if train_steps:
         result["train_steps"] = train_steps
     if metrics is not None:
-        frechet_distance = plugin.frechet_distance
         result["real_floor_fd"] = metrics.real_floor(len(prompts))
         # The teacher from other noise against the teacher: what an independent perfect sampler scores at this n.
-        other = [s + 1_000_000 for s in seeds]
-        latents = generate(teacher, prompts, other, reference_steps, guidance=teacher_guidance, role="teacher",
-                           scheduler="ddim", batch_size=batch_size, bar=images_of(len(prompts)))
-        result["teacher_floor_fd"] = frechet_distance(metrics.features(_decode(teacher, latents)), teacher_features)
+        result["teacher_floor_fd"] = plugin.frechet_distance(other[1], teacher_features)
     if sd_metrics is not None:
         result["fid_features"] = None if fid_features is None else str(fid_features)
         result["fid_reference_images"] = sd_metrics.reference_count
@@ -309,8 +326,11 @@ def markdown_table(result: dict) -> str:
     first = result["rows"][0] if result["rows"] else {}
     digits, sd = "fd" in first, "fid" in first or "clip_score" in first
     fd_teacher, train = "fd_teacher" in first, "trajectory_error_train" in first
+    spread = "recall" in first  # the distribution metrics against the teacher from other noise
     head = ("| method | steps | guidance | " + ("FD ↓ | " if digits else "") + ("FD to teacher ↓ | " if fd_teacher else "")
-            + ("prompt acc. ↑ | " if digits else "") + ("FID ↓ | CLIP score ↑ | " if sd else "") + "trajectory error ↓ |"
+            + ("prompt acc. ↑ | " if digits else "")
+            + ("precision ↑ | recall ↑ | sharpness (1 = teacher) | " if spread else "")
+            + ("FID ↓ | CLIP score ↑ | " if sd else "") + "trajectory error ↓ |"
             + (f" trajectory error to DDIM-{result.get('train_steps')} ↓ |" if train else ""))
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in result["rows"]:
@@ -318,6 +338,8 @@ def markdown_table(result: dict) -> str:
         if digits:
             cells += [f"{r['fd']:.2f}"] + ([f"{r['fd_teacher']:.2f}"] if fd_teacher else []) + [
                 f"{100 * r['prompt_accuracy']:.1f}%"]
+        if spread:
+            cells += [f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['sharpness']:.3f}"]
         if sd:
             cells += ["—" if r.get(k) is None else f"{r[k]:.2f}" for k in ("fid", "clip_score")]
         cells.append(f"{r['trajectory_error']:.4f}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from rapm.diffusion import ddim
+from rapm.distribution import PAPER_NEIGHBOURS, high_frequency_energy, precision_recall
 from rapm.methods.base import Context, student_trajectory
 from rapm.roles import teacher_role
 from rapm.plugins import plugin_for
@@ -31,7 +32,6 @@ from rapm.teacher import guided_output
 
 
 OTHER_NOISE_SEED = 7_919  # the teacher's reference images from other noise: the distribution metrics' reference
-PR_NEIGHBOURS = 3  # k of precision / recall (Kynkäänniemi et al. 2019)
 
 
 class ValidationWarning(UserWarning):
@@ -143,11 +143,10 @@ class Validation:
                 out["val_fd_teacher"] = frechet_distance(feats, self.teacher_features)
                 out["val_fd_real"] = frechet_distance(feats, self.metrics.reference_features)
             out["val_prompt_accuracy"] = self.metrics.prompt_accuracy(images, self.labels)
-            if self.other_features is not None and len(self) > PR_NEIGHBOURS:
-                from rapm.distribution import high_frequency_energy, precision_recall
+            if self.other_features is not None and len(self) > PAPER_NEIGHBOURS:
 
                 out["val_fd_teacher_other"] = frechet_distance(feats, self.other_features)
-                out.update({f"val_{k}": v for k, v in precision_recall(self.other_features, feats, PR_NEIGHBOURS).items()})
+                out.update({f"val_{k}": v for k, v in precision_recall(self.other_features, feats, PAPER_NEIGHBOURS).items()})
                 out["val_sharpness"] = high_frequency_energy(images) / max(high_frequency_energy(self.other_images), 1e-12)
         return out
 

@@ -54,6 +54,11 @@ def test_quick_demo_runs_the_whole_flow(tmp_path):
     assert result["rows"][0]["trajectory_error"] == 0.0  # the reference against itself
     assert result["rows"][0]["fd_teacher"] == pytest.approx(0.0, abs=1e-6)  # the teacher's images against themselves
     assert all(r["fd_teacher"] > 0 for r in result["rows"][1:]) and result["teacher_floor_fd"] > 0
+    # the distribution metrics against the teacher from other noise; the reference row is the floor's pair
+    reference = result["rows"][0]
+    assert reference["fd_teacher_other"] == pytest.approx(result["teacher_floor_fd"], rel=1e-6)
+    assert all(0 <= r[k] <= 1 for r in result["rows"] for k in ("precision", "recall", "coverage"))
+    assert all(r["sharpness"] > 0 for r in result["rows"])
     run = tmp_path / "demo" / "run"
     saved = json.loads((run / "evaluation.json").read_text())
     assert saved["rows"] == result["rows"]
