@@ -396,10 +396,11 @@ def cli(
 
         base = read_prompt_file(prompts)
         prompt_list = [base[i % len(base)] for i in range(num)]
-    elif teacher == "digits":
-        prompt_list = default_digits_prompts(num)
+    elif plugin_for(teacher) is not None:  # a built-in teacher's own held-out prompts (digits, scenes)
+        prompt_list = plugin_for(teacher).evaluation_prompts(num)
     else:
-        raise EvaluateError("--prompts is needed for a teacher other than 'digits'")
+        raise EvaluateError(f"--prompts is needed for the teacher {teacher}: only a teacher with its own plug-in "
+                            "(digits, scenes) has held-out prompts of its own")
     specs = [ModelSpec.parse(m) for m in model] or [ModelSpec("teacher-ddim", 4)]
     result = evaluate(teacher, specs, prompt_list, list(range(seed, seed + len(prompt_list))), reference_steps, guidance,
                       device, out=out, fid_features=fid_features, reference_images=reference_images, clip=clip,

@@ -202,7 +202,7 @@ def evaluate_command(run: Path, config: dict, evaluation: Path) -> list[str]:
     commands = [] if (lora / "rapm_lora.json").exists() else [f"rapm export --run {shlex.quote(str(run))} --out "
                                                                f"{shlex.quote(str(lora))}"]
     command = (f"rapm evaluate --teacher {shlex.quote(teacher)} "
-               + ("" if teacher == "digits" else "--prompts HELD_OUT_PROMPTS.txt ")
+               + ("" if _own_prompts(teacher) else "--prompts HELD_OUT_PROMPTS.txt ")
                + f"--model teacher:ddim:{steps} "
                + f"--model {shlex.quote(str(config.get('method', 'student')) + '=' + str(lora) + ':' + str(steps))} "
                + (f"--train-steps {steps * facts['substeps']} " if "substeps" in facts else "")
@@ -434,11 +434,21 @@ def _evaluation_prompts(result: dict) -> list[str] | None:
     prompts = result.get("prompts")
     if isinstance(prompts, list) and prompts and all(isinstance(p, str) for p in prompts):
         return prompts
-    if str(result.get("teacher")) == "digits" and isinstance(result.get("samples"), int) and result["samples"] > 0:
-        from rapm.evaluate import default_digits_prompts
-
-        return default_digits_prompts(result["samples"])
+    own = _own_prompts(str(result.get("teacher")))
+    if own is not None and isinstance(result.get("samples"), int) and result["samples"] > 0:
+        return own.evaluation_prompts(result["samples"])
     return None
+
+
+def _own_prompts(teacher: str):
+    """The plug-in of a teacher with held-out prompts of its own (digits, scenes: what rapm evaluate uses without
+    --prompts), or None (also for a teacher folder no longer there)."""
+    from rapm.plugins import plugin_for
+
+    try:
+        return plugin_for(teacher)
+    except Exception:  # noqa: BLE001 - a report of a run whose teacher moved still renders
+        return None
 
 
 def _store_prompts(config: dict) -> list[str] | None:
