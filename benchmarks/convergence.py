@@ -300,7 +300,7 @@ def teacher_rows(store: Path, steps: int, val_fraction: float) -> list[dict]:
     """The teacher's DDIM at N steps and at 100 steps (the reference) on the same held-out split, same metrics."""
     import torch
 
-    from rapm.demo.metrics import frechet_distance
+    from rapm.distribution import frechet_distance
     from rapm.teacher import load_teacher
     from rapm.trajectories import open_store
     from rapm.validation import Validation, split_indices

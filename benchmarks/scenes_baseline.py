@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from teacher_baseline import sample_teacher, trajectory_error  # noqa: E402
 
-from rapm.demo.metrics import frechet_distance  # noqa: E402
+from rapm.distribution import frechet_distance  # noqa: E402
 from rapm.distribution import distribution_metrics  # noqa: E402
 from rapm.scenes.data import draw  # noqa: E402
 from rapm.scenes.metrics import ScenesMetrics, attribute_accuracy, evaluation_scenes  # noqa: E402

@@ -8,8 +8,8 @@ is to the teacher's sample from the same noise.
   al. 2020) is the fraction of reference points whose own ball holds a generated point (less fooled by outliers).
 * ``high_frequency_energy``: the share of each image's spectral energy above half the Nyquist frequency, averaged
   (per channel, mean removed): a sharpness measure. Blurry samples have less than the teacher's; compare the ratio.
-* ``frechet_distance`` (``rapm.demo.metrics``): used with reference samples from *other* noise, it measures the
-  distribution, not the pairing.
+* ``frechet_distance`` (Heusel et al. 2017) of two feature sets: used with reference samples from *other* noise, it
+  measures the distribution, not the pairing.
 
 Each metric has a floor: the teacher's samples from one set of noise against its samples from another
 (``teacher_floor`` in the benchmarks), the value a perfect student would get at the same sample sizes.
@@ -22,6 +22,28 @@ import torch
 
 
 PAPER_NEIGHBOURS = 3  # k of the k-NN balls: Kynkäänniemi et al.'s and Naeem et al.'s choice
+
+
+def frechet_distance(feats_a: np.ndarray | torch.Tensor, feats_b: np.ndarray | torch.Tensor) -> float:
+    """||mu_a - mu_b||^2 + Tr(C_a + C_b - 2 (C_a C_b)^(1/2)) of two feature sets [n, d] (Heusel et al. 2017)."""
+    from scipy import linalg
+
+    a, b = (f.detach().double().cpu().numpy() if isinstance(f, torch.Tensor) else np.asarray(f, dtype=np.float64)
+            for f in (feats_a, feats_b))
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature sets must be [n, d] with the same d, got {a.shape} and {b.shape}")
+    if min(len(a), len(b)) < 2:
+        raise ValueError("the Fréchet distance needs at least 2 samples in each set")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    if not np.isfinite(covmean).all():
+        # Near-singular covariances (few samples): regularize as pytorch-fid does.
+        eps = np.eye(a.shape[1]) * 1e-6
+        covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
+    covmean = covmean.real
+    fd = float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
+    return max(fd, 0.0)
 
 
 def _as_array(features) -> np.ndarray:
@@ -78,8 +100,6 @@ def distribution_metrics(reference_features, generated_features, reference_image
                          generated_images: torch.Tensor, k: int = PAPER_NEIGHBOURS) -> dict[str, float]:
     """FD, precision, recall, coverage and the high-frequency energy ratio (generated / reference) of one sample set
     against a reference set (the teacher's samples from other noise)."""
-    from rapm.demo.metrics import frechet_distance
-
     out = {"fd": frechet_distance(_as_array(generated_features), _as_array(reference_features))}
     out.update(precision_recall(reference_features, generated_features, k))
     ref_hf = high_frequency_energy(reference_images)

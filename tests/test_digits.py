@@ -8,7 +8,8 @@ import torch
 from rapm.demo import DIGITS_GUIDANCE
 from rapm.demo.classifier import accuracy, load_classifier
 from rapm.demo.data import load_split
-from rapm.demo.metrics import DigitsMetrics, frechet_distance
+from rapm.demo.metrics import DigitsMetrics
+from rapm.distribution import frechet_distance
 from rapm.demo.prompts import (NUMBER_WORDS, PHRASINGS, digit_of, evaluation_prompts, phrase, training_prompts,
                                vocabulary)
 from rapm.diffusion import coarse_timesteps, sample_positions

@@ -18,30 +18,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from rapm.distribution import frechet_distance
 from rapm.demo.classifier import CLASSIFIER_DIR, load_classifier
 from rapm.demo.data import IMAGE_SIZE, load_split
-
-
-def frechet_distance(feats_a: np.ndarray | torch.Tensor, feats_b: np.ndarray | torch.Tensor) -> float:
-    """||mu_a - mu_b||^2 + Tr(C_a + C_b - 2 (C_a C_b)^(1/2)) of two feature sets [n, d] (Heusel et al. 2017)."""
-    from scipy import linalg
-
-    a, b = (f.detach().double().cpu().numpy() if isinstance(f, torch.Tensor) else np.asarray(f, dtype=np.float64)
-            for f in (feats_a, feats_b))
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"feature sets must be [n, d] with the same d, got {a.shape} and {b.shape}")
-    if min(len(a), len(b)) < 2:
-        raise ValueError("the Fréchet distance needs at least 2 samples in each set")
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
-    if not np.isfinite(covmean).all():
-        # Near-singular covariances (few samples): regularize as pytorch-fid does.
-        eps = np.eye(a.shape[1]) * 1e-6
-        covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
-    covmean = covmean.real
-    fd = float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
-    return max(fd, 0.0)
 
 
 class DigitsMetrics:

@@ -21,7 +21,7 @@ class DigitsPlugin(TeacherPlugin):
         return digit_of(prompt)
 
     def frechet_distance(self, a, b) -> float:
-        from rapm.demo.metrics import frechet_distance
+        from rapm.distribution import frechet_distance
 
         return frechet_distance(a, b)
 

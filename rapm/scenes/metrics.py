@@ -78,7 +78,7 @@ class ScenesMetrics:
     def real_floor(self, n: int, seed: int = 0, draws: int = 5) -> float:
         """FD of n other draws of the world against the reference draws: the floor at sample size n (mean of
         ``draws`` seeded sets)."""
-        from rapm.demo.metrics import frechet_distance
+        from rapm.distribution import frechet_distance
 
         if n < 2:
             raise ValueError(f"real_floor needs n >= 2, got {n}")

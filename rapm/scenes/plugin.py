@@ -23,7 +23,7 @@ class ScenesPlugin(TeacherPlugin):
         return scene_of(prompt)
 
     def frechet_distance(self, a, b) -> float:
-        from rapm.demo.metrics import frechet_distance
+        from rapm.distribution import frechet_distance
 
         return frechet_distance(a, b)
 
