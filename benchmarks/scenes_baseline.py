@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     guidance = args.guidance if args.guidance is not None else float(teacher_file(teacher).get("guidance", 3.0))
     steps = [int(s) for s in args.steps.split(",")]
     metrics = ScenesMetrics()
-    scenes = evaluation_scenes(args.samples, seed=args.seed)
+    scenes = evaluation_scenes(args.samples)
     prompts = [s.prompt() for s in scenes]
     gen = torch.Generator().manual_seed(args.seed)
     noise, other_noise = (torch.randn(args.samples, *teacher.latent_shape, generator=gen) for _ in range(2))

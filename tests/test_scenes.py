@@ -130,3 +130,12 @@ def test_the_plugin_reads_prompts_back_as_scenes_and_gives_real_items():
     import torch
 
     assert net(torch.zeros(2, *PLUGIN.feature_shape())).shape == (2, channels, 4, 4)
+
+
+def test_evaluation_prompts_are_held_out_from_the_training_prompts():
+    from rapm.scenes.metrics import HELD_OUT_SCENES, evaluation_scenes, training_scenes
+
+    held, train = evaluation_scenes(HELD_OUT_SCENES), training_scenes()
+    assert len(set(held)) == HELD_OUT_SCENES and not set(held) & set(train)
+    assert len(held) + len(train) == len(SCENES)
+    assert evaluation_scenes(HELD_OUT_SCENES + 5)[-5:] == held[:5]  # repeated in order beyond the held-out set

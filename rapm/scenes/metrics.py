@@ -31,11 +31,24 @@ def scene_of(prompt: str) -> Scene | None:
     return _by_prompt().get(prompt.strip())
 
 
-def evaluation_scenes(n: int, seed: int = 0) -> list[Scene]:
-    """``n`` scenes spread over the world (each attribute value about equally often), the same for a seed."""
+HELD_OUT_SCENES = 300  # the first of the world's seeded order: evaluation's prompts, never a training prompt
+
+
+def _order(seed: int = 0) -> list[Scene]:
     scenes = all_scenes()
-    order = np.random.default_rng(seed).permutation(len(scenes))
-    return [scenes[i] for i in order[:n]] if n <= len(scenes) else [scenes[order[i % len(scenes)]] for i in range(n)]
+    return [scenes[i] for i in np.random.default_rng(seed).permutation(len(scenes))]
+
+
+def evaluation_scenes(n: int) -> list[Scene]:
+    """``n`` held-out scenes (none of ``training_scenes``; each attribute value about equally often), repeated in
+    order beyond HELD_OUT_SCENES."""
+    pool = _order()[:HELD_OUT_SCENES]
+    return [pool[i % len(pool)] for i in range(n)]
+
+
+def training_scenes() -> list[Scene]:
+    """The world's scenes but the held-out ones: the prompts to store trajectories of (1,320)."""
+    return _order(0)[HELD_OUT_SCENES:]
 
 
 def attribute_accuracy(images: torch.Tensor, scenes: Sequence[Scene]) -> dict[str, float]:
