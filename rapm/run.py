@@ -36,8 +36,8 @@ import torch
 from rapm import config as cfg
 from rapm.config import TrainConfig, split_seed
 from rapm.errors import RapmError
-from rapm.folders import (RUN_MARKER, FolderError, FolderLock, is_empty, other_kind, read_marker, remove_files,
-                          warn_kept, write_marker)
+from rapm.folders import (RUN_MARKER, FolderError, FolderLock, is_empty, other_kind, read_marker, refuse_link,
+                          remove_files, warn_kept, write_marker)
 from rapm.files import (atomic_write, check_safetensors, check_weights_folder, fsync_dir, read_json_object, sha256_file,
                         write_synced)
 
@@ -355,6 +355,7 @@ def check_run_dir(run: Path, resume: bool, overwrite: bool) -> bool:
     Return whether a run exists there. Reads only.
     """
     run = Path(run)
+    refuse_link(run)  # a FolderError: a run is never written through a link
     if run.exists() and not run.is_dir():
         raise RunError(f"--out {run} is a file; give a new or empty folder for the run")
     kind = other_kind(run, "run") if run.is_dir() else None

@@ -43,8 +43,8 @@ import typer
 from rapm.diffusion import SOLVERS, coarse_timesteps, solve_positions
 from rapm.conditioning import FLOAT32_FIELDS
 from rapm.errors import RapmError
-from rapm.folders import (STORE_MARKER, FolderError, FolderLock, is_empty, other_kind, read_marker, remove_files,
-                          write_marker)
+from rapm.folders import (STORE_MARKER, FolderError, FolderLock, is_empty, other_kind, read_marker, refuse_link,
+                          remove_files, write_marker)
 from rapm.processes import resolve_device
 from rapm.store import (DONE, DTYPES, FORMAT_VERSION, MANIFEST, NEGATIVE, PROMPTS, REQUIRED_FIELDS, StoreError,
                         TrajectoryBatch, TrajectoryStore, atomic_write, json_bytes, manifest_bytes, num_shards, open_store,
@@ -652,6 +652,7 @@ def write_trajectories(
     _check_arguments(steps, substeps, solver, None if delta is None else 1, batch_size, shard_size, dtype, teacher_dtype)
     out = Path(out)
     prompt_list = read_prompts(prompts)
+    refuse_link(out)  # a FolderError: a store is never written through a link
     if out.exists() and not out.is_dir():
         raise StoreError(f"store {out} is a file; give a new or empty folder for --out")
 

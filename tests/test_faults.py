@@ -353,3 +353,23 @@ def test_a_huge_learning_rate_stops_the_default_recipe_at_its_first_non_finite_l
         train(_config(tiny_sd, sd_store, iterations=6, checkpoint_every=1, lr=1e30), run, progress=False)
     assert [p.name for p in checkpoints(run)] == ["step-00000001"] and _all_finite(run)
     assert [e[0] for e in _losses(run)] == [0]
+
+
+@pytest.mark.parametrize("verb", ["trajectories", "train"])
+def test_an_out_that_is_a_link_is_refused_for_a_store_and_a_run(verb, tiny_sd, sd_store, tmp_path):
+    """As for export, sample, evaluate and report: a store or a run is never written through a link (into a folder
+    the user did not name); one error line names the link and its target, which stays empty."""
+    from cli_run import one_error, run_main
+
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    out = tmp_path / "out"
+    out.symlink_to(target)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    args = (["trajectories", "--teacher", tiny_sd, "--prompts", prompts, "--steps", 2, "--substeps", 2]
+            if verb == "trajectories" else
+            ["train", "--teacher", tiny_sd, "--store", sd_store, "--iterations", 1, "--set", "eval_every=0"])
+    code, err = run_main([*args, "--out", out, "--no-progress"])
+    one_error(code, err, str(out), "is a link", str(target))
+    assert list(target.iterdir()) == [] and out.is_symlink()
