@@ -99,9 +99,12 @@ def high_frequency_energy(images: torch.Tensor, cutoff: float = 0.5) -> float:
 def distribution_metrics(reference_features, generated_features, reference_images: torch.Tensor,
                          generated_images: torch.Tensor, k: int = PAPER_NEIGHBOURS) -> dict[str, float]:
     """FD, precision, recall, coverage and the high-frequency energy ratio (generated / reference) of one sample set
-    against a reference set (the teacher's samples from other noise)."""
-    out = {"fd": frechet_distance(_as_array(generated_features), _as_array(reference_features))}
-    out.update(precision_recall(reference_features, generated_features, k))
+    against a reference set (the teacher's samples from other noise); precision, recall and coverage only where each
+    set has more than ``k`` points."""
+    reference_features, generated_features = _as_array(reference_features), _as_array(generated_features)
+    out = {"fd": frechet_distance(generated_features, reference_features)}
+    if min(len(reference_features), len(generated_features)) > k:
+        out.update(precision_recall(reference_features, generated_features, k))
     ref_hf = high_frequency_energy(reference_images)
     out["sharpness"] = high_frequency_energy(generated_images) / ref_hf if ref_hf > 0 else float("nan")
     return out

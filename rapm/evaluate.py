@@ -183,16 +183,14 @@ def _plugin_row(plugin, metrics, images, feats, labels, teacher_features, other)
     """A plug-in teacher's metrics of one model's images: FD to its real reference set and to the teacher's images from
     the same noise, prompt accuracy, and the distribution metrics (rapm.distribution) against the teacher's images of
     the same prompts from other noise (``other``: images, features)."""
-    from rapm.distribution import PAPER_NEIGHBOURS, high_frequency_energy, precision_recall
+    from rapm.distribution import distribution_metrics
 
-    frechet_distance = plugin.frechet_distance
-    row = {"fd": frechet_distance(feats, metrics.reference_features), "fd_teacher": frechet_distance(feats, teacher_features),
-           "prompt_accuracy": metrics.prompt_accuracy(images, labels),
-           "fd_teacher_other": frechet_distance(feats, other[1])}
-    if len(images) > PAPER_NEIGHBOURS:
-        row.update(precision_recall(other[1], feats, PAPER_NEIGHBOURS))
-    row["sharpness"] = high_frequency_energy(images) / max(high_frequency_energy(other[0]), 1e-12)
-    return row
+    row = {"fd": plugin.frechet_distance(feats, metrics.reference_features),
+           "fd_teacher": plugin.frechet_distance(feats, teacher_features),
+           "prompt_accuracy": metrics.prompt_accuracy(images, labels)}
+    spread = distribution_metrics(other[1], feats, other[0], images)
+    row["fd_teacher_other"] = spread.pop("fd")
+    return {**row, **spread}
 
 
 def _evaluate(teacher_path, models, prompts, seeds, reference_steps, guidance, device, batch_size, out, progress,

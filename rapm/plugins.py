@@ -35,7 +35,10 @@ class TeacherPlugin:
         raise NotImplementedError
 
     def frechet_distance(self, a, b) -> float:
-        raise NotImplementedError
+        """The Fréchet distance of two feature sets [n, d] (``rapm.distribution``'s, unless a plug-in has its own)."""
+        from rapm.distribution import frechet_distance
+
+        return frechet_distance(a, b)
 
     def evaluation_prompts(self, n: int) -> list[str]:
         raise NotImplementedError

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from rapm.diffusion import ddim
-from rapm.distribution import PAPER_NEIGHBOURS, high_frequency_energy, precision_recall
+from rapm.distribution import distribution_metrics
 from rapm.methods.base import Context, student_trajectory
 from rapm.roles import teacher_role
 from rapm.plugins import plugin_for
@@ -143,10 +143,9 @@ class Validation:
                 out["val_fd_teacher"] = frechet_distance(feats, self.teacher_features)
                 out["val_fd_real"] = frechet_distance(feats, self.metrics.reference_features)
             out["val_prompt_accuracy"] = self.metrics.prompt_accuracy(images, self.labels)
-            if self.other_features is not None and len(self) > PAPER_NEIGHBOURS:
-
-                out["val_fd_teacher_other"] = frechet_distance(feats, self.other_features)
-                out.update({f"val_{k}": v for k, v in precision_recall(self.other_features, feats, PAPER_NEIGHBOURS).items()})
-                out["val_sharpness"] = high_frequency_energy(images) / max(high_frequency_energy(self.other_images), 1e-12)
+            if self.other_features is not None and len(self) >= 2:
+                spread = distribution_metrics(self.other_features, feats, self.other_images, images)
+                spread["fd_teacher_other"] = spread.pop("fd")
+                out.update({f"val_{k}": v for k, v in spread.items()})
         return out
 

@@ -20,11 +20,6 @@ class DigitsPlugin(TeacherPlugin):
 
         return digit_of(prompt)
 
-    def frechet_distance(self, a, b) -> float:
-        from rapm.distribution import frechet_distance
-
-        return frechet_distance(a, b)
-
     def evaluation_prompts(self, n: int) -> list[str]:
         from rapm.demo.prompts import evaluation_prompts
 

@@ -22,11 +22,6 @@ class ScenesPlugin(TeacherPlugin):
 
         return scene_of(prompt)
 
-    def frechet_distance(self, a, b) -> float:
-        from rapm.distribution import frechet_distance
-
-        return frechet_distance(a, b)
-
     def evaluation_prompts(self, n: int) -> list[str]:
         from rapm.scenes.metrics import evaluation_scenes
 
