@@ -122,14 +122,19 @@ def save_classifier(model: DigitsClassifier, record: dict, out: str | Path) -> P
 
 def load_classifier(folder: str | Path = CLASSIFIER_DIR) -> DigitsClassifier:
     """The shipped (or a rebuilt) classifier, in eval mode."""
+    return load_saved(DigitsClassifier, folder, "rapm.demo.classifier")
+
+
+def load_saved(model_class, folder: str | Path, module: str):
+    """A ``save_classifier`` folder's network of ``model_class``, frozen, in eval mode; ``module`` rebuilds it."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (folder / name).exists():
-            raise FileNotFoundError(f"{folder / name} is missing; rebuild it with python -m rapm.demo.classifier --out {folder}")
+            raise FileNotFoundError(f"{folder / name} is missing; rebuild it with python -m {module} --out {folder}")
     config = json.loads((folder / CONFIG_NAME).read_text())
-    model = DigitsClassifier(**config["architecture"])
+    model = model_class(**config["architecture"])
     model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
     model.requires_grad_(False)
     return model.eval()

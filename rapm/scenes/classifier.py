@@ -17,7 +17,6 @@ if __name__ == "__main__":
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as in the digits trainers: two threads on a shared CPU
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -26,8 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rapm.demo.classifier import CONFIG_NAME, WEIGHTS_NAME, save_classifier
-from rapm.scenes.data import COLOURS, COUNTS, REGIONS, SHAPES, SIZE, TEXTURES, all_scenes, draw
+from rapm.demo.classifier import load_saved, save_classifier
+from rapm.scenes.data import COLOURS, COUNTS, REGIONS, SHAPES, SIZE, TEXTURES, Scene, all_scenes, draw
 
 CLASSIFIER_DIR = Path(__file__).parent / "classifier"
 ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "count": COUNTS, "region": REGIONS, "texture": TEXTURES,
@@ -58,14 +57,18 @@ class ScenesClassifier(nn.Module):
         return {name: head(h) for name, head in self.heads.items()}
 
 
+def random_draws(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, list[Scene]]:
+    """``n`` scenes drawn uniformly from the world and one fresh image of each [n, 3, 32, 32]."""
+    scenes = all_scenes()
+    picks = [scenes[i] for i in rng.integers(0, len(scenes), n)]
+    return torch.from_numpy(np.stack([draw(s, int(rng.integers(0, 2**31 - 1))) for s in picks])), picks
+
+
 def labelled_draws(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``n`` fresh images of scenes drawn uniformly, and each attribute's index [n]."""
-    scenes = all_scenes()
-    picks = rng.integers(0, len(scenes), n)
-    images = np.stack([draw(scenes[i], int(rng.integers(0, 2**31 - 1))) for i in picks])
-    labels = {name: torch.tensor([values.index(getattr(scenes[i], name)) for i in picks])
-              for name, values in ATTRIBUTES.items()}
-    return torch.from_numpy(images), labels
+    images, picks = random_draws(n, rng)
+    labels = {name: torch.tensor([values.index(getattr(s, name)) for s in picks]) for name, values in ATTRIBUTES.items()}
+    return images, labels
 
 
 @torch.no_grad()
@@ -102,17 +105,7 @@ def train_classifier(seed: int = 0, steps: int = 1500, batch_size: int = 64, lr:
 
 def load_classifier(folder: str | Path = CLASSIFIER_DIR) -> ScenesClassifier:
     """The shipped (or a rebuilt) classifier, in eval mode."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (folder / name).exists():
-            raise FileNotFoundError(f"{folder / name} is missing; rebuild it with python -m rapm.scenes.classifier "
-                                    f"--out {folder}")
-    config = json.loads((folder / CONFIG_NAME).read_text())
-    model = ScenesClassifier(**config["architecture"])
-    model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
-    return model.requires_grad_(False).eval()
+    return load_saved(ScenesClassifier, folder, "rapm.scenes.classifier")
 
 
 def main(argv: list[str] | None = None) -> None:

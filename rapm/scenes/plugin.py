@@ -29,14 +29,10 @@ class ScenesPlugin(TeacherPlugin):
 
     def real_items(self):
         import numpy as np
-        import torch
 
-        from rapm.scenes.data import all_scenes, draw
+        from rapm.scenes.classifier import random_draws
 
-        rng = np.random.default_rng(30_000)
-        scenes = all_scenes()
-        picks = [scenes[i] for i in rng.integers(0, len(scenes), REAL_ITEMS)]
-        images = torch.from_numpy(np.stack([draw(s, int(rng.integers(0, 2**31 - 1))) for s in picks]))
+        images, picks = random_draws(REAL_ITEMS, np.random.default_rng(30_000))
         return images, [s.prompt() for s in picks]
 
     def feature_net(self, device):
