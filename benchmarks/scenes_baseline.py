@@ -33,10 +33,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from teacher_baseline import sample_teacher, trajectory_error  # noqa: E402
+from teacher_baseline import sample_teacher, save_grid, trajectory_error  # noqa: E402
 
-from rapm.distribution import frechet_distance  # noqa: E402
-from rapm.distribution import distribution_metrics  # noqa: E402
+from rapm.distribution import distribution_metrics, frechet_distance  # noqa: E402
 from rapm.scenes.data import draw  # noqa: E402
 from rapm.scenes.metrics import ScenesMetrics, attribute_accuracy, evaluation_scenes  # noqa: E402
 from rapm.teacher import load_teacher  # noqa: E402
@@ -49,26 +48,6 @@ def measure(metrics: ScenesMetrics, images: torch.Tensor, scenes, reference: tor
     row.update({k: round(v, 4) for k, v in distribution_metrics(reference_features, metrics.features(images),
                                                                 reference, images).items()})
     return row
-
-
-def save_grid(rows: dict[str, torch.Tensor], path: Path, columns: int = 12) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(rows), columns, figsize=(0.8 * columns + 1.2, 0.85 * len(rows) + 0.3), squeeze=False)
-    for r, (name, images) in enumerate(rows.items()):
-        for c in range(columns):
-            ax = axes[r][c]
-            ax.imshow(((images[c].clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy(), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(name, fontsize=8)
-    fig.tight_layout(pad=0.3)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -131,7 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    save_grid({f"DDIM-{n}": images[n] for n in steps} | {f"DDIM-{steps[0]}, other noise": other}, out.with_suffix(".png"))
+    save_grid({f"DDIM-{n}": images[n] for n in steps} | {f"DDIM-{steps[0]}, other noise": other}, [""] * 12,
+              out.with_suffix(".png"))
     out.with_suffix(".md").write_text(markdown(result, out.with_suffix(".png").name))
     print(markdown(result, out.with_suffix(".png").name))
     return result

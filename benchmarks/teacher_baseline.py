@@ -62,7 +62,8 @@ def trajectory_error(images: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def save_grid(rows: dict[str, torch.Tensor], labels: list[str], path: Path) -> None:
-    """One row of images per step count, the same noise in each column."""
+    """One row of images per step count, the same noise in each column (an empty label: no title); one-channel
+    images in grey, three-channel ones in colour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -73,10 +74,13 @@ def save_grid(rows: dict[str, torch.Tensor], labels: list[str], path: Path) -> N
     for r, (name, images) in enumerate(rows.items()):
         for c in range(n_cols):
             ax = axes[r][c]
-            ax.imshow(images[c, 0].numpy(), cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+            if images.shape[1] == 1:
+                ax.imshow(images[c, 0].numpy(), cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+            else:
+                ax.imshow(((images[c].clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy(), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            if r == 0:
+            if r == 0 and labels[c]:
                 ax.set_title(labels[c], fontsize=7)
             if c == 0:
                 ax.set_ylabel(name, fontsize=8)
