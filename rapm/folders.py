@@ -306,6 +306,18 @@ def refuse_link(path: Path, what: str = "--out") -> None:
                       "link, nor replaces one: remove the link or give another --out")
 
 
+def refuse_links_at(folder: Path, patterns, what: str) -> None:
+    """``refuse_link`` for every entry of ``folder`` under one of rapm's own names (glob ``patterns``, relative to it,
+    e.g. ``done/shard-*.json``): a result rapm would resume from, rewrite or replace is never read or written through
+    a link, nor is the user's link replaced by rapm's file. The user's links under other names stay untouched."""
+    folder = Path(folder)
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    for pattern in patterns:
+        for path in sorted(folder.glob(pattern)):
+            refuse_link(path, what)
+
+
 # ---------------------------------------------------------------------------------------------- sets of files
 
 class Staged:

@@ -37,7 +37,7 @@ from rapm import config as cfg
 from rapm.config import TrainConfig, split_seed
 from rapm.errors import RapmError
 from rapm.folders import (RUN_MARKER, FolderError, FolderLock, is_empty, other_kind, read_marker, refuse_link,
-                          remove_files, warn_kept, write_marker)
+                          refuse_links_at, remove_files, warn_kept, write_marker)
 from rapm.files import (atomic_write, check_safetensors, check_weights_folder, fsync_dir, read_json_object, sha256_file,
                         write_synced)
 
@@ -363,6 +363,11 @@ def check_run_dir(run: Path, resume: bool, overwrite: bool) -> bool:
         raise RunError(f"--out {run} is a rapm {kind} ({'.rapm-' + kind + '.json'}), not a run directory; give a new or "
                        "empty folder for the run")
     owned = run.is_dir() and is_run(run)
+    # a FolderError: rapm's own files are never read or written through a link (a checkpoint folder that is a link
+    # is the user's, warned about and left alone: _remove_checkpoint_entries)
+    inside = [f"{folder}/{pattern}" for folder, patterns in RUN_FOLDERS.items() if folder != "checkpoints"
+              for pattern in patterns] + [f"checkpoints/{CHECKPOINT_PREFIX}*/{name}" for name in CHECKPOINT_FILES]
+    refuse_links_at(run, [*RUN_FILES, *RUN_FOLDERS, *inside], "run")
     existing = owned and (run / "config.json").exists()
     if resume and not existing:
         raise RunError(f"{run / 'config.json'} does not exist: there is no run to resume in {run}; drop --resume to start one")

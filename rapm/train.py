@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import signal
 import time
 import warnings
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import typer
 
@@ -294,7 +296,11 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
     train_ids, val_ids = _split(config, store, procs.main)
     method = build_method(config, _delta(config, store))
     ema_decay, ema_warmup = _ema(config)
-    torch.manual_seed(config.seed)  # the LoRA A matrices and the heads start from the seed
+    # the LoRA A matrices and the heads start from the seed; Python's and numpy's generators too (as accelerate's
+    # set_seed), so a checkpoint, which holds all three, is the same bytes for the same run (benchmarks/faults.py)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed % 2**32)
     teacher, disc = build_models(config, device, need_vae=config.sample_every > 0, with_discriminator=method.uses_discriminator)
     store.check_teacher(teacher, steps=store.steps)  # the teacher, and the store's timesteps for its N
     if procs.main:

@@ -44,7 +44,7 @@ from rapm.diffusion import SOLVERS, coarse_timesteps, solve_positions
 from rapm.conditioning import FLOAT32_FIELDS
 from rapm.errors import RapmError
 from rapm.folders import (STORE_MARKER, FolderError, FolderLock, is_empty, other_kind, read_marker, refuse_link,
-                          remove_files, write_marker)
+                          refuse_links_at, remove_files, write_marker)
 from rapm.processes import resolve_device
 from rapm.store import (DONE, DTYPES, FORMAT_VERSION, MANIFEST, NEGATIVE, PROMPTS, REQUIRED_FIELDS, StoreError,
                         TrajectoryBatch, TrajectoryStore, atomic_write, json_bytes, manifest_bytes, num_shards, open_store,
@@ -471,6 +471,7 @@ def _check_out(out: Path, overwrite: bool, manifest: dict, prompt_list: list[str
     """Every process checks (read only) before any writes, so a refusal leaves the store untouched and no process
     waits."""
     existing = out / MANIFEST
+    refuse_links_at(out, (DONE,) + STORE_FILES + (f"{DONE}/shard-*.json",), "store")  # a FolderError, before any write
     if out.is_dir() and not is_empty(out) and not is_store(out):  # with or without --overwrite: not rapm's to touch
         raise StoreError(f"--out {out} is not empty and is not a rapm trajectory store (no {STORE_MARKER}"
                          f"{', and its manifest.json is not rapm' + chr(39) + 's' if existing.exists() else ''}); rapm "

@@ -373,3 +373,49 @@ def test_an_out_that_is_a_link_is_refused_for_a_store_and_a_run(verb, tiny_sd, s
     code, err = run_main([*args, "--out", out, "--no-progress"])
     one_error(code, err, str(out), "is a link", str(target))
     assert list(target.iterdir()) == [] and out.is_symlink()
+
+
+@pytest.mark.parametrize("verb", ["trajectories", "train"])
+@pytest.mark.parametrize("again", ["resume", "--overwrite"])
+def test_a_link_where_a_file_of_a_store_or_run_goes_is_refused(verb, again, tiny_sd, sd_store, tmp_path):
+    """A link placed where rapm's own file goes (a shard, a checkpoint's tensors) is neither read, written through nor
+    replaced, on a resume or an --overwrite: one error line names it, its target and the link stay (fault matrix,
+    benchmarks/faults.py)."""
+    from cli_run import one_error, run_main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    out = tmp_path / "out"
+    args = (["trajectories", "--teacher", tiny_sd, "--prompts", prompts, "--steps", 2, "--substeps", 2]
+            if verb == "trajectories" else
+            ["train", "--teacher", tiny_sd, "--store", sd_store, "--iterations", 1, "--set", "eval_every=0"])
+    code, err = run_main([*args, "--out", out, "--no-progress"])
+    assert code == 0, err
+    link = out / ("shard-00000.safetensors" if verb == "trajectories" else "checkpoints/step-00000001/state.safetensors")
+    victim = tmp_path / "mine.bin"
+    victim.write_bytes(b"the user's own file")
+    link.unlink()
+    link.symlink_to(victim)
+    rerun = ([*args, "--out", out] if verb == "trajectories" or again == "--overwrite" else ["train", "--out", out, "--resume"])
+    code, err = run_main([*rerun, *(["--overwrite"] if again == "--overwrite" else []), "--no-progress"])
+    one_error(code, err, str(link), "a link", str(victim))
+    assert link.is_symlink() and victim.read_bytes() == b"the user's own file"
+
+
+def test_two_fresh_runs_write_the_same_checkpoint_but_for_the_start_time(tiny_sd, sd_store, tmp_path):
+    """Python's and numpy's generators start from the seed too, so a checkpoint (which holds their states) is the
+    same for the same run: the fault matrix compares a rerun's result with an uninterrupted run's."""
+    import random
+
+    import numpy as np
+
+    states = []
+    for k in range(2):
+        random.seed(1000 + k)  # as two fresh processes: their generators start anywhere
+        np.random.seed(1000 + k)
+        train(_config(tiny_sd, sd_store, iterations=1, checkpoint_every=1, eval_every=0), tmp_path / f"run-{k}",
+              progress=False)
+        state = json.loads((tmp_path / f"run-{k}" / "checkpoints" / "step-00000001" / "state.json").read_text())
+        state["state"].pop("training_started_at")
+        states.append(state)
+    assert states[0] == states[1]
