@@ -347,23 +347,9 @@ def sampling_scheduler_settings(scheduler_config: dict, steps: int) -> dict:
     }
 
 
-def flow_sampling_settings(family: str, steps: int, guidance: float | None = None) -> dict:
-    """The pipeline arguments that reproduce a flow-matching student's N steps in diffusers: N Euler steps on the
-    trailing σ (FluxPipeline places them so itself; StableDiffusion3Pipeline needs ``sigmas=linspace(1, 1/N, N)``,
-    which it shifts), guidance 1 for SD3 (CFG is distilled), FLUX's guidance embedding value as trained."""
-    import numpy as np
-
-    settings = {"class": "FlowMatchEulerDiscreteScheduler", "num_inference_steps": int(steps)}
-    if family == "sd3":
-        settings["sigmas"] = [float(x) for x in np.linspace(1.0, 1.0 / steps, steps)]
-        settings["guidance_scale"] = 1.0
-    else:
-        settings["guidance_scale"] = float(guidance if guidance is not None else 3.5)
-    return settings
-
-
-def comfyui_flow_settings(family: str, schedule, steps: int, guidance_scale: float, latent_hw: tuple[int, int]) -> dict:
-    """The ComfyUI settings of a flow-matching student (the model card's, ``rapm_lora.json``'s ``comfyui``).
+def comfyui_flow_settings(family, schedule, steps: int, guidance_scale: float, latent_hw: tuple[int, int]) -> dict:
+    """The ComfyUI settings of a flow-matching student (the model card's, ``rapm_lora.json``'s ``comfyui``), for the
+    teacher's ``family`` (a FlowFamily: its ``comfyui_sampling_node``).
 
     KSampler's ``simple`` scheduler takes the model's shifted σ table at t = 1 - i/N: the trailing σ the student was
     trained on (exactly when N divides the table's 1000 entries, SD3, or 10000, FLUX). The shift goes in explicitly,
@@ -376,7 +362,8 @@ def comfyui_flow_settings(family: str, schedule, steps: int, guidance_scale: flo
     flow = schedule.flow
     settings = {"folder": "ComfyUI/models/loras", "loader": "LoraLoaderModelOnly", "strength": 1.0, "steps": int(steps),
                 "cfg": 1.0, "sampler": "euler", "scheduler": "simple", "denoise": 1.0}
-    if family == "flux" and not flow.use_dynamic_shifting:  # exp(μ) / (exp(μ) + 1/t - 1) is the static shift at μ = ln s
+    flux_node = family.comfyui_sampling_node == "ModelSamplingFlux"
+    if flux_node and not flow.use_dynamic_shifting:  # exp(μ) / (exp(μ) + 1/t - 1) is the static shift at μ = ln s
         h, w = latent_hw
         mu = math.log(float(flow.shift))
         settings["model_sampling"] = {"node": "ModelSamplingFlux", "max_shift": mu, "base_shift": mu,
@@ -966,6 +953,8 @@ def export_lora(
 def _export_facts(unet, adapter: str, family: str, teacher_path, info, schedule, steps: int, guidance: float | None,
                   fmt: str, files: dict, dtype: str, meta: dict, modules: int) -> dict:
     """``rapm_lora.json``'s facts of the student and its teacher: what every reader of an export is told."""
+    from rapm.families import family_named
+
     scheduler_config = info.scheduler_config
     version, v2 = base_model_version(family, unet.config)
     _, height, width = info.latent_shape
@@ -987,7 +976,7 @@ def _export_facts(unet, adapter: str, family: str, teacher_path, info, schedule,
         "num_train_timesteps": int(scheduler_config.get("num_train_timesteps", 1000)),
         "steps": int(steps),
         "timesteps": schedule.coarse(steps),
-        "scheduler": (flow_sampling_settings(family, steps, guidance) if schedule.is_flow
+        "scheduler": (family_named(family).sampling_settings(steps, guidance) if schedule.is_flow
                       else sampling_scheduler_settings(scheduler_config, steps)),
         "lora": {
             "rank": meta["r"],
@@ -999,7 +988,7 @@ def _export_facts(unet, adapter: str, family: str, teacher_path, info, schedule,
         "base_unet_fingerprint": base_unet_fingerprint(unet),
     }
     if schedule.is_flow:
-        facts["comfyui"] = comfyui_flow_settings(family, schedule, steps, facts["scheduler"]["guidance_scale"],
+        facts["comfyui"] = comfyui_flow_settings(family_named(family), schedule, steps, facts["scheduler"]["guidance_scale"],
                                                  (height, width))
     return facts
 

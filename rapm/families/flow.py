@@ -100,6 +100,14 @@ class FlowFamily(Family):
         return f"{self.sai_name}/lora"
 
     sai_name = ""
+    # ComfyUI's node for the model's σ shift (its ``model_sampling``): SD3's static shift, or FLUX's μ
+    comfyui_sampling_node = "ModelSamplingSD3"
+
+    def sampling_settings(self, steps: int, guidance: float | None) -> dict:
+        """The pipeline arguments that reproduce the student's N Euler steps on the trailing σ in diffusers (FluxPipeline
+        places them so itself), at the guidance embedding value it was trained with (``rapm_lora.json``'s scheduler)."""
+        return {"class": "FlowMatchEulerDiscreteScheduler", "num_inference_steps": int(steps),
+                "guidance_scale": float(guidance if guidance is not None else self.default_guidance)}
 
 
 class SD3Family(FlowFamily):
@@ -120,6 +128,14 @@ class SD3Family(FlowFamily):
         """sd-scripts' ``determine_architecture``: "stable-diffusion-3-" + the model type (``base_model_version``:
         medium, 5-large, 5-medium)."""
         return f"{self.sai_name}-{version or 'medium'}/lora"
+
+    def sampling_settings(self, steps: int, guidance: float | None) -> dict:
+        """StableDiffusion3Pipeline needs ``sigmas=linspace(1, 1/N, N)`` (which it shifts) for the trailing σ, and
+        guidance 1: the student's CFG is distilled."""
+        import numpy as np
+
+        return {"class": "FlowMatchEulerDiscreteScheduler", "num_inference_steps": int(steps),
+                "sigmas": [float(x) for x in np.linspace(1.0, 1.0 / steps, steps)], "guidance_scale": 1.0}
 
     def base_model_version(self, denoiser_config) -> tuple[str, bool]:
         """sd-scripts' ``ss_base_model_version`` of an SD3 LoRA: its MMDiT's ``model_type`` (library/sd3_utils.py
@@ -162,6 +178,7 @@ class FluxFamily(FlowFamily):
     max_sequence_length = 512  # FluxPipeline's default
     cfg = False
     sai_name = "flux-1-dev"
+    comfyui_sampling_node = "ModelSamplingFlux"
 
     def base_model_version(self, denoiser_config) -> tuple[str, bool]:
         return "flux1", False  # sd-scripts' ss_base_model_version of a FLUX.1 LoRA (flux_utils.MODEL_VERSION_FLUX_V1)
