@@ -21,11 +21,12 @@ FLOW_LORA_RANK = 32
 
 
 def flow_lora_spec(family: str, rank: int = FLOW_LORA_RANK, alpha: float | None = None, target_modules=None) -> LoraSpec:
-    """The student / discriminator LoraSpec for ``sd3`` or ``flux`` (alpha defaults to the rank)."""
+    """The student / discriminator LoraSpec for ``sd3`` or ``flux`` (alpha defaults to the rank; the targets to the
+    family's own, ``Family.lora_targets``)."""
     if target_modules is None:
-        if family not in ("sd3", "flux"):
-            raise ValueError(f"family must be 'sd3' or 'flux', got {family!r}")
-        target_modules = SD3_TARGET_MODULES if family == "sd3" else FLUX_TARGET_MODULES
+        from rapm.families import family_named
+
+        target_modules = family_named(family).lora_targets
     return LoraSpec(rank=rank, alpha=float(rank if alpha is None else alpha), target_modules=list(target_modules))
 
 
