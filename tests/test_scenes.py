@@ -64,19 +64,36 @@ def test_the_teacher_trainer_runs_and_its_folder_loads_as_a_teacher(tmp_path):
     import torch
 
     from rapm.demo.train_teacher import save_teacher, train_teacher
-    from rapm.scenes.train_teacher import build_modules, scene_batches
+    from rapm.scenes.train_teacher import build_modules, pyramid_noise, scene_batches
     from rapm.teacher import load_teacher
 
     modules = build_modules(0)
     images, ids = scene_batches(modules[0])(torch.Generator().manual_seed(0), 4)
     assert images.shape == (4, 3, 32, 32) and ids.shape == (4, 16)
     *trained, record = train_teacher(seed=0, steps=2, batch_size=4, log_every=1, modules=modules,
-                                     batches=scene_batches(modules[0]))
+                                     batches=scene_batches(modules[0]), noise=pyramid_noise)
     folder = save_teacher(*trained, record, tmp_path / "teacher")
     teacher = load_teacher(folder)
     assert teacher.family == "sd" and teacher.latent_shape == (3, 32, 32)
     cond, _ = teacher.encode_prompts([SCENES[0].prompt()])
     assert cond.prompt_embeds.shape == (1, 16, 64)
+
+
+def test_the_training_noise_has_unit_variance_and_strong_coarse_components():
+    """The scenes teacher's training noise: what a sample starts from has unit variance like white noise, but its mean
+    colour and its left-right difference vary 2-5x more, so the noisy input cannot give them away."""
+    import torch
+
+    from rapm.scenes.train_teacher import pyramid_noise
+
+    noise, white = pyramid_noise((512, 3, 32, 32), torch.Generator().manual_seed(0)), torch.randn(512, 3, 32, 32)
+    assert abs(float(noise.std()) - 1) < 0.01
+
+    def coarse(x):
+        return float(x.mean(dim=(2, 3)).std()), float((x[..., :16].mean((2, 3)) - x[..., 16:].mean((2, 3))).std())
+
+    (mean, half), (white_mean, white_half) = coarse(noise), coarse(white)
+    assert mean > 3 * white_mean and half > 2 * white_half
 
 
 # --- metrics and plug-in -------------------------------------------------------------------------------------------------

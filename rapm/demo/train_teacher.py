@@ -104,14 +104,15 @@ def train_teacher(
     seed: int = 0, steps: int = 1000, batch_size: int = 64, lr: float = 2e-3, prompt_dropout: float = 0.1,
     ema_decay: float = 0.998, min_snr_gamma: float | None = None, log_every: int = 100,
     callback: Callable[[int, torch.nn.Module, torch.nn.Module], None] | None = None,
-    modules: tuple | None = None, batches: Callable | None = None,
+    modules: tuple | None = None, batches: Callable | None = None, noise: Callable | None = None,
 ):
     """Train the teacher; return (tokenizer, text_encoder, unet, scheduler, record) with the EMA weights.
 
     ``callback(step, ema_unet, ema_text_encoder)``, if given, runs at every log line (e.g. to save snapshots).
     ``modules`` (tokenizer, text encoder, UNet, scheduler; default the digits teacher's ``build_modules``) and
     ``batches(gen, batch_size) -> (images, token ids)`` (default ``digits_batches``) make it another pixel-space
-    teacher's trainer (rapm.scenes.train_teacher).
+    teacher's trainer (rapm.scenes.train_teacher). ``noise(shape, gen)``: the training noise (default white
+    Gaussian), which the epsilon objective also predicts.
     """
     tokenizer, text_encoder, unet, scheduler = modules if modules is not None else build_modules(seed)
     schedule = schedule_from_config(dict(scheduler.config))
@@ -134,12 +135,12 @@ def train_teacher(
         drop = torch.rand(batch_size, generator=gen) < prompt_dropout
         ids = torch.where(drop[:, None], empty[None], ids)
         t = torch.randint(0, schedule.num_train_timesteps, (batch_size,), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
+        eps_true = torch.randn(x0.shape, generator=gen) if noise is None else noise(x0.shape, gen)
         a, s = alpha_sigma(schedule, t, x0)
-        z = (a * x0 + s * noise).float()
+        z = (a * x0 + s * eps_true).float()
 
         eps = unet(z, t, encoder_hidden_states=text_encoder(ids)[0], return_dict=False)[0]
-        loss = (eps - noise).square().mean(dim=(1, 2, 3))  # DDPM's simple epsilon objective
+        loss = (eps - eps_true).square().mean(dim=(1, 2, 3))  # DDPM's simple epsilon objective
         if min_snr_gamma is not None:  # Min-SNR-gamma weighting (Hang et al. 2023): w = min(SNR, gamma) / SNR
             snr = (a / s).reshape(-1) ** 2
             loss = loss * (snr.clamp(max=min_snr_gamma) / snr).float()

@@ -32,8 +32,8 @@ def vocabulary() -> list[str]:
 
 
 def build_modules(seed: int = 0):
-    """The untrained tokenizer, text encoder, UNet (3 channels, 32 x 32, cross-attention at 8 px) and
-    scheduler of the scenes teacher."""
+    """The untrained tokenizer, text encoder, UNet (3 channels, 32 x 32, cross-attention at 8 px, the pooled prompt
+    added to the time embedding) and scheduler of the scenes teacher."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -47,8 +47,32 @@ def build_modules(seed: int = 0):
         down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
         cross_attention_dim=TEXT_HIDDEN, attention_head_dim=8, norm_num_groups=16,
+        # the prompt pooled into the time embedding, so every block sees it: with cross-attention alone the first
+        # teacher learnt textures but ignored background, shape and count (docs/results/scenes-teacher.md)
+        addition_embed_type="text", addition_embed_type_num_heads=4,
     )
     return tokenizer, text_encoder, unet, DDIMScheduler(**SD_SCHEDULER)
+
+
+def pyramid_noise(shape, gen: torch.Generator, discount: float = 0.6, offset: float = 0.1) -> torch.Tensor:
+    """White noise plus the same at 1/2, 1/4, ... 1/32 of the size (upsampled, weight ``discount`` per octave) and a
+    per-channel offset, each sample scaled back to unit variance (kohya's multires noise and noise offset).
+
+    SD's schedule keeps some signal at t = 999 (sqrt(alphabar) = 0.068), and a 32 x 32 image's coarse structure (its
+    mean colour, which half holds the shapes) can then be read from the noisy input itself: the first teacher learnt
+    to copy the background and layout from the initial noise and ignored them in the prompt. Training noise with
+    strong, random coarse components makes the input's coarse structure useless, so the prompt has to give it."""
+    import torch.nn.functional as F
+
+    b, c, h, w = shape
+    out = torch.randn(shape, generator=gen)
+    level, weight = h // 2, discount
+    while level >= 1:
+        coarse = torch.randn((b, c, level, max(1, level * w // h)), generator=gen)
+        out = out + weight * F.interpolate(coarse, size=(h, w), mode="bilinear" if level > 1 else "nearest")
+        level, weight = level // 2, weight * discount
+    out = out + offset * torch.randn((b, c, 1, 1), generator=gen)
+    return out / out.std(dim=(1, 2, 3), keepdim=True)
 
 
 def scene_batches(tokenizer):
@@ -75,12 +99,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--snapshot-every", type=int, default=0,
+                        help="save the EMA teacher to OUT.snapshot every this many steps (0: never), to look at it while "
+                             "it trains")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(2, os.cpu_count() or 1))))
     modules = build_modules(args.seed)
+    callback = None
+    if args.snapshot_every:
+        def callback(step, ema_unet, ema_text):
+            if step % args.snapshot_every == 0:
+                save_teacher(modules[0], ema_text, ema_unet, modules[3], {"step": step, "world": "rapm.scenes"},
+                             f"{args.out}.snapshot")
     *trained, record = train_teacher(seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                     modules=modules, batches=scene_batches(modules[0]))
+                                     modules=modules, batches=scene_batches(modules[0]), callback=callback,
+                                     noise=pyramid_noise)
     record["world"] = "rapm.scenes"
+    record["noise"] = "pyramid_noise (discount 0.6, offset 0.1)"
     save_teacher(*trained, record, args.out)
     print(f"trained in {record['train_seconds']} s; saved to {args.out}")
 
