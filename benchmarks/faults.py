@@ -16,13 +16,14 @@ work is done. Then it compares against an uninterrupted process with the same se
 It also feeds `rapm` bad inputs from the command line (one error line naming the file or field,
 no traceback, files already written unchanged).
 
-Then the matrix of issue 34 on the other verbs: `rapm export`, `sample`, `evaluate`, `report`, each under (a) SIGKILL
+Then the matrix of issue 34 on every verb: `rapm trajectories`, `train`, `export`, `sample`, `evaluate`, `report`,
+each under (a) SIGKILL
 at a random time or inside its writes, (b) a real full disk (its --out on a small tmpfs, filled), (c) a read-only
 --out (a read-only bind mount), (d) a second process writing the same --out (and an export of a run being trained),
 (e) --out, or a file in it, a link. Mounting needs root; without it those cells say "not run".
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/faults.py [--train-kills 50] [--trajectory-kills 50] [--seed 0]
-        [--verb-kills 3] [--verb-tries 1] [--only-verbs [--verbs export,sample,evaluate,report]]
+        [--verb-kills 3] [--verb-tries 1] [--only-verbs [--verbs trajectories,train,export,sample,evaluate,report]]
 
 Writes benchmarks/results/faults.{json,md}. tests/test_faults.py runs the same harness with 3 kills each.
 """
@@ -669,19 +670,24 @@ def issue15_inputs(folder: Path, teacher: Path, run: Path, store: Path, prompts:
 
 # --- export, sample, evaluate, report: every fault -----------------------------------------------------------------------
 
-VERBS = ("export", "sample", "evaluate", "report")
+VERBS = ("trajectories", "train", "export", "sample", "evaluate", "report")
+RESUMABLE = ("trajectories", "train")  # a rerun of the same settings resumes; --overwrite replaces other settings
 FAULTS = ("kill", "full disk", "read-only --out", "second writer", "link")
-VOLATILE = {"seconds", "date"}  # written anew by each run of the same command
+VOLATILE = {"seconds", "date", "training_started_at"}  # written anew by each run of the same command
 
 
 def verb_inputs(teacher: Path, store: Path, folder: Path) -> dict:
-    """What the four verbs read: a 2-iteration run, its LoRA, a prompts file, two evaluations that differ."""
+    """What the verbs read: the store, two training configs (2 and 3 iterations), a 2-iteration run, its LoRA, a
+    prompts file, two evaluations that differ."""
     folder.mkdir(parents=True, exist_ok=True)
     config_file = folder / "train.json"
     config_file.write_text(json.dumps({**TRAIN_CONFIG, "adv_weight": 0.0, "iterations": 2}))
+    other_config = folder / "train-3.json"
+    other_config.write_text(json.dumps({**TRAIN_CONFIG, "adv_weight": 0.0, "iterations": 3}))
     run, lora, prompts = folder / "run", folder / "lora", folder / "prompts.txt"
     prompts.write_text("a photo of a cat\na red car\n")
-    inputs = {"teacher": str(teacher), "run": run, "lora": lora, "prompts": prompts,
+    inputs = {"teacher": str(teacher), "store": store, "configs": [config_file, other_config], "run": run,
+              "lora": lora, "prompts": prompts, "trajectory_prompts": write_prompts(folder / "prompts-4.txt", 4),
               "evaluations": [folder / "evaluation-0.json", folder / "evaluation-1.json"]}
     steps = [train_argv(teacher, store, run, config_file), rapm_command("export", "--run", str(run), "--out", str(lora))]
     steps += [rapm_command("evaluate", "--teacher", str(teacher), "--prompts", str(prompts), "--num", "2", "--model",
@@ -694,8 +700,20 @@ def verb_inputs(teacher: Path, store: Path, folder: Path) -> dict:
     return inputs
 
 
-def verb_argv(verb: str, inputs: dict, out: Path, earlier: bool = False) -> list[str]:
-    """The verb writing ``out`` (after `rapm`); ``earlier``: other settings, so an earlier result's files differ."""
+def verb_argv(verb: str, inputs: dict, out: Path, earlier: bool = False, replace: bool = True) -> list[str]:
+    """The verb writing ``out`` (after `rapm`); ``earlier``: other settings, so an earlier result's files differ.
+    trajectories and train replace a result of other settings with --overwrite; ``replace=False``: their plain
+    command, which resumes a result of the same settings (train with --resume once the run has its config)."""
+    if verb == "trajectories":
+        settings = {**TRAJECTORY_SETTINGS, "shard_size": 2, "substeps": 3 if earlier else 5}
+        return trajectories_argv(Path(inputs["teacher"]), inputs["trajectory_prompts"], out, settings)[3:] + (
+            ["--overwrite"] if replace else [])
+    if verb == "train":
+        if not replace and (out / "config.json").exists():
+            return ["train", "--out", str(out), "--resume", "--no-progress"]
+        return ["train", "--teacher", inputs["teacher"], "--store", str(inputs["store"]), "--out", str(out),
+                "--config", str(inputs["configs"][1 if earlier else 0]), "--no-progress"] + (
+            ["--overwrite"] if replace else [])
     if verb == "sample":
         return ["sample", "--teacher", inputs["teacher"], "--lora", str(inputs["lora"]), "--prompt", "a cat",
                 "--num-per-prompt", "2", "--steps", "1" if earlier else "2", "--out", str(out)]
@@ -710,12 +728,25 @@ def verb_argv(verb: str, inputs: dict, out: Path, earlier: bool = False) -> list
 
 
 def verb_out(verb: str, base: Path) -> Path:
-    return {"sample": base / "samples", "evaluate": base / "evaluation.json", "report": base / "report.html",
-            "export": base / "lora"}[verb]
+    return {"trajectories": base / "store", "train": base / "run", "sample": base / "samples",
+            "evaluate": base / "evaluation.json", "report": base / "report.html", "export": base / "lora"}[verb]
+
+
+def verb_folders(verb: str, out: Path) -> list[Path]:
+    """Where the verb's temp files and staging folders appear while it writes."""
+    return [out.parent] + {"sample": [out], "trajectories": [out, out / "done"], "train": [out, out / "checkpoints"],
+                           "report": [out.parent / "report_files"]}.get(verb, [])
 
 
 def verb_finals(verb: str, out: Path) -> list[Path]:
     """The final files of the verb's result (what a reader opens), the commit point last."""
+    if verb == "trajectories":
+        return [out / n for n in ("shard-00000.safetensors", "shard-00001.safetensors", "negative.safetensors",
+                                  "prompts.txt", "done/shard-00000.json", "done/shard-00001.json", "manifest.json")]
+    if verb == "train":  # the 2-iteration run's; the 3-iteration one's checkpoint has another name
+        state = out / "checkpoints" / "step-00000002"
+        # state.sha256 is left out: it hashes state.json, which holds the start time; consistent() checks it
+        return [state / "state.safetensors", state / "state.json", out / "logs.jsonl", out / "config.json"]
     if verb == "sample":
         return [out / "p0000_s0.png", out / "p0000_s1.png", out / "samples.jsonl"]
     if verb == "evaluate":
@@ -769,6 +800,8 @@ def result_contents(verb: str, out: Path) -> dict:
 
 def verb_leftovers(verb: str, out: Path) -> list[str]:
     """Temp files, staging folders and locks left beside the result after a run that finished."""
+    if verb in RESUMABLE:
+        return [str(out / x) for x in leftovers(out)] if out.is_dir() else []
     folder = out if verb in ("sample", "export") else out.parent
     places = [folder, out.parent] + ([out.parent / "report_files"] if verb == "report" else [])
     return sorted({str(p) for d in places if d.is_dir() for p in d.iterdir()
@@ -787,8 +820,16 @@ def one_error_line(done, *words: str) -> list[str]:
                        if not errors or w not in errors[0]]
 
 
-def run_verb(verb: str, inputs: dict, out: Path, earlier: bool = False) -> subprocess.CompletedProcess:
-    return run_to_end(rapm_command(*verb_argv(verb, inputs, out, earlier)), timeout=300)
+def run_verb(verb: str, inputs: dict, out: Path, earlier: bool = False, replace: bool = True) -> subprocess.CompletedProcess:
+    return run_to_end(rapm_command(*verb_argv(verb, inputs, out, earlier, replace)), timeout=300)
+
+
+def consistent(verb: str, out: Path) -> list[str]:
+    """What a reader or a resuming process would take as complete, checked (a store's done-records against their
+    shards, a run's listed checkpoints loading): the partial result a fault leaves must be sound to resume from."""
+    if verb == "trajectories":
+        return store_problems(out)
+    return run_problems(out, keep=3) if verb == "train" and out.is_dir() else []
 
 
 class Cell:
@@ -809,8 +850,9 @@ class Cell:
                 "lost": self.lost, "notes": self.notes, "problems": self.problems}
 
 
-def _rerun_ok(verb: str, inputs: dict, out: Path, expected: dict | None, earlier: bool = False) -> list[str]:
-    done = run_verb(verb, inputs, out, earlier)
+def _rerun_ok(verb: str, inputs: dict, out: Path, expected: dict | None, earlier: bool = False,
+              replace: bool = True) -> list[str]:
+    done = run_verb(verb, inputs, out, earlier, replace)
     if done.returncode != 0:
         return [f"the rerun failed: {done.stderr[-800:]}"]
     got = result_contents(verb, out)
@@ -818,8 +860,9 @@ def _rerun_ok(verb: str, inputs: dict, out: Path, expected: dict | None, earlier
     return problems + [f"left behind {x}" for x in verb_leftovers(verb, out)]
 
 
-def _whole(verb: str, out: Path, allowed: list[dict]) -> list[str]:
-    """Each final file absent, or whole and one of the ``allowed`` results' (the earlier one, the new one)."""
+def _whole(verb: str, out: Path, allowed: list[dict] | None) -> list[str]:
+    """Each final file absent, or whole and one of the ``allowed`` results' (the earlier one, the new one; None: any,
+    for a store or run, whose partial files are sound when ``consistent`` finds nothing)."""
     problems = []
     for f in verb_finals(verb, out):
         try:
@@ -827,7 +870,7 @@ def _whole(verb: str, out: Path, allowed: list[dict]) -> list[str]:
         except Exception as e:  # noqa: BLE001 - any reader's failure is a half-written file
             problems.append(f"{f}: not whole ({type(e).__name__}: {e})")
             continue
-        if got is not None and got not in [a.get(str(f)) for a in allowed]:
+        if got is not None and allowed is not None and got not in [a.get(str(f)) for a in allowed]:
             problems.append(f"{f}: neither the earlier result's nor the new one's")
     return problems
 
@@ -836,7 +879,8 @@ def _kill_cell(verb: str, inputs: dict, folder: Path, kills: int, rng: random.Ra
     """SIGKILL the verb ``kills`` times: half at a random time of its run, half a random 0-60 ms after its first temp
     file (or staging folder) appears, which is inside its writes. The commands alternate between two settings, so
     each kill lands on the other setting's complete result: after it each file must be absent, the earlier one or
-    the new one, whole; then the same command rerun must give an uninterrupted run's result."""
+    the new one, whole (trajectories and train, which --overwrite the other setting's: whole, and what is taken as
+    complete sound); then the same command rerun must give an uninterrupted run's result."""
     cell = Cell(verb, "kill")
     out = verb_out(verb, folder)
     references = {}
@@ -846,8 +890,7 @@ def _kill_cell(verb: str, inputs: dict, folder: Path, kills: int, rng: random.Ra
         if done.returncode != 0:
             raise RuntimeError(f"rapm {verb} failed: {done.stderr[-2000:]}")
         references[earlier] = (result_contents(verb, out), time.perf_counter() - began)
-    watched = [out.parent] + ([out] if verb == "sample" else []) + (
-        [out.parent / "report_files"] if verb == "report" else [])
+    watched = verb_folders(verb, out)
     modes = {"any": 0, "write": 0}
     for k in range(kills):
         earlier = k % 2 == 1  # the folder holds the other setting's result (the last reference run's: earlier=True)
@@ -868,7 +911,9 @@ def _kill_cell(verb: str, inputs: dict, folder: Path, kills: int, rng: random.Ra
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         modes[mode] += 1
-        problems = _whole(verb, out, [before, references[earlier][0]])
+        # a store or run killed while --overwrite replaced it holds the new settings' partial work, sound to resume
+        allowed = None if verb in RESUMABLE else [before, references[earlier][0]]
+        problems = _whole(verb, out, allowed) + consistent(verb, out)
         lost = bool(problems)
         problems += _rerun_ok(verb, inputs, out, references[earlier][0], earlier)
         if finished:
@@ -903,7 +948,9 @@ def _fill(folder: Path, leave: int) -> Path:
 
 def _full_disk_cell(verb: str, inputs: dict, folder: Path, tries: int, rng: random.Random) -> Cell:
     """A real full disk: ``--out`` on a small tmpfs holding an earlier result, filled to a random number of bytes
-    short of the new result's size; then space freed and the command rerun."""
+    short of the new result's size; then space freed and the command rerun. trajectories and train start in an empty
+    --out instead (--overwrite deletes the old result first, by design: two stores may not fit): the work they
+    finished before the disk filled must be sound, and the rerun resumes it to an uninterrupted run's result."""
     cell = Cell(verb, "full disk")
     folder.mkdir(parents=True, exist_ok=True)
     if not _mount("-t", "tmpfs", "-o", "size=64m", "tmpfs", str(folder)):
@@ -917,18 +964,20 @@ def _full_disk_cell(verb: str, inputs: dict, folder: Path, tries: int, rng: rand
         for k in range(tries):
             for p in list(folder.iterdir()):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
-            if run_verb(verb, inputs, out, earlier=True).returncode != 0:
+            resumable = verb in RESUMABLE
+            if not resumable and run_verb(verb, inputs, out, earlier=True).returncode != 0:
                 raise RuntimeError(f"rapm {verb} failed on the tmpfs")
             earlier = result_contents(verb, out)
             leave = rng.randrange(0, max(1, size // 2))
             filler = _fill(folder, leave)
-            done = run_verb(verb, inputs, out)
+            done = run_verb(verb, inputs, out, replace=not resumable)
             problems = one_error_line(done, "No space left on device", "free space") if done.returncode else [
                 f"it fitted in {leave} free bytes"]
-            intact = result_contents(verb, out) == earlier
-            problems += [] if intact else ["the earlier result changed"]
+            unsound = consistent(verb, out)
+            intact = not unsound if resumable else result_contents(verb, out) == earlier
+            problems += unsound if resumable else [] if intact else ["the earlier result changed"]
             filler.unlink()
-            problems += _rerun_ok(verb, inputs, out, new)
+            problems += _rerun_ok(verb, inputs, out, new, replace=not resumable)
             cell.record(problems, lost=not intact)
         cell.notes.append(f"a 64 MiB tmpfs left 0 to {size // 2:,} bytes free (the result: {size:,} bytes)")
     finally:
@@ -1024,7 +1073,7 @@ def _link_cell(verb: str, inputs: dict, folder: Path) -> Cell:
     folder.mkdir(parents=True)
     target = folder / "mine"
     out = verb_out(verb, folder)
-    if verb in ("sample", "export"):
+    if verb in ("trajectories", "train", "sample", "export"):
         target.mkdir()
         (target / "notes.txt").write_text("mine")
     else:
@@ -1069,12 +1118,16 @@ def verb_faults(teacher: Path, store: Path, folder: Path, kills: int, rng: rando
 
 def verbs_markdown(v: dict) -> list[str]:
     cells = {(c["verb"], c["fault"]): c for c in v["cells"]}
-    lines = ["## export, sample, evaluate, report under every fault", "",
+    lines = ["## Every verb under every fault", "",
              f"`{v['command']}` ({v['date']}; {v['machine']}; {v['seconds']} s). Tiny random SD pipeline; each verb "
              "a real process. Each cell: tries / survived / lost. Survived: every check held (a kill: each final file "
              "absent, the earlier result's or the new one's, whole, and the rerun gives an uninterrupted run's "
              "result; a fault: one `error:` line naming the path and the fix, exit 1, no traceback, the earlier result "
-             "unchanged, and the rerun succeeds with nothing left behind). Lost: a result damaged or half-written.", "",
+             "unchanged, and the rerun succeeds with nothing left behind). Lost: a result damaged or half-written. "
+             "trajectories and train: a kill lands while --overwrite replaces the other setting's store or run, and "
+             "after it every file must be whole and nothing incomplete taken as complete; a full disk starts from an "
+             "empty --out (--overwrite deletes the old result first, as two stores may not fit) and the rerun "
+             "resumes; their 50-kill runs are the table above.", "",
              "| verb | " + " | ".join(FAULTS) + " |", "| --- |" + " ---: |" * len(FAULTS)]
     if v.get("earlier"):
         e = v["earlier"]
@@ -1099,12 +1152,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train-kills", type=int, default=50)
     parser.add_argument("--trajectory-kills", type=int, default=50)
-    parser.add_argument("--verb-kills", type=int, default=3, help="kills of each of export, sample, evaluate, report")
+    parser.add_argument("--verb-kills", type=int, default=3, help="kills of each verb in the matrix")
     parser.add_argument("--verb-tries", type=int, default=1, help="tries of the full disk and second-writer cells")
-    parser.add_argument("--verbs", default=",".join(VERBS), help="which of export, sample, evaluate, report (with "
+    parser.add_argument("--verbs", default=",".join(VERBS), help="which verbs of the matrix (with "
                         "--only-verbs, the other verbs' cells in faults.json are kept)")
     parser.add_argument("--only-verbs", action="store_true",
-                        help="run only the export/sample/evaluate/report matrix; keep the rest of faults.json")
+                        help="run only the verb x fault matrix; keep the rest of faults.json")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
