@@ -72,11 +72,9 @@ def convert_single_file(path: str | Path, out: str | Path, config: str | Path | 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise TeacherError(f"--out {out} exists and is not an empty folder; rapm writes only into a new one: give another --out")
     cls = family_named(family).pipeline_class()
-    kwargs: dict = {}
+    kwargs: dict = dict(family_named(family).single_file_kwargs)
     if config is not None:
         kwargs.update(config=str(config), local_files_only=True)
-    if family == "sd":  # a safety checker is no part of a teacher (and would be fetched)
-        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     try:
         pipe = cls.from_single_file(str(path), **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:

@@ -76,6 +76,8 @@ class Family:
     disc_levels: str = "full"  # the discriminator's feature blocks by default (``feature_blocks``)
     force_zeros_for_empty_prompt: bool = False  # the pipeline's default when model_index.json does not say
     cfg: bool = True  # guidance is classifier-free guidance (False: FLUX.1-dev's guidance is an input, ``with_guidance``)
+    # what the pipeline's from_single_file needs beyond the file (rapm convert): no component a teacher does not use
+    single_file_kwargs: dict = {}
 
     # reading and loading
     def denoiser_class(self):

@@ -89,6 +89,8 @@ class SDFamily(UNetFamily):
 
     name = "sd"
     pipeline_class_names = ("StableDiffusionPipeline",)
+    # a safety checker is no part of a teacher (and would be fetched)
+    single_file_kwargs = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     text_encoders = (("tokenizer", "text_encoder", "CLIPTextModel"),)
     preset = "sd15"
     default_guidance = 7.5
