@@ -17,10 +17,9 @@ It also feeds `rapm` bad inputs from the command line (one error line naming the
 no traceback, files already written unchanged).
 
 Then the matrix of issue 34 on every verb: `rapm trajectories`, `train`, `export`, `sample`, `evaluate`, `report`,
-each under (a) SIGKILL
-at a random time or inside its writes, (b) a real full disk (its --out on a small tmpfs, filled), (c) a read-only
---out (a read-only bind mount), (d) a second process writing the same --out (and an export of a run being trained),
-(e) --out, or a file in it, a link. Mounting needs root; without it those cells say "not run".
+each under (a) SIGKILL at a random time or inside its writes, (b) a real full disk (its --out on a small tmpfs,
+filled), (c) a read-only --out (a read-only bind mount), (d) a second process writing the same --out (and an export
+of a run being trained), (e) --out, or a file in it, a link. Mounting needs root; without it those cells say "not run".
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/faults.py [--train-kills 50] [--trajectory-kills 50] [--seed 0]
         [--verb-kills 3] [--verb-tries 1] [--only-verbs [--verbs trajectories,train,export,sample,evaluate,report]]
@@ -204,9 +203,14 @@ def kill_and_resume(job: Job, kills: int, rng: random.Random, startup_kills: flo
 
 # --- rapm trajectories --------------------------------------------------------------------------------------------------
 
+def trajectories_args(teacher: Path, prompts: Path, out: Path, settings: dict, overwrite: bool = False) -> list[str]:
+    """`rapm trajectories`'s arguments (after `rapm`): the same settings resume a store; ``overwrite`` replaces one."""
+    return ["trajectories", "--teacher", str(teacher), "--prompts", str(prompts), "--out", str(out), "--no-progress",
+            *[f"--{k.replace('_', '-')}={v}" for k, v in settings.items()], *(["--overwrite"] if overwrite else [])]
+
+
 def trajectories_argv(teacher: Path, prompts: Path, out: Path, settings: dict) -> list[str]:
-    return rapm_command("trajectories", "--teacher", str(teacher), "--prompts", str(prompts), "--out", str(out),
-                        "--no-progress", *[f"--{k.replace('_', '-')}={v}" for k, v in settings.items()])
+    return rapm_command(*trajectories_args(teacher, prompts, out, settings))
 
 
 def store_problems(out: Path) -> list[str]:
@@ -267,11 +271,17 @@ def trajectories_faults(teacher: Path, prompts: Path, folder: Path, settings: di
 
 # --- rapm train ---------------------------------------------------------------------------------------------------------
 
+def train_args(teacher: Path, store: Path, run: Path, config_file: Path, overwrite: bool = False) -> list[str]:
+    """`rapm train`'s arguments (after `rapm`): --resume once the run has its config, unless ``overwrite`` starts
+    it over."""
+    if (run / "config.json").exists() and not overwrite:
+        return ["train", "--out", str(run), "--resume", "--no-progress"]
+    return ["train", "--teacher", str(teacher), "--store", str(store), "--out", str(run), "--config", str(config_file),
+            "--no-progress", *(["--overwrite"] if overwrite else [])]
+
+
 def train_argv(teacher: Path, store: Path, run: Path, config_file: Path) -> list[str]:
-    if (run / "config.json").exists():
-        return rapm_command("train", "--out", str(run), "--resume", "--no-progress")
-    return rapm_command("train", "--teacher", str(teacher), "--store", str(store), "--out", str(run),
-                        "--config", str(config_file), "--no-progress")
+    return rapm_command(*train_args(teacher, store, run, config_file))
 
 
 def logged_lines(run: Path) -> int:
@@ -668,7 +678,7 @@ def issue15_inputs(folder: Path, teacher: Path, run: Path, store: Path, prompts:
     ]
 
 
-# --- export, sample, evaluate, report: every fault -----------------------------------------------------------------------
+# --- every verb under every fault ----------------------------------------------------------------------------------------
 
 VERBS = ("trajectories", "train", "export", "sample", "evaluate", "report")
 RESUMABLE = ("trajectories", "train")  # a rerun of the same settings resumes; --overwrite replaces other settings
@@ -706,14 +716,9 @@ def verb_argv(verb: str, inputs: dict, out: Path, earlier: bool = False, replace
     command, which resumes a result of the same settings (train with --resume once the run has its config)."""
     if verb == "trajectories":
         settings = {**TRAJECTORY_SETTINGS, "shard_size": 2, "substeps": 3 if earlier else 5}
-        return trajectories_argv(Path(inputs["teacher"]), inputs["trajectory_prompts"], out, settings)[3:] + (
-            ["--overwrite"] if replace else [])
+        return trajectories_args(Path(inputs["teacher"]), inputs["trajectory_prompts"], out, settings, replace)
     if verb == "train":
-        if not replace and (out / "config.json").exists():
-            return ["train", "--out", str(out), "--resume", "--no-progress"]
-        return ["train", "--teacher", inputs["teacher"], "--store", str(inputs["store"]), "--out", str(out),
-                "--config", str(inputs["configs"][1 if earlier else 0]), "--no-progress"] + (
-            ["--overwrite"] if replace else [])
+        return train_args(Path(inputs["teacher"]), inputs["store"], out, inputs["configs"][1 if earlier else 0], replace)
     if verb == "sample":
         return ["sample", "--teacher", inputs["teacher"], "--lora", str(inputs["lora"]), "--prompt", "a cat",
                 "--num-per-prompt", "2", "--steps", "1" if earlier else "2", "--out", str(out)]
