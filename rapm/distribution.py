@@ -108,3 +108,10 @@ def distribution_metrics(reference_features, generated_features, reference_image
     ref_hf = high_frequency_energy(reference_images)
     out["sharpness"] = high_frequency_energy(generated_images) / ref_hf if ref_hf > 0 else float("nan")
     return out
+
+
+def against_other_noise(other_features, features, other_images: torch.Tensor, images: torch.Tensor) -> dict[str, float]:
+    """``distribution_metrics`` against the teacher's images of the same prompts from other noise, its FD named
+    ``fd_teacher_other`` (evaluate's row and validation's ``val_`` fields)."""
+    out = distribution_metrics(other_features, features, other_images, images)
+    return {"fd_teacher_other": out.pop("fd"), **out}

@@ -183,14 +183,12 @@ def _plugin_row(plugin, metrics, images, feats, labels, teacher_features, other)
     """A plug-in teacher's metrics of one model's images: FD to its real reference set and to the teacher's images from
     the same noise, prompt accuracy, and the distribution metrics (rapm.distribution) against the teacher's images of
     the same prompts from other noise (``other``: images, features)."""
-    from rapm.distribution import distribution_metrics
+    from rapm.distribution import against_other_noise
 
-    row = {"fd": plugin.frechet_distance(feats, metrics.reference_features),
-           "fd_teacher": plugin.frechet_distance(feats, teacher_features),
-           "prompt_accuracy": metrics.prompt_accuracy(images, labels)}
-    spread = distribution_metrics(other[1], feats, other[0], images)
-    row["fd_teacher_other"] = spread.pop("fd")
-    return {**row, **spread}
+    return {"fd": plugin.frechet_distance(feats, metrics.reference_features),
+            "fd_teacher": plugin.frechet_distance(feats, teacher_features),
+            "prompt_accuracy": metrics.prompt_accuracy(images, labels),
+            **against_other_noise(other[1], feats, other[0], images)}
 
 
 def _evaluate(teacher_path, models, prompts, seeds, reference_steps, guidance, device, batch_size, out, progress,

@@ -955,6 +955,7 @@ def _export_facts(unet, adapter: str, family: str, teacher_path, info, schedule,
     """``rapm_lora.json``'s facts of the student and its teacher: what every reader of an export is told."""
     from rapm.families import family_named
 
+    family_def = family_named(family)
     scheduler_config = info.scheduler_config
     version, v2 = base_model_version(family, unet.config)
     _, height, width = info.latent_shape
@@ -976,7 +977,7 @@ def _export_facts(unet, adapter: str, family: str, teacher_path, info, schedule,
         "num_train_timesteps": int(scheduler_config.get("num_train_timesteps", 1000)),
         "steps": int(steps),
         "timesteps": schedule.coarse(steps),
-        "scheduler": (family_named(family).sampling_settings(steps, guidance) if schedule.is_flow
+        "scheduler": (family_def.sampling_settings(steps, guidance) if schedule.is_flow
                       else sampling_scheduler_settings(scheduler_config, steps)),
         "lora": {
             "rank": meta["r"],
@@ -988,7 +989,7 @@ def _export_facts(unet, adapter: str, family: str, teacher_path, info, schedule,
         "base_unet_fingerprint": base_unet_fingerprint(unet),
     }
     if schedule.is_flow:
-        facts["comfyui"] = comfyui_flow_settings(family_named(family), schedule, steps, facts["scheduler"]["guidance_scale"],
+        facts["comfyui"] = comfyui_flow_settings(family_def, schedule, steps, facts["scheduler"]["guidance_scale"],
                                                  (height, width))
     return facts
 

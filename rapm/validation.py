@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from rapm.diffusion import ddim
-from rapm.distribution import distribution_metrics
+from rapm.distribution import against_other_noise
 from rapm.methods.base import Context, student_trajectory
 from rapm.roles import teacher_role
 from rapm.plugins import plugin_for
@@ -144,8 +144,7 @@ class Validation:
                 out["val_fd_real"] = frechet_distance(feats, self.metrics.reference_features)
             out["val_prompt_accuracy"] = self.metrics.prompt_accuracy(images, self.labels)
             if self.other_features is not None and len(self) >= 2:
-                spread = distribution_metrics(self.other_features, feats, self.other_images, images)
-                spread["fd_teacher_other"] = spread.pop("fd")
+                spread = against_other_noise(self.other_features, feats, self.other_images, images)
                 out.update({f"val_{k}": v for k, v in spread.items()})
         return out
 
