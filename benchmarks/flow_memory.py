@@ -3,10 +3,10 @@ gradient checkpointing, estimated from exact counts plus measured activations (i
 
 The estimate is a sum of three parts:
 
-* weights: the parameter count of the public transformer config (``rapm.flow_configs``, built on the meta
+* weights: the parameter count of the public transformer config (``benchmarks/flow_configs.py``, built on the meta
   device) x 2 bytes (bf16); exact. The store holds the text embeddings, so no text encoder (T5 is 4.7B
   parameters) and no VAE is in memory while training.
-* LoRA + optimizer: ``lora_parameter_count`` of the targets of ``rapm.flow_lora`` at rank 32 (the default;
+* LoRA + optimizer: ``lora_parameter_count`` of the family's ``lora_targets`` at rank 32 (the default;
   ranks 1 and 16 as options) x 16 bytes: float32 parameters (4), gradients (4) and Adam's two moments (8); exact.
 * activations: measured. A transformer with the REAL width of the family (FLUX 24 heads x 128 = 3072, SD3-medium
   24 x 64 = 1536) but only a few blocks is built in float32 on the CPU, gets the student LoRA (``add_roles``) and
@@ -92,12 +92,13 @@ def exact_counts(family: str) -> dict:
     """Parameters, Linear parameters (what a quantized base stores in 8 / 4 bits) and LoRA sizes of the public config."""
     import torch
 
-    from rapm.flow_configs import lora_parameter_count, meta_transformer, parameter_count
-    from rapm.flow_lora import flow_lora_spec
+    from flow_configs import lora_parameter_count, meta_transformer, parameter_count
+
+    from rapm.families import family_named
 
     model = meta_transformer(family)
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    targets = flow_lora_spec(family).target_modules
+    targets = list(family_named(family).lora_targets)
     return {"parameters": parameter_count(model), "linear_weight_parameters": linear,
             "lora_parameters": {str(r): lora_parameter_count(model, targets, r) for r in RANKS}}
 
@@ -231,7 +232,7 @@ def _build(family: str, config: dict):
     import torch
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
-    from rapm.flow_configs import FLUX_DEV_TRANSFORMER, SD3_MEDIUM_TRANSFORMER
+    from flow_configs import FLUX_DEV_TRANSFORMER, SD3_MEDIUM_TRANSFORMER
 
     base, cls = (FLUX_DEV_TRANSFORMER, FluxTransformer2DModel) if family == "flux" else (
         SD3_MEDIUM_TRANSFORMER, SD3Transformer2DModel)
@@ -253,14 +254,16 @@ def _build(family: str, config: dict):
 def child_activations(args: dict) -> dict:
     import torch
 
-    from rapm.flow_denoisers import FlowConditioning, flux_velocity, sd3_velocity
-    from rapm.flow_lora import flow_lora_spec
-    from rapm.roles import STUDENT, add_roles, enable_gradient_checkpointing, lora_parameters, set_trainable, student_role
+    from rapm.conditioning import Conditioning
+    from rapm.families import family_named
+    from rapm.roles import (STUDENT, LoraSpec, add_roles, enable_gradient_checkpointing, lora_parameters, set_trainable,
+                            student_role)
 
     torch.manual_seed(0)
     family, config = args["family"], args["config"]
     model = _build(family, config)
-    add_roles(model, flow_lora_spec(family, args["rank"]))
+    teacher_family = family_named(family)
+    add_roles(model, LoraSpec(args["rank"], float(args["rank"]), list(teacher_family.lora_targets)))
     set_trainable(model, STUDENT)  # as the trainer does for the student update
     if args["checkpointing"]:
         enable_gradient_checkpointing(model)
@@ -270,8 +273,9 @@ def child_activations(args: dict) -> dict:
     latents = torch.randn(1, 16, side, side)
     timestep = torch.full((1,), 700.0)
     length = args["text_tokens"]
-    cond = FlowConditioning(torch.randn(1, length, cfg.joint_attention_dim), torch.randn(1, cfg.pooled_projection_dim),
-                            torch.zeros(length, 3) if family == "flux" else None)
+    cond = Conditioning(torch.randn(1, length, cfg.joint_attention_dim), torch.randn(1, cfg.pooled_projection_dim))
+    if family == "flux":
+        cond = teacher_family.with_guidance(cond, 3.5)
     lora = lora_parameters(model, STUDENT)
     _warm_up()
     gc.collect()
@@ -279,10 +283,7 @@ def child_activations(args: dict) -> dict:
     _reset_peak()
     start = time.perf_counter()
     with student_role(model):
-        if family == "flux":
-            v = flux_velocity(model, latents, timestep, cond, guidance=3.5)
-        else:
-            v = sd3_velocity(model, latents, timestep, cond)
+        v = teacher_family.denoise(model, latents, timestep, cond)
         z = latents - 0.25 * v  # the student's Euler step of one slot
         loss = (z - latents.detach()).pow(2).mean()
     loss.backward()
@@ -512,7 +513,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| {names[r['family']]} | {r['px']} px | {_g(r['with_discriminator_student_update_gib'])} "
                      f"| {_g(r['discriminator_update_gib'])} |")
     lines += ["", "LoRA + Adam by rank (float32 parameters, gradients, two Adam moments: 16 bytes / parameter; the "
-              "targets of `rapm.flow_lora`):", "", "| family | rank | LoRA parameters | LoRA + Adam GiB |",
+              "targets of `Family.lora_targets`):", "", "| family | rank | LoRA parameters | LoRA + Adam GiB |",
               "| --- | ---: | ---: | ---: |"]
     for r in s["lora"]:
         lines.append(f"| {names[r['family']]} | {r['rank']} | {r['lora_parameters']:,} | {_g(r['lora_adam_gib'], 3)} |")
@@ -552,9 +553,9 @@ def markdown(result: dict) -> str:
                   "the text encoders and VAE "
                   "are never loaded in training (embeddings come from the store)."]
     lines += ["", "## Method", "",
-              "* **Weights**: `parameter_count(meta_transformer(family))` (the public config, rapm.flow_configs) x 2 "
+              "* **Weights**: `parameter_count(meta_transformer(family))` (the public config, benchmarks/flow_configs.py) x 2 "
               "bytes. Exact. No text encoder or VAE (the store holds the embeddings).",
-              "* **LoRA + optimizer**: `lora_parameter_count` with `flow_lora_spec(family).target_modules` x 16 bytes. "
+              "* **LoRA + optimizer**: `lora_parameter_count` with the family's `lora_targets` x 16 bytes. "
               "Exact (AdamW's two moments; 8-bit Adam would make the moments 2 bytes).",
               "* **Activations, measured**: for each point a fresh subprocess builds the transformer at the family's "
               "real width with few blocks in float32 on the CPU, adds the student LoRA (`add_roles`, rank 32), turns "

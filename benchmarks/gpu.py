@@ -10,9 +10,9 @@ gradient checkpointing.
 Aims on one H100-class card (issue 16): SDXL at most 16 GB peak, SD 1.5 at most 0.3 s per iteration; the iteration
 runs no teacher pass (the Δ-steps come from the store, format 2).
 
-SD3-medium and FLUX.1-dev (``sd3``, ``flux``): their transformers from rapm/flow_configs.py's public configs, built on
+SD3-medium and FLUX.1-dev (``sd3``, ``flux``): their transformers from benchmarks/flow_configs.py's public configs, built on
 the meta device and materialized with ``to_empty`` and a random init in bf16; LoRA on the flow targets
-(rapm/flow_lora.py), the sd3 / flux presets (rank 32; FLUX's preset checkpoints), discriminator heads on the joint
+(the families' `lora_targets`), the sd3 / flux presets (rank 32; FLUX's preset checkpoints), discriminator heads on the joint
 blocks (rapm/families/flow.py), the flow ``Schedule`` (the public FlowMatchEulerDiscreteScheduler configs; FLUX's
 dynamic shift at its 4096 image tokens), 16x128x128 latents (1024 px; FLUX packs 2x2 inside its family call), text
 conditioning of the pipelines' shapes: SD3 [1, 333, 4096] + pooled [1, 2048] with an uncond for CFG 7; FLUX T5
@@ -101,11 +101,11 @@ def build(model: str, tiny: bool, device: torch.device, checkpointing: bool, ran
         return build_flow(model, tiny, device, checkpointing, rank)
     from diffusers import UNet2DConditionModel
 
+    from rapm.conditioning import Conditioning
     from rapm.diffusion import coarse_timesteps, schedule_from_config
+    from rapm.models import student_spec
     from rapm.roles import LoraSpec
-    from rapm.teacher import Conditioning
     from tests.tiny import SD_SCHEDULER
-    from rapm.train import student_spec
 
     config, dtype = bench_config(model, device, checkpointing, rank)
     torch.manual_seed(0)
@@ -142,10 +142,10 @@ def build(model: str, tiny: bool, device: torch.device, checkpointing: bool, ran
 
 
 def materialize(model: str, tiny: bool, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """The family's transformer from its public config (rapm.flow_configs), built on the meta device, then given
+    """The family's transformer from its public config (benchmarks/flow_configs.py), built on the meta device, then given
     storage on ``device`` in ``dtype`` and a random init (each layer's own ``reset_parameters``; SD3's sincos position
     table recomputed)."""
-    from rapm.flow_configs import meta_transformer
+    from flow_configs import meta_transformer
 
     net = meta_transformer(model, **(TINY_FLOW[model] if tiny else {}))
     net = torch.nn.Module.to(net, dtype).to_empty(device=device)  # (Module's own .to: no fp32-modules warning; none)
@@ -167,19 +167,20 @@ def build_flow(model: str, tiny: bool, device: torch.device, checkpointing: bool
     """SD3-medium's or FLUX.1-dev's transformer with its adapters and discriminator heads, the sd3 / flux presets."""
     from dataclasses import replace
 
+    from rapm.conditioning import Conditioning
     from rapm.diffusion import flow_schedule_from_config
     from rapm.families import family_named
-    from rapm.flow_lora import flow_lora_spec
     from rapm.methods import TrajectoryBatch
-    from rapm.teacher import Conditioning
+    from rapm.models import student_spec
+    from rapm.roles import LoraSpec
     from tests.tiny_flow import FLUX_SCHEDULER, SD3_SCHEDULER
 
     config, dtype = bench_config(model, device, checkpointing, rank)
     family = family_named(model)
     torch.manual_seed(0)
     net = materialize(model, tiny, device, dtype)
-    disc = add_adapters_and_heads(net, flow_lora_spec(model, config.lora_rank, config.lora_alpha, config.lora_targets),
-                                  flow_lora_spec(model, config.disc_lora_rank, config.disc_lora_alpha, config.lora_targets),
+    disc = add_adapters_and_heads(net, student_spec(config),
+                                  LoraSpec(config.disc_lora_rank, config.disc_lora_alpha, list(config.lora_targets)),
                                   config, checkpointing, device)
     c = net.config
     channels, h, w = family.latent_shape(dict(c))

@@ -16,7 +16,7 @@ The weights stay at full size. The resolution is lower than the published one wh
 the activation memory can be fitted against the latent area and read at the published resolution (the table says
 which numbers are fitted). Everything is float32 on the CPU (rapm's CPU dtype).
 
-SD3-medium (``--models sd3``): the MMDiT of rapm/flow_configs.py, CLIP-L and bigG/14, the 16-channel VAE, files in
+SD3-medium (``--models sd3``): the MMDiT of benchmarks/flow_configs.py, CLIP-L and bigG/14, the 16-channel VAE, files in
 bf16 (loaded in float32); T5-XXL stood in by one of its layers (``build_sd3`` says why); ``rapm`` only, both sizes,
 with and without checkpointing, a ``no-t5`` cell, export / sample / evaluate (no teacher curve).
 
@@ -63,7 +63,7 @@ VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=
 MODELS = {
     "sd15": dict(name="SD 1.5", unet="SD15_UNET", published_latent=64, latent_2=64),
     "sdxl": dict(name="SDXL base", unet="SDXL_UNET", published_latent=128, latent_2=48),
-    # SD3-medium: the MMDiT of rapm/flow_configs.py, CLIP-L and bigG/14 with projections, the 16-channel VAE; T5-XXL
+    # SD3-medium: the MMDiT of benchmarks/flow_configs.py, CLIP-L and bigG/14 with projections, the 16-channel VAE; T5-XXL
     # stands in as one of its 24 layers (build_teacher says why); rank 32, the sd3 preset's. Only `rapm` trains.
     # trajectories_delta: rapm trajectories' default Δ here is min(1000 // (N M), the shortest slot) = the shortest slot
     # (shift 3's grid 1000, 900, 750, 500, 0 at N = 4), which rapm train refuses (Δ must be shorter than every slot)
@@ -80,7 +80,7 @@ FLOW_MODELS = ("sd3",)
 
 def unet_config(model: str) -> dict:
     if model in FLOW_MODELS:
-        import rapm.flow_configs as flow_configs
+        import benchmarks.flow_configs as flow_configs
 
         return getattr(flow_configs, MODELS[model]["unet"])
     import benchmarks.harness as harness
@@ -142,7 +142,7 @@ def build_sd3(folder: Path) -> dict:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from rapm.flow_configs import SD3_MEDIUM_TRANSFORMER
+    from benchmarks.flow_configs import SD3_MEDIUM_TRANSFORMER
     from tests.tiny import build_clip_tokenizer
 
     bf16 = torch.bfloat16
@@ -339,7 +339,7 @@ def target_modules(model: str, targets: list[str]) -> list[str]:
     from diffusers import UNet2DConditionModel
 
     if model in FLOW_MODELS:
-        from rapm.flow_configs import meta_transformer
+        from benchmarks.flow_configs import meta_transformer
 
         unet = meta_transformer(model)
     else:
@@ -420,7 +420,7 @@ def check_flow_export(model: str, lora: Path) -> dict:
                kohya_unprefixed=sum(1 for k in downs if not k.startswith("lora_unet_")))
     try:
         from rapm.export import native_layout
-        from rapm.flow_configs import meta_transformer
+        from benchmarks.flow_configs import meta_transformer
     except ImportError as e:  # an export without the native naming
         out["native_modules"] = None
         out["native_note"] = f"no native layout to check against ({e})"
@@ -449,7 +449,7 @@ def flux_weights(args: dict) -> dict:
     24 GB card holds the base at all."""
     import torch
 
-    from rapm.flow_configs import meta_transformer
+    from benchmarks.flow_configs import meta_transformer
     from rapm.quantize import quantize_base, weight_bytes
 
     torch.manual_seed(0)
@@ -892,7 +892,7 @@ def flow_section(model: str, got: dict, latent: int, table: dict, notes: list[st
     lines = [f"## {spec['name']} ({params.get('transformer', 0) / 1e9:.2f}B transformer)", "",
              "Parameters: " + ", ".join(f"{k} {v / 1e6:,.0f}M" for k, v in params.items())
              + f"; the saved folder {build.get('teacher_bytes', 0) / GiB:.2f} GiB. What ran, exactly:", "",
-             "- The transformer at rapm/flow_configs.py's published config (24 joint blocks, 1536 wide), CLIP-L and "
+             "- The transformer at benchmarks/flow_configs.py's published config (24 joint blocks, 1536 wide), CLIP-L and "
              "OpenCLIP bigG/14 with their projections, the 16-channel VAE, FlowMatchEuler (shift 3): random weights, "
              f"**stored in bfloat16** (half the folder's bytes) and loaded in **float32** by rapm, its CPU dtype.",
              f"- **T5-XXL did not run.** Its {t5 / 1e9:.2f}B parameters are {4 * t5 / GiB:.1f} GiB in float32 (rapm "

@@ -1,4 +1,4 @@
-"""Flow-matching math for SD3 / SD3.5 and FLUX.1 teachers (issue 19), as small pure functions.
+"""The σ schedule of SD3 / SD3.5 and FLUX.1 teachers (issue 19), read from their scheduler config.
 
 The forward process is the straight line x_t = (1 - σ) x_0 + σ ε, σ ∈ [0, 1]; the
 transformer predicts the velocity v = ε - x_0 = dx_t/dσ. In the (α, σ) notation of
@@ -12,7 +12,8 @@ a static ``shift`` (SD3: 3.0) or, with ``use_dynamic_shifting`` (FLUX), the
 exponential time shift with μ interpolated linearly in the image's token count
 (``calculate_shift`` of diffusers' FLUX pipeline). The N coarse σ are placed as
 ``set_timesteps(N)`` places them (SD3 pipeline) or from ``np.linspace(1, 1/N, N)``
-plus μ (FLUX pipeline); see docs/flow-matching.md.
+plus μ (FLUX pipeline); see docs/flow-matching.md. ``rapm.diffusion.Schedule`` of kind "flow" holds one; the
+straight-line conversions and the Euler solver that tests check it against are tests/flow_reference.py's.
 """
 
 from __future__ import annotations
@@ -23,74 +24,6 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The straight-line parameterization and its conversions.
-
-
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-    """x_t = (1 - σ) x_0 + σ ε (diffusers' ``scale_noise``); ``sigma`` broadcasts against ``x0``."""
-    sigma = _as_batch(sigma, x0)
-    return (1.0 - sigma) * x0 + sigma * noise
-
-
-def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """The flow-matching target v = ε - x_0."""
-    return noise - x0
-
-
-def velocity_to_x0(x_t: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-    """x̂_0 = x_t - σ v."""
-    return x_t - _as_batch(sigma, x_t) * v
-
-
-def velocity_to_eps(x_t: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-    """ε̂ = x_t + (1 - σ) v."""
-    return x_t + (1.0 - _as_batch(sigma, x_t)) * v
-
-
-def x0_eps_to_velocity(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """v = ε - x_0 from a pair of predictions."""
-    return eps - x0
-
-
-def x0_to_velocity(x_t: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-    """v = (x_t - x_0) / σ (σ > 0)."""
-    return (x_t - x0) / _as_batch(sigma, x_t)
-
-
-def eps_to_velocity(x_t: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-    """v = (ε - x_t) / (1 - σ) (σ < 1)."""
-    return (eps - x_t) / (1.0 - _as_batch(sigma, x_t))
-
-
-def euler_step(
-    x_t: torch.Tensor, v: torch.Tensor, sigma_from: torch.Tensor | float, sigma_to: torch.Tensor | float
-) -> torch.Tensor:
-    """The deterministic step x_s = x_t + (σ_s - σ_t) v, in float32 as diffusers' scheduler.step computes it."""
-    dtype = x_t.dtype
-    x = x_t.float()
-    step = _as_batch(sigma_to, x) - _as_batch(sigma_from, x)
-    return (x + step * v.float()).to(dtype)
-
-
-def ddim_step(
-    x_t: torch.Tensor, v: torch.Tensor, sigma_from: torch.Tensor | float, sigma_to: torch.Tensor | float
-) -> torch.Tensor:
-    """DDIM in (α = 1 - σ, σ): x_s = α_s x̂_0 + σ_s ε̂; equal to ``euler_step`` (tests/test_flowmatch.py)."""
-    x0 = velocity_to_x0(x_t, v, sigma_from)
-    eps = velocity_to_eps(x_t, v, sigma_from)
-    sigma_to = _as_batch(sigma_to, x_t)
-    return (1.0 - sigma_to) * x0 + sigma_to * eps
-
-
-def _as_batch(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
-    """A scalar or per-sample [B] σ as a tensor broadcasting over ``like``'s trailing dims."""
-    t = torch.as_tensor(value, dtype=like.dtype, device=like.device)
-    if t.ndim == 1 and like.ndim > 1:
-        t = t.reshape(-1, *([1] * (like.ndim - 1)))
-    return t
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -198,22 +131,6 @@ class FlowSchedule:
         """
         return self.coarse_sigmas(num_steps, mu=mu, sigmas=np.linspace(1.0, 1 / num_steps, num_steps))
 
-    def flux_coarse_sigmas(self, num_steps: int, image_seq_len: int) -> torch.Tensor:
-        """The σ of diffusers' FluxPipeline for num_steps: ``sigmas=np.linspace(1, 1/N, N)`` and μ from the token count."""
-        return self.trailing_sigmas(num_steps, mu=self.mu(image_seq_len))
-
-    def pipeline_coarse_sigmas(self, family: str, num_steps: int, image_seq_len: int) -> torch.Tensor:
-        """The N-step σ of the family's diffusers pipeline: FluxPipeline's, or StableDiffusion3Pipeline's (μ if dynamic)."""
-        if family == "flux":
-            return self.flux_coarse_sigmas(num_steps, image_seq_len)
-        if family != "sd3":
-            raise ValueError(f"family must be 'sd3' or 'flux', got {family!r}")
-        return self.coarse_sigmas(num_steps, mu=self.mu(image_seq_len) if self.use_dynamic_shifting else None)
-
-    def slot_mu(self, family: str, image_seq_len: int) -> float | None:
-        """The μ a fine grid needs (``fine_sigmas``/``slot_grid``): the image's μ with dynamic shifting, else None."""
-        return self.mu(image_seq_len) if self.use_dynamic_shifting else None
-
     def fine_sigmas(self, sigma_from: float, sigma_to: float, k: int, mu: float | None = None) -> torch.Tensor:
         """k + 1 σ from ``sigma_from`` down to ``sigma_to`` (both kept exactly), uniform in the unshifted σ.
 
@@ -245,38 +162,3 @@ class FlowSchedule:
     def model_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """The scheduler's timestep for σ, σ · num_train_timesteps: what SD3's transformer takes (FLUX's takes it / 1000)."""
         return sigma * self.num_train_timesteps
-
-
-def sample_euler(velocity, latents: torch.Tensor, sigmas: torch.Tensor, schedule: FlowSchedule) -> torch.Tensor:
-    """Integrate the flow ODE from ``sigmas[0]`` to ``sigmas[-1]`` with Euler steps: ``velocity(x, timestep)`` per step.
-
-    ``timestep`` is the [B] scheduler timestep (σ · num_train_timesteps), as the pipelines pass it.
-    """
-    x = latents
-    for i in range(len(sigmas) - 1):
-        timestep = schedule.model_timestep(sigmas[i]).expand(x.shape[0]).to(x.dtype)
-        v = velocity(x, timestep)
-        x = euler_step(x, v, sigmas[i], sigmas[i + 1])
-    return x
-
-
-def teacher_trajectory(
-    velocity, noise: torch.Tensor, coarse: torch.Tensor, k: int, schedule: FlowSchedule, mu: float | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's trajectory through the N coarse σ with k Euler steps per slot (``fine_sigmas``).
-
-    Returns the positions at the coarse σ, [B, N + 1, ...] (index 0 is the noise at ``coarse[0]``), and the
-    Δ-step of each slot, [B, N, ...]: the position after the slot's first fine step (decision 8; at k = 1 it is
-    the slot's end). ``velocity(x, timestep)`` as in ``sample_euler``.
-    """
-    positions, delta_steps = [noise], []
-    x = noise
-    for i in range(len(coarse) - 1):
-        fine = schedule.fine_sigmas(float(coarse[i]), float(coarse[i + 1]), k, mu)
-        for j in range(k):
-            timestep = schedule.model_timestep(fine[j]).expand(x.shape[0]).to(x.dtype)
-            x = euler_step(x, velocity(x, timestep), fine[j], fine[j + 1])
-            if j == 0:
-                delta_steps.append(x)
-        positions.append(x)
-    return torch.stack(positions, dim=1), torch.stack(delta_steps, dim=1)

@@ -38,7 +38,7 @@ def test_gpu_benchmark_configs_are_the_public_architectures():
     # SD3-medium's and FLUX.1-dev's transformers, as gpu.py builds them (before materializing): on the meta device,
     # within 1% of the published 2.03B and 11.9B.
     gpu = _load("gpu")
-    from rapm.flow_configs import FLUX_DEV_PARAMS, SD3_MEDIUM_PARAMS, meta_transformer, parameter_count
+    from benchmarks.flow_configs import FLUX_DEV_PARAMS, SD3_MEDIUM_PARAMS, meta_transformer, parameter_count
 
     for family, published in (("sd3", SD3_MEDIUM_PARAMS), ("flux", FLUX_DEV_PARAMS)):
         net = meta_transformer(family)

@@ -14,8 +14,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from rapm import flow_denoisers as fd
+from rapm.families.flow import pack_latents
 from rapm.roles import STUDENT
+from tests import flow_reference as ref
 from tests.cli_run import invoke_ok as _invoke
 from tests.tiny_flow import BUILD, IMAGE, LATENT, MAX_TOKENS, build_tiny_flux, load
 
@@ -274,17 +275,16 @@ def test_diffusers_loads_the_flux_comfyui_file_to_the_diffusers_files_latents(tm
     from diffusers import FluxPipeline
 
     from rapm.export import export_lora
-    from rapm.flow_lora import flow_lora_spec
     from rapm.roles import add_roles
     from rapm.trajectories import initial_noise
 
     teacher = build_tiny_flux(tmp_path / "teacher", single_layers=0)
     pipe = load(teacher)
-    add_roles(pipe.transformer, flow_lora_spec("flux", rank=RANK, alpha=ALPHA))
+    add_roles(pipe.transformer, ref.flow_lora_spec("flux", rank=RANK, alpha=ALPHA))
     _scale_up(pipe.transformer)
     export_lora(pipe.transformer, teacher, "flux", tmp_path / "lora", STEPS, guidance=3.5)
 
-    x = fd.pack_latents(initial_noise([0, 1], (16, LATENT, LATENT)))
+    x = pack_latents(initial_noise([0, 1], (16, LATENT, LATENT)))
     kwargs = dict(prompt=PROMPTS[:2], num_inference_steps=STEPS, guidance_scale=3.5, height=IMAGE, width=IMAGE,
                   output_type="latent", max_sequence_length=MAX_TOKENS, latents=x)
 
@@ -307,7 +307,7 @@ def test_diffusers_reads_the_flux_comfyui_file_at_flux1_widths_as_each_modules_l
     from safetensors.torch import save_file
 
     from rapm.export import to_native_kohya
-    from rapm.flow_configs import meta_transformer
+    from benchmarks.flow_configs import meta_transformer
     from rapm.roles import FLUX_TARGET_MODULES, matches_target
 
     transformer = meta_transformer("flux")

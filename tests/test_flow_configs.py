@@ -4,9 +4,9 @@ from functools import lru_cache
 
 import pytest
 
-from rapm import flow_configs
-from rapm.flow_configs import FLUX_DEV_PARAMS, SD3_MEDIUM_PARAMS, lora_parameter_count, parameter_count
-from rapm.flow_lora import FLUX_TARGET_MODULES, SD3_TARGET_MODULES
+from benchmarks import flow_configs
+from benchmarks.flow_configs import FLUX_DEV_PARAMS, SD3_MEDIUM_PARAMS, lora_parameter_count, parameter_count
+from rapm.roles import FLUX_TARGET_MODULES, SD3_TARGET_MODULES
 
 meta_transformer = lru_cache(maxsize=None)(flow_configs.meta_transformer)  # each is built once per session
 

@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import flow_memory as fm  # noqa: E402
 
-from rapm.flow_configs import FLUX_DEV_PARAMS, SD3_MEDIUM_PARAMS, meta_transformer, parameter_count  # noqa: E402
+from benchmarks.flow_configs import FLUX_DEV_PARAMS, SD3_MEDIUM_PARAMS, meta_transformer, parameter_count  # noqa: E402
 
 
 @pytest.fixture(scope="module")

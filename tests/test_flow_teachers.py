@@ -4,13 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from rapm import flow_denoisers as fd
-from rapm import flowmatch as fm
+from benchmarks.flow_configs import lora_parameter_count
 from rapm.discriminator import Head
-from rapm.flow_configs import lora_parameter_count
-from rapm.flow_lora import FLUX_TARGET_MODULES, SD3_TARGET_MODULES, flow_lora_spec, save_diffusers_lora
-from rapm.roles import (DISCRIMINATOR, STUDENT, add_roles, discriminator_role, lora_parameters, matches_target, student_role,
-                        teacher_role)
+from rapm.families import family_named
+from rapm.families.flow import latent_image_ids, pack_latents, unpack_latents
+from rapm.flowmatch import FlowSchedule
+from rapm.roles import (DISCRIMINATOR, FLUX_TARGET_MODULES, SD3_TARGET_MODULES, STUDENT, add_roles, discriminator_role,
+                        lora_parameters, matches_target, student_role, teacher_role)
+from tests import flow_reference as ref
 from tests.tiny_flow import IMAGE, LATENT, MAX_TOKENS, build_tiny_flux, build_tiny_sd3, load
 
 PROMPTS = ["a photo of a cat", "a red car"]
@@ -29,9 +30,9 @@ def _latents(seed=0, batch=2):
 
 
 def _schedule_and_sigmas(pipe, family, n, trailing=False):
-    schedule = fm.FlowSchedule.from_config(pipe.scheduler.config)
+    schedule = FlowSchedule.from_config(pipe.scheduler.config)
     if family == "flux":
-        return schedule, schedule.flux_coarse_sigmas(n, fd.image_seq_len(family, LATENT, LATENT))
+        return schedule, ref.flux_coarse_sigmas(schedule, n, family_named(family).image_seq_len((16, LATENT, LATENT)))
     return schedule, (schedule.trailing_sigmas(n) if trailing else schedule.coarse_sigmas(n))
 
 
@@ -39,18 +40,18 @@ def _our_sample(pipe, family, x, n, trailing=False):
     """An n-step sample with rapm's math and denoiser calls (no pipeline __call__)."""
     schedule, sigmas = _schedule_and_sigmas(pipe, family, n, trailing)
     if family == "sd3":
-        cond, uncond = fd.encode_prompt_sd3(pipe, PROMPTS, max_sequence_length=MAX_TOKENS)
+        cond, uncond = ref.encode_prompt_sd3(pipe, PROMPTS, max_sequence_length=MAX_TOKENS)
 
         def velocity(z, t):
-            return fd.sd3_guided_velocity(pipe.transformer, z, t, cond, uncond, SD3_CFG)
+            return ref.sd3_guided_velocity(pipe.transformer, z, t, cond, uncond, SD3_CFG)
     else:
-        cond = fd.encode_prompt_flux(pipe, PROMPTS, max_sequence_length=MAX_TOKENS)
+        cond = ref.encode_prompt_flux(pipe, PROMPTS, max_sequence_length=MAX_TOKENS)
 
         def velocity(z, t):
-            return fd.flux_velocity(pipe.transformer, z, t, cond, FLUX_GUIDANCE)
+            return ref.flux_velocity(pipe.transformer, z, t, cond, FLUX_GUIDANCE)
 
     with torch.no_grad():
-        return fm.sample_euler(velocity, x, sigmas, schedule)
+        return ref.sample_euler(velocity, x, sigmas, schedule)
 
 
 def _pipeline_sample(pipe, family, x, n, trailing=False):
@@ -63,8 +64,8 @@ def _pipeline_sample(pipe, family, x, n, trailing=False):
         common["sigmas"] = list(np.linspace(1.0, 1 / n, n))
     if family == "sd3":
         return pipe(latents=x.clone(), guidance_scale=SD3_CFG, **common).images
-    packed = pipe(latents=fd.pack_latents(x), guidance_scale=FLUX_GUIDANCE, **common).images
-    return fd.unpack_latents(packed, LATENT, LATENT)
+    packed = pipe(latents=pack_latents(x), guidance_scale=FLUX_GUIDANCE, **common).images
+    return unpack_latents(packed, LATENT, LATENT)
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
@@ -94,21 +95,21 @@ def test_flux_packing_and_ids_match_the_pipeline():
     from diffusers import FluxPipeline
 
     x = torch.randn(2, 16, 6, 8)
-    packed = fd.pack_latents(x)
+    packed = pack_latents(x)
     torch.testing.assert_close(packed, FluxPipeline._pack_latents(x, 2, 16, 6, 8))
-    torch.testing.assert_close(fd.unpack_latents(packed, 6, 8), x)
+    torch.testing.assert_close(unpack_latents(packed, 6, 8), x)
     # the pipeline's unpack works in pixel units (8x VAE)
-    torch.testing.assert_close(fd.unpack_latents(packed, 6, 8), FluxPipeline._unpack_latents(packed, 48, 64, 8))
-    torch.testing.assert_close(fd.latent_image_ids(6, 8), FluxPipeline._prepare_latent_image_ids(2, 3, 4, "cpu", torch.float32))
+    torch.testing.assert_close(unpack_latents(packed, 6, 8), FluxPipeline._unpack_latents(packed, 48, 64, 8))
+    torch.testing.assert_close(latent_image_ids(6, 8), FluxPipeline._prepare_latent_image_ids(2, 3, 4, "cpu", torch.float32))
 
 
 def test_flux_guidance_is_required_exactly_for_guidance_embeds(folders):
     pipe = load(folders["flux"])
-    cond = fd.encode_prompt_flux(pipe, PROMPTS, max_sequence_length=MAX_TOKENS)
+    cond = ref.encode_prompt_flux(pipe, PROMPTS, max_sequence_length=MAX_TOKENS)
     with pytest.raises(ValueError, match="guidance"):
-        fd.flux_velocity(pipe.transformer, _latents(), torch.full([2], 500.0), cond, None)
-    a = fd.flux_velocity(pipe.transformer, _latents(), torch.full([2], 500.0), cond, 1.0)
-    b = fd.flux_velocity(pipe.transformer, _latents(), torch.full([2], 500.0), cond, 3.5)
+        ref.flux_velocity(pipe.transformer, _latents(), torch.full([2], 500.0), cond, None)
+    a = ref.flux_velocity(pipe.transformer, _latents(), torch.full([2], 500.0), cond, 1.0)
+    b = ref.flux_velocity(pipe.transformer, _latents(), torch.full([2], 500.0), cond, 3.5)
     assert not torch.allclose(a, b)  # the guidance embedding is used
 
 
@@ -116,10 +117,10 @@ def _one_call(pipe, family):
     """One denoiser call at σ = 0.6 with the pipeline's conditioning (inputs fixed by seed)."""
     x, t = _latents(7), torch.full([2], 600.0)
     if family == "sd3":
-        cond, _ = fd.encode_prompt_sd3(pipe, PROMPTS, max_sequence_length=MAX_TOKENS, guidance=False)
-        return lambda: fd.sd3_velocity(pipe.transformer, x, t, cond)
-    cond = fd.encode_prompt_flux(pipe, PROMPTS, max_sequence_length=MAX_TOKENS)
-    return lambda: fd.flux_velocity(pipe.transformer, x, t, cond, FLUX_GUIDANCE)
+        cond, _ = ref.encode_prompt_sd3(pipe, PROMPTS, max_sequence_length=MAX_TOKENS, guidance=False)
+        return lambda: ref.sd3_velocity(pipe.transformer, x, t, cond)
+    cond = ref.encode_prompt_flux(pipe, PROMPTS, max_sequence_length=MAX_TOKENS)
+    return lambda: ref.flux_velocity(pipe.transformer, x, t, cond, FLUX_GUIDANCE)
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
@@ -128,8 +129,8 @@ def test_roles_on_one_transformer_student_starts_as_teacher(folders, family):
     call = _one_call(pipe, family)
     with torch.no_grad():
         before = call()
-        expected_count = lora_parameter_count(pipe.transformer, flow_lora_spec(family).target_modules, 4)
-        add_roles(pipe.transformer, flow_lora_spec(family, rank=4), flow_lora_spec(family, rank=2))
+        expected_count = lora_parameter_count(pipe.transformer, ref.flow_lora_spec(family).target_modules, 4)
+        add_roles(pipe.transformer, ref.flow_lora_spec(family, rank=4), ref.flow_lora_spec(family, rank=2))
         # every target kind got a LoRA layer, in both adapters
         names = {n.split(".lora_A.")[0] for n in lora_parameters(pipe.transformer, STUDENT) if ".lora_A." in n}
         targets = SD3_TARGET_MODULES if family == "sd3" else FLUX_TARGET_MODULES
@@ -167,7 +168,7 @@ def test_pipeline_load_lora_weights_reproduces_the_in_memory_student(folders, fa
     pipeline_class = StableDiffusion3Pipeline if family == "sd3" else FluxPipeline
     pipe = load(folders[family])
     # alpha != rank, so the file must carry lora_alpha for the scale to come out right
-    add_roles(pipe.transformer, flow_lora_spec(family, rank=4, alpha=8))
+    add_roles(pipe.transformer, ref.flow_lora_spec(family, rank=4, alpha=8))
     with torch.no_grad():
         for name, p in lora_parameters(pipe.transformer, STUDENT).items():
             if "lora_B" in name:  # zero at init: make the student differ from the teacher, or the test cannot fail
@@ -180,7 +181,7 @@ def test_pipeline_load_lora_weights_reproduces_the_in_memory_student(folders, fa
         teacher = _our_sample(pipe, family, x, n)
     assert (student - teacher).abs().max() > 1e-2
 
-    lora_dir = save_diffusers_lora(pipeline_class, pipe.transformer, tmp_path / "lora")
+    lora_dir = ref.save_diffusers_lora(pipeline_class, pipe.transformer, tmp_path / "lora")
     fresh = load(folders[family])
     fresh.load_lora_weights(str(lora_dir))
     loaded = _pipeline_sample(fresh, family, x, n)
@@ -195,16 +196,16 @@ def test_block_features_on_the_latent_grid(folders, family):
     pipe = load(folders[family])
     x, t = _latents(5), torch.full([2], 400.0)
     if family == "sd3":
-        cond, _ = fd.encode_prompt_sd3(pipe, PROMPTS, max_sequence_length=MAX_TOKENS, guidance=False)
+        cond, _ = ref.encode_prompt_sd3(pipe, PROMPTS, max_sequence_length=MAX_TOKENS, guidance=False)
         blocks, guidance = [0, 1], None
     else:
-        cond = fd.encode_prompt_flux(pipe, PROMPTS, max_sequence_length=MAX_TOKENS)
+        cond = ref.encode_prompt_flux(pipe, PROMPTS, max_sequence_length=MAX_TOKENS)
         blocks, guidance = [0, 1], FLUX_GUIDANCE  # FLUX: block 0 is the joint block, 1 the single block
-    assert len(fd.transformer_blocks(pipe.transformer)) == 2
+    assert len(ref.transformer_blocks(pipe.transformer)) == 2
     with torch.no_grad():
-        feats = fd.block_features(pipe.transformer, x, t, cond, blocks, flux_guidance=guidance)
-        first_only = fd.block_features(pipe.transformer, x, t, cond, [0], flux_guidance=guidance)
-    channels = fd.feature_channels(pipe.transformer, blocks)
+        feats = ref.block_features(pipe.transformer, x, t, cond, blocks, flux_guidance=guidance)
+        first_only = ref.block_features(pipe.transformer, x, t, cond, [0], flux_guidance=guidance)
+    channels = ref.feature_channels(pipe.transformer, blocks)
     assert [f.shape for f in feats] == [torch.Size([2, c, LATENT // 2, LATENT // 2]) for c in channels]
     torch.testing.assert_close(first_only[0], feats[0])  # stopping early changes nothing before the stop
     assert not torch.allclose(feats[0], feats[1])
@@ -217,9 +218,9 @@ def test_block_features_on_the_latent_grid(folders, family):
     def keep(_module, _inputs, output):
         captured["o"] = output[1]
 
-    handle = fd.transformer_blocks(pipe.transformer)[0].register_forward_hook(keep)
+    handle = ref.transformer_blocks(pipe.transformer)[0].register_forward_hook(keep)
     with torch.no_grad():
-        fd.flow_velocity(pipe.transformer, x, t, cond, flux_guidance=guidance)
+        ref.flow_velocity(pipe.transformer, x, t, cond, flux_guidance=guidance)
     handle.remove()
     tokens = captured["o"]
     r, c = 1, 3
@@ -234,7 +235,7 @@ def _with_roles(folders, family, trainable, checkpointing):
 
     pipe = load(folders[family])
     torch.manual_seed(0)
-    add_roles(pipe.transformer, flow_lora_spec(family, rank=4), flow_lora_spec(family, rank=2))
+    add_roles(pipe.transformer, ref.flow_lora_spec(family, rank=4), ref.flow_lora_spec(family, rank=2))
     with torch.no_grad():
         for name, p in pipe.transformer.named_parameters():
             if "lora_B" in name:
@@ -269,20 +270,20 @@ def test_student_gradients_reach_only_its_adapter_also_with_role_aware_checkpoin
 
 def test_default_feature_blocks(folders):
     pipe = load(folders["sd3"])
-    assert fd.default_feature_blocks(pipe.transformer) == [0, 1]
-    assert fd.default_feature_blocks(pipe.transformer, every=2) == [0]
+    assert ref.default_feature_blocks(pipe.transformer) == [0, 1]
+    assert ref.default_feature_blocks(pipe.transformer, every=2) == [0]
 
 
 def test_sd3_teacher_trajectory_ends_where_the_pipeline_ends_on_the_same_fine_grid(folders):
     pipe = load(folders["sd3"])
-    schedule = fm.FlowSchedule.from_config(pipe.scheduler.config)
+    schedule = FlowSchedule.from_config(pipe.scheduler.config)
     coarse, k = schedule.trailing_sigmas(2), 3
     grid = schedule.slot_grid(coarse, k)
-    cond, uncond = fd.encode_prompt_sd3(pipe, PROMPTS, max_sequence_length=MAX_TOKENS)
+    cond, uncond = ref.encode_prompt_sd3(pipe, PROMPTS, max_sequence_length=MAX_TOKENS)
     x = _latents(11)
     with torch.no_grad():
-        positions, _ = fm.teacher_trajectory(
-            lambda z, t: fd.sd3_guided_velocity(pipe.transformer, z, t, cond, uncond, SD3_CFG), x, coarse, k, schedule
+        positions, _ = ref.teacher_trajectory(
+            lambda z, t: ref.sd3_guided_velocity(pipe.transformer, z, t, cond, uncond, SD3_CFG), x, coarse, k, schedule
         )
     # the pipeline shifts the sigmas it is given: hand it the fine grid before the shift
     unshifted = schedule.remove_shift(grid[:-1].double().numpy()).tolist()
@@ -302,12 +303,12 @@ def test_block_features_train_the_discriminator_adapter_also_with_checkpointing(
         head = Head(32, kernel_size=1)
         x, t = _latents(9), torch.full([2], 300.0)
         if family == "sd3":
-            cond, _ = fd.encode_prompt_sd3(pipe, PROMPTS, max_sequence_length=MAX_TOKENS, guidance=False)
+            cond, _ = ref.encode_prompt_sd3(pipe, PROMPTS, max_sequence_length=MAX_TOKENS, guidance=False)
         else:
-            cond = fd.encode_prompt_flux(pipe, PROMPTS, max_sequence_length=MAX_TOKENS)
+            cond = ref.encode_prompt_flux(pipe, PROMPTS, max_sequence_length=MAX_TOKENS)
         guidance = FLUX_GUIDANCE if family == "flux" else None
         with discriminator_role(pipe.transformer):
-            feats = fd.block_features(pipe.transformer, x, t, cond, [0], flux_guidance=guidance)
+            feats = ref.block_features(pipe.transformer, x, t, cond, [0], flux_guidance=guidance)
         with student_role(pipe.transformer), torch.no_grad():
             _one_call(pipe, family)()  # another role before backward
         head(feats[0]).mean().backward()

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from rapm import flow_denoisers as fd
-from rapm import flowmatch as fm
+from rapm.families import family_named
+from rapm.families.flow import pack_latents, unpack_latents
+from rapm.flowmatch import FlowSchedule
+from tests import flow_reference as ref
 from tests.cli_run import invoke_ok as _invoke
 from tests.tiny_flow import BUILD, IMAGE, LATENT, MAX_TOKENS, load
 
@@ -42,12 +44,12 @@ def flow(tmp_path_factory, request):
 
 
 def _velocity(family, pipe, prompts):
-    """The teacher's velocity as the pipeline runs it (SD3: CFG 7; FLUX: guidance embedding 3.5), by rapm.flow_denoisers."""
+    """The teacher's velocity as the pipeline runs it (SD3: CFG 7; FLUX: guidance embedding 3.5), by tests/flow_reference.py."""
     if family == "sd3":
-        cond, uncond = fd.encode_prompt_sd3(pipe, prompts, max_sequence_length=MAX_TOKENS)
-        return cond, lambda z, t: fd.sd3_guided_velocity(pipe.transformer, z, t, cond, uncond, GUIDANCE[family])
-    cond = fd.encode_prompt_flux(pipe, prompts, max_sequence_length=MAX_TOKENS)
-    return cond, lambda z, t: fd.flux_velocity(pipe.transformer, z, t, cond, GUIDANCE[family])
+        cond, uncond = ref.encode_prompt_sd3(pipe, prompts, max_sequence_length=MAX_TOKENS)
+        return cond, lambda z, t: ref.sd3_guided_velocity(pipe.transformer, z, t, cond, uncond, GUIDANCE[family])
+    cond = ref.encode_prompt_flux(pipe, prompts, max_sequence_length=MAX_TOKENS)
+    return cond, lambda z, t: ref.flux_velocity(pipe.transformer, z, t, cond, GUIDANCE[family])
 
 
 def test_trajectories_are_the_teachers_euler_steps_on_the_trailing_sigmas(flow):
@@ -57,8 +59,8 @@ def test_trajectories_are_the_teachers_euler_steps_on_the_trailing_sigmas(flow):
     family, root, teacher, store_dir = flow
     manifest = json.loads((store_dir / "manifest.json").read_text())
     pipe = load(teacher)
-    schedule = fm.FlowSchedule.from_config(pipe.scheduler.config)
-    mu = schedule.mu(fd.image_seq_len(family, LATENT, LATENT)) if family == "flux" else None
+    schedule = FlowSchedule.from_config(pipe.scheduler.config)
+    mu = schedule.mu(family_named(family).image_seq_len((16, LATENT, LATENT))) if family == "flux" else None
     coarse = schedule.trailing_sigmas(STEPS, mu)  # FluxPipeline's own σ (dynamic shift μ of 16 tokens)
     assert manifest["teacher"]["family"] == family and manifest["guidance"] == GUIDANCE[family]
     assert manifest["timesteps"] == pytest.approx((coarse * 1000).tolist()) and manifest["timesteps"][-1] == 0
@@ -75,9 +77,9 @@ def test_trajectories_are_the_teachers_euler_steps_on_the_trailing_sigmas(flow):
     x = initial_noise([0, 1], (16, LATENT, LATENT))
 
     with torch.no_grad():
-        positions, _ = fm.teacher_trajectory(velocity, x, coarse, SUBSTEPS, schedule, mu)
+        positions, _ = ref.teacher_trajectory(velocity, x, coarse, SUBSTEPS, schedule, mu)
         # the Δ-step: one Euler step of Δ / 1000 in σ from each slot's start, with the teacher's velocity there
-        steps = [fm.euler_step(positions[:, j], velocity(positions[:, j], (coarse[j] * 1000).expand(2)), coarse[j],
+        steps = [ref.euler_step(positions[:, j], velocity(positions[:, j], (coarse[j] * 1000).expand(2)), coarse[j],
                                coarse[j] - delta / 1000) for j in range(STEPS)]
     torch.testing.assert_close(batch.latents, positions, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(batch.delta_latents, torch.stack(steps, 1), rtol=1e-5, atol=1e-5)
@@ -88,7 +90,7 @@ def test_trajectories_are_the_teachers_euler_steps_on_the_trailing_sigmas(flow):
 
 @pytest.mark.parametrize("method", ["rapm", "sfd", "rapm-paper", "rapm-relative"])  # -paper: D1, D2 on joint blocks
 def test_train_through_the_cli_trains_the_transformer_student(flow, method):
-    from rapm.flow_lora import FLUX_TARGET_MODULES, SD3_TARGET_MODULES
+    from rapm.roles import FLUX_TARGET_MODULES, SD3_TARGET_MODULES
     from rapm.run import load_student, read_run_config
 
     family, root, teacher, store = flow
@@ -167,11 +169,11 @@ def test_export_loads_in_a_fresh_pipeline_and_gives_rapm_samples_images(flow):
     if family == "sd3":
         kwargs.update(sigmas=list(np.linspace(1.0, 1.0 / STEPS, STEPS)), latents=x)
     else:
-        kwargs.update(latents=fd.pack_latents(x))
+        kwargs.update(latents=pack_latents(x))
 
     def pipeline_latents():
         out = fresh(**kwargs).images
-        return out if family == "sd3" else fd.unpack_latents(out, LATENT, LATENT)
+        return out if family == "sd3" else unpack_latents(out, LATENT, LATENT)
 
     torch.testing.assert_close(pipeline_latents(), ours, rtol=1e-4, atol=1e-4)
     fresh.fuse_lora()
@@ -211,7 +213,7 @@ def test_the_flow_schedule_makes_the_ddim_step_the_euler_step_and_renoises_on_th
     g = torch.Generator().manual_seed(0)
     z, v = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
     t, s = torch.tensor([900.0, 750.0, 500.0]), torch.tensor([750.0, 500.0, 0.0])
-    expected = torch.stack([fm.euler_step(z[i:i + 1], v[i:i + 1], t[i] / 1000, s[i] / 1000)[0] for i in range(3)])
+    expected = torch.stack([ref.euler_step(z[i:i + 1], v[i:i + 1], t[i] / 1000, s[i] / 1000)[0] for i in range(3)])
     torch.testing.assert_close(ddim_step(schedule, z, v, t, s), expected, rtol=1e-6, atol=1e-6)
     x0, eps = predict_x0_eps(schedule, z, v, t)
     torch.testing.assert_close((eps - x0).float(), v, rtol=1e-6, atol=1e-6)  # v = eps - x0

@@ -4,7 +4,7 @@ Their denoisers are transformers that predict a velocity v = eps - x0 on x_t = (
 ``rapm.diffusion.Schedule`` of kind "flow" (positions t = σ · 1000, floats), so the DDIM step, the renoising and every
 method are the UNet families' code (docs/flow-matching.md: the DDIM step in this (alpha, sigma) form is the Euler
 step). What is theirs is here: the pipeline that encodes prompts (its own ``encode_prompt``), the one transformer
-call (FLUX packs its latents and takes its guidance embedding inside ``rapm.flow_denoisers.flux_velocity``), the
+call (FLUX packs its latents into 2x2 patches and takes rotary ids and its guidance embedding), the
 discriminator's feature blocks (the joint blocks' image tokens on the token grid) and the LoRA export names.
 """
 
@@ -24,6 +24,33 @@ def transformer_dtype(transformer: torch.nn.Module) -> torch.dtype:
     """The dtype of the transformer's own weights (its LoRA adapters may be float32 beside bfloat16 weights)."""
     proj = getattr(getattr(transformer, "pos_embed", None), "proj", None) or getattr(transformer, "x_embedder", None)
     return proj.weight.dtype if proj is not None else next(transformer.parameters()).dtype
+
+
+# FLUX's packed latents and position ids (the layout of FluxPipeline._pack_latents / _prepare_latent_image_ids).
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] to [B, (H/2)(W/2), 4C]: each 2x2 patch a token, channels-major within the patch."""
+    b, c, h, w = latents.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"FLUX latents need even height and width, got {h}x{w}")
+    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The inverse of ``pack_latents`` for latents of ``height`` x ``width``."""
+    b, _, d = tokens.shape
+    x = tokens.reshape(b, height // 2, width // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, height, width)
+
+
+def latent_image_ids(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """[(H/2)(W/2), 3] rotary ids of the image tokens: (0, row, col) in packing order."""
+    rows = torch.arange(height // 2).repeat_interleave(width // 2)
+    cols = torch.arange(width // 2).repeat(height // 2)
+    ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=1)
+    return ids.to(device=device, dtype=dtype)
 
 
 class FlowFamily(Family):
@@ -58,9 +85,7 @@ class FlowFamily(Family):
 
     def image_seq_len(self, latent_shape) -> int:
         """Image tokens of the transformer (2x2 patches): the length FLUX's dynamic shift μ depends on."""
-        from rapm.flow_denoisers import image_seq_len
-
-        return image_seq_len(self.name, latent_shape[1], latent_shape[2])
+        return (latent_shape[1] // 2) * (latent_shape[2] // 2)
 
     def sequence_length(self, teacher) -> int:
         tok = teacher.tokenizers[-1]
@@ -147,10 +172,13 @@ class SD3Family(FlowFamily):
         return ("5-medium" if get("dual_attention_layers", None) else "5-large"), False
 
     def encode(self, teacher, prompts: Sequence[str]) -> Conditioning:
-        from rapm.flow_denoisers import encode_prompt_sd3
-
-        cond, _ = encode_prompt_sd3(teacher.pipeline, prompts, None, self.sequence_length(teacher), guidance=False)
-        return Conditioning(cond.prompt_embeds.float(), cond.pooled_prompt_embeds.float())
+        """The joint sequence (two CLIP penultimate states padded to T5's width, then T5) and the pooled CLIP
+        projections, as StableDiffusion3Pipeline's ``encode_prompt`` makes them."""
+        pipe = teacher.pipeline
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt=list(prompts), prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
+            max_sequence_length=self.sequence_length(teacher), device=pipe.transformer.device)
+        return Conditioning(embeds.float(), pooled.float())
 
     def denoise(self, denoiser, z: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """SD3's velocity at the scheduler timestep t = σ · 1000 (float), in float32."""
@@ -193,10 +221,13 @@ class FluxFamily(FlowFamily):
         return (int(denoiser_config.get("in_channels", 64)) // 4, int(size), int(size))
 
     def encode(self, teacher, prompts: Sequence[str]) -> Conditioning:
-        from rapm.flow_denoisers import encode_prompt_flux
-
-        cond = encode_prompt_flux(teacher.pipeline, prompts, self.sequence_length(teacher))
-        return Conditioning(cond.prompt_embeds.float(), cond.pooled_prompt_embeds.float())
+        """The T5 sequence and CLIP's pooled output, as FluxPipeline's ``encode_prompt`` makes them (its text ids are
+        zeros, which ``denoise`` builds)."""
+        pipe = teacher.pipeline
+        embeds, pooled, _ = pipe.encode_prompt(prompt=list(prompts), prompt_2=None,
+                                               max_sequence_length=self.sequence_length(teacher),
+                                               device=pipe.transformer.device)
+        return Conditioning(embeds.float(), pooled.float())
 
     def with_guidance(self, cond: Conditioning, guidance: float | torch.Tensor) -> Conditioning:
         from dataclasses import replace
@@ -208,8 +239,6 @@ class FluxFamily(FlowFamily):
 
     def denoise(self, denoiser, z: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """FLUX's velocity at the scheduler timestep t = σ · 1000 (the transformer takes σ), in float32."""
-        from rapm.flow_denoisers import latent_image_ids, pack_latents, unpack_latents
-
         dtype = transformer_dtype(denoiser)
         b, _, h, w = z.shape
         t = torch.as_tensor(t, device=z.device).float()
@@ -239,4 +268,5 @@ class FluxFamily(FlowFamily):
 SD3 = SD3Family()
 FLUX = FluxFamily()
 
-__all__ = ["FlowFamily", "SD3Family", "SD3", "FluxFamily", "FLUX", "FLUX_TARGET_MODULES", "transformer_dtype"]
+__all__ = ["FlowFamily", "SD3Family", "SD3", "FluxFamily", "FLUX", "transformer_dtype", "pack_latents", "unpack_latents",
+           "latent_image_ids"]

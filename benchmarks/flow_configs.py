@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from rapm.roles import matches_target
+
 SD3_MEDIUM_TRANSFORMER = dict(
     sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
     joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
@@ -45,8 +47,6 @@ def parameter_count(module: torch.nn.Module, trainable_only: bool = False) -> in
 def lora_parameter_count(module: torch.nn.Module, target_modules: list[str], rank: int) -> int:
     """Parameters of one rank-``rank`` LoRA on the Linear layers that are targets (``rapm.roles.matches_target``, the
     matching peft is given)."""
-    from rapm.roles import matches_target
-
     total = 0
     for name, layer in module.named_modules():
         if isinstance(layer, torch.nn.Linear) and matches_target(name, target_modules):

@@ -1,33 +1,155 @@
-"""One denoiser call for flow-matching transformers: SD3's MMDiT and FLUX.1's packed-latent transformer.
+"""Reference implementations of the flow-matching teachers' math, written from the diffusers pipelines, that the tests
+check rapm's one code path against (``rapm.families.flow``, ``rapm.diffusion.Schedule`` of kind "flow").
 
-Everything the trainer sees is a latent [B, 16, H, W] and a velocity of the same shape
-(rapm.flowmatch): the differences stay here.
-
-* SD3 (``SD3Transformer2DModel``): patches itself; takes the scheduler timestep (σ · 1000), the
-  joint text sequence (two CLIP penultimate states padded to T5's width, then T5) and the pooled
-  CLIP projections. Classifier-free guidance is a batched [uncond; cond] pass, as the pipeline does it.
-* FLUX.1 (``FluxTransformer2DModel``): takes latents packed into 2x2 patches ([B, HW/4, 64]),
-  the rotary position ids of the image tokens (0, row, col) and of the text tokens (zeros), the
-  timestep as σ (the pipeline's t / 1000), the CLIP pooled output, the T5 sequence and, for
-  FLUX.1-dev, the distilled guidance value as an embedding (no CFG pass).
-
-Prompts are encoded by the pipelines' own ``encode_prompt`` on a pipeline object built from the
-loaded components, so the embeddings are the pipelines' exactly. Discriminator features are the
-image-token outputs of chosen transformer blocks, reshaped to the token grid (PCM's SD3 script
-puts its heads on every joint block's image tokens).
+* The straight line x_t = (1 - σ) x_0 + σ ε and its conversions, the Euler step and DDIM in (α = 1 - σ, σ) (equal),
+  the pipelines' coarse σ, an Euler sampler and the teacher's trajectory with its Δ-steps.
+* The denoiser calls as the pipelines make them: SD3 (the joint text sequence and pooled projections, classifier-free
+  guidance as one batched [uncond; cond] pass), FLUX.1 (2x2-packed latents, rotary ids, σ = t / 1000, the guidance
+  embedding of FLUX.1-dev), with the prompts encoded by the pipelines' own ``encode_prompt``.
+* Discriminator features: the image-token outputs of chosen blocks on the token grid (PCM's SD3 script puts its heads
+  on every joint block's image tokens).
+* A diffusers LoRA file written by the pipeline class's own ``save_lora_weights``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from rapm.export import adapter_metadata, adapter_state_dict
+from rapm.families import family_named
+from rapm.families.flow import latent_image_ids, pack_latents, unpack_latents
+from rapm.flowmatch import FlowSchedule
 from rapm.hooks import block_outputs
+from rapm.roles import STUDENT, LoraSpec
 
 SD3 = "sd3"
 FLUX = "flux"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The straight-line parameterization and its conversions.
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """x_t = (1 - σ) x_0 + σ ε (diffusers' ``scale_noise``); ``sigma`` broadcasts against ``x0``."""
+    sigma = _as_batch(sigma, x0)
+    return (1.0 - sigma) * x0 + sigma * noise
+
+
+def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The flow-matching target v = ε - x_0."""
+    return noise - x0
+
+
+def velocity_to_x0(x_t: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """x̂_0 = x_t - σ v."""
+    return x_t - _as_batch(sigma, x_t) * v
+
+
+def velocity_to_eps(x_t: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """ε̂ = x_t + (1 - σ) v."""
+    return x_t + (1.0 - _as_batch(sigma, x_t)) * v
+
+
+def x0_eps_to_velocity(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """v = ε - x_0 from a pair of predictions."""
+    return eps - x0
+
+
+def x0_to_velocity(x_t: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """v = (x_t - x_0) / σ (σ > 0)."""
+    return (x_t - x0) / _as_batch(sigma, x_t)
+
+
+def eps_to_velocity(x_t: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """v = (ε - x_t) / (1 - σ) (σ < 1)."""
+    return (eps - x_t) / (1.0 - _as_batch(sigma, x_t))
+
+
+def euler_step(
+    x_t: torch.Tensor, v: torch.Tensor, sigma_from: torch.Tensor | float, sigma_to: torch.Tensor | float
+) -> torch.Tensor:
+    """The deterministic step x_s = x_t + (σ_s - σ_t) v, in float32 as diffusers' scheduler.step computes it."""
+    dtype = x_t.dtype
+    x = x_t.float()
+    step = _as_batch(sigma_to, x) - _as_batch(sigma_from, x)
+    return (x + step * v.float()).to(dtype)
+
+
+def ddim_step(
+    x_t: torch.Tensor, v: torch.Tensor, sigma_from: torch.Tensor | float, sigma_to: torch.Tensor | float
+) -> torch.Tensor:
+    """DDIM in (α = 1 - σ, σ): x_s = α_s x̂_0 + σ_s ε̂; equal to ``euler_step`` (tests/test_flowmatch.py)."""
+    x0 = velocity_to_x0(x_t, v, sigma_from)
+    eps = velocity_to_eps(x_t, v, sigma_from)
+    sigma_to = _as_batch(sigma_to, x_t)
+    return (1.0 - sigma_to) * x0 + sigma_to * eps
+
+
+def _as_batch(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """A scalar or per-sample [B] σ as a tensor broadcasting over ``like``'s trailing dims."""
+    t = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    if t.ndim == 1 and like.ndim > 1:
+        t = t.reshape(-1, *([1] * (like.ndim - 1)))
+    return t
+
+
+def flux_coarse_sigmas(schedule: FlowSchedule, num_steps: int, image_seq_len: int) -> torch.Tensor:
+    """The σ of diffusers' FluxPipeline for num_steps: ``sigmas=np.linspace(1, 1/N, N)`` and μ from the token count."""
+    return schedule.trailing_sigmas(num_steps, mu=schedule.mu(image_seq_len))
+
+
+def pipeline_coarse_sigmas(schedule: FlowSchedule, family: str, num_steps: int, image_seq_len: int) -> torch.Tensor:
+    """The N-step σ of the family's diffusers pipeline: FluxPipeline's, or StableDiffusion3Pipeline's (μ if dynamic)."""
+    if family == "flux":
+        return flux_coarse_sigmas(schedule, num_steps, image_seq_len)
+    if family != "sd3":
+        raise ValueError(f"family must be 'sd3' or 'flux', got {family!r}")
+    return schedule.coarse_sigmas(num_steps, mu=schedule.mu(image_seq_len) if schedule.use_dynamic_shifting else None)
+
+
+def slot_mu(schedule: FlowSchedule, image_seq_len: int) -> float | None:
+    """The μ a fine grid needs (``fine_sigmas``/``slot_grid``): the image's μ with dynamic shifting, else None."""
+    return schedule.mu(image_seq_len) if schedule.use_dynamic_shifting else None
+
+
+def sample_euler(velocity, latents: torch.Tensor, sigmas: torch.Tensor, schedule: FlowSchedule) -> torch.Tensor:
+    """Integrate the flow ODE from ``sigmas[0]`` to ``sigmas[-1]`` with Euler steps: ``velocity(x, timestep)`` per step.
+
+    ``timestep`` is the [B] scheduler timestep (σ · num_train_timesteps), as the pipelines pass it.
+    """
+    x = latents
+    for i in range(len(sigmas) - 1):
+        timestep = schedule.model_timestep(sigmas[i]).expand(x.shape[0]).to(x.dtype)
+        v = velocity(x, timestep)
+        x = euler_step(x, v, sigmas[i], sigmas[i + 1])
+    return x
+
+
+def teacher_trajectory(
+    velocity, noise: torch.Tensor, coarse: torch.Tensor, k: int, schedule: FlowSchedule, mu: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's trajectory through the N coarse σ with k Euler steps per slot (``fine_sigmas``).
+
+    Returns the positions at the coarse σ, [B, N + 1, ...] (index 0 is the noise at ``coarse[0]``), and the
+    Δ-step of each slot, [B, N, ...]: the position after the slot's first fine step (decision 8; at k = 1 it is
+    the slot's end). ``velocity(x, timestep)`` as in ``sample_euler``.
+    """
+    positions, delta_steps = [noise], []
+    x = noise
+    for i in range(len(coarse) - 1):
+        fine = schedule.fine_sigmas(float(coarse[i]), float(coarse[i + 1]), k, mu)
+        for j in range(k):
+            timestep = schedule.model_timestep(fine[j]).expand(x.shape[0]).to(x.dtype)
+            x = euler_step(x, velocity(x, timestep), fine[j], fine[j + 1])
+            if j == 0:
+                delta_steps.append(x)
+        positions.append(x)
+    return torch.stack(positions, dim=1), torch.stack(delta_steps, dim=1)
 
 
 @dataclass
@@ -88,39 +210,6 @@ def encode_prompt_flux(pipe, prompts: Sequence[str], max_sequence_length: int = 
         prompt=list(prompts), prompt_2=None, max_sequence_length=max_sequence_length, device=pipe.transformer.device
     )
     return FlowConditioning(embeds, pooled, text_ids)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# FLUX's packed latents and position ids (the layout of FluxPipeline._pack_latents / _prepare_latent_image_ids).
-
-
-def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] to [B, (H/2)(W/2), 4C]: each 2x2 patch a token, channels-major within the patch."""
-    b, c, h, w = latents.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"FLUX latents need even height and width, got {h}x{w}")
-    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The inverse of ``pack_latents`` for latents of ``height`` x ``width``."""
-    b, _, d = tokens.shape
-    x = tokens.reshape(b, height // 2, width // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, d // 4, height, width)
-
-
-def latent_image_ids(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """[(H/2)(W/2), 3] rotary ids of the image tokens: (0, row, col) in packing order."""
-    rows = torch.arange(height // 2).repeat_interleave(width // 2)
-    cols = torch.arange(width // 2).repeat(height // 2)
-    ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=1)
-    return ids.to(device=device, dtype=dtype)
-
-
-def image_seq_len(family: str, height: int, width: int, patch_size: int = 2) -> int:
-    """Transformer image tokens for a latent of height x width (the length FLUX's dynamic shift depends on)."""
-    return (height // patch_size) * (width // patch_size)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -245,3 +334,32 @@ def block_features(
         call = lambda: sd3_velocity(transformer, latents, timestep, cond)  # noqa: E731
     block_outputs(transformer, [all_blocks[i] for i in wanted], all_blocks[wanted[-1]], keep, call)
     return [kept[i % len(all_blocks)] for i in blocks]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA roles on a transformer and the diffusers LoRA file.
+
+
+# Defaults from the public scripts (docs/flow-matching.md): PCM's SD3 run.sh uses rank 32; diffusers' SD3/FLUX
+# LoRA scripts default to rank 4 with lora_alpha = rank. rapm keeps alpha = rank (scale 1) for these families.
+FLOW_LORA_RANK = 32
+
+
+def flow_lora_spec(family: str, rank: int = FLOW_LORA_RANK, alpha: float | None = None, target_modules=None) -> LoraSpec:
+    """The student / discriminator LoraSpec for ``sd3`` or ``flux`` (alpha defaults to the rank; the targets to the
+    family's own, ``Family.lora_targets``)."""
+    if target_modules is None:
+        target_modules = family_named(family).lora_targets
+    return LoraSpec(rank=rank, alpha=float(rank if alpha is None else alpha), target_modules=list(target_modules))
+
+
+def save_diffusers_lora(pipeline_class, transformer: torch.nn.Module, folder: str | Path, adapter: str = STUDENT) -> Path:
+    """Write ``adapter`` as the LoRA file ``pipeline_class.load_lora_weights(folder)`` loads (alpha in the metadata)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # peft's keys on a diffusers transformer are already diffusers' (the prefix "transformer." is added on save).
+    pipeline_class.save_lora_weights(
+        str(folder), transformer_lora_layers=adapter_state_dict(transformer, adapter),
+        transformer_lora_adapter_metadata=adapter_metadata(transformer, adapter),
+    )
+    return folder
