@@ -32,8 +32,8 @@ def vocabulary() -> list[str]:
 
 
 def build_modules(seed: int = 0):
-    """The untrained tokenizer, text encoder, UNet (3 channels, 32 x 32, cross-attention at 8 px, the pooled prompt
-    added to the time embedding) and scheduler of the scenes teacher."""
+    """The untrained tokenizer, text encoder, UNet (3 channels, 32 x 32, cross-attention at 16 and 8 px, the pooled
+    prompt added to the time embedding) and scheduler of the scenes teacher."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -41,11 +41,12 @@ def build_modules(seed: int = 0):
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     text_encoder = _text_encoder(len(tokenizer), TEXT_HIDDEN, None, TOKENIZER_MAX_LENGTH, eos)
     unet = UNet2DConditionModel(
-        # cross-attention at 8 px only (down, mid, up): at 16 px too it cost 2.3x the step time (0.89 against 2.05 s
-        # at batch 32, one thread) for a world whose prompts name regions of a quarter of the image or more
+        # cross-attention at 16 and 8 px: a shape is 6-10 px, below what the 8 px map resolves, and with the prompt at
+        # 8 px only the second teacher drew shape, count and region near chance (docs/results/scenes-teacher.md); it
+        # costs 2.3x the step time (2.05 against 0.89 s at batch 32, one thread)
         sample_size=SIZE, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 48, 64),
-        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=TEXT_HIDDEN, attention_head_dim=8, norm_num_groups=16,
         # the prompt pooled into the time embedding, so every block sees it: with cross-attention alone the first
         # teacher learnt textures but ignored background, shape and count (docs/results/scenes-teacher.md)
