@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rapm.errors import RapmError
-from rapm.plugins import builtin_presets
-from rapm.roles import FLUX_TARGET_MODULES, PCM_TARGET_MODULES, SD3_TARGET_MODULES
+from rapm.plugins import builtin_presets, teacher_file
+from rapm.families import FAMILIES, family_named
+from rapm.roles import PCM_TARGET_MODULES
 
 
 class ConfigError(RapmError):
@@ -102,22 +103,9 @@ class TrainConfig:
 
 
 PRESETS: dict[str, dict] = {
-    # PCM's SD 1.5 adversarial LoRA script (docs/references.md).
-    "sd15": {},
-    # PCM's SDXL script: lower LR, no weight decay, a lighter discriminator (down + mid blocks, 1 head, 1x1 convs).
-    "sdxl": dict(lr=2e-6, weight_decay=0.0, disc_levels="down_mid", disc_heads_per_level=1, disc_kernel_size=1),
-    # The paper's SDXL run: LoRA rank 1 (RAPM README, ~7 MB).
-    "sdxl-rank1": dict(lr=2e-6, weight_decay=0.0, disc_levels="down_mid", disc_heads_per_level=1, disc_kernel_size=1,
-                       lora_rank=1, lora_alpha=1.0, disc_lora_rank=1, disc_lora_alpha=1.0),
-    # Flow-matching teachers (docs/flow-matching.md, docs/defaults.md): PCM's SD3 run.sh (rank 32, lr 5e-6, weight
-    # decay 1e-3) with alpha = rank (diffusers' LoRA scripts), diffusers' SD3 / FLUX LoRA targets, PCM's SD3
-    # discriminator heads (1x1 convs, one per joint block).
-    "sd3": dict(lora_rank=32, lora_alpha=32.0, lora_targets=list(SD3_TARGET_MODULES), disc_lora_rank=32,
-                disc_lora_alpha=32.0, disc_heads_per_level=1, disc_kernel_size=1),
-    "flux": dict(lora_rank=32, lora_alpha=32.0, lora_targets=list(FLUX_TARGET_MODULES), disc_lora_rank=32,
-                 disc_lora_alpha=32.0, disc_heads_per_level=1, disc_kernel_size=1, mixed_precision="bf16",
-                 gradient_checkpointing=True),
-    # The built-in teachers' own presets come from their folders (rapm.plugins): "digits", in rapm/demo/teacher/rapm.json.
+    # each family's (``Family.presets``), then the built-in teachers' from their folders (rapm.plugins): "digits", in
+    # rapm/demo/teacher/rapm.json
+    **{name: values for family in FAMILIES for name, values in family.presets.items()},
     **builtin_presets(),
 }
 
@@ -129,9 +117,6 @@ def split_seed(config: TrainConfig) -> int:
 
 def default_preset(teacher: str, family: str) -> str:
     """The teacher's own preset (its rapm.json), else its family's."""
-    from rapm.families import family_named
-    from rapm.plugins import teacher_file
-
     return teacher_file(teacher).get("preset") or family_named(family).preset
 
 

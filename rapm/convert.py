@@ -20,17 +20,7 @@ from typing import Optional
 
 import typer
 
-from rapm.families import PICKLE_SUFFIXES, TeacherError, family_named
-
-# (a tensor-name prefix, the family, what the file is): the first that a key starts with decides
-_SIGNATURES = (
-    ("conditioner.embedders.1.", "sdxl", "SDXL"),
-    ("cond_stage_model.model.", "sd", "SD 2.x"),
-    ("cond_stage_model.transformer.", "sd", "SD 1.x"),
-)
-_NOT_HERE = (("model.diffusion_model.joint_blocks.", "SD3"), ("double_blocks.", "FLUX.1"),
-             ("model.diffusion_model.double_blocks.", "FLUX.1"))
-
+from rapm.families import FAMILIES, PICKLE_SUFFIXES, TeacherError, family_named
 
 def single_file_kind(path: Path) -> tuple[str, str]:
     """(family, label) of a single-file checkpoint, from its tensor names; TeacherError naming the file otherwise."""
@@ -41,16 +31,19 @@ def single_file_kind(path: Path) -> tuple[str, str]:
             keys = list(f.keys())
     except Exception as e:  # noqa: BLE001 - any failure to read the header: not a usable safetensors file
         raise TeacherError(f"{path}: not a readable .safetensors checkpoint ({type(e).__name__}: {e})") from None
-    for prefix, family, label in _SIGNATURES:
-        if any(k.startswith(prefix) for k in keys):
+    # the families rapm converts first (their signatures are text encoders'), then those it names a folder for
+    for family in sorted(FAMILIES, key=lambda f: f.single_file_kwargs is None):
+        for prefix, label in family.single_file_signatures:
+            if not any(k.startswith(prefix) for k in keys):
+                continue
+            if family.single_file_kwargs is None:
+                raise TeacherError(f"{path}: a single file of {label}; rapm converts SD 1.x / 2.x / SDXL checkpoints. "
+                                   f"Give the {label} diffusers folder as --teacher (the model's repository in "
+                                   "diffusers layout)")
             if not any(k.startswith("model.diffusion_model.") for k in keys):
                 raise TeacherError(f"{path}: holds a text encoder ({label}) but no UNet (model.diffusion_model.*): "
                                    "not a whole checkpoint; give the model's full .safetensors file")
-            return family, label
-    for prefix, label in _NOT_HERE:
-        if any(k.startswith(prefix) for k in keys):
-            raise TeacherError(f"{path}: a single file of {label}; rapm converts SD 1.x / 2.x / SDXL checkpoints. Give the "
-                               f"{label} diffusers folder as --teacher (the model's repository in diffusers layout)")
+            return family.name, label
     raise TeacherError(f"{path}: no SD 1.x / 2.x / SDXL checkpoint's tensors (cond_stage_model.* or conditioner.*, "
                        "model.diffusion_model.*); rapm converts A1111 / civitai single files of those models")
 

@@ -46,6 +46,7 @@ import typer
 
 import rapm
 from rapm.errors import RapmError
+from rapm.families import TeacherError, family_named
 from rapm.folders import FolderError, LockError, output_lock, refuse_link
 from rapm.lora import FACTS_NAME, base_unet_fingerprint, read_export_facts  # noqa: F401 (exported from here too)
 from rapm.roles import STUDENT
@@ -534,8 +535,6 @@ def _number(x: float) -> str:
 
 
 def _family(family: str):
-    from rapm.families import TeacherError, family_named
-
     try:
         return family_named(family)
     except TeacherError as e:
@@ -953,8 +952,6 @@ def export_lora(
 def _export_facts(unet, adapter: str, family: str, teacher_path, info, schedule, steps: int, guidance: float | None,
                   fmt: str, files: dict, dtype: str, meta: dict, modules: int) -> dict:
     """``rapm_lora.json``'s facts of the student and its teacher: what every reader of an export is told."""
-    from rapm.families import family_named
-
     family_def = family_named(family)
     scheduler_config = info.scheduler_config
     version, v2 = base_model_version(family, unet.config)
@@ -1244,7 +1241,6 @@ def _training_section(facts: dict) -> str:
 # ---------------------------------------------------------------------------------------------- Hub front matter
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_HUB_FAMILY_TAGS = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "sd3": "sd3", "flux": "flux"}
 
 
 def hub_model_id(teacher: str, teacher_dir: Path) -> str | None:
@@ -1272,7 +1268,7 @@ def hub_model_card(facts: dict, teacher_dir: Path, body: str) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     family = facts["teacher_family"]
-    tags = ["lora", "text-to-image", "diffusers", "rapm", _HUB_FAMILY_TAGS.get(family, family)]
+    tags = ["lora", "text-to-image", "diffusers", "rapm", _family(family).hub_tag]
     base = hub_model_id(facts["teacher"], teacher_dir)
     data = ModelCardData(base_model=base, library_name="diffusers", pipeline_tag="text-to-image",
                          tags=list(dict.fromkeys(tags)))

@@ -33,7 +33,7 @@ How to add a family (SD3, FLUX, ...):
    unpacks; a guidance that is a denoiser input (FLUX.1-dev) rides in ``Conditioning.guidance`` (``with_guidance``,
    ``cfg = False``); a family whose pipeline encodes prompts loads it in ``load_prompt_encoder``.
 2. Append an instance to ``FAMILIES`` below (the order is the order ``read_model_index`` names them in errors).
-3. Add a preset for it to ``rapm.config.PRESETS`` if its training wants other defaults.
+3. Give it ``presets`` (they join ``rapm.config.PRESETS``) if its training wants other defaults.
 4. Tests: a tiny random pipeline of the family in ``tests/tiny.py``, then the family's round trips (load,
    trajectories, train, export, load in diffusers) as tests/test_teacher.py and tests/test_export.py do for sd/sdxl.
 """
@@ -67,6 +67,11 @@ class Family:
     denoiser_class_name: str = ""
     text_encoders: tuple[tuple[str, str, str], ...] = ()  # (tokenizer subfolder, encoder subfolder, transformers class)
     preset: str = ""  # rapm.config.PRESETS name used when none is given
+    presets: dict = {}  # the training presets the family adds to rapm.config.PRESETS: name -> TrainConfig overrides
+    hub_tag: str = ""  # the Hugging Face Hub tag of the family's models, for an exported model card
+    # (a tensor-name prefix, what the file is) that marks a single-file checkpoint of this family; ``rapm convert``
+    # converts it where ``single_file_kwargs`` is not None, and otherwise names the family's diffusers folder instead
+    single_file_signatures: tuple[tuple[str, str], ...] = ()
     default_guidance: float = 1.0  # the diffusers pipeline's guidance_scale
     # PCM's public code's teacher settings for this family (``rapm trajectories --guidance pcm`` / ``--delta pcm``):
     # its guidance range in diffusers' form, drawn per trajectory, and its Δ; None where PCM trains no such teacher
@@ -77,7 +82,7 @@ class Family:
     force_zeros_for_empty_prompt: bool = False  # the pipeline's default when model_index.json does not say
     cfg: bool = True  # guidance is classifier-free guidance (False: FLUX.1-dev's guidance is an input, ``with_guidance``)
     # what the pipeline's from_single_file needs beyond the file (rapm convert): no component a teacher does not use
-    single_file_kwargs: dict = {}
+    single_file_kwargs: dict | None = None
 
     # reading and loading
     def denoiser_class(self):

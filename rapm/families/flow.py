@@ -145,6 +145,12 @@ class SD3Family(FlowFamily):
                      ("tokenizer_2", "text_encoder_2", "CLIPTextModelWithProjection"),
                      ("tokenizer_3", "text_encoder_3", "T5EncoderModel"))
     preset = "sd3"
+    # PCM's SD3 run.sh (rank 32, lr 5e-6, weight decay 1e-3) with alpha = rank (diffusers' LoRA scripts), diffusers'
+    # SD3 LoRA targets, PCM's SD3 discriminator heads (1x1 convs, one per joint block); docs/flow-matching.md
+    presets = {"sd3": dict(lora_rank=32, lora_alpha=32.0, lora_targets=list(SD3_TARGET_MODULES), disc_lora_rank=32,
+                           disc_lora_alpha=32.0, disc_heads_per_level=1, disc_kernel_size=1)}
+    hub_tag = "sd3"
+    single_file_signatures = (("model.diffusion_model.joint_blocks.", "SD3"),)
     default_guidance = 7.0  # StableDiffusion3Pipeline's guidance_scale
     lora_targets = tuple(SD3_TARGET_MODULES)
     sai_name = "stable-diffusion-3"
@@ -201,6 +207,12 @@ class FluxFamily(FlowFamily):
     denoiser_class_name = "FluxTransformer2DModel"
     text_encoders = (("tokenizer", "text_encoder", "CLIPTextModel"), ("tokenizer_2", "text_encoder_2", "T5EncoderModel"))
     preset = "flux"
+    # SD3's preset with FLUX's targets, in bf16 with gradient checkpointing (docs/defaults.md)
+    presets = {"flux": dict(lora_rank=32, lora_alpha=32.0, lora_targets=list(FLUX_TARGET_MODULES), disc_lora_rank=32,
+                            disc_lora_alpha=32.0, disc_heads_per_level=1, disc_kernel_size=1, mixed_precision="bf16",
+                            gradient_checkpointing=True)}
+    hub_tag = "flux"
+    single_file_signatures = (("double_blocks.", "FLUX.1"), ("model.diffusion_model.double_blocks.", "FLUX.1"))
     default_guidance = 3.5  # FluxPipeline's guidance_scale (FLUX.1-dev's guidance embedding)
     lora_targets = tuple(FLUX_TARGET_MODULES)
     max_sequence_length = 512  # FluxPipeline's default

@@ -35,6 +35,7 @@ class UNetFamily(Family):
     denoiser_subfolder = "unet"
     denoiser_class_name = "UNet2DConditionModel"
     lora_targets = tuple(PCM_TARGET_MODULES)  # PCM's (docs/references.md)
+    single_file_kwargs = {}  # A1111 / civitai single files convert (``rapm convert``)
 
     def latent_shape(self, denoiser_config: dict) -> tuple[int, int, int]:
         size = denoiser_config["sample_size"]
@@ -93,6 +94,9 @@ class SDFamily(UNetFamily):
     single_file_kwargs = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     text_encoders = (("tokenizer", "text_encoder", "CLIPTextModel"),)
     preset = "sd15"
+    presets = {"sd15": {}}  # PCM's SD 1.5 adversarial LoRA script (docs/references.md): the defaults
+    hub_tag = "stable-diffusion"
+    single_file_signatures = (("cond_stage_model.model.", "SD 2.x"), ("cond_stage_model.transformer.", "SD 1.x"))
     default_guidance = 7.5
     # PCM's SD 1.5 scripts: w ~ U[4, 5] in LCM's form cond + w (cond - uncond), diffusers' g = w + 1; Δ = 1000 // 50
     pcm_guidance = (5.0, 6.0)
@@ -123,6 +127,15 @@ class SDXLFamily(UNetFamily):
     text_encoders = (("tokenizer", "text_encoder", "CLIPTextModel"),
                      ("tokenizer_2", "text_encoder_2", "CLIPTextModelWithProjection"))
     preset = "sdxl"
+    presets = {
+        # PCM's SDXL script: lower LR, no weight decay, a lighter discriminator (down + mid blocks, 1 head, 1x1 convs).
+        "sdxl": dict(lr=2e-6, weight_decay=0.0, disc_levels="down_mid", disc_heads_per_level=1, disc_kernel_size=1),
+        # The paper's SDXL run: LoRA rank 1 (RAPM README, ~7 MB).
+        "sdxl-rank1": dict(lr=2e-6, weight_decay=0.0, disc_levels="down_mid", disc_heads_per_level=1,
+                           disc_kernel_size=1, lora_rank=1, lora_alpha=1.0, disc_lora_rank=1, disc_lora_alpha=1.0),
+    }
+    hub_tag = "stable-diffusion-xl"
+    single_file_signatures = (("conditioner.embedders.1.", "SDXL"),)
     default_guidance = 5.0
     pcm_guidance = (7.0, 8.0)  # PCM's SDXL scripts: w ~ U[6, 7] in LCM's form; Δ = 1000 // 40
     pcm_delta = 25
