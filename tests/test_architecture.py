@@ -87,3 +87,48 @@ def test_no_import_circle_among_rapm_modules():
 def test_no_core_module_imports_the_demo():
     offenders = {m: sorted(d for d in deps if is_demo(d)) for m, deps in graph().items() if not is_demo(m)}
     assert {m: d for m, d in offenders.items() if d} == {}
+
+
+def test_architecture_page_names_every_module():
+    page = (ROOT.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    unnamed = sorted(m.removeprefix("rapm.") for m in graph() if m != "rapm" and f"`{m.removeprefix('rapm.')}`" not in page)
+    assert unnamed == [], f"docs/architecture.md names no room for {unnamed}"
+
+
+def _strings(node) -> list[str]:
+    """The string constants of a literal: itself, or the items of a tuple, list or set."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return [s for e in node.elts for s in _strings(e)]
+    return []
+
+
+def names_tested(path: Path, names: set[str], root: Path = ROOT.parent) -> list[str]:
+    """``file:line name`` wherever ``path`` compares a value with one of ``names`` (==, !=, in, not in; either side)
+    or keys a dict literal by one."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Compare):
+            hits = [s for part in [node.left, *node.comparators] for s in _strings(part) if s in names]
+        elif isinstance(node, ast.Dict):
+            hits = [s for k in node.keys if k is not None for s in _strings(k) if s in names]
+        else:
+            continue
+        found += [f"{path.relative_to(root)}:{node.lineno} {s!r}" for s in hits]
+    return found
+
+
+def test_no_family_name_is_tested_outside_the_families():
+    from rapm.families import FAMILIES
+
+    names = {f.name for f in FAMILIES}
+    outside = [p for p in sorted(ROOT.rglob("*.py")) if "families" not in p.relative_to(ROOT).parts]
+    assert [hit for p in outside for hit in names_tested(p, names)] == []
+
+
+def test_the_family_check_finds_a_family_name_compared(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text('def f(x):\n    return x == "sdxl" or x in ("flux",) or {"sd3": 1} or x == "sdx"\n', encoding="utf-8")
+    assert names_tested(probe, {"sd", "sdxl", "sd3", "flux"}, tmp_path) == ["probe.py:2 'sdxl'", "probe.py:2 'flux'",
+                                                                            "probe.py:2 'sd3'"]
