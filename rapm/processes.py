@@ -21,12 +21,14 @@ class Processes:
     alternation trains different parameter sets on alternate steps, which DDP's fixed bucket plan does not allow.
     """
 
-    def __init__(self):
+    def __init__(self, cpu: bool | None = None):
+        """``cpu``: the processes run on CPUs (gloo), by default where no GPU is (accelerate's PartialState starts gloo
+        across CPU processes only when told so)."""
         self.rank, self.world, self.device = 0, 1, None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import PartialState
 
-            state = PartialState(cpu=not torch.cuda.is_available())
+            state = PartialState(cpu=not torch.cuda.is_available() if cpu is None else cpu)
             self.rank, self.world, self.device = state.process_index, state.num_processes, state.device
 
     @property

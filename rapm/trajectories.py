@@ -24,8 +24,6 @@ and the reader live in ``rapm.store``; this module writes.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import math
 import os
@@ -40,15 +38,15 @@ from typing import Optional, Sequence
 import torch
 import typer
 
-from rapm.diffusion import SOLVERS, coarse_timesteps, solve_positions
 from rapm.conditioning import FLOAT32_FIELDS
+from rapm.diffusion import SOLVERS, coarse_timesteps, solve_positions
 from rapm.errors import RapmError
-from rapm.folders import (STORE_MARKER, FolderError, FolderLock, is_empty, other_kind, read_marker, refuse_link,
-                          refuse_links_at, remove_files, write_marker)
-from rapm.processes import resolve_device
-from rapm.store import (DONE, DTYPES, FORMAT_VERSION, MANIFEST, NEGATIVE, PROMPTS, REQUIRED_FIELDS, StoreError,
-                        TrajectoryBatch, TrajectoryStore, atomic_write, json_bytes, manifest_bytes, num_shards, open_store,
-                        read_manifest, schedule_mismatch, sha256_text, shard_name, shard_span, unet_hash)
+from rapm.folders import refuse_link
+from rapm.processes import Processes, resolve_device
+from rapm.store import (DTYPES, FORMAT_VERSION, StoreError, TrajectoryBatch, TrajectoryStore, num_shards, open_store,
+                        shard_span, unet_hash)
+from rapm.store_writer import (POLL_SECONDS, check_folder, finish, is_complete, new_manifest, one_writer,
+                               open_for_writing, shard_complete, span_count, wait_for_shards, write_shard)
 from rapm.teacher import BUILTIN_TEACHERS, Conditioning, Teacher, guided_output, load_teacher, resolve_teacher_path
 from rapm.text import plural, quiet_library_bars
 
@@ -246,165 +244,6 @@ def _teacher_label(name_or_path: str | Path) -> str:
     return str(name_or_path) if str(name_or_path) in BUILTIN_TEACHERS else str(resolve_teacher_path(name_or_path).resolve())
 
 
-def _identity(manifest: dict) -> list[tuple[str, object]]:
-    """The fields that fix what a store holds: a rerun into the store must agree on all of them."""
-    return [
-        ("format_version", manifest["format_version"]),
-        ("teacher.family", manifest["teacher"]["family"]),
-        ("teacher.unet_hash", manifest["teacher"]["unet_hash"]),
-        ("teacher.dtype", manifest["teacher"].get("dtype")),
-        ("latent_shape", list(manifest["latent_shape"])),
-        ("steps", manifest["steps"]),
-        ("substeps", manifest["substeps"]),
-        ("solver", manifest.get("solver", "ddim")),
-        ("delta", manifest.get("delta")),
-        ("timesteps", list(manifest["timesteps"])),
-        ("guidance", manifest["guidance"]),
-        ("guidance_range", manifest.get("guidance_range")),
-        ("negative_prompt", manifest.get("negative_prompt")),
-        ("seed", manifest.get("seed")),
-        ("count", manifest["count"]),
-        ("prompts", manifest["prompts"]["sha256"]),
-        ("dtype", manifest["dtype"]),
-        ("shard_size", manifest["shard_size"]),
-    ]
-
-
-def _check_same_settings(out: Path, stored: dict, current: dict, prompts: list[str]) -> None:
-    """Refuse, naming every field that differs, when a rerun into ``out`` would mix trajectories of other settings."""
-    differences = []
-    for (field, old), (_, new) in zip(_identity(stored), _identity(current)):
-        if old == new:
-            continue
-        if field == "prompts":
-            differences.append(f"prompts differ from the store's {out / PROMPTS} ({_first_difference(out, prompts)})")
-        elif field == "count":
-            differences.append(f"count is {old} in the store but this prompts file has {plural(new, 'prompt')}")
-        else:
-            shown = (lambda v: f"{v[:12]}...") if field == "teacher.unet_hash" else repr
-            differences.append(f"{field} is {shown(old)} in the store but {shown(new)} in this run")
-    mismatch = schedule_mismatch(stored["scheduler"], current["scheduler"])
-    if mismatch:
-        differences.append(f"{mismatch} (store vs this run)")
-    if differences:
-        raise StoreError(f"{out / MANIFEST}: " + "; ".join(differences) + "; rerun with the store's settings to resume "
-                         "it, write to another --out, or pass --overwrite to replace it")
-
-
-def _first_difference(out: Path, prompts: list[str]) -> str:
-    try:
-        old = (out / PROMPTS).read_text(encoding="utf-8").split("\n")[:-1]
-    except (OSError, UnicodeDecodeError):
-        return "the store's copy cannot be read"
-    for i, (a, b) in enumerate(zip(old, prompts)):
-        if a != b:
-            return f"first at line {i + 1}: {a!r} in the store, {b!r} now"
-    return f"{plural(len(old), 'prompt')} in the store, {len(prompts)} now"
-
-
-# --- the store on disk -----------------------------------------------------------------------------------------------
-
-def _done_record(out: Path, k: int) -> Path:
-    return out / DONE / f"{Path(shard_name(k)).stem}.json"
-
-
-def _shard_complete(out: Path, k: int, start: int, count: int) -> dict | None:
-    """The done-record of shard k if it and the shard file agree (name, span, size); None means compute it."""
-    try:
-        record = json.loads(_done_record(out, k).read_text())
-        size = (out / shard_name(k)).stat().st_size
-    except (OSError, ValueError):
-        return None
-    if record.get("file") == shard_name(k) and record.get("start") == start and record.get("count") == count and record.get("bytes") == size:
-        return record
-    return None
-
-
-def _write_shard(out: Path, k: int, tensors: dict[str, torch.Tensor], metadata: dict) -> dict:
-    """Write shard k atomically, then its done-record; return the record {file, start, count, sha256, bytes}."""
-    from safetensors.torch import save
-
-    # One metadata key: safetensors writes several in a random order, which would break byte-identical reruns.
-    data = save(tensors, metadata={"rapm": json.dumps(metadata, sort_keys=True, ensure_ascii=False)})
-    for stale in out.glob(f".{shard_name(k)}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    atomic_write(out / shard_name(k), data)
-    record = {"file": shard_name(k), "start": metadata["start"], "count": metadata["count"],
-              "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    atomic_write(_done_record(out, k), json_bytes(record))
-    return record
-
-
-STORE_FILES = (MANIFEST, PROMPTS, NEGATIVE, "shard-*.safetensors")  # what rapm writes at the top of a store
-
-
-def _temp_files(out: Path) -> list[Path]:
-    """atomic_write's temp files of a store's own files (named after them): a killed writer's leftovers."""
-    found = [p for name in STORE_FILES + (STORE_MARKER,) for p in out.glob(f".{name}.*.tmp")]
-    return found + list((out / DONE).glob(".shard-*.json.*.tmp"))
-
-
-def _clear_store(out: Path) -> None:
-    """Remove what rapm wrote into ``out`` (and nothing else: regular files under its names); the marker stays. A
-    done/ that holds something else, or is a link, stays, with a warning naming it."""
-    for f in _temp_files(out) + [f for pattern in STORE_FILES for f in out.glob(pattern)]:
-        if f.is_file() and not f.is_symlink():
-            f.unlink(missing_ok=True)
-    if (out / DONE).exists() or (out / DONE).is_symlink():
-        remove_files(out / DONE, ("shard-*.json", ".shard-*.json.*.tmp"))
-
-
-def is_store(out: Path) -> bool:
-    """Whether rapm made the folder ``out``: its store marker, or (before markers) a manifest with rapm's fields."""
-    if read_marker(out, "store") is not None:
-        return True
-    try:
-        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return (isinstance(manifest, dict) and set(REQUIRED_FIELDS) <= set(manifest)
-            and isinstance(manifest.get("teacher"), dict) and "unet_hash" in manifest["teacher"])
-
-
-def _one_writer(write):
-    """Run ``write_trajectories`` holding the store's lock (the main process): a second writer refuses at once.
-
-    A folder that the call created is removed again if it fails before any shard is complete, so a refused or failed
-    first run leaves no half-made store.
-    """
-    @functools.wraps(write)
-    def locked(teacher, prompts, out, *args, **kwargs):
-        out = Path(out)
-        main = int(os.environ.get("RANK", "0")) == 0
-        kind = other_kind(out, "store") if out.is_dir() else None
-        if kind:
-            raise StoreError(f"--out {out} is a rapm {kind}, not a trajectory store; give a new or empty folder for --out")
-        if not main or (out.exists() and not out.is_dir()) or not (is_empty(out) or is_store(out)):
-            return write(teacher, prompts, out, *args, **kwargs)  # refused inside, before anything is written
-        created = not out.exists()
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise StoreError(f"--out {out}: cannot be created ({e.strerror or e}); give a writable folder") from None
-        try:
-            with FolderLock(out, "rapm trajectories"):
-                return write(teacher, prompts, out, *args, **kwargs)
-        except FolderError as e:
-            raise StoreError(str(e)) from None
-        except OSError as e:  # a read-only folder, a full disk before the first shard
-            raise StoreError(f"--out {out}: cannot be written ({e.strerror or e}); give a writable folder") from None
-        finally:
-            if created and not any((out / DONE).glob("shard-*.json")):
-                _clear_store(out)
-                (out / STORE_MARKER).unlink(missing_ok=True)
-                try:
-                    out.rmdir()
-                except OSError:
-                    pass
-
-    return locked
-
-
 def _to_store(x: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
     y = x.detach().to("cpu", dtype).contiguous()
     if not torch.isfinite(y).all():
@@ -470,38 +309,13 @@ def _check_out(out: Path, overwrite: bool, manifest: dict, prompt_list: list[str
                batch_size: int, steps: int) -> None:
     """Every process checks (read only) before any writes, so a refusal leaves the store untouched and no process
     waits."""
-    existing = out / MANIFEST
-    refuse_links_at(out, (DONE,) + STORE_FILES + (f"{DONE}/shard-*.json",), "store")  # a FolderError, before any write
-    if out.is_dir() and not is_empty(out) and not is_store(out):  # with or without --overwrite: not rapm's to touch
-        raise StoreError(f"--out {out} is not empty and is not a rapm trajectory store (no {STORE_MARKER}"
-                         f"{', and its manifest.json is not rapm' + chr(39) + 's' if existing.exists() else ''}); rapm "
-                         "writes only into a new or empty folder or its own store, and deletes nothing here: give another --out")
-    if not overwrite and existing.exists():
-        _check_same_settings(out, read_manifest(out), manifest, prompt_list)
+    check_folder(out, overwrite, manifest, prompt_list)
     need = batch_size * (steps + 2) * math.prod(teacher_model.latent_shape) * 4  # one batch of float32 positions
     if need > _memory_bytes():
         raise StoreError(f"{teacher_model.path / teacher_model.family_def.denoiser_subfolder / 'config.json'}: sample_size gives latents "
                          f"{list(teacher_model.latent_shape)}, {need / 2**30:.1f} GiB for one batch of {batch_size} "
                          f"trajectories, more than this machine's {_memory_bytes() / 2**30:.1f} GiB; check the teacher's "
                          "config, or lower --batch-size")
-
-
-def _open_out(out: Path, overwrite: bool, manifest: dict, prompts_text: str, negative_bytes: bytes) -> None:
-    """The main process's writes before the shards: the marker, the (incomplete) manifest, the prompts, the negative."""
-    count, shard_size = manifest["count"], manifest["shard_size"]
-    out.mkdir(parents=True, exist_ok=True)
-    write_marker(out, "store")  # a store made before markers is adopted
-    (out / DONE).mkdir(exist_ok=True)
-    if overwrite:
-        _clear_store(out)
-        (out / DONE).mkdir(exist_ok=True)
-    all_done = all(_shard_complete(out, k, *_span_count(k, shard_size, count)) is not None
-                   for k in range(num_shards(count, shard_size)))
-    existing = out / MANIFEST
-    if not existing.exists() or not all_done:  # readers see an incomplete store until the manifest is rewritten
-        atomic_write(existing, manifest_bytes(manifest))
-    atomic_write(out / PROMPTS, prompts_text.encode("utf-8"))
-    atomic_write(out / NEGATIVE, negative_bytes)
 
 
 def _warn_truncated(teacher_model: Teacher, prompts, prompt_list: list[str]) -> list[int]:
@@ -519,36 +333,13 @@ def _warn_truncated(teacher_model: Teacher, prompts, prompt_list: list[str]) -> 
 
 def _manifest(teacher, teacher_model: Teacher, teacher_dtype: str, settings: dict, prompts_text: str,
               negative_bytes: bytes, long: list[int], uncond_one: Conditioning) -> dict:
-    """The store's manifest.json, incomplete (no shards yet): every setting that fixes what the store holds."""
-    schedule, s = teacher_model.schedule, settings
-    low, high = s["guidance_range"]
-    return {
-        "format_version": FORMAT_VERSION,
-        "complete": False,
-        "teacher": {"path": _teacher_label(teacher), "family": teacher_model.family,
-                    "unet_hash": unet_hash(teacher_model.path), "dtype": teacher_dtype},
-        "scheduler": teacher_model.scheduler_config,
-        "steps": s["steps"],
-        "substeps": s["substeps"],
-        "solver": s["solver"],
-        "delta": s["delta"],
-        "guidance": s["guidance"],
-        **({"guidance_range": [low, high]} if low < high else {}),
-        "negative_prompt": s["negative_prompt"],
-        "seed": s["seed"],
-        "timesteps": s["timesteps"],
-        **({"mu": schedule.mu} if schedule.is_flow and schedule.mu is not None else {}),
-        "latent_shape": list(teacher_model.latent_shape),
-        "dtype": s["dtype"],
-        "count": s["count"],
-        "shard_size": s["shard_size"],
-        "prompts": {"file": PROMPTS, "sha256": sha256_text(prompts_text)},
-        "negative": {"file": NEGATIVE, "sha256": hashlib.sha256(negative_bytes).hexdigest()},
-        "truncated_prompts": long,
-        "conditioning": {name: list(v.shape[1:]) for name, v in uncond_one.tensors().items()}
-                        | ({"guidance": []} if low < high else {}),
-        "shards": [],
-    }
+    """The store's manifest.json for this teacher, incomplete (``rapm.store_writer.new_manifest``)."""
+    schedule = teacher_model.schedule
+    return new_manifest(
+        {"path": _teacher_label(teacher), "family": teacher_model.family, "unet_hash": unet_hash(teacher_model.path),
+         "dtype": teacher_dtype}, teacher_model.scheduler_config, settings, teacher_model.latent_shape,
+        schedule.mu if schedule.is_flow else None, prompts_text, negative_bytes, long,
+        {name: list(v.shape[1:]) for name, v in uncond_one.tensors().items()})
 
 
 def _write_my_shards(out: Path, teacher_model: Teacher, prompt_list: list[str], manifest: dict, batch_size: int,
@@ -558,20 +349,20 @@ def _write_my_shards(out: Path, teacher_model: Teacher, prompt_list: list[str], 
 
     count, shard_size = manifest["count"], manifest["shard_size"]
     mine = [k for k in range(num_shards(count, shard_size)) if k % world == rank]
-    todo = [k for k in mine if _shard_complete(out, k, *_span_count(k, shard_size, count)) is None]
-    done_count = sum(_span_count(k, shard_size, count)[1] for k in mine if k not in todo)
+    todo = [k for k in mine if shard_complete(out, k, *span_count(k, shard_size, count)) is None]
+    done_count = sum(span_count(k, shard_size, count)[1] for k in mine if k not in todo)
     if show and done_count:
         print(f"{out}: resuming, {len(mine) - len(todo)} of {plural(len(mine), 'shard')} of this process already complete",
               file=sys.stderr)
-    bar = tqdm(total=sum(_span_count(k, shard_size, count)[1] for k in mine), initial=done_count, unit="traj",
+    bar = tqdm(total=sum(span_count(k, shard_size, count)[1] for k in mine), initial=done_count, unit="traj",
                desc="trajectories" if world == 1 else f"trajectories (process 0 of {world})", disable=not show,
                dynamic_ncols=True)
     uncond_dev = uncond_one.to(teacher_model.device)
     for k in todo:
         start, end = shard_span(k, shard_size, count)
         tensors = _shard_tensors(teacher_model, prompt_list, start, end, manifest, batch_size, uncond_dev, bar)
-        _write_shard(out, k, tensors, {"format_version": FORMAT_VERSION, "start": start, "count": end - start,
-                                        "prompts": prompt_list[start:end], "batch_size": batch_size})
+        write_shard(out, k, tensors, {"format_version": FORMAT_VERSION, "start": start, "count": end - start,
+                                       "prompts": prompt_list[start:end], "batch_size": batch_size})
     bar.close()
 
 
@@ -610,7 +401,7 @@ def _shard_tensors(teacher_model: Teacher, prompt_list: list[str], start: int, e
 
 # --- the writer ------------------------------------------------------------------------------------------------------
 
-@_one_writer
+@one_writer
 def write_trajectories(
     teacher: str | Path,
     prompts: str | Path,
@@ -648,8 +439,6 @@ def write_trajectories(
     manifest (``guidance_range``, and ``guidance`` its middle) and each trajectory's value in its shard (tensor
     ``guidance``), which training's teacher steps then use.
     """
-    from accelerate import PartialState
-
     _check_arguments(steps, substeps, solver, None if delta is None else 1, batch_size, shard_size, dtype, teacher_dtype)
     out = Path(out)
     prompt_list = read_prompts(prompts)
@@ -657,10 +446,9 @@ def write_trajectories(
     if out.exists() and not out.is_dir():
         raise StoreError(f"store {out} is a file; give a new or empty folder for --out")
 
-    # PartialState only starts gloo across CPU processes when told cpu=True (AcceleratorState reads the launcher's flag).
-    state = PartialState(cpu=not torch.cuda.is_available() or (device is not None and torch.device(device).type == "cpu"))
-    if device is None or (device == "cuda" and state.num_processes > 1):
-        device = state.device if state.num_processes > 1 else resolve_device("auto")
+    procs = Processes(cpu=not torch.cuda.is_available() or (device is not None and torch.device(device).type == "cpu"))
+    if device is None or (device == "cuda" and procs.world > 1):
+        device = procs.device if procs.world > 1 else resolve_device("auto")
     teacher_model = load_teacher(teacher, device=device, dtype=DTYPES[teacher_dtype])
     low, high = guidance_range(guidance, teacher_model)
     guidance = (low + high) / 2  # the store's one guidance: the fixed scale, or the range's middle
@@ -678,30 +466,24 @@ def write_trajectories(
         count=count, shard_size=shard_size), prompts_text, negative_bytes, long, uncond_one)
 
     _check_out(out, overwrite, manifest, prompt_list, teacher_model, batch_size, steps)
-    state.wait_for_everyone()
-    if state.is_main_process:
-        _open_out(out, overwrite, manifest, prompts_text, negative_bytes)
-    state.wait_for_everyone()
+    procs.barrier()
+    if procs.main:
+        open_for_writing(out, overwrite, manifest, prompts_text, negative_bytes)
+    procs.barrier()
 
-    show = progress and state.is_main_process
-    world = state.num_processes
-    _write_my_shards(out, teacher_model, prompt_list, manifest, batch_size, uncond_one, state.process_index, world, show)
+    show = progress and procs.main
+    world = procs.world
+    _write_my_shards(out, teacher_model, prompt_list, manifest, batch_size, uncond_one, procs.rank, world, show)
 
     # No collective barrier here: it would time out (30 min) while a process with less left to do waits for the
     # others. The shards' done-records on the shared filesystem say when every process has finished;
     # under accelerate launch / torchrun a failed process stops them all.
-    if state.is_main_process:
-        shards = _wait_for_shards(out, count, shard_size, world, show)
-        for stale in _temp_files(out):
-            stale.unlink(missing_ok=True)
-        atomic_write(out / MANIFEST, manifest_bytes({**manifest, "complete": True, "shards": shards}))
+    if procs.main:
+        finish(out, manifest, wait_for_shards(out, count, shard_size, world, show))
     else:
-        while not _complete(out):
+        while not is_complete(out):
             time.sleep(POLL_SECONDS)
     return open_store(out)
-
-
-POLL_SECONDS = 0.5
 
 
 def _memory_bytes() -> int:
@@ -709,34 +491,6 @@ def _memory_bytes() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 2**62
-
-
-def _wait_for_shards(out: Path, count: int, shard_size: int, world: int, show: bool) -> list[dict]:
-    """Every shard's done-record, waiting for the other processes' shards to appear."""
-    said = False
-    while True:
-        records = [_shard_complete(out, k, *_span_count(k, shard_size, count)) for k in range(num_shards(count, shard_size))]
-        missing = [k for k, r in enumerate(records) if r is None]
-        if not missing:
-            return records
-        if world == 1:  # nothing else will write them
-            raise StoreError(f"{out / shard_name(missing[0])}: missing or incomplete after this run; rerun the same command")
-        if show and not said:
-            print(f"{out}: waiting for {plural(len(missing), 'shard')} from the other processes", file=sys.stderr)
-            said = True
-        time.sleep(POLL_SECONDS)
-
-
-def _complete(out: Path) -> bool:
-    try:
-        return bool(json.loads((out / MANIFEST).read_text()).get("complete"))
-    except (OSError, ValueError):
-        return False
-
-
-def _span_count(k: int, shard_size: int, count: int) -> tuple[int, int]:
-    start, end = shard_span(k, shard_size, count)
-    return start, end - start
 
 
 # --- the verb --------------------------------------------------------------------------------------------------------
@@ -787,7 +541,7 @@ def cli(
     missing = [flag for flag, value in (("--teacher", teacher), ("--prompts", prompts), ("--out", out)) if value is None]
     if missing:
         raise RapmError(f"rapm trajectories needs {', '.join(missing)} (or --verify STORE to check a store)")
-    main_process = int(os.environ.get("RANK", "0")) == 0  # PartialState is set up inside write_trajectories
+    main_process = int(os.environ.get("RANK", "0")) == 0  # the processes are set up inside write_trajectories
     with warnings.catch_warnings():
         show_other = warnings.showwarning
 

@@ -144,7 +144,7 @@ def test_get_returns_what_was_written(tiny_sd, sd_store):
 # --- resume and process layout ----------------------------------------------------------------------------------------
 
 def test_resume_after_an_interrupted_run_is_byte_identical(tiny_sd, prompts_file, sd_store, tmp_path, monkeypatch):
-    real_write, written = trajectories._write_shard, []
+    real_write, written = trajectories.write_shard, []
 
     def killed_while_writing_the_second_shard(out, k, tensors, metadata):
         if written:
@@ -153,14 +153,14 @@ def test_resume_after_an_interrupted_run_is_byte_identical(tiny_sd, prompts_file
         written.append(k)
         return real_write(out, k, tensors, metadata)
 
-    monkeypatch.setattr(trajectories, "_write_shard", killed_while_writing_the_second_shard)
+    monkeypatch.setattr(trajectories, "write_shard", killed_while_writing_the_second_shard)
     with pytest.raises(KeyboardInterrupt):
         write_trajectories(tiny_sd, prompts_file, tmp_path / "store", **SETTINGS)
     with pytest.raises(StoreError, match="incomplete.*rerun the same"):
         open_store(tmp_path / "store")
 
     recomputed = []
-    monkeypatch.setattr(trajectories, "_write_shard", lambda out, k, *a: recomputed.append(k) or real_write(out, k, *a))
+    monkeypatch.setattr(trajectories, "write_shard", lambda out, k, *a: recomputed.append(k) or real_write(out, k, *a))
     write_trajectories(tiny_sd, prompts_file, tmp_path / "store", **SETTINGS)
     assert recomputed == [1, 2]  # the complete shard 0 was skipped
     assert files_digest(tmp_path / "store") == files_digest(sd_store.path)  # no temp file left, every byte the same
