@@ -216,7 +216,7 @@ def trajectories_argv(teacher: Path, prompts: Path, out: Path, settings: dict) -
 def store_problems(out: Path) -> list[str]:
     """What a reader or a resuming writer would take as complete, checked: done-records against their shards' bytes."""
     from rapm.store import MANIFEST, open_store, sha256_file
-    from rapm.trajectories import _done_record, _shard_complete
+    from rapm.store_writer import done_record, shard_complete
 
     problems = []
     manifest = out / MANIFEST
@@ -225,9 +225,9 @@ def store_problems(out: Path) -> list[str]:
     m = json.loads(manifest.read_text())  # atomic: it parses or it is absent
     for k in range((m["count"] + m["shard_size"] - 1) // m["shard_size"]):
         start = k * m["shard_size"]
-        record = _shard_complete(out, k, start, min(m["shard_size"], m["count"] - start))
+        record = shard_complete(out, k, start, min(m["shard_size"], m["count"] - start))
         if record is not None and sha256_file(out / record["file"]) != record["sha256"]:
-            problems.append(f"{out / record['file']}: taken as complete by {_done_record(out, k)} but its sha256 differs")
+            problems.append(f"{out / record['file']}: taken as complete by {done_record(out, k)} but its sha256 differs")
     if m.get("complete"):
         try:
             open_store(out, verify=True)

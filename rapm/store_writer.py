@@ -91,14 +91,14 @@ def _first_difference(out: Path, prompts: list[str]) -> str:
 
 
 
-def _done_record(out: Path, k: int) -> Path:
+def done_record(out: Path, k: int) -> Path:
     return out / DONE / f"{Path(shard_name(k)).stem}.json"
 
 
 def shard_complete(out: Path, k: int, start: int, count: int) -> dict | None:
     """The done-record of shard k if it and the shard file agree (name, span, size); None means compute it."""
     try:
-        record = json.loads(_done_record(out, k).read_text())
+        record = json.loads(done_record(out, k).read_text())
         size = (out / shard_name(k)).stat().st_size
     except (OSError, ValueError):
         return None
@@ -118,7 +118,7 @@ def write_shard(out: Path, k: int, tensors: dict[str, torch.Tensor], metadata: d
     atomic_write(out / shard_name(k), data)
     record = {"file": shard_name(k), "start": metadata["start"], "count": metadata["count"],
               "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    atomic_write(_done_record(out, k), json_bytes(record))
+    atomic_write(done_record(out, k), json_bytes(record))
     return record
 
 
