@@ -181,7 +181,7 @@ def run_dir(work: Path, steps: int, row: str) -> Path:
 
 
 def finished_iterations(run: Path) -> int:
-    from rapm.train import latest_checkpoint
+    from rapm.run import latest_checkpoint
 
     last = latest_checkpoint(run) if (run / "config.json").exists() else None
     return int(last.name.split("-")[-1]) if last is not None else 0
@@ -301,8 +301,8 @@ def teacher_rows(store: Path, steps: int, val_fraction: float) -> list[dict]:
     import torch
 
     from rapm.distribution import frechet_distance
+    from rapm.store import open_store
     from rapm.teacher import load_teacher
-    from rapm.trajectories import open_store
     from rapm.validation import Validation, split_indices
 
     teacher = load_teacher("digits")

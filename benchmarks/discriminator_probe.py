@@ -28,10 +28,13 @@ RESULTS = Path(__file__).parent / "results"
 def probe(store_path: Path, run: Path | None, gan_loss: str, disc_lora: bool, updates: int, held_out: int,
           seed: int = 0, disc_lr: float | None = None, points: int = 4) -> dict:
     from rapm import config as cfg
-    from rapm.methods import Context, build_method
+    from rapm.methods import build_method
+    from rapm.methods.base import Context
+    from rapm.models import build_models, make_optimizer
     from rapm.roles import DISCRIMINATOR, STUDENT, lora_parameters, set_trainable
-    from rapm.train import build_models, make_optimizer, sample_generators, training_batch
-    from rapm.trajectories import open_store
+    from rapm.store import open_store
+    from rapm.stream import sample_generators
+    from rapm.train import training_batch
     from rapm.validation import split_indices
 
     store = open_store(store_path)
@@ -49,7 +52,7 @@ def probe(store_path: Path, run: Path | None, gan_loss: str, disc_lora: bool, up
     teacher, disc = build_models(config, device, need_vae=False, with_discriminator=True)
     unet = teacher.unet
     if run is not None:
-        from rapm.train import latest_checkpoint, load_checkpoint
+        from rapm.run import latest_checkpoint, load_checkpoint
 
         state = load_checkpoint(latest_checkpoint(run))
         with torch.no_grad():

@@ -215,7 +215,8 @@ def trajectories_argv(teacher: Path, prompts: Path, out: Path, settings: dict) -
 
 def store_problems(out: Path) -> list[str]:
     """What a reader or a resuming writer would take as complete, checked: done-records against their shards' bytes."""
-    from rapm.store import MANIFEST, open_store, sha256_file
+    from rapm.files import sha256_file
+    from rapm.store import MANIFEST, open_store
     from rapm.store_writer import done_record, shard_complete
 
     problems = []
@@ -303,7 +304,7 @@ class TrainProgress:
         self.log, self.run, self.base, self.inode = run / "logs.jsonl", run, 0, None
 
     def launched(self) -> int:
-        from rapm.train import CHECKPOINT_PREFIX, latest_checkpoint
+        from rapm.run import CHECKPOINT_PREFIX, latest_checkpoint
 
         last = latest_checkpoint(self.run)
         self.base = int(last.name[len(CHECKPOINT_PREFIX):]) if last else 0
@@ -323,7 +324,7 @@ def run_problems(run: Path, keep: int) -> list[str]:
     """Every checkpoint that checkpoints() lists loads and is the step it names; checkpoints/ stays bounded."""
     import torch
 
-    from rapm.train import CHECKPOINT_PREFIX, checkpoints, load_checkpoint
+    from rapm.run import CHECKPOINT_PREFIX, checkpoints, load_checkpoint
 
     problems = []
     for path in checkpoints(run):
@@ -368,7 +369,7 @@ def train_faults(teacher: Path, store: Path, folder: Path, iterations: int, kill
     """An uninterrupted run, then one killed ``kills`` times and resumed; returns the figures and any problems."""
     import torch
 
-    from rapm.train import checkpoints, load_checkpoint
+    from rapm.run import checkpoints, load_checkpoint
 
     config = {**TRAIN_CONFIG, "iterations": iterations}
     config_file = folder / "train.json"

@@ -85,7 +85,7 @@ def bench_config(model: str, device: torch.device, checkpointing: bool, rank: in
     """The model's preset as rapm-paper in bf16 at batch 1 (the iteration with both discriminators; the default rapm
     recipe trains none, its iteration is the student phase here), and its weight dtype on ``device``."""
     from rapm import config as cfg
-    from rapm.train import weight_dtype
+    from rapm.models import weight_dtype
 
     overrides = dict(cfg.PRESETS[model], method="rapm-paper", mixed_precision="bf16", gradient_checkpointing=checkpointing,
                      batch_size=1)
@@ -133,7 +133,7 @@ def build(model: str, tiny: bool, device: torch.device, checkpointing: bool, ran
         guidance = 5.0
     else:
         cond, uncond, guidance = Conditioning(embeds), Conditioning(torch.randn_like(embeds)), 7.5
-    from rapm.methods import TrajectoryBatch
+    from rapm.store import TrajectoryBatch
 
     schedule = schedule_from_config(SD_SCHEDULER, source="benchmarks/gpu.py")
     loop = Loop(unet, disc, schedule, config, coarse_timesteps(1000, n), guidance, delta=10)
@@ -170,9 +170,9 @@ def build_flow(model: str, tiny: bool, device: torch.device, checkpointing: bool
     from rapm.conditioning import Conditioning
     from rapm.diffusion import flow_schedule_from_config
     from rapm.families import family_named
-    from rapm.methods import TrajectoryBatch
     from rapm.models import student_spec
     from rapm.roles import LoraSpec
+    from rapm.store import TrajectoryBatch
     from tests.tiny_flow import FLUX_SCHEDULER, SD3_SCHEDULER
 
     config, dtype = bench_config(model, device, checkpointing, rank)

@@ -193,8 +193,9 @@ class Passes:
     # Each pass is (setup, run): the setup (role, which parameters train) is not timed, the run is the pass alone.
     def forward(self, role: str, rows: int, guided: bool = False):
         """A no-grad UNet forward of ``role`` (teacher, student) at ``rows`` rows (twice that with cond+uncond)."""
+        from rapm.conditioning import Conditioning
         from rapm.roles import STUDENT, activate, student_role, teacher_role
-        from rapm.teacher import Conditioning, unet_output
+        from rapm.teacher import unet_output
 
         cond = self._cond(rows)
         if guided and self.guided:
@@ -278,7 +279,8 @@ def without_delta_steps(store: Path, out: Path) -> Path:
     from safetensors import safe_open
     from safetensors.torch import load_file, save
 
-    from rapm.store import MANIFEST_SHA256, atomic_write, manifest_bytes, sha256_file
+    from rapm.files import sha256_file
+    from rapm.store import MANIFEST_SHA256, atomic_write, manifest_bytes
 
     shutil.copytree(store, out)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -321,8 +323,8 @@ class Loop:
         self.step = self.student_updates = 0
 
     def context(self, batch, positions: list[int]):
-        from rapm.methods import Context
-        from rapm.train import sample_generators
+        from rapm.methods.base import Context
+        from rapm.stream import sample_generators
 
         return Context(self.unet, self.schedule, self.timesteps, self.guidance,
                        sample_generators(self.config.seed, positions), self.disc)
@@ -332,7 +334,8 @@ class Loop:
         import dataclasses
         from contextlib import nullcontext
 
-        from rapm.train import ema_decay_at, run_phase, update_ema
+        from rapm.models import ema_decay_at, update_ema
+        from rapm.train import run_phase
 
         positions = list(range(self.step * batch.latents.shape[0], (self.step + 1) * batch.latents.shape[0]))
         update = self.phases[phase]
@@ -351,10 +354,10 @@ def per_slot_losses(loop: Loop, batch, phase: str, positions: list[int]):
     """The same losses as ``RAPM`` without batching across slots: one trajectory, one slot, one UNet pass at a time
     (cond and uncond of the teacher's guided step, and a slot's fake and reals for the discriminator, still share a
     pass). The straightforward loop to compare the batched iteration with."""
+    from rapm.conditioning import Conditioning
     from rapm.discriminator import hinge_discriminator_loss, hinge_generator_loss
-    from rapm.methods import TrajectoryBatch
     from rapm.methods.base import discriminator_timesteps, renoise, student_step, teacher_step
-    from rapm.teacher import Conditioning
+    from rapm.store import TrajectoryBatch
 
     m = loop.method
     b, n = batch.latents.shape[0], len(loop.timesteps) - 1

@@ -73,7 +73,8 @@ def child(kind: str, args: dict) -> dict:
     import diffusers  # noqa: F401
     import peft  # noqa: F401
 
-    from rapm.train import build_models, resolve_config, train, training_batch
+    from rapm.models import build_models
+    from rapm.train import resolve_config, train, training_batch
 
     torch.set_num_threads(args["threads"])
     if kind == "imports":

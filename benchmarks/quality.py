@@ -97,7 +97,7 @@ def train_one(work: Path, store: Path, steps: int, row: str, method: str, batch:
 
 def export(run: Path, steps: int) -> Path:
     from rapm.export import export_lora
-    from rapm.train import load_student
+    from rapm.run import load_student
 
     out = run / "lora"
     weights = out / "pytorch_lora_weights.safetensors"

@@ -419,8 +419,8 @@ def check_flow_export(model: str, lora: Path) -> dict:
                kohya_lora_down_keys=len(downs),
                kohya_unprefixed=sum(1 for k in downs if not k.startswith("lora_unet_")))
     try:
-        from rapm.export import native_layout
         from benchmarks.flow_configs import meta_transformer
+        from rapm.export import native_layout
     except ImportError as e:  # an export without the native naming
         out["native_modules"] = None
         out["native_note"] = f"no native layout to check against ({e})"
@@ -491,8 +491,9 @@ def iteration_peak(args: dict) -> dict:
     import torch
 
     from benchmarks.harness import Loop
+    from rapm.models import build_models
     from rapm.store import open_store
-    from rapm.train import build_models, resolve_config, training_batch
+    from rapm.train import resolve_config, training_batch
 
     store = open_store(Path(args["store"]))
     config = resolve_config(args["teacher"], args["store"], None, None,

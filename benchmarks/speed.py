@@ -113,7 +113,8 @@ def trajectory_throughput(teacher: str, spec: dict, folder: Path, repeat: int, r
 
 def measure(name: str, spec: dict, rounds: int, per_round: int, traj_repeats: int, folder: Path) -> dict:
     from rapm import config as cfg
-    from rapm.train import build_models, resolve_config, train, training_batch
+    from rapm.models import build_models
+    from rapm.train import resolve_config, train, training_batch
 
     teacher = teacher_for(name, folder)
     store_dir, trajectories = trajectory_throughput(teacher, spec, folder, repeat=max(3, per_round),

@@ -79,7 +79,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
 
-    from rapm.teacher import BUILTIN_TEACHERS
+    from rapm.families import BUILTIN_TEACHERS
     from tests.tiny import build_tiny_pipeline
 
     rows = []

@@ -23,9 +23,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rapm.conditioning import Conditioning
+from rapm.families import denoiser_family
 from rapm.hooks import block_outputs
 from rapm.roles import DISCRIMINATOR, adapter_role
-from rapm.teacher import Conditioning, denoiser_family, unet_output
+from rapm.teacher import unet_output
 
 
 @dataclass

@@ -48,7 +48,7 @@ import rapm
 from rapm.errors import RapmError
 from rapm.families import TeacherError, family_named
 from rapm.folders import FolderError, LockError, output_lock, refuse_link
-from rapm.lora import FACTS_NAME, base_unet_fingerprint, read_export_facts  # noqa: F401 (exported from here too)
+from rapm.lora import FACTS_NAME, base_unet_fingerprint, read_export_facts
 from rapm.roles import STUDENT
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE

@@ -13,7 +13,7 @@ import torch
 
 from rapm import config as cfg
 from rapm.images import save_grid, screen_scale
-from rapm.methods import Context
+from rapm.methods.base import Context
 from rapm.models import swap_in
 from rapm.run import GuardedWriter, LogFile, RunError, latest_checkpoint
 from rapm.stream import sample_generators

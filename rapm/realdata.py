@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
+from rapm.conditioning import Conditioning
 from rapm.config import ConfigError
 from rapm.metrics_sd import IMAGE_SUFFIXES  # the image files rapm reads from a user's folder
-from rapm.teacher import Conditioning, load_teacher
+from rapm.teacher import load_teacher
 
 
 @dataclass

@@ -22,8 +22,8 @@ import typer
 
 from rapm.diffusion import sample_positions
 from rapm.errors import RapmError
-from rapm.images import save_grid, to_pil  # noqa: F401 (rapm.sample exported them before rapm.images)
-from rapm.lora import LoraError, check_lora_fits, load_lora, resolve_lora_file  # noqa: F401 (likewise rapm.lora)
+from rapm.images import to_pil
+from rapm.lora import LoraError, load_lora, resolve_lora_file
 from rapm.processes import resolve_device
 from rapm.roles import STUDENT, student_role, teacher_role
 from rapm.teacher import Teacher, guided_output

@@ -39,7 +39,7 @@ from rapm.conditioning import FLOAT32_FIELDS
 from rapm.diffusion import ScheduleError, schedule_from_config
 from rapm.errors import RapmError
 from rapm.files import atomic_write as _atomic_write
-from rapm.files import read_json_object, sha256_file, sha256_text  # noqa: F401 (the store's writers import them from here)
+from rapm.files import read_json_object, sha256_file, sha256_text
 from rapm.conditioning import Conditioning
 from rapm.text import plural
 

@@ -24,11 +24,12 @@ from pathlib import Path
 
 import torch
 
+from rapm.files import sha256_text
 from rapm.folders import (STORE_MARKER, FolderError, FolderLock, is_empty, other_kind, read_marker, refuse_links_at,
                           remove_files, write_marker)
 from rapm.store import (DONE, FORMAT_VERSION, MANIFEST, NEGATIVE, PROMPTS, REQUIRED_FIELDS, StoreError, atomic_write,
-                        json_bytes, manifest_bytes, num_shards, read_manifest, schedule_mismatch, sha256_text,
-                        shard_name, shard_span)
+                        json_bytes, manifest_bytes, num_shards, read_manifest, schedule_mismatch, shard_name,
+                        shard_span)
 from rapm.text import plural
 
 POLL_SECONDS = 0.5  # how often a process looks for the others' done records, or the main process's manifest

@@ -15,9 +15,7 @@ import torch
 
 from rapm.conditioning import Conditioning
 from rapm.diffusion import Schedule, ScheduleError, schedule_from_config
-from rapm.families import (BUILTIN_TEACHERS, PICKLE_SUFFIXES, Family, TeacherError, denoiser_family, family_named,  # noqa: F401
-                           read_model_index, read_teacher_info, resolve_teacher_path)
-from rapm.families.sd import unet_dtype  # noqa: F401 (methods and tests import it from here)
+from rapm.families import PICKLE_SUFFIXES, Family, TeacherError, denoiser_family, family_named, read_teacher_info
 
 
 @dataclass

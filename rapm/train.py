@@ -24,22 +24,22 @@ import typer
 from rapm import config as cfg
 from rapm.config import ConfigError, TrainConfig, split_seed
 from rapm.discriminator import ABSOLUTE_BACKBONE
-from rapm.methods import (FLOW_METHODS, METHODS, Context, Setup, TrajectoryBatch, build_method, ema_of, method_info,
-                          updates_of, with_recipe)
-from rapm.models import (build_models, constant_schedule, ema_decay_at, lr_factor, lr_schedule, make_optimizer,  # noqa: F401
-                         student_spec, swap_in, update_ema, weight_dtype)
+from rapm.families import read_teacher_info
+from rapm.files import atomic_write
+from rapm.methods import FLOW_METHODS, METHODS, build_method, ema_of, method_info, updates_of, with_recipe
+from rapm.methods.base import Context, Setup
+from rapm.models import (build_models, ema_decay_at, lr_factor, lr_schedule, make_optimizer, swap_in, update_ema,
+                         weight_dtype)
 from rapm.monitor import Monitor, Previews
 from rapm.processes import Processes, resolve_device
 from rapm.roles import DISCRIMINATOR, STUDENT, lora_parameters, set_trainable
-from rapm.run import (CHECKPOINT_PREFIX, ResumeWarning, RunError, TrainState, check_data_position,  # noqa: F401
-                      check_run_dir, checkpoints, clean_stale_files, data_position, latest_checkpoint, load_checkpoint,
-                      load_resume_checkpoint, load_student, prepare_run_dir, read_run_config, run_lock,
-                      save_checkpoint, truncate_log)
-from rapm.files import atomic_write
-from rapm.stream import batch_indices, batch_positions, sample_generators  # noqa: F401
-from rapm.teacher import read_teacher_info
-from rapm.validation import Validation, ValidationWarning, held_out_note, split_indices
+from rapm.run import (CHECKPOINT_PREFIX, ResumeWarning, RunError, TrainState, check_data_position, check_run_dir,
+                      clean_stale_files, data_position, load_resume_checkpoint, prepare_run_dir, read_run_config,
+                      run_lock, save_checkpoint, truncate_log)
+from rapm.store import TrajectoryBatch
+from rapm.stream import batch_indices, batch_positions, sample_generators
 from rapm.text import plural, quiet_library_bars
+from rapm.validation import Validation, ValidationWarning, held_out_note, split_indices
 
 
 # ---------------------------------------------------------------------------------------------- the phases
@@ -286,7 +286,7 @@ def _resume(run: Path, resume: bool, trust_checkpoint: bool, state: TrainState, 
 
 def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overwrite: bool, progress: bool,
            stop_after: int | None, trust_checkpoint: bool) -> TrainResult:
-    from rapm.trajectories import open_store
+    from rapm.store import open_store
 
     device = procs.device if (procs.world > 1 and config.device == "auto") else resolve_device(config.device)
     dtype = weight_dtype(config, device)

@@ -39,20 +39,21 @@ import torch
 import typer
 
 from rapm.conditioning import FLOAT32_FIELDS
+from rapm.conditioning import Conditioning
 from rapm.diffusion import SOLVERS, coarse_timesteps, solve_positions
 from rapm.errors import RapmError
+from rapm.families import BUILTIN_TEACHERS, resolve_teacher_path
 from rapm.folders import refuse_link
 from rapm.processes import Processes, resolve_device
-from rapm.store import (DTYPES, FORMAT_VERSION, StoreError, TrajectoryBatch, TrajectoryStore, num_shards, open_store,
+from rapm.store import (DTYPES, FORMAT_VERSION, StoreError, TrajectoryStore, num_shards, open_store,
                         shard_span, unet_hash)
 from rapm.store_writer import (POLL_SECONDS, check_folder, finish, is_complete, new_manifest, one_writer,
                                open_for_writing, shard_complete, span_count, wait_for_shards, write_shard)
-from rapm.teacher import BUILTIN_TEACHERS, Conditioning, Teacher, guided_output, load_teacher, resolve_teacher_path
+from rapm.teacher import Teacher, guided_output, load_teacher
 from rapm.text import plural, quiet_library_bars
 
-__all__ = ["open_store", "TrajectoryStore", "TrajectoryBatch", "StoreError", "write_trajectories", "teacher_trajectories",
-           "initial_noise", "read_prompts", "default_guidance", "default_delta", "TruncatedPromptWarning", "StepsWarning",
-           "cli"]
+__all__ = ["write_trajectories", "teacher_trajectories", "initial_noise", "read_prompts", "default_guidance",
+           "default_delta", "TruncatedPromptWarning", "StepsWarning", "cli"]
 
 PAPER_SUBSTEPS = 25  # M of the paper (§4): the fine grid its Δ is one step of
 

@@ -14,10 +14,12 @@ import rapm.methods.base
 import rapm.roles
 from rapm.config import TrainConfig, apply_overrides
 from rapm.diffusion import ddim_step
-from rapm.methods import RAPM, Context
+from rapm.files import sha256_file
+from rapm.methods.base import Context
+from rapm.methods.rapm import RAPM
 from rapm.methods.rapm import DeltaStepWarning
 from rapm.roles import STUDENT, LoraSpec, add_roles, lora_parameters
-from rapm.store import StoreError, atomic_write, json_bytes, manifest_bytes, open_store, sha256_file
+from rapm.store import StoreError, atomic_write, json_bytes, manifest_bytes, open_store
 from rapm.teacher import guided_output, load_teacher
 from rapm.train import train, training_batch
 from rapm.trajectories import write_trajectories

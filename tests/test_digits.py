@@ -9,11 +9,12 @@ from rapm.demo import DIGITS_GUIDANCE
 from rapm.demo.classifier import accuracy, load_classifier
 from rapm.demo.data import load_split
 from rapm.demo.metrics import DigitsMetrics
-from rapm.distribution import frechet_distance
-from rapm.demo.prompts import (NUMBER_WORDS, PHRASINGS, digit_of, evaluation_prompts, phrase, training_prompts,
+from rapm.demo.prompts import (PHRASINGS, digit_of, evaluation_prompts, phrase, training_prompts,
                                vocabulary)
 from rapm.diffusion import coarse_timesteps, sample_positions
-from rapm.teacher import BUILTIN_TEACHERS, guided_output, load_teacher
+from rapm.distribution import frechet_distance
+from rapm.families import BUILTIN_TEACHERS
+from rapm.teacher import guided_output, load_teacher
 from tests.tiny import SD_SCHEDULER
 
 

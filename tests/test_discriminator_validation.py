@@ -10,7 +10,8 @@ from rapm.config import ConfigError, TrainConfig, apply_overrides, from_dict, to
 from rapm.discriminator import (hinge_discriminator_loss, pair_accuracy, relativistic_discriminator_loss,
                                 relativistic_generator_loss)
 from rapm.methods import build_method, recipe_of, updates_of, with_recipe
-from rapm.train import ema_decay_at, iteration_phases, train
+from rapm.models import ema_decay_at
+from rapm.train import iteration_phases, train
 from rapm.validation import split_indices
 from test_train import _config, _log  # the tiny run settings, with the discriminators on
 
@@ -166,8 +167,8 @@ def test_paired_discriminator_learns_on_the_digits_teacher(tmp_path):
     import sys
     from pathlib import Path
 
-    from rapm.trajectories import write_trajectories
     from rapm.demo.prompts import training_prompts
+    from rapm.trajectories import write_trajectories
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(p + "\n" for p in training_prompts()[:24]))
@@ -225,7 +226,7 @@ def test_tensorboard_hparams_hold_the_runs_configuration(tiny_sd, sd_store, tmp_
 
 
 def test_the_default_recipe_builds_no_discriminator_and_trains_the_student_every_iteration(tiny_sd, sd_store, tmp_path):
-    from rapm.train import load_checkpoint, checkpoints
+    from rapm.run import load_checkpoint, checkpoints
 
     run = tmp_path / "run"
     train(_config(tiny_sd, sd_store, iterations=2, checkpoint_every=2, adv_weight=-1), run, progress=False)

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from rapm.train import checkpoints, load_checkpoint
+from rapm.run import checkpoints, load_checkpoint
 
 
 def _launch(nproc, args, cwd):

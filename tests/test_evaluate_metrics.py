@@ -12,7 +12,7 @@ from scipy import linalg
 from typer.testing import CliRunner
 
 from rapm.cli import app
-from rapm.evaluate import ModelSpec, evaluate, markdown_table
+from rapm.evaluate import evaluate, markdown_table
 from rapm.metrics_sd import MetricFilesError, SdMetrics, load_fid_features
 
 PROMPTS = ["a photo of a cat", "a red car", "a blue dog", "a photo of a dog"]

@@ -13,11 +13,12 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLP
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from rapm.export import (DIFFUSERS_WEIGHT_NAME, FACTS_NAME, KOHYA_WEIGHT_NAME, ExportError, adapter_state_dict,
-                         base_unet_fingerprint, export_lora)
+from rapm.export import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, ExportError, adapter_state_dict, export_lora
+from rapm.families import BUILTIN_TEACHERS
+from rapm.lora import FACTS_NAME, base_unet_fingerprint
 from rapm.roles import DISCRIMINATOR, STUDENT, LoraSpec, add_roles, lora_parameters
 from rapm.sample import generate
-from rapm.teacher import BUILTIN_TEACHERS, load_teacher
+from rapm.teacher import load_teacher
 
 
 PROMPT, SEED, STEPS = "a photo of a red car", 7, 4

@@ -30,9 +30,11 @@ import rapm.store
 import rapm.train
 from rapm.config import ConfigError, TrainConfig, apply_overrides
 from rapm.errors import WriteError
+from rapm.run import ResumeWarning, RunError, checkpoints, load_checkpoint
 from rapm.store import StoreError
-from rapm.train import ResumeWarning, RunError, checkpoints, load_checkpoint, train
-from rapm.trajectories import open_store, write_trajectories
+from rapm.store import open_store
+from rapm.train import train
+from rapm.trajectories import write_trajectories
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("faults_benchmark", ROOT / "benchmarks" / "faults.py")

@@ -6,10 +6,13 @@ import pytest
 import torch
 
 from rapm.config import ConfigError, TrainConfig, apply_overrides
-from rapm.methods import Context, TrajectoryBatch, build_method
+from rapm.methods import build_method
+from rapm.methods.base import Context
+from rapm.models import build_models, make_optimizer
 from rapm.roles import DISCRIMINATOR, STUDENT, lora_parameters, set_trainable
+from rapm.store import TrajectoryBatch
 from rapm.store import open_store
-from rapm.train import build_models, make_optimizer, sample_generators
+from rapm.stream import sample_generators
 
 # Both discriminators and the relative terms on (the default recipe leaves the relative terms out)
 SMALL = dict(adv_weight=0.1, relative_weight=0.25, lora_rank=4, lora_alpha=4, disc_lora_rank=2, disc_lora_alpha=2, disc_heads_per_level=1, sample_every=0,

@@ -5,9 +5,11 @@ import torch
 
 from rapm.diffusion import coarse_timesteps, ddim_step
 from rapm.discriminator import Discriminator, DiscriminatorSpec
-from rapm.methods import RAPM, Context, TrajectoryBatch, pseudo_huber
+from rapm.methods.base import Context, pseudo_huber
 from rapm.methods.base import student_step, student_trajectory
+from rapm.methods.rapm import RAPM
 from rapm.roles import DISCRIMINATOR, STUDENT, LoraSpec, add_roles, lora_parameters, set_trainable
+from rapm.store import TrajectoryBatch
 from rapm.teacher import guided_output, load_teacher
 
 

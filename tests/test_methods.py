@@ -7,12 +7,17 @@ import torch
 
 from rapm.config import ConfigError, TrainConfig, apply_overrides
 from rapm.discriminator import Discriminator, DiscriminatorSpec
-from rapm.methods import RAPM, Context, Setup, TrajectoryBatch, build_method
+from rapm.methods import build_method
+from rapm.methods.base import Context, Setup
 from rapm.methods.progressive import PREVIOUS, Progressive, rounds_for
+from rapm.methods.rapm import RAPM
 from rapm.methods.rdd import RelationalLoss, channel_distillation, inter_sample_pixel_relations
 from rapm.roles import DISCRIMINATOR, STUDENT, LoraSpec, add_roles, lora_parameters, set_trainable
+from rapm.run import load_checkpoint, checkpoints
+from rapm.store import TrajectoryBatch
+from rapm.stream import sample_generators
 from rapm.teacher import load_teacher
-from rapm.train import load_checkpoint, checkpoints, sample_generators, train
+from rapm.train import train
 
 SMALL = dict(adv_weight=0.1, lora_rank=4, lora_alpha=4, disc_lora_rank=2, disc_lora_alpha=2, disc_heads_per_level=1, lr=1e-3,
              disc_lr=1e-3, sample_every=0, batch_size=2, keep_checkpoints=2, progressive_start_steps=8)
@@ -39,7 +44,7 @@ def _config(store, **kw) -> TrainConfig:
 
 def _setup(store, method_name, **kw):
     """The digits teacher's UNet in its roles, the method prepared, and one iteration's context and batch."""
-    from rapm.trajectories import open_store
+    from rapm.store import open_store
 
     config = _config(store, method=method_name, **kw)
     s = open_store(store)

@@ -12,7 +12,7 @@ from rapm.cli import app
 from rapm.errors import RapmError
 from rapm.methods.base import Context, teacher_step
 from rapm.teacher import guided_output, load_teacher
-from rapm.trajectories import initial_noise, open_store, teacher_trajectories, trajectory_guidance, write_trajectories
+from rapm.trajectories import initial_noise, teacher_trajectories, trajectory_guidance, write_trajectories
 
 PROMPTS = ["a photo of a cat", "a red car", "a blue dog", "a cat", "a dog"]
 FAST = dict(steps=2, substeps=3, batch_size=2, shard_size=3, dtype="float32", progress=False)
@@ -155,7 +155,8 @@ def test_a_flux_teacher_draws_its_guidance_embedding_per_trajectory(prompts, tmp
 # --- the discriminators: PCM's independent renoising, separate backbones (Alg. 2's φ1, φ2), PCM's frozen backbone ---
 
 from rapm.config import ConfigError, TrainConfig, apply_overrides  # noqa: E402
-from rapm.train import checkpoints, load_checkpoint, train  # noqa: E402
+from rapm.run import checkpoints, load_checkpoint  # noqa: E402
+from rapm.train import train  # noqa: E402
 
 # rapm-paper (hinge, both discriminators, alternating), small: 1 discriminator step, then 1 student step
 PAPER = dict(method="rapm-paper", lora_rank=4, lora_alpha=4, disc_lora_rank=2, disc_lora_alpha=2, disc_heads_per_level=1,
@@ -186,8 +187,8 @@ def _disc_noises(monkeypatch, tiny_sd, store, renoise: str) -> list[torch.Tensor
 
     monkeypatch.setattr(rapm_method, "renoise", spy)
     from rapm.methods import build_method
-    from rapm.models import build_models
     from rapm.methods.base import Context
+    from rapm.models import build_models
 
     config = _paper(tiny_sd, store, disc_renoise=renoise)
     method = build_method(config, delta=store.delta)
@@ -262,7 +263,7 @@ def test_separate_backbones_need_a_discriminator_lora():
 
 def test_pcms_frozen_backbone_trains_the_heads_only(tiny_sd, paper_store, tmp_path):
     """disc_lora=false: the discriminator's backbone is the frozen teacher (PCM's code); its step trains the heads."""
-    from rapm.train import load_student
+    from rapm.run import load_student
 
     run = tmp_path / "run"
     train(_paper(tiny_sd, paper_store, disc_lora=False, iterations=1), run, progress=False)

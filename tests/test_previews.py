@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from rapm.config import ConfigError, TrainConfig, apply_overrides

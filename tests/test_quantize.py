@@ -8,7 +8,8 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from rapm.config import ConfigError, TrainConfig, apply_overrides, validate
 from rapm.export import export_lora
 from rapm.quantize import QuantizationError, linear_layers, quantize_base, weight_bytes
-from rapm.train import load_student, train
+from rapm.run import load_student
+from rapm.train import train
 
 pytest.importorskip("torchao")
 

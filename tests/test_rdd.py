@@ -9,11 +9,13 @@ from typer.testing import CliRunner
 from rapm.cli import app
 from rapm.config import ConfigError, TrainConfig, apply_overrides, from_dict
 from rapm.discriminator import backbone_features
-from rapm.methods import Context, Setup, build_method
-from rapm.methods.rdd import FEATURE_TIMESTEP, RelationalTerm, TeacherFeatures, rdd_features_of, rdd_weight_of
+from rapm.methods import build_method
+from rapm.methods.base import Context, Setup
+from rapm.methods.rdd import FEATURE_TIMESTEP, RelationalTerm, rdd_features_of, rdd_weight_of
 from rapm.roles import DISCRIMINATOR, STUDENT, LoraSpec, add_roles, lora_parameters, set_trainable
+from rapm.stream import sample_generators
 from rapm.teacher import load_teacher
-from rapm.train import sample_generators, train
+from rapm.train import train
 
 SMALL = ["--set", "lora_rank=4", "--set", "lora_alpha=4", "--set", "sample_every=0", "--set", "eval_every=0",
          "--set", "progressive_start_steps=8", "--set", "lr=1e-3"]
@@ -49,7 +51,7 @@ def test_progressive_rdd_trains_on_sd_and_sdxl_teachers_through_the_cli(family, 
 
 def _prepared(teacher_path, store_path, **kw):
     """The teacher's UNet in its roles (a student that differs from the teacher), the method prepared."""
-    from rapm.trajectories import open_store
+    from rapm.store import open_store
 
     config = apply_overrides(TrainConfig(), {"teacher": str(teacher_path), "store": str(store_path), "lora_rank": 4,
                                              "lora_alpha": 4, "batch_size": 2, "progressive_start_steps": 8, **kw}, "t")

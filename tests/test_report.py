@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from rapm.evaluate import ModelSpec, evaluate
+from rapm.images import save_grid
 from rapm.report import MIN_CELL, PAGE_PX, browser_check, evaluate_command, find_browser, labelled_grid, report
-from rapm.sample import save_grid
 from rapm.train import train
 from test_train import _config
 

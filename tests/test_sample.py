@@ -12,8 +12,10 @@ from typer.testing import CliRunner
 from rapm.cli import app
 from rapm.errors import RapmError
 from rapm.export import export_lora
+from rapm.images import save_grid, to_pil
+from rapm.lora import LoraError, load_lora
 from rapm.roles import STUDENT, LoraSpec, add_roles, lora_parameters
-from rapm.sample import LoraError, generate, load_lora, save_grid, to_pil
+from rapm.sample import generate
 from rapm.teacher import load_teacher
 
 PROMPTS = ["a photo of a cat", "a blue car"]

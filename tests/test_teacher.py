@@ -7,7 +7,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from rapm.teacher import TeacherError, load_teacher
+from rapm.families import TeacherError
+from rapm.teacher import load_teacher
 
 
 def test_sd_teacher_matches_the_diffusers_pipeline(tiny_sd):

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from rapm.config import ConfigError, TrainConfig, apply_overrides
-from rapm.roles import DISCRIMINATOR, STUDENT
-from rapm.train import RunError, batch_indices, batch_positions, checkpoints, load_checkpoint, load_student, train
+from rapm.roles import STUDENT
+from rapm.run import RunError, checkpoints, load_checkpoint, load_student
+from rapm.stream import batch_indices, batch_positions
+from rapm.train import train
 
 # Both discriminators on: D1 needs the relative terms, which the default recipe leaves out (relative weight 0).
 SMALL = dict(adv_weight=0.1, relative_weight=0.25, lora_rank=4, lora_alpha=4, disc_lora_rank=2, disc_lora_alpha=2, disc_heads_per_level=1, lr=1e-3,

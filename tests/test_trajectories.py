@@ -16,9 +16,10 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLP
 from safetensors.torch import load_file
 
 import rapm.trajectories as trajectories
-from rapm.teacher import BUILTIN_TEACHERS, load_teacher
-from rapm.trajectories import (StoreError, TrajectoryBatch, TruncatedPromptWarning, initial_noise, open_store,
-                               write_trajectories)
+from rapm.families import BUILTIN_TEACHERS
+from rapm.store import StoreError, TrajectoryBatch, open_store
+from rapm.teacher import load_teacher
+from rapm.trajectories import TruncatedPromptWarning, initial_noise, write_trajectories
 
 PROMPTS = ["a photo of a cat", "a red car", "a blue dog", "a photo of a dog", "a cat"]
 SETTINGS = dict(steps=4, substeps=5, seed=7, batch_size=2, shard_size=2, progress=False)  # N*M = 20 divides 1000

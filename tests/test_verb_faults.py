@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.cli_run import one_error as _one_error, run_main as _main
 

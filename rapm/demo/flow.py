@@ -33,7 +33,8 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True, steps: int =
     from rapm.evaluate import TEACHER_CURVE_STEPS, ModelSpec, default_digits_prompts, evaluate, markdown_table
     from rapm.export import export_lora
     from rapm.report import report
-    from rapm.train import load_student, resolve_config, train
+    from rapm.run import load_student
+    from rapm.train import resolve_config, train
     from rapm.trajectories import write_trajectories
 
     size = QUICK if quick else FULL

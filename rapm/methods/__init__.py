@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from rapm.config import ConfigError, TrainConfig
-from rapm.methods.base import Context, Method, Setup, TrajectoryBatch, pseudo_huber
+from rapm.methods.base import Method
 from rapm.methods.pcm import PCM
 from rapm.methods.progressive import Progressive
 from rapm.methods.rapm import RAPM
@@ -136,6 +136,5 @@ def build_method(config: TrainConfig, delta: int) -> Method:
     return info.build(config, recipe_of(config), delta)
 
 
-__all__ = ["Context", "Method", "Setup", "TrajectoryBatch", "RAPM", "PCM", "Progressive", "build_method", "pseudo_huber", "METHODS", "FACTORIES",
-           "updates_of", "recipe_of", "with_recipe", "ema_of", "RAPM_RECIPE", "PAPER_RECIPE", "REGISTRY", "MethodInfo",
-           "method_info", "FLOW_METHODS", "RDD_METHODS"]
+__all__ = ["build_method", "METHODS", "FACTORIES", "updates_of", "recipe_of", "with_recipe", "ema_of", "RAPM_RECIPE",
+           "PAPER_RECIPE", "REGISTRY", "MethodInfo", "method_info", "FLOW_METHODS", "RDD_METHODS"]

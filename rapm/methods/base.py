@@ -8,12 +8,13 @@ from typing import Callable, Iterator
 
 import torch
 
+from rapm.conditioning import Conditioning
 from rapm.diffusion import Schedule, ddim_step
 from rapm.diffusion import renoise as renoise_between
 from rapm.discriminator import Discriminator
-from rapm.store import TrajectoryBatch  # noqa: F401 (what a method sees of the store; rapm.methods exports it)
 from rapm.roles import student_role, teacher_role
-from rapm.teacher import Conditioning, guided_output, unet_output
+from rapm.store import TrajectoryBatch
+from rapm.teacher import guided_output, unet_output
 
 Losses = Iterator[tuple[torch.Tensor, dict[str, float]]]
 

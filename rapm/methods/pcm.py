@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rapm.conditioning import Conditioning
 from rapm.diffusion import add_noise, slot_grid
 from rapm.discriminator import hinge_discriminator_loss, hinge_generator_loss
-from rapm.methods.base import (Context, Losses, Method, Setup, TrajectoryBatch, discriminator_timesteps,
-                               pseudo_huber, renoise, student_step, teacher_step)
-from rapm.teacher import Conditioning
+from rapm.methods.base import (Context, Losses, Method, Setup, discriminator_timesteps, pseudo_huber, renoise,
+                               student_step, teacher_step)
+from rapm.store import TrajectoryBatch
 
 
 @dataclass

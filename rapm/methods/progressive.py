@@ -28,8 +28,9 @@ import torch
 
 from rapm.config import ConfigError
 from rapm.diffusion import add_noise, alpha_sigma, coarse_timesteps, ddim_step, predict_x0_eps
-from rapm.methods.base import Context, Losses, Method, Setup, TrajectoryBatch
+from rapm.methods.base import Context, Losses, Method, Setup
 from rapm.roles import STUDENT, LoraSpec, adapter_role, add_frozen_adapter, lora_parameters, student_role, teacher_role
+from rapm.store import TrajectoryBatch
 from rapm.teacher import guided_output, unet_output
 
 PREVIOUS = "previous"  # the adapter holding the last round's student: the teacher of rounds 2..R

@@ -31,9 +31,10 @@ import torch
 from rapm.config import ConfigError
 from rapm.discriminator import (hinge_discriminator_loss, hinge_generator_loss, pair_accuracy,
                                 relativistic_discriminator_loss, relativistic_generator_loss)
-from rapm.methods.base import (Context, Losses, Method, TrajectoryBatch, discriminator_timesteps, pseudo_huber, renoise,
-                               slot_times, student_step, student_trajectory, teacher_step)
+from rapm.methods.base import (Context, Losses, Method, discriminator_timesteps, pseudo_huber, renoise, slot_times,
+                               student_step, student_trajectory, teacher_step)
 from rapm.methods.rdd import relational_settings
+from rapm.store import TrajectoryBatch
 
 
 class DeltaStepWarning(UserWarning):
