@@ -36,7 +36,7 @@ from rapm.roles import DISCRIMINATOR, STUDENT, lora_parameters, set_trainable
 from rapm.run import (CHECKPOINT_PREFIX, ResumeWarning, RunError, TrainState, check_data_position, check_run_dir,
                       clean_stale_files, data_position, load_resume_checkpoint, prepare_run_dir, read_run_config,
                       run_lock, save_checkpoint, truncate_log)
-from rapm.store import TrajectoryBatch
+from rapm.store import TrajectoryBatch, open_store
 from rapm.stream import batch_indices, batch_positions, sample_generators
 from rapm.text import plural, quiet_library_bars
 from rapm.validation import Validation, ValidationWarning, held_out_note, split_indices
@@ -284,10 +284,16 @@ def _resume(run: Path, resume: bool, trust_checkpoint: bool, state: TrainState, 
     return start, last, started_at
 
 
+def _seed(seed: int) -> None:
+    """The LoRA A matrices and the heads start from the seed; Python's and numpy's generators too (as accelerate's
+    set_seed), so a checkpoint, which holds all three, is the same bytes for the same run (benchmarks/faults.py)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
 def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overwrite: bool, progress: bool,
            stop_after: int | None, trust_checkpoint: bool) -> TrainResult:
-    from rapm.store import open_store
-
     device = procs.device if (procs.world > 1 and config.device == "auto") else resolve_device(config.device)
     dtype = weight_dtype(config, device)
     config = with_recipe(config)  # the method's own settings, written into config.json: a resume keeps them
@@ -296,11 +302,7 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
     train_ids, val_ids = _split(config, store, procs.main)
     method = build_method(config, _delta(config, store))
     ema_decay, ema_warmup = _ema(config)
-    # the LoRA A matrices and the heads start from the seed; Python's and numpy's generators too (as accelerate's
-    # set_seed), so a checkpoint, which holds all three, is the same bytes for the same run (benchmarks/faults.py)
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
-    np.random.seed(config.seed % 2**32)
+    _seed(config.seed)
     teacher, disc = build_models(config, device, need_vae=config.sample_every > 0, with_discriminator=method.uses_discriminator)
     store.check_teacher(teacher, steps=store.steps)  # the teacher, and the store's timesteps for its N
     if procs.main:
