@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rapm.errors import RapmError
-from rapm.plugins import builtin_presets, teacher_file
 from rapm.families import FAMILIES, family_named
+from rapm.plugins import builtin_presets, teacher_file
 from rapm.roles import PCM_TARGET_MODULES
 
 
