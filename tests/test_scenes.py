@@ -13,9 +13,9 @@ SAMPLE = [SCENES[i] for i in np.random.default_rng(0).choice(len(SCENES), 300, r
 
 
 def test_the_world_has_every_combination_once_each_with_its_own_prompt():
-    assert len(SCENES) == 3 * 4 * 3 * 5 * 3 * 3 == 1620
+    assert len(SCENES) == 2 * 4 * 2 * 5 * 3 * 3 == 720
     assert len({s.prompt() for s in SCENES}) == len(SCENES)
-    assert SCENES[0].prompt() == "one red circle on the left over green stripes"
+    assert SCENES[0].prompt() == "one red square on the left over green stripes"
 
 
 def test_a_seed_draws_one_image_and_a_prompt_has_many():
@@ -33,7 +33,7 @@ def test_the_worlds_own_images_pass_their_checks():
     results = [check(draw(s, k), s) for k, s in enumerate(SAMPLE)]
     rate = {a: np.mean([r[a] for r in results]) for a in results[0]}
     assert rate["colour"] == 1 and rate["count"] == 1 and rate["region"] == 1 and rate["background"] == 1, rate
-    assert rate["shape"] >= 0.95, rate  # a 3-pixel triangle can read as a circle
+    assert rate["shape"] >= 0.95, rate  # a triangle clipped by its neighbour can read as a square
 
 
 @pytest.mark.parametrize("attribute", ["shape", "count", "region", "colour", "background"])
@@ -42,9 +42,9 @@ def test_a_scene_the_image_does_not_show_fails_its_check(attribute):
     tried = 0
     for k, s in enumerate(SAMPLE[:120]):
         if attribute == "shape":
-            alt = replace(s, shape=SHAPES[(SHAPES.index(s.shape) + 1) % 3])
+            alt = replace(s, shape=SHAPES[(SHAPES.index(s.shape) + 1) % len(SHAPES)])
         elif attribute == "count":
-            alt = replace(s, count=s.count % 3 + 1)
+            alt = replace(s, count=s.count % 2 + 1)
         elif attribute == "region":
             if s.region not in ("left", "right"):
                 continue

@@ -1,6 +1,6 @@
 """The second built-in teacher's world (issue 32): 32x32 RGB procedural scenes drawn from a text prompt.
 
-A scene is one to three shapes (circle, square, triangle) of one colour on a textured background (stripes,
+A scene is one or two shapes (square, triangle) of one colour on a textured background (stripes,
 checks or dots, of another colour), in a region of the image (left, right, top, bottom or anywhere). Many
 images fit each prompt: sizes, positions inside the region, the texture's phase and spacing and small colour
 jitter are drawn per image, so a prompt has many modes, and the textures carry high-frequency detail that a

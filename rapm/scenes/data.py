@@ -15,14 +15,14 @@ from dataclasses import dataclass
 import numpy as np
 
 SIZE = 32
-SHAPES = ("circle", "square", "triangle")
+SHAPES = ("square", "triangle")  # the two whose fill of their box differs most (1 against 1/2)
 # colour name -> RGB in [0, 1]; far apart, so segmentation by nearest colour is unambiguous
 COLOURS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.25, 0.95), "yellow": (0.95, 0.9, 0.1)}
 TEXTURES = ("stripes", "checks", "dots")
 REGIONS = ("left", "right", "top", "bottom", "anywhere")
-COUNTS = (1, 2, 3)
-COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
-RADII = {1: (3.5, 5.0), 2: (3.0, 4.5), 3: (3.0, 4.0)}  # a shape's half-size, by how many share the region
+COUNTS = (1, 2)
+COUNT_WORDS = {1: "one", 2: "two"}
+RADII = {1: (5.0, 7.0), 2: (4.0, 5.5)}  # a shape's half-size, by how many share the region
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Scene:
     background: str
 
     def prompt(self) -> str:
-        """The scene as its prompt: "two red circles on the left over blue stripes"."""
+        """The scene as its prompt: "two red squares on the left over blue stripes"."""
         noun = self.shape if self.count == 1 else self.shape + "s"
         where = "" if self.region == "anywhere" else f" at the {self.region}" if self.region in ("top", "bottom") \
             else f" on the {self.region}"
@@ -43,15 +43,15 @@ class Scene:
 
 
 def all_scenes() -> list[Scene]:
-    """Every scene the world has: 3 shapes x 4 colours x 3 counts x 5 regions x 3 textures x 3 background colours
-    (any colour but the shapes'): 1,620."""
+    """Every scene the world has: 2 shapes x 4 colours x 2 counts x 5 regions x 3 textures x 3 background colours
+    (any colour but the shapes'): 720."""
     return [Scene(s, c, n, r, t, b) for s, c, n, r, t, b in itertools.product(SHAPES, COLOURS, COUNTS, REGIONS,
                                                                                TEXTURES, COLOURS) if b != c]
 
 
 def _region_box(region: str) -> tuple[int, int, int, int]:
     """(y0, y1, x0, x1) that the shapes' centres are drawn in."""
-    lo, mid, hi = 5, SIZE // 2, SIZE - 5
+    lo, mid, hi = 8, SIZE // 2, SIZE - 8  # a shape of the largest half-size stays inside the image
     return {"left": (lo, hi, lo, mid - 2), "right": (lo, hi, mid + 2, hi), "top": (lo, mid - 2, lo, hi),
             "bottom": (mid + 2, hi, lo, hi), "anywhere": (lo, hi, lo, hi)}[region]
 
@@ -71,8 +71,6 @@ def _texture(kind: str, rng: np.random.Generator) -> np.ndarray:
 
 def _shape_mask(shape: str, cy: float, cx: float, r: float) -> np.ndarray:
     y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) + 0.5
-    if shape == "circle":
-        return (y - cy) ** 2 + (x - cx) ** 2 <= r * r
     if shape == "square":
         return (np.abs(y - cy) <= r) & (np.abs(x - cx) <= r)
     # an upright right-angle-free triangle: apex at the top, base at the bottom of its box
@@ -129,12 +127,12 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
 
 
 def shape_of(pixels: np.ndarray) -> str:
-    """The shape whose outline fitted to the component's bounding box (an ellipse, the box, a triangle with its apex
+    """The shape whose outline fitted to the component's bounding box (the box, a triangle with its apex
     at the top) overlaps the component most (IoU)."""
     (y0, x0), (y1, x1) = pixels.min(0), pixels.max(0) + 1
     y, x = np.mgrid[y0:y1, x0:x1].astype(np.float32) + 0.5
     u, v = (y - (y0 + y1) / 2) / ((y1 - y0) / 2), (x - (x0 + x1) / 2) / ((x1 - x0) / 2)
-    templates = {"circle": u * u + v * v <= 1, "square": np.ones_like(u, bool), "triangle": np.abs(v) <= (u + 1) / 2}
+    templates = {"square": np.ones_like(u, bool), "triangle": np.abs(v) <= (u + 1) / 2}
     mine = np.zeros(u.shape, bool)
     mine[pixels[:, 0] - y0, pixels[:, 1] - x0] = True
     return max(SHAPES, key=lambda s: (templates[s] & mine).sum() / max(1, (templates[s] | mine).sum()))
