@@ -47,7 +47,7 @@ def evaluation_scenes(n: int) -> list[Scene]:
 
 
 def training_scenes() -> list[Scene]:
-    """The world's scenes but the held-out ones: the prompts to store trajectories of (1,320)."""
+    """The world's scenes but the held-out ones: the prompts to store trajectories of (420)."""
     return _order(0)[HELD_OUT_SCENES:]
 
 
