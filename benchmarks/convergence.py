@@ -54,9 +54,9 @@ EMA = ["ema_decay=0.99", "ema_warmup=true"]  # the default recipe's EMA (every r
 # The default recipe's relative weight until 2026-12-02, when the rows below moved it to 0. Every row of method rapm
 # that leaves the weight to the method was run with 0.25: the row lists pin it (``_pin_old_default`` below), so a
 # fresh run of such a row is the computation it names.
-OLD_DEFAULT = ["relative_weight=0.25"]  # rapm.config.OLD_RAPM_RELATIVE_WEIGHT (not imported: rapm loads torch)
+OLD_DEFAULT = ["relative_weight=0.25"]  # the weight those rows ran with
 MAIN_ROWS = [  # in the order they run
-    # the default recipe (rapm.methods.RAPM_RECIPE): the absolute terms alone (relative weight 0), no discriminator,
+    # the default recipe (rapm.methods.rapm.DEFAULT_RECIPE): the absolute terms alone (relative weight 0), no discriminator,
     # EMA 0.99 with warm-up; the run was first the ablation "abl-rel0-ema" (renamed with its seeds and long row)
     ("rapm", "rapm", 1, ["relative_weight=0", *EMA]),
     ("rapm-rel0.25", "rapm", 1, EMA),  # the default until 2026-12-02: the relative terms at a quarter of the absolute

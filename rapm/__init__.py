@@ -1,3 +1,3 @@
 """rapm: single-GPU distillation of Stable Diffusion teachers by Relative and Absolute Position Matching."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

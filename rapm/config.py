@@ -102,6 +102,22 @@ class TrainConfig:
     device: str = "auto"
 
 
+# The fields whose default leaves the value to the method (its own, in its class and preset: rapm/methods/): "" or a
+# negative number; rdd_weight 0; ema_warmup goes with ema_decay
+LEFT_TO_METHOD = ("gan_loss", "updates", "adv_weight", "relative_weight", "distance", "ema_decay", "ema_warmup",
+                  "rdd_weight")
+
+
+def left_to_method(config: TrainConfig, name: str) -> bool:
+    """Whether ``config`` leaves field ``name`` (one of LEFT_TO_METHOD) to the method."""
+    if name == "ema_warmup":
+        return config.ema_decay < 0
+    value = getattr(config, name)
+    if isinstance(value, str):
+        return value == ""
+    return value < 0 or (name == "rdd_weight" and value == 0)
+
+
 PRESETS: dict[str, dict] = {
     # each family's (``Family.presets``), then the built-in teachers' from their folders (rapm.plugins): "digits", in
     # rapm/demo/teacher/rapm.json
@@ -290,21 +306,9 @@ def validate(config: TrainConfig) -> None:
         bad("rdd_queue_size", f"must be at least 1, got {config.rdd_queue_size}")
 
 
-# rapm's own relative weight until 2026-12-02 (rapm.methods.RAPM_RECIPE), for run configs written before then
-OLD_RAPM_RELATIVE_WEIGHT = 0.25
-
-
 def to_dict(config: TrainConfig) -> dict:
     return dataclasses.asdict(config)
 
 
 def from_dict(values: dict, source: str) -> TrainConfig:
-    if "rdd_weight" in values and "rdd_features" not in values and values.get("method") != "progressive-rdd":
-        # A run written before RDD's term was open to every method: its rdd_weight (then 1.0 by default) was used by
-        # progressive-rdd alone, so for every other method the term was off; it stays off on resume.
-        values = {**values, "rdd_weight": 0.0}
-    if values.get("method", "rapm") == "rapm" and values.get("relative_weight", -1.0) < 0:
-        # A run written before the recipe was recorded in config.json (rapm.methods.with_recipe) left the relative
-        # weight to the method, whose own was then 0.25 (now 0): it resumes at the weight it trained with.
-        values = {**values, "relative_weight": OLD_RAPM_RELATIVE_WEIGHT}
     return apply_overrides(TrainConfig(), values, source)

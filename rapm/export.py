@@ -1186,11 +1186,11 @@ DISCRIMINATOR_FIELDS = ("disc_", "gan_loss", "updates")
 def applied_settings(config: dict) -> dict:
     """The run's scalar settings that applied to the student (the card's Training table), with ``LEFT_OUT_KEY``:
     {why: [fields]} for those that did not: the discriminator's fields when the method trained none, the EMA's
-    warm-up without an EMA, the relational loss's fields with that loss off, progressive distillation's under another
-    method, the relative position's target without relative terms, validation's with validation off, and the fields
+    warm-up without an EMA, the relational loss's fields with that loss off, the fields only another method reads
+    (progressive distillation's, PCM's), the relative position's target without relative terms, validation's with validation off, and the fields
     left empty (the method's own, or off)."""
     from rapm import config as cfg
-    from rapm.methods import build_method, ema_of
+    from rapm.methods import REGISTRY, build_method, resolve
 
     scalars = {k: v for k, v in config.items() if k not in ("teacher", "steps") and isinstance(v, (str, int, float, bool))}
     left: dict[str, list[str]] = {}
@@ -1204,20 +1204,22 @@ def applied_settings(config: dict) -> dict:
 
     method = str(config.get("method", "rapm"))
     try:
-        built = cfg.from_dict({k: v for k, v in config.items() if k in cfg.to_dict(cfg.TrainConfig())}, "config.json")
+        built = resolve(cfg.from_dict({k: v for k, v in config.items() if k in cfg.to_dict(cfg.TrainConfig())},
+                                      "config.json"))
         disc = bool(build_method(built, 1).uses_discriminator)
-        ema = ema_of(built)[0] > 0
+        ema, rdd, reads = built.ema_decay > 0, built.rdd_weight > 0, REGISTRY[method].cls.reads
     except (RapmError, TypeError, ValueError, KeyError, AttributeError):  # a config rapm cannot rebuild: its adv_weight
         disc = float(config.get("adv_weight", 0) or 0) > 0
         ema = float(config.get("ema_decay", 0) or 0) > 0
+        rdd, reads = float(config.get("rdd_weight", 0) or 0) > 0, ()
     if not disc:
         drop("this run trains no discriminator", [k for k in list(scalars) if k.startswith(DISCRIMINATOR_FIELDS)])
     if not ema:
         drop("the student has no EMA", ["ema_warmup", "ema_decay"])
-    if not float(config.get("rdd_weight", 0) or 0) > 0 and method != "progressive-rdd":
+    if not rdd:
         drop("the relational (RDD) loss is off", ["rdd_weight", "rdd_features", "rdd_queue_size"])
-    if not method.startswith("progressive"):
-        drop(f"method {method} runs no progressive rounds", ["progressive_start_steps"])
+    drop(f"method {method} does not read them",
+         sorted({k for entry in REGISTRY.values() for k in entry.cls.reads} - set(reads)))
     if not float(config.get("relative_weight", 0) or 0) > 0 and not disc:
         drop("the relative terms are off", ["relative_target"])
     if config.get("eval_every") == 0:

@@ -519,10 +519,10 @@ def config_changes(run: Path, config: dict) -> tuple[list[tuple[str, object, obj
     teacher family's LoRA targets), as (field, value, default); and the discriminator fields left out because the
     run trains none."""
     from rapm import config as cfg
-    from rapm.methods import with_recipe
+    from rapm.methods import resolve
 
     try:
-        defaults = cfg.to_dict(with_recipe(cfg.TrainConfig(method=str(config.get("method", "rapm")))))
+        defaults = cfg.to_dict(resolve(cfg.TrainConfig(method=str(config.get("method", "rapm")))))
     except (RapmError, TypeError, ValueError):
         defaults = cfg.to_dict(cfg.TrainConfig())
     try:

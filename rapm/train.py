@@ -26,7 +26,7 @@ from rapm.config import ConfigError, TrainConfig, split_seed
 from rapm.discriminator import ABSOLUTE_BACKBONE
 from rapm.families import read_teacher_info
 from rapm.files import atomic_write
-from rapm.methods import FLOW_METHODS, METHODS, build_method, ema_of, method_info, updates_of, with_recipe
+from rapm.methods import FLOW_METHODS, METHODS, build_method, method_entry, resolve
 from rapm.methods.base import Context, Setup
 from rapm.models import (build_models, ema_decay_at, lr_factor, lr_schedule, make_optimizer, swap_in, update_ema,
                          weight_dtype)
@@ -163,7 +163,7 @@ def build_phases(config: TrainConfig, unet, disc, method) -> dict[str, Phase]:
     """The student's phase and, with a discriminator, the discriminator's: built once, before the loop."""
     student = {**lora_parameters(unet, STUDENT), **method.extra_parameters()}  # plus a method's own (RDD's head)
     opt = make_optimizer(list(student.values()), config.lr, config.adam_betas, config.weight_decay, config.use_8bit_adam)
-    cycle = [iteration_phases(updates_of(config), config.disc_every, disc is not None, k) for k in range(2 * config.disc_every)]
+    cycle = [iteration_phases(config.updates, config.disc_every, disc is not None, k) for k in range(2 * config.disc_every)]
     per_iteration = {name: sum(name in c for c in cycle) / len(cycle) for name in ("student", "discriminator")}
 
     def schedule(optimizer, phase: str):  # over the updates this phase makes in config.iterations
@@ -218,7 +218,7 @@ def _check_method_applies(config: TrainConfig, store) -> None:
 
     if not schedule_from_config(store.manifest["scheduler"]).is_flow:
         return
-    why = method_info(config.method).flow
+    why = method_entry(config.method).cls.flow
     if why is not None:
         raise ConfigError(f"config field 'method': {config.method!r} does not apply to a flow-matching teacher "
                           f"({store.family}): {why}; use {', '.join(FLOW_METHODS[:-1])} or {FLOW_METHODS[-1]}")
@@ -253,7 +253,7 @@ def _warn_if_steps_do_not_divide(config: TrainConfig, teacher, store) -> None:
 
 
 def _ema(config: TrainConfig) -> tuple[float, bool]:
-    ema_decay, ema_warmup = ema_of(config)
+    ema_decay, ema_warmup = config.ema_decay, config.ema_warmup
     if config.relative_target == "ema" and ema_decay <= 0:
         raise ConfigError(f"config field 'relative_target': 'ema' needs an EMA, and method {config.method!r} keeps none "
                           "by default; set ema_decay (such as 0.99)")
@@ -296,7 +296,7 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
            stop_after: int | None, trust_checkpoint: bool) -> TrainResult:
     device = procs.device if (procs.world > 1 and config.device == "auto") else resolve_device(config.device)
     dtype = weight_dtype(config, device)
-    config = with_recipe(config)  # the method's own settings, written into config.json: a resume keeps them
+    config = resolve(config)  # the method's own settings, written into config.json: a resume keeps them
     store = open_store(Path(config.store))
     _check_method_applies(config, store)
     train_ids, val_ids = _split(config, store, procs.main)
@@ -340,7 +340,7 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
     previews = (Previews(config, unet, store, device, dtype)
                 if procs.main and config.sample_prompts and config.sample_every > 0 else None)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    cycle = phase_cycle(phases, updates_of(config), config.disc_every)
+    cycle = phase_cycle(phases, config.updates, config.disc_every)
     student_updates = sum(phases["student"] in cycle[k % len(cycle)] for k in range(start))  # for the EMA's warm-up
     schedulers = {p.name: p.scheduler for p in phases.values()}
     frozen_student = (lambda: swap_in(student_params, state.ema)) if config.relative_target == "ema" else None

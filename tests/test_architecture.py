@@ -132,3 +132,32 @@ def test_the_family_check_finds_a_family_name_compared(tmp_path):
     probe.write_text('def f(x):\n    return x == "sdxl" or x in ("flux",) or {"sd3": 1} or x == "sdx"\n', encoding="utf-8")
     assert names_tested(probe, {"sd", "sdxl", "sd3", "flux"}, tmp_path) == ["probe.py:2 'sdxl'", "probe.py:2 'flux'",
                                                                             "probe.py:2 'sd3'"]
+
+
+def prefixes_tested(path: Path, names: set[str], root: Path = ROOT.parent, ignore: tuple[str, ...] = ()) -> list[str]:
+    """``file:line prefix`` wherever ``path`` calls ``startswith`` with a prefix of one of ``names`` (but ``ignore``)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "startswith":
+            found += [f"{path.relative_to(root)}:{node.lineno} {s!r}" for a in node.args for s in _strings(a)
+                      if s not in ignore and any(n.startswith(s) for n in names)]
+    return found
+
+
+def test_no_method_name_is_tested_outside_the_methods():
+    """The methods' names live in rapm/methods/ (REGISTRY); the loop, the CLI, the export and the report read the
+    method classes' attributes. (The CLI's help lists the names from METHODS.)"""
+    from rapm.methods import METHODS
+
+    names = set(METHODS) - {"rapm"}  # the package's name too: its metadata key, the prefix of its module names
+    outside = [p for p in sorted(ROOT.rglob("*.py")) if "methods" not in p.relative_to(ROOT).parts]
+    assert [hit for p in outside for hit in names_tested(p, names) + prefixes_tested(p, names, ignore=("rapm",))] == []
+
+
+def test_the_method_check_finds_a_method_name_compared(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text('def f(m):\n    return m != "progressive-rdd" or m.startswith("progressive") or m == "pcmx"\n',
+                     encoding="utf-8")
+    names = {"progressive", "progressive-rdd", "pcm"}
+    assert names_tested(probe, names, tmp_path) + prefixes_tested(probe, names, tmp_path) == [
+        "probe.py:2 'progressive-rdd'", "probe.py:2 'progressive'"]

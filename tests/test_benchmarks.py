@@ -81,8 +81,12 @@ def test_convergence_reads_the_validation_curve_and_charges_calibrated_seconds(t
 
 
 def test_convergence_rows_name_what_they_run_and_summarise_the_curve():
-    from rapm.config import TrainConfig, apply_overrides
-    from rapm.methods import recipe_of
+    from rapm.config import LEFT_TO_METHOD, TrainConfig, apply_overrides
+    from rapm.methods import resolve
+
+    def recipe_of(config):
+        resolved = resolve(config)
+        return {k: getattr(resolved, k) for k in LEFT_TO_METHOD}
 
     conv = _load("convergence")
     rows = {name: (method, sets) for name, method, _, sets in conv.MAIN_ROWS + conv.ABLATION_ROWS}
@@ -99,9 +103,7 @@ def test_convergence_rows_name_what_they_run_and_summarise_the_curve():
     assert resolved("abl-no-ema")["ema_decay"] == 0 and resolved("abl-sfd-ema")["ema_decay"] == 0.99
     # The rows run while rapm's own relative weight was 0.25 pin it: a fresh run of one is the computation it names.
     assert resolved("rapm-rel0.25") == {**recipe_of(TrainConfig()), "relative_weight": 0.25}
-    from rapm.config import OLD_RAPM_RELATIVE_WEIGHT  # the weight old run configs are read with: the same 0.25
-
-    assert conv.OLD_DEFAULT == [f"relative_weight={OLD_RAPM_RELATIVE_WEIGHT}"]
+    assert conv.OLD_DEFAULT == ["relative_weight=0.25"]
     assert all(resolved(name)["relative_weight"] == 0.25 for name in ("abl-no-ema", "abl-huber0.001", "abl-few-ema"))
     assert resolved("rapm")["relative_weight"] == 0 and resolved("abl-rel0.1")["relative_weight"] == 0.1
     curve = [{"iteration": i, "trajectory_error": e} for i, e in ((0, 0.2), (250, 0.1), (500, 0.12), (750, 0.08))]

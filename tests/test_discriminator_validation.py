@@ -9,7 +9,7 @@ import torch
 from rapm.config import ConfigError, TrainConfig, apply_overrides, from_dict, to_dict, validate
 from rapm.discriminator import (hinge_discriminator_loss, pair_accuracy, relativistic_discriminator_loss,
                                 relativistic_generator_loss)
-from rapm.methods import build_method, recipe_of, updates_of, with_recipe
+from rapm.methods import build_method, resolve
 from rapm.models import ema_decay_at
 from rapm.train import iteration_phases, train
 from rapm.validation import split_indices
@@ -51,35 +51,31 @@ def test_the_paper_setting_is_one_flag():
     paper = apply_overrides(TrainConfig(), {"method": "rapm-paper"}, "test")
     default = TrainConfig()
     p, d = build_method(paper, 10), build_method(default, 10)
-    assert updates_of(paper) == "alternate" and p.gan_loss == "hinge" and p.adv_weight == 0.1 and p.relative_weight == 1
+    assert resolve(paper).updates == "alternate" and p.gan_loss == "hinge" and p.adv_weight == 0.1 and p.relative_weight == 1
     assert p.uses_discriminator
     # The default recipe: the absolute terms alone (no relative position is computed), no discriminator; switched on,
     # the paired one every iteration: D2 alone, and D1 beside it where the relative terms are weighed in.
     assert d.relative_weight == 0 and not d.relative and d.adv_weight == 0 and not d.uses_discriminator
     paired = apply_overrides(default, {"adv_weight": 0.1}, "test")
-    assert updates_of(paired) == "both" and build_method(paired, 10).gan_loss == "relativistic"
+    assert resolve(paired).updates == "both" and build_method(paired, 10).gan_loss == "relativistic"
     assert build_method(paired, 10).uses_discriminator and build_method(paired, 10).gan_kinds == ["absolute"]
     both = apply_overrides(paired, {"relative_weight": 0.25}, "test")
     assert build_method(both, 10).gan_kinds == ["relative", "absolute"]
     assert build_method(apply_overrides(default, {"relative_weight": 1}, "test"), 10).relative_weight == 1
-    assert updates_of(apply_overrides(default, {"updates": "alternate"}, "test")) == "alternate"
+    assert resolve(apply_overrides(default, {"updates": "alternate"}, "test")).updates == "alternate"
     with pytest.raises(ConfigError, match="'gan_loss'"):
         validate(apply_overrides(TrainConfig(), {"gan_loss": "wasserstein"}, "test"))
 
 
-def test_a_run_records_its_recipe_and_an_old_run_resumes_with_its_own(tiny_sd, sd_store, tmp_path):
+def test_a_run_records_its_recipe_and_a_resume_reads_it_back(tiny_sd, sd_store, tmp_path):
     """config.json holds the method's own settings written in, so a later rapm whose default recipe differs resumes
-    a run with the recipe it started with; a config.json written before that (weights left to the method, -1) is
-    read with the weight rapm's own was then (0.25)."""
-    recorded = with_recipe(TrainConfig())
+    a run with the recipe it started with."""
+    recorded = resolve(TrainConfig())
     assert (recorded.relative_weight, recorded.adv_weight, recorded.ema_decay, recorded.ema_warmup) == (0, 0, 0.99, True)
-    assert with_recipe(recorded) == recorded and recipe_of(recorded) == recipe_of(TrainConfig())
+    assert resolve(recorded) == recorded
     assert from_dict(to_dict(recorded), "test") == recorded  # a recorded 0 stays 0
-    old = to_dict(TrainConfig())  # as rapm wrote it before: every weight left at -1
-    assert from_dict(old, "test").relative_weight == 0.25
-    assert build_method(from_dict(old, "test"), 10).relative  # the old run's relative terms go on
-    paper = from_dict({**old, "method": "rapm-paper"}, "test")
-    assert paper.relative_weight == -1 and recipe_of(paper)["relative_weight"] == 1  # only rapm's own moved
+    paper = resolve(apply_overrides(TrainConfig(), {"method": "rapm-paper"}, "test"))
+    assert (paper.relative_weight, paper.adv_weight, paper.gan_loss, paper.ema_decay) == (1, 0.1, "hinge", 0)
     run = tmp_path / "run"
     train(_config(tiny_sd, sd_store, iterations=1, checkpoint_every=1, adv_weight=-1, relative_weight=-1), run,
           progress=False)

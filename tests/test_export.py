@@ -614,10 +614,10 @@ def test_the_card_has_the_hubs_front_matter_and_only_the_settings_that_applied(e
 
     from rapm import config as cfg
     from rapm.export import applied_settings
-    from rapm.methods import with_recipe
+    from rapm.methods import resolve
 
     e = exported("sd")
-    full = cfg.to_dict(with_recipe(cfg.TrainConfig(teacher=str(e.folder), store=str(tmp_path / "store"))))
+    full = cfg.to_dict(resolve(cfg.TrainConfig(teacher=str(e.folder), store=str(tmp_path / "store"))))
     assert full["adv_weight"] == 0 and full["ema_decay"] > 0  # the default recipe: no discriminator, an EMA
     export_lora(e.teacher.unet, e.folder, "sd", tmp_path / "plain", STEPS, extra_card={"run": "r", **applied_settings(full)})
     card = ModelCard.load(tmp_path / "plain" / "README.md")
@@ -634,7 +634,7 @@ def test_the_card_has_the_hubs_front_matter_and_only_the_settings_that_applied(e
     facts = json.loads((tmp_path / "plain" / FACTS_NAME).read_text())
     assert "disc_lr" in facts["training_left_out"]["this run trains no discriminator"] and "disc_lr" not in facts["training"]
 
-    adversarial = cfg.to_dict(with_recipe(cfg.TrainConfig(teacher=str(e.folder), store="s", adv_weight=0.1,
+    adversarial = cfg.to_dict(resolve(cfg.TrainConfig(teacher=str(e.folder), store="s", adv_weight=0.1,
                                                           relative_weight=0.25, ema_decay=0.0)))
     settings = applied_settings(adversarial)
     assert {"disc_lr", "gan_loss", "disc_lora_rank", "adv_weight"} <= set(settings)  # trained: listed

@@ -131,13 +131,13 @@ def test_sfd_matches_only_the_absolute_position(tiny_sd):
 def test_the_plain_sum_over_slots_is_n_times_the_mean(tiny_sd):
     """disc_slot_reduction=sum: Alg. 2 line 18's sum over the N slots; the default divides it by N."""
     from rapm.config import TrainConfig, apply_overrides
-    from rapm.methods import FACTORIES
+    from rapm.methods import build_method
 
     losses = {}
     for reduction in ("mean", "sum"):
         _, _, ctx, batch = _setup(tiny_sd)  # the same discriminator noise in both
         config = apply_overrides(TrainConfig(), {"method": "rapm-paper", "disc_slot_reduction": reduction}, "test")
-        method = FACTORIES["rapm-paper"](config, {"adv_weight": 0.1, "gan_loss": "hinge", "relative_weight": 1.0}, 10)
+        method = build_method(config, 10)  # the paper's: adv_weight 0.1, hinge, relative weight 1
         (loss, logs), = list(method.discriminator_losses(ctx, batch))
         losses[reduction] = loss.item()
     assert losses["mean"] > 0

@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 from rapm.cli import app
 from rapm.config import ConfigError, TrainConfig, apply_overrides, from_dict
 from rapm.discriminator import backbone_features
-from rapm.methods import build_method
+from rapm.methods import build_method, resolve
 from rapm.methods.base import Context, Setup
-from rapm.methods.rdd import FEATURE_TIMESTEP, RelationalTerm, rdd_features_of, rdd_weight_of
+from rapm.methods.rdd import FEATURE_TIMESTEP, RelationalTerm, rdd_features_of
 from rapm.roles import DISCRIMINATOR, STUDENT, LoraSpec, add_roles, lora_parameters, set_trainable
 from rapm.stream import sample_generators
 from rapm.teacher import load_teacher
@@ -145,11 +145,8 @@ def test_rdd_fields_say_what_is_wrong(tiny_sd, sd_store, tmp_path):
               progress=False)
     with pytest.raises(ConfigError, match="'rdd_features'.*teacher or classifier"):
         train(apply_overrides(TrainConfig(), {**base, "rdd_features": "clip"}, "t"), tmp_path / "c", progress=False)
-    # Defaults: progressive-rdd's own weight is 1.0, every other method's is off; a run config from before the
-    # field existed (rdd_weight 1.0 for every method, used by progressive-rdd alone) resumes with the term off.
+    # Defaults: progressive-rdd's own weight is 1.0 (its preset), every other method's is off.
     for method, weight in [("progressive-rdd", 1.0), ("progressive", 0.0), ("rapm", 0.0), ("sfd", 0.0)]:
-        assert rdd_weight_of(apply_overrides(TrainConfig(), {"method": method}, "t")) == weight
-    assert rdd_weight_of(apply_overrides(TrainConfig(), {"method": "sfd", "rdd_weight": 0.3}, "t")) == 0.3
-    assert from_dict({"method": "rapm", "rdd_weight": 1.0}, "old").rdd_weight == 0.0
-    assert from_dict({"method": "progressive-rdd", "rdd_weight": 1.0}, "old").rdd_weight == 1.0
+        assert resolve(apply_overrides(TrainConfig(), {"method": method}, "t")).rdd_weight == weight
+    assert resolve(apply_overrides(TrainConfig(), {"method": "sfd", "rdd_weight": 0.3}, "t")).rdd_weight == 0.3
     assert from_dict({"method": "rapm", "rdd_weight": 1.0, "rdd_features": ""}, "new").rdd_weight == 1.0

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, ClassVar, Iterator
 
 import torch
 
@@ -60,17 +61,36 @@ class Setup:
     dtype: torch.dtype
 
 
+@dataclass
 class Method:
     """One distillation method = one loss object; the trainer is written once (after EDM's training/loss.py).
 
-    A method yields its losses; the rest has defaults here: nothing to prepare but RDD's relational term (``rdd``,
-    rapm/methods/rdd.py, None unless ``rdd_weight`` turns it on), no state or extra parameters but the term's. A
-    method that overrides a hook calls the base's for the term.
+    A method is a dataclass whose fields are its settings, with its defaults; ``from_config`` builds it from a run's
+    config and one of its presets (``rapm.methods.REGISTRY``). The fields below are the loop's (``rapm.train`` reads
+    them off the method); the class attributes say where the method applies. A method yields its losses; the rest
+    has defaults here: nothing to prepare, no state or extra parameters. A method that overrides a hook calls the
+    base's (a term it holds, such as RDD's, comes in through it).
     """
 
+    updates: str = "both"  # how discriminator and student updates share the iterations: both | alternate (Alg. 2)
+    ema_decay: float = 0.0  # the student's EMA, validated, sampled and exported in its place (0 = none)
+    ema_warmup: bool = False  # decay min(ema_decay, (1 + k) / (10 + k)) after k updates
+
+    flow: ClassVar[str | None] = None  # None: applies to a flow-matching teacher; else why it does not
+    reads: ClassVar[tuple[str, ...]] = ()  # the config fields only this method reads (the model card leaves them out
+    # of another method's run)
     uses_discriminator = False
-    rdd = None  # rapm.methods.rdd.RelationalTerm: RDD's relational loss, set by prepare where rdd_weight is on
-    relational = None  # rapm.methods.rdd.RelationalSettings, given in the constructor (a dataclass field of each method)
+
+    @classmethod
+    def from_config(cls, config, delta: int, preset: dict) -> "Method":
+        """The loss object for a run's ``config`` (its fields left to the method already resolved,
+        ``rapm.methods.resolve``), Δ = ``delta`` teacher timesteps, and the method's ``preset`` (``REGISTRY``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def own(cls, preset: dict) -> dict:
+        """The method's values of its fields: its defaults, then its preset's."""
+        return {**{f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}, **preset}
 
     def generator_losses(self, ctx: Context, batch: TrajectoryBatch) -> Losses:
         """Yield the student's loss piece by piece (one per slot); the trainer back-propagates each as it comes."""
@@ -82,24 +102,20 @@ class Method:
 
     def prepare(self, setup: Setup) -> None:
         """Load what the method needs beyond the store (real data, a feature network, extra adapters)."""
-        from rapm.methods.rdd import build_relational_term
-
-        self.rdd = build_relational_term(setup, self.relational)
 
     def begin_step(self, step: int, unet: torch.nn.Module) -> None:
         """Called before every iteration (progressive distillation changes rounds here)."""
 
     def extra_parameters(self) -> dict[str, torch.nn.Parameter]:
         """Trainable parameters besides the student LoRA, stepped by the student's optimizer (not exported)."""
-        return self.rdd.trainable() if self.rdd is not None else {}
+        return {}
 
     def state_dict(self) -> dict:
         """The method's own state, saved in every checkpoint so a resume continues exactly."""
-        return {"rdd": self.rdd.state()} if self.rdd is not None else {}
+        return {}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.rdd is not None and state.get("rdd"):
-            self.rdd.load_state(state["rdd"])
+        pass
 
 
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:

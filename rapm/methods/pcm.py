@@ -22,10 +22,12 @@ unconditional embedding; its trajectories are not used.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from rapm.conditioning import Conditioning
+from rapm.config import ConfigError
 from rapm.diffusion import add_noise, slot_grid
 from rapm.discriminator import hinge_discriminator_loss, hinge_generator_loss
 from rapm.methods.base import (Context, Losses, Method, Setup, discriminator_timesteps, pseudo_huber, renoise,
@@ -35,13 +37,30 @@ from rapm.store import TrajectoryBatch
 
 @dataclass
 class PCM(Method):
+    updates: str = "alternate"
     real_data: str = "digits"
     huber_c: float = 0.001
     adv_weight: float = 0.1
     substeps: int = 0  # M, the phase's grid (t - Δ is the next point on it); 0 = the store's
     teacher: str = "digits"  # whose text encoders and VAE encode the real data
-    relational: object = field(default=None, repr=False)  # rapm.methods.rdd.RelationalSettings
     data: object = field(default=None, repr=False)  # rapm.realdata.RealData, loaded by prepare
+
+    flow: ClassVar[str | None] = ("it trains on real images through a DDPM forward process (config field 'real_data') "
+                                  "and its phase grid")
+    reads: ClassVar[tuple[str, ...]] = ("real_data",)
+
+    @classmethod
+    def from_config(cls, config, delta: int, preset: dict) -> "PCM":
+        """Paper Alg. 1: real data (``real_data``; the digits teacher's own by default), the relative position from a
+        noised real image."""
+        from rapm.plugins import plugin_for
+
+        real = config.real_data or ("digits" if plugin_for(config.teacher) is not None else "")
+        if not real:
+            raise ConfigError("config field 'real_data': --method pcm needs real images; set real_data to a folder of "
+                              "images with a .txt caption beside each (or 'digits' for the digits teacher)")
+        return cls(real_data=real, huber_c=config.huber_c, adv_weight=config.adv_weight, teacher=config.teacher,
+                   updates=config.updates, ema_decay=config.ema_decay, ema_warmup=config.ema_warmup)
 
     @property
     def uses_discriminator(self) -> bool:

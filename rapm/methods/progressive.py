@@ -23,12 +23,14 @@ the digits classifier's).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from rapm.config import ConfigError
 from rapm.diffusion import add_noise, alpha_sigma, coarse_timesteps, ddim_step, predict_x0_eps
 from rapm.methods.base import Context, Losses, Method, Setup
+from rapm.methods.rdd import TakesRelationalTerm, relational_settings
 from rapm.roles import STUDENT, LoraSpec, adapter_role, add_frozen_adapter, lora_parameters, student_role, teacher_role
 from rapm.store import TrajectoryBatch
 from rapm.teacher import guided_output, unet_output
@@ -49,14 +51,25 @@ def rounds_for(start_steps: int, steps: int) -> int:
 
 
 @dataclass
-class Progressive(Method):
+class Progressive(TakesRelationalTerm, Method):
     start_steps: int = 16  # the first round's teacher steps (2 K_1)
     rounds: int = 0
     iterations: int = 0
     round: int = 0  # the round the student is in (1..R); 0 before the first step
     lora: LoraSpec | None = field(default=None, repr=False)  # the frozen previous-round student's adapter
     unet: torch.nn.Module | None = field(default=None, repr=False)
-    relational: object = field(default=None, repr=False)  # rapm.methods.rdd.RelationalSettings (progressive-rdd)
+
+    flow: ClassVar[str | None] = ("its rounds halve integer DDIM grids of a DDPM schedule and it needs its own teacher "
+                                  "targets")
+    reads: ClassVar[tuple[str, ...]] = ("progressive_start_steps",)
+
+    @classmethod
+    def from_config(cls, config, delta: int, preset: dict) -> "Progressive":
+        """Salimans & Ho 2022; with ``rdd_weight`` (progressive-rdd's preset: 1.0), RDD's relational loss."""
+        return cls(start_steps=config.progressive_start_steps, iterations=config.iterations,
+                   lora=LoraSpec(config.lora_rank, config.lora_alpha, list(config.lora_targets)),
+                   relational=relational_settings(config), updates=config.updates, ema_decay=config.ema_decay,
+                   ema_warmup=config.ema_warmup)
 
     def prepare(self, setup: Setup) -> None:
         self.unet = setup.unet

@@ -33,7 +33,7 @@ from rapm.discriminator import (hinge_discriminator_loss, hinge_generator_loss, 
                                 relativistic_discriminator_loss, relativistic_generator_loss)
 from rapm.methods.base import (Context, Losses, Method, discriminator_timesteps, pseudo_huber, renoise, slot_times,
                                student_step, student_trajectory, teacher_step)
-from rapm.methods.rdd import relational_settings
+from rapm.methods.rdd import TakesRelationalTerm, relational_settings
 from rapm.store import TrajectoryBatch
 
 
@@ -41,8 +41,22 @@ class DeltaStepWarning(UserWarning):
     """The teacher's Δ-step is computed in training (the store holds none for this Δ)."""
 
 
+# The default recipe (`--method rapm`), chosen on the digits convergence benchmark (docs/results/convergence.md): the
+# absolute terms alone (relative weight 0: the relative terms and D1 are not computed), no discriminator (switched on
+# with `--set adv_weight=0.1`, the paired, relativistic ones, updated in every iteration before the student), and an
+# EMA of the student (0.99 with the warm-up) as the student that is validated and exported.
+DEFAULT_RECIPE = dict(gan_loss="relativistic", updates="both", adv_weight=0.0, relative_weight=0.0, ema_decay=0.99,
+                      ema_warmup=True)
+# Eq. 16 alone, the ablation of paper Fig. 3 (`--method rapm-relative`)
+RELATIVE_ONLY = dict(gan_loss="relativistic", updates="both", adv_weight=0.0, absolute=False)
+
+
 @dataclass
-class RAPM(Method):
+class RAPM(TakesRelationalTerm, Method):
+    """RAPM's loss; its defaults are the paper's setting (Alg. 2 as written: PCM's unpaired hinge loss, discriminator
+    and student updates alternating, every term at weight 1, no EMA), ``--method rapm-paper``."""
+
+    updates: str = "alternate"
     huber_c: float = 0.001
     adv_weight: float = 0.1
     delta: int = 10  # Δ in teacher timesteps: one step of the stored fine grid (1000 / (N M))
@@ -57,25 +71,27 @@ class RAPM(Method):
     slot_sum: bool = False  # the discriminator loss summed over the slots (Alg. 2 line 18) instead of their mean
     d2: bool = True  # the absolute discriminator D2 (eq. 17)
     independent_noise: bool = False  # the discriminator step renoises each fake and each real with its own noise (PCM)
-    relational: object = field(default=None, repr=False)  # rapm.methods.rdd.RelationalSettings (refused: RAPM takes none)
     _warned: bool = field(default=False, init=False, repr=False, compare=False)  # DeltaStepWarning is said once
 
     @classmethod
-    def from_config(cls, config, recipe: dict, delta: int, **fields) -> "RAPM":
-        """The loss object for a run's ``config``, with the method's ``recipe`` where the config leaves a field to
-        the method, Δ = ``delta``, and the method's own ``fields`` (``relative``, ``absolute``, ``discriminator``,
-        ``distance``)."""
-        own = dict(huber_c=config.huber_c, adv_weight=recipe["adv_weight"], delta=delta, slot_weights=config.slot_weights,
-                   gan_loss=recipe["gan_loss"], relative_weight=recipe["relative_weight"], d1=config.disc_relative,
-                   d2=config.disc_absolute, relational=relational_settings(config))
-        if fields.get("discriminator", True):  # the discriminator step's settings
+    def from_config(cls, config, delta: int, preset: dict) -> "RAPM":
+        """The loss object for a run's resolved ``config``, Δ = ``delta``, and the switches of the ``preset``
+        (``relative``, ``absolute``, ``discriminator``); relative weight 0 switches the relative terms (and D1) off,
+        unless they are the only ones."""
+        switches = {k: preset.get(k, getattr(cls, k)) for k in ("relative", "absolute", "discriminator")}
+        switches["relative"] = switches["relative"] and (config.relative_weight > 0 or not switches["absolute"])
+        own = dict(huber_c=config.huber_c, adv_weight=config.adv_weight, delta=delta, slot_weights=config.slot_weights,
+                   gan_loss=config.gan_loss, relative_weight=config.relative_weight, distance=config.distance,
+                   updates=config.updates, ema_decay=config.ema_decay, ema_warmup=config.ema_warmup,
+                   d1=config.disc_relative, d2=config.disc_absolute, relational=relational_settings(config))
+        if switches["discriminator"]:  # the discriminator step's settings
             independent = config.disc_renoise == "independent"
-            if independent and recipe["gan_loss"] == "relativistic":
+            if independent and config.gan_loss == "relativistic":
                 raise ConfigError("config field 'disc_renoise': independent noise unpairs a fake from its real, and the "
                                   "relativistic loss compares the two at the same noise; set gan_loss=hinge (PCM's, with "
                                   "which its code renoises independently), or disc_renoise=shared")
             own.update(slot_sum=config.disc_slot_reduction == "sum", independent_noise=independent)
-        return cls(**own, **fields)
+        return cls(**own, **switches)
 
     @property
     def uses_discriminator(self) -> bool:

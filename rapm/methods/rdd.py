@@ -53,7 +53,7 @@ SD-1.5-shaped UNet at batch 1 (benchmarks/rdd.py cost, results/rdd.md): about +3
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -206,14 +206,6 @@ class RelationalTerm(nn.Module):
         self.loss.load_state_dict({k: v for k, v in state.items() if not k.startswith("features.")}, strict=True)
 
 
-def rdd_weight_of(config) -> float:
-    """The term's weight: the config's (``rdd_weight`` > 0), else the method's own: 1.0 for progressive-rdd, 0 (off)
-    for every other method."""
-    if config.rdd_weight > 0:
-        return float(config.rdd_weight)
-    return DEFAULT_WEIGHT if config.method == "progressive-rdd" else 0.0
-
-
 def rdd_features_of(config) -> str:
     """The feature source: the config's, else the teacher's own (classifier for digits, teacher for the rest)."""
     from rapm.plugins import plugin_for
@@ -225,15 +217,39 @@ def rdd_features_of(config) -> str:
 class RelationalSettings:
     """What RDD's relational term needs of the config, given to a method in its constructor."""
 
-    method: str
     weight: float
     features: str  # "teacher" or "classifier"
     queue_size: int
 
 
 def relational_settings(config) -> RelationalSettings:
-    weight = rdd_weight_of(config)
-    return RelationalSettings(config.method, weight, rdd_features_of(config) if weight > 0 else "", config.rdd_queue_size)
+    """The term's settings from a resolved config (``rdd_weight`` 0: off; progressive-rdd's preset sets it)."""
+    weight = float(config.rdd_weight) if config.rdd_weight > 0 else 0.0
+    return RelationalSettings(weight, rdd_features_of(config) if weight > 0 else "", config.rdd_queue_size)
+
+
+@dataclass
+class TakesRelationalTerm:
+    """A method that can add RDD's relational term (``rdd_weight`` > 0): it holds the term, builds it in ``prepare``
+    and trains and saves its projection head with the student. List it before ``Method`` among the bases."""
+
+    relational: RelationalSettings | None = field(default=None, repr=False)
+    rdd: RelationalTerm | None = field(default=None, init=False, repr=False)  # built by prepare where the weight > 0
+
+    def prepare(self, setup) -> None:
+        self.rdd = build_relational_term(setup, self.relational)
+        super().prepare(setup)
+
+    def extra_parameters(self) -> dict[str, nn.Parameter]:
+        return {**super().extra_parameters(), **(self.rdd.trainable() if self.rdd is not None else {})}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), **({"rdd": self.rdd.state()} if self.rdd is not None else {})}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if self.rdd is not None and state.get("rdd"):
+            self.rdd.load_state(state["rdd"])
 
 
 def build_relational_term(setup, settings: RelationalSettings | None) -> RelationalTerm | None:

@@ -7,9 +7,17 @@ its optimizer once per slot; here the slots' gradients are summed into one step 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from rapm.methods.rapm import RAPM
 
 
-def build_sfd(config, recipe: dict, delta: int) -> RAPM:
-    """SFD's loss object for ``config`` (``distance`` "" = SFD's L1)."""
-    return RAPM.from_config(config, recipe, delta, relative=False, discriminator=False, distance=config.distance or "l1")
+@dataclass
+class SFD(RAPM):
+    updates: str = "both"
+    adv_weight: float = 0.0
+    relative: bool = False
+    discriminator: bool = False
+    distance: str = "l1"
+    gan_loss: str = "relativistic"
+    relative_weight: float = 0.0
