@@ -392,7 +392,7 @@ def check_flow_export(model: str, lora: Path) -> dict:
 
     from safetensors import safe_open
 
-    from rapm.roles import SD3_TARGET_MODULES
+    from rapm.families.flow import SD3_TARGET_MODULES
 
     modules = set(target_modules(model, SD3_TARGET_MODULES))
     path = lora / "pytorch_lora_weights.safetensors"

@@ -20,7 +20,8 @@ from typing import Optional
 
 import typer
 
-from rapm.families import FAMILIES, PICKLE_SUFFIXES, TeacherError, family_named
+from rapm.families import FAMILIES, family_named
+from rapm.families.base import PICKLE_SUFFIXES, TeacherError
 
 def single_file_kind(path: Path) -> tuple[str, str]:
     """(family, label) of a single-file checkpoint, from its tensor names; TeacherError naming the file otherwise."""

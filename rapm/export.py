@@ -46,7 +46,8 @@ import typer
 
 import rapm
 from rapm.errors import RapmError
-from rapm.families import TeacherError, family_named
+from rapm.families import family_named
+from rapm.families.base import TeacherError
 from rapm.folders import FolderError, LockError, output_lock, refuse_link
 from rapm.lora import FACTS_NAME, base_unet_fingerprint, read_export_facts
 from rapm.roles import STUDENT

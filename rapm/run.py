@@ -653,7 +653,8 @@ def checkpoint_of_step(run: Path, step: int) -> Path:
 def check_teacher_weights(teacher: str | Path) -> None:
     """Every .safetensors file of the teacher's folder checked (rapm.files.check_safetensors) before diffusers loads
     it: a damaged or hostile one is one error naming it, not a library's traceback."""
-    from rapm.families import BUILTIN_TEACHERS, TeacherError, resolve_teacher_path
+    from rapm.families import BUILTIN_TEACHERS, resolve_teacher_path
+    from rapm.families.base import TeacherError
 
     if str(teacher) in BUILTIN_TEACHERS:
         return

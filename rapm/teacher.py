@@ -15,7 +15,8 @@ import torch
 
 from rapm.conditioning import Conditioning
 from rapm.diffusion import Schedule, ScheduleError, schedule_from_config
-from rapm.families import PICKLE_SUFFIXES, Family, TeacherError, denoiser_family, family_named, read_teacher_info
+from rapm.families import denoiser_family, family_named, read_teacher_info
+from rapm.families.base import PICKLE_SUFFIXES, Family, TeacherError
 
 
 @dataclass

@@ -161,3 +161,10 @@ def test_the_method_check_finds_a_method_name_compared(tmp_path):
     names = {"progressive", "progressive-rdd", "pcm"}
     assert names_tested(probe, names, tmp_path) + prefixes_tested(probe, names, tmp_path) == [
         "probe.py:2 'progressive-rdd'", "probe.py:2 'progressive'"]
+
+
+def test_the_families_import_their_base_not_their_package():
+    """rapm.families lists the families, so a family module imports rapm.families.base, never the package."""
+    g = graph()
+    inside = [m for m in g if m.startswith("rapm.families.")]
+    assert inside and [(m, "rapm.families") for m in inside if "rapm.families" in g[m]] == []

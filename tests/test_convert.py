@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from rapm.cli import app
 from rapm.convert import convert_single_file, single_file_kind
 from rapm.errors import RapmError
-from rapm.families import TeacherError
+from rapm.families.base import TeacherError
 from rapm.teacher import load_teacher
 from tests.ldm import save_single_file
 

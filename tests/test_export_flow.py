@@ -308,7 +308,8 @@ def test_diffusers_reads_the_flux_comfyui_file_at_flux1_widths_as_each_modules_l
 
     from rapm.export import to_native_kohya
     from benchmarks.flow_configs import meta_transformer
-    from rapm.roles import FLUX_TARGET_MODULES, matches_target
+    from rapm.families.flow import FLUX_TARGET_MODULES
+    from rapm.roles import matches_target
 
     transformer = meta_transformer("flux")
     g = torch.Generator().manual_seed(0)

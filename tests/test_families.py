@@ -2,8 +2,8 @@
 
 import pytest
 
-from rapm.families import (FAMILIES, TeacherError, denoiser_family, family_named, read_teacher_info,
-                           supported_pipelines)
+from rapm.families import FAMILIES, denoiser_family, family_named, read_teacher_info, supported_pipelines
+from rapm.families.base import TeacherError
 from rapm.teacher import load_teacher
 
 

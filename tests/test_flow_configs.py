@@ -6,7 +6,7 @@ import pytest
 
 from benchmarks import flow_configs
 from benchmarks.flow_configs import FLUX_DEV_PARAMS, SD3_MEDIUM_PARAMS, lora_parameter_count, parameter_count
-from rapm.roles import FLUX_TARGET_MODULES, SD3_TARGET_MODULES
+from rapm.families.flow import FLUX_TARGET_MODULES, SD3_TARGET_MODULES
 
 meta_transformer = lru_cache(maxsize=None)(flow_configs.meta_transformer)  # each is built once per session
 

@@ -7,10 +7,9 @@ import torch
 from benchmarks.flow_configs import lora_parameter_count
 from rapm.discriminator import Head
 from rapm.families import family_named
-from rapm.families.flow import latent_image_ids, pack_latents, unpack_latents
+from rapm.families.flow import FLUX_TARGET_MODULES, SD3_TARGET_MODULES, latent_image_ids, pack_latents, unpack_latents
 from rapm.flowmatch import FlowSchedule
-from rapm.roles import (DISCRIMINATOR, FLUX_TARGET_MODULES, SD3_TARGET_MODULES, STUDENT, add_roles, discriminator_role,
-                        lora_parameters, matches_target, student_role, teacher_role)
+from rapm.roles import DISCRIMINATOR, STUDENT, add_roles, discriminator_role, lora_parameters, matches_target, student_role, teacher_role
 from tests import flow_reference as ref
 from tests.tiny_flow import IMAGE, LATENT, MAX_TOKENS, build_tiny_flux, build_tiny_sd3, load
 

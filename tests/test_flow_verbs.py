@@ -90,7 +90,7 @@ def test_trajectories_are_the_teachers_euler_steps_on_the_trailing_sigmas(flow):
 
 @pytest.mark.parametrize("method", ["rapm", "sfd", "rapm-paper", "rapm-relative"])  # -paper: D1, D2 on joint blocks
 def test_train_through_the_cli_trains_the_transformer_student(flow, method):
-    from rapm.roles import FLUX_TARGET_MODULES, SD3_TARGET_MODULES
+    from rapm.families.flow import FLUX_TARGET_MODULES, SD3_TARGET_MODULES
     from rapm.run import load_student, read_run_config
 
     family, root, teacher, store = flow

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from rapm.families import TeacherError
+from rapm.families.base import TeacherError
 from rapm.teacher import load_teacher
 
 

@@ -16,8 +16,31 @@ from typing import Sequence
 import torch
 
 from rapm.conditioning import Conditioning
-from rapm.families import PICKLE_SUFFIXES, Family, TeacherError
-from rapm.roles import FLUX_TARGET_MODULES, SD3_TARGET_MODULES
+from rapm.families.base import PICKLE_SUFFIXES, Family, TeacherError
+
+
+# diffusers examples/dreambooth/train_dreambooth_lora_sd3.py: the default (no --lora_layers) targets the joint
+# attention's image and text projections. PCM's SD3 script (code/text_to_image_sd3/train_pcm_lora_sd3_adv.py) and
+# diffusers' FLUX script also target the feed-forward layers of both streams; rapm trains attention and FF.
+SD3_TARGET_MODULES = [
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+]
+# FLUX: the twelve names above in the double-stream blocks. In the single-stream blocks those names match only the
+# attention's to_q / to_k / to_v, while FLUX LoRA trainers train the blocks' MLP too: diffusers'
+# examples/dreambooth/train_dreambooth_lora_flux.py adds ``proj_mlp`` to its default list; kohya-ss/sd-scripts'
+# networks/lora_flux.py trains every Linear of a SingleStreamBlock: ``linear1`` (q, k, v and the MLP's input in one
+# Linear: diffusers' to_q/to_k/to_v + proj_mlp) and ``linear2`` (the attention's and the MLP's output in one Linear:
+# diffusers' proj_out); ostris' ai-toolkit's FLUX LoRAs hold proj_mlp and proj_out (and the norms' Linears) too.
+# So rapm targets ``proj_mlp`` and the single blocks' ``proj_out`` as well: the single blocks are 38 of FLUX.1's 57
+# and hold 45% of its weights, and a single block's linear1 and linear2 are then wholly in the LoRA, as in a FLUX
+# LoRA of those trainers (the ComfyUI file's ``lora_unet_single_blocks_N_linear1`` / ``_linear2``).
+# The modulation Linears (norm.linear, norm1.linear, norm1_context.linear) stay out in every block, as in diffusers'
+# default and rapm's SD3 list (sd-scripts and ai-toolkit train them too). ``single_transformer_blocks.*.proj_out``,
+# not "proj_out": that would also match the transformer's final projection (BFL's final_layer.linear), outside
+# every trainer's blocks (``peft_targets`` reads the ``*``).
+FLUX_TARGET_MODULES = list(SD3_TARGET_MODULES) + ["proj_mlp", "single_transformer_blocks.*.proj_out"]
 
 
 def transformer_dtype(transformer: torch.nn.Module) -> torch.dtype:

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 
 from rapm.conditioning import Conditioning
-from rapm.families import Family, TeacherError
+from rapm.families.base import Family, TeacherError
 from rapm.roles import PCM_TARGET_MODULES
 
 
