@@ -312,7 +312,7 @@ def teacher_rows(store: Path, steps: int, val_fraction: float) -> list[dict]:
     rows = []
     for k in (steps, 100):
         images = (validation.reference_images if k == 100 else  # the 100-step DDIM is the validation's reference
-                  validation._decode([validation.teacher_ddim(b, k) for b in validation.batches]))
+                  validation.decode([validation.teacher_ddim(b, k) for b in validation.batches]))
         m = validation.measure(images)
         rows.append({"method": f"teacher-ddim{k}", "steps": k, "batch": None, "iteration": None, "wall_s": None,
                      "trajectory_error": m["val_trajectory_error"], "reference_error": m.get("val_reference_error"),
@@ -324,7 +324,7 @@ def teacher_rows(store: Path, steps: int, val_fraction: float) -> list[dict]:
     gen = torch.Generator().manual_seed(123)
     finals = [validation.teacher_ddim(b, 100, torch.randn(b.latents[:, 0].shape, generator=gen))
               for b in validation.batches]
-    floors["fd_teacher_floor"] = frechet_distance(validation.metrics.features(validation._decode(finals)),
+    floors["fd_teacher_floor"] = frechet_distance(validation.metrics.features(validation.decode(finals)),
                                                   validation.teacher_features)
     return rows, floors
 

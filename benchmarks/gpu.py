@@ -105,7 +105,7 @@ def build(model: str, tiny: bool, device: torch.device, checkpointing: bool, ran
     from rapm.diffusion import coarse_timesteps, schedule_from_config
     from rapm.models import student_spec
     from rapm.roles import LoraSpec
-    from tests.tiny import SD_SCHEDULER
+    from rapm.demo.clip import SD_SCHEDULER
 
     config, dtype = bench_config(model, device, checkpointing, rank)
     torch.manual_seed(0)

@@ -85,7 +85,7 @@ def build_sd_teacher(folder: Path, unet_config: dict, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from tests.tiny import SD_SCHEDULER, build_clip_tokenizer
+    from rapm.demo.clip import SD_SCHEDULER, build_clip_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = build_clip_tokenizer(["a", "photo", "of", "cat", "dog", "red", "blue", "car"], model_max_length=77)
@@ -118,8 +118,8 @@ def build_flux_teacher(folder: Path, transformer_config: dict, image_size: int =
     (``image_size`` / 2). Enough for ``rapm trajectories`` and ``rapm train``."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
-    from tests.tiny import _text_encoder, build_clip_tokenizer
-    from tests.tiny_flow import FLUX_SCHEDULER, FLUX_VAE_FACTORS, MAX_TOKENS, WORDS, _t5
+    from rapm.demo.clip import build_clip_tokenizer, clip_text_encoder
+    from tests.tiny_flow import FLUX_SCHEDULER, FLUX_VAE_FACTORS, MAX_TOKENS, WORDS, t5_encoder
 
     torch.manual_seed(seed)
     tokenizer, tokenizer_2 = (build_clip_tokenizer(WORDS, model_max_length=MAX_TOKENS) for _ in range(2))
@@ -130,8 +130,8 @@ def build_flux_teacher(folder: Path, transformer_config: dict, image_size: int =
                         **FLUX_VAE_FACTORS)
     pipe = FluxPipeline(
         transformer=FluxTransformer2DModel(**transformer_config), scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
-        vae=vae, text_encoder=_text_encoder(len(tokenizer), transformer_config["pooled_projection_dim"], None, MAX_TOKENS, eos),
-        tokenizer=tokenizer, text_encoder_2=_t5(len(tokenizer_2), transformer_config["joint_attention_dim"]),
+        vae=vae, text_encoder=clip_text_encoder(len(tokenizer), transformer_config["pooled_projection_dim"], None, MAX_TOKENS, eos),
+        tokenizer=tokenizer, text_encoder_2=t5_encoder(len(tokenizer_2), transformer_config["joint_attention_dim"]),
         tokenizer_2=tokenizer_2)
     pipe.save_pretrained(folder)
     return folder

@@ -100,7 +100,7 @@ def build_teacher(model: str, folder: Path) -> dict:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from tests.tiny import SD_SCHEDULER, build_clip_tokenizer
+    from rapm.demo.clip import SD_SCHEDULER, build_clip_tokenizer
 
     torch.manual_seed(0)
     if model == "sd3":
@@ -143,7 +143,7 @@ def build_sd3(folder: Path) -> dict:
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     from benchmarks.flow_configs import SD3_MEDIUM_TRANSFORMER
-    from tests.tiny import build_clip_tokenizer
+    from rapm.demo.clip import build_clip_tokenizer
 
     bf16 = torch.bfloat16
     tokenizers = [build_clip_tokenizer(WORDS, model_max_length=n) for n in (77, 77, T5_TOKENS)]

@@ -73,10 +73,10 @@ class Validation:
     def __init__(self, teacher, store, indices: list[int], device, dtype, reference_steps: int = 0, batch: int = 64):
         self.teacher, self.store, self.indices = teacher, store, indices
         self.batches = [store.get(indices[i:i + batch]).to(device, torch.float32) for i in range(0, len(indices), batch)]
-        self.teacher_images = self._decode([b.latents[:, -1] for b in self.batches])
+        self.teacher_images = self.decode([b.latents[:, -1] for b in self.batches])
         self.reference_images = None
         if reference_steps > 0:
-            self.reference_images = self._decode([self.teacher_ddim(b, reference_steps) for b in self.batches])
+            self.reference_images = self.decode([self.teacher_ddim(b, reference_steps) for b in self.batches])
         self.metrics = None  # the teacher's own image metrics, where its plug-in has them (digits, scenes)
         self.plugin = plugin_for(teacher)
         self.other_images = self.other_features = None
@@ -88,7 +88,7 @@ class Validation:
                                                           else self.teacher_images)
             if reference_steps > 0:  # the distribution metrics' reference: the same prompts from other noise
                 gen = torch.Generator().manual_seed(OTHER_NOISE_SEED)
-                self.other_images = self._decode([self.teacher_ddim(b, reference_steps, torch.randn(
+                self.other_images = self.decode([self.teacher_ddim(b, reference_steps, torch.randn(
                     b.latents[:, 0].shape, generator=gen).to(b.latents)) for b in self.batches])
                 self.other_features = self.metrics.features(self.other_images)
 
@@ -96,7 +96,7 @@ class Validation:
         return len(self.indices)
 
     @torch.no_grad()
-    def _decode(self, latents: list[torch.Tensor]) -> torch.Tensor:
+    def decode(self, latents: list[torch.Tensor]) -> torch.Tensor:
         """Images for a pixel-space teacher (clamped to [-1, 1]); the latents themselves for a teacher with a VAE."""
         if getattr(self.teacher, "vae", None) is not None:
             return torch.cat([z.float().cpu() for z in latents])
@@ -126,7 +126,7 @@ class Validation:
             for j in range(n):
                 slot_sq[j] += rms(positions[:, j], b.latents[:, j + 1]).square().sum().cpu()
             student.append(positions[:, -1])
-        out = self.measure(self._decode(student))
+        out = self.measure(self.decode(student))
         for j in range(n):
             out[f"val_slot_error/{n - 1 - j}"] = float((slot_sq[j] / len(self)).sqrt())
         return out

@@ -6,7 +6,7 @@ from diffusers import DDIMScheduler
 
 from rapm.diffusion import (renoise, FINAL, ScheduleError, alpha_sigma, coarse_timesteps, ddim, ddim_step,
                             sample_positions, schedule_from_config, slot_grid)
-from tests.tiny import SD_SCHEDULER
+from rapm.demo.clip import SD_SCHEDULER
 
 
 def test_trailing_coarse_timesteps_match_the_paper():

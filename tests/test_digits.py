@@ -15,7 +15,7 @@ from rapm.diffusion import coarse_timesteps, sample_positions
 from rapm.distribution import frechet_distance
 from rapm.families import BUILTIN_TEACHERS
 from rapm.teacher import guided_output, load_teacher
-from tests.tiny import SD_SCHEDULER
+from rapm.demo.clip import SD_SCHEDULER
 
 
 @pytest.fixture(scope="module")

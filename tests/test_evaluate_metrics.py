@@ -56,7 +56,7 @@ def fid_net(tmp_path_factory):
 def clip_dir(tmp_path_factory):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from tests.tiny import build_clip_tokenizer
+    from rapm.demo.clip import build_clip_tokenizer
 
     torch.manual_seed(0)
     tokenizer = build_clip_tokenizer(["a", "photo", "of", "cat", "dog", "red", "blue", "car"], model_max_length=16)

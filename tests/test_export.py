@@ -29,7 +29,7 @@ def build_pixel_teacher(folder: Path) -> Path:
     """A tiny SD pipeline without a VAE (vae [null, null]), shaped like the built-in digits teacher."""
     from diffusers import UNet2DConditionModel
 
-    from tests.tiny import SD_SCHEDULER, _text_encoder, build_clip_tokenizer
+    from rapm.demo.clip import SD_SCHEDULER, build_clip_tokenizer, clip_text_encoder
 
     torch.manual_seed(0)
     tokenizer = build_clip_tokenizer(["a", "photo", "of", "red", "car"], model_max_length=16)
@@ -39,7 +39,7 @@ def build_pixel_teacher(folder: Path) -> Path:
         cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
     )
     pipe = StableDiffusionPipeline(
-        vae=None, text_encoder=_text_encoder(len(tokenizer), 32, None, 16, tokenizer.convert_tokens_to_ids("<|endoftext|>")),
+        vae=None, text_encoder=clip_text_encoder(len(tokenizer), 32, None, 16, tokenizer.convert_tokens_to_ids("<|endoftext|>")),
         tokenizer=tokenizer, unet=unet, scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False,
     )

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from rapm.demo.clip import SD_SCHEDULER, _text_encoder, build_clip_tokenizer  # noqa: F401 (the tests import them from here)
+from rapm.demo.clip import SD_SCHEDULER, build_clip_tokenizer, clip_text_encoder
 
 
 def build_tiny_pipeline(
@@ -39,7 +39,7 @@ def build_tiny_pipeline(
             cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
         )
         pipe = StableDiffusionPipeline(
-            vae=vae, text_encoder=_text_encoder(len(tokenizer), 32, None, 16, eos), tokenizer=tokenizer, unet=unet,
+            vae=vae, text_encoder=clip_text_encoder(len(tokenizer), 32, None, 16, eos), tokenizer=tokenizer, unet=unet,
             scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
     elif family == "sdxl":
@@ -52,8 +52,8 @@ def build_tiny_pipeline(
         )
         tokenizer_2 = build_clip_tokenizer(["a", "photo", "of", "cat", "dog", "red", "blue", "car"], model_max_length=16)
         pipe = StableDiffusionXLPipeline(
-            vae=vae, text_encoder=_text_encoder(len(tokenizer), 32, None, 16, eos),
-            text_encoder_2=_text_encoder(len(tokenizer_2), 32, 32, 16, eos), tokenizer=tokenizer,
+            vae=vae, text_encoder=clip_text_encoder(len(tokenizer), 32, None, 16, eos),
+            text_encoder_2=clip_text_encoder(len(tokenizer_2), 32, 32, 16, eos), tokenizer=tokenizer,
             tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
         )
     else:

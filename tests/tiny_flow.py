@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from tests.tiny import _text_encoder, build_clip_tokenizer
+from rapm.demo.clip import build_clip_tokenizer, clip_text_encoder
 
 WORDS = ["a", "photo", "of", "cat", "dog", "red", "blue", "car"]
 MAX_TOKENS = 16  # CLIP's model_max_length here, and the T5 max_sequence_length the tests pass
@@ -42,7 +42,7 @@ def _vae(factors: dict):
     )
 
 
-def _t5(vocab_size: int, d_model: int = 32):
+def t5_encoder(vocab_size: int, d_model: int = 32):
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(
@@ -67,9 +67,9 @@ def build_tiny_sd3(folder: str | Path, seed: int = 0) -> Path:
     )
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER), vae=_vae(SD3_VAE_FACTORS),
-        text_encoder=_text_encoder(len(tokenizers[0]), 16, 16, MAX_TOKENS, eos), tokenizer=tokenizers[0],
-        text_encoder_2=_text_encoder(len(tokenizers[1]), 16, 16, MAX_TOKENS, eos), tokenizer_2=tokenizers[1],
-        text_encoder_3=_t5(len(tokenizers[2])), tokenizer_3=tokenizers[2],
+        text_encoder=clip_text_encoder(len(tokenizers[0]), 16, 16, MAX_TOKENS, eos), tokenizer=tokenizers[0],
+        text_encoder_2=clip_text_encoder(len(tokenizers[1]), 16, 16, MAX_TOKENS, eos), tokenizer_2=tokenizers[1],
+        text_encoder_3=t5_encoder(len(tokenizers[2])), tokenizer_3=tokenizers[2],
     )
     folder = Path(folder)
     pipe.save_pretrained(folder)
@@ -90,8 +90,8 @@ def build_tiny_flux(folder: str | Path, seed: int = 0, single_layers: int = 1) -
     )
     pipe = FluxPipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=_vae(FLUX_VAE_FACTORS),
-        text_encoder=_text_encoder(len(tokenizer), 32, None, MAX_TOKENS, eos), tokenizer=tokenizer,
-        text_encoder_2=_t5(len(tokenizer_2)), tokenizer_2=tokenizer_2,
+        text_encoder=clip_text_encoder(len(tokenizer), 32, None, MAX_TOKENS, eos), tokenizer=tokenizer,
+        text_encoder_2=t5_encoder(len(tokenizer_2)), tokenizer_2=tokenizer_2,
     )
     folder = Path(folder)
     pipe.save_pretrained(folder)

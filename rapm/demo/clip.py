@@ -43,7 +43,7 @@ def build_clip_tokenizer(words: Iterable[str] = (), model_max_length: int = 77):
     return tok
 
 
-def _text_encoder(vocab_size: int, hidden: int, projection: int | None, max_positions: int, eos: int):
+def clip_text_encoder(vocab_size: int, hidden: int, projection: int | None, max_positions: int, eos: int):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(

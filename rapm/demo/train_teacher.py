@@ -41,7 +41,7 @@ from rapm.files import replace_dir
 from rapm.demo.data import IMAGE_SIZE, load_split
 from rapm.demo.prompts import PHRASINGS, phrase, vocabulary
 from rapm.diffusion import alpha_sigma, schedule_from_config
-from rapm.demo.clip import SD_SCHEDULER, _text_encoder, build_clip_tokenizer
+from rapm.demo.clip import SD_SCHEDULER, build_clip_tokenizer, clip_text_encoder
 
 TEACHER_DIR = Path(__file__).parent / "teacher"
 TOKENIZER_MAX_LENGTH = 16
@@ -55,7 +55,7 @@ def build_modules(seed: int = 0):
     torch.manual_seed(seed)
     tokenizer = build_clip_tokenizer(vocabulary(), model_max_length=TOKENIZER_MAX_LENGTH)
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    text_encoder = _text_encoder(len(tokenizer), TEXT_HIDDEN, None, TOKENIZER_MAX_LENGTH, eos)
+    text_encoder = clip_text_encoder(len(tokenizer), TEXT_HIDDEN, None, TOKENIZER_MAX_LENGTH, eos)
     unet = UNet2DConditionModel(
         sample_size=IMAGE_SIZE, in_channels=1, out_channels=1, layers_per_block=1,
         block_out_channels=(32, 64, 64),

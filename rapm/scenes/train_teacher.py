@@ -18,7 +18,7 @@ import os
 import numpy as np
 import torch
 
-from rapm.demo.clip import SD_SCHEDULER, _text_encoder, build_clip_tokenizer
+from rapm.demo.clip import SD_SCHEDULER, build_clip_tokenizer, clip_text_encoder
 from rapm.demo.train_teacher import save_teacher, train_teacher
 from rapm.scenes.data import SIZE, all_scenes, draw
 
@@ -39,7 +39,7 @@ def build_modules(seed: int = 0):
     torch.manual_seed(seed)
     tokenizer = build_clip_tokenizer(vocabulary(), model_max_length=TOKENIZER_MAX_LENGTH)
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    text_encoder = _text_encoder(len(tokenizer), TEXT_HIDDEN, None, TOKENIZER_MAX_LENGTH, eos)
+    text_encoder = clip_text_encoder(len(tokenizer), TEXT_HIDDEN, None, TOKENIZER_MAX_LENGTH, eos)
     unet = UNet2DConditionModel(
         # cross-attention at 16 and 8 px: a shape is 6-10 px, below what the 8 px map resolves, and with the prompt at
         # 8 px only the second teacher drew shape, count and region near chance (docs/results/scenes-teacher.md); it
