@@ -1,5 +1,6 @@
 """Faults and bad input: a killed run resumes to what an uninterrupted one gives; a bad input is one clear error that
-leaves what was written intact. The long kill campaign is benchmarks/faults.py; this file runs its harness briefly.
+leaves what was written intact. The long kill campaign is benchmarks/faults.py; this file runs its harness
+(tests/faults_harness.py) briefly.
 
 Bad inputs tested elsewhere (the README's Faults section lists them all): test_train.py (ill-typed or unknown config
 field, a folder that already holds a run, --resume without a run), test_trajectories.py (a rerun with other settings,
@@ -10,7 +11,6 @@ with other shapes).
 
 import errno
 import hashlib
-import importlib.util
 import json
 import os
 import random
@@ -35,11 +35,9 @@ from rapm.store import StoreError
 from rapm.store import open_store
 from rapm.train import train
 from rapm.trajectories import write_trajectories
+from tests import faults_harness as faults
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("faults_benchmark", ROOT / "benchmarks" / "faults.py")
-faults = sys.modules.setdefault(_spec.name, importlib.util.module_from_spec(_spec))  # the harness of the long run
-_spec.loader.exec_module(faults)
 
 
 def _config(teacher, store, **kw) -> TrainConfig:
