@@ -13,8 +13,7 @@ asks for a null VAE to be passed explicitly), sampling with ``output_type="laten
     python -m rapm.demo.train_teacher --out rapm/demo/teacher --seed 0
 
 The run is deterministic given the seed (float32, two threads): 1,000 steps at
-batch 64, about 1,100 CPU-seconds, so about ten minutes on two idle cores
-(19 minutes measured on a two-core machine shared with other work).
+batch 64; the seconds it took are in the saved teacher's record.
 """
 
 from __future__ import annotations

@@ -9,12 +9,10 @@ feature sources (``rdd_features``):
   off), its mid-block output, with both images re-noised to t = ``FEATURE_TIMESTEP`` (100) with the same noise and
   run under the sample's own prompt. The mid block is the UNet's deepest, lowest-resolution map, the counterpart of
   the classifier's last convolutional map that RDD uses (SD 1.5 at 512 px: 1280 channels x 8 x 8; SDXL at 1024 px:
-  1280 x 32 x 32); the forward stops there (the down half of the UNet). Measured on the digits teacher
-  (benchmarks/rdd.py probe, results/rdd.md): of the down blocks and the mid block at t = 0 .. 750, the mid block
-  separates the digits best at every t (nearest class mean on pooled features, empty prompt), and agrees best with
-  the digits classifier's similarities, with a flat peak at t = 50 .. 150 (79% at t = 100, 73% at 250, 72% at 0,
-  54% at 500; the classifier's own map 81%). A slightly noised input keeps the UNet in its trained range rather
-  than at t ~ 0 (DIFT, Tang et al. 2023, reads SD's semantic features at t = 261, a value we did not measure on SD).
+  1280 x 32 x 32); the forward stops there (the down half of the UNet). The block and t were chosen by the probe of
+  benchmarks/rdd.py on the digits teacher (its figures: benchmarks/results/rdd.md): of the down blocks and the mid
+  block, the mid block separates the digits best, near t = 100. A slightly noised input keeps the UNet in its
+  trained range rather than at t ~ 0 (DIFT, Tang et al. 2023, reads SD's semantic features at t = 261).
   Gradients reach the prediction through the frozen teacher; the teacher's weights get none (its base weights are
   frozen and the adapters are off in the teacher role).
 - ``classifier`` (the default for the digits teacher, as RDD's released code: a frozen classifier trained on the
@@ -46,9 +44,8 @@ Cost: the teacher source makes passes of its own. None that the methods already 
 discriminator pass runs in the discriminator role (its own LoRA on, trained against the student, at a random
 t_gan), SFD makes no teacher pass at all, and progressive's teacher passes see z_t, not x~. Per iteration: the down
 half of the UNet (to the mid block) on B rows without gradient (the target), and on B rows with the backward to
-the prediction (two passes, not one of 2B rows, so that the target's activations are not kept). On the
-SD-1.5-shaped UNet at batch 1 (benchmarks/rdd.py cost, results/rdd.md): about +3% seconds per RAPM iteration and
-+73 MiB (+3%) peak RSS.
+the prediction (two passes, not one of 2B rows, so that the target's activations are not kept); what that costs on
+an SD-1.5-shaped UNet is in benchmarks/results/rdd.md (benchmarks/rdd.py cost).
 """
 
 from __future__ import annotations
