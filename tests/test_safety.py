@@ -13,7 +13,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -29,10 +28,9 @@ from rapm.run import RunError, TrustWarning, checkpoints, load_checkpoint
 from rapm.store import MANIFEST_SHA256, StoreError, open_store
 from rapm.train import train
 from rapm.trajectories import write_trajectories
+from tests import faults_harness as faults  # the fault harness: configs, files_digest, compare_losses
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import faults  # noqa: E402  (the fault harness: configs, files_digest, compare_losses)
 
 SETTINGS = dict(steps=2, substeps=3, guidance=3.0, shard_size=2, progress=False)  # conftest's sd_store
 
