@@ -306,18 +306,17 @@ class Loop:
     """
 
     def __init__(self, unet, disc, schedule, config, timesteps: list[int], guidance: float, delta: int):
-        from rapm.methods import build_method, resolve
+        from rapm.methods import build_method
         from rapm.processes import Processes
         from rapm.roles import STUDENT, lora_parameters
         from rapm.train import build_phases
 
-        config = resolve(config)
         self.unet, self.disc, self.schedule, self.config = unet, disc, schedule, config
         self.timesteps, self.guidance, self.delta = timesteps, guidance, delta
         self.method = build_method(config, delta)
         self.phases = build_phases(config, unet, disc, self.method)
         self.procs = Processes()
-        self.ema_decay, self.ema_warmup = config.ema_decay, config.ema_warmup
+        self.ema_decay, self.ema_warmup = self.method.ema_decay, self.method.ema_warmup
         self.student_params = lora_parameters(unet, STUDENT)
         self.ema = ({k: p.detach().float().clone() for k, p in self.student_params.items()}
                     if self.ema_decay > 0 else None)

@@ -1188,8 +1188,8 @@ def applied_settings(config: dict) -> dict:
     """The run's scalar settings that applied to the student (the card's Training table), with ``LEFT_OUT_KEY``:
     {why: [fields]} for those that did not: the discriminator's fields when the method trained none, the EMA's
     warm-up without an EMA, the relational loss's fields with that loss off, the fields only another method reads
-    (progressive distillation's, PCM's), the relative position's target without relative terms, validation's with validation off, and the fields
-    left empty (the method's own, or off)."""
+    (progressive distillation's, PCM's), the relative position's target without relative terms, validation's with
+    validation off, and the fields left empty (the method's own, or off)."""
     from rapm import config as cfg
     from rapm.methods import REGISTRY, build_method, resolve
 

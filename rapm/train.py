@@ -163,7 +163,7 @@ def build_phases(config: TrainConfig, unet, disc, method) -> dict[str, Phase]:
     """The student's phase and, with a discriminator, the discriminator's: built once, before the loop."""
     student = {**lora_parameters(unet, STUDENT), **method.extra_parameters()}  # plus a method's own (RDD's head)
     opt = make_optimizer(list(student.values()), config.lr, config.adam_betas, config.weight_decay, config.use_8bit_adam)
-    cycle = [iteration_phases(config.updates, config.disc_every, disc is not None, k) for k in range(2 * config.disc_every)]
+    cycle = [iteration_phases(method.updates, config.disc_every, disc is not None, k) for k in range(2 * config.disc_every)]
     per_iteration = {name: sum(name in c for c in cycle) / len(cycle) for name in ("student", "discriminator")}
 
     def schedule(optimizer, phase: str):  # over the updates this phase makes in config.iterations
@@ -252,8 +252,8 @@ def _warn_if_steps_do_not_divide(config: TrainConfig, teacher, store) -> None:
                       StepsWarning, stacklevel=4)
 
 
-def _ema(config: TrainConfig) -> tuple[float, bool]:
-    ema_decay, ema_warmup = config.ema_decay, config.ema_warmup
+def _ema(config: TrainConfig, method) -> tuple[float, bool]:
+    ema_decay, ema_warmup = method.ema_decay, method.ema_warmup
     if config.relative_target == "ema" and ema_decay <= 0:
         raise ConfigError(f"config field 'relative_target': 'ema' needs an EMA, and method {config.method!r} keeps none "
                           "by default; set ema_decay (such as 0.99)")
@@ -301,7 +301,7 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
     _check_method_applies(config, store)
     train_ids, val_ids = _split(config, store, procs.main)
     method = build_method(config, _delta(config, store))
-    ema_decay, ema_warmup = _ema(config)
+    ema_decay, ema_warmup = _ema(config, method)
     _seed(config.seed)
     teacher, disc = build_models(config, device, need_vae=config.sample_every > 0, with_discriminator=method.uses_discriminator)
     store.check_teacher(teacher, steps=store.steps)  # the teacher, and the store's timesteps for its N
@@ -340,7 +340,7 @@ def _train(config: TrainConfig, run: Path, procs: Processes, resume: bool, overw
     previews = (Previews(config, unet, store, device, dtype)
                 if procs.main and config.sample_prompts and config.sample_every > 0 else None)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    cycle = phase_cycle(phases, config.updates, config.disc_every)
+    cycle = phase_cycle(phases, method.updates, config.disc_every)
     student_updates = sum(phases["student"] in cycle[k % len(cycle)] for k in range(start))  # for the EMA's warm-up
     schedulers = {p.name: p.scheduler for p in phases.values()}
     frozen_student = (lambda: swap_in(student_params, state.ema)) if config.relative_target == "ema" else None
