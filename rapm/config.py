@@ -16,6 +16,7 @@ from rapm.errors import RapmError
 from rapm.families import FAMILIES, family_named
 from rapm.plugins import builtin_presets, teacher_file
 from rapm.roles import PCM_TARGET_MODULES
+from rapm.trajectories import read_prompts
 
 
 class ConfigError(RapmError):
@@ -181,8 +182,6 @@ def _sample_prompts(value, source: str) -> list[str]:
         raise ConfigError(f"{source}: field 'sample_prompts' must be a list of prompts or a text file's path, got {value!r}")
     if not value.strip():
         return []
-    from rapm.trajectories import read_prompts
-
     try:
         return read_prompts(value)
     except RapmError as e:

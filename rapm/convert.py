@@ -22,6 +22,7 @@ import typer
 
 from rapm.families import FAMILIES, family_named
 from rapm.families.base import PICKLE_SUFFIXES, TeacherError
+from rapm.text import quiet_library_bars
 
 def single_file_kind(path: Path) -> tuple[str, str]:
     """(family, label) of a single-file checkpoint, from its tensor names; TeacherError naming the file otherwise."""
@@ -104,8 +105,6 @@ def cli(
 ) -> None:
     """Convert a single-file checkpoint into a diffusers folder for --teacher."""
     if not progress:
-        from rapm.text import quiet_library_bars
-
         quiet_library_bars()
     folder, family, label = convert_single_file(checkpoint, out, config)
     typer.echo(f"wrote {folder} ({label}, {family_named(family).pipeline_class_names[0]}); give it as --teacher {folder}")

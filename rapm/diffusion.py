@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import torch
 
 from rapm.errors import RapmError
+from rapm.flowmatch import FlowSchedule
 
 FINAL = -1  # timestep index of the final position
 
@@ -135,8 +136,6 @@ def schedule_from_config(config: dict, source: str = "scheduler config") -> Sche
 def flow_schedule_from_config(config: dict, source: str = "scheduler config", mu: float | None = None) -> Schedule:
     """The flow-matching schedule of a ``FlowMatchEulerDiscreteScheduler`` config (refusing, by field, what
     ``rapm.flowmatch.FlowSchedule`` does not reproduce)."""
-    from rapm.flowmatch import FlowSchedule
-
     try:
         flow = FlowSchedule.from_config(config)
     except ValueError as e:

@@ -37,11 +37,20 @@ from typing import Optional, Sequence
 import torch
 import typer
 
+from rapm.distribution import against_other_noise
 from rapm.errors import RapmError
+from rapm.folders import commit, discard, output_lock, refuse_link, stage
+from rapm.images import save_grid
+from rapm.lora import load_lora
+from rapm.metrics_sd import SdMetrics, check_metric_files
 from rapm.plugins import plugin_for
 from rapm.processes import resolve_device
+from rapm.roles import STUDENT
+from rapm.run import check_teacher_weights
+from rapm.sample import generate, read_prompt_file
 from rapm.teacher import Teacher, load_teacher
 from rapm.text import quiet_library_bars
+from rapm.trajectories import default_guidance
 from rapm.validation import rms
 
 
@@ -84,9 +93,6 @@ def _decode(teacher: Teacher, latents: torch.Tensor, batch: int = 32) -> torch.T
 
 
 def _use_lora(teacher: Teacher, lora: str) -> None:
-    from rapm.roles import STUDENT
-    from rapm.lora import load_lora
-
     if STUDENT in getattr(teacher.unet, "peft_config", {}):
         teacher.unet.delete_adapters(STUDENT)
     load_lora(teacher, lora)
@@ -136,8 +142,6 @@ def output_files(out: Path) -> list[Path]:
 
 def _writer_of(out: Path):
     """The lock of the one writer of ``out`` (``.NAME.rapm-lock`` beside it), its folder made, its files not links."""
-    from rapm.folders import output_lock, refuse_link
-
     for f in output_files(out):
         refuse_link(f, "evaluation")
     try:
@@ -170,8 +174,6 @@ def _metrics(plugin, prompts, fid_features, reference_images, clip, device, batc
     """(the teacher's own metrics, the prompts' labels, None) for a plug-in teacher (digits: its classifier), else
     (None, None, FID and CLIP score from the given files)."""
     if plugin is None:
-        from rapm.metrics_sd import SdMetrics
-
         return None, None, SdMetrics(fid_features, reference_images, clip, device=device, batch_size=batch_size)
     if fid_features is not None or clip is not None:
         raise EvaluateError("--fid-features, --reference-images and --clip are for SD/SDXL teachers; the digits "
@@ -183,8 +185,6 @@ def _plugin_row(plugin, metrics, images, feats, labels, teacher_features, other)
     """A plug-in teacher's metrics of one model's images: FD to its real reference set and to the teacher's images from
     the same noise, prompt accuracy, and the distribution metrics (rapm.distribution) against the teacher's images of
     the same prompts from other noise (``other``: images, features)."""
-    from rapm.distribution import against_other_noise
-
     return {"fd": plugin.frechet_distance(feats, metrics.reference_features),
             "fd_teacher": plugin.frechet_distance(feats, teacher_features),
             "prompt_accuracy": metrics.prompt_accuracy(images, labels),
@@ -196,17 +196,10 @@ def _evaluate(teacher_path, models, prompts, seeds, reference_steps, guidance, d
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
-    from rapm.sample import generate
-    from rapm.trajectories import default_guidance
-
     if len(prompts) != len(seeds):
         raise EvaluateError(f"one seed per prompt: got {len(prompts)} prompts and {len(seeds)} seeds")
-    from rapm.metrics_sd import check_metric_files
-
     check_metric_files(fid_features, reference_images, clip)
     device = str(resolve_device(device))
-    from rapm.run import check_teacher_weights
-
     check_teacher_weights(teacher_path)
     teacher = load_teacher(teacher_path, device=device, vae=True)
     teacher_guidance = default_guidance(teacher) if guidance is None else guidance
@@ -296,8 +289,6 @@ def _evaluate(teacher_path, models, prompts, seeds, reference_steps, guidance, d
 def write_evaluation(out: Path, result: dict, images: dict[str, torch.Tensor], columns: int) -> None:
     """``out`` (JSON), its grid (.png) and table (.md) as one set: the JSON is written last and records the sha256 of
     the other two, so a kill between leaves a set whose JSON says which of its files are its own."""
-    from rapm.folders import commit, discard, stage
-
     staged = []
     try:
         staged.append(stage(out.with_suffix(".png"), lambda tmp: save_comparison_grid(images, tmp, columns=columns)))
@@ -312,8 +303,6 @@ def write_evaluation(out: Path, result: dict, images: dict[str, torch.Tensor], c
 
 def save_comparison_grid(images: dict[str, torch.Tensor], path: Path, columns: int = 10) -> None:
     """One row per model (in row order), the same prompts and noise in each column."""
-    from rapm.images import save_grid
-
     save_grid(torch.cat([imgs[:columns] for imgs in images.values()]), path, nrow=columns)
 
 
@@ -388,8 +377,6 @@ def cli(
     if not progress:
         quiet_library_bars()
     if prompts is not None:
-        from rapm.sample import read_prompt_file
-
         base = read_prompt_file(prompts)
         prompt_list = [base[i % len(base)] for i in range(num)]
     elif plugin_for(teacher) is not None:  # a built-in teacher's own held-out prompts (digits, scenes)

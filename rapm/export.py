@@ -45,12 +45,19 @@ import torch
 import typer
 
 import rapm
+from rapm import config as cfg
+from rapm.diffusion import ScheduleError, schedule_from_config
 from rapm.errors import RapmError
-from rapm.families import family_named
+from rapm.families import family_named, read_teacher_info
 from rapm.families.base import TeacherError
 from rapm.folders import FolderError, LockError, output_lock, refuse_link
+from rapm.images import screen_scale
 from rapm.lora import FACTS_NAME, base_unet_fingerprint, read_export_facts
+from rapm.methods import REGISTRY, build_method, resolve
 from rapm.roles import STUDENT
+from rapm.run import load_student
+from rapm.store import StoreError, read_manifest
+from rapm.text import quiet_library_bars
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 DEFAULT_NAME = "kohya_lora"  # the kohya file's name (and sd-scripts' ss_output_name) without --name
@@ -839,8 +846,6 @@ def teacher_schedule(info):
     as ``rapm.teacher.load_teacher`` builds it."""
     from dataclasses import replace
 
-    from rapm.diffusion import ScheduleError, schedule_from_config
-
     try:
         schedule = schedule_from_config(info.scheduler_config)
     except ScheduleError as e:
@@ -901,8 +906,6 @@ def export_lora(
         raise ExportError(str(e)) from None
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / FACTS_NAME).exists())):
         raise ExportError(f"{out_dir} exists and is not an earlier rapm export; give a new or empty folder")
-    from rapm.families import read_teacher_info
-
     info = read_teacher_info(teacher_path)
     schedule = teacher_schedule(info)
     if schedule.is_flow and native_scheme(family) is None:  # a transformer whose native module names rapm does not know
@@ -1137,8 +1140,6 @@ def run_thumbnail(run: Path, step: int | None, resolution: tuple[int, int], prom
     """
     from PIL import Image
 
-    from rapm.images import screen_scale
-
     if step is None:
         return None
     samples = Path(run) / "samples"
@@ -1190,9 +1191,6 @@ def applied_settings(config: dict) -> dict:
     warm-up without an EMA, the relational loss's fields with that loss off, the fields only another method reads
     (progressive distillation's, PCM's), the relative position's target without relative terms, validation's with
     validation off, and the fields left empty (the method's own, or off)."""
-    from rapm import config as cfg
-    from rapm.methods import REGISTRY, build_method, resolve
-
     scalars = {k: v for k, v in config.items() if k not in ("teacher", "steps") and isinstance(v, (str, int, float, bool))}
     left: dict[str, list[str]] = {}
 
@@ -1280,8 +1278,6 @@ def hub_model_card(facts: dict, teacher_dir: Path, body: str) -> str:
 
 def _run_thumbnail_of(run: Path, config: dict, teacher):
     """``run_thumbnail`` of the exported checkpoint's step, at the teacher's image size."""
-    from rapm.families import read_teacher_info
-
     try:
         info = read_teacher_info(config["teacher"])
     except (RapmError, OSError, ValueError, KeyError):
@@ -1297,8 +1293,6 @@ def _store_guidance(config: dict, teacher) -> float | None:
     the store's manifest; the family's default when the store is gone."""
     if teacher.family_def.cfg:
         return None
-    from rapm.store import StoreError, read_manifest
-
     try:
         return float(read_manifest(Path(config["store"]))["guidance"])
     except (StoreError, OSError, KeyError, ValueError):
@@ -1324,9 +1318,6 @@ def cli(
                                   "libraries' (loading the teacher) neither."),
 ) -> None:
     """Export the trained student of RUN as a LoRA."""
-    from rapm.run import load_student
-    from rapm.text import quiet_library_bars
-
     if not progress:
         quiet_library_bars()
 

@@ -13,10 +13,12 @@ import torch
 
 from rapm import config as cfg
 from rapm.images import save_grid, screen_scale
-from rapm.methods.base import Context
+from rapm.methods.base import Context, student_trajectory
 from rapm.models import swap_in
 from rapm.run import GuardedWriter, LogFile, RunError, latest_checkpoint
 from rapm.stream import sample_generators
+from rapm.teacher import load_teacher
+from rapm.trajectories import initial_noise
 
 # logs.jsonl's keys as TensorBoard's tags
 _TAGS = {"loss": "loss", "grad_norm": "grad_norm", "disc_loss": "loss", "disc_grad_norm": "grad_norm"}
@@ -134,9 +136,6 @@ class Previews:
     steps from the noise of seeds 0, 1, ... at every ``sample_every``, one row, in prompt order."""
 
     def __init__(self, config, unet, store, device, dtype):
-        from rapm.teacher import load_teacher
-        from rapm.trajectories import initial_noise
-
         self.prompts = list(config.sample_prompts)
         encoder = load_teacher(config.teacher, device=device, dtype=dtype, text_encoders=True, vae=False, unet=unet)
         cond, _ = encoder.encode_prompts(self.prompts)
@@ -146,8 +145,6 @@ class Previews:
 
     @torch.no_grad()
     def grid(self, teacher, store, path: Path) -> Path:
-        from rapm.methods.base import student_trajectory
-
         device = teacher.device
         ends = []
         for k in range(0, len(self.prompts), 8):  # a few at a time: the UNet's activations at batch 8
@@ -162,8 +159,6 @@ class Previews:
 def sample_grid(teacher, store, path: Path, count: int, device, dtype) -> Path:
     """Top row: the student's N steps from the stored noise; bottom row: the stored teacher end point; the same
     trajectories (spread over the prompts, ``sample_indices``) at every step."""
-    from rapm.methods.base import student_trajectory
-
     count = min(count, len(store))
     batch = store.get(sample_indices(list(store.prompts), count)).to(device, torch.float32)
     ctx = Context(teacher.unet, teacher.schedule, store.timesteps, store.guidance, sample_generators(0, list(range(count))))

@@ -16,6 +16,8 @@ import importlib
 import json
 from functools import lru_cache
 from pathlib import Path
+from rapm.distribution import frechet_distance
+from rapm.families import BUILTIN_TEACHERS, resolve_teacher_path
 
 TEACHER_FILE = "rapm.json"
 
@@ -36,8 +38,6 @@ class TeacherPlugin:
 
     def frechet_distance(self, a, b) -> float:
         """The Fréchet distance of two feature sets [n, d] (``rapm.distribution``'s, unless a plug-in has its own)."""
-        from rapm.distribution import frechet_distance
-
         return frechet_distance(a, b)
 
     def evaluation_prompts(self, n: int) -> list[str]:
@@ -64,8 +64,6 @@ def _teacher_file(folder: str) -> dict:
 
 def teacher_file(teacher) -> dict:
     """The teacher's ``rapm.json`` ({} if it has none); ``teacher`` a loaded Teacher, a folder or 'digits'."""
-    from rapm.families import resolve_teacher_path
-
     path = teacher.path if hasattr(teacher, "path") else resolve_teacher_path(teacher)
     return _teacher_file(str(Path(path).resolve()))
 
@@ -78,8 +76,6 @@ def plugin_for(teacher) -> TeacherPlugin | None:
 
 def builtin_presets() -> dict[str, dict]:
     """The presets the built-in teachers' files add."""
-    from rapm.families import BUILTIN_TEACHERS
-
     out: dict[str, dict] = {}
     for name in BUILTIN_TEACHERS:
         out.update(teacher_file(name).get("presets", {}))

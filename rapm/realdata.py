@@ -18,6 +18,7 @@ import torch
 from rapm.conditioning import Conditioning
 from rapm.config import ConfigError
 from rapm.metrics_sd import IMAGE_SUFFIXES  # the image files rapm reads from a user's folder
+from rapm.plugins import plugin_for
 from rapm.teacher import load_teacher
 
 
@@ -39,8 +40,6 @@ class RealData:
 
 def _digits_items() -> tuple[torch.Tensor, list[str]]:
     """The digits teacher's train split, each image with one of its digit's phrasings (its plug-in's real data)."""
-    from rapm.plugins import plugin_for
-
     return plugin_for("digits").real_items()
 
 

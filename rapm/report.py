@@ -30,11 +30,17 @@ from typing import Optional
 
 import typer
 
+from rapm import config as cfg
 from rapm.errors import RapmError
 from rapm.evaluate import markdown_table
-from rapm.folders import Staged, commit, discard, output_lock, refuse_link, stage
+from rapm.families import read_teacher_info
 from rapm.files import sha256_file
+from rapm.folders import Staged, commit, discard, output_lock, refuse_link, stage
 from rapm.images import MIN_CELL  # pixels on screen of one image of a grid: a 16x16 digit at 4x
+from rapm.methods import build_method, resolve
+from rapm.monitor import sample_indices
+from rapm.plugins import plugin_for
+from rapm.store import read_store_prompts
 
 
 class ReportError(RapmError):
@@ -443,8 +449,6 @@ def _evaluation_prompts(result: dict) -> list[str] | None:
 def _own_prompts(teacher: str):
     """The plug-in of a teacher with held-out prompts of its own (digits, scenes: what rapm evaluate uses without
     --prompts), or None (also for a teacher folder no longer there)."""
-    from rapm.plugins import plugin_for
-
     try:
         return plugin_for(teacher)
     except Exception:  # noqa: BLE001 - a report of a run whose teacher moved still renders
@@ -453,8 +457,6 @@ def _own_prompts(teacher: str):
 
 def _store_prompts(config: dict) -> list[str] | None:
     """The run's store's prompts (trajectory i is line i), or None when the store is not at hand."""
-    from rapm.store import read_store_prompts
-
     path = Path(str(config.get("store")))
     try:
         return read_store_prompts(path, json.loads((path / "manifest.json").read_text(encoding="utf-8")))
@@ -467,8 +469,6 @@ def _training_captions(prompts: list[str] | None, png: Path, rows: int) -> list[
     if not prompts:
         return None
     from PIL import Image
-
-    from rapm.monitor import sample_indices
 
     with Image.open(png) as im:
         columns = grid_columns(im.width, grid_cell(im.height, rows))
@@ -501,9 +501,6 @@ def _run_facts(run: Path, config: dict, facts: dict) -> str:
 
 def _uses_discriminator(run: Path, config: dict) -> bool:
     """Whether the run trains a discriminator: its method as built from config.json, else its logs."""
-    from rapm import config as cfg
-    from rapm.methods import build_method
-
     try:
         return bool(build_method(cfg.from_dict(config, "config.json"), 1).uses_discriminator)
     except (RapmError, TypeError, ValueError, KeyError):
@@ -518,16 +515,11 @@ def config_changes(run: Path, config: dict) -> tuple[list[tuple[str, object, obj
     """The fields of ``config`` that differ from the defaults (TrainConfig's, with the method's own recipe and the
     teacher family's LoRA targets), as (field, value, default); and the discriminator fields left out because the
     run trains none."""
-    from rapm import config as cfg
-    from rapm.methods import resolve
-
     try:
         defaults = cfg.to_dict(resolve(cfg.TrainConfig(method=str(config.get("method", "rapm")))))
     except (RapmError, TypeError, ValueError):
         defaults = cfg.to_dict(cfg.TrainConfig())
     try:
-        from rapm.families import read_teacher_info
-
         family = read_teacher_info(str(config.get("teacher"))).family
         defaults.update(lora_targets=list(family.lora_targets), disc_levels=family.disc_levels)
     except (RapmError, OSError, ValueError, KeyError, TypeError):

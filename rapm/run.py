@@ -36,10 +36,15 @@ import torch
 from rapm import config as cfg
 from rapm.config import TrainConfig, split_seed
 from rapm.errors import RapmError
-from rapm.folders import (RUN_MARKER, FolderError, FolderLock, is_empty, other_kind, read_marker, refuse_link,
-                          refuse_links_at, remove_files, warn_kept, write_marker)
+from rapm.families import BUILTIN_TEACHERS, resolve_teacher_path
+from rapm.families.base import TeacherError
 from rapm.files import (atomic_write, check_safetensors, check_weights_folder, fsync_dir, read_json_object, sha256_file,
                         write_synced)
+from rapm.folders import (RUN_MARKER, FolderError, FolderLock, is_empty, other_kind, read_marker, refuse_link,
+                          refuse_links_at, remove_files, warn_kept, write_marker)
+from rapm.roles import LoraSpec, STUDENT, add_roles, lora_parameters
+from rapm.store import read_manifest
+from rapm.teacher import load_teacher
 
 CHECKPOINT_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
@@ -653,9 +658,6 @@ def checkpoint_of_step(run: Path, step: int) -> Path:
 def check_teacher_weights(teacher: str | Path) -> None:
     """Every .safetensors file of the teacher's folder checked (rapm.files.check_safetensors) before diffusers loads
     it: a damaged or hostile one is one error naming it, not a library's traceback."""
-    from rapm.families import BUILTIN_TEACHERS, resolve_teacher_path
-    from rapm.families.base import TeacherError
-
     if str(teacher) in BUILTIN_TEACHERS:
         return
     folder = resolve_teacher_path(teacher)
@@ -668,10 +670,6 @@ def load_student(run: Path, device: str = "cpu", text_encoders: bool = False, tr
                  step: int | None = None):
     """The teacher's UNet carrying the run's latest student (its EMA where the run keeps one), for export and sampling;
     ``step``: the student of that iteration's checkpoint instead."""
-    from rapm.roles import STUDENT, LoraSpec, add_roles, lora_parameters
-    from rapm.store import read_manifest
-    from rapm.teacher import load_teacher
-
     run = Path(run)
     config = read_run_config(run)
     last, state, written_at = _read_student_checkpoint(run, step, trust_checkpoint)

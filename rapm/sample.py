@@ -22,13 +22,15 @@ import typer
 
 from rapm.diffusion import sample_positions
 from rapm.errors import RapmError
+from rapm.folders import FolderLock, commit, discard, refuse_link, stage
 from rapm.images import to_pil
-from rapm.lora import LoraError, load_lora, resolve_lora_file
+from rapm.lora import LoraError, base_unet_fingerprint, load_lora, read_export_facts, resolve_lora_file
 from rapm.processes import resolve_device
 from rapm.roles import STUDENT, student_role, teacher_role
-from rapm.teacher import Teacher, guided_output
-from rapm.trajectories import default_guidance, initial_noise
+from rapm.run import check_teacher_weights
+from rapm.teacher import Teacher, guided_output, load_teacher
 from rapm.text import plural, quiet_library_bars
+from rapm.trajectories import default_guidance, initial_noise, read_prompts
 
 SCHEDULERS = ("ddim", "dpmsolver")
 ROLES = ("student", "teacher")
@@ -132,8 +134,6 @@ def sample_to_folder(teacher: Teacher, prompts: Sequence[str], out: str | Path, 
     """
     from tqdm.auto import tqdm
 
-    from rapm.folders import FolderLock, commit, discard, refuse_link, stage
-
     out = Path(out)
     pairs = [(i, p, seed + k) for i, p in enumerate(prompts) for k in range(num_per_prompt)]
     names = [f"p{i:04d}_s{s}.png" for i, _, s in pairs]
@@ -178,8 +178,6 @@ def read_prompt_file(path: Path) -> list[str]:
     """``rapm.trajectories.read_prompts`` (UTF-8, one prompt a line, CRLF too, blank lines skipped), and a file that
     is not one prompt a line refused before the teacher loads: a NUL byte (a UTF-16 or binary file) or a line longer
     than PROMPT_CHARACTERS (a tokenizer takes minutes over 50 MB, and reads only its first few hundred characters)."""
-    from rapm.trajectories import read_prompts
-
     prompts = read_prompts(path)
     for i, p in enumerate(prompts):
         if "\0" in p:
@@ -211,9 +209,6 @@ def cli(
     """Generate images with a teacher and an optional student LoRA."""
     if not progress:
         quiet_library_bars()
-    from rapm.lora import read_export_facts
-    from rapm.teacher import load_teacher
-
     if (prompt is None) == (prompts is None):
         raise RapmError("give exactly one of --prompt TEXT or --prompts FILE")
     if scheduler not in SCHEDULERS:
@@ -224,8 +219,6 @@ def cli(
     facts = read_export_facts(resolve_lora_file(lora)) if lora is not None else None
     if steps is None:
         steps = int(facts["steps"]) if facts and "steps" in facts else 4
-    from rapm.run import check_teacher_weights
-
     check_teacher_weights(teacher)
     t = load_teacher(teacher, device=resolve_device(device), text_encoders=True, vae=True)
     if guidance is None:
@@ -236,8 +229,6 @@ def cli(
         weights = load_lora(t, lora)
         record["lora"] = str(weights)
         if facts and facts.get("base_unet_fingerprint"):
-            from rapm.lora import base_unet_fingerprint
-
             if facts["base_unet_fingerprint"] != base_unet_fingerprint(t.unet):
                 typer.echo(f"note: {weights} was exported from another base UNet ({facts.get('teacher_path')}); "
                            "its shapes fit this teacher, so it is used anyway", err=True)

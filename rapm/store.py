@@ -36,11 +36,12 @@ from typing import Sequence
 import torch
 
 from rapm.conditioning import FLOAT32_FIELDS
+from rapm.conditioning import Conditioning
 from rapm.diffusion import ScheduleError, schedule_from_config
 from rapm.errors import RapmError
+from rapm.families import read_teacher_info
 from rapm.files import atomic_write as _atomic_write
 from rapm.files import read_json_object, sha256_file, sha256_text
-from rapm.conditioning import Conditioning
 from rapm.text import plural
 
 FORMAT_VERSION = 2
@@ -424,8 +425,6 @@ def _float(x: torch.Tensor | None) -> torch.Tensor | None:
 
 def _teacher_identity_from_folder(teacher) -> tuple[str, Path, tuple, dict]:
     """family, path, latent shape and scheduler config of a teacher folder, without loading its weights."""
-    from rapm.families import read_teacher_info
-
     info = read_teacher_info(teacher)
     return info.family.name, info.path, tuple(info.latent_shape), info.scheduler_config
 

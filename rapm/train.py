@@ -23,6 +23,7 @@ import typer
 
 from rapm import config as cfg
 from rapm.config import ConfigError, TrainConfig, split_seed
+from rapm.diffusion import schedule_from_config
 from rapm.discriminator import ABSOLUTE_BACKBONE
 from rapm.families import read_teacher_info
 from rapm.files import atomic_write
@@ -39,6 +40,7 @@ from rapm.run import (CHECKPOINT_PREFIX, ResumeWarning, RunError, TrainState, ch
 from rapm.store import TrajectoryBatch, open_store
 from rapm.stream import batch_indices, batch_positions, sample_generators
 from rapm.text import plural, quiet_library_bars
+from rapm.trajectories import StepsWarning, steps_do_not_divide
 from rapm.validation import Validation, ValidationWarning, held_out_note, split_indices
 
 
@@ -214,8 +216,6 @@ def run_phase(phase: Phase, ctx: Context, batch, unet, disc, procs: Processes, a
 
 def _check_method_applies(config: TrainConfig, store) -> None:
     """Refuse, by name and reason, a method that does not apply to a flow-matching teacher's store."""
-    from rapm.diffusion import schedule_from_config
-
     if not schedule_from_config(store.manifest["scheduler"]).is_flow:
         return
     why = method_entry(config.method).cls.flow
@@ -245,8 +245,6 @@ def _split(config: TrainConfig, store, main: bool) -> tuple[list[int], list[int]
 
 def _warn_if_steps_do_not_divide(config: TrainConfig, teacher, store) -> None:
     if teacher.schedule.num_train_timesteps % store.steps and not teacher.schedule.is_flow:
-        from rapm.trajectories import StepsWarning, steps_do_not_divide
-
         warnings.warn(f"{Path(config.store) / 'manifest.json'}: the store's N = {store.steps} (rapm trajectories "
                       f"--steps) " + steps_do_not_divide(teacher.schedule.num_train_timesteps, store.steps),
                       StepsWarning, stacklevel=4)

@@ -44,6 +44,7 @@ from rapm.diffusion import SOLVERS, coarse_timesteps, solve_positions
 from rapm.errors import RapmError
 from rapm.families import BUILTIN_TEACHERS, resolve_teacher_path
 from rapm.folders import refuse_link
+from rapm.plugins import teacher_file
 from rapm.processes import Processes, resolve_device
 from rapm.store import (DTYPES, FORMAT_VERSION, StoreError, TrajectoryStore, num_shards, open_store,
                         shard_span, unet_hash)
@@ -136,8 +137,6 @@ def guidance_range(value, teacher: Teacher) -> tuple[float, float]:
     if isinstance(value, str):
         text = value.strip()
         if text.lower() == PCM:
-            from rapm.plugins import teacher_file
-
             own = teacher_file(teacher).get("guidance")
             if own is not None:  # a built-in teacher (digits) is no SD 1.5 even where it is of the sd family
                 raise RapmError(f"--guidance pcm: PCM's range is SD 1.5's and SDXL's, and this teacher has its own "
@@ -195,8 +194,6 @@ def trajectory_guidance(manifest: dict, seeds: Sequence[int]) -> torch.Tensor | 
 def default_guidance(teacher: Teacher) -> float:
     """The teacher's own scale (its rapm.json, rapm.plugins: the digits teacher's), else its family's pipeline's
     (SD 7.5, SDXL 5.0)."""
-    from rapm.plugins import teacher_file
-
     own = teacher_file(teacher).get("guidance")
     return float(own) if own is not None else float(teacher.family_def.default_guidance)
 

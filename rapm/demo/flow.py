@@ -11,6 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import typer
+from rapm.demo.prompts import training_prompts
+from rapm.evaluate import ModelSpec, TEACHER_CURVE_STEPS, default_digits_prompts, evaluate, markdown_table
+from rapm.export import export_lora
+from rapm.report import report
+from rapm.run import load_student
+from rapm.train import resolve_config, train
+from rapm.trajectories import write_trajectories
 
 
 @dataclass(frozen=True)
@@ -29,14 +36,6 @@ QUICK = DemoSize(trajectories=32, substeps=3, iterations=6, eval_samples=40, ref
 
 def run_demo(out: Path, quick: bool = False, progress: bool = True, steps: int = 4) -> dict:
     """Run the flow into ``out``; return the evaluation result (with the report's path under ``report``)."""
-    from rapm.demo.prompts import training_prompts
-    from rapm.evaluate import TEACHER_CURVE_STEPS, ModelSpec, default_digits_prompts, evaluate, markdown_table
-    from rapm.export import export_lora
-    from rapm.report import report
-    from rapm.run import load_student
-    from rapm.train import resolve_config, train
-    from rapm.trajectories import write_trajectories
-
     size = QUICK if quick else FULL
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

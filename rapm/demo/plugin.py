@@ -4,6 +4,10 @@ convolutional features for RDD."""
 
 from __future__ import annotations
 
+from rapm.demo.classifier import load_classifier
+from rapm.demo.data import load_split
+from rapm.demo.metrics import DigitsMetrics
+from rapm.demo.prompts import digit_of, evaluation_prompts, prompts_for
 from rapm.plugins import TeacherPlugin
 
 
@@ -11,24 +15,15 @@ class DigitsPlugin(TeacherPlugin):
     name = "digits"
 
     def metrics(self):
-        from rapm.demo.metrics import DigitsMetrics
-
         return DigitsMetrics()
 
     def label_of(self, prompt: str):
-        from rapm.demo.prompts import digit_of
-
         return digit_of(prompt)
 
     def evaluation_prompts(self, n: int) -> list[str]:
-        from rapm.demo.prompts import evaluation_prompts
-
         return [p for p, _ in evaluation_prompts(n)]
 
     def real_items(self):
-        from rapm.demo.data import load_split
-        from rapm.demo.prompts import prompts_for
-
         train = load_split("train")
         texts = []
         for i, d in enumerate(train.digits.tolist()):
@@ -38,8 +33,6 @@ class DigitsPlugin(TeacherPlugin):
 
     def feature_net(self, device):
         """The digits classifier's last convolutional map (frozen): images [B, 1, 16, 16] -> [B, 64, 4, 4]."""
-        from rapm.demo.classifier import load_classifier
-
         classifier = load_classifier().to(device).eval().requires_grad_(False)
         return classifier.conv, classifier.conv[-3].out_channels  # the last conv before the final pool
 

@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 
 from rapm.conditioning import Conditioning
+from rapm.diffusion import predict_x0_eps
 from rapm.errors import RapmError
 
 
@@ -92,8 +93,6 @@ class Family:
 
     def to_x0_eps(self, schedule, z: torch.Tensor, output: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
         """The clean sample and the noise the denoiser's output implies (by the schedule's prediction type)."""
-        from rapm.diffusion import predict_x0_eps
-
         return predict_x0_eps(schedule, z, output, t)
 
     def feature_blocks(self, denoiser: torch.nn.Module, levels: str) -> tuple[list[torch.nn.Module], torch.nn.Module | None]:

@@ -32,6 +32,8 @@ from rapm.diffusion import add_noise, slot_grid
 from rapm.discriminator import hinge_discriminator_loss, hinge_generator_loss
 from rapm.methods.base import (Context, Losses, Method, Setup, discriminator_timesteps, pseudo_huber, renoise,
                                student_step, teacher_step)
+from rapm.plugins import plugin_for
+from rapm.realdata import load_real_data
 from rapm.store import TrajectoryBatch
 
 
@@ -53,8 +55,6 @@ class PCM(Method):
     def from_config(cls, config, delta: int, preset: dict) -> "PCM":
         """Paper Alg. 1: real data (``real_data``; the digits teacher's own by default), the relative position from a
         noised real image."""
-        from rapm.plugins import plugin_for
-
         real = config.real_data or ("digits" if plugin_for(config.teacher) is not None else "")
         if not real:
             raise ConfigError("config field 'real_data': --method pcm needs real images; set real_data to a folder of "
@@ -67,8 +67,6 @@ class PCM(Method):
         return self.adv_weight > 0
 
     def prepare(self, setup: Setup) -> None:
-        from rapm.realdata import load_real_data
-
         self.substeps = self.substeps or setup.store.substeps
         if self.data is None:
             self.data = load_real_data(self.real_data, self.teacher, device=setup.device, dtype=setup.dtype,

@@ -57,6 +57,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rapm.config import ConfigError
+from rapm.diffusion import add_noise
+from rapm.discriminator import backbone_features
+from rapm.plugins import plugin_for
+from rapm.roles import teacher_role
 
 CFD_TEMPERATURE = 0.9  # RDD's code
 ISP2P_WEIGHT, MP2P_WEIGHT = 1.0, 0.1  # RDD's code
@@ -144,10 +148,6 @@ class TeacherFeatures:
         self.channels = int(unet.config.block_out_channels[-1])
 
     def __call__(self, x: torch.Tensor, noise: torch.Tensor, cond) -> torch.Tensor:
-        from rapm.diffusion import add_noise
-        from rapm.discriminator import backbone_features
-        from rapm.roles import teacher_role
-
         t = torch.full((x.shape[0],), self.timestep, device=x.device)
         z = add_noise(self.schedule, x, t, noise)
         with teacher_role(self.unet):  # adapters off: the frozen teacher; the forward stops after the mid block
@@ -205,8 +205,6 @@ class RelationalTerm(nn.Module):
 
 def rdd_features_of(config) -> str:
     """The feature source: the config's, else the teacher's own (classifier for digits, teacher for the rest)."""
-    from rapm.plugins import plugin_for
-
     return config.rdd_features or ("classifier" if plugin_for(config.teacher) is not None else "teacher")
 
 
@@ -256,8 +254,6 @@ def build_relational_term(setup, settings: RelationalSettings | None) -> Relatio
     weight = settings.weight
     kind = settings.features
     if kind == "classifier":
-        from rapm.plugins import plugin_for
-
         plugin = plugin_for("digits")
         if tuple(setup.store.latent_shape) != plugin.feature_shape():
             raise ConfigError("config field 'rdd_features': 'classifier' is the digits classifier (the digits teacher "

@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from rapm.distribution import frechet_distance
 from rapm.scenes.classifier import CLASSIFIER_DIR, labelled_draws, load_classifier
 from rapm.scenes.data import SIZE, Scene, all_scenes, check
 
@@ -91,8 +92,6 @@ class ScenesMetrics:
     def real_floor(self, n: int, seed: int = 0, draws: int = 5) -> float:
         """FD of n other draws of the world against the reference draws: the floor at sample size n (mean of
         ``draws`` seeded sets)."""
-        from rapm.distribution import frechet_distance
-
         if n < 2:
             raise ValueError(f"real_floor needs n >= 2, got {n}")
         return float(np.mean([frechet_distance(self.features(labelled_draws(n, np.random.default_rng(seed + 1 + d))[0]),

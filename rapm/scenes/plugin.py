@@ -5,6 +5,8 @@ of the world as real data, and the classifier's convolutional features for RDD."
 from __future__ import annotations
 
 from rapm.plugins import TeacherPlugin
+from rapm.scenes.classifier import load_classifier, random_draws
+from rapm.scenes.metrics import ScenesMetrics, evaluation_scenes, scene_of
 
 REAL_ITEMS = 2000
 
@@ -13,32 +15,22 @@ class ScenesPlugin(TeacherPlugin):
     name = "scenes"
 
     def metrics(self):
-        from rapm.scenes.metrics import ScenesMetrics
-
         return ScenesMetrics()
 
     def label_of(self, prompt: str):
-        from rapm.scenes.metrics import scene_of
-
         return scene_of(prompt)
 
     def evaluation_prompts(self, n: int) -> list[str]:
-        from rapm.scenes.metrics import evaluation_scenes
-
         return [s.prompt() for s in evaluation_scenes(n)]
 
     def real_items(self):
         import numpy as np
-
-        from rapm.scenes.classifier import random_draws
 
         images, picks = random_draws(REAL_ITEMS, np.random.default_rng(30_000))
         return images, [s.prompt() for s in picks]
 
     def feature_net(self, device):
         """The scenes classifier's convolutional stages (frozen): images [B, 3, 32, 32] -> [B, 64, 4, 4]."""
-        from rapm.scenes.classifier import load_classifier
-
         classifier = load_classifier().to(device).eval().requires_grad_(False)
         return classifier.conv, classifier.conv[-3].out_channels  # the last conv before the final pool
 
