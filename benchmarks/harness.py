@@ -353,13 +353,18 @@ class Loop:
 def per_slot_losses(loop: Loop, batch, phase: str, positions: list[int]):
     """The same losses as ``RAPM`` without batching across slots: one trajectory, one slot, one UNet pass at a time
     (cond and uncond of the teacher's guided step, and a slot's fake and reals for the discriminator, still share a
-    pass). The straightforward loop to compare the batched iteration with."""
+    pass). The straightforward loop to compare the batched iteration with. It reads the method's own switches and
+    weights (``relative``, ``absolute``, ``relative_weight``, w_n, the discriminators in use); PCM's unpaired hinge
+    loss only, the one the speed benchmark times (rapm-paper). tests/test_benchmarks.py checks its student loss
+    against the method's."""
     from rapm.conditioning import Conditioning
     from rapm.discriminator import hinge_discriminator_loss, hinge_generator_loss
     from rapm.methods.base import discriminator_timesteps, renoise, student_step, teacher_step
     from rapm.store import TrajectoryBatch
 
     m = loop.method
+    if m.uses_discriminator and m.gan_loss != "hinge":
+        raise ValueError(f"the per-slot loop has the hinge loss only; this method's gan_loss is {m.gan_loss!r}")
     b, n = batch.latents.shape[0], len(loop.timesteps) - 1
     for i in range(b):
         one = TrajectoryBatch(batch.latents[i:i + 1], batch.cond[i:i + 1],
@@ -370,30 +375,40 @@ def per_slot_losses(loop: Loop, batch, phase: str, positions: list[int]):
             slot = n - 1 - j
             t = torch.full((1,), loop.timesteps[j])
             s = torch.full((1,), loop.timesteps[j + 1])
-            with torch.no_grad():
-                mid = teacher_step(ctx, one.latents[:, j], t, t - m.delta, one.cond, one.uncond)
-                rel = student_step(ctx, mid, t - m.delta, s, one.cond)
-            target = one.latents[:, j + 1]
+            rel = None
+            if m.relative:
+                with torch.no_grad():
+                    mid = teacher_step(ctx, one.latents[:, j], t, t - m.delta, one.cond, one.uncond)
+                    rel = student_step(ctx, mid, t - m.delta, s, one.cond)
+            reals = {"relative": rel, "absolute": one.latents[:, j + 1]}
+            kinds = m.gan_kinds if m.uses_discriminator else []
             t_gan = discriminator_timesteps(ctx, s)
             if phase == "student":
                 z_n = student_step(ctx, z, t, s, one.cond)
-                loss = m.distance_fn(z_n, rel) + m.weight(slot) * m.distance_fn(z_n, target)
-                if m.uses_discriminator:
+                loss = z_n.new_zeros(())
+                if m.relative:
+                    loss = loss + m.relative_weight * m.distance_fn(z_n, rel)
+                if m.absolute:
+                    loss = loss + m.weight(slot) * m.distance_fn(z_n, reals["absolute"])
+                if kinds:
                     x = renoise(ctx, z_n, s, t_gan, ctx.randn(z_n))
                     logits = ctx.discriminator.logits(ctx.unet, x, t_gan, one.cond)
-                    loss = loss + m.adv_weight * (hinge_generator_loss(logits["relative"])
-                                                  + m.weight(slot) * hinge_generator_loss(logits["absolute"]))
+                    for kind in kinds:
+                        loss = loss + m.adv_weight * m.kind_weight(kind, slot) * hinge_generator_loss(logits[kind])
                 yield loss / b, {}
                 z = z_n.detach()
             else:
                 with torch.no_grad():
                     z = student_step(ctx, z, t, s, one.cond)
                 noise = ctx.randn(z)
-                x = renoise(ctx, torch.cat([z, rel, target]), s.repeat(3), t_gan.repeat(3), noise.repeat(3, 1, 1, 1))
-                logits = ctx.discriminator.logits(ctx.unet, x, t_gan.repeat(3), Conditioning.cat([one.cond] * 3))
-                d = (hinge_discriminator_loss([h[:1] for h in logits["relative"]], [h[1:2] for h in logits["relative"]])
-                     + m.weight(slot) * hinge_discriminator_loss([h[:1] for h in logits["absolute"]],
-                                                                 [h[2:3] for h in logits["absolute"]]))
+                x = renoise(ctx, torch.cat([z] + [reals[k] for k in kinds]), s.repeat(1 + len(kinds)),
+                            t_gan.repeat(1 + len(kinds)), noise.repeat(1 + len(kinds), 1, 1, 1))
+                logits = ctx.discriminator.logits(ctx.unet, x, t_gan.repeat(1 + len(kinds)),
+                                                  Conditioning.cat([one.cond] * (1 + len(kinds))))
+                d = z.new_zeros((), dtype=torch.float32)
+                for k, kind in enumerate(kinds):
+                    d = d + m.kind_weight(kind, slot) * hinge_discriminator_loss([h[:1] for h in logits[kind]],
+                                                                                 [h[k + 1:k + 2] for h in logits[kind]])
                 yield d / (n * b), {}
 
 

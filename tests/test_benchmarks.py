@@ -186,3 +186,26 @@ def test_readme_holds_no_generated_tables():
     """The README is the user's page: the generated convergence tables live in docs/results/convergence.md."""
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert "<!-- convergence:" not in readme
+
+
+@pytest.mark.parametrize("relative_weight", [1.0, 0.25, 0.0])
+def test_the_per_slot_loop_computes_the_methods_student_loss(relative_weight):
+    """The speed benchmark's straightforward loop (harness.per_slot_losses) is the method's own loss, slot by slot."""
+    import dataclasses
+
+    import torch
+
+    gpu = _load("gpu")
+    harness = sys.modules["harness"]  # the module gpu.py imports its Loop from
+    loop, batch, _, _, _ = gpu.build("sd15", True, torch.device("cpu"), False, 2)
+    with torch.no_grad():  # the student's LoRA moved off zero, so its step differs from the teacher's
+        for name, p in loop.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    loop.method = dataclasses.replace(loop.method, adv_weight=0.0, relative_weight=relative_weight,
+                                      relative=relative_weight > 0, slot_weights=[1.0, 0.5, 2.0, 1.5])
+    batch = dataclasses.replace(batch, delta_latents=None)  # both compute the teacher's Δ-step
+    with torch.no_grad():
+        ours = sum(float(loss) for loss, _ in loop.method.generator_losses(loop.context(batch, [0]), batch))
+        slots = sum(float(loss) for loss, _ in harness.per_slot_losses(loop, batch, "student", [0]))
+    assert ours > 0 and abs(slots - ours) <= 1e-5 * ours
