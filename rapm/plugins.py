@@ -16,6 +16,7 @@ import importlib
 import json
 from functools import lru_cache
 from pathlib import Path
+
 from rapm.distribution import frechet_distance
 from rapm.families import BUILTIN_TEACHERS, resolve_teacher_path
 

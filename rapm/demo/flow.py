@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import typer
+
 from rapm.demo.prompts import training_prompts
 from rapm.evaluate import ModelSpec, TEACHER_CURVE_STEPS, default_digits_prompts, evaluate, markdown_table
 from rapm.export import export_lora
