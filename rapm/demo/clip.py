@@ -39,6 +39,16 @@ def build_clip_tokenizer(words: Iterable[str] = (), model_max_length: int = 77):
             add(merged)
             left = merged
     tok = CLIPTokenizer(vocab=vocab, merges=merges)
+    # BPE applies its merges by rank, so one word's chain can break another's: with "right" before "triangle", r+i
+    # merges before t+r and "triangle" ends as t, ri, a, n, ... Each word left in pieces gets merges of its first two
+    # pieces, ranked last, until it is one token (a word already one token has no pair left to merge).
+    for word in sorted({w.lower() for w in words if len(w) > 1}):
+        pieces = tok.tokenize(word)
+        while len(pieces) > 1:
+            merges.append((pieces[0], pieces[1]))
+            add(pieces[0] + pieces[1])
+            tok = CLIPTokenizer(vocab=vocab, merges=merges)
+            pieces = tok.tokenize(word)
     tok.model_max_length = model_max_length
     return tok
 
