@@ -202,10 +202,10 @@ def start_from_base(work: Path, steps: int, row: str, base_iterations: int) -> s
     return f" (from {base.name} at {finished_iterations(run)})"
 
 
-def train_row(work: Path, store: Path, steps: int, row: str, method: str, batch: int, sets: list[str],
-              iterations: int, eval_every: int, val_fraction: float, base_iterations: int = 0) -> str:
-    run = run_dir(work, steps, row)
-    copied = start_from_base(work, steps, row, base_iterations) if row in LONG_OF else ""
+def train_run(run: Path, teacher: str, store: Path, method: str, batch: int, sets: list[str], iterations: int,
+              eval_every: int, note: str = "") -> str:
+    """Train (or resume) ``run`` to ``iterations`` in a fresh `rapm train` process with one torch thread: a
+    checkpoint every ``eval_every``, the ``--set`` fields ``sets`` on a fresh start. A line saying what happened."""
     done = finished_iterations(run)
     if done >= iterations:
         return f"{run.name}: finished ({done} iterations)"
@@ -213,10 +213,8 @@ def train_row(work: Path, store: Path, steps: int, row: str, method: str, batch:
     if done > 0:
         cmd = ["train", "--out", str(run), "--resume", *common]
     else:
-        cmd = ["train", "--teacher", "digits", "--store", str(store), "--out", str(run), "--method", method,
-               "--batch-size", str(batch), "--seed", "0", *common, "--overwrite",
-               "--set", "sample_every=0", "--set", "ema_decay=0", "--set", f"eval_every={eval_every}",
-               "--set", f"val_fraction={val_fraction}", "--set", "val_reference_steps=100", "--set", "keep_checkpoints=1"]
+        cmd = ["train", "--teacher", teacher, "--store", str(store), "--out", str(run), "--method", method,
+               "--batch-size", str(batch), "--seed", "0", *common, "--overwrite"]
         for s in sets:
             cmd += ["--set", s]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -226,7 +224,16 @@ def train_row(work: Path, store: Path, steps: int, row: str, method: str, batch:
         code = subprocess.run([sys.executable, "-m", "rapm", *cmd], env=env, stdout=f, stderr=subprocess.STDOUT).returncode
     if code != 0:
         return f"{run.name}: FAILED (exit {code}; see {log})"
-    return f"{run.name}: trained to {iterations}{copied} in {time.perf_counter() - tick:.0f} s"
+    return f"{run.name}: trained to {iterations}{note} in {time.perf_counter() - tick:.0f} s"
+
+
+def train_row(work: Path, store: Path, steps: int, row: str, method: str, batch: int, sets: list[str],
+              iterations: int, eval_every: int, val_fraction: float, base_iterations: int = 0) -> str:
+    run = run_dir(work, steps, row)
+    copied = start_from_base(work, steps, row, base_iterations) if row in LONG_OF else ""
+    base = ["sample_every=0", "ema_decay=0", f"eval_every={eval_every}", f"val_fraction={val_fraction}",
+            "val_reference_steps=100", "keep_checkpoints=1"]
+    return train_run(run, "digits", store, method, batch, [*base, *sets], iterations, eval_every, copied)
 
 
 def calibrate(work: Path, store: Path, steps: int, row: str, method: str, batch: int, sets: list[str],
@@ -266,11 +273,12 @@ def timing_row(row: str) -> str:
     return row
 
 
-def read_curve(run: Path, row: str, steps: int, batch: int) -> list[dict]:
-    """One row per validation: the training wall time before it (sum of the iterations' seconds) and its metrics."""
-    out, wall = [], 0.0
+def validations(run: Path):
+    """Each validation entry of a run's logs.jsonl with the training seconds before it (the iterations' own clocks),
+    up to a torn last line."""
+    wall = 0.0
     if not (run / "logs.jsonl").exists():
-        return out
+        return
     for line in (run / "logs.jsonl").read_text().splitlines():
         try:
             e = json.loads(line)
@@ -279,6 +287,13 @@ def read_curve(run: Path, row: str, steps: int, batch: int) -> list[dict]:
         if e.get("phase") != "validation":
             wall += e.get("seconds", 0.0)
             continue
+        yield e, wall
+
+
+def read_curve(run: Path, row: str, steps: int, batch: int) -> list[dict]:
+    """One row per validation: the training wall time before it (sum of the iterations' seconds) and its metrics."""
+    out = []
+    for e, wall in validations(run):
         out.append({"method": row, "steps": steps, "batch": batch, "iteration": e["step"], "run_wall_s": round(wall, 2),
                     "trajectory_error": e["val_trajectory_error"], "reference_error": e.get("val_reference_error"),
                     "fd_teacher": e.get("val_fd_teacher"), "fd_real": e.get("val_fd_real"),

@@ -762,19 +762,7 @@ def report(work: Path, results: Path, latent: int) -> None:
         for name, cell in got.items():
             if name == "build":
                 continue
-            facts = []
-            if cell.get("fits") is False:
-                facts.append(f"**did not fit**: ran out of memory under a {cell['memory_cap_gib']:g} GiB address-space cap")
-            if "training_peak_mib" in cell:
-                facts.append(f"rapm, checkpointing, {cell['quantization']} base: after the build {cell['rss_after_build_mib'] / 1024:.2f} GiB "
-                             f"resident (the build peaked at {cell['build_peak_mib'] / 1024:.2f}); two student updates "
-                             f"peaked at **{cell['training_peak_mib'] / 1024:.2f} GiB** ({', '.join(map(str, cell['seconds_per_iteration']))} s)")
-            if "seconds_per_guided_pass" in cell:
-                facts.append(f"{cell['seconds_per_guided_pass']} s per guided teacher pass (batch 2)")
-            if "store_bytes_per_trajectory" in cell:
-                facts.append(f"{cell['trajectories']} trajectories, {cell['store_bytes_per_trajectory'] / MiB:.2f} MiB each")
-            if "iterations" in cell:
-                facts.append("s per iteration: " + ", ".join(f"{r['seconds']:.0f} ({r['phase']})" for r in cell["iterations"]))
+            facts = cell_facts(cell, f"rapm, checkpointing, {cell.get('quantization')} base", "peaked", "teacher", "")
             if "targeted_modules" in cell:
                 facts.append(f"{cell['targeted_modules']} targeted modules of the real UNet; diffusers file "
                              f"{cell['diffusers_keys']} keys ({cell['diffusers_missing']} missing, {cell['diffusers_extra']} "
@@ -867,6 +855,32 @@ def report(work: Path, results: Path, latent: int) -> None:
     print("\n".join(lines))
 
 
+def cell_facts(cell: dict, training: str, peaked: str, denoiser: str, store_note: str, first=(),
+               say_checkpointing: bool = False) -> list[str]:
+    """What a cell measured, in the words both sections use: whether it fitted, the training peak (``training``
+    names the setting), the guided ``denoiser`` pass, the store and the iterations; ``first``: facts said after the
+    fit; ``say_checkpointing``: an iteration cell says so where it ran with checkpointing."""
+    facts = []
+    if cell.get("fits") is False:
+        facts.append(f"**did not fit**: ran out of memory under a {cell['memory_cap_gib']:g} GiB address-space cap")
+    facts += first
+    if denoiser == "transformer" and "seconds_per_guided_pass" in cell:
+        facts.append(f"{cell['seconds_per_guided_pass']} s per guided transformer pass (batch 2)")
+    if "training_peak_mib" in cell:
+        facts.append(f"{training}: after the build {cell['rss_after_build_mib'] / 1024:.2f} GiB resident (the build "
+                     f"peaked at {cell['build_peak_mib'] / 1024:.2f}); two student updates {peaked} at "
+                     f"**{cell['training_peak_mib'] / 1024:.2f} GiB** ({', '.join(map(str, cell['seconds_per_iteration']))} s)")
+    if denoiser == "teacher" and "seconds_per_guided_pass" in cell:
+        facts.append(f"{cell['seconds_per_guided_pass']} s per guided teacher pass (batch 2)")
+    if "store_bytes_per_trajectory" in cell:
+        facts.append(f"{cell['trajectories']} trajectories{store_note}, {cell['store_bytes_per_trajectory'] / MiB:.2f} "
+                     "MiB each")
+    if "iterations" in cell:
+        facts.append(("checkpointing; " if say_checkpointing and cell.get("gradient_checkpointing") else "")
+                     + "s per iteration: " + ", ".join(f"{r['seconds']:.0f} ({r['phase']})" for r in cell["iterations"]))
+    return facts
+
+
 def kohya_facts(cell: dict) -> str:
     """The export cell's kohya file as ``check_flow_export`` found it: its LoRA modules against the native ones."""
     if not cell.get("kohya_written"):
@@ -918,25 +932,14 @@ def flow_section(model: str, got: dict, latent: int, table: dict, notes: list[st
         if name == "build":
             continue
         facts = []
-        if cell.get("fits") is False:
-            facts.append(f"**did not fit**: ran out of memory under a {cell['memory_cap_gib']:g} GiB address-space cap")
         if cell.get("ran") is False:
             facts.append(f"**exited {cell.get('returncode')}**: " + " / ".join(f"`{line.strip()}`" for line in cell.get("error", [])[-1:]))
         if cell.get("failed"):
             facts.append("**failed**: " + " / ".join(f"`{line.strip()}`" for line in cell.get("error", [])[-2:]))
         if cell.get("crowded_retries"):
             facts.append(f"run again after {len(cell['crowded_retries'])} kernel OOM kill(s) beside another process's memory")
-        if "seconds_per_guided_pass" in cell:
-            facts.append(f"{cell['seconds_per_guided_pass']} s per guided transformer pass (batch 2)")
-        if "training_peak_mib" in cell:
-            facts.append(f"rapm, checkpointing, float32: after the build {cell['rss_after_build_mib'] / 1024:.2f} GiB resident "
-                         f"(the build peaked at {cell['build_peak_mib'] / 1024:.2f}); two student updates then peaked at "
-                         f"**{cell['training_peak_mib'] / 1024:.2f} GiB** ({', '.join(map(str, cell['seconds_per_iteration']))} s)")
-        if "store_bytes_per_trajectory" in cell:
-            facts.append(f"{cell['trajectories']} trajectories (N = 4, M = 2), {cell['store_bytes_per_trajectory'] / MiB:.2f} MiB each")
-        if "iterations" in cell:
-            facts.append(("checkpointing; " if cell.get("gradient_checkpointing") else "")
-                         + "s per iteration: " + ", ".join(f"{r['seconds']:.0f} ({r['phase']})" for r in cell["iterations"]))
+        facts = cell_facts(cell, "rapm, checkpointing, float32", "then peaked", "transformer", " (N = 4, M = 2)",
+                           first=facts, say_checkpointing=True)
         if cell.get("checkpoint_bytes"):
             facts.append(f"checkpoint {cell['checkpoint_bytes'] / MiB:.0f} MiB")
         if cell.get("rapm"):

@@ -23,7 +23,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import datetime
 import json
-import platform
 import shlex
 import sys
 import time
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from teacher_baseline import sample_teacher, save_grid, trajectory_error  # noqa: E402
+from teacher_baseline import machine_facts, sample_teacher, save_grid, trajectory_error  # noqa: E402
 
 from rapm.distribution import distribution_metrics, frechet_distance  # noqa: E402
 from rapm.scenes.data import draw  # noqa: E402
@@ -99,8 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     training = json.loads(training_file.read_text()) if training_file.exists() else {}
     result = dict(
         benchmark="scenes_baseline", date=datetime.datetime.now().isoformat(timespec="seconds"), command=command,
-        machine=dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
-                     cpus=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__),
+        machine=machine_facts(),
         teacher=str(teacher.path), samples=args.samples, seed=args.seed, guidance=guidance, reference_steps=steps[0],
         rows=rows, guidance_sweep=sweep, seconds=round(time.time() - began),
         world_accuracy=round(attribute_accuracy(world, scenes)["all"], 4),

@@ -56,6 +56,12 @@ def sample_teacher(
     return torch.cat(out)
 
 
+def machine_facts() -> dict:
+    """What a baseline records of the machine it ran on."""
+    return dict(platform=platform.platform(), processor=platform.processor() or platform.machine(), cpus=os.cpu_count(),
+                threads=torch.get_num_threads(), torch=torch.__version__)
+
+
 def trajectory_error(images: torch.Tensor, reference: torch.Tensor) -> float:
     """Mean over samples of the RMS pixel distance between two image sets from the same noise."""
     return float((images - reference).double().pow(2).mean(dim=(1, 2, 3)).sqrt().mean())
@@ -139,8 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     training = json.loads(training_file.read_text()) if training_file.exists() else {}
     result = dict(
         benchmark="teacher_baseline", date=datetime.datetime.now().isoformat(timespec="seconds"), command=command,
-        machine=dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
-                     cpus=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__),
+        machine=machine_facts(),
         teacher=str(teacher.path), samples=args.samples, seed=args.seed, guidance=args.guidance,
         reference_steps=steps[0], rows=rows, real_floor=floor,
         classifier_held_out_accuracy=classifier_cfg.get("held_out_accuracy"),
