@@ -311,8 +311,9 @@ def read_curve(run: Path, row: str, steps: int, batch: int) -> list[dict]:
     return curve
 
 
-def teacher_rows(store: Path, steps: int, val_fraction: float) -> list[dict]:
-    """The teacher's DDIM at N steps and at 100 steps (the reference) on the same held-out split, same metrics."""
+def teacher_rows(store: Path, steps: int, val_fraction: float, teacher_name: str = "digits") -> list[dict]:
+    """The teacher's DDIM at N steps and at 100 steps (the reference) on the same held-out split, same metrics; and
+    the floors, the teacher's DDIM-100 from other noise measured as a student would be among them (``other_noise``)."""
     import torch
 
     from rapm.distribution import frechet_distance
@@ -320,7 +321,7 @@ def teacher_rows(store: Path, steps: int, val_fraction: float) -> list[dict]:
     from rapm.teacher import load_teacher
     from rapm.validation import Validation, split_indices
 
-    teacher = load_teacher("digits")
+    teacher = load_teacher(teacher_name)
     st = open_store(store)
     _, val_ids = split_indices(len(st), val_fraction, 0)
     validation = Validation(teacher, st, val_ids, torch.device("cpu"), torch.float32, reference_steps=100)
@@ -329,7 +330,8 @@ def teacher_rows(store: Path, steps: int, val_fraction: float) -> list[dict]:
         images = (validation.reference_images if k == 100 else  # the 100-step DDIM is the validation's reference
                   validation.decode([validation.teacher_ddim(b, k) for b in validation.batches]))
         m = validation.measure(images)
-        rows.append({"method": f"teacher-ddim{k}", "steps": k, "batch": None, "iteration": None, "wall_s": None,
+        rows.append({**{key[4:]: v for key, v in m.items()},  # every metric, the distribution ones too
+                     "method": f"teacher-ddim{k}", "steps": k, "batch": None, "iteration": None, "wall_s": None,
                      "trajectory_error": m["val_trajectory_error"], "reference_error": m.get("val_reference_error"),
                      "fd_teacher": m.get("val_fd_teacher"), "fd_real": m.get("val_fd_real"),
                      "prompt_accuracy": m.get("val_prompt_accuracy"), "for_steps": steps})
@@ -341,6 +343,7 @@ def teacher_rows(store: Path, steps: int, val_fraction: float) -> list[dict]:
               for b in validation.batches]
     floors["fd_teacher_floor"] = frechet_distance(validation.metrics.features(validation.decode(finals)),
                                                   validation.teacher_features)
+    floors["other_noise"] = validation.measure(validation.decode(finals))
     return rows, floors
 
 
