@@ -57,7 +57,7 @@ class TrainConfig:
     distance: str = ""  # position-matching distance: "" = the method's own (rapm: pseudo_huber, sfd: l1); or l2
     relative_weight: float = -1.0  # weight of the relative terms (eq. 15); negative = the method's own: rapm 0, rapm-paper 1
     # The peers (rapm/methods/): PCM's real data; progressive distillation's rounds and RDD's relational loss
-    real_data: str = ""  # pcm: "digits" (the digits train split) or a folder of images with .txt captions
+    real_data: str = ""  # pcm: a built-in teacher's own ("digits": its train split; "scenes"), or a folder of captioned images
     progressive_start_steps: int = 16  # the first round's teacher steps: N 2^R for R rounds
     # RDD's relational loss as a term (rapm/methods/rdd.py): 0 = the method's own (progressive-rdd: 1.0, others: off)
     rdd_weight: float = 0.0  # > 0: the term at this weight on rapm, rapm-paper, rapm-relative, sfd or progressive

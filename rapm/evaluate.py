@@ -349,7 +349,7 @@ def default_digits_prompts(n: int) -> list[str]:
 
 
 def cli(
-    teacher: str = typer.Option("digits", help="Teacher: a local diffusers folder or 'digits'."),
+    teacher: str = typer.Option("digits", help="Teacher: a local diffusers folder or a built-in teacher ('digits', 'scenes')."),
     model: list[str] = typer.Option([], "--model", help="teacher:ddim:N, teacher:dpmsolver:N, or NAME=LORA:N (repeatable)."),
     prompts: Optional[Path] = typer.Option(None, help="Prompts file, one a line (digits: held-out prompts by default)."),
     num: int = typer.Option(500, help="Samples (prompts are cycled; seeds are seed..seed+num-1)."),

@@ -64,7 +64,7 @@ def _teacher_file(folder: str) -> dict:
 
 
 def teacher_file(teacher) -> dict:
-    """The teacher's ``rapm.json`` ({} if it has none); ``teacher`` a loaded Teacher, a folder or 'digits'."""
+    """The teacher's ``rapm.json`` ({} if it has none); ``teacher`` a loaded Teacher, a folder or a built-in teacher's name."""
     path = teacher.path if hasattr(teacher, "path") else resolve_teacher_path(teacher)
     return _teacher_file(str(Path(path).resolve()))
 

@@ -1,7 +1,8 @@
 """Real images with captions, for the methods that need data (PCM, paper Alg. 1); RAPM itself never does.
 
 ``real_data = "digits"`` is the digits teacher's train split (the split that trained it), each image captioned by
-one of its digit's training phrasings. Any other value is a folder of images (``.png``, ``.jpg``, ``.jpeg``,
+one of its digit's training phrasings; ``"scenes"`` draws of the scenes teacher's world (a built-in teacher's name:
+its plug-in's ``real_items``). Any other value is a folder of images (``.png``, ``.jpg``, ``.jpeg``,
 ``.webp``), each with a caption file of the same name and ``.txt`` suffix; images are resized (shorter side) and
 centre-cropped to the teacher's resolution, then encoded by the teacher's VAE (the mean of its posterior, times its
 scaling factor). Captions are encoded once by the teacher's text encoders, which are then let go: training keeps
@@ -17,6 +18,7 @@ import torch
 
 from rapm.conditioning import Conditioning
 from rapm.config import ConfigError
+from rapm.families import BUILTIN_TEACHERS
 from rapm.metrics_sd import IMAGE_SUFFIXES  # the image files rapm reads from a user's folder
 from rapm.plugins import plugin_for
 from rapm.teacher import load_teacher
@@ -38,9 +40,9 @@ class RealData:
         return self.latents[indices], self.captions[self.caption_index[indices]]
 
 
-def _digits_items() -> tuple[torch.Tensor, list[str]]:
-    """The digits teacher's train split, each image with one of its digit's phrasings (its plug-in's real data)."""
-    return plugin_for("digits").real_items()
+def _builtin_items(name: str) -> tuple[torch.Tensor, list[str]]:
+    """A built-in teacher's real data (its plug-in's): the digits train split, the scenes world's draws."""
+    return plugin_for(name).real_items()
 
 
 def _folder_items(folder: Path, size: int) -> tuple[torch.Tensor, list[str]]:
@@ -48,7 +50,7 @@ def _folder_items(folder: Path, size: int) -> tuple[torch.Tensor, list[str]]:
     from PIL import Image
 
     if not folder.is_dir():
-        raise ConfigError(f"config field 'real_data': {folder} is not a directory; give 'digits' or a folder of images "
+        raise ConfigError(f"config field 'real_data': {folder} is not a directory; give 'digits', 'scenes' or a folder of images "
                           f"with a caption .txt beside each")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
@@ -76,12 +78,12 @@ def _folder_items(folder: Path, size: int) -> tuple[torch.Tensor, list[str]]:
 @torch.no_grad()
 def load_real_data(spec: str, teacher_path: str, device: torch.device | str = "cpu", batch_size: int = 16,
                    dtype: torch.dtype = torch.float32, unet: torch.nn.Module | None = None) -> RealData:
-    """Real data ``spec`` ("digits" or a folder) encoded for the teacher at ``teacher_path``; see the module docstring.
+    """Real data ``spec`` (a built-in teacher's name or a folder) encoded for the teacher at ``teacher_path``; see the module docstring.
 
     ``unet``: training's UNet, so that only the text encoders and the VAE are loaded (never a second UNet).
     """
     teacher = load_teacher(teacher_path, device=device, dtype=dtype, text_encoders=True, vae=True, unet=unet)
-    images, texts = _digits_items() if spec == "digits" else _folder_items(Path(spec), teacher.image_size)
+    images, texts = _builtin_items(spec) if spec in BUILTIN_TEACHERS else _folder_items(Path(spec), teacher.image_size)
     if teacher.vae is None:  # a pixel-space teacher (digits): the images are the latents
         channels = teacher.latent_shape[0]
         if images.shape[1:] != teacher.latent_shape:

@@ -33,7 +33,7 @@ import typer
 from rapm import config as cfg
 from rapm.errors import RapmError
 from rapm.evaluate import markdown_table
-from rapm.families import read_teacher_info
+from rapm.families import BUILTIN_TEACHERS, read_teacher_info
 from rapm.files import sha256_file
 from rapm.folders import Staged, commit, discard, output_lock, refuse_link, stage
 from rapm.images import MIN_CELL  # pixels on screen of one image of a grid: a 16x16 digit at 4x
@@ -481,7 +481,7 @@ def run_title(run: Path, config: dict, facts: dict, result: dict | None) -> str:
     """What the run is, for the page's title: its method, its teacher and its N (the store's steps)."""
     method = str(config.get("method") or "student")
     teacher = str(config.get("teacher") or "")
-    name = teacher if teacher in ("", "digits") else (Path(teacher).name or teacher)
+    name = teacher if teacher in ("", *BUILTIN_TEACHERS) else (Path(teacher).name or teacher)
     steps = facts.get("steps")
     if steps is None and result:
         steps = next((r.get("steps") for r in result.get("rows", []) if r.get("lora")), None)

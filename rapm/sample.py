@@ -190,7 +190,7 @@ def read_prompt_file(path: Path) -> list[str]:
 
 
 def cli(
-    teacher: str = typer.Option(..., "--teacher", help="A diffusers SD/SDXL/SD3/FLUX folder, or 'digits'."),
+    teacher: str = typer.Option(..., "--teacher", help="A diffusers SD/SDXL/SD3/FLUX folder, or a built-in teacher ('digits', 'scenes')."),
     lora: Optional[Path] = typer.Option(None, "--lora", help="A student LoRA (file, or the folder rapm export wrote)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="One prompt (this or --prompts is required)."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="A text file with one prompt a line (this or --prompt is required)."),

@@ -128,7 +128,7 @@ def load_teacher(
     vae: bool = False,
     unet: torch.nn.Module | None = None,
 ) -> Teacher:
-    """Load a teacher from a local diffusers folder (or the built-in 'digits').
+    """Load a teacher from a local diffusers folder (or a built-in teacher: 'digits', 'scenes').
 
     Training never needs the text encoders (embeddings come from the store) and
     only sampling needs the VAE, so both are optional to keep memory to one UNet.

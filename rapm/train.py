@@ -421,7 +421,7 @@ def resolve_config(teacher: str | None, store: str | None, preset: str | None, c
 def cli(
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (checkpoints, logs, samples); required unless "
                                        "the --config file sets 'out'."),
-    teacher: Optional[str] = typer.Option(None, help="Teacher: a local diffusers folder or 'digits' (required unless --resume "
+    teacher: Optional[str] = typer.Option(None, help="Teacher: a local diffusers folder or a built-in teacher ('digits', 'scenes') (required unless --resume "
                                           "or the --config file sets 'teacher')."),
     store: Optional[Path] = typer.Option(None, help="Trajectory store made by `rapm trajectories` (required unless --resume "
                                          "or the --config file sets 'store')."),

@@ -494,7 +494,7 @@ def _memory_bytes() -> int:
 # --- the verb --------------------------------------------------------------------------------------------------------
 
 def cli(
-    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher: a local diffusers SD/SDXL/SD3/FLUX folder, or 'digits' (required unless --verify)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher: a local diffusers SD/SDXL/SD3/FLUX folder, or a built-in teacher ('digits', 'scenes') (required unless --verify)."),
     prompts: Optional[Path] = typer.Option(
         None, "--prompts", help="Text file, one prompt a line (required unless --verify; blank lines skipped). Prompts longer than the tokenizer's "
         "limit (77 tokens for SD/SDXL) are truncated as diffusers does, with a warning; manifest.json lists them in "

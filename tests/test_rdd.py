@@ -137,7 +137,7 @@ def test_rapm_and_sfd_add_the_term_on_the_end_point_only_when_asked(tiny_sd, sd_
 
 def test_rdd_fields_say_what_is_wrong(tiny_sd, sd_store, tmp_path):
     base = dict(teacher=str(tiny_sd), store=str(sd_store), iterations=1, lora_rank=4, sample_every=0)
-    with pytest.raises(ConfigError, match="'rdd_features'.*digits teacher only.*rdd_features=teacher"):
+    with pytest.raises(ConfigError, match="'rdd_features'.*built-in teacher's own classifier.*has none.*rdd_features=teacher"):
         train(apply_overrides(TrainConfig(), {**base, "method": "progressive-rdd", "rdd_features": "classifier"}, "t"),
               tmp_path / "a", progress=False)
     with pytest.raises(ConfigError, match="'rdd_weight'.*pcm.*rdd_weight=0"):

@@ -2,11 +2,13 @@
 per prompt, and every attribute a prompt names read back from the image itself."""
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from rapm.scenes.data import COLOURS, SHAPES, all_scenes, check, draw
+from rapm.scenes.metrics import scene_of
 
 SCENES = all_scenes()
 SAMPLE = [SCENES[i] for i in np.random.default_rng(0).choice(len(SCENES), 300, replace=False)]
@@ -156,3 +158,113 @@ def test_evaluation_prompts_are_held_out_from_the_training_prompts():
     assert len(set(held)) == HELD_OUT_SCENES and not set(held) & set(train)
     assert len(held) + len(train) == len(SCENES)
     assert evaluation_scenes(HELD_OUT_SCENES + 5)[-5:] == held[:5]  # repeated in order beyond the held-out set
+
+
+# --- the shipped teacher -------------------------------------------------------------------------------------------------
+
+SHIPPED = pytest.mark.skipif(not (Path(__file__).parent.parent / "rapm/scenes/teacher/model_index.json").exists(),
+                             reason="the scenes teacher is not shipped in this checkout")
+
+
+@SHIPPED
+def test_scenes_names_the_shipped_teacher_with_its_plugin_guidance_and_preset():
+    from rapm import config as cfg
+    from rapm.families import BUILTIN_TEACHERS
+    from rapm.plugins import plugin_for, teacher_file
+    from rapm.teacher import load_teacher
+
+    teacher = load_teacher("scenes")
+    assert teacher.path == BUILTIN_TEACHERS["scenes"] and teacher.family == "sd"
+    assert teacher.latent_shape == (3, 32, 32) and teacher.vae is None
+    assert plugin_for("scenes").name == "scenes" and plugin_for(teacher).name == "scenes"
+    assert teacher_file("scenes")["guidance"] == 3.0
+    assert cfg.default_preset("scenes", "sd") == "scenes" and cfg.PRESETS["scenes"]["lora_rank"] == 16
+    # every training and held-out prompt fits the tokenizer
+    tok = teacher.tokenizers[0]
+    assert max(len(tok(s.prompt()).input_ids) for s in SCENES) <= tok.model_max_length
+
+
+@SHIPPED
+def test_the_shipped_teacher_follows_its_prompts_in_a_plain_diffusers_pipeline():
+    """Sampled by diffusers itself (no rapm code), the teacher draws what its held-out prompts ask far more often than
+    what another prompt asks: it is text-conditioned, so a student has prompts to follow."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from rapm.families import BUILTIN_TEACHERS
+    from rapm.scenes.metrics import attribute_accuracy, evaluation_scenes
+
+    pipe = StableDiffusionPipeline.from_pretrained(BUILTIN_TEACHERS["scenes"], vae=None)
+    pipe.set_progress_bar_config(disable=True)
+    scenes = evaluation_scenes(16)
+    images = pipe([s.prompt() for s in scenes], num_inference_steps=10, guidance_scale=3.0, output_type="latent",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (16, 3, 32, 32)
+    own = attribute_accuracy(images, scenes)
+    other = attribute_accuracy(images, scenes[1:] + scenes[:1])  # each image against its neighbour's prompt
+    mean = lambda acc: np.mean([v for k, v in acc.items() if k != "all"])  # noqa: E731
+    assert own["colour"] >= 0.8 and own["shape"] >= 0.6, own
+    assert mean(own) >= mean(other) + 0.2, (own, other)
+
+
+def test_every_word_of_the_world_is_one_token_and_every_prompt_fits():
+    """BPE ranks its merges: one word's chain can break another's (with "right" first, "triangle" came out as t, ri,
+    a, n, ...), and a prompt then ran past the tokenizer's 16 tokens. The builder mends such words."""
+    from rapm.demo.clip import build_clip_tokenizer
+    from rapm.scenes.train_teacher import TOKENIZER_MAX_LENGTH, vocabulary
+
+    tok = build_clip_tokenizer(vocabulary(), model_max_length=TOKENIZER_MAX_LENGTH)
+    assert {"triangle", "triangles", "squares", "stripes"} <= set(vocabulary())
+    assert [w for w in vocabulary() if len(tok.tokenize(w)) != 1] == []
+    assert max(len(tok(s.prompt()).input_ids) for s in SCENES) <= TOKENIZER_MAX_LENGTH
+
+
+@SHIPPED
+def test_pcm_on_the_scenes_teacher_trains_on_the_scenes_world_not_the_digits():
+    """A built-in teacher's real data is its own plug-in's: PCM's default real_data on scenes is "scenes"."""
+    from rapm import config as cfg
+    from rapm.methods import build_method
+    from rapm.realdata import load_real_data
+
+    method = build_method(cfg.apply_overrides(cfg.TrainConfig(), {"method": "pcm", "teacher": "scenes"}, "test"), 25)
+    assert method.real_data == "scenes"
+    data = load_real_data("scenes", "scenes")
+    assert tuple(data.latents.shape[1:]) == (3, 32, 32) and len(data) >= 1000 and len(data.texts) > 100  # distinct
+    assert all(scene_of(t) is not None for t in data.texts[:50])
+
+
+@SHIPPED
+def test_every_verb_runs_on_the_scenes_teacher_by_name(tmp_path):
+    """trajectories, rapm-paper training (both discriminators on 3 x 32 x 32), export and a plain diffusers load of
+    the student, on --teacher scenes, each through the library function its verb wraps."""
+    import json
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from rapm.export import export_lora
+    from rapm.families import BUILTIN_TEACHERS
+    from rapm.run import load_student
+    from rapm.train import resolve_config, train
+    from rapm.trajectories import write_trajectories
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(s.prompt() + "\n" for s in SCENES[:4]))
+    store = write_trajectories("scenes", prompts, tmp_path / "store", steps=2, substeps=2, seed=0, batch_size=4,
+                               progress=False)
+    assert store.manifest["guidance"] == 3.0 and tuple(store.latent_shape) == (3, 32, 32)
+    config = resolve_config("scenes", str(tmp_path / "store"), None, None,
+                            {"method": "rapm-paper", "iterations": 2, "batch_size": 1, "eval_every": 0,
+                             "sample_every": 0, "checkpoint_every": 2})
+    assert config.preset == "scenes" and config.lora_rank == 16
+    train(config, tmp_path / "run", progress=False)
+    logs = [json.loads(line) for line in (tmp_path / "run" / "logs.jsonl").read_text().splitlines()]
+    assert {e["phase"] for e in logs} >= {"discriminator", "student"}
+    teacher, unet, _ = load_student(tmp_path / "run")
+    lora = export_lora(unet, "scenes", teacher.family, tmp_path / "lora", steps=2)
+    pipe = StableDiffusionPipeline.from_pretrained(BUILTIN_TEACHERS["scenes"], vae=None)
+    pipe.load_lora_weights(str(lora))
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe([SCENES[0].prompt()], num_inference_steps=2, guidance_scale=1.0, output_type="latent",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()

@@ -80,11 +80,15 @@ def denoiser_family(denoiser: torch.nn.Module) -> Family:
 
 # ---------------------------------------------------------------------------------------------- a folder's facts
 
-BUILTIN_TEACHERS = {"digits": Path(__file__).parent.parent / "demo" / "teacher"}
+# The teachers rapm ships, by the name --teacher takes: the digits (rapm/demo) and the scenes (rapm/scenes) teachers
+BUILTIN_TEACHERS = {"digits": Path(__file__).parent.parent / "demo" / "teacher",
+                    "scenes": Path(__file__).parent.parent / "scenes" / "teacher"}
+BUILTIN_NAMES = " or ".join(repr(name) for name in BUILTIN_TEACHERS)  # for help texts and errors
 
 
 def resolve_teacher_path(name_or_path: str | Path) -> Path:
-    """'digits' names the shipped teacher; anything else is a local diffusers folder."""
+    """A built-in teacher's name ('digits', 'scenes') names its shipped folder; anything else is a local diffusers
+    folder."""
     if str(name_or_path) in BUILTIN_TEACHERS:
         return BUILTIN_TEACHERS[str(name_or_path)]
     return Path(name_or_path).expanduser()
@@ -94,7 +98,8 @@ def read_model_index(path: Path) -> dict:
     """Check that ``path`` is a diffusers folder of a family rapm knows and return its model_index.json."""
     if not path.exists():
         raise TeacherError(
-            f"teacher path {path} does not exist; give a local diffusers folder (one with model_index.json) or 'digits'"
+            f"teacher path {path} does not exist; give a local diffusers folder (one with model_index.json) or "
+            f"{BUILTIN_NAMES}"
         )
     if not path.is_dir():
         if path.suffix == ".safetensors":  # a single-file checkpoint (A1111, civitai): rapm convert makes the folder
@@ -161,7 +166,7 @@ def read_scheduler_config(path: Path) -> dict:
 
 
 def read_teacher_info(name_or_path: str | Path) -> TeacherInfo:
-    """The facts of the teacher folder ``name_or_path`` (or 'digits'): family, configs, VAE or none."""
+    """The facts of the teacher folder ``name_or_path`` (or a built-in teacher's name): family, configs, VAE or none."""
     path = resolve_teacher_path(name_or_path)
     index = read_model_index(path)
     family = family_of_pipeline(index["_class_name"])
@@ -177,6 +182,6 @@ def read_teacher_info(name_or_path: str | Path) -> TeacherInfo:
     return TeacherInfo(path, index, family, scheduler_config, denoiser_config, has_vae, scale, vae_size)
 
 
-__all__ = ["Family", "FAMILIES", "TeacherError", "TeacherInfo", "BUILTIN_TEACHERS", "family_named", "family_of_pipeline",
+__all__ = ["Family", "FAMILIES", "TeacherError", "TeacherInfo", "BUILTIN_TEACHERS", "BUILTIN_NAMES", "family_named", "family_of_pipeline",
            "denoiser_family", "read_model_index", "read_teacher_info", "read_scheduler_config", "resolve_teacher_path",
            "supported_pipelines"]

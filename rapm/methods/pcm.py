@@ -55,10 +55,12 @@ class PCM(Method):
     def from_config(cls, config, delta: int, preset: dict) -> "PCM":
         """Paper Alg. 1: real data (``real_data``; the digits teacher's own by default), the relative position from a
         noised real image."""
-        real = config.real_data or ("digits" if plugin_for(config.teacher) is not None else "")
+        plugin = plugin_for(config.teacher)
+        real = config.real_data or (plugin.name if plugin is not None else "")
         if not real:
             raise ConfigError("config field 'real_data': --method pcm needs real images; set real_data to a folder of "
-                              "images with a .txt caption beside each (or 'digits' for the digits teacher)")
+                              "images with a .txt caption beside each (or a built-in teacher's name, 'digits' or 'scenes', for "
+                              "its own)")
         return cls(real_data=real, huber_c=config.huber_c, adv_weight=config.adv_weight, teacher=config.teacher,
                    updates=config.updates, ema_decay=config.ema_decay, ema_warmup=config.ema_warmup)
 

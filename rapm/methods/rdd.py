@@ -204,7 +204,8 @@ class RelationalTerm(nn.Module):
 
 
 def rdd_features_of(config) -> str:
-    """The feature source: the config's, else the teacher's own (classifier for digits, teacher for the rest)."""
+    """The feature source: the config's, else the teacher's own (the classifier of a built-in teacher's plug-in,
+    the teacher's UNet for the rest)."""
     return config.rdd_features or ("classifier" if plugin_for(config.teacher) is not None else "teacher")
 
 
@@ -215,12 +216,14 @@ class RelationalSettings:
     weight: float
     features: str  # "teacher" or "classifier"
     queue_size: int
+    teacher: str = ""  # whose plug-in's classifier "classifier" is
 
 
 def relational_settings(config) -> RelationalSettings:
     """The term's settings from a resolved config (``rdd_weight`` 0: off; progressive-rdd's preset sets it)."""
     weight = float(config.rdd_weight) if config.rdd_weight > 0 else 0.0
-    return RelationalSettings(weight, rdd_features_of(config) if weight > 0 else "", config.rdd_queue_size)
+    return RelationalSettings(weight, rdd_features_of(config) if weight > 0 else "", config.rdd_queue_size,
+                              config.teacher)
 
 
 @dataclass
@@ -254,10 +257,11 @@ def build_relational_term(setup, settings: RelationalSettings | None) -> Relatio
     weight = settings.weight
     kind = settings.features
     if kind == "classifier":
-        plugin = plugin_for("digits")
-        if tuple(setup.store.latent_shape) != plugin.feature_shape():
-            raise ConfigError("config field 'rdd_features': 'classifier' is the digits classifier (the digits teacher "
-                              "only); set rdd_features=teacher to take the features from this teacher's own UNet")
+        plugin = plugin_for(settings.teacher)
+        if plugin is None or tuple(setup.store.latent_shape) != plugin.feature_shape():
+            raise ConfigError("config field 'rdd_features': 'classifier' is a built-in teacher's own classifier "
+                              f"(digits, scenes), and {settings.teacher or 'this teacher'} has none of this shape; set "
+                              "rdd_features=teacher to take the features from this teacher's own UNet")
         source = ClassifierFeatures(setup.device, plugin)
     else:
         source = TeacherFeatures(setup.unet, setup.schedule)

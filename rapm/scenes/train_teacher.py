@@ -22,7 +22,7 @@ from rapm.demo.clip import SD_SCHEDULER, build_clip_tokenizer, clip_text_encoder
 from rapm.demo.train_teacher import save_teacher, train_teacher
 from rapm.scenes.data import SIZE, all_scenes, draw
 
-TOKENIZER_MAX_LENGTH = 16  # the longest prompt is 12 tokens with its start and end
+TOKENIZER_MAX_LENGTH = 16  # the longest prompt is 11 tokens with its start and end
 TEXT_HIDDEN = 64
 
 
