@@ -45,6 +45,10 @@ CANDIDATES = [
     ("ema0.95", ["ema_decay=0.95", "ema_warmup=true"]),
     ("no-ema", ["ema_decay=0"]),
     ("rank64", ["lora_rank=64", "lora_alpha=64"]),
+    # the second round, after lr 1e-3 and rank 64 each came out near 0.25
+    ("lr1.5e-3", ["lr=1.5e-3"]),
+    ("lr2e-3", ["lr=2e-3"]),
+    ("lr1e-3-rank64", ["lr=1e-3", "lora_rank=64", "lora_alpha=64"]),
 ]
 
 
