@@ -55,6 +55,9 @@ EMA = ["ema_decay=0.99", "ema_warmup=true"]  # the default recipe's EMA (every r
 # that leaves the weight to the method was run with 0.25: the row lists pin it (``_pin_old_default`` below), so a
 # fresh run of such a row is the computation it names.
 OLD_DEFAULT = ["relative_weight=0.25"]  # the weight those rows ran with
+# The digits preset's learning rate when every row ran (1e-3 since 2026-12-08, tuned for the demo's batch 4 at 300
+# iterations: benchmarks/results/demo_recipe.md): pinned, so a fresh run of a row is the computation it names
+PRESET_LR = ["lr=3e-4"]
 MAIN_ROWS = [  # in the order they run
     # the default recipe (rapm.methods.rapm.DEFAULT_RECIPE): the absolute terms alone (relative weight 0), no discriminator,
     # EMA 0.99 with warm-up; the run was first the ablation "abl-rel0-ema" (renamed with its seeds and long row)
@@ -232,7 +235,7 @@ def train_row(work: Path, store: Path, steps: int, row: str, method: str, batch:
     run = run_dir(work, steps, row)
     copied = start_from_base(work, steps, row, base_iterations) if row in LONG_OF else ""
     base = ["sample_every=0", "ema_decay=0", f"eval_every={eval_every}", f"val_fraction={val_fraction}",
-            "val_reference_steps=100", "keep_checkpoints=1"]
+            "val_reference_steps=100", "keep_checkpoints=1", *PRESET_LR]
     return train_run(run, "digits", store, method, batch, [*base, *sets], iterations, eval_every, copied)
 
 

@@ -3,8 +3,8 @@ besides the preset's, and a small store, on both built-in teachers (digits; scen
 prompt), for the default recipe, rapm-paper, the paired discriminator on the absolute term alone, SFD + EMA, PCM at
 batch 1 and 4, and progressive-rdd.
 
-Every run is a `rapm train` at the teacher's own preset (``digits``, ``scenes``) and batch 1 unless a row says
-otherwise, with the method's own settings (the default's EMA, rapm-paper's hinge loss and alternation), validated by
+Every run is a `rapm train` at the teacher's own preset (``digits``, ``scenes``) with the convergence benchmark's
+learning rate at batch 1 (3e-4, ``convergence.PRESET_LR``), and batch 1 unless a row says otherwise, with the method's own settings (the default's EMA, rapm-paper's hinge loss and alternation), validated by
 rapm itself every ``--eval-every`` iterations on the same held-out trajectories of the same store
 (``val_seed=0``, ``val_reference_steps=100``): trajectory error, FD to the teacher's images of the same noise, and
 the distribution metrics against the teacher's images from other noise (FD, precision, recall, coverage,
@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from convergence import teacher_rows, train_run, validations  # noqa: E402  (the convergence benchmark's machinery)
+from convergence import PRESET_LR, teacher_rows, train_run, validations  # noqa: E402  (the convergence benchmark's machinery)
 
 RESULTS = Path(__file__).parent / "results"
 TRAJECTORIES = 600
@@ -101,7 +101,7 @@ def train(work: Path, teacher: str, regime: str, row: tuple, iterations: int, ev
     name, method, batch, sets = row
     steps, extra = REGIMES[regime]
     base = ["sample_every=0", f"eval_every={eval_every}", f"val_fraction={VAL_FRACTION:.4f}", "val_seed=0",
-            "val_reference_steps=100", "keep_checkpoints=1"]
+            "val_reference_steps=100", "keep_checkpoints=1", *PRESET_LR]
     return train_run(run_dir(work, teacher, regime, name), teacher, work / f"{teacher}-store-n{steps}", method, batch,
                      [*base, *extra, *sets], iterations, eval_every)
 
