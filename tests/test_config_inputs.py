@@ -98,11 +98,13 @@ BAD_PROMPTS = [
 @pytest.mark.parametrize("verb", ["sample", "evaluate"])
 def test_a_bad_prompts_file_is_one_error_before_the_teacher_loads(verb, name, data, words, tiny_sd, tmp_path,
                                                                     monkeypatch):
-    import rapm.teacher
+    import rapm.evaluate
+    import rapm.sample
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes(data)
-    monkeypatch.setattr(rapm.teacher, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    for verb_module in (rapm.sample, rapm.evaluate):  # where each verb looks load_teacher up
+        monkeypatch.setattr(verb_module, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
     out = tmp_path / ("samples" if verb == "sample" else "e.json")
     args = (["sample", "--teacher", tiny_sd, "--prompts", prompts, "--out", out] if verb == "sample" else
             ["evaluate", "--teacher", tiny_sd, "--prompts", prompts, "--num", "1", "--out", out])

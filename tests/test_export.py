@@ -218,9 +218,9 @@ def test_export_verb_writes_the_run_students_lora(exported, tmp_path, monkeypatc
         calls.append(run)
         return e.teacher, e.teacher.unet, {"teacher": str(e.folder), "steps": STEPS, "method": "rapm"}
 
-    import rapm.run
+    import rapm.export  # the verb looks load_student up in its own module
 
-    monkeypatch.setattr(rapm.run, "load_student", load_student)
+    monkeypatch.setattr(rapm.export, "load_student", load_student)
     result = CliRunner().invoke(app, ["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "lora"), "--format", "kohya"])
     assert result.exit_code == 0, result.output
     assert calls == [tmp_path / "run"]
@@ -379,9 +379,9 @@ def test_default_export_writes_both_files_and_says_which_client_loads_which(expo
     from rapm.cli import app
 
     e = exported("sd")
-    import rapm.run
+    import rapm.export  # the verb looks load_student up in its own module
 
-    monkeypatch.setattr(rapm.run, "load_student", lambda run, trust_checkpoint=False: (
+    monkeypatch.setattr(rapm.export, "load_student", lambda run, trust_checkpoint=False: (
         e.teacher, e.teacher.unet, {"teacher": str(e.folder), "steps": STEPS, "step": 7}))
     result = CliRunner().invoke(app, ["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "lora")])
     assert result.exit_code == 0, result.output
@@ -468,7 +468,7 @@ def test_export_verb_names_the_file_and_passes_the_runs_settings(exported, tmp_p
     from rapm.cli import app
 
     e = exported("sd")
-    import rapm.run
+    import rapm.export  # the verb looks load_student up in its own module
 
     calls = []
 
@@ -477,7 +477,7 @@ def test_export_verb_names_the_file_and_passes_the_runs_settings(exported, tmp_p
         return e.teacher, e.teacher.unet, {"teacher": str(e.folder), "steps": STEPS, "step": 4, "lr": 1e-4, "seed": 2,
                                            "mixed_precision": "no", "training_started_at": 1.5}
 
-    monkeypatch.setattr(rapm.run, "load_student", load_student)
+    monkeypatch.setattr(rapm.export, "load_student", load_student)
     out = tmp_path / "lora"
     result = CliRunner().invoke(app, ["export", "--run", str(tmp_path / "run"), "--out", str(out), "--name", "cars",
                                       "--step", "4"])
@@ -495,14 +495,14 @@ def test_a_full_disk_is_one_error_line_and_the_earlier_export_stays_byte_identic
     import threading
     import warnings
 
-    import rapm.run
+    import rapm.export  # the verb looks load_student up in its own module
     import safetensors.torch
     from safetensors import SafetensorError
 
     from rapm.cli import main
 
     e = exported("sd")
-    monkeypatch.setattr(rapm.run, "load_student", lambda run, trust_checkpoint=False: (
+    monkeypatch.setattr(rapm.export, "load_student", lambda run, trust_checkpoint=False: (
         e.teacher, e.teacher.unet, {"teacher": str(e.folder), "steps": STEPS, "step": 7}))
     monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # main() sets them: put back after
     monkeypatch.setattr(threading, "excepthook", threading.excepthook)
@@ -541,9 +541,9 @@ def _cells(colors, size):
 
 def _export_run(monkeypatch, tmp_path, e, config, *args):
     from rapm.cli import app
-    import rapm.run
+    import rapm.export  # the verb looks load_student up in its own module
 
-    monkeypatch.setattr(rapm.run, "load_student",
+    monkeypatch.setattr(rapm.export, "load_student",
                         lambda run, trust_checkpoint=False, step=None: (e.teacher, e.teacher.unet, config))
     out = tmp_path / "lora"
     result = CliRunner().invoke(app, ["export", "--run", str(tmp_path / "run"), "--out", str(out), *args])

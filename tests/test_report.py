@@ -140,7 +140,7 @@ def test_the_suggested_commands_parse_as_the_verbs_options(run_copy, monkeypatch
     config = json.loads((run_copy / "config.json").read_text())
     seen = []
     monkeypatch.setattr(rapm.evaluate, "evaluate", lambda *a, **k: seen.append((a, k)) or {"rows": []})
-    monkeypatch.setattr("rapm.trajectories.read_prompts", lambda p: ["a cat"])
+    monkeypatch.setattr("rapm.sample.read_prompts", lambda p: ["a cat"])  # where read_prompt_file looks it up
     export_line, evaluate_line = evaluate_command(run_copy, config, run_copy / "evaluation.json")
     result = CliRunner().invoke(app, shlex.split(evaluate_line)[1:])
     assert result.exit_code == 0, result.output

@@ -646,6 +646,7 @@ def test_bad_inputs_from_the_command_line_are_one_error_line(tiny_sd, store_copy
 
 
 def test_evaluate_writes_its_json_last_recording_its_grid_and_table(tmp_path, monkeypatch):
+    import rapm.evaluate
     import rapm.folders
     from rapm.evaluate import write_evaluation
 
@@ -664,7 +665,7 @@ def test_evaluate_writes_its_json_last_recording_its_grid_and_table(tmp_path, mo
             raise KeyboardInterrupt
         return real_stage(final, content)
 
-    monkeypatch.setattr(rapm.folders, "stage", killed_at_json)
+    monkeypatch.setattr(rapm.evaluate, "stage", killed_at_json)  # where write_evaluation looks it up
     with pytest.raises(KeyboardInterrupt):
         write_evaluation(out, dict(result), {"rapm": torch.ones(1, 1, 4, 4)}, columns=1)
     assert faults.files_digest(tmp_path) == before  # the previous set, whole; no temp file left
