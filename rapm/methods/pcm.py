@@ -53,7 +53,7 @@ class PCM(Method):
 
     @classmethod
     def from_config(cls, config, delta: int, preset: dict) -> "PCM":
-        """Paper Alg. 1: real data (``real_data``; the digits teacher's own by default), the relative position from a
+        """Paper Alg. 1: real data (``real_data``; a built-in teacher's own by default), the relative position from a
         noised real image."""
         plugin = plugin_for(config.teacher)
         real = config.real_data or (plugin.name if plugin is not None else "")
