@@ -552,17 +552,21 @@ def floor_notes(result: dict) -> list[str]:
     n = result.get("samples")
     models = [r for r in result["rows"] if not (r.get("method") == "teacher-ddim"
                                                 and r.get("steps") == result.get("reference_steps"))]
+
+    def above_every_model(floor_key: str, fd_key: str) -> float | None:
+        """The floor ``floor_key`` where it is above every model's ``fd_key``, else None."""
+        floor, fds = result.get(floor_key), [r.get(fd_key) for r in models]
+        if not isinstance(floor, (int, float)) or not fds:
+            return None
+        return floor if all(isinstance(f, (int, float)) and f < floor for f in fds) else None
+
     notes = []
-    floor = result.get("teacher_floor_fd")
-    fds = [r.get("fd_teacher") for r in models]
-    if isinstance(floor, (int, float)) and fds and all(isinstance(f, (int, float)) and f < floor for f in fds):
+    if (floor := above_every_model("teacher_floor_fd", "fd_teacher")) is not None:
         notes.append(f"The FD-to-teacher floor ({floor:.2f}) is above every model's FD to the teacher because the "
                      "floor is the teacher against itself from other noise, while every model here starts from the "
                      f"reference's own noise and so shares its images' randomness, which at only {n} samples is most "
                      "of the FD: compare the models with each other, not with the floor.")
-    floor = result.get("real_floor_fd")
-    fds = [r.get("fd") for r in models]
-    if isinstance(floor, (int, float)) and fds and all(isinstance(f, (int, float)) and f < floor for f in fds):
+    if (floor := above_every_model("real_floor_fd", "fd")) is not None:
         notes.append(f"The real-vs-real FD floor ({floor:.2f}) is above every model's FD because it is {n} real "
                      "training digits drawn at random, so unevenly over the ten digits, while the evaluation's prompts "
                      f"give every digit its share: at {n} samples that imbalance is most of the FD (a draw of real "
