@@ -145,7 +145,7 @@ def teacher_floor(work: Path, teacher: str, steps: int) -> list[dict]:
     return table.get(key, [])
 
 
-def report(work: Path, teachers, regimes) -> dict:
+def report(work: Path, teachers, regimes, iterations: int = 3000) -> dict:
     runs = []
     for teacher in teachers:
         for regime in regimes:
@@ -162,7 +162,8 @@ def report(work: Path, teachers, regimes) -> dict:
              f"unless the row says otherwise, {TRAJECTORIES} trajectories per store (N M = {FINE_STEPS}), 100 held out. "
              "Each figure is the mean of the run's last three validations; *worst rise*: the largest rise of the "
              "trajectory error between two validations. *FD other*: to the teacher's DDIM-100 images from other noise "
-             "(distribution, not pairing).", ""]
+             "(distribution, not pairing). A run short of its "
+             f"{iterations:,} iterations is still training: its row is marked *partial*.", ""]
     head = ("| row | iterations | trajectory error ↓ | FD to teacher ↓ | FD other ↓ | precision ↑ | recall ↑ | "
             "sharpness | prompt acc. ↑ | worst rise |")
     for teacher in teachers:
@@ -178,7 +179,8 @@ def report(work: Path, teachers, regimes) -> dict:
             for r in [*floor, *rows]:
                 def f(key, fmt="{:.4f}"):
                     return fmt.format(r[key]) if isinstance(r.get(key), (int, float)) else "-"
-                lines.append(f"| {r['row']} | {r.get('iterations', '-')} | {f('trajectory_error')} | {f('fd_teacher', '{:.1f}')} | "
+                partial = "row" in r and "steps" in r and r["iterations"] < iterations
+                lines.append(f"| {r['row']}{' (*partial*)' if partial else ''} | {r.get('iterations', '-')} | {f('trajectory_error')} | {f('fd_teacher', '{:.1f}')} | "
                              f"{f('fd_teacher_other', '{:.1f}')} | {f('precision', '{:.3f}')} | {f('recall', '{:.3f}')} | "
                              f"{f('sharpness', '{:.3f}')} | {f('prompt_accuracy', '{:.3f}')} | {f('worst_rise')} |")
             lines.append("")
@@ -209,8 +211,8 @@ def main() -> None:
         with ThreadPoolExecutor(args.jobs) as pool:
             for line in pool.map(lambda job: train(args.work, *job, args.iterations, args.eval_every), queue):
                 print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
-                report(args.work, args.teachers, args.regimes)
-    report(args.work, args.teachers, args.regimes)
+                report(args.work, args.teachers, args.regimes, args.iterations)
+    report(args.work, args.teachers, args.regimes, args.iterations)
 
 
 if __name__ == "__main__":
