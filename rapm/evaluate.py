@@ -39,6 +39,7 @@ import typer
 
 from rapm.distribution import against_other_noise
 from rapm.errors import RapmError
+from rapm.families import BUILTIN_NAMES
 from rapm.folders import commit, discard, output_lock, refuse_link, stage
 from rapm.images import save_grid
 from rapm.lora import load_lora
@@ -349,7 +350,7 @@ def default_digits_prompts(n: int) -> list[str]:
 
 
 def cli(
-    teacher: str = typer.Option("digits", help="Teacher: a local diffusers folder or a built-in teacher ('digits', 'scenes')."),
+    teacher: str = typer.Option("digits", help=f"Teacher: a local diffusers folder or a built-in teacher ({BUILTIN_NAMES})."),
     model: list[str] = typer.Option([], "--model", help="teacher:ddim:N, teacher:dpmsolver:N, or NAME=LORA:N (repeatable)."),
     prompts: Optional[Path] = typer.Option(None, help="Prompts file, one a line (digits: held-out prompts by default)."),
     num: int = typer.Option(500, help="Samples (prompts are cycled; seeds are seed..seed+num-1)."),
@@ -383,7 +384,7 @@ def cli(
         prompt_list = plugin_for(teacher).evaluation_prompts(num)
     else:
         raise EvaluateError(f"--prompts is needed for the teacher {teacher}: only a teacher with its own plug-in "
-                            "(digits, scenes) has held-out prompts of its own")
+                            f"({BUILTIN_NAMES}) has held-out prompts of its own")
     specs = [ModelSpec.parse(m) for m in model] or [ModelSpec("teacher-ddim", 4)]
     result = evaluate(teacher, specs, prompt_list, list(range(seed, seed + len(prompt_list))), reference_steps, guidance,
                       device, out=out, fid_features=fid_features, reference_images=reference_images, clip=clip,

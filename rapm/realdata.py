@@ -18,7 +18,7 @@ import torch
 
 from rapm.conditioning import Conditioning
 from rapm.config import ConfigError
-from rapm.families import BUILTIN_TEACHERS
+from rapm.families import BUILTIN_NAMES, BUILTIN_TEACHERS
 from rapm.metrics_sd import IMAGE_SUFFIXES  # the image files rapm reads from a user's folder
 from rapm.plugins import plugin_for
 from rapm.teacher import load_teacher
@@ -50,7 +50,7 @@ def _folder_items(folder: Path, size: int) -> tuple[torch.Tensor, list[str]]:
     from PIL import Image
 
     if not folder.is_dir():
-        raise ConfigError(f"config field 'real_data': {folder} is not a directory; give 'digits', 'scenes' or a folder of images "
+        raise ConfigError(f"config field 'real_data': {folder} is not a directory; give {BUILTIN_NAMES} or a folder of images "
                           f"with a caption .txt beside each")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:

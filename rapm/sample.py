@@ -22,6 +22,7 @@ import typer
 
 from rapm.diffusion import sample_positions
 from rapm.errors import RapmError
+from rapm.families import BUILTIN_NAMES
 from rapm.folders import FolderLock, commit, discard, refuse_link, stage
 from rapm.images import to_pil
 from rapm.lora import LoraError, base_unet_fingerprint, load_lora, read_export_facts, resolve_lora_file
@@ -190,7 +191,7 @@ def read_prompt_file(path: Path) -> list[str]:
 
 
 def cli(
-    teacher: str = typer.Option(..., "--teacher", help="A diffusers SD/SDXL/SD3/FLUX folder, or a built-in teacher ('digits', 'scenes')."),
+    teacher: str = typer.Option(..., "--teacher", help=f"A diffusers SD/SDXL/SD3/FLUX folder, or a built-in teacher ({BUILTIN_NAMES})."),
     lora: Optional[Path] = typer.Option(None, "--lora", help="A student LoRA (file, or the folder rapm export wrote)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="One prompt (this or --prompts is required)."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="A text file with one prompt a line (this or --prompt is required)."),

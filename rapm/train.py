@@ -25,7 +25,7 @@ from rapm import config as cfg
 from rapm.config import ConfigError, TrainConfig, split_seed
 from rapm.diffusion import schedule_from_config
 from rapm.discriminator import ABSOLUTE_BACKBONE
-from rapm.families import read_teacher_info
+from rapm.families import BUILTIN_NAMES, read_teacher_info
 from rapm.files import atomic_write
 from rapm.methods import FLOW_METHODS, METHODS, build_method, method_entry, resolve
 from rapm.methods.base import Context, Setup
@@ -421,7 +421,7 @@ def resolve_config(teacher: str | None, store: str | None, preset: str | None, c
 def cli(
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (checkpoints, logs, samples); required unless "
                                        "the --config file sets 'out'."),
-    teacher: Optional[str] = typer.Option(None, help="Teacher: a local diffusers folder or a built-in teacher ('digits', 'scenes') (required unless --resume "
+    teacher: Optional[str] = typer.Option(None, help=f"Teacher: a local diffusers folder or a built-in teacher ({BUILTIN_NAMES}) (required unless --resume "
                                           "or the --config file sets 'teacher')."),
     store: Optional[Path] = typer.Option(None, help="Trajectory store made by `rapm trajectories` (required unless --resume "
                                          "or the --config file sets 'store')."),

@@ -42,7 +42,7 @@ from rapm.conditioning import FLOAT32_FIELDS
 from rapm.conditioning import Conditioning
 from rapm.diffusion import SOLVERS, coarse_timesteps, solve_positions
 from rapm.errors import RapmError
-from rapm.families import BUILTIN_TEACHERS, resolve_teacher_path
+from rapm.families import BUILTIN_NAMES, BUILTIN_TEACHERS, resolve_teacher_path
 from rapm.folders import refuse_link
 from rapm.plugins import teacher_file
 from rapm.processes import Processes, resolve_device
@@ -494,7 +494,7 @@ def _memory_bytes() -> int:
 # --- the verb --------------------------------------------------------------------------------------------------------
 
 def cli(
-    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher: a local diffusers SD/SDXL/SD3/FLUX folder, or a built-in teacher ('digits', 'scenes') (required unless --verify)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help=f"Teacher: a local diffusers SD/SDXL/SD3/FLUX folder, or a built-in teacher ({BUILTIN_NAMES}) (required unless --verify)."),
     prompts: Optional[Path] = typer.Option(
         None, "--prompts", help="Text file, one prompt a line (required unless --verify; blank lines skipped). Prompts longer than the tokenizer's "
         "limit (77 tokens for SD/SDXL) are truncated as diffusers does, with a warning; manifest.json lists them in "

@@ -30,6 +30,7 @@ from rapm.conditioning import Conditioning
 from rapm.config import ConfigError
 from rapm.diffusion import add_noise, slot_grid
 from rapm.discriminator import hinge_discriminator_loss, hinge_generator_loss
+from rapm.families import BUILTIN_NAMES
 from rapm.methods.base import (Context, Losses, Method, Setup, discriminator_timesteps, pseudo_huber, renoise,
                                student_step, teacher_step)
 from rapm.plugins import plugin_for
@@ -59,7 +60,7 @@ class PCM(Method):
         real = config.real_data or (plugin.name if plugin is not None else "")
         if not real:
             raise ConfigError("config field 'real_data': --method pcm needs real images; set real_data to a folder of "
-                              "images with a .txt caption beside each (or a built-in teacher's name, 'digits' or 'scenes', for "
+                              f"images with a .txt caption beside each (or a built-in teacher's name, {BUILTIN_NAMES}, for "
                               "its own)")
         return cls(real_data=real, huber_c=config.huber_c, adv_weight=config.adv_weight, teacher=config.teacher,
                    updates=config.updates, ema_decay=config.ema_decay, ema_warmup=config.ema_warmup)

@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from rapm.config import ConfigError
 from rapm.diffusion import add_noise
 from rapm.discriminator import backbone_features
+from rapm.families import BUILTIN_NAMES
 from rapm.plugins import plugin_for
 from rapm.roles import teacher_role
 
@@ -260,7 +261,7 @@ def build_relational_term(setup, settings: RelationalSettings | None) -> Relatio
         plugin = plugin_for(settings.teacher)
         if plugin is None or tuple(setup.store.latent_shape) != plugin.feature_shape():
             raise ConfigError("config field 'rdd_features': 'classifier' is a built-in teacher's own classifier "
-                              f"(digits, scenes), and {settings.teacher or 'this teacher'} has none of this shape; set "
+                              f"({BUILTIN_NAMES}), and {settings.teacher or 'this teacher'} has none of this shape; set "
                               "rdd_features=teacher to take the features from this teacher's own UNet")
         source = ClassifierFeatures(setup.device, plugin)
     else:
